@@ -1,0 +1,185 @@
+"""The focus allocator (DESIGN.md §4): turns one signed score per entry into legal, budgeted actions.
+
+Positive score = expand this gist (what detail would gain), negative = what collapsing its
+sibling group would cost. The allocator hard-masks illegal directions (``mask_illegal``, shared
+with LensNet so there is one copy), expands the best candidates above ``tau_expand``, pays for
+expands that do not fit with the cheapest non-overlapping sibling groups when the swap is worth
+it, applies at most ``n_diff`` actions and refuses to reverse a node touched within ``cooldown``
+steps. ``enforce_budget`` restores W_max after the cursor ingests tokens, or raises
+``BudgetExhausted`` — it never drops history.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, TypeVar
+
+import numpy as np
+
+from sim.tree import ConfigError
+from sim.working_context import BudgetExhausted, WorkingContext
+
+ArrayT = TypeVar("ArrayT")
+
+
+def mask_illegal(scores: ArrayT, can_expand: ArrayT, can_collapse: ArrayT) -> ArrayT:
+    """Zero the illegal direction of each score: u>0 where it cannot expand, u<0 where it cannot collapse.
+
+    Works unchanged on numpy arrays and torch tensors (LensNet uses it at inference).
+    """
+    legal = ((scores > 0) & can_expand) | ((scores < 0) & can_collapse)
+    return scores * legal
+
+
+@dataclass(frozen=True)
+class AllocatorConfig:
+    """Thresholds of the focus allocator (DESIGN §4)."""
+
+    tau_expand: float = 0.2
+    """Expand candidates need a (masked) score above this."""
+    tau_swap: float = 0.0
+    """A paid expand happens only if u_expand + sum of the paying groups' mean scores exceeds this."""
+    n_diff: int = 4
+    """At most this many actions (expands + collapses) per step."""
+    cooldown: int = 2
+    """A node expanded/collapsed within this many steps may not be reversed."""
+
+    def __post_init__(self) -> None:
+        if self.n_diff < 1:
+            raise ConfigError(f"n_diff must be >= 1, got {self.n_diff}")
+        if self.cooldown < 0:
+            raise ConfigError(f"cooldown must be >= 0, got {self.cooldown}")
+        if not (np.isfinite(self.tau_expand) and np.isfinite(self.tau_swap)):
+            raise ConfigError("tau_expand and tau_swap must be finite")
+        if self.tau_expand < 0:
+            raise ConfigError(f"tau_expand must be >= 0, got {self.tau_expand}")
+
+
+@dataclass(frozen=True)
+class Action:
+    """One applied change. ``level``/``index`` name the gist expanded or the parent collapsed into."""
+
+    kind: Literal["expand", "collapse"]
+    level: int
+    index: int
+    slot_delta: int
+
+
+class FocusAllocator:
+    """Stateful (for the cooldown) applier of scores to a ``WorkingContext``."""
+
+    def __init__(self, config: AllocatorConfig | None = None) -> None:
+        self.config = config or AllocatorConfig()
+        self.step_count = 0
+        # node (level, index) -> (step, kind) of its last expand / collapse-into
+        self._touched: dict[tuple[int, int], tuple[int, str]] = {}
+
+    def _cooling(self, key: tuple[int, int], reverse_of: str, step: int) -> bool:
+        last = self._touched.get(key)
+        return last is not None and last[1] == reverse_of and step - last[0] <= self.config.cooldown
+
+    def _validate(self, wc: WorkingContext, scores: np.ndarray) -> np.ndarray:
+        scores = np.asarray(scores, dtype=np.float64)
+        if scores.shape != (len(wc),):
+            raise ValueError(f"scores must have shape ({len(wc)},) (one per entry), got {scores.shape}")
+        if not np.all(np.isfinite(scores)):
+            bad = np.flatnonzero(~np.isfinite(scores))
+            raise ValueError(f"scores must be finite; NaN/inf at slots {bad[:8].tolist()}")
+        return scores
+
+    # --------------------------------------------------------------------------- refocus step
+    def step(self, wc: WorkingContext, scores: np.ndarray) -> list[Action]:
+        """Apply the best legal actions for ``scores`` (one per entry); returns them in order."""
+        scores = self._validate(wc, scores)
+        self.step_count += 1
+        step, cfg, b = self.step_count, self.config, wc.block_size
+        levels, indices, starts, ends = wc.levels, wc.indices, wc.starts, wc.ends
+        group_starts = wc.group_starts()
+        can_collapse = np.zeros(len(wc), dtype=bool)
+        can_collapse[(group_starts[:, None] + np.arange(b)).ravel()] = True
+        u = mask_illegal(scores, wc.can_expand(), can_collapse)
+
+        # Collapse candidates: legal groups not reversing a recent expand, cheapest (highest mean) first.
+        g_mean = u[group_starts[:, None] + np.arange(b)].mean(axis=1) if group_starts.size else np.zeros(0)
+        g_parent = [(int(levels[s]) + 1, int(indices[s]) // b) for s in group_starts]
+        g_ok = np.array([not self._cooling(p, "expand", step) for p in g_parent], dtype=bool)
+        g_order = [int(g) for g in np.argsort(-g_mean, kind="stable") if g_ok[g]]
+
+        expand_order = np.flatnonzero(u > cfg.tau_expand)
+        expand_order = expand_order[np.argsort(-u[expand_order], kind="stable")]
+
+        touched: list[tuple[int, int]] = []  # token spans changed this step
+
+        def free(lo: int, hi: int) -> bool:
+            return all(hi <= t0 or lo >= t1 for t0, t1 in touched)
+
+        actions: list[Action] = []
+        n_slots = len(wc)
+        for i in expand_order:
+            if len(actions) >= cfg.n_diff:
+                break
+            key = (int(levels[i]), int(indices[i]))
+            lo, hi = int(starts[i]), int(ends[i])
+            if self._cooling(key, "collapse", step) or not free(lo, hi):
+                continue
+            deficit = n_slots + (b - 1) - wc.config.w_max
+            pay: list[int] = []
+            if deficit > 0:
+                n_pay = -(-deficit // (b - 1))
+                if len(actions) + 1 + n_pay > cfg.n_diff:
+                    continue
+                for g in g_order:
+                    s = group_starts[g]
+                    g_lo, g_hi = int(starts[s]), int(ends[s + b - 1])
+                    if (g_hi <= lo or g_lo >= hi) and free(g_lo, g_hi):
+                        pay.append(g)
+                        if len(pay) == n_pay:
+                            break
+                if len(pay) < n_pay or u[i] + g_mean[pay].sum() <= cfg.tau_swap:
+                    continue
+            for g in pay:
+                s = group_starts[g]
+                parent = g_parent[g]
+                n_slots += wc.collapse(*parent)
+                actions.append(Action("collapse", parent[0], parent[1], -(b - 1)))
+                self._touched[parent] = (step, "collapse")
+                touched.append((int(starts[s]), int(ends[s + b - 1])))
+            n_slots += wc.expand(*key)
+            actions.append(Action("expand", key[0], key[1], b - 1))
+            self._touched[key] = (step, "expand")
+            touched.append((lo, hi))
+        assert n_slots == len(wc) <= wc.config.w_max, "allocator broke the budget"
+        return actions
+
+    # ---------------------------------------------------------------------- budget after ingest
+    def enforce_budget(self, wc: WorkingContext, scores: np.ndarray | None = None) -> list[Action]:
+        """Collapse the cheapest legal groups until ``len(wc) <= W_max``.
+
+        Cheapest = highest mean score when ``scores`` (one per current entry) are given, else
+        the oldest group (the recency policy). Groups reversing a recent expand go last.
+        Raises ``BudgetExhausted`` when no legal collapse is left and the budget still breaks.
+        """
+        b, step = wc.block_size, self.step_count + 1  # these collapses belong to the coming step
+        u = np.zeros(len(wc)) if scores is None else self._validate(wc, scores)
+        actions: list[Action] = []
+        while len(wc) > wc.config.w_max:
+            group_starts = wc.group_starts()
+            if group_starts.size == 0:
+                raise BudgetExhausted(
+                    f"{len(wc)} entries exceed w_max={wc.config.w_max} at T={wc.n_tokens} and no legal "
+                    "collapse is left: raise w_max, shorten the tail, or add a level"
+                )
+            members = group_starts[:, None] + np.arange(b)
+            mean = u[members].mean(axis=1)
+            parents = [(int(wc.levels[s]) + 1, int(wc.indices[s]) // b) for s in group_starts]
+            cooling = np.array([self._cooling(p, "expand", step) for p in parents])
+            order = np.lexsort((group_starts, -mean, cooling))  # last key is primary
+            n_need = -(-(len(wc) - wc.config.w_max) // (b - 1))
+            # apply right to left so earlier slots (and the ``u`` rows) keep their positions
+            for g in sorted(order[:n_need].tolist(), key=lambda g: -group_starts[g]):
+                s = int(group_starts[g])
+                wc.collapse(*parents[g])
+                u = np.concatenate([u[:s], [u[s : s + b].mean()], u[s + b :]])
+                actions.append(Action("collapse", parents[g][0], parents[g][1], -(b - 1)))
+                self._touched[parents[g]] = (step, "collapse")
+        return actions
