@@ -81,12 +81,19 @@ class MegaContextTree:
         config: TreeConfig,
         gister: Gister = mean_gister,
         dtype: np.dtype | type = np.float32,
+        reserve_tokens: int = 0,
     ) -> None:
+        """``reserve_tokens``: expected document length; pre-sizing the arrays avoids the copies
+        (and the transient 2x memory) of capacity doubling."""
         self.config = config
         self.gister = gister
         self.dtype = np.dtype(dtype)
-        self._token_ids = _GrowableRows((), np.dtype(np.int64))
-        self._levels = [_GrowableRows((config.d_model,), self.dtype) for _ in range(config.max_level + 1)]
+        b = config.block_size
+        self._token_ids = _GrowableRows((), np.dtype(np.int64), max(reserve_tokens, 256))
+        self._levels = [
+            _GrowableRows((config.d_model,), self.dtype, max(reserve_tokens // b**lv, 256))
+            for lv in range(config.max_level + 1)
+        ]
 
     # ----------------------------------------------------------------------------------- sizes
     @property

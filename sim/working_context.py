@@ -188,13 +188,25 @@ class WorkingContext:
 
     # ------------------------------------------------------------------------------ mutations
     def append_tokens(self, n: int) -> None:
-        """Advance the cursor: the next ``n`` tokens (already in the tree) join at L0 at the end."""
+        """Advance the cursor: the next ``n`` tokens (already in the tree) join at L0 at the end.
+
+        Raises ``BudgetExhausted`` (and changes nothing) when even the coarsest legal cover of the
+        new history would exceed W_max; otherwise ``FocusAllocator.enforce_budget`` can always
+        restore the budget afterwards.
+        """
         if n < 0:
             raise ValueError(f"n must be >= 0, got {n}")
         if self.n_tokens + n > self.tree.n_tokens:
             raise ValueError(
                 f"cannot append {n} tokens: the tree holds {self.tree.n_tokens}, the context "
                 f"already covers {self.n_tokens}"
+            )
+        need = min_slots(self.n_tokens + n, self.block_size, self.max_level, self.config.tail)
+        if need > self.config.w_max:
+            raise BudgetExhausted(
+                f"T={self.n_tokens + n} tokens need at least {need} slots (coarsest cover with an L0 "
+                f"tail of {self.config.tail}) > w_max={self.config.w_max}: raise w_max, shorten the "
+                "tail, or add a level"
             )
         new = np.arange(self.n_tokens, self.n_tokens + n, dtype=np.int64)
         self.levels = np.concatenate([self.levels, np.zeros(n, dtype=np.int64)])

@@ -146,7 +146,12 @@ def test_enforce_budget_restores_or_raises():
     assert len(wc) == 8 and sorted((a.kind, a.index) for a in actions) == [("collapse", 0), ("collapse", 1)]
     wc.append_tokens(2)
     assert sorted(a.index for a in alloc.enforce_budget(wc)) == [2, 3]
-    wc.append_tokens(8)  # 20 tokens, tail 2: coarsest = 9 L1 + 2 L0 = 11 > 8, max_level 1
+    with pytest.raises(BudgetExhausted, match="at least 11 slots"):
+        wc.append_tokens(8)  # 20 tokens, tail 2: coarsest = 9 L1 + 2 L0 = 11 > 8, max_level 1
+    assert wc.n_tokens == 12  # refused whole: nothing appended, nothing dropped
+    wc.append_tokens(2)
+    alloc.enforce_budget(wc)  # now the coarsest cover: 6 L1 + 2 L0 = 8
+    wc.config = ContextConfig(w_max=7, tail=2)  # shrink the budget under it behind the API's back
     with pytest.raises(BudgetExhausted, match="no legal collapse"):
         alloc.enforce_budget(wc)
 

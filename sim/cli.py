@@ -1,0 +1,103 @@
+"""A dataclass-driven command line (cleanrl's ``Args`` style, without a third-party parser).
+
+``parse(Args)`` builds an ``argparse`` parser from a (possibly nested) dataclass: each field becomes
+``--name`` (nested ones ``--group.name``), its type gives the conversion, a ``Literal`` gives the
+choices, and the string literal written under the field (its docstring) becomes the ``--help``
+text, so the help can never drift from the config. Values are validated by the dataclasses'
+own ``__post_init__``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import inspect
+import textwrap
+import types
+import typing
+from typing import Any, Literal, TypeVar
+
+T = TypeVar("T")
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """Map each field of dataclass ``cls`` to the docstring written right below it."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    except (OSError, TypeError):
+        return {}
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs: dict[str, str] = {}
+    for node, nxt in zip(body, body[1:], strict=False):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(nxt, ast.Expr)
+            and isinstance(nxt.value, ast.Constant)
+            and isinstance(nxt.value.value, str)
+        ):
+            docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def _default(f: dataclasses.Field, parent: Any) -> Any:
+    if parent is not None:
+        return getattr(parent, f.name)
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    raise TypeError(f"field {f.name!r} needs a default to become a command-line option")
+
+
+def _add_fields(parser: argparse.ArgumentParser, cls: type, prefix: str, defaults: Any = None) -> None:
+    """Add one option per leaf field; ``defaults`` is the instance whose values are the defaults."""
+    hints = typing.get_type_hints(cls)
+    docs = field_docs(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        default = _default(f, defaults)
+        if dataclasses.is_dataclass(tp):
+            _add_fields(parser, tp, f"{prefix}{f.name}.", default)
+            continue
+        kwargs: dict[str, Any] = {"dest": f"{prefix}{f.name}", "default": default}
+        help_text = docs.get(f.name, "")
+        args = typing.get_args(tp)
+        optional = typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in args
+        if optional:
+            tp = next(a for a in args if a is not type(None))
+        if tp is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif typing.get_origin(tp) is Literal:
+            kwargs["choices"] = list(typing.get_args(tp))
+            kwargs["type"] = type(kwargs["choices"][0])
+        else:
+            kwargs["type"] = tp
+        flag = f"--{prefix}{f.name}".replace("_", "-")
+        parser.add_argument(flag, help=f"{help_text} (default: {default})", **kwargs)
+
+
+def _build(cls: type[T], values: dict[str, Any], prefix: str = "") -> T:
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        key = f"{prefix}{f.name}"
+        kwargs[f.name] = _build(tp, values, f"{key}.") if dataclasses.is_dataclass(tp) else values[key]
+    return cls(**kwargs)
+
+
+def parse(cls: type[T], argv: list[str] | None = None, description: str | None = None) -> T:
+    """Parse ``argv`` into an instance of dataclass ``cls`` (nested dataclasses become groups)."""
+    parser = argparse.ArgumentParser(description=description or (inspect.getdoc(cls) or "").split("\n\n")[0])
+    _add_fields(parser, cls, "")
+    try:
+        return _build(cls, vars(parser.parse_args(argv)))
+    except ValueError as err:  # a dataclass's __post_init__ refused a value: exit 2 with usage
+        parser.error(str(err))
+
+
+def to_dict(obj: Any) -> dict[str, Any]:
+    """A JSON-ready dict of a (nested) dataclass instance."""
+    return dataclasses.asdict(obj)
