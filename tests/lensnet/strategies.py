@@ -1,0 +1,32 @@
+"""Strategies for LensNet batches: padded snapshots with masks, as the trace collate produces them."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from hypothesis import strategies as st
+
+
+@st.composite
+def loss_batches(draw, *, max_b: int = 4, max_n: int = 10, dtype=torch.float64) -> tuple[torch.Tensor, dict]:
+    """(predictions, batch) with random padding, action masks, levels, costs; NaN in unlabelled targets."""
+    b, n = draw(st.integers(1, max_b)), draw(st.integers(1, max_n))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    lengths = rng.integers(0, n + 1, b)
+    valid = np.arange(n)[None, :] < lengths[:, None]
+    levels = np.where(valid, rng.integers(0, 3, (b, n)), 0)
+    p_label = draw(st.sampled_from([0.0, 0.5, 1.0]))
+    action = valid & (rng.random((b, n)) < p_label)
+    # y often tied (labels are max(0, .) clipped), sometimes near the margin
+    y = rng.choice([0.0, 0.05, 0.1, 0.15, -0.3, 1.0], (b, n)) + rng.normal(0, 0.5, (b, n)) * (rng.random((b, n)) < 0.5)
+    y = np.where(action, y, np.nan)
+    ec = np.where(valid & (levels >= 1), 3.0, 0.0)
+    cr = np.where(valid & (rng.random((b, n)) < 0.5), 0.75, 0.0)
+    pred = rng.normal(0, 1, (b, n)) * draw(st.sampled_from([0.01, 1.0, 10.0, 100.0]))
+    t = lambda a, dt=dtype: torch.tensor(a, dtype=dt)  # noqa: E731
+    batch = {
+        "target_utilities": t(y), "action_mask": t(action, torch.bool), "valid_mask": t(valid, torch.bool),
+        "levels": t(levels, torch.long), "span_width": t(np.where(valid, 4.0**levels, 0.0)),
+        "expand_cost": t(ec), "collapse_refund": t(cr),
+    }
+    return t(pred), batch
