@@ -69,6 +69,9 @@ def _add_fields(parser: argparse.ArgumentParser, cls: type, prefix: str, default
             tp = next(a for a in args if a is not type(None))
         if tp is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
+        elif typing.get_origin(tp) is tuple:
+            kinds = typing.get_args(tp)
+            kwargs["nargs"], kwargs["type"] = len(kinds), kinds[0]
         elif typing.get_origin(tp) is Literal:
             kwargs["choices"] = list(typing.get_args(tp))
             kwargs["type"] = type(kwargs["choices"][0])
@@ -84,7 +87,10 @@ def _build(cls: type[T], values: dict[str, Any], prefix: str = "") -> T:
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
         key = f"{prefix}{f.name}"
-        kwargs[f.name] = _build(tp, values, f"{key}.") if dataclasses.is_dataclass(tp) else values[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[f.name] = _build(tp, values, f"{key}.")
+        else:
+            kwargs[f.name] = tuple(values[key]) if typing.get_origin(tp) is tuple else values[key]
     return cls(**kwargs)
 
 

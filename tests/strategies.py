@@ -72,3 +72,44 @@ def seeded_score_vectors(draw, n: int, *, scale: float = 3.0) -> np.ndarray:
     pick = rng.random(n) < draw(st.sampled_from([0.0, 0.3, 1.0]))
     u[pick] = rng.choice(special, int(pick.sum()))
     return u
+
+
+def random_snapshot(rng: np.random.Generator, *, n: int, d_model: int, n_tail: int = 3, max_level: int = 2,
+                    block_size: int = 4, learnable: bool = True) -> dict[str, np.ndarray]:
+    """A trace snapshot with random features; with ``learnable`` the target is a function of the
+    embedding (so a model can fit it), else noise."""
+    levels = rng.integers(0, max_level + 1, n)
+    emb = rng.normal(size=(n, d_model)).astype(np.float32)
+    can_expand = levels >= 1
+    can_collapse = (levels < max_level) & (rng.random(n) < 0.6)
+    action = can_expand | can_collapse
+    target = 2.0 * emb[:, 0] if learnable else rng.normal(size=n)
+    target = np.where(action, target, 0.0)
+    return {
+        "embeddings": emb, "levels": levels, "node_index": np.arange(n), "span_start": np.arange(n) * 4,
+        "span_width": block_size**levels, "distance_to_cursor": np.arange(n)[::-1] * 4,
+        "position_ids": np.arange(n), "can_expand": can_expand, "can_collapse": can_collapse,
+        "group_id": np.where(can_collapse, 0, -1), "expand_cost": np.where(can_expand, block_size - 1, 0.0),
+        "collapse_refund": np.where(can_collapse, (block_size - 1) / block_size, 0.0),
+        "expand_gain": np.clip(target, 0, None), "collapse_cost": np.clip(-target, 0, None),
+        "target_utilities": target, "action_mask": action,
+        "tail_gists": rng.normal(size=(n_tail, d_model)), "tail_levels": np.array([2, 1, -1][:n_tail]),
+        "tail_mask": np.array([True, True, False][:n_tail]), "n_tokens": np.int64(4 * n),
+        "baseline_nll": np.float32(3.0), "doc_id": np.int64(0),
+    }
+
+
+def write_random_traces(path, *, n_snapshots: int, d_model: int = 8, shard_size: int = 4, seed: int = 0,
+                        min_n: int = 3, max_n: int = 12, learnable: bool = True):
+    """A trace directory of random snapshots; returns the list written."""
+    from sim.traces import TraceWriter
+
+    rng = np.random.default_rng(seed)
+    meta = {"d_model": d_model, "n_tail": 3, "block_size": 4, "max_level": 2, "seed": seed, "oracle": "random"}
+    w = TraceWriter(path, meta, shard_size=shard_size)
+    snaps = [random_snapshot(rng, n=int(rng.integers(min_n, max_n + 1)), d_model=d_model, learnable=learnable)
+             for _ in range(n_snapshots)]
+    for s in snaps:
+        w.add(s)
+    w.close()
+    return snaps

@@ -1,0 +1,320 @@
+"""LensNet training loop (DESIGN.md §5): AdamW, linear warmup then cosine, clipping, periodic eval
+with every metric, atomic checkpoints (periodic, latest and best) and exact resume.
+
+Everything that decides the trajectory is either derived from (seed, step) or saved in the
+checkpoint: model, optimiser and scheduler states, the torch RNG (dropout), and the position in
+the epoch's seeded permutation. Resuming from any checkpoint therefore gives the same parameters
+as an uninterrupted run. Losses are logged per term under namespaced keys to ``metrics.jsonl``.
+Usage: ``python -m lensnet.train --traces DIR --out DIR`` (``--help`` lists every option).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from lensnet.data import AugmentConfig, TraceDataset, collate, to_device
+from lensnet.losses import LensNetLoss
+from lensnet.metrics import MetricAccumulator
+from lensnet.model import LensNet, LensNetConfig
+from sim.traces import TraceReader
+from sim.tree import ConfigError
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file is missing, unreadable or not a LensNet checkpoint."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation schedule of LensNet (seed values as defaults)."""
+
+    lr: float = 1e-4
+    """AdamW peak learning rate."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    weight_decay: float = 0.01
+    """AdamW weight decay."""
+    batch_size: int = 16
+    """Snapshots per step."""
+    grad_clip: float = 1.0
+    """Max global gradient norm."""
+    warmup_steps: int = 1000
+    """Linear warmup steps."""
+    total_steps: int = 20000
+    """Steps in all (cosine decays to 0 at the end)."""
+    eval_every: int = 500
+    """Evaluate on the validation snapshots every this many steps."""
+    ckpt_every: int = 2000
+    """Keep a numbered checkpoint every this many steps (latest and best are kept always)."""
+    seed: int = 0
+    """Seed of initialisation, data order and augmentation."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where to train ('auto': CUDA when present)."""
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+    def __post_init__(self) -> None:
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ConfigError(f"lr must be a positive number, got {self.lr}")
+        for name in ("batch_size", "total_steps", "eval_every", "ckpt_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.warmup_steps < 0 or self.grad_clip <= 0:
+            raise ConfigError("warmup_steps must be >= 0 and grad_clip > 0")
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device='cuda' but no CUDA device is available")
+    return torch.device(device)
+
+
+def lr_factor(step: int, warmup: int, total: int) -> float:
+    """Linear warmup to 1, then cosine to 0 at ``total``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def _atomic_save(obj: dict, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
+    """Load and validate a checkpoint; ``CheckpointError`` names the file on any problem."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such checkpoint")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as err:  # torch raises many types for a damaged file
+        raise CheckpointError(f"{path}: unreadable checkpoint ({type(err).__name__}: {err})") from err
+    required = ("model", "model_config", "step")
+    if not isinstance(ckpt, dict) or any(k not in ckpt for k in required):
+        raise CheckpointError(f"{path}: not a LensNet checkpoint (needs keys {required})")
+    return ckpt
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> LensNet:
+    """A trained LensNet from a checkpoint, in eval mode."""
+    ckpt = load_checkpoint(path, device)
+    model = LensNet(LensNetConfig(**ckpt["model_config"])).to(device)
+    model.load_state_dict(ckpt["model"])
+    return model.eval()
+
+
+@torch.no_grad()
+def evaluate(model: LensNet, loss_fn: LensNetLoss, dataset: TraceDataset, batch_size: int,
+             device: torch.device) -> dict[str, float | None]:
+    """Mean loss terms (weighted by snapshots) and every metric over ``dataset``."""
+    model.eval()
+    acc = MetricAccumulator()
+    sums: dict[str, float] = {}
+    n = 0
+    for s in range(0, len(dataset), batch_size):
+        batch = to_device(collate([dataset[i] for i in range(s, min(s + batch_size, len(dataset)))]), device)
+        pred = model(batch)
+        out = loss_fn(pred, batch)
+        b = pred.shape[0]
+        for k in ("L_reg", "L_rank", "L_budget", "L_illegal"):
+            sums[k] = sums.get(k, 0.0) + out[k] * b
+        sums["loss"] = sums.get("loss", 0.0) + out["loss"].item() * b
+        n += b
+        acc.update(pred.cpu(), {k: v.cpu() for k, v in batch.items()})
+    model.train()
+    res: dict[str, float | None] = {f"val/{k}": v / max(n, 1) for k, v in sums.items()}
+    res.update({f"val/{k}": v for k, v in acc.compute().items()})
+    return res
+
+
+class Trainer:
+    """Trains ``model`` on ``train`` snapshots, evaluating on ``val``; writes to ``out_dir``."""
+
+    def __init__(self, model_config: LensNetConfig, config: TrainConfig, train: TraceDataset,
+                 val: TraceDataset | None, out_dir: str | Path, progress: bool = True) -> None:
+        d = train.reader.d_model
+        if d != model_config.d_model:
+            raise ConfigError(
+                f"trace {train.reader.path} has d_model={d} but the LensNet config expects "
+                f"d_model={model_config.d_model}"
+            )
+        if len(train) == 0:
+            raise ConfigError(f"trace {train.reader.path} has no training snapshots")
+        self.config, self.model_config = config, model_config
+        self.train_set, self.val_set = train, val
+        self.out = Path(out_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.progress = progress
+        self.device = resolve_device(config.device)
+        torch.manual_seed(config.seed)
+        self.model = LensNet(model_config).to(self.device)
+        self.loss_fn = LensNetLoss(max_level=model_config.max_level)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=config.lr, betas=config.betas,
+                                     eps=config.eps, weight_decay=config.weight_decay)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(
+            self.opt, lambda s: lr_factor(s, config.warmup_steps, config.total_steps))
+        self.step = 0
+        self.best = math.inf
+
+    # ------------------------------------------------------------------------ checkpoints
+    def state(self) -> dict:
+        return {
+            "model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
+            "scheduler": self.sched.state_dict(), "step": self.step, "best": self.best,
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "model_config": asdict(self.model_config), "train_config": asdict(self.config),
+        }
+
+    def save(self, name: str) -> Path:
+        path = self.out / name
+        _atomic_save(self.state(), path)
+        return path
+
+    def resume(self, path: str | Path) -> None:
+        ckpt = load_checkpoint(path, self.device)
+        if ckpt["model_config"] != asdict(self.model_config):
+            raise CheckpointError(f"{path}: model config differs from this run's")
+        try:
+            self.model.load_state_dict(ckpt["model"])
+            self.opt.load_state_dict(ckpt["optimizer"])
+            self.sched.load_state_dict(ckpt["scheduler"])
+        except (KeyError, RuntimeError, ValueError) as err:
+            raise CheckpointError(f"{path}: state does not fit this model ({err})") from err
+        self.step, self.best = ckpt["step"], ckpt["best"]
+        torch.set_rng_state(ckpt["torch_rng"].cpu())
+        if ckpt.get("cuda_rng") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(ckpt["cuda_rng"])
+
+    # ------------------------------------------------------------------------------ loop
+    def _batch_indices(self, step: int) -> np.ndarray:
+        """Indices of the batch at ``step``: a seeded permutation per epoch, derived, not stored."""
+        n, bs = len(self.train_set), self.config.batch_size
+        per_epoch = max(1, n // bs)
+        epoch, pos = divmod(step, per_epoch)
+        perm = np.random.default_rng([self.config.seed, epoch]).permutation(n)
+        self.train_set.epoch = epoch
+        return perm[pos * bs : pos * bs + bs] if n >= bs else perm
+
+    def _log(self, record: dict) -> None:
+        with (self.out / "metrics.jsonl").open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def train(self, until: int | None = None) -> dict:
+        """Run to ``until`` (default ``total_steps``); returns the last validation metrics."""
+        cfg = self.config
+        until = cfg.total_steps if until is None else min(until, cfg.total_steps)
+        self.model.train()
+        last_eval: dict = {}
+        bar = tqdm(total=until, initial=self.step, desc="train lensnet", disable=not self.progress, leave=False)
+        t0, tokens = time.perf_counter(), 0
+        while self.step < until:
+            idx = self._batch_indices(self.step)
+            batch = to_device(collate([self.train_set[int(i)] for i in idx]), self.device)
+            pred = self.model(batch)
+            out = self.loss_fn(pred, batch)
+            self.opt.zero_grad(set_to_none=True)
+            out["loss"].backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+            self.opt.step()
+            self.sched.step()
+            self.step += 1
+            tokens += int(batch["valid_mask"].sum())
+            record = {"step": self.step, "loss/total": out["loss"].item(), "loss/reg": out["L_reg"],
+                      "loss/rank": out["L_rank"], "loss/budget": out["L_budget"], "loss/illegal": out["L_illegal"],
+                      "opt/lr": self.sched.get_last_lr()[0], "opt/grad_norm": float(grad_norm)}
+            if self.step % cfg.eval_every == 0 or self.step == until:
+                elapsed = time.perf_counter() - t0
+                record["perf/steps_per_s"] = cfg.eval_every / elapsed if elapsed > 0 else None
+                record["perf/entries_per_s"] = tokens / elapsed if elapsed > 0 else None
+                t0, tokens = time.perf_counter(), 0
+                if self.val_set is not None and len(self.val_set):
+                    last_eval = evaluate(self.model, self.loss_fn, self.val_set, cfg.batch_size, self.device)
+                    record.update(last_eval)
+                    if last_eval["val/loss"] < self.best:
+                        self.best = last_eval["val/loss"]
+                        self.save("best.pt")
+                self.save("latest.pt")
+                bar.set_postfix(loss=f"{out['loss'].item():.4f}", val=f"{last_eval.get('val/loss', float('nan')):.4f}")
+            if self.step % cfg.ckpt_every == 0:
+                self.save(f"step-{self.step:07d}.pt")
+            self._log(record)
+            bar.update(1)
+        bar.close()
+        return last_eval
+
+
+def split_indices(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded train/val split of snapshot indices."""
+    perm = np.random.default_rng([seed, 12345]).permutation(n)
+    n_val = int(round(n * val_fraction))
+    return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+
+
+@dataclass
+class TrainArgs:
+    """Train LensNet on a trace directory."""
+
+    traces: str = "runs/traces"
+    """Trace directory written by the labeller (manifest.json + shards)."""
+    val_traces: str | None = None
+    """Separate validation traces (else a --val-fraction split of --traces)."""
+    val_fraction: float = 0.1
+    """Fraction of --traces held out for validation when --val-traces is unset."""
+    out: str = "runs/lensnet"
+    """Output directory: checkpoints and metrics.jsonl."""
+    preset: Literal["tiny", "small", "seed"] = "small"
+    """Model size: tiny/small for CPU, seed = DESIGN §5 (d_lens 512)."""
+    resume: str | None = None
+    """Checkpoint to resume from (e.g. OUT/latest.pt)."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def model_config_for(preset: str, d_model: int, max_level: int, block_size: int) -> LensNetConfig:
+    kw = {"max_level": max_level, "block_size": block_size}
+    if preset == "tiny":
+        return LensNetConfig.tiny(d_model, **kw)
+    if preset == "small":
+        return LensNetConfig.small(d_model, **kw)
+    return LensNetConfig(d_model=d_model, **kw)
+
+
+def main(argv: list[str] | None = None) -> None:
+    from sim.cli import parse
+
+    args = parse(TrainArgs, argv)
+    reader = TraceReader(args.traces)
+    if args.val_traces:
+        val_reader = TraceReader(args.val_traces)
+        train_idx, val = np.arange(len(reader)), TraceDataset(val_reader)
+    else:
+        train_idx, val_idx = split_indices(len(reader), args.val_fraction, args.train.seed)
+        val = TraceDataset(reader, val_idx)
+    train = TraceDataset(reader, train_idx, augment=args.train.augment, seed=args.train.seed)
+    meta = reader.meta
+    mcfg = model_config_for(args.preset, reader.d_model, int(meta.get("max_level", 2)), int(meta.get("block_size", 32)))
+    trainer = Trainer(mcfg, args.train, train, val, args.out)
+    if args.resume:
+        trainer.resume(args.resume)
+    result = trainer.train()
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,80 @@
+"""LensNet model: shapes, padding, no NaN on empty inputs, non-causal, hard legality mask."""
+
+import numpy as np
+import pytest
+import torch
+
+from lensnet.data import collate
+from lensnet.model import LensNet, LensNetConfig
+from sim.tree import ConfigError
+from tests.strategies import random_snapshot
+
+
+def _batch(ns=(5, 9, 3), d=8, seed=0):
+    rng = np.random.default_rng(seed)
+    return collate([random_snapshot(rng, n=n, d_model=d) for n in ns])
+
+
+def _model(d=8, **kw):
+    torch.manual_seed(0)
+    m = LensNet(LensNetConfig.tiny(d, block_size=4, **kw))
+    for p in m.head.parameters():  # the head starts at 0; give it weights so outputs vary
+        torch.nn.init.normal_(p)
+    return m.eval()
+
+
+def test_shapes_and_padding_is_zero():
+    b = _batch()
+    out = _model()(b)
+    assert out.shape == (3, 9) and torch.isfinite(out).all()
+    assert torch.all(out[~b["valid_mask"]] == 0)
+
+
+def test_padding_does_not_change_scores():
+    rng = np.random.default_rng(1)
+    snaps = [random_snapshot(rng, n=n, d_model=8) for n in (4, 10)]
+    m = _model()
+    alone = m(collate([snaps[0]]))[0, :4]
+    padded = m(collate(snaps))[0, :4]
+    torch.testing.assert_close(alone, padded, atol=1e-5, rtol=1e-5)
+
+
+def test_non_causal_later_entries_change_earlier_scores():
+    b = _batch(ns=(6,))
+    m = _model()
+    before = m(b)[0, 0].item()
+    b["embeddings"][0, 5] += 3.0
+    assert m(b)[0, 0].item() != pytest.approx(before, abs=1e-6)
+
+
+def test_no_tail_and_all_padding_snapshots_stay_finite():
+    b = _batch(ns=(4, 4))
+    b["tail_mask"][:] = False
+    b["valid_mask"][1] = False
+    out = _model()(b)
+    assert torch.isfinite(out).all() and torch.all(out[1] == 0)
+
+
+def test_score_hard_masks_illegal_directions():
+    b = _batch(ns=(12, 7))
+    s = _model()(b)
+    masked = _model().score(b)
+    can_e, can_c = b["expand_cost"] > 0, b["collapse_refund"] > 0
+    assert not torch.any((masked > 0) & ~can_e) and not torch.any((masked < 0) & ~can_c)
+    legal = ((s > 0) & can_e) | ((s < 0) & can_c)
+    torch.testing.assert_close(masked[legal], s[legal])
+
+
+def test_bad_inputs_and_config():
+    with pytest.raises(ConfigError, match="divide"):
+        LensNetConfig(d_lens=30, n_heads=4)
+    with pytest.raises(ConfigError, match="dropout"):
+        LensNetConfig(dropout=1.5)
+    b = _batch()
+    with pytest.raises(ValueError, match="d_model=16"):
+        _model(d=16)(b)
+
+
+def test_seed_config_parameter_count():
+    m = LensNet(LensNetConfig(d_model=576))
+    assert 1_000_000 < m.n_params() < 20_000_000

@@ -1,0 +1,134 @@
+"""Training: overfitting a fixed batch, exact resume, schedule, augmentation determinism, errors."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from lensnet.data import AugmentConfig, TraceDataset, collate
+from lensnet.losses import LensNetLoss
+from lensnet.metrics import compute_metrics
+from lensnet.model import LensNet, LensNetConfig
+from lensnet.train import (
+    CheckpointError,
+    TrainConfig,
+    Trainer,
+    load_checkpoint,
+    load_model,
+    lr_factor,
+    main,
+)
+from sim.traces import TraceReader
+from sim.tree import ConfigError
+from tests.strategies import random_snapshot, write_random_traces
+
+
+def test_small_lensnet_overfits_a_fixed_batch():
+    rng = np.random.default_rng(0)
+    batch = collate([random_snapshot(rng, n=n, d_model=8, learnable=False) for n in (12, 9, 16, 5)])
+    torch.manual_seed(0)
+    model = LensNet(LensNetConfig.small(8, block_size=4))
+    loss_fn = LensNetLoss()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    first = None
+    for _ in range(400):
+        out = loss_fn(model(batch), batch)
+        first = first if first is not None else out["loss"].item()
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+    model.eval()
+    pred = model(batch)
+    final = loss_fn(pred, batch)
+    m = compute_metrics(pred, batch)
+    # L_rank and L_budget have non-zero floors even for a perfect fit (softplus > 0; budget set by
+    # the targets), so "loss -> near 0" means: L_reg -> 0 and L at most the loss of u = y itself.
+    ideal = loss_fn(torch.where(batch["action_mask"], batch["target_utilities"], 0.0), batch)["loss"].item()
+    assert final["L_reg"] < 0.02 and final["loss"].item() < ideal + 0.05, (first, ideal, final)
+    assert m["ranking_accuracy"] > 0.97 and m["pearson"] > 0.99
+
+
+def _trainer(tmp_path, traces, name, **kw):
+    reader = TraceReader(traces)
+    cfg = TrainConfig(lr=1e-3, batch_size=4, warmup_steps=3, total_steps=12, eval_every=4, ckpt_every=6,
+                      seed=3, device="cpu", **kw)
+    train = TraceDataset(reader, np.arange(12), augment=AugmentConfig(), seed=3)
+    val = TraceDataset(reader, np.arange(12, 16))
+    mcfg = LensNetConfig(d_model=8, d_lens=16, n_heads=2, n_stacks=1, dropout=0.1, block_size=4)  # dropout: RNG matters
+    return Trainer(mcfg, cfg, train, val, tmp_path / name, progress=False)
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    traces = tmp_path / "traces"
+    write_random_traces(traces, n_snapshots=16, d_model=8)
+    full = _trainer(tmp_path, traces, "full")
+    full.train()
+    part = _trainer(tmp_path, traces, "part")
+    part.train(until=6)  # stops right after the step-6 checkpoint
+    resumed = _trainer(tmp_path, traces, "part")
+    resumed.resume(tmp_path / "part" / "step-0000006.pt")
+    resumed.train()
+    for (k, a), (_, b) in zip(full.model.state_dict().items(), resumed.model.state_dict().items(), strict=True):
+        torch.testing.assert_close(a, b, atol=0, rtol=0, msg=k)
+    log = [json.loads(line) for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == list(range(1, 13))
+    for key in ("loss/total", "loss/reg", "loss/rank", "loss/budget", "loss/illegal", "opt/lr"):
+        assert all(key in r for r in log)
+    evals = [r for r in log if "val/loss" in r]
+    assert [r["step"] for r in evals] == [4, 8, 12] and "val/ranking_accuracy" in evals[-1]
+    assert (tmp_path / "full" / "best.pt").exists() and (tmp_path / "full" / "latest.pt").exists()
+    model = load_model(tmp_path / "full" / "latest.pt")
+    assert isinstance(model, LensNet) and not model.training
+
+
+def test_lr_schedule_warmup_then_cosine():
+    f = [lr_factor(s, 10, 110) for s in range(111)]
+    assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
+    assert f[60] == pytest.approx(0.5) and f[110] == pytest.approx(0.0, abs=1e-12)
+    assert all(a >= b for a, b in zip(f[9:], f[10:], strict=False))
+
+
+def test_augmentation_is_seeded_per_item(tmp_path):
+    write_random_traces(tmp_path, n_snapshots=8, d_model=8)
+    reader = TraceReader(tmp_path)
+    aug = AugmentConfig(jitter_p=0.5, noise_p=0.5)
+    a, b = TraceDataset(reader, augment=aug, seed=1), TraceDataset(reader, augment=aug, seed=1)
+    for i in (5, 2, 7):  # different access orders, same items
+        np.testing.assert_array_equal(a[i]["target_utilities"], b[i]["target_utilities"])
+    plain = TraceDataset(reader)
+    changed = sum(a[i]["levels"].shape != plain[i]["levels"].shape or
+                  not np.array_equal(a[i]["target_utilities"], plain[i]["target_utilities"]) for i in range(8))
+    assert changed > 0
+
+
+def test_clear_errors(tmp_path):
+    write_random_traces(tmp_path / "t", n_snapshots=4, d_model=8)
+    reader = TraceReader(tmp_path / "t")
+    with pytest.raises(ConfigError, match="d_model=8 but the LensNet config expects d_model=16"):
+        Trainer(LensNetConfig.tiny(16), TrainConfig(device="cpu"), TraceDataset(reader), None, tmp_path / "o")
+    with pytest.raises(ConfigError, match="lr"):
+        TrainConfig(lr=-1.0)
+    with pytest.raises(ConfigError, match="batch_size"):
+        TrainConfig(batch_size=0)
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"\x00garbage")
+    with pytest.raises(CheckpointError, match="bad.pt: unreadable"):
+        load_checkpoint(bad)
+    torch.save({"hello": 1}, tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match="not a LensNet checkpoint"):
+        load_checkpoint(tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match="no such"):
+        load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_cli_end_to_end(tmp_path, capsys):
+    write_random_traces(tmp_path / "t", n_snapshots=20, d_model=8)
+    main(["--traces", str(tmp_path / "t"), "--out", str(tmp_path / "o"), "--preset", "tiny",
+          "--train.total-steps", "6", "--train.eval-every", "3", "--train.warmup-steps", "2",
+          "--train.batch-size", "4", "--train.device", "cpu"])
+    printed = capsys.readouterr().out
+    assert "val/ranking_accuracy" in json.loads(printed[printed.index("{"):])
+    assert (tmp_path / "o" / "latest.pt").exists()
+    ckpt = load_checkpoint(tmp_path / "o" / "latest.pt")
+    assert ckpt["step"] == 6 and ckpt["train_config"]["batch_size"] == 4
