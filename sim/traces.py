@@ -174,16 +174,24 @@ class TraceReader:
 
     def __init__(self, path: str | Path, require_complete: bool = False) -> None:
         self.path = Path(path)
-        manifest = self.read_manifest(self.path)
-        if require_complete and not manifest["complete"]:
-            raise TraceFormatError(f"{self.path / MANIFEST}: trace is incomplete (generation still running or crashed)")
-        self.meta = manifest["meta"]
+        # One trace directory, or a directory of parts written with --shard i/n (part-i-of-n/).
+        parts = sorted(self.path.glob("part-*-of-*/" + MANIFEST)) if not (self.path / MANIFEST).exists() else []
+        dirs = [p.parent for p in parts] or [self.path]
+        manifests = [self.read_manifest(d) for d in dirs]
+        for d, m in zip(dirs, manifests, strict=True):
+            if require_complete and not m["complete"]:
+                raise TraceFormatError(f"{d / MANIFEST}: trace is incomplete (generation still running or crashed)")
+        self.meta = manifests[0]["meta"]
         self.d_model, self.n_tail = int(self.meta["d_model"]), int(self.meta["n_tail"])
+        for d, m in zip(dirs[1:], manifests[1:], strict=True):
+            if (int(m["meta"]["d_model"]), int(m["meta"]["n_tail"])) != (self.d_model, self.n_tail):
+                raise TraceFormatError(f"{d / MANIFEST}: d_model/n_tail differ from {dirs[0] / MANIFEST}")
         self._entries: dict[str, list[np.ndarray]] = {k: [] for k in ENTRY_KEYS}
         self._snap: dict[str, list[np.ndarray]] = {k: [] for k in SNAPSHOT_KEYS}
         self._offsets: list[int] = [0]
-        for shard in manifest["shards"]:
-            self._load_shard(self.path / shard["file"], shard)
+        for d, m in zip(dirs, manifests, strict=True):
+            for shard in m["shards"]:
+                self._load_shard(d / shard["file"], shard)
         self.entries = {k: np.concatenate(v) if v else np.zeros((0, *_shape(ENTRY_KEYS[k][1], self.d_model, self.n_tail)))
                         for k, v in self._entries.items()}
         self.snapshots = {k: np.concatenate(v) if v else np.zeros((0, *_shape(SNAPSHOT_KEYS[k][1], self.d_model, self.n_tail)))

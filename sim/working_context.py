@@ -108,6 +108,13 @@ class WorkingContext:
         self.indices = np.zeros(0, dtype=np.int64)
         self.n_tokens = 0  # T: tokens covered (the cursor)
 
+    def copy(self) -> WorkingContext:
+        """An independent context over the same tree (entries copied; the tree is shared)."""
+        other = WorkingContext.__new__(WorkingContext)
+        other.tree, other.config, other.n_tokens = self.tree, self.config, self.n_tokens
+        other.levels, other.indices = self.levels.copy(), self.indices.copy()
+        return other
+
     # ---------------------------------------------------------------------- derived geometry
     def __len__(self) -> int:
         return int(self.levels.shape[0])

@@ -1,0 +1,213 @@
+"""The synthetic world (DESIGN.md §6): documents whose right focus is known exactly, and its oracle.
+
+A document is a run of L1 blocks. Block j has a random unit *key*; its tokens' embeddings carry
+that key (so its gist does too), plus a *cue*: the keys of the blocks that the next two blocks
+(the query window after a cursor at the end of block j) refer to — so the tail gists show what is
+about to be needed. Each block q refers to a few earlier blocks r (mostly recent, some far) with
+weights w. The NLL of a query token in block q is
+
+    base - sum_{r in refs(q)} w_r * info[level at which block r stands]  - recency
+
+with info[L0] = 1 > info[L1] > info[L2] > 0, and recency = rho * (fraction of the ``n_recent``
+blocks before the cursor that stand at L0). Utilities are therefore exact: ``exact_utilities``
+computes every expand gain and collapse cost in closed form (per block, not by re-evaluating
+contexts), which the labeller tests compare against.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from sim.tree import ConfigError
+from sim.working_context import ContextArrays, WorkingContext
+
+
+@dataclass(frozen=True)
+class SyntheticConfig:
+    """Generator and NLL of the synthetic world."""
+
+    d_model: int = 64
+    """Embedding width."""
+    block_size: int = 32
+    """Tokens per block (= the tree's b)."""
+    n_blocks: int = 96
+    """Blocks per document (tokens = n_blocks * block_size)."""
+    refs_min: int = 1
+    """Fewest earlier blocks a block refers to."""
+    refs_max: int = 3
+    """Most earlier blocks a block refers to."""
+    p_far: float = 0.4
+    """Probability that a reference is uniform over all earlier blocks rather than recent."""
+    recent_window: int = 12
+    """'Recent' references fall in the this many blocks before the gap."""
+    gap: int = 2
+    """A block never refers to its own nor the gap-1 blocks just before it."""
+    key_scale: float = 1.0
+    """Weight of the block's own key in its tokens."""
+    cue_scale: float = 1.0
+    """Weight of the cue (mean key of the upcoming references) in its tokens."""
+    noise: float = 0.5
+    """Per-token Gaussian noise std."""
+    info: tuple[float, ...] = (1.0, 0.6, 0.25)
+    """info[level]: how much of a reference a block standing at that level serves."""
+    base_nll: float = 4.0
+    """NLL of a query token with nothing served."""
+    rho: float = 0.05
+    """Weight of the recency term."""
+    n_recent: int = 6
+    """Blocks before the cursor that the recency term looks at."""
+    vocab_size: int = 1000
+    """Token ids are drawn from this range (they carry no information)."""
+
+    def __post_init__(self) -> None:
+        if self.n_blocks < self.gap + 2:
+            raise ConfigError(f"n_blocks must be >= gap + 2, got {self.n_blocks}")
+        if not 1 <= self.refs_min <= self.refs_max:
+            raise ConfigError("need 1 <= refs_min <= refs_max")
+        info = np.asarray(self.info)
+        if info.ndim != 1 or len(info) < 2 or np.any(np.diff(info) >= 0) or info[-1] <= 0:
+            raise ConfigError(f"info must be strictly decreasing and positive, got {self.info}")
+        if not 0.0 <= self.p_far <= 1.0:
+            raise ConfigError(f"p_far must be in [0, 1], got {self.p_far}")
+
+
+@dataclass
+class SyntheticDocument:
+    """One generated document."""
+
+    token_ids: np.ndarray  # (T,)
+    embeddings: np.ndarray  # (T, d) float32
+    keys: np.ndarray  # (n_blocks, d) unit vectors
+    ref_blocks: list[np.ndarray]  # per block q: referenced earlier blocks
+    ref_weights: list[np.ndarray]  # per block q: their weights
+    config: SyntheticConfig
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.token_ids.shape[0])
+
+
+def generate_document(config: SyntheticConfig, rng: np.random.Generator) -> SyntheticDocument:
+    """A seeded document (all randomness from ``rng``)."""
+    c = config
+    keys = rng.normal(size=(c.n_blocks, c.d_model))
+    keys /= np.linalg.norm(keys, axis=1, keepdims=True)
+    refs: list[np.ndarray] = []
+    weights: list[np.ndarray] = []
+    for q in range(c.n_blocks):
+        hi = q - c.gap + 1  # references fall in [0, hi)
+        if hi <= 0:
+            refs.append(np.zeros(0, dtype=np.int64))
+            weights.append(np.zeros(0))
+            continue
+        k = int(rng.integers(c.refs_min, c.refs_max + 1))
+        far = rng.random(k) < c.p_far
+        lo_recent = max(0, hi - c.recent_window)
+        picks = np.where(far, rng.integers(0, hi, k), rng.integers(lo_recent, hi, k))
+        picks = np.unique(picks)
+        refs.append(picks.astype(np.int64))
+        weights.append(rng.uniform(0.5, 1.5, picks.size))
+    emb = np.empty((c.n_blocks, c.block_size, c.d_model))
+    for j in range(c.n_blocks):
+        upcoming = [refs[q] for q in (j + 1, j + 2) if q < c.n_blocks]
+        cue_blocks = np.unique(np.concatenate(upcoming)) if upcoming else np.zeros(0, dtype=np.int64)
+        cue = keys[cue_blocks].mean(0) if cue_blocks.size else np.zeros(c.d_model)
+        emb[j] = c.key_scale * keys[j] + c.cue_scale * cue + c.noise * rng.normal(size=(c.block_size, c.d_model))
+    ids = rng.integers(0, c.vocab_size, c.n_blocks * c.block_size)
+    return SyntheticDocument(ids, emb.reshape(-1, c.d_model).astype(np.float32), keys, refs, weights, c)
+
+
+class SyntheticOracle:
+    """Exact NLL of the synthetic world; implements the ``NLLOracle`` interface."""
+
+    def __init__(self, document: SyntheticDocument) -> None:
+        self.doc = document
+        self.config = document.config
+        self.d_model = document.config.d_model
+
+    def block_levels(self, ctx: ContextArrays) -> np.ndarray:
+        """(n_blocks covered,) level at which each L1 block stands (a partial block: 0)."""
+        b = self.config.block_size
+        n_blocks = -(-ctx.n_tokens // b)
+        lv = np.zeros(n_blocks, dtype=np.int64)
+        gist = ctx.levels >= 1
+        first = ctx.span_start[gist] // b
+        count = ctx.span_width[gist] // b
+        lv[np.repeat(first, count) + _ranges(count)] = np.repeat(ctx.levels[gist], count)
+        return lv
+
+    def token_nll(self, block_level: np.ndarray, query_start: int, horizon: int) -> np.ndarray:
+        """(horizon,) NLL of each query token given the level of every block."""
+        c = self.config
+        info = np.asarray(c.info)
+        q_blocks = (query_start + np.arange(horizon)) // c.block_size
+        served = np.zeros(horizon)
+        for q in np.unique(q_blocks):
+            if q >= c.n_blocks:
+                raise ValueError(f"query reaches past the document end (block {q} of {c.n_blocks})")
+            r = self.doc.ref_blocks[q]
+            served[q_blocks == q] = float(np.sum(self.doc.ref_weights[q] * info[block_level[r]]))
+        cursor_block = query_start // c.block_size
+        recent = block_level[max(0, cursor_block - c.n_recent) : cursor_block]
+        recency = c.rho * float(np.mean(recent == 0)) if recent.size else 0.0
+        return c.base_nll - served - recency
+
+    def nll(self, contexts: Sequence[ContextArrays], query_ids: np.ndarray, query_start: int) -> np.ndarray:
+        """Mean NLL of the query tokens for each context (``query_ids`` only fixes the horizon)."""
+        h = int(np.asarray(query_ids).shape[0])
+        return np.array([self.token_nll(self.block_levels(ctx), query_start, h).mean() for ctx in contexts])
+
+
+def _ranges(counts: np.ndarray) -> np.ndarray:
+    """[0..c0), [0..c1), ... concatenated."""
+    if counts.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    ends = np.cumsum(counts)
+    return np.arange(ends[-1]) - np.repeat(ends - counts, counts)
+
+
+def exact_utilities(oracle: SyntheticOracle, wc: WorkingContext, horizon: int) -> tuple[np.ndarray, np.ndarray]:
+    """Closed-form (expand_gain, collapse_cost) per entry, computed per block from the NLL formula.
+
+    Expanding a level-l entry moves each block it covers from level l to l-1; collapsing a group
+    of level-l siblings moves each block they cover to level l+1. The change in mean NLL is the
+    sum over referenced blocks of weight x info change x (query tokens that reference it) / H,
+    plus the change of the recency term. Gains and costs are clipped at 0 as in DESIGN §3.
+    """
+    c = oracle.config
+    b, info = c.block_size, np.asarray(c.info)
+    t = wc.n_tokens
+    arr = wc.arrays()
+    base_lv = oracle.block_levels(arr)
+    n_blocks = base_lv.size
+    # demand[r]: sum over query tokens of the weight with which they reference block r, / H
+    demand = np.zeros(n_blocks)
+    for p in range(t, t + horizon):
+        q = p // b
+        np.add.at(demand, oracle.doc.ref_blocks[q], oracle.doc.ref_weights[q] / horizon)
+    cursor_block = t // b
+    recent = np.zeros(n_blocks, dtype=bool)
+    recent[max(0, cursor_block - c.n_recent) : cursor_block] = True
+    n_recent = int(recent.sum())
+
+    def delta(blocks: np.ndarray, new_level: int) -> float:
+        """Mean-NLL change when ``blocks`` move from their base level to ``new_level``."""
+        d_served = float(np.sum(demand[blocks] * (info[new_level] - info[base_lv[blocks]])))
+        d_l0 = int(np.sum(recent[blocks] & (new_level == 0))) - int(np.sum(recent[blocks] & (base_lv[blocks] == 0)))
+        d_recency = c.rho * d_l0 / n_recent if n_recent else 0.0
+        return -(d_served + d_recency)
+
+    gain = np.zeros(len(wc))
+    cost = np.zeros(len(wc))
+    for i in np.flatnonzero(arr.levels >= 1):
+        blocks = np.arange(arr.span_start[i] // b, (arr.span_start[i] + arr.span_width[i]) // b)
+        gain[i] = max(0.0, -delta(blocks, int(arr.levels[i]) - 1))
+    for s in np.unique(arr.group_id[arr.group_id >= 0]):
+        lo = arr.span_start[s]
+        hi = arr.span_start[s + b - 1] + arr.span_width[s + b - 1]
+        blocks = np.arange(lo // b, -(-hi // b))
+        cost[s : s + b] = max(0.0, delta(blocks, int(arr.levels[s]) + 1))
+    return gain, cost

@@ -1,0 +1,120 @@
+"""One focus episode: a document streamed through tree, working context and allocator, K tokens a step.
+
+``WorldConfig`` gathers every size of the loop (tree, context budget, allocator, K, H, tail gists,
+the synthetic world). ``Episode`` owns one document's tree/context/allocator and exposes the step
+cycle that trace generation, evaluation and the gymnasium environment all share:
+``advance()`` ingests K tokens and restores the budget, ``query()`` is the next H tokens,
+``refocus(scores)`` applies the allocator, ``nll()`` asks the oracle about the current context.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+
+from sim.allocator import Action, AllocatorConfig, FocusAllocator
+from sim.oracle import NLLOracle
+from sim.synthetic import SyntheticConfig, SyntheticDocument, SyntheticOracle, generate_document
+from sim.tree import ConfigError, Gister, MegaContextTree, TreeConfig, mean_gister
+from sim.working_context import ContextArrays, ContextConfig, WorkingContext, min_slots
+
+
+@dataclass(frozen=True)
+class WorldConfig:
+    """Sizes of the focus loop and of the synthetic world."""
+
+    env: Literal["synthetic", "lm"] = "synthetic"
+    """Oracle: the exact synthetic world, or the real LM."""
+    step_tokens: int = 32
+    """K: tokens ingested per refocus step."""
+    horizon: int = 64
+    """H: query tokens whose NLL defines utility and reward."""
+    n_tail: int = 6
+    """Tail gists given to LensNet."""
+    warmup_tokens: int = 256
+    """No refocus (or label) until this many tokens are in."""
+    tree: TreeConfig = field(default_factory=lambda: TreeConfig(block_size=32, max_level=2, d_model=64))
+    context: ContextConfig = field(default_factory=lambda: ContextConfig(w_max=256, tail=128))
+    allocator: AllocatorConfig = field(default_factory=AllocatorConfig)
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+    def __post_init__(self) -> None:
+        if self.step_tokens < 1 or self.horizon < 1:
+            raise ConfigError("step_tokens and horizon must be >= 1")
+        if self.warmup_tokens < self.step_tokens:
+            raise ConfigError("warmup_tokens must be >= step_tokens")
+        if self.env == "synthetic":
+            s = self.synthetic
+            if (s.block_size, s.d_model) != (self.tree.block_size, self.tree.d_model):
+                raise ConfigError(
+                    f"synthetic block_size/d_model ({s.block_size}, {s.d_model}) must equal the tree's "
+                    f"({self.tree.block_size}, {self.tree.d_model})"
+                )
+            if len(s.info) < self.tree.max_level + 1:
+                raise ConfigError(f"synthetic.info needs {self.tree.max_level + 1} levels, has {len(s.info)}")
+            doc_tokens = s.n_blocks * s.block_size
+            need = max(min_slots(t, self.tree.block_size, self.tree.max_level, self.context.tail)
+                       for t in range(self.step_tokens, doc_tokens + 1, self.step_tokens))
+            if need > self.context.w_max:
+                raise ConfigError(
+                    f"w_max={self.context.w_max} cannot hold a {doc_tokens}-token document even fully "
+                    f"collapsed (needs {need}); raise w_max or shorten the document"
+                )
+
+
+class Episode:
+    """One document through the focus loop."""
+
+    def __init__(self, config: WorldConfig, token_ids: np.ndarray, embeddings: np.ndarray,
+                 oracle: NLLOracle, gister: Gister = mean_gister, doc_id: int = 0) -> None:
+        self.config = config
+        self.token_ids, self.embeddings = token_ids, embeddings
+        self.oracle = oracle
+        self.doc_id = doc_id
+        self.tree = MegaContextTree(config.tree, gister=gister, reserve_tokens=len(token_ids))
+        self.wc = WorkingContext(self.tree, config.context)
+        self.allocator = FocusAllocator(config.allocator)
+        self.steps = 0
+
+    @property
+    def n_doc_tokens(self) -> int:
+        return int(self.token_ids.shape[0])
+
+    def can_query(self) -> bool:
+        """Whether H tokens remain after the cursor."""
+        return self.wc.n_tokens + self.config.horizon <= self.n_doc_tokens
+
+    def advance(self) -> list[Action]:
+        """Ingest the next K tokens (all of the warm-up on the first call); restore the budget."""
+        t = self.wc.n_tokens
+        k = max(self.config.warmup_tokens - t, self.config.step_tokens) if t < self.config.warmup_tokens else self.config.step_tokens
+        k = min(k, self.n_doc_tokens - t)
+        if k <= 0:
+            raise ValueError("the document is exhausted")
+        self.tree.ingest(self.token_ids[t : t + k], self.embeddings[t : t + k])
+        self.wc.append_tokens(k)
+        self.steps += 1
+        return self.allocator.enforce_budget(self.wc)
+
+    def query(self) -> tuple[np.ndarray, int]:
+        """(next H token ids, index of the first)."""
+        t = self.wc.n_tokens
+        return self.token_ids[t : t + self.config.horizon], t
+
+    def arrays(self) -> ContextArrays:
+        return self.wc.arrays(self.config.n_tail)
+
+    def refocus(self, scores: np.ndarray) -> list[Action]:
+        return self.allocator.step(self.wc, scores)
+
+    def nll(self) -> float:
+        ids, start = self.query()
+        return float(self.oracle.nll([self.arrays()], ids, start)[0])
+
+
+def synthetic_episode(config: WorldConfig, doc_id: int, seed: int) -> tuple[Episode, SyntheticDocument]:
+    """An episode over synthetic document ``doc_id`` of run ``seed`` (documents are reproducible)."""
+    doc = generate_document(config.synthetic, np.random.default_rng([seed, doc_id]))
+    return Episode(config, doc.token_ids, doc.embeddings, SyntheticOracle(doc), doc_id=doc_id), doc
