@@ -1,0 +1,112 @@
+"""Real-LM oracle: next-token alignment against a plain forward, and fast path == naive recompute."""
+
+import numpy as np
+import pytest
+import torch
+
+from sim.allocator import FocusAllocator
+from sim.labels import counterfactual_contexts, label_snapshot
+from sim.lm import tiny_llama
+from sim.lm_oracle import LMOracle
+from sim.tree import MegaContextTree, TreeConfig
+from sim.working_context import ContextConfig, WorkingContext
+
+
+def plain_nll(model, ids: np.ndarray, t: int, h: int) -> float:
+    """Reference: the LM on raw input ids; mean CE of tokens t..t+h-1 from the logits before them."""
+    x = torch.as_tensor(ids[: t + h])[None]
+    with torch.no_grad():
+        logits = model(input_ids=x).logits[0].float()
+    return torch.nn.functional.cross_entropy(logits[t - 1 : t + h - 1], x[0, t : t + h]).item()
+
+
+def focused_context(oracle, ids, t, b=4, w_max=40, tail=8, mode="slot", seed=0, moves=6):
+    tree = MegaContextTree(TreeConfig(block_size=b, max_level=2, d_model=oracle.d_model))
+    tree.ingest(ids[:t], oracle.token_embeddings(ids[:t]))
+    wc = WorkingContext(tree, ContextConfig(w_max=w_max, tail=tail, position_mode=mode))
+    wc.append_tokens(t)
+    alloc = FocusAllocator()
+    alloc.enforce_budget(wc)
+    rng = np.random.default_rng(seed)
+    for _ in range(moves):
+        alloc.step(wc, rng.normal(size=len(wc)))
+    wc.check_invariants()
+    return wc
+
+
+@pytest.mark.parametrize("mode", ["slot", "centre"])
+def test_all_l0_context_equals_plain_forward(mode):
+    model = tiny_llama()
+    oracle = LMOracle(model)
+    ids = np.random.default_rng(0).integers(0, 512, 80)
+    t, h = 48, 16
+    tree = MegaContextTree(TreeConfig(block_size=4, max_level=2, d_model=oracle.d_model))
+    tree.ingest(ids[:t], oracle.token_embeddings(ids[:t]))
+    wc = WorkingContext(tree, ContextConfig(w_max=64, tail=8, position_mode=mode))
+    wc.append_tokens(t)
+    got = oracle.nll([wc.arrays()], ids[t : t + h], t)[0]
+    assert got == pytest.approx(plain_nll(model, ids, t, h), abs=1e-5)
+    oracle.fast = False
+    assert oracle.nll([wc.arrays()], ids[t : t + h], t)[0] == pytest.approx(plain_nll(model, ids, t, h), abs=1e-5)
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("mode", ["slot", "centre"])
+def test_fast_path_equals_naive_recompute(seed, mode):
+    model = tiny_llama(seed=seed)
+    fast, naive = LMOracle(model, batch_size=5), LMOracle(model, batch_size=7, fast=False)
+    ids = np.random.default_rng(seed).integers(0, 512, 200)
+    t, h = 160, 16
+    wc = focused_context(fast, ids, t, seed=seed, mode=mode)
+    base, variants = counterfactual_contexts(wc, 3)
+    ctxs = [base, *(v for _, _, v in variants)]
+    assert len(ctxs) > 5
+    a = fast.nll(ctxs, ids[t : t + h], t)
+    b = naive.nll(ctxs, ids[t : t + h], t)
+    np.testing.assert_allclose(a, b, atol=1e-4)
+    assert fast.positions_recomputed < naive.positions_recomputed
+    snap = label_snapshot(wc, fast, ids[t : t + h], t, 3)  # the labeller over the LM runs end to end
+    assert np.isfinite(snap["target_utilities"]).all() and snap["baseline_nll"] == pytest.approx(a[0], abs=1e-5)
+
+
+def test_bad_contexts_raise():
+    oracle = LMOracle(tiny_llama())
+    wc = focused_context(oracle, np.arange(40) % 512, 32, moves=0)
+    arr = wc.arrays()
+    arr.embeddings = arr.embeddings[:, :10]
+    with pytest.raises(ValueError, match="d_model"):
+        oracle.nll([arr], np.arange(4), 32)
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    from sim.lm import load_lm
+
+    model, tok = load_lm("smollm2", device="cpu")
+    return model, tok
+
+
+def pydoc_ids(tok, n: int) -> np.ndarray:
+    import pydoc_data.topics as topics
+
+    text = topics.topics["assert"] + topics.topics["assignment"]
+    return np.asarray(tok(text).input_ids[:n])
+
+
+@pytest.mark.real_lm
+def test_smollm2_alignment_and_fast_path(smollm2):
+    """The real LM (kept small for CI): all-L0 == plain forward; fast == naive on counterfactuals."""
+    model, tok = smollm2
+    oracle = LMOracle(model)
+    assert oracle.d_model == 576
+    ids = pydoc_ids(tok, 128)
+    t, h = 96, 16
+    wc = focused_context(oracle, ids, t, b=8, w_max=64, tail=16, moves=0)
+    roomy = WorkingContext(wc.tree, ContextConfig(w_max=t, tail=16))
+    roomy.append_tokens(t)
+    assert oracle.nll([roomy.arrays()], ids[t : t + h], t)[0] == pytest.approx(plain_nll(model, ids, t, h), abs=1e-5)
+    base, variants = counterfactual_contexts(wc, 3)
+    ctxs = [base, *(v for _, _, v in variants)][:12]
+    fast = oracle.nll(ctxs, ids[t : t + h], t)
+    naive = LMOracle(model, fast=False).nll(ctxs, ids[t : t + h], t)
+    np.testing.assert_allclose(fast, naive, atol=1e-4)
