@@ -1,0 +1,138 @@
+"""Plots drawn from a run directory's files alone (``python -m analysis.plots RUN_DIR``).
+
+Reads ``metrics.jsonl`` (training log), ``results.json`` (policy comparison) and ``focus.jsonl``
+(one held-out document's focus per policy) and writes PNGs into ``RUN_DIR/plots``: training curves
+per loss term, validation metrics over steps, NLL per policy with spread over documents, and a
+focus heat map (slots x steps, coloured by level) per policy.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def _jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def training_curves(log: list[dict], out: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(7, 4))
+    steps = [r["step"] for r in log]
+    for key in ("loss/total", "loss/reg", "loss/rank", "loss/budget", "loss/illegal"):
+        vals = np.array([r.get(key, np.nan) for r in log], dtype=float)
+        if len(vals) > 20:  # a running mean keeps the curves readable
+            k = max(1, len(vals) // 50)
+            vals = np.convolve(vals, np.ones(k) / k, mode="same")
+        ax.plot(steps, vals, label=key)
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (running mean)")
+    ax.set_title("LensNet training loss by term")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = out / "training_curves.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def validation_metrics(log: list[dict], out: Path) -> Path:
+    evals = [r for r in log if "val/loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key in ("val/ranking_accuracy", "val/pearson", "val/legality_compliance_raw", "val/budget_balance"):
+        ax.plot([r["step"] for r in evals], [np.nan if r.get(key) is None else r[key] for r in evals], marker="o", label=key)
+    ax2 = ax.twinx()
+    ax2.plot([r["step"] for r in evals], [r["val/loss"] for r in evals], "k--", label="val/loss")
+    ax2.set_ylabel("val loss")
+    ax.set_xlabel("step")
+    ax.set_ylim(-0.05, 1.05)
+    ax.set_title("Validation metrics")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    path = out / "validation_metrics.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def policy_nll(results: dict, out: Path) -> Path:
+    pol = results["policies"]
+    names = list(pol)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    means = [pol[n]["nll"] for n in names]
+    sds = [pol[n]["nll_std_over_docs"] for n in names]
+    ax.bar(names, means, yerr=sds, capsize=4, color=["C0" if n == "lensnet" else "C7" for n in names])
+    for i, n in enumerate(names):
+        ax.scatter([i] * len(pol[n]["nll_per_doc"]), pol[n]["nll_per_doc"], s=8, color="k", zorder=3)
+    lo = min(min(pol[n]["nll_per_doc"]) for n in names)
+    hi = max(max(pol[n]["nll_per_doc"]) for n in names)
+    ax.set_ylim(lo - 0.1 * (hi - lo + 1e-9), hi + 0.1 * (hi - lo + 1e-9))
+    ax.set_ylabel("mean NLL of the next H tokens")
+    ax.set_title(f"Held-out NLL per policy (W_max={results['w_max']}, seed {results['seed']}); dots = documents")
+    fig.tight_layout()
+    path = out / "policy_nll.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def focus_heatmap(focus: list[dict], out: Path) -> Path:
+    names = list(dict.fromkeys(r["policy"] for r in focus))
+    fig, axes = plt.subplots(len(names), 1, figsize=(8, 1.6 * len(names) + 0.5), squeeze=False)
+    for ax, name in zip(axes[:, 0], names, strict=True):
+        rows = [r for r in focus if r["policy"] == name]
+        t_max = rows[-1]["T"]
+        # x: token position (what the slot covers), y: step; colour: level of the entry covering it
+        img = np.full((len(rows), t_max), np.nan)
+        for y, r in enumerate(rows):
+            starts = np.asarray(r["starts"] + [r["T"]])
+            for lv, a, b in zip(r["levels"], starts[:-1], starts[1:], strict=True):
+                img[y, a:b] = lv
+        ax.imshow(img, aspect="auto", interpolation="nearest", cmap="viridis_r", vmin=0, vmax=max(2, np.nanmax(img)))
+        ax.set_ylabel(name, rotation=0, ha="right", fontsize=8)
+        ax.set_yticks([])
+    axes[-1, 0].set_xlabel("token position (colour: level of the entry covering it; yellow = L0)")
+    fig.suptitle("Focus over one held-out document (rows = refocus steps)")
+    fig.tight_layout()
+    path = out / "focus_heatmap.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def draw_all(run_dir: str | Path) -> list[Path]:
+    run = Path(run_dir)
+    out = run / "plots"
+    out.mkdir(exist_ok=True)
+    paths = []
+    log = _jsonl(run / "metrics.jsonl")
+    if log:
+        paths += [training_curves(log, out), validation_metrics(log, out)]
+    if (run / "results.json").exists():
+        paths.append(policy_nll(json.loads((run / "results.json").read_text()), out))
+    focus = _jsonl(run / "focus.jsonl")
+    if focus:
+        paths.append(focus_heatmap(focus, out))
+    if not paths:
+        raise FileNotFoundError(f"{run}: no metrics.jsonl, results.json or focus.jsonl to plot")
+    return paths
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        raise SystemExit("usage: python -m analysis.plots RUN_DIR")
+    for p in draw_all(argv[0]):
+        print(p)
+
+
+if __name__ == "__main__":
+    main()
