@@ -27,7 +27,14 @@ import numpy as np
 from lensnet.train import TrainConfig
 from sim.cli import parse, to_dict
 from sim.labels import TraceArgs, generate_traces
-from sim.policies import AllCoarse, GreedyOracle, RandomScores, Recency, evaluate_policy, nll_gap_recovered
+from sim.policies import (
+    AllCoarse,
+    GreedyOracle,
+    RandomScores,
+    Recency,
+    evaluate_policy,
+    nll_gap_recovered,
+)
 from sim.tree import ConfigError
 from sim.working_context import BudgetExhausted
 from sim.world import WorldConfig
