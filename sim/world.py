@@ -54,14 +54,14 @@ class WorldConfig:
                 )
             if len(s.info) < self.tree.max_level + 1:
                 raise ConfigError(f"synthetic.info needs {self.tree.max_level + 1} levels, has {len(s.info)}")
-            doc_tokens = s.n_blocks * s.block_size
-            need = max(min_slots(t, self.tree.block_size, self.tree.max_level, self.context.tail)
-                       for t in range(self.step_tokens, doc_tokens + 1, self.step_tokens))
-            if need > self.context.w_max:
-                raise ConfigError(
-                    f"w_max={self.context.w_max} cannot hold a {doc_tokens}-token document even fully "
-                    f"collapsed (needs {need}); raise w_max or shorten the document"
-                )
+        doc_tokens = self.synthetic.n_blocks * self.tree.block_size  # document length, either world
+        need = max(min_slots(t, self.tree.block_size, self.tree.max_level, self.context.tail)
+                   for t in range(self.step_tokens, doc_tokens + 1, self.step_tokens))
+        if need > self.context.w_max:
+            raise ConfigError(
+                f"w_max={self.context.w_max} cannot hold a {doc_tokens}-token document even fully "
+                f"collapsed (needs {need}); raise w_max or shorten the document"
+            )
 
 
 class Episode:
