@@ -16,6 +16,7 @@ from sim.tree import ConfigError, TreeConfig
 from sim.working_context import ContextConfig
 from sim.world import Episode, WorldConfig
 
+EMB_BOUND = 1e6  # finite bounds (gymnasium warns on infinite ones); embeddings are O(1)
 LEVEL_COLOURS = np.array([[253, 231, 37], [33, 145, 140], [68, 1, 84], [0, 0, 0]], dtype=np.uint8)
 
 
@@ -29,10 +30,11 @@ class MegaFocusEnv(gym.Env):
     The reward is how well the refocused context predicts the next ``horizon`` tokens.
 
     ## Action Space
-    ``Box(-100, 100, (w_max,), float32)``: one signed score per slot; entries past the current
-    context length are ignored. The allocator hard-masks illegal directions (L0 never expands,
-    the top level and the recency tail never collapse). A wrong shape or NaN/inf raises
-    ``ValueError``.
+    ``Box(-1, 1, (w_max,), float32)``: one signed score per slot, multiplied by ``score_scale``
+    (nats) before the allocator sees it (so its ``tau_expand`` = 0.2 applies to the scaled value);
+    entries past the current context length are ignored. The allocator hard-masks illegal
+    directions (L0 never expands, the top level and the recency tail never collapse). A wrong
+    shape, NaN/inf or a value outside [-1, 1] raises ``ValueError``.
 
     ## Observation Space
     A ``Dict``, every array padded to ``w_max`` slots (``n_tail`` for the tail gists):
@@ -65,7 +67,7 @@ class MegaFocusEnv(gym.Env):
     Truncated by ``max_episode_steps`` (registered default 1000) through ``TimeLimit``.
 
     ## Arguments
-    ``oracle`` ("synthetic" | "lm"), ``block_size`` (32), ``max_level`` (2), ``w_max`` (256),
+    ``oracle`` ("synthetic" | "lm"), ``score_scale`` (1.0), ``block_size`` (32), ``max_level`` (2), ``w_max`` (256),
     ``step_tokens`` K (32), ``horizon`` H (64), ``tail`` R (128), ``n_tail`` (6), ``doc_blocks``
     (document length in blocks, 96), ``d_model`` (synthetic only, 64), ``lm`` ("smollm2", "tiny" or
     a model folder; for ``oracle="lm"``), ``render_mode`` ("ansi" | "rgb_array").
@@ -89,8 +91,12 @@ class MegaFocusEnv(gym.Env):
         doc_blocks: int = 96,
         d_model: int = 64,
         lm: str = "smollm2",
+        score_scale: float = 1.0,
         render_mode: str | None = None,
     ) -> None:
+        if not (np.isfinite(score_scale) and score_scale > 0):
+            raise ConfigError(f"score_scale must be a positive number, got {score_scale}")
+        self.score_scale = float(score_scale)
         if oracle not in ("synthetic", "lm"):
             raise ConfigError(f"oracle must be 'synthetic' or 'lm', got {oracle!r}")
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
@@ -116,7 +122,7 @@ class MegaFocusEnv(gym.Env):
         self.w_max, self.n_tail, self.d_model = w_max, n_tail, d_model
         big = np.iinfo(np.int64).max
         self.observation_space = spaces.Dict({
-            "embeddings": spaces.Box(-np.inf, np.inf, (w_max, d_model), np.float32),
+            "embeddings": spaces.Box(-EMB_BOUND, EMB_BOUND, (w_max, d_model), np.float32),
             "levels": spaces.Box(0, max_level, (w_max,), np.int64),
             "span_start": spaces.Box(0, big, (w_max,), np.int64),
             "span_width": spaces.Box(0, big, (w_max,), np.int64),
@@ -124,10 +130,10 @@ class MegaFocusEnv(gym.Env):
             "can_expand": spaces.MultiBinary(w_max),
             "can_collapse": spaces.MultiBinary(w_max),
             "valid_mask": spaces.MultiBinary(w_max),
-            "tail_gists": spaces.Box(-np.inf, np.inf, (n_tail, d_model), np.float32),
+            "tail_gists": spaces.Box(-EMB_BOUND, EMB_BOUND, (n_tail, d_model), np.float32),
             "tail_mask": spaces.MultiBinary(n_tail),
         })
-        self.action_space = spaces.Box(-100.0, 100.0, (w_max,), np.float32)
+        self.action_space = spaces.Box(-1.0, 1.0, (w_max,), np.float32)
         self.episode: Episode | None = None
         self.shadow: Episode | None = None  # the same document under the recency policy
 
@@ -164,8 +170,10 @@ class MegaFocusEnv(gym.Env):
             raise ValueError(f"action must have shape ({self.w_max},), got {action.shape}")
         if not np.all(np.isfinite(action)):
             raise ValueError("action must be finite (no NaN or inf)")
+        if np.any(np.abs(action) > 1.0 + 1e-6):
+            raise ValueError(f"action values must lie in [-1, 1] (scores are action * score_scale); max |a| = {np.abs(action).max()}")
         ep = self.episode
-        actions = ep.refocus(action[: len(ep.wc)].astype(np.float64))
+        actions = ep.refocus(action[: len(ep.wc)].astype(np.float64) * self.score_scale)
         Recency().apply(self.shadow)
         nll, recency_nll = ep.nll(), self.shadow.nll()
         info = {

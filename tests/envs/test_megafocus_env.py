@@ -1,0 +1,141 @@
+"""MegaFocus-v0: gymnasium's checker, registration, determinism, and invariants from observations alone."""
+
+import os
+import warnings
+
+import gymnasium
+import numpy as np
+import pytest
+from gymnasium.utils.env_checker import check_env
+
+import envs  # noqa: F401  (registers MegaFocus-v0)
+from envs.megafocus_env import MegaFocusEnv
+
+SMALL = dict(block_size=4, max_level=2, w_max=40, step_tokens=4, horizon=8, tail=8, n_tail=3, doc_blocks=60, d_model=8)
+
+
+def check_obs_invariants(obs: dict, *, w_max: int, b: int, max_level: int, tail: int) -> None:
+    """Every invariant of DESIGN §2 that the observation can show, re-derived from its arrays."""
+    valid = obs["valid_mask"].astype(bool)
+    n = int(valid.sum())
+    assert n <= w_max and np.all(valid[:n]) and not np.any(valid[n:]), "valid entries must be a prefix"  # budget
+    lv, start, width = obs["levels"][:n], obs["span_start"][:n], obs["span_width"][:n]
+    end = start + width
+    t = int(end[-1])
+    assert np.all(obs["distance_to_cursor"][:n] == t - end)
+    assert start[0] == 0 and np.all(end[:-1] == start[1:]), "contiguity"
+    assert np.all(np.diff(start) > 0), "monotonic timeline"
+    assert np.all(width == b**lv), "level consistency"
+    assert np.all(start % width == 0), "block alignment"
+    assert np.all((lv >= 0) & (lv <= max_level))
+    assert np.all(lv[end > t - tail] == 0), "recency tail"
+    assert np.array_equal(obs["can_expand"][:n].astype(bool), lv >= 1), "L0 never expands"
+    cc = obs["can_collapse"][:n].astype(bool)
+    assert not np.any(cc & (lv == max_level)), "max level never collapses"
+    assert not np.any(cc & (end > t - tail)), "nothing in the tail collapses"
+    # legal groups come in whole, aligned runs of b same-level siblings (no partial swaps)
+    i = 0
+    while i < n:
+        if cc[i]:
+            assert np.all(cc[i : i + b]) and np.all(lv[i : i + b] == lv[i]) and (start[i] // width[i]) % b == 0
+            i += b
+        else:
+            i += 1
+    for k in ("levels", "span_start", "span_width", "can_expand", "can_collapse"):
+        assert not np.any(obs[k][n:]), f"padding of {k} must be zero"
+
+
+def test_check_env_passes_without_warnings():
+    env = gymnasium.make("MegaFocus-v0", **SMALL).unwrapped  # made: carries a spec for the render check
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_env(env)
+
+
+def test_make_registered_id_and_time_limit():
+    env = gymnasium.make("MegaFocus-v0", **SMALL, max_episode_steps=5)
+    env.reset(seed=1)
+    truncated = False
+    for _ in range(5):
+        _, _, terminated, truncated, _ = env.step(env.action_space.sample())
+    assert truncated and not terminated
+    env = gymnasium.make("envs:MegaFocus-v0", **SMALL)
+    assert isinstance(env.unwrapped, MegaFocusEnv)
+
+
+def test_seeded_lockstep_determinism():
+    a, b = MegaFocusEnv(**SMALL), MegaFocusEnv(**SMALL)
+    oa, _ = a.reset(seed=42)
+    ob, _ = b.reset(seed=42)
+    a.action_space.seed(0)
+    rng = np.random.default_rng(0)
+    for _ in range(40):
+        for k in oa:
+            np.testing.assert_array_equal(oa[k], ob[k])
+        act = rng.uniform(-1, 1, size=SMALL["w_max"]).astype(np.float32)
+        oa, ra, ta, _, ia = a.step(act)
+        ob, rb, tb, _, ib = b.step(act)
+        assert ra == rb and ta == tb and ia == ib
+        if ta:
+            oa, _ = a.reset()
+            ob, _ = b.reset()
+    oc, _ = MegaFocusEnv(**SMALL).reset(seed=43)
+    assert not np.array_equal(oc["embeddings"], a.reset(seed=42)[0]["embeddings"])
+
+
+def test_long_random_action_run_keeps_every_invariant():
+    steps = 10_000 if os.environ.get("CI") else 1_500
+    env = MegaFocusEnv(**SMALL, score_scale=5.0)
+    obs, _ = env.reset(seed=0)
+    rng = np.random.default_rng(0)
+    n_expand = n_collapse = 0
+    for s in range(steps):
+        check_obs_invariants(obs, w_max=SMALL["w_max"], b=SMALL["block_size"], max_level=SMALL["max_level"], tail=SMALL["tail"])
+        scale = [0.05, 0.5, 100.0][s % 3]  # mild, strong and saturating scores
+        act = np.clip(rng.normal(scale=scale, size=SMALL["w_max"]), -1, 1).astype(np.float32)
+        obs, reward, terminated, truncated, info = env.step(act)
+        assert np.isfinite(reward) and reward == -info["nll"] and info["slots_used"] <= SMALL["w_max"]
+        n_expand += sum(a[0] == "expand" for a in info["actions"])
+        n_collapse += info["swap_count"]
+        if terminated or truncated:
+            obs, _ = env.reset()
+    assert n_expand > 100 and n_collapse > 100  # the run really moved the focus
+
+
+def test_bad_actions_raise_clear_errors():
+    env = MegaFocusEnv(**SMALL)
+    env.reset(seed=0)
+    with pytest.raises(ValueError, match="shape"):
+        env.step(np.zeros(3, dtype=np.float32))
+    bad = np.zeros(SMALL["w_max"], dtype=np.float32)
+    bad[0] = np.nan
+    with pytest.raises(ValueError, match="finite"):
+        env.step(bad)
+    with pytest.raises(ValueError, match=r"\[-1, 1\]"):
+        env.step(np.full(SMALL["w_max"], 1.5, dtype=np.float32))
+    with pytest.raises(RuntimeError, match="reset"):
+        MegaFocusEnv(**SMALL).step(np.zeros(SMALL["w_max"], dtype=np.float32))
+
+
+def test_render_modes():
+    env = MegaFocusEnv(**SMALL, render_mode="ansi")
+    env.reset(seed=0)
+    env.step(np.full(SMALL["w_max"], 1.0, dtype=np.float32))
+    text = env.render()
+    assert text.startswith("T=") and "slots=" in text
+    env = MegaFocusEnv(**SMALL, render_mode="rgb_array")
+    env.reset(seed=0)
+    img = env.render()
+    assert img.dtype == np.uint8 and img.shape == (24, 4 * SMALL["w_max"], 3) and img.any()
+    with pytest.raises(ValueError, match="render_mode"):
+        MegaFocusEnv(**SMALL, render_mode="human")
+
+
+def test_lm_oracle_variant_runs_with_tiny_lm():
+    env = MegaFocusEnv(oracle="lm", lm="tiny", block_size=4, max_level=2, w_max=40, step_tokens=4, horizon=8,
+                       tail=8, n_tail=3, doc_blocks=20)
+    obs, _ = env.reset(seed=0)
+    assert obs["embeddings"].shape == (40, 64)
+    for _ in range(5):
+        obs, reward, terminated, _, info = env.step(np.full(40, 1.0, dtype=np.float32))
+        assert np.isfinite(reward) and np.isfinite(info["recency_nll"])
