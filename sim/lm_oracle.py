@@ -17,6 +17,7 @@ head, so logits never take (batch x length x vocab) memory.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 
 import numpy as np
@@ -40,6 +41,9 @@ class LMOracle:
         self.max_positions = int(getattr(model.config, "max_position_embeddings", 1 << 30))
         self.batch_size = batch_size
         self.fast = fast
+        # transformers >= 5.2x calls the KV cache ``cache``; earlier releases ``past_key_values``
+        params = inspect.signature(self.decoder.forward).parameters
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
         self.positions_recomputed = 0  # positions run through the LM (benchmark accounting)
 
     @torch.no_grad()
@@ -53,8 +57,8 @@ class LMOracle:
              pick: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Mean CE over the H picked positions per row. embeds (B, L, d); pick/targets (B, H)."""
         self.positions_recomputed += int(embeds.shape[0] * embeds.shape[1])
-        out = self.decoder(inputs_embeds=embeds, position_ids=positions, cache=cache, use_cache=False,
-                           attention_mask=_full_mask(embeds, cache))
+        out = self.decoder(inputs_embeds=embeds, position_ids=positions, use_cache=False,
+                           attention_mask=_full_mask(embeds, cache), **{self._cache_kw: cache})
         hidden = out.last_hidden_state  # (B, L, d)
         h = torch.gather(hidden, 1, pick[:, :, None].expand(-1, -1, hidden.shape[-1]))  # (B, H, d)
         logits = self.head(h).float()  # (B, H, V)
@@ -118,7 +122,8 @@ class LMOracle:
         pos = torch.as_tensor(base.position_ids, device=self.device)[None]
         self.positions_recomputed += int(emb.shape[1])
         out = self.decoder(inputs_embeds=emb, position_ids=pos, use_cache=True, attention_mask=_full_mask(emb, None))
-        kv = [(layer.keys, layer.values) for layer in out.cache.layers]
+        cache = out.cache if hasattr(out, "cache") else out.past_key_values
+        kv = [(layer.keys, layer.values) for layer in cache.layers]
         # Order by edit position and batch neighbours: a batch shares the prefix before its
         # earliest edit, so batches stay full (CPU throughput needs batching) at the cost of
         # recomputing a few positions that a per-edit-position group would have reused.

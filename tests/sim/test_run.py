@@ -1,4 +1,4 @@
-"""The main job and its dataclass CLI: help from field docstrings, validation, a small end-to-end run."""
+"""The main job: dataclass CLI (help from field docstrings, validation) and a small end-to-end study."""
 
 import json
 import subprocess
@@ -8,39 +8,59 @@ import pytest
 
 from sim.cli import field_docs, parse
 from sim.run import RunArgs, run
+from sim.synthetic import SyntheticConfig
 from sim.tree import TreeConfig
 
 
 def test_help_comes_from_field_docstrings():
-    docs = field_docs(TreeConfig)
-    assert docs["block_size"].startswith("b: children per node")
+    assert field_docs(TreeConfig)["block_size"].startswith("b: children per node")
     out = subprocess.run([sys.executable, "-m", "sim.run", "--help"], capture_output=True, text=True, check=True)
-    assert "--context.w-max" in out.stdout and "W_max: maximum number of entries" in out.stdout
-    for f in ("--seed", "--tree.block-size", "--allocator.n-diff", "--context.position-mode"):
-        assert f in out.stdout
+    assert "W_max: maximum number of entries" in out.stdout
+    for flag in ("--seed", "--out", "--world.tree.block-size", "--world.context.w-max", "--world.allocator.n-diff",
+                 "--train.lr", "--train.betas", "--train-docs", "--eval-docs"):
+        assert flag in out.stdout, flag
 
 
 def test_nested_defaults_and_overrides():
     args = parse(RunArgs, [])
-    assert args.context.w_max == 256 and args.tree.block_size == 32
-    args = parse(RunArgs, ["--tree.block-size", "4", "--context.w-max", "40", "--allocator.n-diff", "2"])
-    assert (args.tree.block_size, args.context.w_max, args.allocator.n_diff) == (4, 40, 2)
+    assert args.world.context.w_max == 256 and args.world.tree.block_size == 32 and args.train.total_steps == 1500
+    args = parse(RunArgs, ["--world.tree.block-size", "4", "--world.synthetic.block-size", "4", "--world.context.w-max",
+                           "400", "--train.betas", "0.8", "0.9", "--world.allocator.n-diff", "2"])
+    assert (args.world.tree.block_size, args.train.betas, args.world.allocator.n_diff) == (4, (0.8, 0.9), 2)
     with pytest.raises(SystemExit):
-        parse(RunArgs, ["--tree.block-size", "1"])  # refused by TreeConfig.__post_init__
+        parse(RunArgs, ["--world.tree.block-size", "1"])  # refused by TreeConfig.__post_init__
 
 
-def test_small_run_end_to_end(tmp_path, capsys):
-    args = parse(RunArgs, ["--n-tokens", "600", "--tree.block-size", "4", "--tree.max-level", "3", "--context.w-max", "40",
-                           "--context.tail", "8", "--print-every", "5", "--out", str(tmp_path)])
-    summary = run(args)
-    assert summary["invariant_checks"] == summary["steps"] == -(-600 // 32)
-    assert summary["final_slots"] <= 40 and sum(summary["final_levels"]) == summary["final_slots"]
-    assert summary["expand"] > 0 and summary["budget_collapses"] > 0
-    saved = json.loads((tmp_path / "summary.json").read_text())
-    assert saved["config"]["context"]["w_max"] == 40
-    assert "all invariants held" in capsys.readouterr().out
+def small_study_argv(out) -> list[str]:
+    s = SyntheticConfig()
+    return ["--out", str(out), "--train-docs", "3", "--eval-docs", "2", "--preset", "tiny", "--no-progress",
+            "--world.tree.block-size", "4", "--world.tree.d-model", "8", "--world.synthetic.block-size", "4",
+            "--world.synthetic.d-model", "8", "--world.synthetic.n-blocks", "40", "--world.synthetic.recent-window", "6",
+            "--world.synthetic.n-recent", "3", "--world.step-tokens", "4", "--world.horizon", "8", "--world.n-tail", "3",
+            "--world.warmup-tokens", "16", "--world.context.w-max", "40", "--world.context.tail", "8",
+            "--train.total-steps", "40", "--train.eval-every", "20", "--train.warmup-steps", "5",
+            "--train.ckpt-every", "40", f"--world.synthetic.base-nll={s.base_nll}"]
 
 
-def test_bad_budget_exits_with_clear_message():
-    out = subprocess.run([sys.executable, "-m", "sim.run", "--context.w-max", "64"], capture_output=True, text=True)
-    assert out.returncode == 1 and "cannot hold the L0 tail" in out.stderr and "Traceback" not in out.stderr
+def test_small_study_end_to_end(tmp_path, capsys):
+    results = run(parse(RunArgs, small_study_argv(tmp_path)))
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved == json.loads(json.dumps(results))
+    pol = saved["policies"]
+    assert set(pol) == {"lensnet", "recency", "random", "all_coarse", "oracle"}
+    assert pol["oracle"]["ngr"] == 1.0 and pol["recency"]["ngr"] == 0.0
+    assert pol["oracle"]["nll"] <= pol["recency"]["nll"] <= pol["all_coarse"]["nll"]  # exact greedy beats doing nothing
+    for r in pol.values():
+        assert r["max_slots"] <= 40 and r["steps"] > 0
+    assert saved["lensnet_metrics"]["legality_compliance"] == 1.0
+    for f in ("config.json", "command.txt", "versions.json", "metrics.jsonl", "latest.pt", "focus.jsonl",
+              "plots/policy_nll.png", "plots/training_curves.png", "plots/focus_heatmap.png", "plots/validation_metrics.png"):
+        assert (tmp_path / f).exists(), f
+    printed = capsys.readouterr().out
+    assert "lensnet" in printed and "NGR" in printed
+
+
+def test_bad_budget_exits_with_clear_message(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "sim.run", "--world.context.w-max", "150", "--out", str(tmp_path)],
+                         capture_output=True, text=True)
+    assert out.returncode == 2 and "w_max=150" in out.stderr and "Traceback" not in out.stderr
