@@ -83,13 +83,14 @@ class _PairSoftplusSum(torch.autograd.Function):
         inv = torch.exp((centre - pred[:, :n]).clamp(max=_MAX_SPREAD))  # b_i, (B, N)
         kf, rankf = k.to(dtype), rank.to(dtype)
         total = pred.new_zeros((), dtype=torch.float64)
-        grad = torch.zeros(b, n, dtype=dtype) if want_grad else None
+        dev = pred.device
+        grad = torch.zeros(b, n, dtype=dtype, device=dev) if want_grad else None
         chunk = max(1, _CHUNK_PAIRS // (n * n))
         n2 = pred.shape[1]
         # Work buffers allocated once and reused by every chunk (fresh large tensors cost page faults).
-        m_buf = torch.empty(chunk, n, n2, dtype=dtype)
-        t_buf = torch.empty(chunk, n, n2, dtype=dtype)
-        q_buf = torch.empty(chunk, n, n2 // 2, dtype=dtype)
+        m_buf = torch.empty(chunk, n, n2, dtype=dtype, device=dev)
+        t_buf = torch.empty(chunk, n, n2, dtype=dtype, device=dev)
+        q_buf = torch.empty(chunk, n, n2 // 2, dtype=dtype, device=dev)
         for s0 in range(0, b, chunk):  # chunks of whole snapshots; everything inside is batched
             s1 = min(s0 + chunk, b)
             m, t, q = m_buf[: s1 - s0], t_buf[: s1 - s0], q_buf[: s1 - s0]

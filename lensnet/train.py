@@ -200,7 +200,7 @@ class Trainer:
         self.step, self.best = ckpt["step"], ckpt["best"]
         torch.set_rng_state(ckpt["torch_rng"].cpu())
         if ckpt.get("cuda_rng") is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(ckpt["cuda_rng"])
+            torch.cuda.set_rng_state_all([s.cpu() for s in ckpt["cuda_rng"]])  # map_location moved them
 
     # ------------------------------------------------------------------------------ loop
     def _batch_indices(self, step: int) -> np.ndarray:
