@@ -19,7 +19,7 @@ from sim.traces import ENTRY_KEYS, SNAPSHOT_KEYS, TraceReader
 
 # Per-entry keys the model and the loss read (others stay on disk for analysis).
 MODEL_ENTRY_KEYS = ("embeddings", "levels", "span_width", "distance_to_cursor", "target_utilities",
-                    "action_mask", "expand_cost", "collapse_refund")
+                    "action_mask", "expand_cost", "collapse_refund", "group_id")
 TAIL_KEYS = ("tail_gists", "tail_levels", "tail_mask")
 
 
@@ -74,14 +74,15 @@ class TraceDataset(Dataset):
 
 
 def collate(items: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
-    """Pad per-entry arrays to the longest snapshot; adds ``valid_mask``. Padding is all zeros."""
+    """Pad per-entry arrays to the longest snapshot; adds ``valid_mask``. Padding is zeros (-1 for
+    ``group_id``, so padding never joins a group)."""
     b = len(items)
     n = max(it["levels"].shape[0] for it in items)
     out: dict[str, torch.Tensor] = {}
     for k in MODEL_ENTRY_KEYS:
         first = items[0][k]
         dtype = ENTRY_KEYS[k][0]
-        arr = np.zeros((b, n, *first.shape[1:]), dtype=dtype)
+        arr = np.full((b, n, *first.shape[1:]), -1 if k == "group_id" else 0, dtype=dtype)  # -1: no group
         for s, it in enumerate(items):
             arr[s, : it[k].shape[0]] = it[k]  # casts to the trace dtype
         out[k] = torch.from_numpy(arr)

@@ -17,7 +17,7 @@ def arrays_to_item(arr: ContextArrays) -> dict:
     item = {
         "embeddings": arr.embeddings, "levels": arr.levels, "span_width": arr.span_width,
         "distance_to_cursor": arr.distance_to_cursor, "expand_cost": arr.expand_cost,
-        "collapse_refund": arr.collapse_refund, "target_utilities": torch.zeros(n).numpy(),
+        "collapse_refund": arr.collapse_refund, "group_id": arr.group_id, "target_utilities": torch.zeros(n).numpy(),
         "action_mask": torch.zeros(n, dtype=torch.bool).numpy(),
         "tail_gists": arr.tail_gists, "tail_levels": arr.tail_levels, "tail_mask": arr.tail_mask,
     }

@@ -1,9 +1,12 @@
 """The synthetic world (DESIGN.md §6): documents whose right focus is known exactly, and its oracle.
 
-A document is a run of L1 blocks. Block j has a random unit *key*; its tokens' embeddings carry
-that key (so its gist does too), plus a *cue*: the keys of the blocks that the next two blocks
-(the query window after a cursor at the end of block j) refer to — so the tail gists show what is
-about to be needed. Each block q refers to a few earlier blocks r (mostly recent, some far) with
+A document is a run of L1 blocks. Block j has a *key* (orthonormal across the document's blocks
+when d_model/2 allows, random unit vectors otherwise). Its tokens' embeddings carry that key in
+their first half (so its gist does too) and, in their second half, a *cue*: the sum of the keys of
+the blocks that the next two blocks (the query window after a cursor at the end of block j) refer
+to — so the tail gists show what is about to be needed. Two halves keep "block r is needed" an
+exact bilinear match (key half of a context gist against cue half of a tail gist) instead of a
+plain similarity that would also fire between blocks sharing upcoming references. Each block q refers to a few earlier blocks r (mostly recent, some far) with
 weights w. The NLL of a query token in block q is
 
     base - sum_{r in refs(q)} w_r * info[level at which block r stands]  - recency
@@ -29,11 +32,11 @@ from sim.working_context import ContextArrays, WorkingContext
 class SyntheticConfig:
     """Generator and NLL of the synthetic world."""
 
-    d_model: int = 64
+    d_model: int = 128
     """Embedding width."""
     block_size: int = 32
     """Tokens per block (= the tree's b)."""
-    n_blocks: int = 96
+    n_blocks: int = 64
     """Blocks per document (tokens = n_blocks * block_size)."""
     refs_min: int = 1
     """Fewest earlier blocks a block refers to."""
@@ -48,8 +51,12 @@ class SyntheticConfig:
     key_scale: float = 1.0
     """Weight of the block's own key in its tokens."""
     cue_scale: float = 1.0
-    """Weight of the cue (mean key of the upcoming references) in its tokens."""
-    noise: float = 0.5
+    """Weight of each upcoming reference's key in the cue half of the cue block's tokens."""
+    weight_min: float = 1.0
+    """References weigh uniformly in [weight_min, weight_max] (nats per unit of info)."""
+    weight_max: float = 2.0
+    """See weight_min."""
+    noise: float = 0.15
     """Per-token Gaussian noise std."""
     info: tuple[float, ...] = (1.0, 0.6, 0.25)
     """info[level]: how much of a reference a block standing at that level serves."""
@@ -70,6 +77,10 @@ class SyntheticConfig:
         info = np.asarray(self.info)
         if info.ndim != 1 or len(info) < 2 or np.any(np.diff(info) >= 0) or info[-1] <= 0:
             raise ConfigError(f"info must be strictly decreasing and positive, got {self.info}")
+        if self.d_model < 2 or self.d_model % 2:
+            raise ConfigError(f"d_model must be even (key half + cue half), got {self.d_model}")
+        if not 0 < self.weight_min <= self.weight_max:
+            raise ConfigError("need 0 < weight_min <= weight_max")
         if not 0.0 <= self.p_far <= 1.0:
             raise ConfigError(f"p_far must be in [0, 1], got {self.p_far}")
 
@@ -93,12 +104,17 @@ class SyntheticDocument:
 def generate_document(config: SyntheticConfig, rng: np.random.Generator) -> SyntheticDocument:
     """A seeded document (all randomness from ``rng``)."""
     c = config
-    keys = rng.normal(size=(c.n_blocks, c.d_model))
-    keys /= np.linalg.norm(keys, axis=1, keepdims=True)
+    k_dim = c.d_model // 2
+    if c.n_blocks <= k_dim:  # orthonormal keys: a reference matches exactly, others not at all
+        q, _ = np.linalg.qr(rng.normal(size=(k_dim, k_dim)))
+        keys = q[: c.n_blocks]
+    else:
+        keys = rng.normal(size=(c.n_blocks, k_dim))
+        keys /= np.linalg.norm(keys, axis=1, keepdims=True)
     refs: list[np.ndarray] = []
     weights: list[np.ndarray] = []
-    for q in range(c.n_blocks):
-        hi = q - c.gap + 1  # references fall in [0, hi)
+    for q_block in range(c.n_blocks):
+        hi = q_block - c.gap + 1  # references fall in [0, hi)
         if hi <= 0:
             refs.append(np.zeros(0, dtype=np.int64))
             weights.append(np.zeros(0))
@@ -106,16 +122,17 @@ def generate_document(config: SyntheticConfig, rng: np.random.Generator) -> Synt
         k = int(rng.integers(c.refs_min, c.refs_max + 1))
         far = rng.random(k) < c.p_far
         lo_recent = max(0, hi - c.recent_window)
-        picks = np.where(far, rng.integers(0, hi, k), rng.integers(lo_recent, hi, k))
-        picks = np.unique(picks)
+        picks = np.unique(np.where(far, rng.integers(0, hi, k), rng.integers(lo_recent, hi, k)))
         refs.append(picks.astype(np.int64))
-        weights.append(rng.uniform(0.5, 1.5, picks.size))
-    emb = np.empty((c.n_blocks, c.block_size, c.d_model))
+        weights.append(rng.uniform(c.weight_min, c.weight_max, picks.size))
+    emb = np.zeros((c.n_blocks, c.block_size, c.d_model))
     for j in range(c.n_blocks):
         upcoming = [refs[q] for q in (j + 1, j + 2) if q < c.n_blocks]
         cue_blocks = np.unique(np.concatenate(upcoming)) if upcoming else np.zeros(0, dtype=np.int64)
-        cue = keys[cue_blocks].mean(0) if cue_blocks.size else np.zeros(c.d_model)
-        emb[j] = c.key_scale * keys[j] + c.cue_scale * cue + c.noise * rng.normal(size=(c.block_size, c.d_model))
+        emb[j, :, :k_dim] = c.key_scale * keys[j]  # what this block is
+        if cue_blocks.size:
+            emb[j, :, k_dim : 2 * k_dim] = c.cue_scale * keys[cue_blocks].sum(0)  # what comes next needs
+    emb += c.noise * rng.normal(size=emb.shape)
     ids = rng.integers(0, c.vocab_size, c.n_blocks * c.block_size)
     return SyntheticDocument(ids, emb.reshape(-1, c.d_model).astype(np.float32), keys, refs, weights, c)
 

@@ -35,7 +35,7 @@ class WorldConfig:
     """Tail gists given to LensNet."""
     warmup_tokens: int = 256
     """No refocus (or label) until this many tokens are in."""
-    tree: TreeConfig = field(default_factory=lambda: TreeConfig(block_size=32, max_level=2, d_model=64))
+    tree: TreeConfig = field(default_factory=lambda: TreeConfig(block_size=32, max_level=2, d_model=128))
     context: ContextConfig = field(default_factory=lambda: ContextConfig(w_max=256, tail=128))
     allocator: AllocatorConfig = field(default_factory=AllocatorConfig)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)

@@ -78,3 +78,31 @@ def test_bad_inputs_and_config():
 def test_seed_config_parameter_count():
     m = LensNet(LensNetConfig(d_model=576))
     assert 1_000_000 < m.n_params() < 20_000_000
+
+
+def test_group_mean_matches_a_loop():
+    from lensnet.model import group_mean
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 7, 4, generator=g)
+    gid = torch.tensor([[0, 0, 2, 2, -1, 5, 5], [-1, -1, -1, -1, -1, -1, -1], [1, 1, 1, 3, 3, 3, -1]])
+    got = group_mean(x, gid)
+    for b in range(3):
+        for i in range(7):
+            if gid[b, i] < 0:
+                assert torch.all(got[b, i] == 0)
+            else:
+                members = gid[b] == gid[b, i]
+                torch.testing.assert_close(got[b, i], x[b, members].mean(0))
+
+
+def test_group_members_share_information():
+    """A change in one member's embedding reaches its siblings' scores, not other groups'."""
+    b = _batch(ns=(8,))
+    b["group_id"][0] = torch.tensor([0, 0, 0, 0, 4, 4, 4, 4])
+    b["tail_mask"][:] = False  # no route through the tail gists
+    m = _model()
+    before = m(b)[0].clone()
+    b["embeddings"][0, 0] += 2.0
+    after = m(b)[0]
+    assert not torch.allclose(before[1:4], after[1:4])
