@@ -19,17 +19,10 @@ import torch
 from benchmarks.common import write_results
 from sim.allocator import FocusAllocator
 from sim.labels import counterfactual_contexts
-from sim.lm import load_lm
+from sim.lm import load_lm, pydoc_token_ids
 from sim.lm_oracle import LMOracle
 from sim.tree import MegaContextTree, TreeConfig
 from sim.working_context import ContextConfig, WorkingContext
-
-
-def pydoc_token_ids(tok, n: int) -> np.ndarray:
-    import pydoc_data.topics as topics
-
-    text = "\n".join(topics.topics[k] for k in sorted(topics.topics))
-    return np.asarray(tok(text[: 12 * n]).input_ids[:n])
 
 
 def plain_tokens_per_s(oracle: LMOracle, length: int, batch: int, repeats: int = 3) -> float:
@@ -60,7 +53,7 @@ def main() -> None:
     for w in a.widths:
         tail = min(128, w // 2)
         t = 8 * w
-        ids = pydoc_token_ids(tok, t + a.horizon)
+        ids = pydoc_token_ids(tok)[: t + a.horizon]
         fast = LMOracle(model, batch_size=a.batch_size, fast=True)
         naive = LMOracle(model, batch_size=a.batch_size, fast=False)
         tree = MegaContextTree(TreeConfig(block_size=32, max_level=2, d_model=fast.d_model))

@@ -9,6 +9,7 @@ import numpy as np
 from gymnasium import spaces
 
 from sim.allocator import AllocatorConfig
+from sim.lm import pydoc_token_ids
 from sim.lm_oracle import LMOracle
 from sim.policies import Recency
 from sim.synthetic import SyntheticConfig, SyntheticOracle, generate_document
@@ -146,7 +147,7 @@ class MegaFocusEnv(gym.Env):
             return doc.token_ids, doc.embeddings, SyntheticOracle(doc)
         assert self._lm_oracle is not None
         if self._tokenizer is not None:  # a window of real English (pydoc topics) at a random offset
-            ids = _pydoc_ids(self._tokenizer)
+            ids = pydoc_token_ids(self._tokenizer)
             start = int(rng.integers(0, len(ids) - n_tokens))
             ids = ids[start : start + n_tokens]
         else:  # the tiny test LM has no tokenizer: random ids
@@ -223,17 +224,3 @@ class MegaFocusEnv(gym.Env):
         colours = LEVEL_COLOURS[np.minimum(wc.levels, len(LEVEL_COLOURS) - 1)]
         strip[:, : 4 * len(wc)] = np.repeat(colours, 4, axis=0)[None]
         return strip
-
-
-_PYDOC_IDS: dict[int, np.ndarray] = {}
-
-
-def _pydoc_ids(tokenizer) -> np.ndarray:
-    """Python's own pydoc topics, tokenised once (real English that ships with Python)."""
-    key = id(tokenizer)
-    if key not in _PYDOC_IDS:
-        import pydoc_data.topics as topics
-
-        text = "\n\n".join(topics.topics[k] for k in sorted(topics.topics))
-        _PYDOC_IDS[key] = np.asarray(tokenizer(text).input_ids)
-    return _PYDOC_IDS[key]

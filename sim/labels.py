@@ -5,13 +5,14 @@ every single expand and every sibling-group collapse (each ignoring the budget, 
 time), and returns the trace record: gains g, costs c, the signed target
 ``y = g [can expand] - c [group can collapse]``, the action mask, the exact slot costs the allocator
 uses (c+ = b - 1, c- = (b - 1) / b), and LensNet's input features with the tail gists.
-``python -m sim.labels`` streams synthetic documents and writes labelled traces (``--shard i/n``
+``python -m sim.labels`` streams documents (synthetic, or real text with ``--world.env lm``) and
+writes labelled traces (``--shard i/n``
 splits the documents between processes; a rerun resumes after the last complete shard).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,7 @@ from sim.oracle import NLLOracle
 from sim.traces import TraceReader, TraceWriter
 from sim.tree import ConfigError
 from sim.working_context import ContextArrays, WorkingContext
-from sim.world import WorldConfig, synthetic_episode
+from sim.world import WorldConfig, lm_episode, synthetic_episode
 
 
 def counterfactual_contexts(wc: WorkingContext, n_tail: int = 6) -> tuple[ContextArrays, list[tuple[str, int, ContextArrays]]]:
@@ -120,6 +121,8 @@ class TraceArgs:
     """Std of the random scores that move the focus between snapshots (diverse contexts)."""
     progress: bool = True
     """Show a progress bar."""
+    lm: str = "smollm2"
+    """With --world.env lm: 'smollm2', 'tiny' (random-init test LM) or a local model folder."""
     world: WorldConfig = field(default_factory=WorldConfig)
 
 
@@ -135,20 +138,30 @@ def parse_shard(shard: str) -> tuple[int, int]:
 
 def generate_traces(args: TraceArgs) -> Path:
     """Stream documents, label snapshots, write shards (resuming a crashed run); returns the directory."""
-    if args.world.env != "synthetic":
-        raise ValueError("trace generation here covers the synthetic world (--world.env synthetic)")
     i, n = parse_shard(args.shard)
     out = Path(args.out) if n == 1 else Path(args.out) / f"part-{i}-of-{n}"
     w = args.world
+    oracle_meta: dict = {"kind": "synthetic"}
+    if w.env == "lm":  # real text, real LM; the tree takes the LM's width (mean-pool gists: a baseline)
+        from sim.lm import load_lm
+        from sim.lm_oracle import LMOracle
+
+        model, tokenizer = load_lm(args.lm)
+        lm_oracle = LMOracle(model)
+        w = replace(w, tree=replace(w.tree, d_model=lm_oracle.d_model))
+        oracle_meta = {"kind": "lm", "lm": args.lm, "model": type(model).__name__, "gister": "mean"}
     meta = {"d_model": w.tree.d_model, "n_tail": w.n_tail, "block_size": w.tree.block_size,
-            "max_level": w.tree.max_level, "world": to_dict(w), "seed": args.seed, "oracle": {"kind": "synthetic"},
+            "max_level": w.tree.max_level, "world": to_dict(w), "seed": args.seed, "oracle": oracle_meta,
             "docs": [args.first_doc, args.first_doc + args.n_docs], "shard": args.shard,
             "snapshot_every": args.snapshot_every, "behaviour_scale": args.behaviour_scale}
     writer = TraceWriter(out, meta, shard_size=args.shard_size)
     skip, seen = writer.n_done, 0
     docs = [d for d in range(args.first_doc, args.first_doc + args.n_docs) if d % n == i]
     for doc_id in tqdm(docs, desc=f"label {out.name}", disable=not args.progress):
-        ep, _ = synthetic_episode(w, doc_id, args.seed)
+        if w.env == "lm":
+            ep = lm_episode(w, doc_id, args.seed, lm_oracle, tokenizer)
+        else:
+            ep, _ = synthetic_episode(w, doc_id, args.seed)
         rng = np.random.default_rng([args.seed, doc_id, 1])
         step = 0
         while ep.n_doc_tokens - ep.wc.n_tokens > 0:

