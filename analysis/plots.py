@@ -23,6 +23,13 @@ def _jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def training_curves(log: list[dict], out: Path) -> Path:
     fig, ax = plt.subplots(figsize=(7, 4))
     steps = [r["step"] for r in log]
@@ -37,11 +44,7 @@ def training_curves(log: list[dict], out: Path) -> Path:
     ax.set_ylabel("loss (running mean)")
     ax.set_title("LensNet training loss by term")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = out / "training_curves.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, out / "training_curves.png")
 
 
 def validation_metrics(log: list[dict], out: Path) -> Path:
@@ -56,11 +59,7 @@ def validation_metrics(log: list[dict], out: Path) -> Path:
     ax.set_ylim(-0.05, 1.05)
     ax.set_title("Validation metrics")
     ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    path = out / "validation_metrics.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, out / "validation_metrics.png")
 
 
 def policy_nll(results: dict, out: Path) -> Path:
@@ -77,11 +76,7 @@ def policy_nll(results: dict, out: Path) -> Path:
     ax.set_ylim(lo - 0.1 * (hi - lo + 1e-9), hi + 0.1 * (hi - lo + 1e-9))
     ax.set_ylabel("mean NLL of the next H tokens")
     ax.set_title(f"Held-out NLL per policy (W_max={results['w_max']}, seed {results['seed']}); dots = documents")
-    fig.tight_layout()
-    path = out / "policy_nll.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, out / "policy_nll.png")
 
 
 def focus_heatmap(focus: list[dict], out: Path) -> Path:
@@ -101,11 +96,7 @@ def focus_heatmap(focus: list[dict], out: Path) -> Path:
         ax.set_yticks([])
     axes[-1, 0].set_xlabel("token position (colour: level of the entry covering it; yellow = L0)")
     fig.suptitle("Focus over one held-out document (rows = refocus steps)")
-    fig.tight_layout()
-    path = out / "focus_heatmap.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, out / "focus_heatmap.png")
 
 
 def draw_all(run_dir: str | Path) -> list[Path]:
