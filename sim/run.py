@@ -71,13 +71,20 @@ class RunArgs:
 
 
 def versions() -> dict:
-    import gymnasium
+    import importlib.metadata as md
+
     import torch
-    import transformers
+
+    def version(name: str) -> str | None:
+        try:
+            return md.version(name)
+        except md.PackageNotFoundError:
+            return None
 
     return {"python": platform.python_version(), "numpy": np.__version__, "torch": torch.__version__,
-            "transformers": transformers.__version__, "gymnasium": gymnasium.__version__,
-            "machine": platform.machine(), "platform": platform.platform(), "cuda": torch.cuda.is_available()}
+            "transformers": version("transformers"), "gymnasium": version("gymnasium"),
+            "machine": platform.machine(), "platform": platform.platform(),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
 def format_table(results: dict) -> str:

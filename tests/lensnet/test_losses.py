@@ -47,7 +47,7 @@ def test_each_term_matches_reference(args):
         value = fast(p, *fast_args)
         value.backward()
         want, want_grad = slow(pred.tolist(), *slow_args)
-        assert float(value) == pytest.approx(want, abs=1e-5, rel=1e-5)
+        assert value.item() == pytest.approx(want, abs=1e-5, rel=1e-5)
         torch.testing.assert_close(p.grad, torch.tensor(want_grad, dtype=p.dtype), atol=1e-5, rtol=1e-5)
 
 
