@@ -69,7 +69,7 @@ def test_pairs_never_cross_snapshots():
     pred = torch.tensor([[0.0], [5.0]], requires_grad=True)
     y = torch.tensor([[1.0], [-1.0]])
     m = torch.ones(2, 1, dtype=torch.bool)
-    assert float(ranking_loss(pred, y, m)) == 0.0
+    assert ranking_loss(pred, y, m).item() == 0.0
     y2 = torch.tensor([[1.0, -1.0]])
     loss = ranking_loss(torch.tensor([[0.0, 0.0]]), y2, torch.ones(1, 2, dtype=torch.bool))
     assert float(loss) == pytest.approx(math.log(2))
