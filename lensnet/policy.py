@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from lensnet.data import MODEL_ENTRY_KEYS, collate
@@ -17,8 +18,8 @@ def arrays_to_item(arr: ContextArrays) -> dict:
     item = {
         "embeddings": arr.embeddings, "levels": arr.levels, "span_width": arr.span_width,
         "distance_to_cursor": arr.distance_to_cursor, "expand_cost": arr.expand_cost,
-        "collapse_refund": arr.collapse_refund, "group_id": arr.group_id, "target_utilities": torch.zeros(n).numpy(),
-        "action_mask": torch.zeros(n, dtype=torch.bool).numpy(),
+        "collapse_refund": arr.collapse_refund, "group_id": arr.group_id, "target_utilities": np.zeros(n, dtype=np.float32),
+        "action_mask": np.zeros(n, dtype=bool),
         "tail_gists": arr.tail_gists, "tail_levels": arr.tail_levels, "tail_mask": arr.tail_mask,
     }
     assert set(MODEL_ENTRY_KEYS) <= set(item), "item lacks a model key"

@@ -76,7 +76,6 @@ class Episode:
         self.tree = MegaContextTree(config.tree, gister=gister, reserve_tokens=len(token_ids))
         self.wc = WorkingContext(self.tree, config.context)
         self.allocator = FocusAllocator(config.allocator)
-        self.steps = 0
 
     @property
     def n_doc_tokens(self) -> int:
@@ -95,7 +94,6 @@ class Episode:
             raise ValueError("the document is exhausted")
         self.tree.ingest(self.token_ids[t : t + k], self.embeddings[t : t + k])
         self.wc.append_tokens(k)
-        self.steps += 1
         return self.allocator.enforce_budget(self.wc)
 
     def query(self) -> tuple[np.ndarray, int]:
