@@ -105,7 +105,7 @@ def test_smollm2_alignment_and_fast_path(smollm2):
     roomy = WorkingContext(wc.tree, ContextConfig(w_max=t, tail=16))
     roomy.append_tokens(t)
     # 1e-4 here (1e-5 with the tiny LM): the oracle runs the 49k-wide output head on the H query rows
-    # only, and fp32 GEMM over 16 rows vs 112 rows accumulates in a different order (measured 9e-5).
+    # only, and fp32 GEMM over 16 rows vs 112 rows accumulates in a different order (differences just under 1e-4).
     assert oracle.nll([roomy.arrays()], ids[t : t + h], t)[0] == pytest.approx(plain_nll(model, ids, t, h), abs=1e-4)
     base, variants = counterfactual_contexts(wc, 3)
     ctxs = [base, *(v for _, _, v in variants)][:12]
