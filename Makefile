@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 
 .PHONY: setup run test lint clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py megafocus-gym.pth
 	test -d $(VENV) || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	# An unpinned torch pulls a multi-GB CUDA build here: take the local CPU wheel unless torch is importable.

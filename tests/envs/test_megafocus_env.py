@@ -1,6 +1,8 @@
 """MegaFocus-v0: gymnasium's checker, registration, determinism, and invariants from observations alone."""
 
 import os
+import subprocess
+import sys
 import warnings
 
 import gymnasium
@@ -61,6 +63,22 @@ def test_make_registered_id_and_time_limit():
     assert truncated and not terminated
     env = gymnasium.make("envs:MegaFocus-v0", **SMALL)
     assert isinstance(env.unwrapped, MegaFocusEnv)
+
+
+def test_make_without_importing_envs(tmp_path):
+    """The installed megafocus-gym.pth registers MegaFocus-v0 on ``import gymnasium`` alone (a fresh
+    interpreter outside the repository, so nothing but the installed package can register it)."""
+    code = ("import sys, gymnasium; env = gymnasium.make('MegaFocus-v0', block_size=4, max_level=2, w_max=40, "
+            "step_tokens=4, horizon=8, tail=8, n_tail=3, doc_blocks=60, d_model=8); env.reset(seed=0); "
+            "print(type(env.unwrapped).__name__)")
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "MEGAFOCUS_NO_GYM_HOOK")}
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "MegaFocusEnv"
+    # and the switch really switches it off (so the test above cannot pass by accident)
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env={**env, "MEGAFOCUS_NO_GYM_HOOK": "1"},
+                         capture_output=True, text=True)
+    assert out.returncode != 0 and "NameNotFound" in out.stderr
 
 
 def test_seeded_lockstep_determinism():
