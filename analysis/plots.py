@@ -2,8 +2,10 @@
 
 Reads ``metrics.jsonl`` (training log), ``results.json`` (policy comparison) and ``focus.jsonl``
 (one held-out document's focus per policy) and writes PNGs into ``RUN_DIR/plots``: training curves
-per loss term, validation metrics over steps, NLL per policy with spread over documents, and a
-focus heat map (slots x steps, coloured by level) per policy.
+per loss term, validation metrics over steps, NLL per policy with spread over documents, the NLL gap
+to the oracle and NGR against the budget W_max (when ``results.json`` holds a budget sweep), and a
+focus heat map (token positions x steps, coloured by the level covering them; in the synthetic world
+the blocks that the next H tokens refer to are marked) per policy.
 """
 
 from __future__ import annotations
@@ -79,6 +81,34 @@ def policy_nll(results: dict, out: Path) -> Path:
     return _save(fig, out / "policy_nll.png")
 
 
+def budget_sweep(results: dict, out: Path) -> Path | None:
+    sweep = results.get("budget_sweep") or {}
+    if len(sweep) < 2:
+        return None
+    budgets = sorted(sweep, key=int)
+    xs = [int(b) for b in budgets]
+    names = list(sweep[budgets[0]])
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    for name in names:
+        style = dict(marker="o", lw=2.5 if name == "lensnet" else 1.2)
+        gap = [sweep[b][name]["nll"] - sweep[b]["oracle"]["nll"] for b in budgets]
+        ax1.plot(xs, gap, label=name, **style)
+        if name != "oracle":
+            ax2.plot(xs, [np.nan if sweep[b][name]["ngr"] is None else sweep[b][name]["ngr"] for b in budgets],
+                     label=name, **style)
+    ax1.set_xlabel("W_max (entries)")
+    ax1.set_ylabel("NLL - NLL(greedy oracle)")
+    ax1.set_title("NLL gap to the oracle vs budget")
+    ax1.legend(fontsize=8)
+    ax2.axhline(1.0, color="k", lw=0.5, ls=":")
+    ax2.axhline(0.0, color="k", lw=0.5, ls=":")
+    ax2.set_xlabel("W_max (entries)")
+    ax2.set_ylabel("NGR = (recency - policy) / (recency - oracle)")
+    ax2.set_title("NLL-gap recovered vs budget")
+    fig.suptitle(f"Held-out documents, seed {results['seed']} (LensNet trained at W_max={results['w_max']})", fontsize=9)
+    return _save(fig, out / "budget_sweep.png")
+
+
 def focus_heatmap(focus: list[dict], out: Path) -> Path:
     names = list(dict.fromkeys(r["policy"] for r in focus))
     fig, axes = plt.subplots(len(names), 1, figsize=(8, 1.6 * len(names) + 0.5), squeeze=False)
@@ -92,9 +122,16 @@ def focus_heatmap(focus: list[dict], out: Path) -> Path:
             for lv, a, b in zip(r["levels"], starts[:-1], starts[1:], strict=True):
                 img[y, a:b] = lv
         ax.imshow(img, aspect="auto", interpolation="nearest", cmap="viridis_r", vmin=0, vmax=max(2, np.nanmax(img)))
+        if any("referenced" in r for r in rows):  # synthetic world: the blocks the next H tokens need
+            pts = [(blk * r["block_size"] + r["block_size"] / 2, y) for y, r in enumerate(rows)
+                   for blk in r.get("referenced", [])]
+            if pts:
+                px, py = zip(*pts, strict=True)
+                ax.scatter(px, py, s=4, c="red", marker="s", linewidths=0)
         ax.set_ylabel(name, rotation=0, ha="right", fontsize=8)
         ax.set_yticks([])
-    axes[-1, 0].set_xlabel("token position (colour: level of the entry covering it; yellow = L0)")
+    axes[-1, 0].set_xlabel("token position (colour: level of the entry covering it; yellow = L0; "
+                           "red: blocks the next H tokens refer to)")
     fig.suptitle("Focus over one held-out document (rows = refocus steps)")
     return _save(fig, out / "focus_heatmap.png")
 
@@ -108,7 +145,10 @@ def draw_all(run_dir: str | Path) -> list[Path]:
     if log:
         paths += [training_curves(log, out), validation_metrics(log, out)]
     if (run / "results.json").exists():
-        paths.append(policy_nll(json.loads((run / "results.json").read_text()), out))
+        results = json.loads((run / "results.json").read_text())
+        paths.append(policy_nll(results, out))
+        if (p := budget_sweep(results, out)) is not None:
+            paths.append(p)
     focus = _jsonl(run / "focus.jsonl")
     if focus:
         paths.append(focus_heatmap(focus, out))

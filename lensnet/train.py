@@ -20,6 +20,7 @@ from typing import Literal
 
 import numpy as np
 import torch
+from torch import Tensor
 from tqdm.auto import tqdm
 
 from lensnet.data import AugmentConfig, TraceDataset, collate, to_device
@@ -143,34 +144,47 @@ def evaluate(model: LensNet, loss_fn: LensNetLoss, dataset: TraceDataset, batch_
     return res
 
 
-class Trainer:
-    """Trains ``model`` on ``train`` snapshots, evaluating on ``val``; writes to ``out_dir``."""
+class TrainLoop:
+    """The training loop shared by LensNet and GistNet: AdamW, warmup + cosine, clipping, periodic
+    validation, atomic checkpoints (latest, best, numbered) with exact resume, JSONL log, tqdm.
 
-    def __init__(self, model_config: LensNetConfig, config: TrainConfig, train: TraceDataset,
-                 val: TraceDataset | None, out_dir: str | Path, progress: bool = True) -> None:
-        d = train.reader.d_model
-        if d != model_config.d_model:
-            raise ConfigError(
-                f"trace {train.reader.path} has d_model={d} but the LensNet config expects "
-                f"d_model={model_config.d_model}"
-            )
-        if len(train) == 0:
-            raise ConfigError(f"trace {train.reader.path} has no training snapshots")
-        self.config, self.model_config = config, model_config
-        self.train_set, self.val_set = train, val
+    A subclass gives ``batch(step)`` (derived from ``(seed, step)`` so resume needs no data state),
+    ``loss(batch) -> (loss, {name: float})`` and ``validate() -> {"val/loss": ..., ...}`` (or {}).
+    Only parameters with ``requires_grad`` reach the optimiser (a frozen LM inside stays frozen).
+    """
+
+    desc = "train"
+
+    def __init__(self, model: torch.nn.Module, model_config: dict, config: TrainConfig, out_dir: str | Path,
+                 progress: bool = True) -> None:
+        self.config, self.model_config_dict = config, model_config
         self.out = Path(out_dir)
         self.out.mkdir(parents=True, exist_ok=True)
         self.progress = progress
-        self.device = resolve_device(config.device)
-        torch.manual_seed(config.seed)
-        self.model = LensNet(model_config).to(self.device)
-        self.loss_fn = LensNetLoss(max_level=model_config.max_level)
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=config.lr, betas=config.betas,
-                                     eps=config.eps, weight_decay=config.weight_decay)
+        self.device = next(model.parameters()).device
+        self.model = model
+        params = [p for p in model.parameters() if p.requires_grad]
+        if not params:
+            raise ConfigError("the model has no trainable parameters")
+        self.opt = torch.optim.AdamW(params, lr=config.lr, betas=config.betas, eps=config.eps,
+                                     weight_decay=config.weight_decay)
         self.sched = torch.optim.lr_scheduler.LambdaLR(
             self.opt, lambda s: lr_factor(s, config.warmup_steps, config.total_steps))
         self.step = 0
         self.best = math.inf
+
+    # ------------------------------------------------------------------------ to override
+    def batch(self, step: int):
+        raise NotImplementedError
+
+    def loss(self, batch) -> tuple[Tensor, dict[str, float]]:
+        raise NotImplementedError
+
+    def validate(self) -> dict:
+        return {}
+
+    def extra_state(self) -> dict:
+        return {}
 
     # ------------------------------------------------------------------------ checkpoints
     def state(self) -> dict:
@@ -179,7 +193,7 @@ class Trainer:
             "scheduler": self.sched.state_dict(), "step": self.step, "best": self.best,
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-            "model_config": asdict(self.model_config), "train_config": asdict(self.config),
+            "model_config": self.model_config_dict, "train_config": asdict(self.config), **self.extra_state(),
         }
 
     def save(self, name: str) -> Path:
@@ -189,7 +203,7 @@ class Trainer:
 
     def resume(self, path: str | Path) -> None:
         ckpt = load_checkpoint(path, self.device)
-        if ckpt["model_config"] != asdict(self.model_config):
+        if ckpt["model_config"] != self.model_config_dict:
             raise CheckpointError(f"{path}: model config differs from this run's")
         try:
             self.model.load_state_dict(ckpt["model"])
@@ -202,62 +216,101 @@ class Trainer:
         if ckpt.get("cuda_rng") is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all([s.cpu() for s in ckpt["cuda_rng"]])  # map_location moved them
 
-    # ------------------------------------------------------------------------------ loop
-    def _batch_indices(self, step: int) -> np.ndarray:
-        """Indices of the batch at ``step``: a seeded permutation per epoch, derived, not stored."""
-        n, bs = len(self.train_set), self.config.batch_size
-        per_epoch = max(1, n // bs)
-        epoch, pos = divmod(step, per_epoch)
-        perm = np.random.default_rng([self.config.seed, epoch]).permutation(n)
-        self.train_set.epoch = epoch
-        return perm[pos * bs : pos * bs + bs] if n >= bs else perm
-
     def _log(self, record: dict) -> None:
         with (self.out / "metrics.jsonl").open("a") as f:
             f.write(json.dumps(record) + "\n")
 
+    # ------------------------------------------------------------------------------ loop
     def train(self, until: int | None = None) -> dict:
         """Run to ``until`` (default ``total_steps``); returns the last validation metrics."""
         cfg = self.config
         until = cfg.total_steps if until is None else min(until, cfg.total_steps)
         self.model.train()
         last_eval: dict = {}
-        bar = tqdm(total=until, initial=self.step, desc="train lensnet", disable=not self.progress, leave=False)
-        t0, tokens = time.perf_counter(), 0
+        bar = tqdm(total=until, initial=self.step, desc=self.desc, disable=not self.progress, leave=False)
+        t0, n_steps = time.perf_counter(), 0
         while self.step < until:
-            idx = self._batch_indices(self.step)
-            batch = to_device(collate([self.train_set[int(i)] for i in idx]), self.device)
-            pred = self.model(batch)
-            out = self.loss_fn(pred, batch)
+            loss, terms = self.loss(self.batch(self.step))
             self.opt.zero_grad(set_to_none=True)
-            out["loss"].backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+            loss.backward()
+            params = [p for g in self.opt.param_groups for p in g["params"]]
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             self.opt.step()
             self.sched.step()
             self.step += 1
-            tokens += int(batch["valid_mask"].sum())
-            record = {"step": self.step, "loss/total": out["loss"].item(), "loss/reg": out["L_reg"],
-                      "loss/rank": out["L_rank"], "loss/budget": out["L_budget"], "loss/illegal": out["L_illegal"],
-                      "opt/lr": self.sched.get_last_lr()[0], "opt/grad_norm": float(grad_norm)}
+            n_steps += 1
+            record = {"step": self.step, **terms, "opt/lr": self.sched.get_last_lr()[0], "opt/grad_norm": float(grad_norm)}
             if self.step % cfg.eval_every == 0 or self.step == until:
                 elapsed = time.perf_counter() - t0
-                record["perf/steps_per_s"] = cfg.eval_every / elapsed if elapsed > 0 else None
-                record["perf/entries_per_s"] = tokens / elapsed if elapsed > 0 else None
-                t0, tokens = time.perf_counter(), 0
-                if self.val_set is not None and len(self.val_set):
-                    last_eval = evaluate(self.model, self.loss_fn, self.val_set, cfg.batch_size, self.device)
-                    record.update(last_eval)
-                    if last_eval["val/loss"] < self.best:
-                        self.best = last_eval["val/loss"]
-                        self.save("best.pt")
+                record["perf/steps_per_s"] = n_steps / elapsed if elapsed > 0 else None
+                record.update(self.perf(elapsed))
+                t0, n_steps = time.perf_counter(), 0
+                last_eval = self.validate()
+                self.model.train()
+                record.update(last_eval)
+                if last_eval.get("val/loss") is not None and last_eval["val/loss"] < self.best:
+                    self.best = last_eval["val/loss"]
+                    self.save("best.pt")
                 self.save("latest.pt")
-                bar.set_postfix(loss=f"{out['loss'].item():.4f}", val=f"{last_eval.get('val/loss', float('nan')):.4f}")
+                bar.set_postfix(loss=f"{loss.item():.4f}", val=f"{last_eval.get('val/loss', float('nan')):.4f}")
             if self.step % cfg.ckpt_every == 0:
                 self.save(f"step-{self.step:07d}.pt")
             self._log(record)
             bar.update(1)
         bar.close()
         return last_eval
+
+    def perf(self, elapsed: float) -> dict:
+        return {}
+
+
+class Trainer(TrainLoop):
+    """Trains LensNet on ``train`` snapshots, evaluating on ``val``; writes to ``out_dir``."""
+
+    desc = "train lensnet"
+
+    def __init__(self, model_config: LensNetConfig, config: TrainConfig, train: TraceDataset,
+                 val: TraceDataset | None, out_dir: str | Path, progress: bool = True) -> None:
+        d = train.reader.d_model
+        if d != model_config.d_model:
+            raise ConfigError(
+                f"trace {train.reader.path} has d_model={d} but the LensNet config expects "
+                f"d_model={model_config.d_model}"
+            )
+        if len(train) == 0:
+            raise ConfigError(f"trace {train.reader.path} has no training snapshots")
+        self.model_config = model_config
+        self.train_set, self.val_set = train, val
+        torch.manual_seed(config.seed)
+        model = LensNet(model_config).to(resolve_device(config.device))
+        super().__init__(model, asdict(model_config), config, out_dir, progress)
+        self.loss_fn = LensNetLoss(max_level=model_config.max_level)
+        self._entries = 0
+
+    def batch(self, step: int) -> dict[str, Tensor]:
+        """The batch at ``step``: a seeded permutation per epoch, derived, not stored."""
+        n, bs = len(self.train_set), self.config.batch_size
+        per_epoch = max(1, n // bs)
+        epoch, pos = divmod(step, per_epoch)
+        perm = np.random.default_rng([self.config.seed, epoch]).permutation(n)
+        self.train_set.epoch = epoch
+        idx = perm[pos * bs : pos * bs + bs] if n >= bs else perm
+        return to_device(collate([self.train_set[int(i)] for i in idx]), self.device)
+
+    def loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
+        out = self.loss_fn(self.model(batch), batch)
+        self._entries += int(batch["valid_mask"].sum())
+        return out["loss"], {"loss/total": out["loss"].item(), "loss/reg": out["L_reg"], "loss/rank": out["L_rank"],
+                             "loss/budget": out["L_budget"], "loss/illegal": out["L_illegal"]}
+
+    def validate(self) -> dict:
+        if self.val_set is None or not len(self.val_set):
+            return {}
+        return evaluate(self.model, self.loss_fn, self.val_set, self.config.batch_size, self.device)
+
+    def perf(self, elapsed: float) -> dict:
+        entries, self._entries = self._entries, 0
+        return {"perf/entries_per_s": entries / elapsed if elapsed > 0 else None}
 
 
 def split_indices(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -70,8 +70,9 @@ def _add_fields(parser: argparse.ArgumentParser, cls: type, prefix: str, default
         if tp is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         elif typing.get_origin(tp) is tuple:
-            kinds = typing.get_args(tp)
-            kwargs["nargs"], kwargs["type"] = len(kinds), kinds[0]
+            kinds = typing.get_args(tp)  # tuple[int, ...] takes any number of values
+            kwargs["nargs"] = "*" if kinds[-1] is Ellipsis else len(kinds)
+            kwargs["type"] = kinds[0]
         elif typing.get_origin(tp) is Literal:
             kwargs["choices"] = list(typing.get_args(tp))
             kwargs["type"] = type(kwargs["choices"][0])
@@ -94,10 +95,12 @@ def _build(cls: type[T], values: dict[str, Any], prefix: str = "") -> T:
     return cls(**kwargs)
 
 
-def parse(cls: type[T], argv: list[str] | None = None, description: str | None = None) -> T:
-    """Parse ``argv`` into an instance of dataclass ``cls`` (nested dataclasses become groups)."""
+def parse(cls: type[T], argv: list[str] | None = None, description: str | None = None,
+          defaults: T | None = None) -> T:
+    """Parse ``argv`` into an instance of dataclass ``cls`` (nested dataclasses become groups);
+    ``defaults`` (an instance) replaces the class's own defaults."""
     parser = argparse.ArgumentParser(description=description or (inspect.getdoc(cls) or "").split("\n\n")[0])
-    _add_fields(parser, cls, "")
+    _add_fields(parser, cls, "", defaults)
     try:
         return _build(cls, vars(parser.parse_args(argv)))
     except ValueError as err:  # a dataclass's __post_init__ refused a value: exit 2 with usage

@@ -136,8 +136,9 @@ def parse_shard(shard: str) -> tuple[int, int]:
     return i, n
 
 
-def generate_traces(args: TraceArgs) -> Path:
-    """Stream documents, label snapshots, write shards (resuming a crashed run); returns the directory."""
+def generate_traces(args: TraceArgs, lm: tuple | None = None) -> Path:
+    """Stream documents, label snapshots, write shards (resuming a crashed run); returns the directory.
+    ``lm``: an already loaded (model, tokenizer) for ``--world.env lm`` (else ``args.lm`` is loaded)."""
     i, n = parse_shard(args.shard)
     out = Path(args.out) if n == 1 else Path(args.out) / f"part-{i}-of-{n}"
     w = args.world
@@ -146,7 +147,7 @@ def generate_traces(args: TraceArgs) -> Path:
         from sim.lm import load_lm
         from sim.lm_oracle import LMOracle
 
-        model, tokenizer = load_lm(args.lm)
+        model, tokenizer = lm if lm is not None else load_lm(args.lm)
         lm_oracle = LMOracle(model)
         w = replace(w, tree=replace(w.tree, d_model=lm_oracle.d_model))
         oracle_meta = {"kind": "lm", "lm": args.lm, "model": type(model).__name__, "gister": "mean"}

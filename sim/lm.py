@@ -121,15 +121,27 @@ def tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float32, vocab_size: in
     return model
 
 
-_PYDOC_CACHE: dict[int, np.ndarray] = {}
+_PYDOC_CACHE: dict[tuple[int, str], np.ndarray] = {}
+PYDOC_SPLITS = ("all", "train", "heldout")
 
 
-def pydoc_token_ids(tokenizer) -> np.ndarray:
-    """Python's own pydoc topics (~465k characters of English that ship with Python), tokenised once."""
-    key = id(tokenizer)
+def pydoc_topics(split: str = "all") -> list[str]:
+    """Names of Python's pydoc topics in ``split``: every 10th topic (sorted by name) is held out."""
+    import pydoc_data.topics as topics
+
+    if split not in PYDOC_SPLITS:
+        raise ValueError(f"split must be one of {PYDOC_SPLITS}, got {split!r}")
+    names = sorted(topics.topics)
+    return [n for i, n in enumerate(names) if split == "all" or (i % 10 == 9) == (split == "heldout")]
+
+
+def pydoc_token_ids(tokenizer, split: str = "all") -> np.ndarray:
+    """Python's own pydoc topics (~465k characters of English that ship with Python), tokenised once;
+    ``split`` 'train' / 'heldout' keeps the topics of that split only (no text is shared)."""
+    key = (id(tokenizer), split)
     if key not in _PYDOC_CACHE:
         import pydoc_data.topics as topics
 
-        text = "\n\n".join(topics.topics[k] for k in sorted(topics.topics))
+        text = "\n\n".join(topics.topics[k] for k in pydoc_topics(split))
         _PYDOC_CACHE[key] = np.asarray(tokenizer(text).input_ids)
     return _PYDOC_CACHE[key]

@@ -8,12 +8,17 @@
 4. report: ``results.json`` (and the table printed), ``config.json``, the command, versions,
    ``metrics.jsonl`` (training curves), checkpoints and plots, all in ``--out``.
 
-Everything derives from ``--seed``. ``--env synthetic`` (default) uses the exact synthetic world.
+Everything derives from ``--seed``. ``--env synthetic`` (default) uses the exact synthetic world;
+``--env lm`` runs the same study with the real LM over pydoc text (training documents from the
+training topics, held-out ones from the held-out topics), with small defaults (``lm_defaults``) so it
+finishes on a CPU in minutes. Every policy is also evaluated at the budgets ``--budget-scales`` x
+W_max (the NLL-gap vs budget plot), reusing the one LensNet trained at W_max.
 (This CLI orchestrates every package, so it imports ``lensnet``; the simulation core does not.)
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import platform
 import sys
@@ -23,6 +28,7 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from lensnet.train import TrainConfig
 from sim.cli import parse, to_dict
@@ -35,11 +41,10 @@ from sim.policies import (
     evaluate_policy,
     nll_gap_recovered,
 )
+from sim.synthetic import SyntheticConfig
 from sim.tree import ConfigError
-from sim.working_context import BudgetExhausted
-from sim.world import WorldConfig
-
-HELD_OUT_FIRST_DOC = 1_000_000  # held-out documents never overlap training ones
+from sim.working_context import BudgetExhausted, ContextConfig
+from sim.world import HELD_OUT_FIRST_DOC, WorldConfig, lm_episode, synthetic_episode
 
 
 def _default_train() -> TrainConfig:
@@ -50,8 +55,8 @@ def _default_train() -> TrainConfig:
 class RunArgs:
     """Run the MegaFocus study: label traces, train LensNet, evaluate policies on held-out documents."""
 
-    env: Literal["synthetic"] = "synthetic"
-    """World: the exact synthetic world (the real-LM study is not wired in yet)."""
+    env: Literal["synthetic", "lm"] = "synthetic"
+    """World: the exact synthetic world, or the real LM over pydoc text ('lm' brings its own small defaults)."""
     seed: int = 0
     """The one seed of the run; documents, model init, data order and baselines derive from it."""
     out: str = "runs/synthetic"
@@ -62,12 +67,26 @@ class RunArgs:
     """Held-out documents for the policy comparison and LensNet's held-out metrics."""
     preset: Literal["tiny", "small", "seed"] = "small"
     """LensNet size."""
+    budget_scales: tuple[float, ...] = (0.625, 0.75, 0.875, 1.25)
+    """Also evaluate every policy at these multiples of W_max (budgets too small for the document are skipped)."""
+    lm: str = "smollm2"
+    """With --env lm: 'smollm2', 'tiny' (random-init test LM) or a local model folder."""
     progress: bool = True
     """Progress bars."""
     plots: bool = True
     """Draw the analysis plots into OUT/plots at the end."""
     world: WorldConfig = field(default_factory=WorldConfig)
     train: TrainConfig = field(default_factory=_default_train)
+
+
+def lm_defaults() -> RunArgs:
+    """Defaults of ``--env lm``: 384-token documents, W_max 64 with a 32-token tail, H = 32, 8 + 2
+    documents, 400 LensNet steps: labelling with SmolLM2 costs about a second per snapshot on 2 cores."""
+    world = WorldConfig(env="lm", horizon=32, warmup_tokens=128, n_tail=4,
+                        context=ContextConfig(w_max=64, tail=32),
+                        synthetic=SyntheticConfig(n_blocks=12))
+    train = TrainConfig(lr=1e-3, warmup_steps=40, total_steps=400, eval_every=100, ckpt_every=200, batch_size=16)
+    return RunArgs(env="lm", out="runs/lm", train_docs=8, eval_docs=2, preset="small", world=world, train=train)
 
 
 def versions() -> dict:
@@ -100,6 +119,23 @@ def format_table(results: dict) -> str:
     return "\n".join(rows)
 
 
+def _budgets(args: RunArgs, w: WorldConfig) -> tuple[list[int], list[str]]:
+    """The W_max values of the sweep (the run's own first) and notes on the ones skipped."""
+    base = w.context.w_max
+    budgets, notes = [base], []
+    for scale in args.budget_scales:
+        b = int(round(scale * base))
+        if b in budgets:
+            continue
+        try:
+            replace(w, context=replace(w.context, w_max=b))
+        except ConfigError as err:
+            notes.append(f"W_max={b} (x{scale}) skipped: {err}")
+            continue
+        budgets.append(b)
+    return budgets, notes
+
+
 def run(args: RunArgs) -> dict:
     import torch
 
@@ -115,15 +151,35 @@ def run(args: RunArgs) -> dict:
     (out / "command.txt").write_text(" ".join(["python -m sim.run", *sys.argv[1:]]) + "\n")
     (out / "config.json").write_text(json.dumps(to_dict(args), indent=1))
     (out / "versions.json").write_text(json.dumps(versions(), indent=1))
-    w, t_start = args.world, time.perf_counter()
+    w, t_start = replace(args.world, env=args.env), time.perf_counter()
     timings = {}
+
+    lm = None
+    if args.env == "lm":  # one frozen LM for labelling and evaluation; the tree takes its width
+        from sim.lm import load_lm
+        from sim.lm_oracle import LMOracle
+
+        lm_model, tokenizer = load_lm(args.lm)
+        oracle = LMOracle(lm_model)
+        lm = (lm_model, tokenizer)
+        w = replace(w, tree=replace(w.tree, d_model=oracle.d_model))
+
+        def make_episode(world, doc, seed):
+            return lm_episode(world, doc, seed, oracle, tokenizer)
+    else:
+        def make_episode(world, doc, seed):
+            return synthetic_episode(world, doc, seed)[0]
+
+    budgets, budget_notes = _budgets(args, w)
+    for note in budget_notes:
+        print(note)
 
     # 1. traces (resumable: a rerun with the same config reuses complete shards)
     t0 = time.perf_counter()
-    common = dict(seed=args.seed, world=w, progress=args.progress)
-    train_dir = generate_traces(TraceArgs(out=str(out / "traces" / "train"), n_docs=args.train_docs, **common))
+    common = dict(seed=args.seed, world=w, progress=args.progress, lm=args.lm)
+    train_dir = generate_traces(TraceArgs(out=str(out / "traces" / "train"), n_docs=args.train_docs, **common), lm=lm)
     heldout_dir = generate_traces(TraceArgs(out=str(out / "traces" / "heldout"), n_docs=args.eval_docs,
-                                            first_doc=HELD_OUT_FIRST_DOC, **common))
+                                            first_doc=HELD_OUT_FIRST_DOC, **common), lm=lm)
     timings["label_s"] = time.perf_counter() - t0
 
     # 2. LensNet
@@ -141,33 +197,46 @@ def run(args: RunArgs) -> dict:
     lens_metrics = evaluate(model, LensNetLoss(max_level=w.tree.max_level), heldout, 16, trainer.device)
     lens_metrics = {k.removeprefix("val/"): v for k, v in lens_metrics.items()}
 
-    # 3. policies on held-out documents, same W_max
+    # 3. policies on held-out documents: the run's W_max, then the other budgets of the sweep
     t0 = time.perf_counter()
     docs = list(range(HELD_OUT_FIRST_DOC, HELD_OUT_FIRST_DOC + args.eval_docs))
     focus_log = (out / "focus.jsonl").open("w")
+    refs = _referenced_blocks(w, docs[0], args.seed) if args.env == "synthetic" else None
 
     def log_step(name, ep, actions):
         if ep.doc_id == docs[0]:  # one document's focus trajectory per policy, for the heat map
-            focus_log.write(json.dumps({"policy": name, "T": ep.wc.n_tokens, "levels": ep.wc.levels.tolist(),
-                                        "starts": ep.wc.starts.tolist()}) + "\n")
+            rec = {"policy": name, "T": ep.wc.n_tokens, "levels": ep.wc.levels.tolist(),
+                   "starts": ep.wc.starts.tolist()}
+            if refs is not None:  # the blocks the next H tokens refer to (what focus should serve)
+                rec["referenced"], rec["block_size"] = refs(ep.wc.n_tokens), ep.wc.block_size
+            focus_log.write(json.dumps(rec) + "\n")
 
-    policies = [Recency(), AllCoarse(), RandomScores(np.random.default_rng([args.seed, 7])),
-                GreedyOracle(), LensNetPolicy(model, trainer.device)]
+    sweep: dict[str, dict] = {}
     torch.set_grad_enabled(False)
-    per_policy = {p.name: evaluate_policy(p, w, docs, args.seed, args.progress, on_step=log_step) for p in policies}
+    for budget in tqdm(budgets, desc="budgets", disable=not args.progress or len(budgets) == 1):
+        wb = replace(w, context=replace(w.context, w_max=budget))
+        policies = [Recency(), AllCoarse(), RandomScores(np.random.default_rng([args.seed, 7])),
+                    GreedyOracle(), LensNetPolicy(model, trainer.device)]
+        per_policy = {p.name: evaluate_policy(p, wb, docs, args.seed, args.progress, episode_factory=make_episode,
+                                              on_step=log_step if budget == w.context.w_max else None)
+                      for p in policies}
+        ngr = nll_gap_recovered(per_policy)
+        for name, r in per_policy.items():
+            r["ngr"] = ngr[name]
+        sweep[str(budget)] = {k: per_policy[k] for k in ("lensnet", "recency", "random", "all_coarse", "oracle")}
     torch.set_grad_enabled(True)
     focus_log.close()
     timings["eval_s"] = time.perf_counter() - t0
-    ngr = nll_gap_recovered(per_policy)
-    for name, r in per_policy.items():
-        r["ngr"] = ngr[name]
     results = {
         "env": args.env, "seed": args.seed, "w_max": w.context.w_max,
-        "policies": {k: per_policy[k] for k in ("lensnet", "recency", "random", "all_coarse", "oracle")},
+        "policies": sweep[str(w.context.w_max)],
         "lensnet_metrics": lens_metrics,
         "lensnet_params": model.n_params(),
         "train_snapshots": len(train_idx), "heldout_snapshots": len(heldout),
         "heldout_docs": [docs[0], docs[-1]],
+        "budget_sweep": {b: {name: {k: r[k] for k in ("nll", "nll_std_over_docs", "ngr", "budget_use", "swap_rate")}
+                             for name, r in pols.items()} for b, pols in sweep.items()},
+        "budget_notes": budget_notes,
         "timings": {**timings, "total_s": time.perf_counter() - t_start},
     }
     (out / "results.json").write_text(json.dumps(results, indent=1))
@@ -180,8 +249,23 @@ def run(args: RunArgs) -> dict:
     return results
 
 
+def _referenced_blocks(w: WorldConfig, doc_id: int, seed: int):
+    """T -> the L1 blocks that the H query tokens after cursor T refer to (synthetic world)."""
+    doc = synthetic_episode(w, doc_id, seed)[1]
+    b = w.tree.block_size
+
+    def refs(t: int) -> list[int]:
+        blocks = range(t // b, min((t + w.horizon - 1) // b + 1, len(doc.ref_blocks)))
+        return sorted({int(r) for q in blocks for r in doc.ref_blocks[q]})
+
+    return refs
+
+
 def main(argv: list[str] | None = None) -> None:
-    args = parse(RunArgs, argv)
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--env", default="synthetic")
+    env = pre.parse_known_args(sys.argv[1:] if argv is None else argv)[0].env
+    args = parse(RunArgs, argv, defaults=lm_defaults() if env == "lm" else None)
     try:
         run(args)
     except (ConfigError, BudgetExhausted) as err:

@@ -20,6 +20,10 @@ from sim.synthetic import SyntheticConfig, SyntheticDocument, SyntheticOracle, g
 from sim.tree import ConfigError, Gister, MegaContextTree, TreeConfig, mean_gister
 from sim.working_context import ContextArrays, ContextConfig, WorkingContext, min_slots
 
+HELD_OUT_FIRST_DOC = 1_000_000
+"""Document ids from here on are held out: the study evaluates on them; LM documents draw their
+text from held-out pydoc topics."""
+
 
 @dataclass(frozen=True)
 class WorldConfig:
@@ -118,17 +122,21 @@ def synthetic_episode(config: WorldConfig, doc_id: int, seed: int) -> tuple[Epis
     return Episode(config, doc.token_ids, doc.embeddings, SyntheticOracle(doc), doc_id=doc_id), doc
 
 
-def lm_episode(config: WorldConfig, doc_id: int, seed: int, oracle, tokenizer=None) -> Episode:
+def lm_episode(config: WorldConfig, doc_id: int, seed: int, oracle, tokenizer=None, gister: Gister = mean_gister) -> Episode:
     """An episode over a real-text document for the LM oracle: a window of the pydoc topics at an
-    offset drawn from (seed, doc_id) (random ids when the LM has no tokenizer, e.g. the tiny test LM)."""
+    offset drawn from (seed, doc_id) (random ids when the LM has no tokenizer, e.g. the tiny test LM).
+    Documents with ``doc_id >= HELD_OUT_FIRST_DOC`` come from the held-out topics, others from the
+    training topics, so held-out evaluation never sees training text."""
     from sim.lm import pydoc_token_ids
 
     n = config.synthetic.n_blocks * config.tree.block_size
     rng = np.random.default_rng([seed, doc_id])
     if tokenizer is not None:
-        text = pydoc_token_ids(tokenizer)
+        text = pydoc_token_ids(tokenizer, "heldout" if doc_id >= HELD_OUT_FIRST_DOC else "train")
+        if len(text) <= n:
+            raise ConfigError(f"documents of {n} tokens do not fit the pydoc split ({len(text)} tokens)")
         start = int(rng.integers(0, len(text) - n))
         ids = text[start : start + n]
     else:
         ids = rng.integers(0, oracle.embed.num_embeddings, n)
-    return Episode(config, ids, oracle.token_embeddings(ids), oracle, doc_id=doc_id)
+    return Episode(config, ids, oracle.token_embeddings(ids), oracle, gister=gister, doc_id=doc_id)
