@@ -13,7 +13,7 @@ from sim.lm import pydoc_token_ids
 from sim.lm_oracle import LMOracle
 from sim.policies import Recency
 from sim.synthetic import SyntheticConfig, SyntheticOracle, generate_document
-from sim.tree import ConfigError, TreeConfig
+from sim.tree import ConfigError, TreeConfig, mean_gister
 from sim.working_context import ContextConfig
 from sim.world import Episode, WorldConfig
 
@@ -71,10 +71,12 @@ class MegaFocusEnv(gym.Env):
     ``oracle`` ("synthetic" | "lm"), ``score_scale`` (1.0), ``block_size`` (32), ``max_level`` (2), ``w_max`` (256),
     ``step_tokens`` K (32), ``horizon`` H (64), ``tail`` R (128), ``n_tail`` (6), ``doc_blocks``
     (document length in blocks, 96), ``d_model`` (synthetic only, 64), ``lm`` ("smollm2", "tiny" or
-    a model folder; for ``oracle="lm"``), ``render_mode`` ("ansi" | "rgb_array").
+    a model folder; for ``oracle="lm"``), ``gister`` ("auto": the committed GistNet checkpoint when it
+    fits the LM, else mean pooling; "gistnet"; "mean"; for ``oracle="lm"``), ``render_mode``
+    ("ansi" | "rgb_array").
 
     ## Version History
-    * v0: initial version.
+    * v0: initial version (unreleased; the ``gister`` argument was added before any release).
     """
 
     metadata = {"render_modes": ["ansi", "rgb_array"], "render_fps": 4}
@@ -92,6 +94,7 @@ class MegaFocusEnv(gym.Env):
         doc_blocks: int = 96,
         d_model: int = 64,
         lm: str = "smollm2",
+        gister: str = "auto",
         score_scale: float = 1.0,
         render_mode: str | None = None,
     ) -> None:
@@ -105,12 +108,15 @@ class MegaFocusEnv(gym.Env):
         self.oracle_kind, self.render_mode = oracle, render_mode
         self._lm_oracle: LMOracle | None = None
         self._tokenizer = None
+        self._gister, self.gister_name = mean_gister, "mean"
         if oracle == "lm":
+            from gistnet.gister import resolve_gister
             from sim.lm import load_lm
 
             model, self._tokenizer = load_lm(lm)
             self._lm_oracle = LMOracle(model)
             d_model = self._lm_oracle.d_model
+            self._gister, self.gister_name = resolve_gister(gister, model, block_size)
         # info per level: the default (1, 0.6, 0.25) up to L2, geometric beyond
         info = SyntheticConfig.info[: max_level + 1] if max_level <= 2 else tuple(0.6 ** np.arange(max_level + 1))
         synth = SyntheticConfig(d_model=d_model, block_size=block_size, n_blocks=doc_blocks, info=info)
@@ -157,8 +163,8 @@ class MegaFocusEnv(gym.Env):
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         super().reset(seed=seed)
         ids, emb, oracle = self._document()
-        self.episode = Episode(self.world, ids, emb, oracle)
-        self.shadow = Episode(self.world, ids, emb, oracle)
+        self.episode = Episode(self.world, ids, emb, oracle, gister=self._gister)
+        self.shadow = Episode(self.world, ids, emb, oracle, gister=self._gister)
         self.episode.advance()
         self.shadow.advance()
         return self._obs(), {"n_tokens": self.episode.wc.n_tokens, "slots_used": len(self.episode.wc)}

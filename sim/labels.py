@@ -143,14 +143,16 @@ def generate_traces(args: TraceArgs, lm: tuple | None = None) -> Path:
     out = Path(args.out) if n == 1 else Path(args.out) / f"part-{i}-of-{n}"
     w = args.world
     oracle_meta: dict = {"kind": "synthetic"}
-    if w.env == "lm":  # real text, real LM; the tree takes the LM's width (mean-pool gists: a baseline)
+    if w.env == "lm":  # real text, real LM; the tree takes the LM's width and its gister (GistNet or means)
+        from gistnet.gister import resolve_gister
         from sim.lm import load_lm
         from sim.lm_oracle import LMOracle
 
         model, tokenizer = lm if lm is not None else load_lm(args.lm)
         lm_oracle = LMOracle(model)
         w = replace(w, tree=replace(w.tree, d_model=lm_oracle.d_model))
-        oracle_meta = {"kind": "lm", "lm": args.lm, "model": type(model).__name__, "gister": "mean"}
+        gister, gister_name = resolve_gister(w.gister, model, w.tree.block_size)
+        oracle_meta = {"kind": "lm", "lm": args.lm, "model": type(model).__name__, "gister": gister_name}
     meta = {"d_model": w.tree.d_model, "n_tail": w.n_tail, "block_size": w.tree.block_size,
             "max_level": w.tree.max_level, "world": to_dict(w), "seed": args.seed, "oracle": oracle_meta,
             "docs": [args.first_doc, args.first_doc + args.n_docs], "shard": args.shard,
@@ -160,7 +162,7 @@ def generate_traces(args: TraceArgs, lm: tuple | None = None) -> Path:
     docs = [d for d in range(args.first_doc, args.first_doc + args.n_docs) if d % n == i]
     for doc_id in tqdm(docs, desc=f"label {out.name}", disable=not args.progress):
         if w.env == "lm":
-            ep = lm_episode(w, doc_id, args.seed, lm_oracle, tokenizer)
+            ep = lm_episode(w, doc_id, args.seed, lm_oracle, tokenizer, gister)
         else:
             ep, _ = synthetic_episode(w, doc_id, args.seed)
         rng = np.random.default_rng([args.seed, doc_id, 1])

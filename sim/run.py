@@ -156,6 +156,7 @@ def run(args: RunArgs) -> dict:
 
     lm = None
     if args.env == "lm":  # one frozen LM for labelling and evaluation; the tree takes its width
+        from gistnet.gister import resolve_gister
         from sim.lm import load_lm
         from sim.lm_oracle import LMOracle
 
@@ -163,9 +164,11 @@ def run(args: RunArgs) -> dict:
         oracle = LMOracle(lm_model)
         lm = (lm_model, tokenizer)
         w = replace(w, tree=replace(w.tree, d_model=oracle.d_model))
+        gister, gister_name = resolve_gister(w.gister, lm_model, w.tree.block_size)
+        w = replace(w, gister=gister_name)  # recorded as what was used
 
         def make_episode(world, doc, seed):
-            return lm_episode(world, doc, seed, oracle, tokenizer)
+            return lm_episode(world, doc, seed, oracle, tokenizer, gister)
     else:
         def make_episode(world, doc, seed):
             return synthetic_episode(world, doc, seed)[0]
@@ -229,6 +232,7 @@ def run(args: RunArgs) -> dict:
     timings["eval_s"] = time.perf_counter() - t0
     results = {
         "env": args.env, "seed": args.seed, "w_max": w.context.w_max,
+        "gister": w.gister if args.env == "lm" else "mean (synthetic world)",
         "policies": sweep[str(w.context.w_max)],
         "lensnet_metrics": lens_metrics,
         "lensnet_params": model.n_params(),

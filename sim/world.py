@@ -31,6 +31,8 @@ class WorldConfig:
 
     env: Literal["synthetic", "lm"] = "synthetic"
     """Oracle: the exact synthetic world, or the real LM."""
+    gister: Literal["auto", "gistnet", "mean"] = "auto"
+    """LM world's gists: 'auto' = the committed GistNet checkpoint when it fits the LM and b (SmolLM2, b=32), else mean pooling; 'gistnet' insists; 'mean' = the baseline. The synthetic world always uses means."""
     step_tokens: int = 32
     """K: tokens ingested per refocus step."""
     horizon: int = 64

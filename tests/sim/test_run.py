@@ -4,10 +4,11 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from sim.cli import field_docs, parse
-from sim.run import RunArgs, run
+from sim.run import RunArgs, lm_defaults, run
 from sim.synthetic import SyntheticConfig
 from sim.tree import TreeConfig
 
@@ -54,10 +55,46 @@ def test_small_study_end_to_end(tmp_path, capsys):
         assert r["max_slots"] <= 40 and r["steps"] > 0
     assert saved["lensnet_metrics"]["legality_compliance"] == 1.0
     for f in ("config.json", "command.txt", "versions.json", "metrics.jsonl", "latest.pt", "focus.jsonl",
-              "plots/policy_nll.png", "plots/training_curves.png", "plots/focus_heatmap.png", "plots/validation_metrics.png"):
+              "plots/policy_nll.png", "plots/training_curves.png", "plots/focus_heatmap.png", "plots/validation_metrics.png",
+              "plots/budget_sweep.png"):
         assert (tmp_path / f).exists(), f
+    # budget sweep: the run's own W_max plus the feasible multiples, each with every policy
+    sweep = saved["budget_sweep"]
+    assert "40" in sweep and len(sweep) >= 2
+    assert sweep["40"]["lensnet"]["nll"] == pol["lensnet"]["nll"]
+    for b, pols in sweep.items():
+        assert set(pols) == set(pol) and pols["oracle"]["ngr"] == 1.0
+        assert pols["oracle"]["nll"] <= pols["recency"]["nll"] + 1e-12, b
+    assert len(sweep) + len(saved["budget_notes"]) == 5  # every scale either ran or says why not
+    # the focus log marks the referenced blocks (synthetic world)
+    rec = json.loads((tmp_path / "focus.jsonl").read_text().splitlines()[0])
+    assert rec["block_size"] == 4 and all(isinstance(r, int) and 0 <= r * 4 < rec["T"] for r in rec["referenced"])
     printed = capsys.readouterr().out
     assert "lensnet" in printed and "NGR" in printed
+
+
+def test_lm_study_end_to_end_with_the_tiny_lm(tmp_path):
+    argv = ["--env", "lm", "--lm", "tiny", "--out", str(tmp_path), "--train-docs", "2", "--eval-docs", "1",
+            "--preset", "tiny", "--no-progress", "--no-plots", "--world.tree.block-size", "4",
+            "--world.synthetic.n-blocks", "24", "--world.step-tokens", "4", "--world.horizon", "8",
+            "--world.n-tail", "3", "--world.warmup-tokens", "16", "--world.context.w-max", "24",
+            "--world.context.tail", "8", "--train.total-steps", "10", "--train.eval-every", "5",
+            "--train.warmup-steps", "2", "--budget-scales", "1.5"]
+    args = parse(RunArgs, argv, defaults=lm_defaults())
+    assert args.env == "lm" and args.world.env == "lm"
+    results = run(args)
+    assert results["env"] == "lm" and results["gister"] == "mean"  # the tiny LM has no GistNet checkpoint
+    assert set(results["budget_sweep"]) == {"24", "36"}
+    for r in results["policies"].values():
+        assert r["max_slots"] <= 24 and r["steps"] > 0 and np.isfinite(r["nll"])
+    assert results["policies"]["oracle"]["nll"] <= results["policies"]["recency"]["nll"] + 1e-6
+
+
+def test_env_lm_brings_its_own_defaults():
+    out = subprocess.run([sys.executable, "-m", "sim.run", "--env", "lm", "--help"], capture_output=True, text=True, check=True)
+    default = lm_defaults()
+    assert f"(default: {default.world.context.w_max})" in out.stdout and "(default: runs/lm)" in out.stdout
+    assert parse(RunArgs, []).world.context.w_max == 256
 
 
 def test_bad_budget_exits_with_clear_message(tmp_path):

@@ -1,0 +1,208 @@
+"""GistNet against its baselines and content controls, on held-out pydoc topics, same contexts per row.
+
+Usage: ``python -m benchmarks.bench_gistnet [--windows 48] [--l2-windows 8] [--checkpoint PATH]
+[--soft-prompt PATH]``. Writes ``benchmarks/results/gistnet.json``.
+
+L1 setting (every row on the same windows: 8 blocks of 32 tokens, then H = 32 query tokens):
+``full`` (all 256 tokens), ``gistnet`` (7 L1 gists + the last block as tokens), ``mean_pool`` (raw
+means of the token embeddings), ``centred_mean`` (an untrained GistNet: the centred, re-scaled
+mean), ``dropped`` (the last block only), and the content controls ``soft_prompt`` (7 trained free
+vectors that ignore the text) and ``far_window`` (the same GistNet fed the blocks of a window half
+the held-out text away, another topic). Reported: mean NLL, paired differences against ``gistnet``
+with 95 % intervals (mean ± 1.96 sd / sqrt(n)), and the content share
+``(NLL_soft_prompt - NLL_gistnet) / (NLL_dropped - NLL_full)``.
+L2 setting (windows with 32 more blocks = 1024 tokens of history in front): that history as one L2
+gist, as 32 L1 gists, as raw tokens, or dropped, each followed by the same 7 L1 gists + 1 L0 block.
+Label distribution: counterfactual labels of a few held-out snapshots (``--env lm`` defaults) with
+mean-pool gists and with GistNet gists.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import replace
+
+import numpy as np
+import torch
+from torch import nn
+
+from benchmarks.common import write_results
+from gistnet.gister import DEFAULT_CHECKPOINT, GistNetGister, load_gistnet
+from gistnet.model import GistNet, SoftPrompt
+from gistnet.train import Example, Substitution, TextBlocks, far_starts, fixed_windows
+from sim.lm import load_lm, pydoc_token_ids
+from sim.tree import mean_gister
+
+SOFT_PROMPT = DEFAULT_CHECKPOINT.with_name("softprompt-control.pt")
+
+
+class MeanPool(nn.Module):
+    def forward(self, features, children, level):  # noqa: ARG002 - the GistNet call signature
+        return children.float().mean(1)
+
+
+def per_window(sub: Substitution, exs: list[Example], swap=None, size: int = 8) -> np.ndarray:
+    out = []
+    with torch.no_grad():
+        for s in range(0, len(exs), size):
+            out.append(sub.nll(exs[s : s + size], None if swap is None else swap[s : s + size]).cpu().numpy())
+    return np.concatenate(out).astype(np.float64)
+
+
+def summary(x: np.ndarray) -> dict:
+    return {"mean": float(x.mean()), "sd": float(x.std(ddof=1)), "n": int(len(x))}
+
+
+def paired(a: np.ndarray, b: np.ndarray) -> dict:
+    """a - b per window: mean and 95 % interval."""
+    d = a - b
+    half = 1.96 * d.std(ddof=1) / np.sqrt(len(d))
+    return {"mean": float(d.mean()), "ci95": [float(d.mean() - half), float(d.mean() + half)],
+            "excludes_0": bool(abs(d.mean()) > half)}
+
+
+def label_distribution(lm, tok, gister, n_snapshots: int, seed: int) -> dict:
+    from sim.labels import label_snapshot
+    from sim.lm_oracle import LMOracle
+    from sim.run import lm_defaults
+    from sim.world import HELD_OUT_FIRST_DOC, lm_episode
+
+    w = lm_defaults().world
+    oracle = LMOracle(lm)
+    w = replace(w, tree=replace(w.tree, d_model=oracle.d_model))
+    ys: dict[int, list[float]] = {0: [], 1: [], 2: []}
+    doc, got = HELD_OUT_FIRST_DOC, 0
+    while got < n_snapshots:
+        ep = lm_episode(w, doc, seed, oracle, tok, gister)
+        rng = np.random.default_rng([seed, doc])
+        while got < n_snapshots and ep.n_doc_tokens - ep.wc.n_tokens > 0:
+            ep.advance()
+            if not ep.can_query():
+                break
+            ids, start = ep.query()
+            lab = label_snapshot(ep.wc, ep.oracle, ids, start, w.n_tail)
+            for lv, y, m in zip(lab["levels"], lab["target_utilities"], lab["action_mask"], strict=True):
+                if m:
+                    ys[int(lv)].append(float(y))
+            got += 1
+            ep.refocus(rng.normal(size=len(ep.wc)))
+        doc += 1
+    out = {}
+    for lv, v in ys.items():
+        if v:
+            a = np.asarray(v)
+            out[f"L{lv}"] = {"n": len(a), "mean": float(a.mean()), "median": float(np.median(a)),
+                             "frac_below_-1": float((a < -1).mean()), "frac_above_0.2": float((a > 0.2).mean()),
+                             "quantiles_5_25_75_95": [float(q) for q in np.quantile(a, [0.05, 0.25, 0.75, 0.95])]}
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--windows", type=int, default=48)
+    p.add_argument("--l2-windows", type=int, default=8)
+    p.add_argument("--label-snapshots", type=int, default=4)
+    p.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT))
+    p.add_argument("--soft-prompt", default=str(SOFT_PROMPT))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lm", default="smollm2")
+    args = p.parse_args()
+    t_start = time.perf_counter()
+    torch.manual_seed(args.seed)
+
+    lm, tok = load_lm(args.lm, dtype=torch.float32)
+    gnet = load_gistnet(args.checkpoint, next(lm.parameters()).device)
+    cfg = gnet.config
+    held = TextBlocks(pydoc_token_ids(tok, "heldout"), lm, cfg.block_size, cfg.lm_layer)
+    untrained = GistNet(cfg, gnet.emb_mean, float(gnet.emb_sigma), gnet.text_mean).to(gnet.emb_mean.device).eval()
+    subs = {"gistnet": Substitution(lm, held, gistnet=gnet), "mean_pool": Substitution(lm, held, gistnet=MeanPool()),
+            "centred_mean": Substitution(lm, held, gistnet=untrained)}
+    soft_note = None
+    try:
+        vectors = torch.load(args.soft_prompt, map_location="cpu")["vectors"]
+        soft = SoftPrompt(vectors.shape[0], torch.zeros(vectors.shape[1]), 0.0).requires_grad_(False)
+        soft.vectors.copy_(vectors)
+        subs["soft_prompt"] = Substitution(lm, held, soft=soft.to(gnet.emb_mean.device))
+    except FileNotFoundError:
+        soft_note = f"{args.soft_prompt}: missing; train it with python -m gistnet.train --kind softprompt"
+
+    # ---------------------------------------------------------------- L1 setting, H = 32
+    ctx = 8
+    starts = fixed_windows(held.n_blocks, ctx, 32, args.windows, args.seed + 1, min_start=cfg.block_size)
+    far = far_starts(starts, held.n_blocks, ctx)
+    gist_layout = ["L1"] * (ctx - 1) + ["L0"]
+    exs = [Example(s, gist_layout, 32) for s in starts]
+    rows = {
+        "full": per_window(subs["gistnet"], [Example(s, ["L0"] * ctx, 32) for s in starts]),
+        "dropped": per_window(subs["gistnet"], [Example(s + ctx - 1, ["L0"], 32) for s in starts]),
+        "gistnet": per_window(subs["gistnet"], exs),
+        "far_window": per_window(subs["gistnet"], exs, far),
+        "mean_pool": per_window(subs["mean_pool"], exs),
+        "centred_mean": per_window(subs["centred_mean"], exs),
+    }
+    if "soft_prompt" in subs:
+        rows["soft_prompt"] = per_window(subs["soft_prompt"], exs)
+    l1 = {"rows": {k: summary(v) for k, v in rows.items()},
+          "gistnet_minus": {k: paired(rows["gistnet"], v) for k, v in rows.items() if k != "gistnet"}}
+    span = rows["dropped"].mean() - rows["full"].mean()
+    if "soft_prompt" in rows:
+        l1["content_share"] = float((rows["soft_prompt"].mean() - rows["gistnet"].mean()) / span)
+    l1["gain_over_dropped_share"] = float((rows["dropped"].mean() - rows["gistnet"].mean()) / span)
+
+    # ---------------------------------------------------------------- L2 setting
+    b = cfg.block_size
+    l2_starts = fixed_windows(held.n_blocks, ctx, 32, args.l2_windows, args.seed + 2, min_start=b)
+    sub = subs["gistnet"]
+    l2_rows: dict[str, list[float]] = {k: [] for k in ("l2_gist", "l1_gists", "tokens", "dropped_history", "mean_pool_l2")}
+    with torch.no_grad():
+        for s in l2_starts:
+            window, query = sub.sequence(Example(s, gist_layout, 32))
+            hist_tokens = held.embeddings(s - b, b).reshape(b * b, -1)
+            variants = {
+                "l2_gist": sub.gists(s - b, 1, 2),
+                "l1_gists": sub.gists(s - b, b, 1),
+                "tokens": hist_tokens,
+                "dropped_history": hist_tokens[:0],
+                "mean_pool_l2": hist_tokens.reshape(1, b * b, -1).mean(1),
+            }
+            for name, hist in variants.items():
+                l2_rows[name].append(_nll_of(sub, torch.cat([hist, window]), query))
+    l2 = {"rows": {k: summary(np.asarray(v)) for k, v in l2_rows.items()},
+          "l2_gist_minus": {k: paired(np.asarray(l2_rows["l2_gist"]), np.asarray(v)) for k, v in l2_rows.items()
+                            if k != "l2_gist"}}
+
+    # ---------------------------------------------------------------- labels before / after
+    t0 = time.perf_counter()
+    labels = {"mean_pool": label_distribution(lm, tok, mean_gister, args.label_snapshots, args.seed),
+              "gistnet": label_distribution(lm, tok, GistNetGister(gnet, lm), args.label_snapshots, args.seed)}
+    labels["seconds"] = time.perf_counter() - t0
+
+    config = {"windows": len(starts), "l2_windows": len(l2_starts), "ctx_blocks": ctx, "horizon": 32,
+              "checkpoint": args.checkpoint, "soft_prompt": args.soft_prompt, "seed": args.seed, "lm": args.lm,
+              "split": "held-out pydoc topics (sorted index % 10 == 9)", "gistnet_config": cfg.to_dict()}
+    results = {"l1": l1, "l2": l2, "labels": labels, "seconds": time.perf_counter() - t_start}
+    if soft_note:
+        results["note"] = soft_note
+    write_results("gistnet", config, results)
+    for k, v in l1["rows"].items():
+        print(f"L1 {k:<13} {v['mean']:.4f} ± {v['sd']:.4f}")
+    for k, v in l2["rows"].items():
+        print(f"L2 {k:<16} {v['mean']:.4f} ± {v['sd']:.4f}")
+    print({k: v for k, v in l1.items() if k.endswith("share")})
+
+
+def _nll_of(sub: Substitution, context: torch.Tensor, query: torch.Tensor) -> float:
+    q_emb = sub.blocks.embed(query.to(sub.device)).float()
+    x = torch.cat([context, q_emb])[None].to(sub.dtype)
+    n = context.shape[0]
+    pos = torch.arange(x.shape[1], device=sub.device)[None]
+    hidden = sub.decoder(inputs_embeds=x, position_ids=pos, attention_mask=torch.ones(1, x.shape[1], dtype=torch.long,
+                                                                                      device=sub.device),
+                         use_cache=False).last_hidden_state
+    logits = sub.head(hidden[0, n - 1 : n - 1 + query.shape[0]]).float()
+    return float(torch.nn.functional.cross_entropy(logits, query.to(sub.device)))
+
+
+if __name__ == "__main__":
+    main()
