@@ -1,7 +1,9 @@
 """Gymnasium adapters of the simulation: ``MegaFocus-v0`` (see ``envs.megafocus_env.MegaFocusEnv``).
 
-Importing this package registers the environment, so ``gymnasium.make("MegaFocus-v0")`` works after
-``import envs``; without that import, ``gymnasium.make("envs:MegaFocus-v0")`` imports it for you.
+Importing this package registers the environment. An installed megafocus imports it as soon as
+``gymnasium`` is imported (``megafocus_gym_hook.py``, loaded by ``megafocus-gym.pth``), so
+``gymnasium.make("MegaFocus-v0")`` needs no ``import envs``; ``gymnasium.make("envs:MegaFocus-v0")``
+works regardless.
 """
 
 from gymnasium.envs.registration import register, registry

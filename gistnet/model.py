@@ -5,18 +5,20 @@ frozen LM's own hidden states of the block (its first ``lm_layer`` layers run ov
 unlike input embeddings they are contextual, so "what this block says" is already half-digested.
 A bidirectional self-attention encoder over the children (with in-block position and level
 embeddings; never causal, never CLS pooling) is read out by a learned-query attention pool and an
-MLP. The output is built on the *benign centred mean* of DESIGN §7:
+MLP. The output is built on a *benign centred selection* of the children (DESIGN §7):
 
-    gist = mu + sigma * (c / rms(c) + delta),   c = mean(children) - centre
+    gist = mu + sigma * (c / rms(c) + delta),   c = sum_i alpha_i (child_i - centre)
 
 where ``mu`` is the LM's mean token embedding (over the vocabulary), ``sigma`` the RMS of token
 embeddings around it, and ``centre`` the mean embedding of *running text* for L1 (measured on the
 training text; for L2 the children are gists, centred on ``mu`` already). The two means differ
 (cosine 0.04 for SmolLM2): a block mean carries the text-mean direction, which is what makes raw
 means catastrophic (9.3 nats vs 3.1 for dropping the context on held-out pydoc windows); removed,
-and re-scaled to the typical token distance, the untrained gist is benign (3.09 vs 3.10). An
-untrained GistNet (``delta`` = 0: the last layer starts at zero) gives exactly that; training learns
-``delta``. There is no output normalisation (an output LayerNorm made collapse to one vector easy).
+and re-scaled to the typical token distance, the untrained gist is benign (3.09 vs 3.10).
+``alpha`` are the pooling attention's weights over the children: uniform at initialisation (the
+query starts at zero), so an untrained GistNet (``delta`` = 0: the last layer starts at zero) gives
+exactly the centred mean; training can sharpen ``alpha`` onto the block's salient tokens — a vector
+built from the block's own tokens, which a far-away block cannot imitate — and learns ``delta``. There is no output normalisation (an output LayerNorm made collapse to one vector easy).
 One network serves every level (a level embedding tells them apart).
 """
 
@@ -85,7 +87,7 @@ class GistNet(nn.Module):
         layer = nn.TransformerEncoderLayer(c.d, c.n_heads, 2 * c.d, c.dropout, activation="gelu",
                                            batch_first=True, norm_first=True)
         self.encoder = nn.TransformerEncoder(layer, c.n_layers, enable_nested_tensor=False)
-        self.query = nn.Parameter(torch.randn(1, 1, c.d) * 0.02)
+        self.query = nn.Parameter(torch.zeros(1, 1, c.d))  # uniform pooling weights at initialisation
         self.pool = nn.MultiheadAttention(c.d, c.n_heads, batch_first=True)
         self.out = nn.Sequential(nn.LayerNorm(c.d), nn.Linear(c.d, 2 * c.d), nn.GELU(), nn.Linear(2 * c.d, c.d_model))
         nn.init.zeros_(self.out[-1].weight)
@@ -101,8 +103,10 @@ class GistNet(nn.Module):
         text = None if text_embeddings is None else text_embeddings.detach().float().mean(0)
         return cls(config, mean, sigma, text)
 
-    def centred_base(self, children: Tensor, level: int = 1) -> Tensor:
-        c = children.float().mean(1) - (self.text_mean if level == 1 else self.emb_mean)
+    def centred_base(self, children: Tensor, level: int = 1, weights: Tensor | None = None) -> Tensor:
+        """c / rms(c) with c = sum_i w_i (child_i - centre) (uniform w: the centred mean)."""
+        centred = children.float() - (self.text_mean if level == 1 else self.emb_mean)
+        c = centred.mean(1) if weights is None else torch.einsum("nb,nbd->nd", weights, centred)
         return c / c.pow(2).mean(-1, keepdim=True).sqrt().clamp_min(1e-6)
 
     def forward(self, features: Tensor, children: Tensor, level: int) -> Tensor:
@@ -115,9 +119,9 @@ class GistNet(nn.Module):
             raise ValueError(f"level must be in 1..{cfg.max_level}, got {level}")
         x = self.in_proj(self.in_norm(features.float())) + self.pos.weight + self.level.weight[level]
         x = self.encoder(x)
-        pooled = self.pool(self.query.expand(x.shape[0], -1, -1), x, x, need_weights=False)[0][:, 0]
-        delta = self.out(pooled)
-        return self.emb_mean + self.emb_sigma * (self.centred_base(children, level) + delta)
+        pooled, alpha = self.pool(self.query.expand(x.shape[0], -1, -1), x, x, need_weights=True)
+        delta = self.out(pooled[:, 0])
+        return self.emb_mean + self.emb_sigma * (self.centred_base(children, level, alpha[:, 0]) + delta)
 
     def n_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
