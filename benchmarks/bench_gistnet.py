@@ -115,7 +115,7 @@ def main() -> None:
     gnet = load_gistnet(args.checkpoint, next(lm.parameters()).device)
     cfg = gnet.config
     held = TextBlocks(pydoc_token_ids(tok, "heldout"), lm, cfg.block_size, cfg.lm_layer)
-    untrained = GistNet(cfg, gnet.emb_mean, float(gnet.emb_sigma), gnet.text_mean).to(gnet.emb_mean.device).eval()
+    untrained = GistNet(cfg, gnet.centre, float(gnet.sigma)).to(gnet.centre.device).eval()
     subs = {"gistnet": Substitution(lm, held, gistnet=gnet), "mean_pool": Substitution(lm, held, gistnet=MeanPool()),
             "centred_mean": Substitution(lm, held, gistnet=untrained)}
     soft_note = None
@@ -123,7 +123,7 @@ def main() -> None:
         vectors = torch.load(args.soft_prompt, map_location="cpu")["vectors"]
         soft = SoftPrompt(vectors.shape[0], torch.zeros(vectors.shape[1]), 0.0).requires_grad_(False)
         soft.vectors.copy_(vectors)
-        subs["soft_prompt"] = Substitution(lm, held, soft=soft.to(gnet.emb_mean.device))
+        subs["soft_prompt"] = Substitution(lm, held, soft=soft.to(gnet.centre.device))
     except FileNotFoundError:
         soft_note = f"{args.soft_prompt}: missing; train it with python -m gistnet.train --kind softprompt"
 

@@ -7,19 +7,19 @@ A bidirectional self-attention encoder over the children (with in-block position
 embeddings; never causal, never CLS pooling) is read out by a learned-query attention pool and an
 MLP. The output is built on a *benign centred selection* of the children (DESIGN §7):
 
-    gist = mu + sigma * (c / rms(c) + delta),   c = sum_i alpha_i (child_i - centre)
+    gist = m + s * (c / rms(c) + delta),   c = sum_i alpha_i (child_i - m)
 
-where ``mu`` is the LM's mean token embedding (over the vocabulary), ``sigma`` the RMS of token
-embeddings around it, and ``centre`` the mean embedding of *running text* for L1 (measured on the
-training text; for L2 the children are gists, centred on ``mu`` already). The two means differ
-(cosine 0.04 for SmolLM2): a block mean carries the text-mean direction, which is what makes raw
-means catastrophic (9.3 nats vs 3.1 for dropping the context on held-out pydoc windows); removed,
-and re-scaled to the typical token distance, the untrained gist is benign (3.09 vs 3.10).
-``alpha`` are the pooling attention's weights over the children: uniform at initialisation (the
-query starts at zero), so an untrained GistNet (``delta`` = 0: the last layer starts at zero) gives
-exactly the centred mean; training can sharpen ``alpha`` onto the block's salient tokens — a vector
-built from the block's own tokens, which a far-away block cannot imitate — and learns ``delta``. There is no output normalisation (an output LayerNorm made collapse to one vector easy).
-One network serves every level (a level embedding tells them apart).
+where ``m`` is the mean embedding of *running text* (measured on the training text) and ``s`` the
+RMS deviation of text tokens from it. ``alpha`` are the pooling attention's weights over the
+children: uniform at initialisation (the query starts at zero), so an untrained GistNet (``delta``
+= 0: the last layer starts at zero) gives the centred block mean re-scaled to the typical token
+distance; with ``alpha`` on one child, the gist is that child's own embedding up to its length.
+Measured with SmolLM2 on held-out pydoc windows (7 gists + one 32-token block, H = 32): raw means
+9.3 nats (they sit on ``m``, which alone gives 9.6), dropping the context 3.10, the untrained gist
+3.10, the last token of each block 3.06 (and 3.06 in this form). Anchoring on the vocabulary mean
+instead of ``m`` (tried first) was benign too but turned single tokens into 3.09: this form keeps a
+selected token recognisable, which is what lets a gist carry *this* block's words. There is no
+output normalisation (an output LayerNorm made collapse to one vector easy). One network serves every level (a level embedding tells them apart).
 """
 
 from __future__ import annotations
@@ -71,15 +71,12 @@ class GistNet(nn.Module):
     hidden states for L1, the children themselves for L2); children (n, b, d_model) the child
     embeddings (token embeddings / L1 gists) for the centred-mean base. Returns (n, d_model)."""
 
-    def __init__(self, config: GistNetConfig, emb_mean: Tensor | None = None, emb_sigma: float = 1.0,
-                 text_mean: Tensor | None = None) -> None:
+    def __init__(self, config: GistNetConfig, centre: Tensor | None = None, sigma: float = 1.0) -> None:
         super().__init__()
         self.config = c = config
-        mean = torch.zeros(c.d_model) if emb_mean is None else emb_mean.detach().float().reshape(c.d_model)
-        text = mean if text_mean is None else text_mean.detach().float().reshape(c.d_model)
-        self.register_buffer("emb_mean", mean.clone())
-        self.register_buffer("text_mean", text.clone())
-        self.register_buffer("emb_sigma", torch.tensor(float(emb_sigma)))
+        centre = torch.zeros(c.d_model) if centre is None else centre.detach().float().reshape(c.d_model)
+        self.register_buffer("centre", centre.clone())
+        self.register_buffer("sigma", torch.tensor(float(sigma)))
         self.in_norm = nn.LayerNorm(c.d_model)
         self.in_proj = nn.Linear(c.d_model, c.d)
         self.pos = nn.Embedding(c.block_size, c.d)
@@ -94,18 +91,16 @@ class GistNet(nn.Module):
         nn.init.zeros_(self.out[-1].bias)
 
     @classmethod
-    def for_lm(cls, config: GistNetConfig, token_embeddings: Tensor, text_embeddings: Tensor | None = None) -> GistNet:
-        """A GistNet whose output statistics match the LM's token-embedding table (V, d_model);
-        ``text_embeddings`` (n, d_model): embeddings of running text, for the L1 centre."""
-        table = token_embeddings.detach().float()
-        mean = table.mean(0)
-        sigma = float((table - mean).pow(2).mean().sqrt())
-        text = None if text_embeddings is None else text_embeddings.detach().float().mean(0)
-        return cls(config, mean, sigma, text)
+    def for_lm(cls, config: GistNetConfig, text_embeddings: Tensor) -> GistNet:
+        """A GistNet whose output statistics match running text: ``text_embeddings`` (n, d_model) are
+        the LM's input embeddings of a stretch of training text."""
+        text = text_embeddings.detach().float()
+        centre = text.mean(0)
+        return cls(config, centre, float((text - centre).pow(2).mean().sqrt()))
 
-    def centred_base(self, children: Tensor, level: int = 1, weights: Tensor | None = None) -> Tensor:
+    def centred_base(self, children: Tensor, weights: Tensor | None = None) -> Tensor:
         """c / rms(c) with c = sum_i w_i (child_i - centre) (uniform w: the centred mean)."""
-        centred = children.float() - (self.text_mean if level == 1 else self.emb_mean)
+        centred = children.float() - self.centre
         c = centred.mean(1) if weights is None else torch.einsum("nb,nbd->nd", weights, centred)
         return c / c.pow(2).mean(-1, keepdim=True).sqrt().clamp_min(1e-6)
 
@@ -121,7 +116,7 @@ class GistNet(nn.Module):
         x = self.encoder(x)
         pooled, alpha = self.pool(self.query.expand(x.shape[0], -1, -1), x, x, need_weights=True)
         delta = self.out(pooled[:, 0])
-        return self.emb_mean + self.emb_sigma * (self.centred_base(children, level, alpha[:, 0]) + delta)
+        return self.centre + self.sigma * (self.centred_base(children, alpha[:, 0]) + delta)
 
     def n_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -131,11 +126,11 @@ class SoftPrompt(nn.Module):
     """Content control: free vectors that ignore the text, one per gist slot of a context
     (``forward(n_slots)`` -> (n_slots, d_model)); initialised like GistNet's untrained output."""
 
-    def __init__(self, n_slots: int, emb_mean: Tensor, emb_sigma: float, seed: int = 0) -> None:
+    def __init__(self, n_slots: int, centre: Tensor, sigma: float, seed: int = 0) -> None:
         super().__init__()
         g = torch.Generator().manual_seed(seed)
-        d = emb_mean.numel()
-        self.vectors = nn.Parameter(emb_mean.float() + emb_sigma * torch.randn(n_slots, d, generator=g))
+        d = centre.numel()
+        self.vectors = nn.Parameter(centre.float() + sigma * torch.randn(n_slots, d, generator=g))
 
     def forward(self, n_slots: int) -> Tensor:
         if n_slots > self.vectors.shape[0]:

@@ -226,16 +226,15 @@ class GistTrainer(TrainLoop):
         self.train_text = TextBlocks(train_ids, lm, cfg.block_size, cfg.lm_layer)
         self.held_text = TextBlocks(held_ids, lm, cfg.block_size, cfg.lm_layer)
         torch.manual_seed(args.train.seed)
-        table = lm.get_input_embeddings().weight
         with torch.no_grad():
-            text_emb = lm.get_input_embeddings()(self.train_text.ids.to(table.device))
+            text_emb = lm.get_input_embeddings()(self.train_text.ids.to(self.train_text.device))
         if args.kind == "gistnet":
-            model = GistNet.for_lm(cfg, table, text_emb).to(device)
+            model = GistNet.for_lm(cfg, text_emb).to(device)
             self.sub = Substitution(lm, self.train_text, gistnet=model)
             self.val_sub = Substitution(lm, self.held_text, gistnet=model)
         else:
-            gn = GistNet.for_lm(cfg, table, text_emb)
-            model = SoftPrompt(args.ctx_blocks + 1, gn.emb_mean, float(gn.emb_sigma), args.train.seed).to(device)
+            gn = GistNet.for_lm(cfg, text_emb)
+            model = SoftPrompt(args.ctx_blocks + 1, gn.centre, float(gn.sigma), args.train.seed).to(device)
             self.sub = Substitution(lm, self.train_text, soft=model)
             self.val_sub = Substitution(lm, self.held_text, soft=model)
         model_config = {"kind": args.kind, **cfg.to_dict(), "ctx_blocks": args.ctx_blocks}
