@@ -42,7 +42,7 @@ from sim.policies import (
     nll_gap_recovered,
 )
 from sim.synthetic import SyntheticConfig
-from sim.tree import ConfigError
+from sim.tree import ConfigError, TreeConfig
 from sim.working_context import BudgetExhausted, ContextConfig
 from sim.world import HELD_OUT_FIRST_DOC, WorldConfig, lm_episode, synthetic_episode
 
@@ -80,9 +80,11 @@ class RunArgs:
 
 
 def lm_defaults() -> RunArgs:
-    """Defaults of ``--env lm``: 384-token documents, W_max 64 with a 32-token tail, H = 32, 8 + 2
-    documents, 400 LensNet steps: labelling with SmolLM2 costs about a second per snapshot on 2 cores."""
+    """Defaults of ``--env lm``: 384-token documents (so L1 is the top level: an L2 gist needs 1 024
+    tokens), W_max 64 with a 32-token tail, H = 32, 8 + 2 documents, 400 LensNet steps: labelling
+    with SmolLM2 costs about a second per snapshot on 2 cores."""
     world = WorldConfig(env="lm", horizon=32, warmup_tokens=128, n_tail=4,
+                        tree=TreeConfig(block_size=32, max_level=1, d_model=576),
                         context=ContextConfig(w_max=64, tail=32),
                         synthetic=SyntheticConfig(n_blocks=12))
     train = TrainConfig(lr=1e-3, warmup_steps=40, total_steps=400, eval_every=100, ckpt_every=200, batch_size=16)

@@ -166,3 +166,26 @@ def test_soft_prompt_ignores_text():
 def test_bad_training_config_is_refused(tmp_path, lm):
     with pytest.raises(ConfigError):
         GistTrainer(replace(tiny_args(tmp_path), ctx_blocks=100_000), lm, None)
+
+
+@pytest.mark.real_lm
+def test_default_checkpoint_loads_for_smollm2_and_is_the_default_gister():
+    from sim.lm import load_lm, pydoc_token_ids
+
+    lm, tok = load_lm("smollm2", device="cpu")
+    gister, name = resolve_gister("auto", lm, 32)
+    assert name == "gistnet" and isinstance(gister, GistNetGister)
+    ids = pydoc_token_ids(tok, "heldout")[: 32 * 32]
+    with torch.no_grad():
+        emb = lm.get_input_embeddings()(torch.as_tensor(ids)).numpy()
+    tree = MegaContextTree(TreeConfig(block_size=32, max_level=2, d_model=576), gister=gister)
+    tree.ingest(ids, emb)
+    l1, l2 = tree.embeddings(1, np.arange(32)), tree.embeddings(2, np.arange(1))
+    assert np.all(np.isfinite(l1)) and np.all(np.isfinite(l2)) and l2.shape == (1, 576)
+    # gists of different blocks differ (no collapse to one vector) and sit at token-like distances
+    spread = np.linalg.norm(l1 - l1.mean(0), axis=1).mean()
+    tok_spread = np.linalg.norm(emb - emb.mean(0), axis=1).mean()
+    assert spread > 0.2 * tok_spread, (spread, tok_spread)
+    norms = np.linalg.norm(l1, axis=1)
+    tok_norms = np.linalg.norm(emb, axis=1)
+    assert 0.5 * tok_norms.mean() < norms.mean() < 2.0 * tok_norms.mean()

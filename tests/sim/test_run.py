@@ -95,6 +95,14 @@ def test_env_lm_brings_its_own_defaults():
     default = lm_defaults()
     assert f"(default: {default.world.context.w_max})" in out.stdout and "(default: runs/lm)" in out.stdout
     assert parse(RunArgs, []).world.context.w_max == 256
+    from sim.tree import MegaContextTree
+    from sim.working_context import WorkingContext
+
+    w = default.world  # a valid focus loop (the context config checks its budget against the tree)
+    wc = WorkingContext(MegaContextTree(w.tree), w.context)
+    n = w.synthetic.n_blocks * w.tree.block_size
+    wc.tree.ingest(np.zeros(n, dtype=np.int64), np.zeros((n, w.tree.d_model), np.float32))
+    wc.append_tokens(n)
 
 
 def test_bad_budget_exits_with_clear_message(tmp_path):
