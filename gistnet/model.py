@@ -14,12 +14,13 @@ RMS deviation of text tokens from it. ``alpha`` are the pooling attention's weig
 children: uniform at initialisation (the query starts at zero), so an untrained GistNet (``delta``
 = 0: the last layer starts at zero) gives the centred block mean re-scaled to the typical token
 distance; with ``alpha`` on one child, the gist is that child's own embedding up to its length.
-Measured with SmolLM2 on held-out pydoc windows (7 gists + one 32-token block, H = 32): raw means
-9.3 nats (they sit on ``m``, which alone gives 9.6), dropping the context 3.10, the untrained gist
-3.10, the last token of each block 3.06 (and 3.06 in this form). Anchoring on the vocabulary mean
-instead of ``m`` (tried first) was benign too but turned single tokens into 3.09: this form keeps a
-selected token recognisable, which is what lets a gist carry *this* block's words. There is no
-output normalisation (an output LayerNorm made collapse to one vector easy). One network serves every level (a level embedding tells them apart).
+With SmolLM2 (``benchmarks/results/gistnet.json``, held-out pydoc windows, 7 gists + one 32-token
+block): raw means 9.46 nats (they sit near ``m``), dropping the context 3.09, the untrained gist
+3.09. In one-off probes (16 windows, not a committed benchmark) the last token of each block gave
+3.06, and 3.06 in this form, but 3.09 when anchored on the vocabulary mean instead of ``m`` (tried
+first): this form keeps a selected token recognisable. There is no output normalisation (an output
+LayerNorm made collapse to one vector easy). One network serves every level (a level embedding tells
+them apart).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from sim.tree import ConfigError
 
 @dataclass(frozen=True)
 class GistNetConfig:
-    """GistNet sizes (defaults: ~1.0M parameters at d_model 576)."""
+    """GistNet sizes (defaults: 1.16M parameters at d_model 576)."""
 
     d_model: int = 576
     """Width of the LM's input embeddings (GistNet's input and output)."""
