@@ -42,8 +42,8 @@ from sim.policies import (
     nll_gap_recovered,
 )
 from sim.synthetic import SyntheticConfig
-from sim.tree import ConfigError, TreeConfig
-from sim.working_context import BudgetExhausted, ContextConfig
+from sim.tree import ConfigError, MegaContextTree, TreeConfig
+from sim.working_context import BudgetExhausted, ContextConfig, WorkingContext
 from sim.world import HELD_OUT_FIRST_DOC, WorldConfig, lm_episode, synthetic_episode
 
 
@@ -129,8 +129,9 @@ def _budgets(args: RunArgs, w: WorldConfig) -> tuple[list[int], list[str]]:
         b = int(round(scale * base))
         if b in budgets:
             continue
-        try:
-            replace(w, context=replace(w.context, w_max=b))
+        try:  # the world's document check, then the context's own (tail + a coarse cover must fit)
+            wb = replace(w, context=replace(w.context, w_max=b))
+            WorkingContext(MegaContextTree(wb.tree), wb.context)
         except ConfigError as err:
             notes.append(f"W_max={b} (x{scale}) skipped: {err}")
             continue

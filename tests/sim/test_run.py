@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -88,6 +89,18 @@ def test_lm_study_end_to_end_with_the_tiny_lm(tmp_path):
     for r in results["policies"].values():
         assert r["max_slots"] <= 24 and r["steps"] > 0 and np.isfinite(r["nll"])
     assert results["policies"]["oracle"]["nll"] <= results["policies"]["recency"]["nll"] + 1e-6
+
+
+def test_budget_sweep_skips_budgets_the_context_cannot_hold():
+    from sim.run import _budgets
+
+    args = parse(RunArgs, [])
+    budgets, notes = _budgets(args, args.world)  # W_max 256, tail 128, b 32, L2: needs >= 191
+    assert budgets == [256, 192, 224, 320]
+    assert len(notes) == 1 and "W_max=160" in notes[0] and "191" in notes[0]
+    lm = lm_defaults()
+    budgets, notes = _budgets(lm, replace(lm.world, tree=replace(lm.world.tree, d_model=576)))
+    assert budgets == [64, 80] and len(notes) == 3
 
 
 def test_env_lm_brings_its_own_defaults():
