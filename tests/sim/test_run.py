@@ -76,7 +76,7 @@ def test_small_study_end_to_end(tmp_path, capsys):
 
 def test_lm_study_end_to_end_with_the_tiny_lm(tmp_path):
     argv = ["--env", "lm", "--lm", "tiny", "--out", str(tmp_path), "--train-docs", "2", "--eval-docs", "1",
-            "--preset", "tiny", "--no-progress", "--no-plots", "--world.tree.block-size", "4",
+            "--preset", "tiny", "--no-progress", "--no-plots", "--world.tree.block-size", "4", "--world.tree.max-level", "2",
             "--world.synthetic.n-blocks", "24", "--world.step-tokens", "4", "--world.horizon", "8",
             "--world.n-tail", "3", "--world.warmup-tokens", "16", "--world.context.w-max", "24",
             "--world.context.tail", "8", "--train.total-steps", "10", "--train.eval-every", "5",
