@@ -43,7 +43,7 @@ from sim.policies import (
 )
 from sim.synthetic import SyntheticConfig
 from sim.tree import ConfigError, MegaContextTree, TreeConfig
-from sim.working_context import BudgetExhausted, ContextConfig, WorkingContext
+from sim.working_context import BudgetExhausted, ContextConfig, WorkingContext, min_slots
 from sim.world import HELD_OUT_FIRST_DOC, WorldConfig, lm_episode, synthetic_episode
 
 
@@ -71,6 +71,8 @@ class RunArgs:
     """Also evaluate every policy at these multiples of W_max (budgets too small for the document are skipped)."""
     lm: str = "smollm2"
     """With --env lm: 'smollm2', 'tiny' (random-init test LM) or a local model folder."""
+    lm_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """With --env lm: the LM's dtype ('auto': float32 on CPU, bfloat16 on CUDA)."""
     progress: bool = True
     """Progress bars."""
     plots: bool = True
@@ -81,14 +83,17 @@ class RunArgs:
 
 def lm_defaults() -> RunArgs:
     """Defaults of ``--env lm``: 384-token documents (so L1 is the top level: an L2 gist needs 1 024
-    tokens), W_max 64 with a 32-token tail, H = 32, 8 + 2 documents, 400 LensNet steps: labelling
-    with SmolLM2 costs about a second per snapshot on 2 cores."""
+    tokens), W_max 96 with a 32-token tail (room for one expanded block beside the coarsest cover
+    at every step), H = 32, 8 + 2 documents, 400 LensNet steps, one extra budget (1.5 x W_max: three
+    blocks). Labelling with SmolLM2 costs a few seconds per snapshot on 2 cores, and so does each
+    step of the greedy oracle policy."""
     world = WorldConfig(env="lm", horizon=32, warmup_tokens=128, n_tail=4,
                         tree=TreeConfig(block_size=32, max_level=1, d_model=576),
-                        context=ContextConfig(w_max=64, tail=32),
+                        context=ContextConfig(w_max=96, tail=32),
                         synthetic=SyntheticConfig(n_blocks=12))
     train = TrainConfig(lr=1e-3, warmup_steps=40, total_steps=400, eval_every=100, ckpt_every=200, batch_size=16)
-    return RunArgs(env="lm", out="runs/lm", train_docs=8, eval_docs=2, preset="small", world=world, train=train)
+    return RunArgs(env="lm", out="runs/lm", train_docs=8, eval_docs=2, preset="small", budget_scales=(1.5,),
+                   world=world, train=train)
 
 
 def versions() -> dict:
@@ -121,10 +126,32 @@ def format_table(results: dict) -> str:
     return "\n".join(rows)
 
 
+def expansion_room(w: WorldConfig) -> tuple[int, int]:
+    """(refocus steps at which one L1 expansion fits W_max beside the coarsest legal cover, all
+    refocus steps). With none, no policy can do anything but the recency cover: the study is void."""
+    b, doc_tokens = w.tree.block_size, w.synthetic.n_blocks * w.tree.block_size
+    first = max(w.warmup_tokens, w.step_tokens)
+    cursors = range(first, doc_tokens - w.horizon + 1, w.step_tokens)
+    fits = sum(min_slots(t, b, w.tree.max_level, w.context.tail) + b - 1 <= w.context.w_max for t in cursors)
+    return fits, len(cursors)
+
+
+def _room_note(w: WorldConfig) -> str | None:
+    fits, steps = expansion_room(w)
+    if fits == steps:
+        return None
+    what = "at no refocus step" if fits == 0 else f"at only {fits} of {steps} refocus steps"
+    note = f"W_max={w.context.w_max}: an expansion (+{w.tree.block_size - 1} slots) fits {what}"
+    return note + ("; every policy reduces to the recency cover there" if fits == 0 else "")
+
+
 def _budgets(args: RunArgs, w: WorldConfig) -> tuple[list[int], list[str]]:
-    """The W_max values of the sweep (the run's own first) and notes on the ones skipped."""
+    """The W_max values of the sweep (the run's own first) and notes on the ones skipped, or
+    where focus has little or no room to act."""
     base = w.context.w_max
     budgets, notes = [base], []
+    if (note := _room_note(w)) is not None:
+        notes.append(note)
     for scale in args.budget_scales:
         b = int(round(scale * base))
         if b in budgets:
@@ -136,6 +163,8 @@ def _budgets(args: RunArgs, w: WorldConfig) -> tuple[list[int], list[str]]:
             notes.append(f"W_max={b} (x{scale}) skipped: {err}")
             continue
         budgets.append(b)
+        if (note := _room_note(wb)) is not None:
+            notes.append(note)
     return budgets, notes
 
 
@@ -163,7 +192,7 @@ def run(args: RunArgs) -> dict:
         from sim.lm import load_lm
         from sim.lm_oracle import LMOracle
 
-        lm_model, tokenizer = load_lm(args.lm)
+        lm_model, tokenizer = load_lm(args.lm, dtype=None if args.lm_dtype == "auto" else getattr(torch, args.lm_dtype))
         oracle = LMOracle(lm_model)
         lm = (lm_model, tokenizer)
         w = replace(w, tree=replace(w.tree, d_model=oracle.d_model))

@@ -100,7 +100,28 @@ def test_budget_sweep_skips_budgets_the_context_cannot_hold():
     assert len(notes) == 1 and "W_max=160" in notes[0] and "191" in notes[0]
     lm = lm_defaults()
     budgets, notes = _budgets(lm, replace(lm.world, tree=replace(lm.world.tree, d_model=576)))
-    assert budgets == [64, 80] and len(notes) == 3
+    assert budgets == [96, 144] and notes == []
+
+
+def test_budgets_without_room_to_expand_are_flagged():
+    """A budget where no expansion ever fits makes every policy the recency cover: said, not hidden."""
+    from sim.run import _budgets, expansion_room
+    from sim.working_context import min_slots
+
+    lm = lm_defaults()
+    w = lm.world
+    b, n_doc = w.tree.block_size, w.synthetic.n_blocks * w.tree.block_size
+    cursors = range(w.warmup_tokens, n_doc - w.horizon + 1, w.step_tokens)
+    for w_max in (48, 64, 72, 73, 96):  # brute force: the coarsest cover + one block vs W_max, per step
+        wb = replace(w, context=replace(w.context, w_max=w_max))
+        want = sum(min_slots(t, b, 1, w.context.tail) + b - 1 <= w_max for t in cursors)
+        assert expansion_room(wb) == (want, len(cursors))
+    assert expansion_room(replace(w, context=replace(w.context, w_max=64)))[0] == 0
+    args = replace(lm, budget_scales=(0.75, 2 / 3))  # 72: room until the last step; 64: never
+    budgets, notes = _budgets(args, w)
+    assert budgets == [96, 72, 64]
+    assert any("W_max=72" in n and "only" in n for n in notes)
+    assert any("W_max=64" in n and "no refocus step" in n and "recency" in n for n in notes)
 
 
 def test_env_lm_brings_its_own_defaults():
