@@ -62,7 +62,7 @@ def _add_fields(parser: argparse.ArgumentParser, cls: type, prefix: str, default
             _add_fields(parser, tp, f"{prefix}{f.name}.", default)
             continue
         kwargs: dict[str, Any] = {"dest": f"{prefix}{f.name}", "default": default}
-        help_text = docs.get(f.name, "")
+        help_text = docs.get(f.name, "").replace("%", "%%")  # argparse %-formats help strings
         args = typing.get_args(tp)
         optional = typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in args
         if optional:

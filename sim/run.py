@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import sys
 import time
@@ -73,6 +74,8 @@ class RunArgs:
     """With --env lm: 'smollm2', 'tiny' (random-init test LM) or a local model folder."""
     lm_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     """With --env lm: the LM's dtype ('auto': float32 on CPU, bfloat16 on CUDA)."""
+    select: Literal["best", "final"] = "best"
+    """LensNet weights that are evaluated: the checkpoint with the lowest validation loss (validation = 10% of the training snapshots, never held-out documents), or the last step's."""
     progress: bool = True
     """Progress bars."""
     plots: bool = True
@@ -227,6 +230,13 @@ def run(args: RunArgs) -> dict:
     trainer = Trainer(mcfg, replace(args.train, seed=args.seed), train_set, val_set, out, progress=args.progress)
     trainer.train()
     timings["train_s"] = time.perf_counter() - t0
+    lensnet_step = trainer.step
+    if args.select == "best" and math.isfinite(trainer.best):  # best.pt is this run's (best starts at inf)
+        from lensnet.train import load_checkpoint
+
+        ckpt = load_checkpoint(out / "best.pt", trainer.device)
+        trainer.model.load_state_dict(ckpt["model"])
+        lensnet_step = int(ckpt["step"])
     model = trainer.model.eval()
     heldout = TraceDataset(TraceReader(heldout_dir, require_complete=True))
     lens_metrics = evaluate(model, LensNetLoss(max_level=w.tree.max_level), heldout, 16, trainer.device)
@@ -268,6 +278,7 @@ def run(args: RunArgs) -> dict:
         "policies": sweep[str(w.context.w_max)],
         "lensnet_metrics": lens_metrics,
         "lensnet_params": model.n_params(),
+        "lensnet_step": lensnet_step, "lensnet_select": args.select,
         "train_snapshots": len(train_idx), "heldout_snapshots": len(heldout),
         "heldout_docs": [docs[0], docs[-1]],
         "budget_sweep": {b: {name: {k: r[k] for k in ("nll", "nll_std_over_docs", "ngr", "budget_use", "swap_rate")}

@@ -21,6 +21,7 @@ def test_help_comes_from_field_docstrings():
     for flag in ("--seed", "--out", "--world.tree.block-size", "--world.context.w-max", "--world.allocator.n-diff",
                  "--train.lr", "--train.betas", "--train-docs", "--eval-docs"):
         assert flag in out.stdout, flag
+    assert "(validation = 10% of the training snapshots" in " ".join(out.stdout.split())  # a literal % survives
 
 
 def test_nested_defaults_and_overrides():
@@ -55,6 +56,11 @@ def test_small_study_end_to_end(tmp_path, capsys):
     for r in pol.values():
         assert r["max_slots"] <= 40 and r["steps"] > 0
     assert saved["lensnet_metrics"]["legality_compliance"] == 1.0
+    # the evaluated LensNet is the lowest-validation-loss checkpoint (--select best, the default)
+    evals = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in evals if "val/loss" in r]
+    assert saved["lensnet_select"] == "best" and len(evals) == 2
+    assert saved["lensnet_step"] == min(evals, key=lambda r: r["val/loss"])["step"]
     for f in ("config.json", "command.txt", "versions.json", "metrics.jsonl", "latest.pt", "focus.jsonl",
               "plots/policy_nll.png", "plots/training_curves.png", "plots/focus_heatmap.png", "plots/validation_metrics.png",
               "plots/budget_sweep.png"):
