@@ -69,6 +69,8 @@ def label_distribution(lm, tok, gister, n_snapshots: int, seed: int) -> dict:
     from sim.world import HELD_OUT_FIRST_DOC, lm_episode
 
     w = lm_defaults().world
+    # W_max 64: the --env lm default when benchmarks/results/gistnet.json was measured (now 96)
+    w = replace(w, context=replace(w.context, w_max=64))
     oracle = LMOracle(lm)
     w = replace(w, tree=replace(w.tree, d_model=oracle.d_model))
     ys: dict[int, list[float]] = {0: [], 1: [], 2: []}
