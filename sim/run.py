@@ -195,6 +195,10 @@ def run(args: RunArgs) -> dict:
         from sim.lm import load_lm
         from sim.lm_oracle import LMOracle
 
+        if not args.progress:  # transformers' own weight-loading bars too
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
         lm_model, tokenizer = load_lm(args.lm, dtype=None if args.lm_dtype == "auto" else getattr(torch, args.lm_dtype))
         oracle = LMOracle(lm_model)
         lm = (lm_model, tokenizer)
