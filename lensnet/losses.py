@@ -35,6 +35,21 @@ def regression_loss(pred: Tensor, target: Tensor, mask: Tensor) -> Tensor:
     return sq.sum() / mask.sum().clamp_min(1)
 
 
+def level_balanced_regression_loss(pred: Tensor, target: Tensor, mask: Tensor, levels: Tensor, n_levels: int) -> Tensor:
+    """L_reg with every tree level weighted alike: the mean, over the levels that have labelled
+    entries in the batch, of that level's mean (u - y)^2; 0 when nothing is labelled. (Token entries
+    outnumber gists ~3:1 and most gist labels are 0, so the plain mean lets the rare expand gains
+    shrink towards 0.)"""
+    mask = mask.bool()
+    sq = torch.where(mask, (pred - _safe_target(target, mask)) ** 2, torch.zeros_like(pred)).reshape(-1)
+    lv = levels.clamp(0, n_levels - 1).reshape(-1)
+    sums = sq.new_zeros(n_levels).index_add_(0, lv, sq)
+    counts = sq.new_zeros(n_levels).index_add_(0, lv, mask.reshape(-1).to(sq.dtype))
+    present = counts > 0
+    per_level = torch.where(present, sums / counts.clamp_min(1), torch.zeros_like(sums))
+    return per_level.sum() / present.sum().clamp_min(1)
+
+
 # Above this spread of predictions within a snapshot, exp(u_j - u_i) could overflow float32 in the
 # paired-log path (T <= e^spread, (1+T)^2 < e^88.7): such chunks take the direct softplus path.
 _MAX_SPREAD = 40.0
@@ -155,7 +170,10 @@ def illegality_loss(
 
 
 class LensNetLoss(nn.Module):
-    """L = L_reg + lambda_rank L_rank + lambda_budget L_budget + L_illegal (DESIGN §5)."""
+    """L = L_reg + lambda_rank L_rank + lambda_budget L_budget + L_illegal (DESIGN §5).
+
+    ``reg_balance``: 'entries' is DESIGN's L_reg (mean over labelled entries); 'levels' weights each
+    tree level alike (``level_balanced_regression_loss``)."""
 
     def __init__(
         self,
@@ -165,8 +183,12 @@ class LensNetLoss(nn.Module):
         beta_illegal: float = 0.3,
         max_level: int = 2,
         margin: float = 0.1,
+        reg_balance: str = "entries",
     ) -> None:
         super().__init__()
+        if reg_balance not in ("entries", "levels"):
+            raise ValueError(f"reg_balance must be 'entries' or 'levels', got {reg_balance!r}")
+        self.reg_balance = reg_balance
         self.lambda_rank, self.lambda_budget = lambda_rank, lambda_budget
         self.alpha_illegal, self.beta_illegal = alpha_illegal, beta_illegal
         self.max_level, self.margin = max_level, margin
@@ -182,7 +204,11 @@ class LensNetLoss(nn.Module):
                 raise ValueError(f"batch[{k!r}] has shape {tuple(batch[k].shape)}, predictions {tuple(predictions.shape)}")
         valid = batch["valid_mask"].bool()
         mask = batch["action_mask"].bool() & valid
-        l_reg = regression_loss(predictions, batch["target_utilities"], mask)
+        if self.reg_balance == "levels":
+            l_reg = level_balanced_regression_loss(predictions, batch["target_utilities"], mask,
+                                                   batch["levels"], self.max_level + 1)
+        else:
+            l_reg = regression_loss(predictions, batch["target_utilities"], mask)
         l_rank = ranking_loss(predictions, batch["target_utilities"], mask, self.margin)
         l_budget = budget_loss(
             predictions, batch["expand_cost"] * valid, batch["collapse_refund"] * valid

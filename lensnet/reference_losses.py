@@ -37,6 +37,28 @@ def regression(pred: Grid, target: Grid, mask: list[list[bool]]) -> tuple[float,
     return total / len(cells), grad
 
 
+def regression_by_level(pred: Grid, target: Grid, mask: list[list[bool]], levels: list[list[int]]) -> tuple[float, Grid]:
+    """L_reg per tree level, averaged over the levels that have labelled entries."""
+    b, n = len(pred), len(pred[0])
+    by_level: dict[int, list[tuple[int, int]]] = {}
+    for s in range(b):
+        for i in range(n):
+            if mask[s][i]:
+                by_level.setdefault(levels[s][i], []).append((s, i))
+    grad = _zeros(b, n)
+    if not by_level:
+        return 0.0, grad
+    total = 0.0
+    for cells in by_level.values():
+        part = 0.0
+        for s, i in cells:
+            d = pred[s][i] - target[s][i]
+            part += d * d
+            grad[s][i] = 2 * d / (len(cells) * len(by_level))
+        total += part / len(cells)
+    return total / len(by_level), grad
+
+
 def ranking(pred: Grid, target: Grid, mask: list[list[bool]], margin: float = 0.1) -> tuple[float, Grid]:
     b, n = len(pred), len(pred[0])
     grad = _zeros(b, n)

@@ -175,7 +175,6 @@ def run(args: RunArgs) -> dict:
     import torch
 
     from lensnet.data import TraceDataset
-    from lensnet.losses import LensNetLoss
     from lensnet.policy import LensNetPolicy
     from lensnet.train import Trainer, evaluate, model_config_for, split_indices
     from sim.traces import TraceReader
@@ -243,7 +242,7 @@ def run(args: RunArgs) -> dict:
         lensnet_step = int(ckpt["step"])
     model = trainer.model.eval()
     heldout = TraceDataset(TraceReader(heldout_dir, require_complete=True))
-    lens_metrics = evaluate(model, LensNetLoss(max_level=w.tree.max_level), heldout, 16, trainer.device)
+    lens_metrics = evaluate(model, trainer.loss_fn, heldout, 16, trainer.device)
     lens_metrics = {k.removeprefix("val/"): v for k, v in lens_metrics.items()}
 
     # 3. policies on held-out documents: the run's W_max, then the other budgets of the sweep

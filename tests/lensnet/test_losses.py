@@ -7,7 +7,14 @@ import torch
 from hypothesis import given
 
 from lensnet import reference_losses as ref
-from lensnet.losses import LensNetLoss, budget_loss, illegality_loss, ranking_loss, regression_loss
+from lensnet.losses import (
+    LensNetLoss,
+    budget_loss,
+    illegality_loss,
+    level_balanced_regression_loss,
+    ranking_loss,
+    regression_loss,
+)
 from tests.lensnet.strategies import loss_batches
 
 
@@ -37,6 +44,8 @@ def test_each_term_matches_reference(args):
     cases = [
         (regression_loss, (y, mask), ref.regression, (y.tolist(), mask.tolist())),
         (ranking_loss, (y, mask), ref.ranking, (y.tolist(), mask.tolist())),
+        (lambda p, t, m, lv: level_balanced_regression_loss(p, t, m, lv, 3), (y, mask, batch["levels"]),
+         ref.regression_by_level, (y.tolist(), mask.tolist(), batch["levels"].tolist())),
         (budget_loss, (batch["expand_cost"], batch["collapse_refund"]), ref.budget,
          (batch["expand_cost"].tolist(), batch["collapse_refund"].tolist())),
         (lambda p, lv, v: illegality_loss(p, lv, v, max_level=2), (batch["levels"], batch["valid_mask"]),
@@ -49,6 +58,29 @@ def test_each_term_matches_reference(args):
         want, want_grad = slow(pred.tolist(), *slow_args)
         assert value.item() == pytest.approx(want, abs=1e-5, rel=1e-5)
         torch.testing.assert_close(p.grad, torch.tensor(want_grad, dtype=p.dtype), atol=1e-5, rtol=1e-5)
+
+
+@given(loss_batches(max_b=3, max_n=8))
+def test_level_balanced_loss_uses_the_balanced_regression(args):
+    pred, batch = args
+    plain, balanced = LensNetLoss(max_level=2)(pred, batch), LensNetLoss(max_level=2, reg_balance="levels")(pred, batch)
+    mask = (batch["action_mask"] & batch["valid_mask"]).tolist()
+    want, _ = ref.regression_by_level(pred.tolist(), batch["target_utilities"].tolist(), mask, batch["levels"].tolist())
+    assert balanced["L_reg"] == pytest.approx(want, abs=1e-5, rel=1e-5)
+    for k in ("L_rank", "L_budget", "L_illegal"):  # the other terms are untouched
+        assert balanced[k] == plain[k]
+    assert balanced["loss"].item() == pytest.approx(plain["loss"].item() - plain["L_reg"] + want, abs=1e-5, rel=1e-5)
+
+
+def test_level_balance_weights_each_level_alike():
+    # one L1 entry off by 1, three L0 entries exact: plain mean 1/4, balanced (0 + 1) / 2
+    pred = torch.tensor([[0.0, 0.0, 0.0, 1.0]])
+    y, m = torch.zeros(1, 4), torch.ones(1, 4, dtype=torch.bool)
+    levels = torch.tensor([[0, 0, 0, 1]])
+    assert regression_loss(pred, y, m).item() == pytest.approx(0.25)
+    assert level_balanced_regression_loss(pred, y, m, levels, 3).item() == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="reg_balance"):
+        LensNetLoss(reg_balance="tokens")
 
 
 def test_empty_masks_give_zero_not_nan():
