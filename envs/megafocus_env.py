@@ -8,7 +8,7 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
-from sim.allocator import AllocatorConfig
+from sim.allocator import AllocatorConfig, recency_scores
 from sim.lm import pydoc_token_ids
 from sim.lm_oracle import LMOracle
 from sim.policies import Recency
@@ -61,7 +61,14 @@ class MegaFocusEnv(gym.Env):
     ``swap_count`` (collapses paid this step).
 
     ## Starting State
-    ``reset`` draws a new document from ``self.np_random`` and ingests ``warmup_tokens``.
+    ``reset`` draws a new document from ``self.np_random`` and ingests ``warmup_tokens`` (budget
+    restored oldest first).
+
+    ## Step
+    The action refocuses the observed context (the allocator's one pass, DESIGN §4); the reward
+    is measured; the cursor then ingests ``step_tokens`` and the budget is restored with this
+    action's scores (per node, 0 for nodes it did not score, oldest first among ties). Restore
+    collapses are forced: they start no cooldown, so the agent may re-expand them next step.
 
     ## Episode End
     Terminated when fewer than ``horizon`` tokens remain after the cursor (document end).
@@ -73,10 +80,12 @@ class MegaFocusEnv(gym.Env):
     (document length in blocks, 96), ``d_model`` (synthetic only, 64), ``lm`` ("smollm2", "tiny" or
     a model folder; for ``oracle="lm"``), ``gister`` ("auto": the committed GistNet checkpoint when it
     fits the LM, else mean pooling; "gistnet"; "mean"; for ``oracle="lm"``), ``render_mode``
-    ("ansi" | "rgb_array").
+    ("ansi" | "rgb_array"), ``debug`` (False; True: ``check_invariants()`` of the working context
+    after every reset, refocus and restore, raising ``InvariantViolation`` on the first broken).
 
     ## Version History
-    * v0: initial version (unreleased; the ``gister`` argument was added before any release).
+    * v0: initial version (unreleased; the ``gister`` and ``debug`` arguments and the score-based
+      restore after ingest were added before any release).
     """
 
     metadata = {"render_modes": ["ansi", "rgb_array"], "render_fps": 4}
@@ -97,7 +106,10 @@ class MegaFocusEnv(gym.Env):
         gister: str = "auto",
         score_scale: float = 1.0,
         render_mode: str | None = None,
+        debug: bool = False,
     ) -> None:
+        self.debug = bool(debug)
+        self._last_scores: dict[tuple[int, int], float] = {}
         if not (np.isfinite(score_scale) and score_scale > 0):
             raise ConfigError(f"score_scale must be a positive number, got {score_scale}")
         self.score_scale = float(score_scale)
@@ -167,6 +179,11 @@ class MegaFocusEnv(gym.Env):
         self.shadow = Episode(self.world, ids, emb, oracle, gister=self._gister)
         self.episode.advance()
         self.shadow.advance()
+        self.episode.restore()
+        self.shadow.restore()
+        self._last_scores = {}
+        if self.debug:
+            self.episode.wc.check_invariants()
         return self._obs(), {"n_tokens": self.episode.wc.n_tokens, "slots_used": len(self.episode.wc)}
 
     def step(self, action):
@@ -180,8 +197,11 @@ class MegaFocusEnv(gym.Env):
         if np.any(np.abs(action) > 1.0 + 1e-6):
             raise ValueError(f"action values must lie in [-1, 1] (scores are action * score_scale); max |a| = {np.abs(action).max()}")
         ep = self.episode
-        actions = ep.refocus(action[: len(ep.wc)].astype(np.float64) * self.score_scale)
-        Recency().apply(self.shadow)
+        scores = action[: len(ep.wc)].astype(np.float64) * self.score_scale
+        self._last_scores = dict(zip(zip(ep.wc.levels.tolist(), ep.wc.indices.tolist(), strict=True), scores.tolist(), strict=True))
+        actions = ep.refocus(scores)
+        if self.debug:
+            ep.wc.check_invariants()
         nll, recency_nll = ep.nll(), self.shadow.nll()
         info = {
             "nll": nll, "recency_nll": recency_nll,
@@ -191,8 +211,24 @@ class MegaFocusEnv(gym.Env):
         }
         ep.advance()
         self.shadow.advance()
+        # The observation holds at most w_max entries: restore the budget after the ingest with
+        # the agent's scores of this step (per node; 0 for nodes it did not score), oldest first
+        # among ties, as the allocator's own restore would (DESIGN §4).
+        ep.restore(self._carried_scores())
+        Recency().apply(self.shadow)  # restores oldest first, expands nothing
+        if self.debug:
+            ep.wc.check_invariants()
+            self.shadow.wc.check_invariants()
         terminated = not ep.can_query()
         return self._obs(), -nll, terminated, False, info
+
+    def _carried_scores(self) -> np.ndarray:
+        """The last action's scores mapped onto the current entries by node (0 for new nodes);
+        a tiny recency term breaks ties oldest first."""
+        assert self.episode is not None
+        wc = self.episode.wc
+        u = np.array([self._last_scores.get(k, 0.0) for k in zip(wc.levels.tolist(), wc.indices.tolist(), strict=True)])
+        return u + 1e-9 * recency_scores(wc)
 
     # -------------------------------------------------------------------------- observation
     def _obs(self) -> dict[str, np.ndarray]:

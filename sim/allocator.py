@@ -1,12 +1,14 @@
 """The focus allocator (DESIGN.md §4): turns one signed score per entry into legal, budgeted actions.
 
 Positive score = expand this gist (what detail would gain), negative = what collapsing its
-sibling group would cost. The allocator hard-masks illegal directions (``mask_illegal``, shared
-with LensNet so there is one copy), expands the best candidates above ``tau_expand``, pays for
-expands that do not fit with the cheapest non-overlapping sibling groups when the swap is worth
-it, applies at most ``n_diff`` actions and refuses to reverse a node touched within ``cooldown``
-steps. ``enforce_budget`` restores W_max after the cursor ingests tokens, or raises
-``BudgetExhausted`` — it never drops history.
+sibling group would cost. ``step`` is the one refocus pass of a step: the context it gets may be
+over budget (the cursor has just ingested K tokens), so it first restores W_max by collapsing the
+groups the scores value least (forced collapses: no cooldown, not counted in ``n_diff``), then
+hard-masks illegal directions (``mask_illegal``, shared with LensNet so there is one copy),
+expands the best candidates above ``tau_expand``, pays for expands that do not fit with the
+cheapest non-overlapping sibling groups when the swap is worth it, applies at most ``n_diff``
+chosen actions and refuses to reverse a node a chosen action touched within ``cooldown`` steps.
+No restore ever drops history: with no legal collapse left it raises ``BudgetExhausted``.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import Literal, TypeVar
 import numpy as np
 
 from sim.tree import ConfigError
-from sim.working_context import BudgetExhausted, WorkingContext
+from sim.working_context import BudgetExhausted, InvariantViolation, WorkingContext
 
 ArrayT = TypeVar("ArrayT")
 
@@ -63,6 +65,8 @@ class Action:
     level: int
     index: int
     slot_delta: int
+    forced: bool = False
+    """A budget-restore collapse after ingest: not a choice, so no cooldown and not in ``n_diff``."""
 
 
 class FocusAllocator:
@@ -89,15 +93,19 @@ class FocusAllocator:
 
     # --------------------------------------------------------------------------- refocus step
     def step(self, wc: WorkingContext, scores: np.ndarray) -> list[Action]:
-        """Apply the best legal actions for ``scores`` (one per entry); returns them in order."""
+        """One refocus pass with one score vector (one per entry of the possibly over-budget ``wc``).
+
+        First the budget is restored by collapsing the groups ``scores`` value least (forced
+        actions: not counted in ``n_diff``, no cooldown), then the best expands/swaps are applied.
+        Returns every action in the order applied.
+        """
         scores = self._validate(wc, scores)
         self.step_count += 1
         step, cfg, b = self.step_count, self.config, wc.block_size
+        u = mask_illegal(scores, wc.can_expand(), wc.group_ids() >= 0)
+        actions, u, touched = self._restore(wc, u, step)  # touched: token spans changed this step
         levels, indices, starts, ends = wc.levels, wc.indices, wc.starts, wc.ends
         group_starts = wc.group_starts()
-        can_collapse = np.zeros(len(wc), dtype=bool)
-        can_collapse[(group_starts[:, None] + np.arange(b)).ravel()] = True
-        u = mask_illegal(scores, wc.can_expand(), can_collapse)
 
         # Collapse candidates: legal groups not reversing a recent expand, cheapest (highest mean) first.
         g_mean = u[group_starts[:, None] + np.arange(b)].mean(axis=1) if group_starts.size else np.zeros(0)
@@ -108,15 +116,13 @@ class FocusAllocator:
         expand_order = np.flatnonzero(u > cfg.tau_expand)
         expand_order = expand_order[np.argsort(-u[expand_order], kind="stable")]
 
-        touched: list[tuple[int, int]] = []  # token spans changed this step
-
         def free(lo: int, hi: int) -> bool:
             return all(hi <= t0 or lo >= t1 for t0, t1 in touched)
 
-        actions: list[Action] = []
+        n_chosen = 0
         n_slots = len(wc)
         for i in expand_order:
-            if len(actions) >= cfg.n_diff:
+            if n_chosen >= cfg.n_diff:
                 break
             key = (int(levels[i]), int(indices[i]))
             lo, hi = int(starts[i]), int(ends[i])
@@ -126,7 +132,7 @@ class FocusAllocator:
             pay: list[int] = []
             if deficit > 0:
                 n_pay = -(-deficit // (b - 1))
-                if len(actions) + 1 + n_pay > cfg.n_diff:
+                if n_chosen + 1 + n_pay > cfg.n_diff:
                     continue
                 for g in g_order:
                     s = group_starts[g]
@@ -148,20 +154,24 @@ class FocusAllocator:
             actions.append(Action("expand", key[0], key[1], b - 1))
             self._touched[key] = (step, "expand")
             touched.append((lo, hi))
-        assert n_slots == len(wc) <= wc.config.w_max, "allocator broke the budget"
+            n_chosen += 1 + len(pay)
+        if not n_slots == len(wc) <= wc.config.w_max:  # a guarantee, so an error (not an assert) if broken
+            raise InvariantViolation("budget", f"allocator left {len(wc)} entries (tracked {n_slots}) for "
+                                     f"w_max={wc.config.w_max}")
         return actions
 
-    # ---------------------------------------------------------------------- budget after ingest
-    def enforce_budget(self, wc: WorkingContext, scores: np.ndarray | None = None) -> list[Action]:
-        """Collapse the cheapest legal groups until ``len(wc) <= W_max``.
+    # ---------------------------------------------------------------------- budget restore
+    def _restore(self, wc: WorkingContext, u: np.ndarray, step: int) -> tuple[list[Action], np.ndarray, list[tuple[int, int]]]:
+        """Collapse the groups ``u`` values least (highest mean) until ``len(wc) <= W_max``.
 
-        Cheapest = highest mean score when ``scores`` (one per current entry) are given, else
-        the oldest group (the recency policy). Groups reversing a recent expand go last.
-        Raises ``BudgetExhausted`` when no legal collapse is left and the budget still breaks.
+        Forced collapses enter no cooldown: they are not choices, and a cooldown would block the
+        policy from re-expanding what the restore took (DESIGN §4). Groups reversing a recent
+        deliberate expand go last; ties go oldest first. Returns (actions, ``u`` re-indexed to the
+        new entries, each collapsed parent taking its members' mean, token spans collapsed).
         """
-        b, step = wc.block_size, self.step_count + 1  # these collapses belong to the coming step
-        u = np.zeros(len(wc)) if scores is None else self._validate(wc, scores)
+        b = wc.block_size
         actions: list[Action] = []
+        spans: list[tuple[int, int]] = []
         while len(wc) > wc.config.w_max:
             group_starts = wc.group_starts()
             if group_starts.size == 0:
@@ -169,8 +179,7 @@ class FocusAllocator:
                     f"{len(wc)} entries exceed w_max={wc.config.w_max} at T={wc.n_tokens} and no legal "
                     "collapse is left: raise w_max, shorten the tail, or add a level"
                 )
-            members = group_starts[:, None] + np.arange(b)
-            mean = u[members].mean(axis=1)
+            mean = u[group_starts[:, None] + np.arange(b)].mean(axis=1)
             parents = [(int(wc.levels[s]) + 1, int(wc.indices[s]) // b) for s in group_starts]
             cooling = np.array([self._cooling(p, "expand", step) for p in parents])
             order = np.lexsort((group_starts, -mean, cooling))  # last key is primary
@@ -178,8 +187,29 @@ class FocusAllocator:
             # apply right to left so earlier slots (and the ``u`` rows) keep their positions
             for g in sorted(order[:n_need].tolist(), key=lambda g: -group_starts[g]):
                 s = int(group_starts[g])
+                spans.append((int(wc.starts[s]), int(wc.ends[s + b - 1])))
                 wc.collapse(*parents[g])
                 u = np.concatenate([u[:s], [u[s : s + b].mean()], u[s + b :]])
-                actions.append(Action("collapse", parents[g][0], parents[g][1], -(b - 1)))
-                self._touched[parents[g]] = (step, "collapse")
-        return actions
+                actions.append(Action("collapse", parents[g][0], parents[g][1], -(b - 1), forced=True))
+        return actions, u, spans
+
+    def enforce_budget(self, wc: WorkingContext, scores: np.ndarray | None = None) -> list[Action]:
+        """Only the restore half of ``step`` (no expands, no step counted): collapse the cheapest
+        legal groups until ``len(wc) <= W_max``.
+
+        Cheapest = highest mean (masked) score when ``scores`` (one per current entry) are given,
+        else the oldest group (what ``recency_scores`` gives). Raises ``BudgetExhausted`` when no
+        legal collapse is left and the budget still breaks.
+        """
+        u = recency_scores(wc) if scores is None else self._validate(wc, scores)
+        u = mask_illegal(u, wc.can_expand(), wc.group_ids() >= 0)
+        return self._restore(wc, u, self.step_count + 1)[0]
+
+
+def recency_scores(wc: WorkingContext) -> np.ndarray:
+    """Scores of the recency policy: no expands, and the older a group the cheaper its collapse.
+
+    u = -1 / (1 + distance to the cursor): every score is negative (nothing expands) and a group
+    wholly older than another has a higher (cheaper) mean, so restores take the oldest first.
+    """
+    return -1.0 / (1.0 + (wc.n_tokens - wc.ends).astype(np.float64))

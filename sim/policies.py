@@ -1,8 +1,9 @@
 """Focus policies and their evaluation: the baselines every LensNet result is compared against.
 
-A policy acts on an ``Episode`` once per step, after the cursor has ingested K tokens and the
-budget was restored. ``Recency`` does nothing (the budget keeps the newest detail at L0 and
-collapses the oldest groups first), ``AllCoarse`` collapses every legal group (the coarsest
+A policy acts on an ``Episode`` once per step, after the cursor has ingested K tokens (the
+context may be over budget): its scores go through the allocator, which restores the budget with
+them and then expands/swaps. ``Recency`` restores oldest-first and expands nothing (the newest
+detail stays at L0), ``AllCoarse`` collapses every legal group (the coarsest
 legal cover: tail at L0, everything older as coarse as it can be), ``RandomScores`` feeds
 Gaussian scores to the allocator, ``GreedyOracle`` feeds the exact counterfactual labels
 (``label_snapshot``: exact in the synthetic world). LensNet's policy lives in ``lensnet.policy``
@@ -18,7 +19,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
-from sim.allocator import Action
+from sim.allocator import Action, recency_scores
 from sim.labels import label_snapshot
 from sim.world import Episode, WorldConfig, synthetic_episode
 
@@ -27,14 +28,14 @@ class Recency:
     name = "recency"
 
     def apply(self, ep: Episode) -> list[Action]:
-        return []
+        return ep.refocus(recency_scores(ep.wc))
 
 
 class AllCoarse:
     name = "all_coarse"
 
     def apply(self, ep: Episode) -> list[Action]:
-        actions: list[Action] = []
+        actions = ep.restore()
         b = ep.wc.block_size
         while (starts := ep.wc.group_starts()).size:
             s = int(starts[0])
@@ -76,7 +77,7 @@ def evaluate_policy(
     """Run ``policy`` over documents; NLL is measured after each refocus, on the next H tokens."""
     make = episode_factory or (lambda w, d, s: synthetic_episode(w, d, s)[0])
     per_doc, slots, times = [], [], []
-    n_steps = n_collapse = n_expand = 0
+    n_steps = n_collapse = n_expand = n_forced = 0
     for doc in tqdm(doc_ids, desc=f"eval {policy.name}", disable=not progress, leave=False):
         ep = make(world, doc, seed)
         nlls = []
@@ -89,7 +90,8 @@ def evaluate_policy(
             times.append(time.perf_counter() - t0)
             ep.wc.check_invariants()  # budget (and every other invariant) after every step
             n_expand += sum(a.kind == "expand" for a in actions)
-            n_collapse += sum(a.kind == "collapse" for a in actions)
+            n_collapse += sum(a.kind == "collapse" and not a.forced for a in actions)
+            n_forced += sum(a.forced for a in actions)
             nlls.append(ep.nll())
             slots.append(len(ep.wc))
             n_steps += 1
@@ -106,6 +108,7 @@ def evaluate_policy(
         "w_max": world.context.w_max,
         "expands_per_step": n_expand / max(n_steps, 1),
         "swap_rate": n_collapse / max(n_steps, 1),
+        "restores_per_step": n_forced / max(n_steps, 1),
         "ms_per_step": 1e3 * float(np.mean(times)),
         "steps": n_steps,
     }

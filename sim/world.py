@@ -3,8 +3,9 @@
 ``WorldConfig`` gathers every size of the loop (tree, context budget, allocator, K, H, tail gists,
 the synthetic world). ``Episode`` owns one document's tree/context/allocator and exposes the step
 cycle that trace generation, evaluation and the gymnasium environment all share:
-``advance()`` ingests K tokens and restores the budget, ``query()`` is the next H tokens,
-``refocus(scores)`` applies the allocator, ``nll()`` asks the oracle about the current context.
+``advance()`` ingests K tokens (the context may now be over budget), ``query()`` is the next H
+tokens, ``refocus(scores)`` is the step's one allocator pass (restore the budget with the scores,
+then expand/swap; DESIGN §4), ``nll()`` asks the oracle about the current context.
 """
 
 from __future__ import annotations
@@ -91,8 +92,11 @@ class Episode:
         """Whether H tokens remain after the cursor."""
         return self.wc.n_tokens + self.config.horizon <= self.n_doc_tokens
 
-    def advance(self) -> list[Action]:
-        """Ingest the next K tokens (all of the warm-up on the first call); restore the budget."""
+    def advance(self) -> int:
+        """Ingest the next K tokens (all of the warm-up on the first call); returns how many.
+
+        The budget is not restored here: the step's ``refocus`` does it with the policy's scores
+        (or ``restore`` does it alone)."""
         t = self.wc.n_tokens
         k = max(self.config.warmup_tokens - t, self.config.step_tokens) if t < self.config.warmup_tokens else self.config.step_tokens
         k = min(k, self.n_doc_tokens - t)
@@ -100,7 +104,11 @@ class Episode:
             raise ValueError("the document is exhausted")
         self.tree.ingest(self.token_ids[t : t + k], self.embeddings[t : t + k])
         self.wc.append_tokens(k)
-        return self.allocator.enforce_budget(self.wc)
+        return k
+
+    def restore(self, scores: np.ndarray | None = None) -> list[Action]:
+        """Only restore the budget (collapses, cheapest by ``scores`` or oldest first); no step."""
+        return self.allocator.enforce_budget(self.wc, scores)
 
     def query(self) -> tuple[np.ndarray, int]:
         """(next H token ids, index of the first)."""
@@ -111,6 +119,7 @@ class Episode:
         return self.wc.arrays(self.config.n_tail)
 
     def refocus(self, scores: np.ndarray) -> list[Action]:
+        """The step's allocator pass: restore the budget with ``scores``, then expand/swap."""
         return self.allocator.step(self.wc, scores)
 
     def nll(self) -> float:

@@ -6,7 +6,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sim.allocator import AllocatorConfig, FocusAllocator, mask_illegal
+from sim.allocator import AllocatorConfig, FocusAllocator, mask_illegal, recency_scores
 from sim.tree import ConfigError
 from sim.working_context import BudgetExhausted, ContextConfig, WorkingContext
 from tests.strategies import build_tree, score_vectors, working_contexts
@@ -182,3 +182,78 @@ def test_allocator_config_validation():
         AllocatorConfig(n_diff=0)
     with pytest.raises(ConfigError, match="finite"):
         AllocatorConfig(tau_swap=float("nan"))
+
+
+# ------------------------------------------------------------------ one pass: restore + refocus
+def _over_budget(b: int = 2, n: int = 12, extra: int = 2, w_max: int = 8, tail: int = 2) -> WorkingContext:
+    """A context restored to ``w_max`` (oldest first) that then ingests ``extra`` tokens: over budget."""
+    tree = build_tree(b, 2, n + extra)
+    wc = WorkingContext(tree, ContextConfig(w_max=w_max, tail=tail))
+    wc.append_tokens(n)
+    FocusAllocator().enforce_budget(wc)
+    wc.append_tokens(extra)
+    assert len(wc) > w_max
+    return wc
+
+
+def test_step_restores_the_budget_with_the_scores():
+    # Score-blind restore collapses the oldest group; the one pass collapses the group its scores value least.
+    wc = _over_budget(extra=1)  # one slot over: one forced collapse (b - 1 = 1)
+    starts = wc.group_starts()
+    assert starts.size >= 2
+    scores = np.full(len(wc), -1.0)
+    young = int(starts[-1])
+    scores[young : young + 2] = -0.01  # the youngest legal group is the cheapest to give up
+    actions = FocusAllocator().step(wc, scores)
+    wc.check_invariants()
+    forced = [a for a in actions if a.forced]
+    assert len(wc) <= wc.config.w_max and len(forced) == 1
+    assert forced[0].index * 2 ** forced[0].level == int(wc.starts[young])  # parent covers that group's span
+    assert all(a.kind == "collapse" for a in forced)
+
+
+def test_forced_restore_starts_no_cooldown():
+    # A restore collapse at step s must not block a deliberate expand of the same node at step s + 1
+    # (old behaviour: the restore entered the cooldown table and refused it for `cooldown` steps).
+    wc = _over_budget(n=14, extra=1, w_max=10)
+    alloc = FocusAllocator(AllocatorConfig(cooldown=2))
+    scores = recency_scores(wc)  # restore the oldest group, expand nothing
+    [restore] = [a for a in alloc.step(wc, scores) if a.forced]
+    assert len(wc) <= wc.config.w_max
+    wc.config = ContextConfig(w_max=len(wc) + 1, tail=2)  # room for one expand (b - 1 = 1 slot)
+    scores = np.where((wc.levels == restore.level) & (wc.indices == restore.index), 1.0, 0.0)
+    actions = alloc.step(wc, scores)
+    assert [(a.kind, a.level, a.index) for a in actions] == [("expand", restore.level, restore.index)]
+
+
+def test_restore_never_reexpands_its_own_collapse_in_the_same_pass():
+    wc = _over_budget()
+    alloc = FocusAllocator()
+    scores = np.where(wc.levels >= 1, 5.0, -0.01)  # the members' mean would make the parent an expand candidate
+    actions = alloc.step(wc, scores)
+    wc.check_invariants()
+    forced = {(a.level, a.index) for a in actions if a.forced}
+    assert not forced & {(a.level, a.index) for a in actions if a.kind == "expand"}
+
+
+@given(data=st.data())
+def test_step_over_budget_is_legal(data):
+    wc = data.draw(working_contexts())
+    b = wc.block_size
+    extra = data.draw(st.integers(0, 3 * b))
+    wc.tree.ingest(np.zeros(extra, dtype=np.int64), np.zeros((extra, wc.tree.config.d_model)))
+    try:
+        wc.append_tokens(extra)
+    except BudgetExhausted:
+        return
+    before = len(wc)
+    scores = data.draw(score_vectors(len(wc)))
+    cfg = AllocatorConfig(n_diff=data.draw(st.integers(1, 6)))
+    actions = FocusAllocator(cfg).step(wc, scores)
+    wc.check_invariants()  # budget included
+    forced = [a for a in actions if a.forced]
+    assert all(a.kind == "collapse" for a in forced) and actions[: len(forced)] == forced  # restore first
+    assert len(actions) - len(forced) <= cfg.n_diff
+    assert len(wc) == before + sum(a.slot_delta for a in actions)
+    if before <= wc.config.w_max:
+        assert not forced
