@@ -1,4 +1,5 @@
-"""MegaFocus-v0: gymnasium's checker, registration, determinism, and invariants from observations alone."""
+"""MegaFocus-v0: gymnasium's checker, registration, determinism, invariants from observations alone,
+and the reward recomputed through the oracle from the refocused context."""
 
 import os
 import subprocess
@@ -12,6 +13,8 @@ from gymnasium.utils.env_checker import check_env
 
 import envs  # noqa: F401  (registers MegaFocus-v0)
 from envs.megafocus_env import MegaFocusEnv
+from sim.tree import MegaContextTree
+from sim.working_context import WorkingContext
 
 SMALL = dict(block_size=4, max_level=2, w_max=40, step_tokens=4, horizon=8, tail=8, n_tail=3, doc_blocks=60, d_model=8)
 
@@ -102,8 +105,10 @@ def test_seeded_lockstep_determinism():
 
 
 def test_long_random_action_run_keeps_every_invariant():
+    """Invariants from the observations alone, and (``debug=True``) the env's own
+    ``check_invariants()`` of the working context after every step."""
     steps = 10_000 if os.environ.get("CI") else 1_500
-    env = MegaFocusEnv(**SMALL, score_scale=5.0)
+    env = MegaFocusEnv(**SMALL, score_scale=5.0, debug=True)
     obs, _ = env.reset(seed=0)
     rng = np.random.default_rng(0)
     n_expand = n_collapse = 0
@@ -112,12 +117,68 @@ def test_long_random_action_run_keeps_every_invariant():
         scale = [0.05, 0.5, 100.0][s % 3]  # mild, strong and saturating scores
         act = np.clip(rng.normal(scale=scale, size=SMALL["w_max"]), -1, 1).astype(np.float32)
         obs, reward, terminated, truncated, info = env.step(act)
-        assert np.isfinite(reward) and reward == -info["nll"] and info["slots_used"] <= SMALL["w_max"]
+        assert np.isfinite(reward) and info["slots_used"] <= SMALL["w_max"]
         n_expand += sum(a[0] == "expand" for a in info["actions"])
         n_collapse += info["swap_count"]
         if terminated or truncated:
             obs, _ = env.reset()
     assert n_expand > 100 and n_collapse > 100  # the run really moved the focus
+
+
+def _oracle_nll(env: MegaFocusEnv, levels: np.ndarray, indices: np.ndarray, n_tokens: int) -> float:
+    """The oracle's NLL of the H tokens after ``n_tokens``, with a context rebuilt from its entries."""
+    ep = env.episode
+    wc = WorkingContext(ep.tree, env.world.context)
+    wc.levels, wc.indices, wc.n_tokens = levels.copy(), indices.copy(), n_tokens
+    wc.check_invariants()
+    query = ep.token_ids[n_tokens : n_tokens + env.world.horizon]
+    assert len(query) == env.world.horizon
+    return float(ep.oracle.nll([wc.arrays(env.n_tail)], query, n_tokens)[0])
+
+
+@pytest.mark.parametrize("oracle", ["synthetic", "lm"])
+def test_reward_is_the_oracle_nll_of_the_refocused_context(oracle, monkeypatch):
+    """reward = -(oracle NLL of the next H tokens after the refocused context, before the next ingest),
+    recomputed here from the agent's context captured just before its tree ingests the next tokens
+    (nothing else changes the context between the refocus and that ingest)."""
+    if oracle == "synthetic":
+        env, n_steps, min_moved = MegaFocusEnv(**SMALL, score_scale=5.0), 60, 15
+    else:  # the tiny LM is slow on a busy CPU: fewer steps
+        env = MegaFocusEnv(oracle="lm", lm="tiny", gister="mean", block_size=4, max_level=2, w_max=20, step_tokens=4,
+                           horizon=8, tail=8, n_tail=3, doc_blocks=20, score_scale=5.0)
+        n_steps, min_moved = 8, 2
+    captured: list[tuple[int, float]] = []  # (T, oracle NLL) of the context about to ingest
+    ingest = MegaContextTree.ingest
+
+    def capturing_ingest(tree, token_ids, embeddings):
+        ep = env.episode
+        if ep is not None and tree is ep.tree and ep.wc.n_tokens > 0:  # not the reset's warm-up
+            captured.append((ep.wc.n_tokens, _oracle_nll(env, ep.wc.levels, ep.wc.indices, ep.wc.n_tokens)))
+        return ingest(tree, token_ids, embeddings)
+
+    monkeypatch.setattr(MegaContextTree, "ingest", capturing_ingest)
+    env.reset(seed=3)
+    rng = np.random.default_rng(3)
+    n_moved = 0
+    for _ in range(n_steps):
+        ep = env.episode
+        seen = ep.wc.copy()  # the context the agent scores
+        n_before = len(captured)
+        act = np.clip(rng.normal(scale=1.0, size=env.w_max), -1, 1).astype(np.float32)
+        _, reward, terminated, truncated, info = env.step(act)
+        if len(captured) == n_before:  # no ingest after the refocus: the context now is the refocused one
+            t, nll = ep.wc.n_tokens, _oracle_nll(env, ep.wc.levels, ep.wc.indices, ep.wc.n_tokens)
+        else:
+            assert len(captured) == n_before + 1, "one ingest per step"
+            t, nll = captured[-1]
+        assert t == seen.n_tokens, "the reward's query starts at the cursor the agent saw"
+        assert reward == pytest.approx(-nll, rel=1e-6, abs=1e-6)
+        assert info["nll"] == pytest.approx(-reward, rel=1e-6, abs=1e-6)
+        # how often the refocus changed the score: the check above tells the refocused context from the seen one
+        n_moved += not np.isclose(nll, _oracle_nll(env, seen.levels, seen.indices, seen.n_tokens))
+        if terminated or truncated:
+            env.reset()
+    assert n_moved >= min_moved, n_moved
 
 
 def test_bad_actions_raise_clear_errors():
