@@ -316,13 +316,17 @@ class WorkingContext:
             raise InvariantViolation("budget", f"{n} entries > w_max {self.config.w_max}")
         if np.any((levels < 0) | (levels > self.max_level)):
             raise InvariantViolation("tree_consistency", f"level outside [0, {self.max_level}]")
-        widths = b**levels
-        starts, ends = indices * widths, indices * widths + widths
-        # Level consistency holds by construction of spans from (level, index); alignment likewise.
-        # We re-check them from the stored spans so a corrupted derivation would still be caught.
-        if np.any(ends - starts != widths):
+        # An entry is stored as a node name (level, index), so its true span [index*b**level,
+        # (index+1)*b**level) is aligned and b**level wide by definition: no (levels, indices) arrays
+        # can break alignment or level consistency, only contiguity (tested with corrupted arrays).
+        # What can break them is the derivation the consumers read (``starts``/``widths``/``ends``:
+        # ``arrays()``, centre positions, ``find``), so both are checked on those derived spans
+        # against b**level computed here, and every later check uses the same derived spans.
+        starts, widths, ends = self.starts, self.widths, self.ends
+        node_widths = b**levels
+        if np.any(widths != node_widths) or np.any(ends - starts != node_widths):
             raise InvariantViolation("level_consistency", "span width != b**level")
-        if np.any(starts % widths != 0):
+        if np.any(starts % node_widths != 0):
             raise InvariantViolation("block_alignment", "an entry start is not a multiple of b**level")
         if self.n_tokens == 0:
             if n:

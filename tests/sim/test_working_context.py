@@ -129,6 +129,37 @@ def test_misaligned_gist_and_gist_in_tail_are_caught():
         wc.check_invariants()
 
 
+class _WideGists(WorkingContext):
+    """A wrong span derivation: every gist one token wider than b**level."""
+
+    @property
+    def widths(self) -> np.ndarray:
+        return super().widths + (self.levels > 0)
+
+
+class _LateGists(WorkingContext):
+    """A wrong span derivation: every gist starts one token late (its width right)."""
+
+    @property
+    def starts(self) -> np.ndarray:
+        return super().starts + (self.levels > 0)
+
+
+@pytest.mark.parametrize(("broken", "invariant"), [(_WideGists, "level_consistency"), (_LateGists, "block_alignment")])
+def test_a_wrong_span_derivation_is_caught_by_name(broken, invariant):
+    """Entries are node names, so no (levels, indices) arrays can misalign a span or give it the wrong
+    width (a misplaced gist breaks contiguity, see above); what can is the derivation of the spans
+    every consumer reads, and check_invariants checks those."""
+    wc = _ctx(b=2, n=16, tail=2)
+    wc.collapse(1, 1)
+    wc.collapse(1, 2)  # gists over [2, 4) and [4, 6)
+    wc.check_invariants()
+    wc.__class__ = broken
+    with pytest.raises(InvariantViolation, match=invariant) as err:
+        wc.check_invariants()
+    assert err.value.invariant == invariant
+
+
 def test_illegal_actions_raise():
     wc = _ctx(b=2, n=16, tail=4)
     with pytest.raises(IllegalAction, match="L0"):
