@@ -1,27 +1,32 @@
 """Substitutability training of GistNet against the frozen LM (no LM weight changes).
 
-A training example is a block-aligned window of pydoc text (training topics only): ``ctx_blocks``
-blocks of b tokens, then H query tokens. Some blocks stand as gists and the loss is the LM's NLL of
-the query tokens given that context, with the gradient flowing through the frozen LM into GistNet.
-Contexts follow the working-context invariants (a gist replaces exactly its block, in order, slot
-positions) and come in three kinds, drawn per example:
+A training example is a block-aligned window of text (``--text``: pydoc prose, plus the standard
+library's source, ``gistnet/corpus.py``; train split only): ``ctx_blocks`` blocks of b tokens, then
+H query tokens. Some blocks stand as gists and the LM reads the context with the gradient flowing
+through the frozen LM into GistNet. Every gist of a batch comes from one batched LM-prefix call and
+one GistNet call. Contexts follow the working-context invariants (a gist replaces exactly its block,
+in order, slot positions) and come in three kinds, drawn per example:
 
-* phase 1 (the first ``no_tail_steps``): *no L0 tail* — every block is a gist, so the query can only
-  be predicted through what the gists carry (the anti-soft-prompt phase);
-* then random L0/L1 mixes with always a recent L0 tail (the last ``tail_blocks`` blocks), each older
+* phase 1 (the first ``no_tail_steps``; afterwards with probability ``p_no_tail``): *no L0 tail* —
+  every block is a gist, so the query can only be predicted through what the gists carry;
+* random L0/L1 mixes with always a recent L0 tail (the last ``tail_blocks`` blocks), each older
   block L0 with probability ``p_l0``;
 * with probability ``p_l2``: an L2 gist of the b blocks before the window (an L2 node = b L1 gists,
   themselves GistNet outputs) in front of the mix (needs b*b tokens of history).
 
-The horizon follows the curriculum ``horizons`` (equal parts of the run; default 32 -> 64, and
-``--horizons 32 64 128`` for the full curriculum, which costs about twice the CPU time per step at
-H = 128). The defaults train in about 40 minutes on a 2-core CPU (about 5-7 s a step).
-The same loop trains the *soft-prompt control* (``--kind softprompt``: free vectors in the gist
-slots, ignoring the text). Validation, every ``eval_every`` steps on fixed held-out windows of the
-held-out topics (H = 32, 7 gists + a 32-token L0 block): NLL with the gists, with the gists of a
-far-away window of another topic (a content check: a gain that survives the swap is not
-compression), with the context dropped, and with the full context.
-Usage: ``python -m gistnet.train --out DIR`` (``--help`` lists every option).
+The loss (``ObjectiveConfig``; every term logged as ``loss/<name>``): the query NLL; optionally the
+KL from the full-context LM (teacher: the same LM reading the window's tokens, no gradient); a
+contrastive hinge (the example's own gists against the gists of another window of the same corpus);
+block reconstruction from its gist. The horizon follows the curriculum ``horizons`` (equal parts of
+the run). On CUDA the LM's forwards run under bf16 autocast (``--amp``; GistNet, the output head and
+the losses in float32). The same loop trains the *soft-prompt control* (``--kind softprompt``: free
+vectors in the gist slots, ignoring the text). Validation, every ``eval_every`` steps, on fixed
+windows of the *validation* split of each corpus (never the held-out text the benchmark reports
+on; H = 32, 7 gists + a 32-token L0 block): NLL with the gists, with the gists of a window half the
+corpus away (a content check: a gain that survives the swap is not compression; ``far_minus_own``
+is the gap), with the context dropped, and with the full context. The export is the step with the
+lowest validation gist NLL (``--select``). Usage: ``python -m gistnet.train --out DIR`` (``--help``
+lists every option); ``scripts/gpu_gistnet_train.sh`` runs a full training on a GPU machine.
 """
 
 from __future__ import annotations
