@@ -43,7 +43,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from gistnet.gister import LMPrefix, save_gistnet
+from gistnet.gister import LMPrefix, load_gistnet, save_gistnet
 from gistnet.model import GistNet, GistNetConfig, SoftPrompt
 from lensnet.train import TrainConfig, TrainLoop, resolve_device
 from sim.cli import parse, to_dict
@@ -116,6 +116,8 @@ class GistTrainArgs:
     """Also write the selected weights here (safetensors + JSON card), e.g. gistnet/checkpoints/gistnet-smollm2.safetensors."""
     resume: str = ""
     """Checkpoint to resume from (e.g. OUT/latest.pt)."""
+    init: str = ""
+    """GistNet weights to start from (an exported .safetensors, e.g. the shipped checkpoint; its sizes must match --model)."""
     progress: bool = True
     """Progress bar."""
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
@@ -128,6 +130,8 @@ class GistTrainArgs:
                 raise ConfigError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         if not self.horizons or min(self.horizons) < 1:
             raise ConfigError(f"horizons must be >= 1, got {self.horizons}")
+        if self.init and self.kind != "gistnet":
+            raise ConfigError("--init starts a GistNet from exported weights; the soft prompt has none")
         if not 1 <= self.tail_blocks <= self.ctx_blocks:
             raise ConfigError(f"tail_blocks must be in 1..ctx_blocks={self.ctx_blocks}, got {self.tail_blocks}")
 
@@ -394,6 +398,11 @@ class GistTrainer(TrainLoop):
             text_emb = self.train_text.embed(self.train_text.ids[: 200_000])
         if args.kind == "gistnet":
             model = GistNet.for_lm(cfg, text_emb).to(device)
+            if args.init:  # weights and the running-text statistics of an earlier export
+                start = load_gistnet(args.init, device)
+                if start.config != cfg:
+                    raise ConfigError(f"--init {args.init}: its config {start.config} differs from --model {cfg}")
+                model.load_state_dict(start.state_dict())
             self.sub = Substitution(lm, self.train_text, gistnet=model, amp=amp)
             self.val_sub = Substitution(lm, self.val_text, gistnet=model, amp=amp)
         else:

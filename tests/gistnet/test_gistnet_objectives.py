@@ -18,6 +18,7 @@ from gistnet.gister import (
     GistNetGister,
     LMPrefix,
     lm_fingerprint,
+    load_gistnet,
     resolve_gister,
     save_gistnet,
 )
@@ -256,3 +257,7 @@ def test_cli_trains_with_every_term_and_exports_a_checkpoint_auto_picks_up(tmp_p
     assert card["lm_fingerprint"] == lm_fingerprint(lm) and card["corpus"]["python"]
     assert "val/far_minus_own" in card["selected"]["validation"]
     assert resolve_gister("auto", lm, B, path=export)[1] == "gistnet"
+    # --init starts a new run from the exported weights (and their running-text statistics)
+    again = GistTrainer(tiny_args(tmp_path / "again", init=str(export)), lm, None)
+    exported = load_gistnet(export)
+    assert all(torch.equal(v, exported.state_dict()[k]) for k, v in again.model.state_dict().items())
