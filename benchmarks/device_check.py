@@ -1,4 +1,4 @@
-"""CUDA checks for a lent GPU machine: the LM oracle and LensNet training on the device.
+"""CUDA checks for a GPU machine: the LM oracle and LensNet training on the device.
 
 Usage: ``python -m benchmarks.device_check [--out DIR]``. Runs (1) the tiny LM oracle on CUDA in fp32
 and bf16: fast path vs naive recompute on counterfactual variants and all-L0 vs a plain forward;
