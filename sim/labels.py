@@ -45,6 +45,24 @@ def counterfactual_contexts(wc: WorkingContext, n_tail: int = 6) -> tuple[Contex
     return base, variants
 
 
+def lookahead_contexts(wc: WorkingContext, n_tail: int = 6) -> list[tuple[int, ContextArrays]]:
+    """Per gist of level >= 2 and per child: (slot, arrays after expanding the gist and then that child).
+
+    The lookahead label of a level >= 2 gist is the best of these two-step expansions (DESIGN §3):
+    a single expand leaves the child a gist, so its gain is blind to detail two levels down.
+    """
+    b = wc.block_size
+    out: list[tuple[int, ContextArrays]] = []
+    for i in np.flatnonzero(wc.levels >= 2):
+        level, index = int(wc.levels[i]), int(wc.indices[i])
+        for child in range(index * b, (index + 1) * b):
+            v = wc.copy()
+            v.expand(level, index)
+            v.expand(level - 1, child)
+            out.append((int(i), v.arrays(n_tail)))
+    return out
+
+
 def label_snapshot(
     wc: WorkingContext,
     oracle: NLLOracle,
@@ -52,25 +70,34 @@ def label_snapshot(
     query_start: int,
     n_tail: int = 6,
     doc_id: int = 0,
+    lookahead: bool = False,
 ) -> dict[str, np.ndarray]:
-    """A labelled snapshot in the trace format (``sim.traces.ENTRY_KEYS`` + ``SNAPSHOT_KEYS``)."""
+    """A labelled snapshot in the trace format (``sim.traces.ENTRY_KEYS`` + ``SNAPSHOT_KEYS``).
+
+    ``lookahead``: the expand gain of a gist of level >= 2 is max(its single-expand gain, the best
+    gain of expanding it and then one of its children) — see ``lookahead_contexts``.
+    """
     if query_start != wc.n_tokens:
         raise ValueError(f"the query must start at the cursor: query_start={query_start}, T={wc.n_tokens}")
     if oracle.d_model != wc.tree.config.d_model:
         raise ValueError(f"oracle d_model {oracle.d_model} != tree d_model {wc.tree.config.d_model}")
     base, variants = counterfactual_contexts(wc, n_tail)
-    nll = np.asarray(oracle.nll([base, *(v for _, _, v in variants)], query_ids, query_start), dtype=np.float64)
+    deep = lookahead_contexts(wc, n_tail) if lookahead else []
+    nll = np.asarray(oracle.nll([base, *(v for _, _, v in variants), *(v for _, v in deep)], query_ids, query_start),
+                     dtype=np.float64)
     if not np.all(np.isfinite(nll)):
         raise FloatingPointError(f"oracle returned non-finite NLL {nll[~np.isfinite(nll)][:4]}")
     b = wc.block_size
     n = len(wc)
     gain = np.zeros(n)
     cost = np.zeros(n)
-    for (kind, slot, _), value in zip(variants, nll[1:], strict=True):
+    for (kind, slot, _), value in zip(variants, nll[1 : 1 + len(variants)], strict=True):
         if kind == "expand":
             gain[slot] = max(0.0, nll[0] - value)
         else:
             cost[slot : slot + b] = max(0.0, value - nll[0])
+    for (slot, _), value in zip(deep, nll[1 + len(variants) :], strict=True):
+        gain[slot] = max(gain[slot], nll[0] - value)
     target = np.where(base.can_expand, gain, 0.0) - np.where(base.can_collapse, cost, 0.0)
     return {
         "embeddings": base.embeddings.astype(np.float32),

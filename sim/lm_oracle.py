@@ -137,6 +137,37 @@ class LMOracle:
         return result.numpy().astype(np.float64)
 
 
+@torch.no_grad()
+def answer_scores(oracle: LMOracle, context: ContextArrays | None, answer_ids: np.ndarray,
+                  prefix_ids: np.ndarray | None = None) -> tuple[float, bool]:
+    """(mean NLL per answer token, exact match) of ``answer_ids`` read after ``context`` (a working
+    context) or, with ``prefix_ids``, after those raw tokens (the full-context ceiling).
+
+    Exact match = the argmax of every answer position is the answer token (teacher-forced), which
+    equals greedy decoding of the answer (DESIGN §9).
+    """
+    if (context is None) == (prefix_ids is None):
+        raise ValueError("give exactly one of context and prefix_ids")
+    q_ids, q_emb = oracle._query(answer_ids)
+    if context is not None:
+        emb = torch.as_tensor(context.embeddings, device=oracle.device).to(oracle.dtype)
+        pos = np.asarray(context.position_ids)
+    else:
+        ids = torch.as_tensor(np.asarray(prefix_ids), dtype=torch.long, device=oracle.device)
+        emb = oracle.embed(ids).to(oracle.dtype)
+        pos = np.arange(len(prefix_ids))
+    n, h = emb.shape[0], q_ids.shape[0]
+    if int(pos[-1]) + h >= oracle.max_positions:
+        raise ValueError(f"positions exceed the LM's {oracle.max_positions}")
+    embeds = torch.cat([emb, q_emb], dim=0)[None]
+    positions = torch.as_tensor(np.concatenate([pos, int(pos[-1]) + 1 + np.arange(h)]), device=oracle.device)[None]
+    out = oracle.decoder(inputs_embeds=embeds, position_ids=positions, use_cache=False,
+                         attention_mask=_full_mask(embeds, None))
+    logits = oracle.head(out.last_hidden_state[0, n - 1 : n - 1 + h]).float()  # (h, V): position k predicts answer k
+    nll = torch.nn.functional.cross_entropy(logits, q_ids).item()
+    return float(nll), bool(torch.equal(logits.argmax(-1), q_ids))
+
+
 def _full_mask(embeds: torch.Tensor, cache: DynamicCache | None) -> torch.Tensor:
     """An explicit all-ones 2D mask. Without one, transformers reads non-consecutive position ids
     (centre mode: gists at span centres) as *packed sequences* and blocks attention across every

@@ -112,3 +112,34 @@ def test_smollm2_alignment_and_fast_path(smollm2):
     fast = oracle.nll(ctxs, ids[t : t + h], t)
     naive = LMOracle(model, fast=False).nll(ctxs, ids[t : t + h], t)
     np.testing.assert_allclose(fast, naive, atol=1e-4)
+
+
+def test_lookahead_labels_equal_brute_force():
+    """Lookahead expand gain of an L2 gist = max(single expand, best expand-then-child), recomputed
+    here one context at a time with the naive oracle; L1 gains and collapse costs are unchanged."""
+    model = tiny_llama()
+    fast, naive = LMOracle(model, batch_size=5), LMOracle(model, fast=False)
+    b, t, h = 3, 60, 4
+    ids = np.random.default_rng(3).integers(0, 512, t + h)
+    tree = MegaContextTree(TreeConfig(block_size=b, max_level=2, d_model=fast.d_model))
+    tree.ingest(ids[:t], fast.token_embeddings(ids[:t]))
+    wc = WorkingContext(tree, ContextConfig(w_max=16, tail=6))
+    wc.append_tokens(t)
+    FocusAllocator().enforce_budget(wc)
+    assert np.any(wc.levels == 2)
+    plain = label_snapshot(wc, fast, ids[t : t + h], t, n_tail=2)
+    deep = label_snapshot(wc, fast, ids[t : t + h], t, n_tail=2, lookahead=True)
+    base = naive.nll([wc.arrays(2)], ids[t : t + h], t)[0]
+    for i in range(len(wc)):
+        level, index = int(wc.levels[i]), int(wc.indices[i])
+        if level < 2:
+            assert deep["expand_gain"][i] == pytest.approx(plain["expand_gain"][i], abs=1e-6)
+            continue
+        best = plain["expand_gain"][i]
+        for child in range(index * b, (index + 1) * b):  # brute force: every two-step expansion
+            v = wc.copy()
+            v.expand(level, index)
+            v.expand(level - 1, child)
+            best = max(best, base - naive.nll([v.arrays(2)], ids[t : t + h], t)[0])
+        assert deep["expand_gain"][i] == pytest.approx(best, abs=1e-4)
+    np.testing.assert_allclose(deep["collapse_cost"], plain["collapse_cost"], atol=1e-6)

@@ -1,0 +1,251 @@
+"""``python -m sim.evaluate``: the shipped LensNet + GistNet and the baselines on any task file (DESIGN §9).
+
+    python -m sim.evaluate --tasks FILE.jsonl --out DIR [--w-max N] [--policies a,b,...]
+                           [--lm PATH] [--lensnet CKPT]
+
+Every task streams ``context + question`` through the tree to question time (``sim.taskworld``);
+each policy then zooms for up to ``--zoom-rounds`` rounds through the same allocator at the same
+W_max, and the answer is scored. Writes ``DIR/tasks.jsonl`` (one row per task and policy, flushed
+as it goes, so an interrupted run keeps what it measured) and ``DIR/results.json``::
+
+    {"config": {"w_max": ..., ...},
+     "policies": {"<name>": {"exact_match": float, "answer_nll": float,
+                             "focus_recall": float | null, "n": int, ...}},
+     "grid": {"<name>": {"<length>": {"<depth>": exact_match}}}, "errors": [...], ...}
+
+``focus_recall`` = fraction of tasks whose needle tokens were all at L0 when the answer was scored
+(null when no task names needle spans). A malformed task line (bad JSON, missing field, span
+outside the context, text longer than the LM's positions) is reported with its line number and
+skipped; the other tasks still run. Exit status 1 when any line was skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from sim.cli import parse, to_dict
+from sim.taskworld import (
+    LensNetZoom,
+    OracleZoom,
+    RandomZoom,
+    RecencyZoom,
+    RetrievalZoom,
+    SinksZoom,
+    SurprisalZoom,
+    TaskError,
+    TaskWorldConfig,
+    answer_task,
+    prepare_task,
+)
+from sim.tree import ConfigError
+
+POLICIES = ("lensnet", "recency", "sinks", "random", "retrieval", "surprisal", "oracle", "full")
+DEFAULT_POLICIES = "lensnet,recency,sinks,random,retrieval,surprisal,full"
+
+
+@dataclass
+class EvaluateArgs:
+    """Evaluate focus policies on a JSONL task file with the frozen LM."""
+
+    tasks: str = ""
+    """JSONL task file (``python -m sim.tasks`` writes them): id, context, question, answer, needle_spans."""
+    out: str = "runs/evaluate"
+    """Output directory: results.json, tasks.jsonl, command.txt."""
+    policies: str = DEFAULT_POLICIES
+    """Comma-separated policies among lensnet, recency, sinks, random, retrieval, surprisal, oracle, full ('oracle' labels every action of every round: about a minute per 2k-token task on a 2-core CPU)."""
+    lm: str = "smollm2"
+    """'smollm2', 'tiny' (random-init test LM, character tokenizer) or a local model folder."""
+    lensnet: str = "auto"
+    """LensNet checkpoint; 'auto' = the shipped one for the LM (lensnet/checkpoints), else none."""
+    gister: str = "auto"
+    """'auto' (the shipped GistNet when it fits the LM), 'gistnet' or 'mean'."""
+    seed: int = 0
+    """Seed of the random baseline."""
+    progress: bool = True
+    """Progress bars."""
+    world: TaskWorldConfig = field(default_factory=TaskWorldConfig)
+
+
+def task_lines(path: str | Path) -> dict[str, int]:
+    """id -> line number of each well-formed line (for error messages after parsing)."""
+    out: dict[str, int] = {}
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, start=1):
+            try:
+                out.setdefault(str(json.loads(raw)["id"]), n)
+            except (ValueError, KeyError, TypeError):
+                continue
+    return out
+
+
+def _policy_objects(names: list[str], args: EvaluateArgs, oracle, model, device) -> tuple[list, str | None]:
+    out, lens_path = [], None
+    for name in names:
+        if name == "lensnet":
+            from lensnet.policy import LensNetPolicy
+            from lensnet.shipped import default_lensnet_path
+            from lensnet.train import load_model
+
+            lens_path = default_lensnet_path(model) if args.lensnet == "auto" else args.lensnet
+            if lens_path is None:
+                print("note: no shipped LensNet fits this LM; 'lensnet' is skipped (pass --lensnet CKPT)",
+                      file=sys.stderr)
+                continue
+            out.append(LensNetZoom(LensNetPolicy(load_model(lens_path, device), device), args.world.n_tail))
+        elif name == "full":
+            out.append("full")
+        else:
+            out.append({"recency": RecencyZoom, "sinks": SinksZoom, "retrieval": RetrievalZoom,
+                        "surprisal": SurprisalZoom, "random": lambda: RandomZoom(args.seed),
+                        "oracle": lambda: OracleZoom(oracle, args.world.n_tail, args.world.lookahead)}[name]())
+    return out, (str(lens_path) if lens_path is not None else None)
+
+
+def summarise(rows: list[dict], names: list[str]) -> tuple[dict, dict]:
+    """Per policy means (exact match, answer NLL, focus recall, rounds, actions) and the length x depth grid."""
+    policies, grid = {}, {}
+    for name in names:
+        rs = [r for r in rows if r["policy"] == name]
+        if not rs:
+            continue
+        recall = [r["focus_recall"] for r in rs if r["focus_recall"] is not None]
+        em = np.array([r["exact_match"] for r in rs])
+        policies[name] = {
+            "exact_match": float(em.mean()), "answer_nll": float(np.mean([r["answer_nll"] for r in rs])),
+            "focus_recall": float(np.mean(recall)) if recall else None, "n": len(rs),
+            "exact_match_ci95": _bootstrap(em, seed=0),
+            "rounds": float(np.mean([r["rounds"] for r in rs])),
+            "expands": float(np.mean([r["expands"] for r in rs])),
+            "collapses": float(np.mean([r["collapses"] for r in rs])),
+            "policy_ms": 1e3 * float(np.mean([r["policy_s"] for r in rs])),
+            "compression": float(np.mean([r["n_tokens"] / r["w_max"] for r in rs])),
+        }
+        cells: dict[str, dict[str, list[float]]] = {}
+        for r in rs:
+            cells.setdefault(str(r["length"]), {}).setdefault(str(r["depth"]), []).append(r["exact_match"])
+        grid[name] = {n: {d: float(np.mean(v)) for d, v in sorted(ds.items())} for n, ds in sorted(cells.items())}
+    return policies, grid
+
+
+def _bootstrap(x: np.ndarray, seed: int, n: int = 2000) -> list[float] | None:
+    """95% percentile-bootstrap interval of the mean over tasks."""
+    if x.size < 2:
+        return None
+    rng = np.random.default_rng(seed)
+    means = x[rng.integers(0, x.size, (n, x.size))].mean(axis=1)
+    return [float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))]
+
+
+def evaluate(args: EvaluateArgs) -> dict:
+    import torch
+
+    from gistnet.gister import resolve_gister
+    from sim.lm import load_lm
+    from sim.lm_oracle import LMOracle, answer_scores
+    from sim.run import versions
+    from sim.tasks import scan_tasks
+    from sim.taskworld import CharTokenizer
+
+    if not args.tasks:
+        raise ConfigError("--tasks FILE.jsonl is required")
+    names = [n.strip() for n in args.policies.split(",") if n.strip()]
+    bad = [n for n in names if n not in POLICIES]
+    if bad or not names:
+        raise ConfigError(f"--policies: unknown {bad} (choose from {', '.join(POLICIES)})")
+    tasks, errors = scan_tasks(args.tasks)
+    lines = task_lines(args.tasks)
+    error_rows = [{"line": e.line, "error": str(e)} for e in errors]
+    for e in errors:
+        print(f"error: {e} (skipped)", file=sys.stderr)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "command.txt").write_text(" ".join(["python -m sim.evaluate", *sys.argv[1:]]) + "\n")
+    if not args.progress:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    torch.set_grad_enabled(False)
+    model, tokenizer = load_lm(args.lm)
+    tokenizer = tokenizer or CharTokenizer(model.config.vocab_size)
+    oracle = LMOracle(model)
+    gister, gister_name = resolve_gister(args.gister, model, args.world.block_size)
+    policies, lens_path = _policy_objects(names, args, oracle, model, oracle.device)
+    needs_features = any(getattr(p, "needs_features", False) for p in policies)
+    rows: list[dict] = []
+    t_start = time.perf_counter()
+    lm_forward_s: list[float] = []
+    with (out / "tasks.jsonl").open("w") as log:
+        for task in tqdm(tasks, desc="tasks", disable=not args.progress):
+            line = lines.get(str(task["id"]))
+            try:
+                pt = prepare_task(task, oracle, tokenizer, args.world, gister, features=needs_features)
+            except TaskError as err:
+                msg = f"{args.tasks}: line {line}: {err}"
+                print(f"error: {msg} (skipped)", file=sys.stderr)
+                error_rows.append({"line": line, "error": msg})
+                continue
+            meta = task.get("meta") or {}
+            for p in tqdm(policies, desc=str(task["id"]), disable=not args.progress, leave=False):
+                name = p if isinstance(p, str) else p.name
+                r = answer_task(p, pt, oracle, args.world)
+                if name == "recency":  # one LM forward at W_max: the yardstick of policy cost
+                    t0 = time.perf_counter()
+                    answer_scores(oracle, pt.wc.arrays(args.world.n_tail), pt.answer_ids)
+                    lm_forward_s.append(time.perf_counter() - t0)
+                row = {"id": task["id"], "line": line, "policy": name, "n_tokens": pt.n_tokens,
+                       "w_max": args.world.w_max, "length": meta.get("length", pt.n_tokens),
+                       "depth": meta.get("depth"), "kind": meta.get("kind"), **r}
+                rows.append(row)
+                log.write(json.dumps(row) + "\n")
+                log.flush()
+    summary, grid = summarise(rows, [p if isinstance(p, str) else p.name for p in policies])
+    fwd = float(np.mean(lm_forward_s)) if lm_forward_s else None
+    if fwd and "lensnet" in summary:  # per round: LensNet + allocator vs one LM forward at W_max
+        summary["lensnet"]["cost_vs_lm_forward"] = summary["lensnet"]["policy_ms"] / 1e3 / max(
+            summary["lensnet"]["rounds"], 1) / fwd
+    results = {
+        "config": {"w_max": args.world.w_max, "tail": args.world.tail, "zoom_rounds": args.world.rounds,
+                   "lookahead": args.world.lookahead, "block_size": args.world.block_size,
+                   "max_level": args.world.max_level, "tasks": args.tasks, "lm": args.lm, "gister": gister_name,
+                   "lensnet": lens_path, "policies": [p if isinstance(p, str) else p.name for p in policies],
+                   "seed": args.seed, "args": to_dict(args)},
+        "policies": summary, "grid": grid, "errors": error_rows, "n_tasks": len(tasks),
+        "lm_forward_ms_at_w_max": None if fwd is None else 1e3 * fwd,
+        "timings": {"total_s": time.perf_counter() - t_start}, "versions": versions(),
+    }
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    print(format_results(results))
+    return results
+
+
+def format_results(results: dict) -> str:
+    rows = [f"W_max {results['config']['w_max']}, {results['n_tasks']} tasks, zoom rounds "
+            f"{results['config']['zoom_rounds']}, gister {results['config']['gister']}",
+            "policy      exact match   answer NLL   focus recall   rounds  expands   N/W_max"]
+    for name, r in results["policies"].items():
+        rec = "   -  " if r["focus_recall"] is None else f"{r['focus_recall']:6.3f}"
+        rows.append(f"{name:<11} {r['exact_match']:8.3f}     {r['answer_nll']:8.3f}      {rec}       "
+                    f"{r['rounds']:5.2f}  {r['expands']:6.2f}   {r['compression']:6.1f}")
+    if results["errors"]:
+        rows.append(f"{len(results['errors'])} task line(s) skipped: see results.json 'errors'")
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse(EvaluateArgs, argv)
+    try:
+        results = evaluate(args)
+    except (ConfigError, FileNotFoundError) as err:
+        sys.exit(f"error: {err}")
+    sys.exit(1 if results["errors"] else 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,230 @@
+"""``python -m sim.taskstudy``: the real-LM task study end to end (DESIGN §9) — generate tasks, label
+question-time counterfactual traces, train LensNet on them, evaluate every policy on held-out tasks.
+
+1. tasks: ``--train-tasks`` from the training filler and phrasing, ``--eval-tasks`` from the held-out
+   ones (``sim.tasks``), written to ``OUT/tasks-{train,heldout}.jsonl``;
+2. label (``label_tasks``): each training task streams to question time; for each of the zoom
+   rounds, every legal action is labelled with the frozen LM (horizon = the answer tokens, the
+   two-level lookahead for L2 gists), the snapshot written to ``OUT/traces`` (resumable, sharded
+   with ``--shard i/n``: run ``n`` processes, then ``--label-only false`` once to train on all
+   parts), and the oracle's own scores move the focus to the next round;
+3. train: LensNet on those snapshots, checkpoint choice on a validation split by task;
+4. evaluate: ``sim.evaluate`` on the held-out tasks with the trained LensNet and the baselines.
+
+Uses CUDA when present. ``--ship`` copies the trained LensNet and its card into
+``lensnet/checkpoints`` (the default ``sim.evaluate`` loads).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from lensnet.data import AugmentConfig
+from lensnet.train import TrainConfig
+from sim.allocator import FocusAllocator
+from sim.cli import parse, to_dict
+from sim.labels import label_snapshot, parse_shard
+from sim.tasks import TaskConfig, generate_tasks, read_tasks, token_counter, write_jsonl
+from sim.taskworld import TaskError, TaskWorldConfig, prepare_task
+from sim.traces import TraceWriter
+from sim.tree import ConfigError
+
+
+def _default_train() -> TrainConfig:
+    return TrainConfig(lr=1e-3, warmup_steps=50, total_steps=600, eval_every=100, ckpt_every=300, batch_size=16,
+                       augment=AugmentConfig(jitter_p=0.0))
+
+
+@dataclass
+class TaskStudyArgs:
+    """Real-LM task study: tasks -> question-time labels -> LensNet -> held-out evaluation."""
+
+    task: Literal["passkey", "multikey", "vt"] = "passkey"
+    """Task kind (sim.tasks)."""
+    out: str = "runs/tasks"
+    """Run directory."""
+    seed: int = 0
+    """The one seed: tasks, LensNet init and data order derive from it."""
+    train_tasks: int = 48
+    """Training tasks to label."""
+    eval_tasks: int = 12
+    """Held-out tasks (held-out filler and phrasing)."""
+    train_lengths: tuple[int, ...] = (1024, 2048)
+    """Token lengths of the training tasks (cycled)."""
+    eval_lengths: tuple[int, ...] = (2048, 4096)
+    """Token lengths of the held-out tasks (cycled)."""
+    eval_depths: tuple[float, ...] = (0.1, 0.3, 0.5, 0.7, 0.9)
+    """Needle depths of the held-out tasks (cycled; the depth x length grid)."""
+    policies: str = "lensnet,recency,sinks,random,retrieval,surprisal,oracle,full"
+    """Policies of the held-out evaluation (sim.evaluate --policies)."""
+    lm: str = "smollm2"
+    """'smollm2', 'tiny' (random-init test LM) or a local model folder."""
+    shard: str = "0/1"
+    """i/n: this process labels the training tasks with index % n == i (into OUT/traces/part-i-of-n)."""
+    label_only: bool = False
+    """Stop after labelling (sharded runs: then rerun with --shard 0/1 to train on every part)."""
+    preset: Literal["tiny", "small", "seed"] = "small"
+    """LensNet size."""
+    ship: bool = False
+    """Copy the trained LensNet and its card into lensnet/checkpoints (the sim.evaluate default)."""
+    progress: bool = True
+    """Progress bars."""
+    world: TaskWorldConfig = field(default_factory=TaskWorldConfig)
+    train: TrainConfig = field(default_factory=_default_train)
+
+
+def label_tasks(tasks: list[dict], out: Path, oracle, tokenizer, world: TaskWorldConfig, gister, meta: dict,
+                shard: str = "0/1", progress: bool = True) -> Path:
+    """Question-time traces: per task and zoom round, every legal action labelled (answer horizon);
+    the oracle's scores move the focus between rounds. Resumes after the last complete shard file."""
+    i, n = parse_shard(shard)
+    part = out if n == 1 else out / f"part-{i}-of-{n}"
+    writer = TraceWriter(part, meta, shard_size=64)
+    skip, seen = writer.n_done, 0
+    for doc_id, task in enumerate(tqdm(tasks, desc=f"label {part.name}", disable=not progress)):
+        if doc_id % n != i:
+            continue
+        if seen + world.rounds <= skip:  # every round of this task is on disk already
+            seen += world.rounds
+            continue
+        try:
+            pt = prepare_task(task, oracle, tokenizer, world, gister, features=False)
+        except TaskError as err:
+            print(f"skipped: {err}", file=sys.stderr)
+            continue
+        wc, alloc = pt.wc.copy(), FocusAllocator(world.allocator)
+        for _ in range(world.rounds):
+            labels = label_snapshot(wc, oracle, pt.answer_ids, wc.n_tokens, world.n_tail, doc_id, world.lookahead)
+            if seen >= skip:
+                writer.add(labels)
+            seen += 1
+            alloc.step(wc, labels["target_utilities"].astype(np.float64))
+    writer.close()
+    return part
+
+
+def split_by_task(reader, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded (train, validation) snapshot indices with whole tasks (``doc_id``) on one side."""
+    docs = np.array([int(reader[i]["doc_id"]) for i in range(len(reader))])
+    uniq = np.random.default_rng([seed, 54321]).permutation(np.unique(docs))
+    val_docs = uniq[: max(1, int(round(val_fraction * uniq.size)))] if uniq.size > 1 else uniq[:0]
+    val = np.isin(docs, val_docs)
+    return np.flatnonzero(~val), np.flatnonzero(val)
+
+
+def run(args: TaskStudyArgs) -> dict:
+    import torch
+
+    from gistnet.gister import resolve_gister
+    from lensnet.data import TraceDataset
+    from lensnet.shipped import CHECKPOINT_DIR, TASKS_CHECKPOINT, lm_fingerprint
+    from lensnet.train import Trainer, evaluate, model_config_for
+    from sim.evaluate import EvaluateArgs
+    from sim.evaluate import evaluate as evaluate_tasks
+    from sim.lm import load_lm
+    from sim.lm_oracle import LMOracle
+    from sim.run import versions
+    from sim.taskworld import CharTokenizer
+    from sim.traces import TraceReader
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "command.txt").write_text(" ".join(["python -m sim.taskstudy", *sys.argv[1:]]) + "\n")
+    (out / "config.json").write_text(json.dumps(to_dict(args), indent=1))
+    (out / "versions.json").write_text(json.dumps(versions(), indent=1))
+    timings: dict[str, float] = {}
+    model, tokenizer = load_lm(args.lm)
+    counter = token_counter(tokenizer) if tokenizer is not None else len  # CharTokenizer: a token a character
+    tokenizer = tokenizer or CharTokenizer(model.config.vocab_size)
+    oracle = LMOracle(model)
+    gister, gister_name = resolve_gister("auto", model, args.world.block_size)
+
+    # 1. tasks
+    files = {}
+    for split, n, lengths, depths in (("train", args.train_tasks, args.train_lengths, ()),
+                                      ("heldout", args.eval_tasks, args.eval_lengths, args.eval_depths)):
+        files[split] = out / f"tasks-{split}.jsonl"
+        cfg = TaskConfig(kind=args.task, n_tasks=n, length=lengths, depths=depths, split=split, seed=args.seed)
+        write_jsonl(generate_tasks(cfg, counter), files[split])
+
+    # 2. labels
+    t0 = time.perf_counter()
+    torch.set_grad_enabled(False)
+    meta = {"d_model": oracle.d_model, "n_tail": args.world.n_tail, "block_size": args.world.block_size,
+            "max_level": args.world.max_level, "world": to_dict(args.world), "seed": args.seed,
+            "oracle": {"kind": "lm", "lm": args.lm, "gister": gister_name, "horizon": "answer tokens",
+                       "lookahead": args.world.lookahead},
+            "tasks": str(files["train"]), "shard": args.shard}
+    trace_dir = out / "traces"
+    label_tasks(read_tasks(files["train"]), trace_dir, oracle, tokenizer, args.world, gister, meta, args.shard,
+                args.progress)
+    timings["label_s"] = time.perf_counter() - t0
+    if args.label_only:
+        return {"timings": timings}
+    torch.set_grad_enabled(True)
+
+    # 3. LensNet (validation split by task: a task's rounds are near-duplicates)
+    t0 = time.perf_counter()
+    reader = TraceReader(trace_dir, require_complete=True)
+    train_idx, val_idx = split_by_task(reader, 0.15, args.seed)
+    mcfg = model_config_for(args.preset, oracle.d_model, args.world.max_level, args.world.block_size)
+    trainer = Trainer(mcfg, replace(args.train, seed=args.seed),
+                      TraceDataset(reader, train_idx, augment=args.train.augment, seed=args.seed),
+                      TraceDataset(reader, val_idx), out, progress=args.progress)
+    trainer.train()
+    best = out / "best.pt" if (out / "best.pt").exists() else out / "final.pt"
+    if not best.exists():
+        trainer.save("final")
+        best = out / "final.pt"
+    from lensnet.train import load_checkpoint
+
+    ckpt = load_checkpoint(best, trainer.device)
+    trainer.model.load_state_dict(ckpt["model"])
+    val = {k.removeprefix("val/"): v for k, v in
+           evaluate(trainer.model.eval(), trainer.loss_fn, TraceDataset(reader, val_idx), 16, trainer.device).items()}
+    timings["train_s"] = time.perf_counter() - t0
+    card = {"task": args.task, "command": (out / "command.txt").read_text().strip(), "seed": args.seed,
+            "step": int(ckpt["step"]), "lm": args.lm, "lm_fingerprint": lm_fingerprint(model), "gister": gister_name,
+            "train_tasks": str(files["train"]), "train_snapshots": int(len(train_idx)),
+            "validation_snapshots": int(len(val_idx)), "validation": val, "world": to_dict(args.world),
+            "python": versions()["python"]}
+    (out / "lensnet.json").write_text(json.dumps(card, indent=1))
+    shutil.copyfile(best, out / "lensnet.pt")
+
+    # 4. held-out evaluation
+    t0 = time.perf_counter()
+    ev = EvaluateArgs(tasks=str(files["heldout"]), out=str(out / "heldout"), policies=args.policies, lm=args.lm,
+                      lensnet=str(out / "lensnet.pt"), seed=args.seed, progress=args.progress, world=args.world)
+    results = evaluate_tasks(ev)
+    timings["eval_s"] = time.perf_counter() - t0
+    card["heldout"] = {name: {k: r[k] for k in ("exact_match", "answer_nll", "focus_recall", "n")}
+                       for name, r in results["policies"].items()}
+    (out / "lensnet.json").write_text(json.dumps(card, indent=1))
+    if args.ship:
+        CHECKPOINT_DIR.mkdir(exist_ok=True)
+        shutil.copyfile(out / "lensnet.pt", TASKS_CHECKPOINT)
+        TASKS_CHECKPOINT.with_suffix(".json").write_text(json.dumps(card, indent=1) + "\n")
+    summary = {"timings": timings, "card": card, "results": results["policies"]}
+    (out / "study.json").write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse(TaskStudyArgs, argv)
+    try:
+        run(args)
+    except (ConfigError, TaskError, ValueError) as err:
+        sys.exit(f"error: {err}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,334 @@
+"""Long-context task worlds on the real LM (DESIGN.md §9): a task streamed through the MegaContext
+tree, question-time zoom, and the focus policies users would pick instead of LensNet.
+
+A task is ``{"id", "context", "question", "answer", "needle_spans"}`` (``sim.tasks``). The stream
+``context + question`` is tokenised once and ingested into the tree (gists from the world's
+gister); the cursor then advances K tokens a step, each step's budget restored oldest first, so
+every policy starts question time from the same recency cover (``PreparedTask.wc``; the
+question stands in the L0 tail). At question time a policy may refocus for up to ``zoom_rounds``
+rounds (rescore the current context, one allocator pass): an L2 gist needs two rounds to reach
+L0, since its L1 children have no scores until they exist in the context. The answer is then
+scored as the continuation: mean NLL per answer token and exact match (teacher-forced argmax =
+greedy decoding); focus recall = every needle token at L0 when the answer is scored.
+
+Baselines, all through the same allocator and rounds (``relevance_scores`` turns a per-block
+relevance in [0, 1] into the allocator's signed scores):
+- ``recency``: restore oldest first, never expand;
+- ``sinks``: StreamingLLM's attention sinks + recent window: the first block's path expands to L0;
+- ``random``: uniform random block relevance;
+- ``retrieval``: query-aware block retrieval from LM hidden states. Rule: every L1 block is read
+  by the LM alone at ingest, its layer-L/2 hidden states mean-pooled (MoBA's mean-pooled block
+  key, on hidden states); the question (the last ``tail`` tokens) is read alone too; relevance =
+  max over question tokens of the cosine with the block's pooled state, rank-normalised;
+- ``surprisal``: LLMLingua-style: the block's mean token NLL when read alone, rank-normalised;
+- ``oracle``: the exact greedy counterfactual labels (with the two-level lookahead for L2 gists,
+  ``sim.labels.lookahead_contexts``) each round;
+- ``full``: the whole stream as tokens (the LM's ceiling; only where it fits the LM's positions);
+- ``lensnet``: a trained LensNet's scores (``lensnet.policy.LensNetPolicy``).
+"""
+
+from __future__ import annotations
+
+import time
+import zlib
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from sim.allocator import Action, AllocatorConfig, FocusAllocator, recency_scores
+from sim.labels import label_snapshot
+from sim.lm_oracle import LMOracle, answer_scores
+from sim.tree import ConfigError, Gister, MegaContextTree, TreeConfig, mean_gister
+from sim.working_context import ContextConfig, WorkingContext
+
+
+@dataclass(frozen=True)
+class TaskWorldConfig:
+    """Sizes of the task world: tree, budget, zoom."""
+
+    block_size: int = 32
+    """b: tokens per L1 gist, L1 gists per L2 gist."""
+    max_level: int = 2
+    """Top level of the tree (L2 = b**2 tokens)."""
+    w_max: int = 192
+    """W_max: slots of the working context."""
+    tail: int = 64
+    """R: the last R tokens stay at L0 (the question must fit in it)."""
+    step_tokens: int = 32
+    """K: tokens ingested per stream step."""
+    n_tail: int = 6
+    """Tail gists given to LensNet."""
+    zoom_rounds: int = 0
+    """Refocus rounds at question time; 0 = max_level (enough to descend from the top level to L0)."""
+    lookahead: bool = True
+    """The oracle's (and the traces') expand gain of a level >= 2 gist sees two levels down."""
+    allocator: AllocatorConfig = field(default_factory=AllocatorConfig)
+
+    @property
+    def rounds(self) -> int:
+        return self.zoom_rounds or self.max_level
+
+    def __post_init__(self) -> None:
+        if self.zoom_rounds < 0:
+            raise ConfigError(f"zoom_rounds must be >= 0, got {self.zoom_rounds}")
+        if self.step_tokens < 1:
+            raise ConfigError(f"step_tokens must be >= 1, got {self.step_tokens}")
+
+
+class TaskError(ValueError):
+    """A task that cannot run: too long for the LM's positions or the budget, empty answer..."""
+
+
+@dataclass
+class PreparedTask:
+    """One task streamed to question time: what every policy starts from."""
+
+    task: dict
+    ids: np.ndarray  # (n,) stream token ids (context + question)
+    answer_ids: np.ndarray  # (h,)
+    needle: np.ndarray  # (n,) bool: token overlaps a needle span
+    question_tokens: int
+    wc: WorkingContext  # the recency cover at question time (copy it before refocusing)
+    block_hidden: np.ndarray | None = None  # (n_l1, d) pooled hidden state of each block read alone
+    block_surprisal: np.ndarray | None = None  # (n_l1,) mean token NLL of each block read alone
+    query_hidden: np.ndarray | None = None  # (q, d) hidden states of the tail read alone
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.ids.shape[0])
+
+
+class CharTokenizer:
+    """One token per character (id = code point mod ``vocab_size``), with offsets: for LMs without
+    a tokenizer (the tiny random-init test LM)."""
+
+    def __init__(self, vocab_size: int) -> None:
+        self.vocab_size = vocab_size
+
+    def __call__(self, text: str, return_offsets_mapping: bool = False, add_special_tokens: bool = False) -> dict:
+        out = {"input_ids": [ord(c) % self.vocab_size for c in text]}
+        if return_offsets_mapping:
+            out["offset_mapping"] = [(i, i + 1) for i in range(len(text))]
+        return out
+
+
+def tokenize_task(task: dict, tokenizer) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """(stream ids, answer ids, needle mask over the stream, question length in tokens)."""
+    text = task["context"] + task["question"]
+    enc = tokenizer(text, return_offsets_mapping=True, add_special_tokens=False)
+    ids = np.asarray(enc["input_ids"], dtype=np.int64)
+    offsets = np.asarray(enc["offset_mapping"], dtype=np.int64).reshape(-1, 2)
+    needle = np.zeros(len(ids), dtype=bool)
+    for s, e in task.get("needle_spans") or []:
+        needle |= (offsets[:, 0] < e) & (offsets[:, 1] > s)
+    answer = np.asarray(tokenizer(task["answer"], add_special_tokens=False)["input_ids"], dtype=np.int64)
+    if answer.size == 0:
+        raise TaskError(f"task {task.get('id')!r}: the answer tokenises to nothing")
+    q_start = int(np.searchsorted(offsets[:, 0], len(task["context"])))
+    return ids, answer, needle, len(ids) - q_start
+
+
+def prepare_task(task: dict, oracle: LMOracle, tokenizer, config: TaskWorldConfig,
+                 gister: Gister = mean_gister, features: bool = True) -> PreparedTask:
+    """Tokenise, build the tree, stream the cursor to question time (recency restores), and (with
+    ``features``) compute the block-alone hidden states and surprisal the heuristic baselines use."""
+    ids, answer, needle, q_len = tokenize_task(task, tokenizer)
+    n = len(ids)
+    if n + len(answer) > oracle.max_positions:
+        raise TaskError(f"task {task.get('id')!r}: {n} + {len(answer)} tokens exceed the LM's "
+                        f"{oracle.max_positions} positions")
+    if q_len > config.tail:
+        raise TaskError(f"task {task.get('id')!r}: the question ({q_len} tokens) is longer than the "
+                        f"L0 tail ({config.tail}); raise --tail")
+    b = config.block_size
+    tree = MegaContextTree(TreeConfig(block_size=b, max_level=config.max_level, d_model=oracle.d_model),
+                           gister=gister, reserve_tokens=n)
+    tree.ingest(ids, oracle.token_embeddings(ids))  # append-only: the same gists as streaming K at a time
+    wc = WorkingContext(tree, ContextConfig(w_max=config.w_max, tail=config.tail))
+    restore = FocusAllocator(config.allocator)
+    try:
+        while wc.n_tokens < n:
+            wc.append_tokens(min(config.step_tokens, n - wc.n_tokens))
+            restore.enforce_budget(wc)
+    except Exception as err:  # BudgetExhausted: name the task
+        raise TaskError(f"task {task.get('id')!r} ({n} tokens): {err}") from err
+    pt = PreparedTask(task, ids, answer, needle, q_len, wc)
+    if features:
+        pt.block_hidden, pt.block_surprisal, pt.query_hidden = block_features(oracle, ids, b, config.tail)
+    return pt
+
+
+@torch.no_grad()
+def block_features(oracle: LMOracle, ids: np.ndarray, b: int, tail: int, chunk: int = 16
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each complete L1 block read by the LM alone: (pooled layer-L/2 hidden state (n_l1, d), mean
+    token NLL (n_l1,)); and the last ``tail`` tokens read alone: their hidden states (q, d)."""
+    model = oracle.model
+    layer = model.config.num_hidden_layers // 2
+    n_l1 = len(ids) // b
+    blocks = torch.as_tensor(ids[: n_l1 * b].reshape(n_l1, b), device=oracle.device)
+    hidden, surprisal = [], []
+    for s in range(0, n_l1, chunk):
+        x = blocks[s : s + chunk]
+        out = model(input_ids=x, output_hidden_states=True, use_cache=False)
+        hidden.append(out.hidden_states[layer].float().mean(dim=1).cpu())
+        ce = torch.nn.functional.cross_entropy(out.logits[:, :-1].float().transpose(1, 2), x[:, 1:], reduction="none")
+        surprisal.append(ce.mean(dim=1).cpu())
+    q = torch.as_tensor(ids[-tail:], device=oracle.device)[None]
+    q_hidden = model(input_ids=q, output_hidden_states=True, use_cache=False).hidden_states[layer][0].float().cpu()
+    d = oracle.d_model
+    return (torch.cat(hidden).numpy() if hidden else np.zeros((0, d), np.float32),
+            torch.cat(surprisal).numpy() if surprisal else np.zeros(0, np.float32), q_hidden.numpy())
+
+
+def _rank01(x: np.ndarray) -> np.ndarray:
+    """Ranks scaled to [0, 1] (the largest value gets 1)."""
+    if x.size <= 1:
+        return np.ones_like(x, dtype=np.float64)
+    return np.argsort(np.argsort(x, kind="stable"), kind="stable") / (x.size - 1)
+
+
+def relevance_scores(wc: WorkingContext, block_rel: np.ndarray) -> np.ndarray:
+    """Signed allocator scores from a relevance in [0, 1] per L1 block.
+
+    A gist scores the best relevance among the blocks it covers (positive: expand the most
+    relevant first); an L0 entry scores minus its block's relevance (the cost of giving it up:
+    the least relevant detail pays first), less a tiny recency term so ties go oldest first.
+    Tokens of the trailing partial block get relevance 1 (they are in the tail anyway).
+    """
+    b = wc.block_size
+    first = wc.starts // b  # first L1 block of each entry
+    last = np.maximum((wc.ends - 1) // b, first)
+    padded = np.concatenate([np.asarray(block_rel, dtype=np.float64), [1.0]])
+    first, last = np.minimum(first, len(block_rel)), np.minimum(last, len(block_rel))
+    # max over each entry's block range (at most b**(max_level-1) blocks; N <= W_max + K entries)
+    rel = np.array([padded[lo : hi + 1].max() for lo, hi in zip(first.tolist(), last.tolist(), strict=True)])
+    return np.where(wc.levels >= 1, rel, -rel) + 1e-6 * recency_scores(wc)
+
+
+class ZoomPolicy:
+    """A question-time policy: ``scores(pt, wc)`` for the current context; ``None`` = do nothing."""
+
+    name = "base"
+    needs_features = False
+
+    def scores(self, pt: PreparedTask, wc: WorkingContext) -> np.ndarray | None:
+        raise NotImplementedError
+
+
+class RecencyZoom(ZoomPolicy):
+    name = "recency"
+
+    def scores(self, pt, wc):
+        return recency_scores(wc)
+
+
+class SinksZoom(ZoomPolicy):
+    """StreamingLLM: the first ``n_sink_blocks`` blocks (the attention sinks) expand to L0."""
+
+    name = "sinks"
+
+    def __init__(self, n_sink_blocks: int = 1) -> None:
+        self.n = n_sink_blocks
+
+    def scores(self, pt, wc):
+        rel = np.zeros(pt.n_tokens // wc.block_size)
+        rel[: self.n] = 1.0
+        return relevance_scores(wc, rel)
+
+
+class RandomZoom(ZoomPolicy):
+    name = "random"
+
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
+
+    def scores(self, pt, wc):
+        rng = np.random.default_rng([self.seed, zlib.crc32(str(pt.task["id"]).encode())])
+        return relevance_scores(wc, rng.random(pt.n_tokens // wc.block_size))
+
+
+class RetrievalZoom(ZoomPolicy):
+    name = "retrieval"
+    needs_features = True
+
+    def scores(self, pt, wc):
+        k = pt.block_hidden / (np.linalg.norm(pt.block_hidden, axis=1, keepdims=True) + 1e-8)
+        q = pt.query_hidden / (np.linalg.norm(pt.query_hidden, axis=1, keepdims=True) + 1e-8)
+        return relevance_scores(wc, _rank01((q @ k.T).max(axis=0)))
+
+
+class SurprisalZoom(ZoomPolicy):
+    name = "surprisal"
+    needs_features = True
+
+    def scores(self, pt, wc):
+        return relevance_scores(wc, _rank01(pt.block_surprisal))
+
+
+class OracleZoom(ZoomPolicy):
+    """The exact greedy counterfactual labels of the answer, every round."""
+
+    name = "oracle"
+
+    def __init__(self, oracle: LMOracle, n_tail: int = 6, lookahead: bool = True) -> None:
+        self.oracle, self.n_tail, self.lookahead = oracle, n_tail, lookahead
+
+    def scores(self, pt, wc):
+        labels = label_snapshot(wc, self.oracle, pt.answer_ids, wc.n_tokens, self.n_tail, lookahead=self.lookahead)
+        return labels["target_utilities"].astype(np.float64)
+
+
+class LensNetZoom(ZoomPolicy):
+    name = "lensnet"
+
+    def __init__(self, lensnet_policy, n_tail: int = 6) -> None:
+        self.policy, self.n_tail = lensnet_policy, n_tail
+
+    def scores(self, pt, wc):
+        return self.policy.scores(wc.arrays(self.n_tail))
+
+
+def zoom(policy: ZoomPolicy, pt: PreparedTask, config: TaskWorldConfig) -> tuple[WorkingContext, dict]:
+    """Up to ``config.rounds`` refocus rounds from the question-time cover; stops early when a round
+    changes nothing. Returns the final context and counts (rounds, actions, seconds)."""
+    wc = pt.wc.copy()
+    alloc = FocusAllocator(config.allocator)
+    rounds = n_expand = n_collapse = 0
+    t0 = time.perf_counter()
+    actions: list[Action] = []
+    for _ in range(config.rounds):
+        u = policy.scores(pt, wc)
+        acts = alloc.step(wc, u)
+        rounds += 1
+        chosen = [a for a in acts if not a.forced]
+        actions += chosen
+        n_expand += sum(a.kind == "expand" for a in chosen)
+        n_collapse += sum(a.kind == "collapse" for a in chosen)
+        if not chosen:
+            break
+    wc.check_invariants()
+    return wc, {"rounds": rounds, "expands": n_expand, "collapses": n_collapse,
+                "policy_s": time.perf_counter() - t0, "slots": len(wc)}
+
+
+def focus_recall(pt: PreparedTask, wc: WorkingContext) -> bool | None:
+    """Every needle token at L0 in ``wc`` (None when the task names no needle)."""
+    if not pt.needle.any():
+        return None
+    l0 = np.zeros(pt.n_tokens, dtype=bool)
+    l0[wc.starts[wc.levels == 0]] = True
+    return bool(np.all(l0[pt.needle]))
+
+
+def answer_task(policy: ZoomPolicy | str, pt: PreparedTask, oracle: LMOracle, config: TaskWorldConfig) -> dict:
+    """One row of results: the policy's answer NLL, exact match, focus recall, rounds and actions."""
+    if policy == "full":
+        nll, em = answer_scores(oracle, None, pt.answer_ids, prefix_ids=pt.ids)
+        return {"answer_nll": nll, "exact_match": float(em), "focus_recall": None if not pt.needle.any() else True,
+                "rounds": 0, "expands": 0, "collapses": 0, "slots": pt.n_tokens, "policy_s": 0.0}
+    wc, info = zoom(policy, pt, config)
+    nll, em = answer_scores(oracle, wc.arrays(config.n_tail), pt.answer_ids)
+    return {"answer_nll": nll, "exact_match": float(em), "focus_recall": focus_recall(pt, wc), **info,
+            "focus_map": wc.focus_map(200)}

@@ -1,0 +1,156 @@
+"""Task worlds (DESIGN §9): question-time zoom, baseline scores, sim.evaluate's contract and JSONL
+errors, and a tiny labels -> train -> evaluate study with the random-init test LM."""
+
+import json
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sim.lm import tiny_llama
+from sim.lm_oracle import LMOracle, answer_scores
+from sim.taskworld import (
+    CharTokenizer,
+    RecencyZoom,
+    TaskError,
+    TaskWorldConfig,
+    ZoomPolicy,
+    focus_recall,
+    prepare_task,
+    relevance_scores,
+    zoom,
+)
+from tests.strategies import working_contexts
+
+# b = 4, max_level 2: an L2 gist covers 16 characters (CharTokenizer: a token a character)
+WORLD = TaskWorldConfig(block_size=4, max_level=2, w_max=64, tail=24, step_tokens=4, n_tail=3)
+
+
+def _task(n_filler: int = 200, at: int = 20, tid: str = "t0") -> dict:
+    filler = "".join(chr(97 + (i * 7) % 26) for i in range(n_filler))
+    needle = "K=4821;"  # 7 tokens: two L1 blocks (b = 4) from a block-aligned start
+    context = filler[:at] + needle + filler[at:]
+    return {"id": tid, "context": context, "question": "\nK?", "answer": " 4821",
+            "needle_spans": [[at, at + len(needle)]]}
+
+
+@pytest.fixture(scope="module")
+def oracle():
+    return LMOracle(tiny_llama())
+
+
+class NeedleFinder(ZoomPolicy):
+    """Relevance 1 on the blocks holding the needle: what a perfect retriever would score."""
+
+    name = "needle"
+
+    def scores(self, pt, wc):
+        b = wc.block_size
+        rel = np.zeros(pt.n_tokens // b)
+        rel[np.unique(np.flatnonzero(pt.needle) // b)] = 1.0
+        return relevance_scores(wc, rel)
+
+
+def test_zoom_needs_a_round_per_level(oracle):
+    pt = prepare_task(_task(), oracle, CharTokenizer(512), WORLD, features=False)
+    assert pt.wc.levels[0] == 2 and not focus_recall(pt, pt.wc)  # the needle sits under an L2 gist
+    wc1, info1 = zoom(NeedleFinder(), pt, TaskWorldConfig(**{**WORLD.__dict__, "zoom_rounds": 1}))
+    wc2, info2 = zoom(NeedleFinder(), pt, WORLD)  # rounds = max_level = 2
+    assert info1["rounds"] == 1 and not focus_recall(pt, wc1)  # L2 -> L1 only: still a gist
+    assert info2["rounds"] == 2 and focus_recall(pt, wc2)  # L2 -> L1 -> L0
+    assert len(wc2) <= WORLD.w_max and info2["expands"] >= 3
+    # the shared question-time cover is untouched (every policy starts from it)
+    assert not focus_recall(pt, pt.wc)
+    wc3, info3 = zoom(RecencyZoom(), pt, WORLD)
+    assert info3["expands"] == 0 and info3["rounds"] == 1
+    np.testing.assert_array_equal(wc3.levels, pt.wc.levels)
+
+
+def test_needle_mask_and_answer_ids(oracle):
+    task = _task(at=37)
+    pt = prepare_task(task, oracle, CharTokenizer(512), WORLD, features=True)
+    s, e = task["needle_spans"][0]
+    assert np.flatnonzero(pt.needle).tolist() == list(range(s, e))
+    assert pt.question_tokens == len(task["question"]) and len(pt.answer_ids) == len(task["answer"])
+    n_blocks = pt.n_tokens // WORLD.block_size
+    assert pt.block_hidden.shape == (n_blocks, oracle.d_model) and pt.block_surprisal.shape == (n_blocks,)
+    assert np.all(np.isfinite(pt.block_surprisal))
+
+
+def test_task_errors_name_the_task(oracle):
+    with pytest.raises(TaskError, match="longer than the L0 tail"):
+        prepare_task({**_task(), "question": "?" * 40}, oracle, CharTokenizer(512), WORLD)
+    with pytest.raises(TaskError, match="positions"):
+        prepare_task(_task(n_filler=5000), oracle, CharTokenizer(512), WORLD)
+
+
+@settings(max_examples=30, deadline=None)
+@given(wc=working_contexts(), data=st.data())
+def test_relevance_scores_rank_gists_by_their_best_block(wc, data):
+    b = wc.block_size
+    n_blocks = wc.n_tokens // b
+    rel = np.asarray(data.draw(st.lists(st.floats(0, 1), min_size=n_blocks, max_size=n_blocks)))
+    u = relevance_scores(wc, rel)
+    for i in range(len(wc)):
+        lo, hi = int(wc.starts[i]) // b, (int(wc.ends[i]) - 1) // b
+        want = max([*rel[lo : min(hi, n_blocks - 1) + 1].tolist(), *([1.0] if hi >= n_blocks else [])])
+        assert u[i] == pytest.approx(want if wc.levels[i] >= 1 else -want, abs=1e-5)
+
+
+def test_answer_scores_match_a_plain_forward(oracle):
+    import torch
+
+    ids = np.random.default_rng(0).integers(0, 512, 40)
+    nll, em = answer_scores(oracle, None, ids[30:], prefix_ids=ids[:30])
+    with torch.no_grad():
+        logits = oracle.model(input_ids=torch.as_tensor(ids)[None]).logits[0].float()
+    ref = torch.nn.functional.cross_entropy(logits[29:39], torch.as_tensor(ids[30:])).item()
+    assert nll == pytest.approx(ref, abs=1e-4)
+    assert em == bool(torch.equal(logits[29:39].argmax(-1), torch.as_tensor(ids[30:])))
+
+
+def test_evaluate_contract_and_bad_lines(tmp_path):
+    from sim.evaluate import main
+
+    path = tmp_path / "tasks.jsonl"
+    lines = [json.dumps(_task(tid="a")), "{not json", json.dumps(_task(n_filler=5000, tid="long")),
+             json.dumps({**_task(tid="b"), "needle_spans": [[0, 10_000]]}), json.dumps(_task(at=90, tid="c"))]
+    path.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--tasks", str(path), "--out", str(out), "--lm", "tiny", "--policies", "recency,retrieval,full",
+              "--no-progress", "--world.block-size", "4", "--world.w-max", "64", "--world.tail", "24",
+              "--world.step-tokens", "4"])
+    assert exit_info.value.code == 1  # lines were skipped
+    res = json.loads((out / "results.json").read_text())
+    assert res["config"]["w_max"] == 64
+    assert sorted(e["line"] for e in res["errors"]) == [2, 3, 4]  # bad JSON, too long, span outside
+    assert any("positions" in e["error"] and "line 3" in e["error"] for e in res["errors"])
+    for name in ("recency", "retrieval", "full"):
+        r = res["policies"][name]
+        assert r["n"] == 2 and 0.0 <= r["exact_match"] <= 1.0 and np.isfinite(r["answer_nll"])
+        assert r["focus_recall"] is None or 0.0 <= r["focus_recall"] <= 1.0
+    assert res["policies"]["full"]["focus_recall"] == 1.0 and res["policies"]["recency"]["focus_recall"] == 0.0
+    rows = [json.loads(x) for x in (out / "tasks.jsonl").read_text().splitlines()]
+    assert {(r["id"], r["policy"]) for r in rows} == {(t, p) for t in "ac" for p in ("recency", "retrieval", "full")}
+
+
+def test_tiny_study_labels_train_evaluate(tmp_path):
+    from sim.taskstudy import main
+    from sim.traces import TraceReader
+
+    out = tmp_path / "study"
+    main(["--lm", "tiny", "--out", str(out), "--train-tasks", "2", "--eval-tasks", "1", "--train-lengths", "300",
+          "--eval-lengths", "300", "--policies", "lensnet,recency,oracle", "--world.block-size", "4",
+          "--world.w-max", "110", "--world.tail", "72", "--world.step-tokens", "4", "--train.total-steps", "4",
+          "--train.eval-every", "2", "--train.ckpt-every", "2", "--train.warmup-steps", "1", "--preset", "tiny",
+          "--no-progress"])
+    reader = TraceReader(out / "traces", require_complete=True)
+    assert len(reader) == 2 * WORLD.rounds  # every task, every zoom round
+    snap = reader[0]
+    assert snap["baseline_nll"] > 0 and snap["action_mask"].any()
+    study = json.loads((out / "study.json").read_text())
+    assert set(study["results"]) == {"lensnet", "recency", "oracle"}
+    assert study["card"]["lm_fingerprint"]["hidden_size"] == 64
+    assert (out / "lensnet.pt").exists()
