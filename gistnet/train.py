@@ -575,6 +575,8 @@ def main(argv: list[str] | None = None) -> None:
             "data": f"{args.text}: train split; validation (checkpoint choice) from the validation split, "
                     "disjoint from every held-out set (gistnet/corpus.py)",
             "corpus": corpus_card() if tok is not None else {"python": platform.python_version(), "text": "random ids"},
+            "tokens": {split: {name: (hi - lo) * text.b for name, (lo, hi) in text.segments.items()}
+                       for split, text in (("train", trainer.train_text), ("validation", trainer.val_text))},
             "device": torch.cuda.get_device_name(0) if trainer.device.type == "cuda" else "cpu",
             "amp_bf16": trainer.amp, "versions": {"torch": torch.__version__, "python": platform.python_version()},
             "train_args": to_dict(args), "selected": selected, "last_validation": result,
