@@ -70,6 +70,11 @@ class TaskStudyArgs:
     """'smollm2', 'tiny' (random-init test LM) or a local model folder."""
     shard: str = "0/1"
     """i/n: this process labels the training tasks with index % n == i (into OUT/traces/part-i-of-n)."""
+    stream_every: int = 0
+    """Also label ordinary stream steps, every this many steps (0 = question time only: labels cost
+    about a minute per snapshot of a 2k-token task on a 2-core CPU)."""
+    horizon: int = 32
+    """H of the stream-step labels (next H stream tokens)."""
     label_only: bool = False
     """Stop after labelling (sharded runs: then rerun with --shard 0/1 to train on every part)."""
     preset: Literal["tiny", "small", "seed"] = "small"
@@ -83,24 +88,29 @@ class TaskStudyArgs:
 
 
 def label_tasks(tasks: list[dict], out: Path, oracle, tokenizer, world: TaskWorldConfig, gister, meta: dict,
-                shard: str = "0/1", progress: bool = True) -> Path:
+                shard: str = "0/1", progress: bool = True, stream_every: int = 0, horizon: int = 32) -> Path:
     """Question-time traces: per task and zoom round, every legal action labelled (answer horizon);
-    the oracle's scores move the focus between rounds. Resumes after the last complete shard file."""
+    the oracle's scores move the focus between rounds. With ``stream_every`` > 0, also ordinary
+    stream steps (every that many steps; horizon = the next ``horizon`` stream tokens). Resumes
+    after the last complete shard file."""
     i, n = parse_shard(shard)
     part = out if n == 1 else out / f"part-{i}-of-{n}"
-    writer = TraceWriter(part, meta, shard_size=64)
+    writer = TraceWriter(part, meta, shard_size=8)
     skip, seen = writer.n_done, 0
     for doc_id, task in enumerate(tqdm(tasks, desc=f"label {part.name}", disable=not progress)):
         if doc_id % n != i:
             continue
-        if seen + world.rounds <= skip:  # every round of this task is on disk already
-            seen += world.rounds
-            continue
         try:
-            pt = prepare_task(task, oracle, tokenizer, world, gister, features=False)
+            pt = prepare_task(task, oracle, tokenizer, world, gister, features=False, stream_every=stream_every)
         except TaskError as err:
             print(f"skipped: {err}", file=sys.stderr)
             continue
+        for snap in pt.stream_snapshots:  # stream steps: the next H tokens of the stream
+            t = snap.n_tokens
+            if seen >= skip:
+                writer.add(label_snapshot(snap, oracle, pt.ids[t : t + horizon], t, world.n_tail, doc_id,
+                                          world.lookahead))
+            seen += 1
         wc, alloc = pt.wc.copy(), FocusAllocator(world.allocator)
         for _ in range(world.rounds):
             labels = label_snapshot(wc, oracle, pt.answer_ids, wc.n_tokens, world.n_tail, doc_id, world.lookahead)
@@ -163,10 +173,11 @@ def run(args: TaskStudyArgs) -> dict:
             "max_level": args.world.max_level, "world": to_dict(args.world), "seed": args.seed,
             "oracle": {"kind": "lm", "lm": args.lm, "gister": gister_name, "horizon": "answer tokens",
                        "lookahead": args.world.lookahead},
-            "tasks": str(files["train"]), "shard": args.shard}
+            "tasks": str(files["train"]), "shard": args.shard,
+            "stream_every": args.stream_every, "horizon": args.horizon}
     trace_dir = out / "traces"
     label_tasks(read_tasks(files["train"]), trace_dir, oracle, tokenizer, args.world, gister, meta, args.shard,
-                args.progress)
+                args.progress, args.stream_every, args.horizon)
     timings["label_s"] = time.perf_counter() - t0
     if args.label_only:
         return {"timings": timings}

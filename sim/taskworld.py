@@ -90,6 +90,7 @@ class PreparedTask:
     needle: np.ndarray  # (n,) bool: token overlaps a needle span
     question_tokens: int
     wc: WorkingContext  # the recency cover at question time (copy it before refocusing)
+    stream_snapshots: list[WorkingContext] = field(default_factory=list)  # covers at earlier cursors, if asked
     block_hidden: np.ndarray | None = None  # (n_l1, d) pooled hidden state of each block read alone
     block_surprisal: np.ndarray | None = None  # (n_l1,) mean token NLL of each block read alone
     query_hidden: np.ndarray | None = None  # (q, d) hidden states of the tail read alone
@@ -130,9 +131,10 @@ def tokenize_task(task: dict, tokenizer) -> tuple[np.ndarray, np.ndarray, np.nda
 
 
 def prepare_task(task: dict, oracle: LMOracle, tokenizer, config: TaskWorldConfig,
-                 gister: Gister = mean_gister, features: bool = True) -> PreparedTask:
+                 gister: Gister = mean_gister, features: bool = True, stream_every: int = 0) -> PreparedTask:
     """Tokenise, build the tree, stream the cursor to question time (recency restores), and (with
-    ``features``) compute the block-alone hidden states and surprisal the heuristic baselines use."""
+    ``features``) compute the block-alone hidden states and surprisal the heuristic baselines use.
+    ``stream_every`` > 0 keeps a copy of the cover every that many stream steps (stream-time labels)."""
     ids, answer, needle, q_len = tokenize_task(task, tokenizer)
     n = len(ids)
     if n + len(answer) > oracle.max_positions:
@@ -147,13 +149,17 @@ def prepare_task(task: dict, oracle: LMOracle, tokenizer, config: TaskWorldConfi
     tree.ingest(ids, oracle.token_embeddings(ids))  # append-only: the same gists as streaming K at a time
     wc = WorkingContext(tree, ContextConfig(w_max=config.w_max, tail=config.tail))
     restore = FocusAllocator(config.allocator)
+    snapshots: list[WorkingContext] = []
     try:
         while wc.n_tokens < n:
             wc.append_tokens(min(config.step_tokens, n - wc.n_tokens))
             restore.enforce_budget(wc)
+            step = wc.n_tokens // config.step_tokens
+            if stream_every and step % stream_every == 0 and wc.n_tokens < n - config.tail:
+                snapshots.append(wc.copy())
     except Exception as err:  # BudgetExhausted: name the task
         raise TaskError(f"task {task.get('id')!r} ({n} tokens): {err}") from err
-    pt = PreparedTask(task, ids, answer, needle, q_len, wc)
+    pt = PreparedTask(task, ids, answer, needle, q_len, wc, snapshots)
     if features:
         pt.block_hidden, pt.block_surprisal, pt.query_hidden = block_features(oracle, ids, b, config.tail)
     return pt

@@ -145,9 +145,11 @@ def test_tiny_study_labels_train_evaluate(tmp_path):
           "--eval-lengths", "300", "--policies", "lensnet,recency,oracle", "--world.block-size", "4",
           "--world.w-max", "110", "--world.tail", "72", "--world.step-tokens", "4", "--train.total-steps", "4",
           "--train.eval-every", "2", "--train.ckpt-every", "2", "--train.warmup-steps", "1", "--preset", "tiny",
-          "--no-progress"])
+          "--stream-every", "30", "--horizon", "8", "--no-progress"])
     reader = TraceReader(out / "traces", require_complete=True)
-    assert len(reader) == 2 * WORLD.rounds  # every task, every zoom round
+    cursors = [int(reader[i]["n_tokens"]) for i in range(len(reader))]
+    stream = [c for c in cursors if c == 120]  # every 30 steps of K = 4, before the last tail's worth
+    assert len(stream) == 2 and len(reader) == 2 + 2 * WORLD.rounds  # + every task's zoom rounds
     snap = reader[0]
     assert snap["baseline_nll"] > 0 and snap["action_mask"].any()
     study = json.loads((out / "study.json").read_text())
