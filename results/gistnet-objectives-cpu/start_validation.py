@@ -1,14 +1,21 @@
-"""Validation numbers of the starting point (the shipped checkpoint) on the same windows as the comparison."""
-import json, sys, torch
+"""Validation numbers of the starting point (the shipped checkpoint, no steps) on the comparison's windows.
+
+Usage: python results/gistnet-objectives-cpu/start_validation.py <run.sh's COMMON flags> --out DIR
+"""
+
+import json
+import sys
 from dataclasses import replace
-from gistnet.train import GistTrainer, GistTrainArgs
-from lensnet.train import TrainConfig
+
+import torch
+from transformers.utils import logging as hf_logging
+
+from gistnet.train import GistTrainArgs, GistTrainer
 from sim.cli import parse
 from sim.lm import load_lm
-from transformers.utils import logging as hl; hl.disable_progress_bar()
-argv = sys.argv[1:]
-args = parse(GistTrainArgs, argv)
+
+hf_logging.disable_progress_bar()
+args = parse(GistTrainArgs, sys.argv[1:])
 lm, tok = load_lm(args.lm, device="cpu", dtype=torch.float32)
 args = replace(args, model=replace(args.model, d_model=int(lm.config.hidden_size)))
-tr = GistTrainer(args, lm, tok)
-print(json.dumps(tr.validate(), indent=1))
+print(json.dumps(GistTrainer(args, lm, tok).validate(), indent=1))
