@@ -9,6 +9,7 @@ import torch
 
 from gistnet.gister import (
     GistNetCheckpointError,
+    GistNetFallbackWarning,
     GistNetGister,
     LMPrefix,
     gistnet_gister_for,
@@ -113,8 +114,9 @@ def test_checkpoint_round_trip_and_errors(tmp_path, lm):
 
 
 def test_resolve_gister_auto_falls_back_for_an_lm_without_a_checkpoint(lm):
-    gister, name = resolve_gister("auto", lm, B)
-    assert name == "mean" and gister is mean_gister
+    with pytest.warns(GistNetFallbackWarning):
+        gister, name = resolve_gister("auto", lm, B)
+    assert name.startswith("mean (no GistNet checkpoint fits") and gister is mean_gister
     with pytest.raises(GistNetCheckpointError):
         resolve_gister("gistnet", lm, B)
     with pytest.raises(ValueError):

@@ -90,7 +90,8 @@ def test_lm_study_end_to_end_with_the_tiny_lm(tmp_path):
     args = parse(RunArgs, argv, defaults=lm_defaults())
     assert args.env == "lm" and args.world.env == "lm"
     results = run(args)
-    assert results["env"] == "lm" and results["gister"] == "mean"  # the tiny LM has no GistNet checkpoint
+    assert results["env"] == "lm"  # the tiny LM has no GistNet checkpoint: means, and the name says why
+    assert results["gister"].startswith("mean (no GistNet checkpoint fits")
     assert set(results["budget_sweep"]) == {"24", "36"}
     for r in results["policies"].values():
         assert r["max_slots"] <= 24 and r["steps"] > 0 and np.isfinite(r["nll"])
