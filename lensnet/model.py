@@ -9,6 +9,14 @@ produces NaN. Two inputs beyond DESIGN §5's list: each entry also sees the mean
 (a collapse cost belongs to the whole group, which a per-entry model cannot otherwise know since
 context entries never attend to each other), and tail gists carry a slot embedding (which one is
 newest). Ordering follows nanoGPT: leaves first (MLP -> cross-attention block -> config -> model).
+
+``LensNet.forward`` computes the same function as ``LensNet.reference_forward`` (the direct
+formulation through ``nn.MultiheadAttention``; the tests compare the two) at a fraction of the
+cost, because one side of every attention is the handful of tail latents (1 + n_tail): the
+per-entry query/key/value/output projections are folded through that side (a (T, d) product per
+snapshot instead of an (N, d) x (d, d) one), only the match columns of real tail slots are read
+out, group-level work runs once per group, and the per-entry layers run on the valid entries
+only (packed), not on padding.
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sim.allocator import mask_illegal
@@ -27,7 +36,8 @@ MAX_TAIL = 64
 
 def group_mean(x: Tensor, group_id: Tensor) -> Tensor:
     """(B, N, d) mean of ``x`` over each entry's sibling group (same id within a snapshot); 0 where
-    ``group_id`` < 0. One scatter-add over all snapshots, no loop."""
+    ``group_id`` < 0. One scatter-add over all snapshots, no loop. Ids must be < N (else groups
+    of neighbouring snapshots would share keys); ``LensNet`` checks this at its input."""
     b, n, d = x.shape
     valid = group_id >= 0
     key = torch.where(valid, group_id + n * torch.arange(b, device=x.device)[:, None], b * n).reshape(-1)  # (B*N,)
@@ -35,6 +45,42 @@ def group_mean(x: Tensor, group_id: Tensor) -> Tensor:
     counts = x.new_zeros(b * n + 1).index_add_(0, key, x.new_ones(b * n))
     mean = (sums / counts.clamp_min(1)[:, None])[key].reshape(b, n, d)
     return torch.where(valid[..., None], mean, torch.zeros_like(mean))
+
+
+class _Packing:
+    """Index bookkeeping of one batch: the valid entries packed into R rows, and their groups.
+
+    ``rows`` (R,) are the flat (B*N) positions of the valid entries; ``group`` (R,) maps each to a
+    group row (0 = no group, 1..G = the snapshot-local sibling groups); ``is_group`` (G+1,)."""
+
+    def __init__(self, valid: Tensor, group_id: Tensor | None) -> None:
+        self.b, self.n = valid.shape
+        self.rows = valid.reshape(-1).nonzero().squeeze(1)  # (R,)
+        if group_id is None:
+            self.group = None
+            return
+        offset = self.n * torch.arange(self.b, device=valid.device)[:, None]
+        key = torch.where(group_id >= 0, group_id + offset, -1).reshape(-1)  # (B*N,) -1 = no group
+        key = torch.cat([key.new_full((1,), -1), key])  # row 0 of the unique keys is always "no group"
+        uniq, inv = torch.unique(key, return_inverse=True)
+        self.group, self.is_group = inv[1:][self.rows], uniq >= 0  # (R,), (G+1,)
+        self.n_groups = uniq.shape[0]
+
+    def pad(self, packed: Tensor) -> Tensor:
+        """(R, ...) -> (B, N, ...), zeros on padding."""
+        out = packed.new_zeros(self.b * self.n, *packed.shape[1:]).index_copy(0, self.rows, packed)
+        return out.view(self.b, self.n, *packed.shape[1:])
+
+    def unpad(self, x: Tensor) -> Tensor:
+        """(B, N, ...) -> (R, ...)."""
+        return x.reshape(self.b * self.n, *x.shape[2:]).index_select(0, self.rows)
+
+    def group_means(self, x: Tensor) -> Tensor:
+        """(G+1, d) mean of packed ``x`` (R, d) over each group; row 0 (no group) is zero."""
+        sums = x.new_zeros(self.n_groups, x.shape[-1]).index_add_(0, self.group, x)
+        counts = x.new_zeros(self.n_groups).index_add_(0, self.group, x.new_ones(x.shape[0]))
+        mean = sums / counts.clamp_min(1)[:, None]
+        return torch.where(self.is_group[:, None], mean, torch.zeros_like(mean))
 
 
 class MLP(nn.Module):
@@ -47,7 +93,13 @@ class MLP(nn.Module):
 
 
 class CrossAttentionBlock(nn.Module):
-    """Pre-norm: x = x + Attn(LN(x), LN(ctx)); x = x + MLP(LN(x))."""
+    """Pre-norm: x = x + Attn(LN(x), LN(ctx)); x = x + MLP(LN(x)).
+
+    ``reference`` runs it through ``nn.MultiheadAttention``. ``few_keys`` / ``few_queries`` compute
+    the same thing when the keys (resp. the queries) are the few tail latents, folding the
+    projections of the many side through the few: with k_h = K W_k,h + b_k,h, the logits Q_h k_h^T are
+    LN(x) (W_q,h^T k_h^T) + b_q,h k_h^T, and the output sum_h A_h V_h W_o,h^T is A_h (V_h W_o,h^T),
+    both (T, d) per snapshot and head; symmetrically for few queries."""
 
     def __init__(self, d: int, n_heads: int, dropout: float) -> None:
         super().__init__()
@@ -55,10 +107,58 @@ class CrossAttentionBlock(nn.Module):
         self.attn = nn.MultiheadAttention(d, n_heads, dropout=dropout, batch_first=True)
         self.mlp = MLP(d, dropout)
 
-    def forward(self, x: Tensor, ctx: Tensor, ctx_pad: Tensor) -> Tensor:
+    def reference(self, x: Tensor, ctx: Tensor, ctx_pad: Tensor) -> Tensor:
         # x (B, Q, d) queries; ctx (B, K, d) keys/values; ctx_pad (B, K) True = padding (ignored)
         kv = self.ln_kv(ctx)
         x = x + self.attn(self.ln_q(x), kv, kv, key_padding_mask=ctx_pad, need_weights=False)[0]
+        return x + self.mlp(self.ln_mlp(x))
+
+    def _weights(self) -> tuple[Tensor, ...]:
+        """Per-head projection weights: w_q, w_k, w_v (H, dh, d), biases (H, dh), w_o (H, dh, d), b_o (d,)."""
+        h = self.attn.num_heads
+        d = self.attn.embed_dim
+        wq, wk, wv = (w.view(h, d // h, d) for w in self.attn.in_proj_weight.chunk(3))
+        bq, bk, bv = (b.view(h, d // h) for b in self.attn.in_proj_bias.chunk(3))
+        wo = self.attn.out_proj.weight.view(d, h, d // h).permute(1, 2, 0)  # (H, dh, d): head h's columns
+        return wq, wk, wv, bq, bk, bv, wo, self.attn.out_proj.bias
+
+    def _attn_dropout(self, a: Tensor) -> Tensor:
+        return F.dropout(a, self.attn.dropout, self.training)
+
+    def few_keys(self, x: Tensor, pack: _Packing, ctx: Tensor, ctx_pad: Tensor) -> Tensor:
+        """``reference`` for packed many queries ``x`` (R, d) and few keys ``ctx`` (B, K, d)."""
+        wq, wk, wv, bq, bk, bv, wo, bo = self._weights()
+        hd, dh = wq.shape[0], wq.shape[1]
+        b, k_len, d = ctx.shape
+        kv = self.ln_kv(ctx)
+        k = torch.einsum("bkd,hed->bhke", kv, wk) + bk[:, None, :]  # (B, H, K, dh)
+        v = torch.einsum("bkd,hed->bhke", kv, wv) + bv[:, None, :]
+        kq = torch.einsum("bhke,hed->bhkd", k, wq).reshape(b, hd * k_len, d)  # (B, H*K, d): W_q folded in
+        kb = torch.einsum("bhke,he->bhk", k, bq).reshape(b, 1, hd * k_len)  # b_q . k
+        vo = torch.einsum("bhke,hed->bhkd", v, wo).reshape(b, hd * k_len, d)  # (B, H*K, d): W_o folded in
+        q = pack.pad(self.ln_q(x))  # (B, N, d)
+        logits = (torch.baddbmm(kb, q, kq.transpose(1, 2)) / math.sqrt(dh)).view(b, -1, hd, k_len)  # (B, N, H, K)
+        logits = logits.masked_fill(ctx_pad[:, None, None, :], -math.inf)
+        a = self._attn_dropout(torch.softmax(logits, dim=-1)).view(b, -1, hd * k_len)
+        x = x + pack.unpad(torch.bmm(a, vo)) + bo  # (R, d)
+        return x + self.mlp(self.ln_mlp(x))
+
+    def few_queries(self, x: Tensor, ctx: Tensor, pack: _Packing, ctx_pad: Tensor) -> Tensor:
+        """``reference`` for few queries ``x`` (B, Q, d) and packed many keys ``ctx`` (R, d)."""
+        wq, wk, wv, bq, bk, bv, wo, bo = self._weights()
+        hd, dh = wq.shape[0], wq.shape[1]
+        b, q_len, d = x.shape
+        q = torch.einsum("bqd,hed->bhqe", self.ln_q(x), wq) + bq[:, None, :]  # (B, H, Q, dh)
+        qk = torch.einsum("bhqe,hed->bhqd", q, wk).reshape(b, hd * q_len, d)  # (B, H*Q, d): W_k folded in
+        qb = torch.einsum("bhqe,he->bhq", q, bk).reshape(b, hd * q_len, 1)  # q . b_k
+        kv = pack.pad(self.ln_kv(ctx))  # (B, N, d)
+        logits = (torch.baddbmm(qb, qk, kv.transpose(1, 2)) / math.sqrt(dh)).view(b, hd, q_len, -1)  # (B, H, Q, N)
+        logits = logits.masked_fill(ctx_pad[:, None, None, :], -math.inf)
+        a = self._attn_dropout(torch.softmax(logits, dim=-1))
+        akv = torch.bmm(a.view(b, hd * q_len, -1), kv).view(b, hd, q_len, d)  # (B, H, Q, d): sum_n a_n LN(x_n)
+        # sum_n a_n (W_v x_n + b_v) = W_v (sum_n a_n x_n) + (sum_n a_n) b_v (sum_n a_n = 1 without dropout)
+        o = torch.einsum("bhqd,hed->bhqe", akv, wv) + a.sum(-1, keepdim=True) * bv[:, None, :]  # (B, H, Q, dh)
+        x = x + torch.einsum("bhqe,hed->bqd", o, wo) + bo
         return x + self.mlp(self.ln_mlp(x))
 
 
@@ -144,29 +244,95 @@ class LensNet(nn.Module):
         tail = batch["tail_gists"]
         if tail.dim() != 3 or tail.shape[-1] != self.config.d_model:
             raise ValueError(f"tail_gists must be (B, T, d_model={self.config.d_model}), got {tuple(tail.shape)}")
+        if tail.shape[1] > MAX_TAIL:
+            raise ValueError(f"at most {MAX_TAIL} tail gists, got {tail.shape[1]}")
         if batch["levels"].numel() and int(batch["levels"].max()) > self.config.max_level:
             raise ValueError(f"levels exceed max_level={self.config.max_level}")
+        gid = batch.get("group_id")
+        if gid is not None and gid.numel():
+            n = emb.shape[1]
+            gid = gid[batch["valid_mask"].bool()]  # ids on padding are ignored (padding joins no group)
+            if gid.numel() and (int(gid.min()) < -1 or int(gid.max()) >= n):
+                raise ValueError(f"group_id must be -1 (no group) or a slot index < N={n}, got values in "
+                                 f"[{int(gid.min())}, {int(gid.max())}]")
+
+    @staticmethod
+    def _group_id(batch: dict[str, Tensor]) -> Tensor | None:
+        """(B, N) group ids with padding set to -1, or None without the key."""
+        if "group_id" not in batch:
+            return None
+        return torch.where(batch["valid_mask"].bool(), batch["group_id"], -1)
+
+    def _entry_features(self, emb: Tensor, levels: Tensor, span_width: Tensor, distance: Tensor) -> Tensor:
+        """(..., d) entry features before the group term; ``levels`` already clamped."""
+        cfg = self.config
+        span = torch.log2(span_width.to(self.proj.weight.dtype).clamp_min(1)) / max(math.log2(cfg.block_size**cfg.max_level), 1)
+        dist = torch.log1p(distance.to(self.proj.weight.dtype).clamp_min(0)) / 10
+        return self.proj(emb) + self.level_emb(levels) + self.feat(torch.stack([span, dist], -1))
+
+    def _tail_latents(self, batch: dict[str, Tensor]) -> Tensor:
+        """(B, 1+T, d): the null latent, then the tail gists with level and slot embeddings."""
+        n_tail = batch["tail_gists"].shape[1]
+        tail = (self.proj(batch["tail_gists"]) + self.level_emb(batch["tail_levels"].clamp(0, self.config.max_level))
+                + self.tail_slot.weight[:n_tail])  # (B, T, d)
+        return torch.cat([self.null.expand(tail.shape[0], 1, -1), tail], dim=1)
 
     def forward(self, batch: dict[str, Tensor]) -> Tensor:
         """Raw scores (B, N); 0 on padding. Keys: embeddings (B,N,d), levels, span_width,
-        distance_to_cursor, valid_mask (B,N); tail_gists (B,T,d), tail_levels, tail_mask (B,T)."""
+        distance_to_cursor, valid_mask (B,N); tail_gists (B,T,d), tail_levels, tail_mask (B,T);
+        optional group_id (B,N) (-1: no group; else a slot < N, -1 on padding)."""
+        self._check(batch)
+        cfg = self.config
+        valid = batch["valid_mask"].bool()
+        pack = _Packing(valid, self._group_id(batch))
+        b, n = valid.shape
+        # per-entry work on the R valid entries only (packed); attention pads them back per snapshot
+        emb = pack.unpad(batch["embeddings"])  # (R, d_model)
+        levels = pack.unpad(batch["levels"]).clamp(0, cfg.max_level)  # (R,)
+        x = self._entry_features(emb, levels, pack.unpad(batch["span_width"]),
+                                 pack.unpad(batch["distance_to_cursor"]))  # (R, d)
+        tail = self._tail_latents(batch)  # (B, 1+T, d)
+        if pack.group is not None:  # group_proj(group mean): once per group; 0 -> bias for the ungrouped
+            x = x + self.group_proj(pack.group_means(x))[pack.group]
+            grp = torch.where(pack.is_group[pack.group][:, None], pack.group_means(emb)[pack.group], emb)  # (R, d_model)
+        else:
+            grp = emb
+        tail_mask = batch["tail_mask"].bool()
+        tail_pad = torch.cat([tail_mask.new_zeros(b, 1), ~tail_mask], dim=1)
+        ctx_pad = ~valid & valid.any(-1, keepdim=True)  # as in reference_forward
+        # match features: own/group embedding . (tail key W_q), one product per snapshot and tail slot
+        keys = self.match_k(batch["tail_gists"])  # (B, T, d)
+        kq = keys @ self.match_q.weight  # (B, T, d_model)
+        kqg = keys @ self.match_qg.weight
+        own = torch.bmm(batch["embeddings"], kq.transpose(1, 2))  # (B, N, T)
+        group = torch.bmm(pack.pad(grp), kqg.transpose(1, 2))
+        match = torch.stack([own, group], -1)  # (B, N, T, 2)
+        match = torch.where(tail_mask[:, None, :, None], match, torch.zeros_like(match)) / math.sqrt(cfg.d_lens)
+        match = pack.unpad(match.flatten(2))  # (R, 2T): the slots past T are zero, so their columns are skipped
+        per_level = F.linear(match, self.match_out.weight[:, : match.shape[1]], self.match_out.bias)
+        per_level = per_level.unflatten(-1, (cfg.max_level + 1, -1))  # (R, L, d)
+        x = x + torch.gather(per_level, 1, levels[:, None, None].expand(-1, 1, per_level.shape[-1])).squeeze(1)
+        for to_tail, to_ctx in self.stacks:
+            tail = to_tail.few_queries(tail, x, pack, ctx_pad)
+            x = to_ctx.few_keys(x, pack, tail, tail_pad)
+        scores = self.head(self.ln_f(x)).squeeze(-1)  # (R,)
+        return pack.pad(scores)
+
+    def reference_forward(self, batch: dict[str, Tensor]) -> Tensor:
+        """``forward`` computed directly as DESIGN §5 reads (padded, through ``nn.MultiheadAttention``);
+        the tests and the training benchmark compare against it."""
         self._check(batch)
         cfg = self.config
         valid = batch["valid_mask"].bool()
         levels = batch["levels"].clamp(0, cfg.max_level)
-        span = torch.log2(batch["span_width"].float().clamp_min(1)) / max(math.log2(cfg.block_size**cfg.max_level), 1)
-        dist = torch.log1p(batch["distance_to_cursor"].float().clamp_min(0)) / 10
-        x = self.proj(batch["embeddings"]) + self.level_emb(levels) + self.feat(torch.stack([span, dist], -1))  # (B, N, d)
-        if "group_id" in batch:
-            x = x + self.group_proj(group_mean(x, batch["group_id"]))
+        x = self._entry_features(batch["embeddings"], levels, batch["span_width"], batch["distance_to_cursor"])  # (B, N, d)
+        tail = self._tail_latents(batch)  # (B, 1+T, d)
+        gid = self._group_id(batch)
+        if gid is not None:
+            x = x + self.group_proj(group_mean(x, gid))
         tail_mask = batch["tail_mask"].bool()
         n_tail = batch["tail_gists"].shape[1]
-        if n_tail > MAX_TAIL:
-            raise ValueError(f"at most {MAX_TAIL} tail gists, got {n_tail}")
-        tail = (self.proj(batch["tail_gists"]) + self.level_emb(batch["tail_levels"].clamp(0, cfg.max_level))
-                + self.tail_slot.weight[:n_tail])  # (B, T, d)
         b = x.shape[0]
-        tail = torch.cat([self.null.expand(b, 1, -1), tail], dim=1)  # (B, 1+T, d)
         tail_pad = torch.cat([tail.new_zeros(b, 1, dtype=torch.bool), ~tail_mask], dim=1)
         # An all-padding snapshot would leave the tail with no key (NaN): let it attend to the
         # padding instead; its scores are zeroed below anyway.
@@ -175,8 +341,7 @@ class LensNet(nn.Module):
         emb = batch["embeddings"]
         keys = self.match_k(batch["tail_gists"])  # (B, T, d)
         own = torch.einsum("bnd,btd->bnt", self.match_q(emb), keys)
-        grp = emb if "group_id" not in batch else torch.where(
-            (batch["group_id"] >= 0)[..., None], group_mean(emb, batch["group_id"]), emb)
+        grp = emb if gid is None else torch.where((gid >= 0)[..., None], group_mean(emb, gid), emb)
         group = torch.einsum("bnd,btd->bnt", self.match_qg(grp), keys)
         match = torch.stack([own, group], -1)  # (B, N, T, 2)
         match = torch.where(tail_mask[:, None, :, None], match, torch.zeros_like(match)) / math.sqrt(self.config.d_lens)
@@ -184,8 +349,8 @@ class LensNet(nn.Module):
         per_level = self.match_out(match).unflatten(-1, (cfg.max_level + 1, -1))  # (B, N, L, d)
         x = x + torch.gather(per_level, 2, levels[..., None, None].expand(-1, -1, 1, per_level.shape[-1])).squeeze(2)
         for to_tail, to_ctx in self.stacks:
-            tail = to_tail(tail, x, ctx_pad)
-            x = to_ctx(x, tail, tail_pad)
+            tail = to_tail.reference(tail, x, ctx_pad)
+            x = to_ctx.reference(x, tail, tail_pad)
         scores = self.head(self.ln_f(x)).squeeze(-1)  # (B, N)
         return torch.where(valid, scores, torch.zeros_like(scores))
 

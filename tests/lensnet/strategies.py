@@ -30,3 +30,19 @@ def loss_batches(draw, *, max_b: int = 4, max_n: int = 10, dtype=torch.float64) 
         "expand_cost": t(ec), "collapse_refund": t(cr),
     }
     return t(pred), batch
+
+
+@st.composite
+def context_items(draw, *, max_tokens: int = 120, n_tail: int | None = None, max_entries: int = 400) -> dict[str, np.ndarray]:
+    """A labelled dataset item (``lensnet.data.MODEL_ENTRY_KEYS`` + tail keys) of a real working
+    context: its group ids are the allocator's (slot of each group's first member); ``n_tail`` tail
+    gist slots (drawn from 0..6 when None); at most ``max_entries`` entries (b = 32 contexts run long)."""
+    from lensnet.policy import arrays_to_item
+    from tests.strategies import working_contexts
+
+    wc = draw(working_contexts(max_tokens=max_tokens).filter(lambda wc: len(wc) <= max_entries))
+    item = arrays_to_item(wc.arrays(n_tail=draw(st.integers(0, 6)) if n_tail is None else n_tail))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    item["action_mask"] = wc.can_expand() | (item["group_id"] >= 0)
+    item["target_utilities"] = np.where(item["action_mask"], rng.normal(size=len(wc)), 0.0).astype(np.float32)
+    return item

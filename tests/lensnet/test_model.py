@@ -3,10 +3,13 @@
 import numpy as np
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 from lensnet.data import collate
 from lensnet.model import LensNet, LensNetConfig
 from sim.tree import ConfigError
+from tests.lensnet.strategies import context_items
 from tests.strategies import random_snapshot
 
 
@@ -140,3 +143,44 @@ def test_lensnet_learns_a_tail_match():
     with torch.no_grad():
         pred = model(x)
     assert np.corrcoef(pred.flatten(), y.flatten())[0, 1] > 0.9
+
+
+def _assert_fast_matches_reference(model, batch):
+    """In float64, so that a real difference is not lost in float32 summation-order noise."""
+    model = model.double()
+    batch = {k: v.double() if v.is_floating_point() else v for k, v in batch.items()}
+    fast, ref = model(batch), model.reference_forward(batch)
+    torch.testing.assert_close(fast, ref, atol=1e-10, rtol=1e-9)
+    weights = torch.linspace(-1, 1, fast.numel(), dtype=torch.float64).view_as(fast)
+    params = list(model.parameters())
+    g_fast = torch.autograd.grad((fast * weights).sum(), params)
+    g_ref = torch.autograd.grad((ref * weights).sum(), params)
+    for (name, _), a, b in zip(model.named_parameters(), g_fast, g_ref, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-8, msg=name)
+
+
+@given(st.lists(context_items(n_tail=3, max_entries=200), min_size=1, max_size=3), st.sampled_from([1, 2, 4]))
+def test_fast_forward_matches_the_reference(items, n_heads):
+    """``forward`` (folded attention, packed entries) = ``reference_forward`` (nn.MultiheadAttention
+    over padded entries), values and every parameter's gradient, on real working contexts."""
+    batch = collate(items)
+    torch.manual_seed(0)
+    model = LensNet(LensNetConfig(d_model=4, d_lens=16, n_heads=n_heads, n_stacks=2, dropout=0.0, max_level=3,
+                                  block_size=4))
+    torch.nn.init.normal_(model.head.weight)
+    _assert_fast_matches_reference(model, batch)
+
+
+def test_fast_forward_matches_the_reference_without_tail_or_entries():
+    b = _batch(ns=(6, 4, 9))
+    b["group_id"][0, :6] = torch.tensor([0, 0, 0, 0, -1, -1])
+    b["tail_mask"][0] = False  # no tail gist: only the null latent
+    b["valid_mask"][1] = False  # an all-padding snapshot
+    _assert_fast_matches_reference(_model().train(), b)
+
+
+def test_group_ids_outside_the_snapshot_are_refused():
+    b = _batch(ns=(5, 9))
+    b["group_id"][0, :2] = 9  # N = 9: id 9 would be the next snapshot's key
+    with pytest.raises(ValueError, match="group_id must be -1"):
+        _model()(b)
