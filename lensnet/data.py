@@ -1,10 +1,12 @@
 """Trace datasets for LensNet: snapshots from ``sim.traces`` as padded, masked torch batches.
 
 ``TraceDataset`` serves one snapshot per index, with the seed's augmentations (DESIGN §5): temporal
-jitter (keep every other entry, random phase, p = 0.3) and utility noise (Gaussian, std 0.05, on
-labelled targets, p = 0.2). Each draw comes from a generator keyed by (seed, epoch, index), so an
-augmentation never depends on the order or the process that asked for it: a resumed run sees the
-same data as an uninterrupted one. ``collate`` pads to the longest snapshot with masks.
+jitter (stride-2 subsample with a random phase, p = 0.3; see ``temporal_jitter`` for why it keeps
+sibling groups whole) and utility noise (Gaussian, std 0.05, on labelled targets, p = 0.2). Each
+draw comes from a generator keyed by (seed, epoch, index), so an augmentation never depends on the
+order or the process that asked for it: a resumed run sees the same data as an uninterrupted one,
+and data-parallel ranks that split a batch see the items one process would. ``collate`` pads to the
+longest snapshot with masks.
 """
 
 from __future__ import annotations
@@ -42,6 +44,39 @@ class AugmentConfig:
             raise ValueError(f"noise_std must be >= 0, got {self.noise_std}")
 
 
+def jitter_units(group_id: np.ndarray) -> np.ndarray:
+    """(N,) int64: the jitter unit of each entry, numbered 0, 1, ... in order of first appearance.
+    A unit is a whole sibling group (all entries sharing an id >= 0) or one ungrouped entry."""
+    n = group_id.shape[0]
+    key = np.where(group_id >= 0, group_id, -1 - np.arange(n))  # ungrouped entries: unique negative keys
+    _, first, inverse = np.unique(key, return_index=True, return_inverse=True)
+    order = np.argsort(np.argsort(first, kind="stable"), kind="stable")  # unit rank by first member's slot
+    return order[inverse.reshape(-1)]
+
+
+def temporal_jitter(group_id: np.ndarray, phase: int) -> tuple[np.ndarray, np.ndarray]:
+    """Stride-2 temporal jitter over *units*: keep every other unit (whole sibling group or single
+    ungrouped entry) starting at ``phase`` (0 or 1). Returns (kept slots (K,), their group ids
+    remapped to the new slot of each group's first member, -1 kept).
+
+    Why whole groups: a collapse label is the NLL cost of collapsing the complete group, and the
+    model reads each member's group mean; keeping half a group would keep the label while the group
+    it describes is no longer in the input (and ids would point at slots that moved or no longer
+    exist). Ungrouped entries (the tail, lone gists) are thinned one by one, as in the seed."""
+    if phase not in (0, 1):
+        raise ValueError(f"phase must be 0 or 1, got {phase}")
+    units = jitter_units(group_id)
+    keep = np.flatnonzero(units % 2 == phase)
+    gid = group_id[keep]
+    if keep.size:  # the new slot of each kept group's first member (kept groups are complete)
+        kept_units = units[keep]
+        unit, first = np.unique(kept_units, return_index=True)
+        first_new = np.full(int(units.max()) + 1, -1, dtype=np.int64)
+        first_new[unit] = first
+        gid = np.where(gid >= 0, first_new[kept_units], -1)
+    return keep, gid.astype(np.int64)
+
+
 class TraceDataset(Dataset):
     """Snapshots of a trace (optionally a subset of indices), augmented when ``augment`` is set."""
 
@@ -62,10 +97,11 @@ class TraceDataset(Dataset):
         if self.augment is None:
             return item
         rng = np.random.default_rng([self.seed, self.epoch, int(self.indices[i])])
-        n = item["levels"].shape[0]
-        if n > 1 and rng.random() < self.augment.jitter_p:
-            keep = np.arange(int(rng.integers(0, 2)), n, 2)
+        n_units = int(jitter_units(item["group_id"]).max()) + 1 if item["levels"].shape[0] else 0
+        if n_units > 1 and rng.random() < self.augment.jitter_p:
+            keep, gid = temporal_jitter(item["group_id"], int(rng.integers(0, 2)))
             item = {k: (v[keep] if k in MODEL_ENTRY_KEYS else v) for k, v in item.items()}
+            item["group_id"] = gid
         if rng.random() < self.augment.noise_p:
             noise = rng.normal(0.0, self.augment.noise_std, item["target_utilities"].shape)
             item["target_utilities"] = np.where(item["action_mask"], item["target_utilities"] + noise,
