@@ -5,7 +5,18 @@ Everything that decides the trajectory is either derived from (seed, step) or sa
 checkpoint: model, optimiser and scheduler states, the torch RNG (dropout), and the position in
 the epoch's seeded permutation. Resuming from any checkpoint therefore gives the same parameters
 as an uninterrupted run. Losses are logged per term under namespaced keys to ``metrics.jsonl``.
-Usage: ``python -m lensnet.train --traces DIR --out DIR`` (``--help`` lists every option).
+Validation holds out whole documents (``split_indices``): snapshots of one document are
+near-duplicates, so a split by snapshot would select checkpoints on training data.
+
+Data-parallel training (DistributedDataParallel; gloo on CPU, NCCL on GPU) runs under ``torchrun``:
+every rank derives the same global batch from (seed, step) and takes its interleaved share
+(``batch_size`` must divide by the number of ranks); gradients are averaged across ranks, so the
+run follows one process on the whole batch up to how each loss term is normalised over its half
+(means over entries and pairs are taken per rank). Rank 0 alone validates, writes checkpoints and
+the log. Resume restores the data exactly; dropout RNG is rank 0's (the seed's presets for CPU
+runs have no dropout).
+Usage: ``python -m lensnet.train --traces DIR --out DIR`` (``--help`` lists every option), or
+``torchrun --nproc-per-node 2 -m lensnet.train --traces DIR --out DIR``.
 """
 
 from __future__ import annotations
@@ -20,6 +31,7 @@ from typing import Literal
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -65,12 +77,14 @@ class TrainConfig:
     """Where to train ('auto': CUDA when present)."""
     reg_balance: Literal["entries", "levels"] = "levels"
     """L_reg averaged over labelled entries (DESIGN's definition) or per tree level, then over levels (default: token entries outnumber gists ~3:1 and most gist labels are 0; balancing raised the synthetic study's held-out NGR from 0.04 to 0.14)."""
+    loss_splits: int = 1
+    """Average the loss over this many interleaved parts of each rank's batch, each part normalised on its own (the loss terms are means over entries and pairs, and data-parallel ranks take them per rank: one process with loss_splits = W follows W ranks step for step)."""
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def __post_init__(self) -> None:
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ConfigError(f"lr must be a positive number, got {self.lr}")
-        for name in ("batch_size", "total_steps", "eval_every", "ckpt_every"):
+        for name in ("batch_size", "total_steps", "eval_every", "ckpt_every", "loss_splits"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.warmup_steps < 0 or self.grad_clip <= 0:
@@ -153,16 +167,21 @@ class TrainLoop:
     A subclass gives ``batch(step)`` (derived from ``(seed, step)`` so resume needs no data state),
     ``loss(batch) -> (loss, {name: float})`` and ``validate() -> {"val/loss": ..., ...}`` (or {}).
     Only parameters with ``requires_grad`` reach the optimiser (a frozen LM inside stays frozen).
+    Under data parallelism (``rank``/``world_size`` from the subclass) only rank 0 validates and
+    writes checkpoints and the log; the others train.
     """
 
     desc = "train"
 
     def __init__(self, model: torch.nn.Module, model_config: dict, config: TrainConfig, out_dir: str | Path,
-                 progress: bool = True) -> None:
+                 progress: bool = True, rank: int = 0, world_size: int = 1) -> None:
         self.config, self.model_config_dict = config, model_config
+        self.rank, self.world_size = rank, world_size
+        self.is_main = rank == 0
         self.out = Path(out_dir)
-        self.out.mkdir(parents=True, exist_ok=True)
-        self.progress = progress
+        if self.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+        self.progress = progress and self.is_main
         self.device = next(model.parameters()).device
         self.model = model
         params = [p for p in model.parameters() if p.requires_grad]
@@ -199,8 +218,10 @@ class TrainLoop:
         }
 
     def save(self, name: str) -> Path:
+        """Write checkpoint ``name`` (rank 0 only; other ranks return the path unwritten)."""
         path = self.out / name
-        _atomic_save(self.state(), path)
+        if self.is_main:
+            _atomic_save(self.state(), path)
         return path
 
     def resume(self, path: str | Path) -> None:
@@ -219,6 +240,8 @@ class TrainLoop:
             torch.cuda.set_rng_state_all([s.cpu() for s in ckpt["cuda_rng"]])  # map_location moved them
 
     def _log(self, record: dict) -> None:
+        if not self.is_main:
+            return
         with (self.out / "metrics.jsonl").open("a") as f:
             f.write(json.dumps(record) + "\n")
 
@@ -247,7 +270,7 @@ class TrainLoop:
                 record["perf/steps_per_s"] = n_steps / elapsed if elapsed > 0 else None
                 record.update(self.perf(elapsed))
                 t0, n_steps = time.perf_counter(), 0
-                last_eval = self.validate()
+                last_eval = self.validate() if self.is_main else {}
                 self.model.train()
                 record.update(last_eval)
                 if last_eval.get("val/loss") is not None and last_eval["val/loss"] < self.best:
@@ -267,12 +290,17 @@ class TrainLoop:
 
 
 class Trainer(TrainLoop):
-    """Trains LensNet on ``train`` snapshots, evaluating on ``val``; writes to ``out_dir``."""
+    """Trains LensNet on ``train`` snapshots, evaluating on ``val``; writes to ``out_dir``.
+
+    With ``distributed`` (an initialised ``torch.distributed`` process group, as ``torchrun`` and
+    ``main`` set up) the model is wrapped in DistributedDataParallel and each rank trains on its
+    share of every global batch."""
 
     desc = "train lensnet"
 
     def __init__(self, model_config: LensNetConfig, config: TrainConfig, train: TraceDataset,
-                 val: TraceDataset | None, out_dir: str | Path, progress: bool = True) -> None:
+                 val: TraceDataset | None, out_dir: str | Path, progress: bool = True,
+                 distributed: bool = False) -> None:
         d = train.reader.d_model
         if d != model_config.d_model:
             raise ConfigError(
@@ -281,29 +309,59 @@ class Trainer(TrainLoop):
             )
         if len(train) == 0:
             raise ConfigError(f"trace {train.reader.path} has no training snapshots")
+        rank, world = 0, 1
+        device = resolve_device(config.device)
+        if distributed:
+            if not dist.is_initialized():
+                raise ConfigError("distributed=True needs an initialised process group (run under torchrun)")
+            rank, world = dist.get_rank(), dist.get_world_size()
+        if config.batch_size % (world * config.loss_splits):
+            raise ConfigError(f"batch_size ({config.batch_size}) must be a multiple of ranks ({world}) x loss_splits "
+                              f"({config.loss_splits})")
+        if distributed:
+            if device.type == "cuda":
+                device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
+                torch.cuda.set_device(device)
         self.model_config = model_config
         self.train_set, self.val_set = train, val
         torch.manual_seed(config.seed)
-        model = LensNet(model_config).to(resolve_device(config.device))
-        super().__init__(model, asdict(model_config), config, out_dir, progress)
+        model = LensNet(model_config).to(device)
+        super().__init__(model, asdict(model_config), config, out_dir, progress, rank=rank, world_size=world)
+        # DDP broadcasts rank 0's parameters (all ranks initialise alike anyway) and averages gradients.
+        self.train_model: torch.nn.Module = model if world == 1 else torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
         self.loss_fn = LensNetLoss(max_level=model_config.max_level, reg_balance=config.reg_balance)
         self._entries = 0
 
-    def batch(self, step: int) -> dict[str, Tensor]:
-        """The batch at ``step``: a seeded permutation per epoch, derived, not stored."""
+    def batch_indices(self, step: int) -> np.ndarray:
+        """Dataset positions of this rank's share of the global batch at ``step``: a seeded
+        permutation per epoch, derived, not stored; rank r takes positions r, r + W, ... of it."""
         n, bs = len(self.train_set), self.config.batch_size
         per_epoch = max(1, n // bs)
         epoch, pos = divmod(step, per_epoch)
         perm = np.random.default_rng([self.config.seed, epoch]).permutation(n)
         self.train_set.epoch = epoch
         idx = perm[pos * bs : pos * bs + bs] if n >= bs else perm
-        return to_device(collate([self.train_set[int(i)] for i in idx]), self.device)
+        return idx[self.rank :: self.world_size]
+
+    def batch(self, step: int) -> dict[str, Tensor]:
+        """This rank's collated batch at ``step``."""
+        return to_device(collate([self.train_set[int(i)] for i in self.batch_indices(step)]), self.device)
 
     def loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
-        out = self.loss_fn(self.model(batch), batch)
-        self._entries += int(batch["valid_mask"].sum())
-        return out["loss"], {"loss/total": out["loss"].item(), "loss/reg": out["L_reg"], "loss/rank": out["L_rank"],
-                             "loss/budget": out["L_budget"], "loss/illegal": out["L_illegal"]}
+        pred = self.train_model(batch)  # (B, N): one forward; snapshots are scored independently
+        k = self.config.loss_splits
+        parts = [self.loss_fn(pred[j::k], {key: v[j::k] for key, v in batch.items()}) for j in range(k)]
+        loss = sum(out["loss"] for out in parts) / k
+        terms = [loss.item(), *(sum(out[t] for out in parts) / k for t in ("L_reg", "L_rank", "L_budget", "L_illegal"))]
+        entries = float(batch["valid_mask"].sum())
+        if self.world_size > 1:  # log the mean over ranks (entries: the sum)
+            t = torch.tensor([*terms, entries], dtype=torch.float64, device=self.device)
+            dist.all_reduce(t)
+            *terms, entries = (t / torch.tensor([self.world_size] * 5 + [1], device=self.device)).tolist()
+        self._entries += int(entries)
+        return loss, dict(zip(("loss/total", "loss/reg", "loss/rank", "loss/budget", "loss/illegal"), terms,
+                                     strict=True))
 
     def validate(self) -> dict:
         if self.val_set is None or not len(self.val_set):
@@ -315,11 +373,23 @@ class Trainer(TrainLoop):
         return {"perf/entries_per_s": entries / elapsed if elapsed > 0 else None}
 
 
-def split_indices(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Seeded train/val split of snapshot indices."""
-    perm = np.random.default_rng([seed, 12345]).permutation(n)
-    n_val = int(round(n * val_fraction))
-    return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+def split_indices(doc_ids: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded train/val split of snapshot indices by document: ``doc_ids`` (S,) is each snapshot's
+    document; ``round(val_fraction x documents)`` whole documents (at least one when the fraction is
+    positive) are validation, the rest training. Returns sorted (train, val) snapshot indices."""
+    doc_ids = np.asarray(doc_ids)
+    if doc_ids.ndim != 1:
+        raise ValueError(f"doc_ids must be one document id per snapshot (1-D), got shape {doc_ids.shape}")
+    if not 0.0 <= val_fraction < 1.0:
+        raise ConfigError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    docs = np.unique(doc_ids)
+    n_val = max(1, int(round(len(docs) * val_fraction))) if val_fraction > 0 else 0
+    if n_val >= len(docs) and n_val > 0:
+        raise ConfigError(f"a validation split by document needs at least 2 documents; the traces hold "
+                          f"{len(docs)} (give --val-traces, or --val-fraction 0)")
+    val_docs = docs[np.random.default_rng([seed, 12345]).permutation(len(docs))[:n_val]]
+    is_val = np.isin(doc_ids, val_docs)
+    return np.flatnonzero(~is_val), np.flatnonzero(is_val)
 
 
 @dataclass
@@ -331,7 +401,7 @@ class TrainArgs:
     val_traces: str | None = None
     """Separate validation traces (else a --val-fraction split of --traces)."""
     val_fraction: float = 0.1
-    """Fraction of --traces held out for validation when --val-traces is unset."""
+    """Fraction of the documents in --traces held out (whole) for validation when --val-traces is unset."""
     out: str = "runs/lensnet"
     """Output directory: checkpoints and metrics.jsonl."""
     preset: Literal["tiny", "small", "seed"] = "small"
@@ -351,24 +421,33 @@ def model_config_for(preset: str, d_model: int, max_level: int, block_size: int)
 
 
 def main(argv: list[str] | None = None) -> None:
+    """CLI entry point; under ``torchrun`` (WORLD_SIZE > 1) it trains data-parallel."""
     from sim.cli import parse
 
     args = parse(TrainArgs, argv)
-    reader = TraceReader(args.traces)
-    if args.val_traces:
-        val_reader = TraceReader(args.val_traces)
-        train_idx, val = np.arange(len(reader)), TraceDataset(val_reader)
-    else:
-        train_idx, val_idx = split_indices(len(reader), args.val_fraction, args.train.seed)
-        val = TraceDataset(reader, val_idx)
-    train = TraceDataset(reader, train_idx, augment=args.train.augment, seed=args.train.seed)
-    meta = reader.meta
-    mcfg = model_config_for(args.preset, reader.d_model, int(meta.get("max_level", 2)), int(meta.get("block_size", 32)))
-    trainer = Trainer(mcfg, args.train, train, val, args.out)
-    if args.resume:
-        trainer.resume(args.resume)
-    result = trainer.train()
-    print(json.dumps(result, indent=1))
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if distributed:
+        dist.init_process_group("nccl" if resolve_device(args.train.device).type == "cuda" else "gloo")
+    try:
+        reader = TraceReader(args.traces)
+        if args.val_traces:
+            val_reader = TraceReader(args.val_traces)
+            train_idx, val = np.arange(len(reader)), TraceDataset(val_reader)
+        else:
+            train_idx, val_idx = split_indices(reader.snapshots["doc_id"], args.val_fraction, args.train.seed)
+            val = TraceDataset(reader, val_idx)
+        train = TraceDataset(reader, train_idx, augment=args.train.augment, seed=args.train.seed)
+        meta = reader.meta
+        mcfg = model_config_for(args.preset, reader.d_model, int(meta.get("max_level", 2)), int(meta.get("block_size", 32)))
+        trainer = Trainer(mcfg, args.train, train, val, args.out, distributed=distributed)
+        if args.resume:
+            trainer.resume(args.resume)
+        result = trainer.train()
+        if trainer.is_main:
+            print(json.dumps(result, indent=1))
+    finally:
+        if distributed:
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -46,3 +46,18 @@ def context_items(draw, *, max_tokens: int = 120, n_tail: int | None = None, max
     item["action_mask"] = wc.can_expand() | (item["group_id"] >= 0)
     item["target_utilities"] = np.where(item["action_mask"], rng.normal(size=len(wc)), 0.0).astype(np.float32)
     return item
+
+
+def tiny_world():
+    """The world of the tiny end-to-end study (b = 4, W_max 40, tail 8, d_model 8): traces of a few
+    documents label in seconds."""
+    from dataclasses import replace
+
+    from sim.synthetic import SyntheticConfig
+    from sim.tree import TreeConfig
+    from sim.working_context import ContextConfig
+    from sim.world import WorldConfig
+
+    syn = replace(SyntheticConfig(), block_size=4, d_model=8, n_blocks=40, recent_window=6, n_recent=3)
+    return WorldConfig(tree=TreeConfig(block_size=4, d_model=8), synthetic=syn, step_tokens=4, horizon=8, n_tail=3,
+                       warmup_tokens=16, context=ContextConfig(w_max=40, tail=8))

@@ -2,8 +2,6 @@
 contexts (any tail, batch 1 and up); collated jittered batches run through LensNet; the jitter
 regression at the study's tiny size."""
 
-from dataclasses import replace
-
 import numpy as np
 import torch
 from hypothesis import given
@@ -18,7 +16,7 @@ from lensnet.data import (
     temporal_jitter,
 )
 from lensnet.model import LensNet, LensNetConfig, group_mean
-from tests.lensnet.strategies import context_items
+from tests.lensnet.strategies import context_items, tiny_world
 
 
 def _jittered(item: dict, phase: int | None) -> dict:
@@ -83,15 +81,9 @@ def test_jitter_at_the_tiny_study_size(tmp_path):
     """The reported failure: W_max 40, tail 8, b 4 traces, every snapshot jittered, batches of 16
     (ids past the shorter padded length indexed out of bounds)."""
     from sim.labels import TraceArgs, generate_traces
-    from sim.synthetic import SyntheticConfig
     from sim.traces import TraceReader
-    from sim.tree import TreeConfig
-    from sim.working_context import ContextConfig
-    from sim.world import WorldConfig
 
-    syn = replace(SyntheticConfig(), block_size=4, d_model=8, n_blocks=40, recent_window=6, n_recent=3)
-    world = WorldConfig(tree=TreeConfig(block_size=4, d_model=8), synthetic=syn, step_tokens=4, horizon=8, n_tail=3,
-                        warmup_tokens=16, context=ContextConfig(w_max=40, tail=8))
+    world = tiny_world()
     reader = TraceReader(generate_traces(TraceArgs(out=str(tmp_path), n_docs=2, seed=0, world=world, progress=False)))
     data = TraceDataset(reader, augment=AugmentConfig(jitter_p=1.0, noise_p=0.0), seed=0)
     plain = TraceDataset(reader)

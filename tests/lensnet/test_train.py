@@ -1,6 +1,10 @@
-"""Training: overfitting a fixed batch, exact resume, schedule, augmentation determinism, errors."""
+"""Training: overfitting a fixed batch, exact resume, schedule, augmentation determinism, errors, the
+validation split by document, and data-parallel training under torchrun against one process."""
 
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -18,9 +22,11 @@ from lensnet.train import (
     load_model,
     lr_factor,
     main,
+    split_indices,
 )
 from sim.traces import TraceReader
 from sim.tree import ConfigError
+from tests.lensnet.strategies import tiny_world
 from tests.strategies import random_snapshot, write_random_traces
 
 
@@ -122,8 +128,19 @@ def test_clear_errors(tmp_path):
         load_checkpoint(tmp_path / "missing.pt")
 
 
+def _write_traces_of_documents(path, *, n_snapshots: int, n_docs: int, d_model: int = 8) -> None:
+    """Random snapshots, snapshot i from document i % n_docs."""
+    from sim.traces import TraceWriter
+
+    rng = np.random.default_rng(0)
+    w = TraceWriter(path, {"d_model": d_model, "n_tail": 3, "block_size": 4, "max_level": 2}, shard_size=4)
+    for i in range(n_snapshots):
+        w.add({**random_snapshot(rng, n=int(rng.integers(3, 13)), d_model=d_model), "doc_id": np.int64(i % n_docs)})
+    w.close()
+
+
 def test_cli_end_to_end(tmp_path, capsys):
-    write_random_traces(tmp_path / "t", n_snapshots=20, d_model=8)
+    _write_traces_of_documents(tmp_path / "t", n_snapshots=20, n_docs=5)
     main(["--traces", str(tmp_path / "t"), "--out", str(tmp_path / "o"), "--preset", "tiny",
           "--train.total-steps", "6", "--train.eval-every", "3", "--train.warmup-steps", "2",
           "--train.batch-size", "4", "--train.device", "cpu"])
@@ -132,3 +149,65 @@ def test_cli_end_to_end(tmp_path, capsys):
     assert (tmp_path / "o" / "latest.pt").exists()
     ckpt = load_checkpoint(tmp_path / "o" / "latest.pt")
     assert ckpt["step"] == 6 and ckpt["train_config"]["batch_size"] == 4
+
+
+def test_validation_split_is_by_document(tmp_path):
+    from sim.labels import TraceArgs, generate_traces
+
+    reader = TraceReader(generate_traces(TraceArgs(out=str(tmp_path), n_docs=5, seed=0, world=tiny_world(),
+                                                   progress=False)))
+    docs = reader.snapshots["doc_id"]
+    for seed in range(4):
+        train, val = split_indices(docs, 0.4, seed)
+        assert not set(docs[train]) & set(docs[val]), "a document in both splits"
+        assert len(set(docs[val])) == 2 and np.array_equal(np.sort(np.concatenate([train, val])), np.arange(len(docs)))
+        assert np.array_equal(np.sort(train), train) and np.array_equal(np.sort(val), val)
+    np.testing.assert_array_equal(split_indices(docs, 0.4, 1)[1], split_indices(docs, 0.4, 1)[1])  # seeded
+    assert len({tuple(split_indices(docs, 0.4, s)[1]) for s in range(8)}) > 1  # and the seed matters
+    assert len(set(docs[split_indices(docs, 0.01, 0)[1]])) == 1  # a positive fraction holds out >= 1 document
+    assert split_indices(docs, 0.0, 0)[1].size == 0
+    with pytest.raises(ConfigError, match="at least 2 documents"):
+        split_indices(np.zeros(7, dtype=np.int64), 0.1, 0)
+    with pytest.raises(ConfigError, match="val_fraction"):
+        split_indices(docs, 1.0, 0)
+
+
+def _train_argv(traces, out, *extra: str) -> list[str]:
+    return ["--traces", str(traces), "--out", str(out), "--preset", "tiny", "--val-fraction", "0.34",
+            "--train.total-steps", "16", "--train.eval-every", "8", "--train.ckpt-every", "16", "--train.warmup-steps", "2",
+            "--train.batch-size", "8", "--train.lr", "1e-3", "--train.device", "cpu", *extra]
+
+
+def test_torchrun_data_parallel_follows_one_process(tmp_path, capsys):
+    """Two gloo ranks, each on half of every global batch of 8, against one process on the whole
+    batch. DDP averages the ranks' gradients, and each rank's loss terms are means over its own half,
+    so one process with --train.loss-splits 2 (the same halves, normalised alike) must give the same
+    parameters up to float rounding; one process with plain whole-batch means stays close."""
+    from sim.labels import TraceArgs, generate_traces
+
+    traces = generate_traces(TraceArgs(out=str(tmp_path / "traces"), n_docs=3, seed=0, world=tiny_world(),
+                                       progress=False))
+    main(_train_argv(traces, tmp_path / "halves", "--train.loss-splits", "2"))
+    main(_train_argv(traces, tmp_path / "whole"))
+    capsys.readouterr()
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          "-m", "lensnet.train", *_train_argv(traces, tmp_path / "ddp")],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.count("val/ranking_accuracy") == 1  # rank 0 alone reports
+    halves, ddp = (load_checkpoint(tmp_path / d / "latest.pt") for d in ("halves", "ddp"))
+    torch.manual_seed(0)  # the initial parameters, as Trainer draws them
+    init = LensNet(LensNetConfig(**ddp["model_config"])).state_dict()
+    moved = torch.cat([(ddp["model"][k] - init[k]).flatten() for k in init])
+    gap = torch.cat([(ddp["model"][k] - halves["model"][k]).flatten() for k in init])
+    assert moved.norm() > 0.1 and gap.abs().max() < 1e-4, (moved.norm(), gap.abs().max())
+    logs = {d: [json.loads(line) for line in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
+            for d in ("ddp", "halves", "whole")}
+    assert [r["step"] for r in logs["ddp"]] == list(range(1, 17))  # one writer
+    for a, b in zip(logs["ddp"], logs["halves"], strict=True):
+        assert a["loss/total"] == pytest.approx(b["loss/total"], rel=1e-4)
+    for d in ("ddp", "whole"):  # both learn: validation loss falls from step 8 to 16
+        evals = [r["val/loss"] for r in logs[d] if "val/loss" in r]
+        assert len(evals) == 2 and evals[1] < evals[0], (d, evals)
+    assert logs["ddp"][-1]["val/loss"] == pytest.approx(logs["whole"][-1]["val/loss"], rel=0.05)
