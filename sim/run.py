@@ -12,7 +12,9 @@ Everything derives from ``--seed``. ``--env synthetic`` (default) uses the exact
 ``--env lm`` runs the same study with the real LM over pydoc text (training documents from the
 training topics, held-out ones from the held-out topics), with small defaults (``lm_defaults``) so it
 finishes on a CPU in minutes. Every policy is also evaluated at the budgets ``--budget-scales`` x
-W_max (the NLL-gap vs budget plot), reusing the one LensNet trained at W_max.
+W_max (the NLL-gap vs budget plot), reusing the LensNet trained at W_max. ``--train-seeds K`` trains
+K LensNets on the same traces (training seeds seed, seed+1, ...; labels, validation split and
+baselines computed once) and reports each with the mean and a 95% Student-t interval over them.
 (This CLI orchestrates every package, so it imports ``lensnet``; the simulation core does not.)
 """
 
@@ -24,6 +26,7 @@ import math
 import platform
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
@@ -74,8 +77,10 @@ class RunArgs:
     """With --env lm: 'smollm2', 'tiny' (random-init test LM) or a local model folder."""
     lm_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     """With --env lm: the LM's dtype ('auto': float32 on CPU, bfloat16 on CUDA)."""
+    train_seeds: int = 1
+    """LensNets to train on the same traces (training seeds seed, seed+1, ...), each evaluated; results.json gives every one plus the mean and a 95% t-interval over them, the table prints mean ± half-width (policies.lensnet stays the first seed's)."""
     select: Literal["best", "final"] = "best"
-    """LensNet weights that are evaluated: the checkpoint with the lowest validation loss (validation = 10% of the training snapshots, never held-out documents), or the last step's."""
+    """LensNet weights that are evaluated: the checkpoint with the lowest validation loss (validation = 10% of the training documents, whole, never held-out documents), or the last step's."""
     progress: bool = True
     """Progress bars."""
     plots: bool = True
@@ -116,16 +121,66 @@ def versions() -> dict:
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
+def t_quantile(p: float, df: int) -> float:
+    """Quantile of Student's t distribution (``df`` >= 1 degrees of freedom) at ``p`` in (0.5, 1):
+    bisection on the CDF, the density integrated by Simpson's rule (error well below 1e-6)."""
+    if not 0.5 < p < 1.0 or df < 1:
+        raise ValueError(f"need 0.5 < p < 1 and df >= 1, got p={p}, df={df}")
+    log_c = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
+
+    def cdf(x: float) -> float:
+        t = np.linspace(0.0, x, 4001)
+        f = np.exp(log_c - (df + 1) / 2 * np.log1p(t * t / df))
+        return 0.5 + (t[1] - t[0]) / 3 * (f[0] + f[-1] + 4 * f[1:-1:2].sum() + 2 * f[2:-1:2].sum())
+
+    lo, hi = 0.0, 1.0
+    while cdf(hi) < p:
+        hi *= 2
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if cdf(mid) < p else (lo, mid)
+    return (lo + hi) / 2
+
+
+def t_interval(values: Sequence[float | None], level: float = 0.95) -> dict:
+    """Mean and two-sided Student-t interval of independent runs' values: ``n``, ``mean``, ``sd``,
+    ``half_width``, ``low``, ``high`` (the last four None with fewer than two values; None values, a
+    metric a run could not measure, are left out and ``n`` counts the rest)."""
+    x = np.asarray([v for v in values if v is not None], dtype=np.float64)
+    out: dict = {"n": int(x.size), "mean": float(x.mean()) if x.size else None, "sd": None,
+                 "half_width": None, "low": None, "high": None, "level": level}
+    if x.size >= 2:
+        sd = float(x.std(ddof=1))
+        hw = t_quantile(0.5 + level / 2, x.size - 1) * sd / math.sqrt(x.size)
+        out.update(sd=sd, half_width=hw, low=out["mean"] - hw, high=out["mean"] + hw)
+    return out
+
+
 def format_table(results: dict) -> str:
+    seeds = results.get("lensnet_seeds", {})
+    multi = len(seeds.get("seeds", [])) > 1
     rows = ["policy        NLL (± sd over docs)   NGR     budget use  swaps/step  ms/step"]
     for name, r in results["policies"].items():
         ngr = "   -  " if r["ngr"] is None else f"{r['ngr']:6.3f}"
+        if name == "lensnet" and multi:  # mean ± t half-width over the training seeds
+            s = seeds["summary"]
+            ngr = "   -  " if s["ngr"]["mean"] is None else f"{s['ngr']['mean']:6.3f} ± {s['ngr']['half_width']:.3f}"
+            rows.append(f"{'lensnet *':<12} {s['nll']['mean']:8.4f} ± {s['nll']['half_width']:.4f}     {ngr}")
+            continue
         rows.append(f"{name:<12} {r['nll']:8.4f} ± {r['nll_std_over_docs']:.4f}     {ngr}   "
                     f"{r['budget_use']:8.3f}   {r['swap_rate']:8.3f}   {r['ms_per_step']:7.2f}")
     m = results["lensnet_metrics"]
     fmt = lambda v: "None" if v is None else f"{v:.4f}"  # noqa: E731
-    rows.append(f"LensNet held-out: ranking accuracy {fmt(m['ranking_accuracy'])}, pearson {fmt(m['pearson'])}, "
-                f"legality compliance {fmt(m['legality_compliance'])} (raw {fmt(m['legality_compliance_raw'])})")
+    if multi:
+        s = seeds["summary"]
+        pm = lambda k: "None" if s[k]["mean"] is None else (  # noqa: E731
+            f"{s[k]['mean']:.4f}" + ("" if s[k]["half_width"] is None else f" ± {s[k]['half_width']:.4f}"))
+        rows.append(f"* mean ± 95% t-interval half-width over {len(seeds['seeds'])} training seeds {seeds['seeds']}")
+        rows.append(f"LensNet held-out: ranking accuracy {pm('ranking_accuracy')}, pearson {pm('pearson')}, "
+                    f"legality compliance {fmt(m['legality_compliance'])} (raw {fmt(m['legality_compliance_raw'])}, first seed)")
+    else:
+        rows.append(f"LensNet held-out: ranking accuracy {fmt(m['ranking_accuracy'])}, pearson {fmt(m['pearson'])}, "
+                    f"legality compliance {fmt(m['legality_compliance'])} (raw {fmt(m['legality_compliance_raw'])})")
     return "\n".join(rows)
 
 
@@ -223,27 +278,35 @@ def run(args: RunArgs) -> dict:
                                             first_doc=HELD_OUT_FIRST_DOC, **common), lm=lm)
     timings["label_s"] = time.perf_counter() - t0
 
-    # 2. LensNet
+    # 2. LensNet: one per training seed, on the same traces and validation documents
     t0 = time.perf_counter()
+    if args.train_seeds < 1:
+        raise ConfigError(f"train_seeds must be >= 1, got {args.train_seeds}")
     reader = TraceReader(train_dir, require_complete=True)
-    train_idx, val_idx = split_indices(len(reader), 0.1, args.seed)
-    train_set = TraceDataset(reader, train_idx, augment=args.train.augment, seed=args.seed)
-    val_set = TraceDataset(reader, val_idx)
-    mcfg = model_config_for(args.preset, w.tree.d_model, w.tree.max_level, w.tree.block_size)
-    trainer = Trainer(mcfg, replace(args.train, seed=args.seed), train_set, val_set, out, progress=args.progress)
-    trainer.train()
-    timings["train_s"] = time.perf_counter() - t0
-    lensnet_step = trainer.step
-    if args.select == "best" and math.isfinite(trainer.best):  # best.pt is this run's (best starts at inf)
-        from lensnet.train import load_checkpoint
-
-        ckpt = load_checkpoint(out / "best.pt", trainer.device)
-        trainer.model.load_state_dict(ckpt["model"])
-        lensnet_step = int(ckpt["step"])
-    model = trainer.model.eval()
+    train_idx, val_idx = split_indices(reader.snapshots["doc_id"], 0.1, args.seed)
     heldout = TraceDataset(TraceReader(heldout_dir, require_complete=True))
-    lens_metrics = evaluate(model, trainer.loss_fn, heldout, 16, trainer.device)
-    lens_metrics = {k.removeprefix("val/"): v for k, v in lens_metrics.items()}
+    mcfg = model_config_for(args.preset, w.tree.d_model, w.tree.max_level, w.tree.block_size)
+    lensnets = []  # (training seed, model, selected step, held-out metrics); the first trains into OUT itself
+    for k in range(args.train_seeds):
+        train_seed = args.seed + k
+        run_dir = out if k == 0 else out / "train-seeds" / f"seed-{train_seed}"
+        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+        train_set = TraceDataset(reader, train_idx, augment=args.train.augment, seed=train_seed)
+        trainer = Trainer(mcfg, replace(args.train, seed=train_seed), train_set, TraceDataset(reader, val_idx), run_dir,
+                          progress=args.progress)
+        trainer.train()
+        step = trainer.step
+        if args.select == "best" and math.isfinite(trainer.best):  # best.pt is this run's (best starts at inf)
+            from lensnet.train import load_checkpoint
+
+            ckpt = load_checkpoint(run_dir / "best.pt", trainer.device)
+            trainer.model.load_state_dict(ckpt["model"])
+            step = int(ckpt["step"])
+        model = trainer.model.eval()
+        metrics = evaluate(model, trainer.loss_fn, heldout, 16, trainer.device)
+        lensnets.append((train_seed, model, step, {key.removeprefix("val/"): v for key, v in metrics.items()}))
+    timings["train_s"] = time.perf_counter() - t0
+    _, model, lensnet_step, lens_metrics = lensnets[0]
 
     # 3. policies on held-out documents: the run's W_max, then the other budgets of the sweep
     t0 = time.perf_counter()
@@ -260,6 +323,7 @@ def run(args: RunArgs) -> dict:
             focus_log.write(json.dumps(rec) + "\n")
 
     sweep: dict[str, dict] = {}
+    seed_sweep: list[dict[str, dict]] = [{} for _ in lensnets]  # per training seed: budget -> LensNet's record
     torch.set_grad_enabled(False)
     for budget in tqdm(budgets, desc="budgets", disable=not args.progress or len(budgets) == 1):
         wb = replace(w, context=replace(w.context, w_max=budget))
@@ -272,9 +336,27 @@ def run(args: RunArgs) -> dict:
         for name, r in per_policy.items():
             r["ngr"] = ngr[name]
         sweep[str(budget)] = {k: per_policy[k] for k in ("lensnet", "recency", "random", "all_coarse", "oracle")}
+        seed_sweep[0][str(budget)] = per_policy["lensnet"]
+        for k, (_, extra, _, _) in enumerate(lensnets[1:], start=1):  # the baselines are shared
+            r = evaluate_policy(LensNetPolicy(extra, trainer.device), wb, docs, args.seed, args.progress,
+                                episode_factory=make_episode)
+            r["ngr"] = nll_gap_recovered({"recency": per_policy["recency"], "oracle": per_policy["oracle"],
+                                          "lensnet": r})["lensnet"]
+            seed_sweep[k][str(budget)] = r
     torch.set_grad_enabled(True)
     focus_log.close()
     timings["eval_s"] = time.perf_counter() - t0
+    per_seed = [{"seed": seed, "step": step, "nll": seed_sweep[k][str(w.context.w_max)]["nll"],
+                 "ngr": seed_sweep[k][str(w.context.w_max)]["ngr"],
+                 **{key: metrics[key] for key in ("ranking_accuracy", "pearson", "legality_compliance", "mse")},
+                 "budget_sweep": {b: {"nll": r["nll"], "ngr": r["ngr"]} for b, r in seed_sweep[k].items()}}
+                for k, (seed, _, step, metrics) in enumerate(lensnets)]
+    lensnet_seeds = {
+        "seeds": [r["seed"] for r in per_seed], "per_seed": per_seed,
+        "summary": {key: t_interval([r[key] for r in per_seed]) for key in ("nll", "ngr", "ranking_accuracy", "pearson")},
+        "budget_sweep_summary": {b: {key: t_interval([r["budget_sweep"][b][key] for r in per_seed]) for key in ("nll", "ngr")}
+                                 for b in sweep},
+    }
     results = {
         "env": args.env, "seed": args.seed, "w_max": w.context.w_max,
         "gister": w.gister if args.env == "lm" else "mean (synthetic world)",
@@ -282,7 +364,8 @@ def run(args: RunArgs) -> dict:
         "lensnet_metrics": lens_metrics,
         "lensnet_params": model.n_params(),
         "lensnet_step": lensnet_step, "lensnet_select": args.select,
-        "train_snapshots": len(train_idx), "heldout_snapshots": len(heldout),
+        "lensnet_seeds": lensnet_seeds,
+        "train_snapshots": len(train_idx), "val_snapshots": len(val_idx), "heldout_snapshots": len(heldout),
         "heldout_docs": [docs[0], docs[-1]],
         "budget_sweep": {b: {name: {k: r[k] for k in ("nll", "nll_std_over_docs", "ngr", "budget_use", "swap_rate")}
                              for name, r in pols.items()} for b, pols in sweep.items()},

@@ -21,7 +21,7 @@ def test_help_comes_from_field_docstrings():
     for flag in ("--seed", "--out", "--world.tree.block-size", "--world.context.w-max", "--world.allocator.n-diff",
                  "--train.lr", "--train.betas", "--train-docs", "--eval-docs"):
         assert flag in out.stdout, flag
-    assert "(validation = 10% of the training snapshots" in " ".join(out.stdout.split())  # a literal % survives
+    assert "(validation = 10% of the training documents" in " ".join(out.stdout.split())  # a literal % survives
 
 
 def test_nested_defaults_and_overrides():
@@ -150,3 +150,35 @@ def test_bad_budget_exits_with_clear_message(tmp_path):
     out = subprocess.run([sys.executable, "-m", "sim.run", "--world.context.w-max", "150", "--out", str(tmp_path)],
                          capture_output=True, text=True)
     assert out.returncode == 2 and "w_max=150" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_t_quantile_matches_the_tables():
+    from sim.run import t_quantile
+
+    for df, q in ((1, 12.7062), (2, 4.3027), (4, 2.7764), (9, 2.2622), (30, 2.0423), (1000, 1.9623)):
+        assert t_quantile(0.975, df) == pytest.approx(q, abs=2e-4), df
+
+
+def test_train_seeds_report_every_lensnet_and_a_t_interval(tmp_path, capsys):
+    """--train-seeds 2: two LensNets on one set of traces and baselines; each reported, with the mean
+    and the 95% t half-width (t_0.975 with 1 degree of freedom = 12.706)."""
+    results = run(parse(RunArgs, [*small_study_argv(tmp_path), "--train-seeds", "2", "--no-plots",
+                                  "--budget-scales", "1.25"]))
+    s = results["lensnet_seeds"]
+    assert s["seeds"] == [0, 1] and [r["seed"] for r in s["per_seed"]] == [0, 1]
+    assert s["per_seed"][0]["nll"] == results["policies"]["lensnet"]["nll"]  # policies.lensnet: the first seed
+    assert s["per_seed"][0]["ranking_accuracy"] == results["lensnet_metrics"]["ranking_accuracy"]
+    assert s["per_seed"][0]["pearson"] != s["per_seed"][1]["pearson"]  # two different trainings
+    for key in ("nll", "ngr", "ranking_accuracy", "pearson"):
+        vals = np.array([r[key] for r in s["per_seed"]])
+        summary = s["summary"][key]
+        assert summary["n"] == 2 and summary["mean"] == pytest.approx(vals.mean())
+        assert summary["half_width"] == pytest.approx(12.7062 * vals.std(ddof=1) / np.sqrt(2), rel=1e-4)
+        assert summary["low"] <= summary["mean"] <= summary["high"]
+    for r in s["per_seed"]:  # each seed's NGR against the shared baselines
+        pol = results["policies"]
+        assert r["ngr"] == pytest.approx((pol["recency"]["nll"] - r["nll"]) / (pol["recency"]["nll"] - pol["oracle"]["nll"]))
+        assert set(r["budget_sweep"]) == set(results["budget_sweep"])
+    assert (tmp_path / "train-seeds" / "seed-1" / "metrics.jsonl").exists() and (tmp_path / "metrics.jsonl").exists()
+    printed = capsys.readouterr().out
+    assert "lensnet *" in printed and "over 2 training seeds [0, 1]" in printed
