@@ -11,8 +11,8 @@ context entries never attend to each other), and tail gists carry a slot embeddi
 newest). Ordering follows nanoGPT: leaves first (MLP -> cross-attention block -> config -> model).
 
 ``LensNet.forward`` computes the same function as ``LensNet.reference_forward`` (the direct
-formulation through ``nn.MultiheadAttention``; the tests compare the two) at a fraction of the
-cost, because one side of every attention is the handful of tail latents (1 + n_tail): the
+formulation through ``nn.MultiheadAttention``; the tests compare the two) with less arithmetic
+because one side of every attention is the handful of tail latents (1 + n_tail): the
 per-entry query/key/value/output projections are folded through that side (a (T, d) product per
 snapshot instead of an (N, d) x (d, d) one), only the match columns of real tail slots are read
 out, group-level work runs once per group, and the per-entry layers run on the valid entries
