@@ -111,7 +111,7 @@ def label_tasks(tasks: list[dict], out: Path, oracle, tokenizer, world: TaskWorl
                 writer.add(label_snapshot(snap, oracle, pt.ids[t : t + horizon], t, world.n_tail, doc_id,
                                           world.lookahead))
             seen += 1
-        wc, alloc = pt.wc.copy(), FocusAllocator(world.allocator)
+        wc, alloc = pt.wc.copy(), FocusAllocator(replace(world.allocator, cooldown=0))  # as sim.taskworld.zoom
         for _ in range(world.rounds):
             labels = label_snapshot(wc, oracle, pt.answer_ids, wc.n_tokens, world.n_tail, doc_id, world.lookahead)
             if seen >= skip:

@@ -156,3 +156,31 @@ def test_tiny_study_labels_train_evaluate(tmp_path):
     assert set(study["results"]) == {"lensnet", "recency", "oracle"}
     assert study["card"]["lm_fingerprint"]["hidden_size"] == 64
     assert (out / "lensnet.pt").exists()
+
+
+class DecoyThenNeedle(ZoomPolicy):
+    """Round 1: a decoy block looks best; round 2: the needle block does (its decoy worth ~0)."""
+
+    name = "decoy"
+
+    def __init__(self, decoy: int, needle: int) -> None:
+        self.decoy, self.needle, self.round = decoy, needle, 0
+
+    def scores(self, pt, wc):
+        rel = np.zeros(pt.n_tokens // wc.block_size)
+        rel[self.decoy if self.round == 0 else self.needle] = 1.0
+        self.round += 1
+        return relevance_scores(wc, rel)
+
+
+def test_zoom_rounds_may_give_back_an_earlier_rounds_detail(oracle):
+    # All L1 blocks, one free expansion's worth of slots: round 2 can open the needle only by
+    # collapsing round 1's decoy again, which a stream-step cooldown would forbid.
+    world = TaskWorldConfig(block_size=4, max_level=1, w_max=38, tail=8, step_tokens=4, n_tail=3, zoom_rounds=2)
+    pt = prepare_task(_task(n_filler=100, at=40), oracle, CharTokenizer(512), world, features=False)
+    assert pt.wc.free_slots() < 3  # no expand without a payer
+    needle = int(np.flatnonzero(pt.needle)[0]) // 4
+    wc, info = zoom(DecoyThenNeedle(decoy=2, needle=needle), pt, world)
+    assert np.any((wc.starts == needle * 4) & (wc.levels == 0))  # the needle's first block at L0
+    assert not np.any((wc.starts == 8) & (wc.levels == 0))  # the decoy (block 2) given back
+    assert info["rounds"] == 2 and info["expands"] == 2 and info["collapses"] == 2
