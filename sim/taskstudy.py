@@ -209,7 +209,7 @@ def run(args: TaskStudyArgs) -> dict:
             "validation_snapshots": int(len(val_idx)), "validation": val, "world": to_dict(args.world),
             "python": versions()["python"]}
     (out / "lensnet.json").write_text(json.dumps(card, indent=1))
-    shutil.copyfile(best, out / "lensnet.pt")
+    torch.save({k: ckpt[k] for k in ("model", "model_config", "step")}, out / "lensnet.pt")  # weights only
 
     # 4. held-out evaluation
     t0 = time.perf_counter()
