@@ -122,22 +122,13 @@ def label_tasks(tasks: list[dict], out: Path, oracle, tokenizer, world: TaskWorl
     return part
 
 
-def split_by_task(reader, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Seeded (train, validation) snapshot indices with whole tasks (``doc_id``) on one side."""
-    docs = np.array([int(reader[i]["doc_id"]) for i in range(len(reader))])
-    uniq = np.random.default_rng([seed, 54321]).permutation(np.unique(docs))
-    val_docs = uniq[: max(1, int(round(val_fraction * uniq.size)))] if uniq.size > 1 else uniq[:0]
-    val = np.isin(docs, val_docs)
-    return np.flatnonzero(~val), np.flatnonzero(val)
-
-
 def run(args: TaskStudyArgs) -> dict:
     import torch
 
     from gistnet.gister import resolve_gister
     from lensnet.data import TraceDataset
     from lensnet.shipped import CHECKPOINT_DIR, TASKS_CHECKPOINT, lm_fingerprint
-    from lensnet.train import Trainer, evaluate, model_config_for
+    from lensnet.train import Trainer, evaluate, model_config_for, split_indices
     from sim.evaluate import EvaluateArgs
     from sim.evaluate import evaluate as evaluate_tasks
     from sim.lm import load_lm
@@ -186,7 +177,7 @@ def run(args: TaskStudyArgs) -> dict:
     # 3. LensNet (validation split by task: a task's rounds are near-duplicates)
     t0 = time.perf_counter()
     reader = TraceReader(trace_dir, require_complete=True)
-    train_idx, val_idx = split_by_task(reader, 0.15, args.seed)
+    train_idx, val_idx = split_indices(reader.snapshots["doc_id"], 0.15, args.seed)
     mcfg = model_config_for(args.preset, oracle.d_model, args.world.max_level, args.world.block_size)
     trainer = Trainer(mcfg, replace(args.train, seed=args.seed),
                       TraceDataset(reader, train_idx, augment=args.train.augment, seed=args.seed),
