@@ -5,7 +5,8 @@ Reads ``metrics.jsonl`` (training log), ``results.json`` (policy comparison) and
 per loss term, validation metrics over steps, NLL per policy with spread over documents, the NLL gap
 to the oracle and NGR against the budget W_max (when ``results.json`` holds a budget sweep), and a
 focus heat map (token positions x steps, coloured by the level covering them; in the synthetic world
-the blocks that the next H tokens refer to are marked) per policy.
+the blocks that the next H tokens refer to are marked) per policy; for a ``sim.evaluate`` task run,
+exact match by needle depth x task length per policy.
 """
 
 from __future__ import annotations
@@ -136,6 +137,30 @@ def focus_heatmap(focus: list[dict], out: Path) -> Path:
     return _save(fig, out / "focus_heatmap.png")
 
 
+def task_grid(results: dict, out: Path) -> Path:
+    """Exact match by needle depth x task length, one panel per policy (``sim.evaluate`` results)."""
+    grid = results["grid"]
+    names = list(grid)
+    lengths = sorted({n for g in grid.values() for n in g}, key=float)
+    depths = sorted({d for g in grid.values() for ds in g.values() for d in ds}, key=lambda d: float(d or 0))
+    fig, axes = plt.subplots(1, len(names), figsize=(2.2 * len(names) + 1, 2.6), squeeze=False)
+    for ax, name in zip(axes[0], names, strict=True):
+        m = np.full((len(lengths), len(depths)), np.nan)
+        for i, n in enumerate(lengths):
+            for j, d in enumerate(depths):
+                m[i, j] = grid[name].get(n, {}).get(d, np.nan)
+        im = ax.imshow(m, vmin=0, vmax=1, cmap="viridis", aspect="auto")
+        ax.set_title(name, fontsize=9)
+        ax.set_xticks(range(len(depths)), depths, fontsize=7)
+        ax.set_yticks(range(len(lengths)), lengths, fontsize=7)
+        ax.set_xlabel("depth", fontsize=8)
+    axes[0][0].set_ylabel("tokens")
+    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="exact match")
+    fig.savefig(out / "exact_match_grid.png", dpi=110)
+    plt.close(fig)
+    return out / "exact_match_grid.png"
+
+
 def draw_all(run_dir: str | Path) -> list[Path]:
     run = Path(run_dir)
     out = run / "plots"
@@ -146,9 +171,12 @@ def draw_all(run_dir: str | Path) -> list[Path]:
         paths += [training_curves(log, out), validation_metrics(log, out)]
     if (run / "results.json").exists():
         results = json.loads((run / "results.json").read_text())
-        paths.append(policy_nll(results, out))
-        if (p := budget_sweep(results, out)) is not None:
-            paths.append(p)
+        if "grid" in results:  # a sim.evaluate task run
+            paths.append(task_grid(results, out))
+        else:
+            paths.append(policy_nll(results, out))
+            if (p := budget_sweep(results, out)) is not None:
+                paths.append(p)
     focus = _jsonl(run / "focus.jsonl")
     if focus:
         paths.append(focus_heatmap(focus, out))

@@ -132,6 +132,10 @@ def test_evaluate_contract_and_bad_lines(tmp_path):
         assert r["n"] == 2 and 0.0 <= r["exact_match"] <= 1.0 and np.isfinite(r["answer_nll"])
         assert r["focus_recall"] is None or 0.0 <= r["focus_recall"] <= 1.0
     assert res["policies"]["full"]["focus_recall"] == 1.0 and res["policies"]["recency"]["focus_recall"] == 0.0
+    assert set(res["grid"]) == {"recency", "retrieval", "full"}
+    from analysis.plots import draw_all
+
+    assert [p.name for p in draw_all(out)] == ["exact_match_grid.png"]
     rows = [json.loads(x) for x in (out / "tasks.jsonl").read_text().splitlines()]
     assert {(r["id"], r["policy"]) for r in rows} == {(t, p) for t in "ac" for p in ("recency", "retrieval", "full")}
 
