@@ -2,7 +2,7 @@
 # CPU comparison of GistNet objectives at a fixed, tiny step count (far below the issue's GPU budget):
 # both runs start from the shipped checkpoint, same seed, same batches.
 set -euo pipefail
-cd "$(dirname "$0")/../.."
+cd "$(dirname "$0")/.."
 COMMON="--init gistnet/checkpoints/gistnet-smollm2.safetensors --train.total-steps 12 --train.warmup-steps 2 --train.eval-every 12 --train.ckpt-every 1000 --train.batch-size 4 --horizons 32 --no-tail-steps 0 --p-no-tail 0.25 --p-l2 0 --val-windows 12 --train.device cpu --no-progress"
 for name in baseline kl_contrast; do
   extra=""
