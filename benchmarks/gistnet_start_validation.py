@@ -1,6 +1,6 @@
 """Validation numbers of the starting point (the shipped checkpoint, no steps) on the comparison's windows.
 
-Usage: python results/gistnet-objectives-cpu/start_validation.py <run.sh's COMMON flags> --out DIR
+Usage: python -m benchmarks.gistnet_start_validation <the COMMON flags of scripts/gistnet_objectives_cpu.sh> --out DIR
 """
 
 import json
