@@ -141,8 +141,14 @@ def task_grid(results: dict, out: Path) -> Path:
     """Exact match by needle depth x task length, one panel per policy (``sim.evaluate`` results)."""
     grid = results["grid"]
     names = list(grid)
-    lengths = sorted({n for g in grid.values() for n in g}, key=float)
-    depths = sorted({d for g in grid.values() for ds in g.values() for d in ds}, key=lambda d: float(d or 0))
+    def order(key: str) -> tuple[int, float | str]:  # numbers ascending, then labels ("None": no depth given)
+        try:
+            return 0, float(key)
+        except ValueError:
+            return 1, key
+
+    lengths = sorted({n for g in grid.values() for n in g}, key=order)
+    depths = sorted({d for g in grid.values() for ds in g.values() for d in ds}, key=order)
     fig, axes = plt.subplots(1, len(names), figsize=(2.2 * len(names) + 1, 2.6), squeeze=False)
     for ax, name in zip(axes[0], names, strict=True):
         m = np.full((len(lengths), len(depths)), np.nan)
