@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# CPU comparison of GistNet objectives at a fixed, tiny step count (far below the issue's GPU budget):
+# CPU comparison of GistNet objectives at a fixed, tiny step count (far below a real GPU training budget):
 # both runs start from the shipped checkpoint, same seed, same batches.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -2,7 +2,7 @@
 # A full GistNet training on one GPU machine without internet access. Writes into OUT_DIR: the
 # exported checkpoint and its card (gistnet-smollm2.safetensors / .json), metrics.jsonl, the
 # soft-prompt control (softprompt-control.pt / .json, metrics-softprompt.jsonl) and the held-out
-# benchmark (bench.json: prose and code, every control, the targets).
+# benchmark (bench.json: prose and code, every control, the targets).
 #
 #   bash scripts/gpu_gistnet_train.sh OUT_DIR [python -m gistnet.train flags ...]
 #
