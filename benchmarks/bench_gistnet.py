@@ -18,7 +18,7 @@ test (far-window NLL minus GistNet NLL, per window, with its interval).
 L2 setting (windows with 32 more blocks = 1024 tokens of history in front): that history as one L2
 gist, as 32 L1 gists, as raw tokens, or dropped, each followed by the same 7 L1 gists + 1 L0 block.
 Label distribution: counterfactual labels of a few held-out snapshots (``--env lm`` defaults) with
-mean-pool gists and with GistNet gists. ``targets``: the GistNet issue's pass/fail checks.
+mean-pool gists and with GistNet gists. ``targets``: pass/fail checks against GistNet's targets.
 """
 
 from __future__ import annotations
@@ -175,7 +175,7 @@ def l2_setting(held: TextBlocks, sub: Substitution, windows: int, seed: int) -> 
 
 
 def targets(l1: dict, l2: dict | None) -> dict:
-    """The issue's targets on one text: far-window − own ≥ 0.05 nats with the interval above 0,
+    """GistNet's targets on one text: far-window − own ≥ 0.05 nats with the interval above 0,
     content share ≥ 0.15 (stretch 0.3), never worse than dropping the context (L1 and b L1 gists)."""
     far = l1["far_minus_own"]
     out = {"far_minus_own_ge_0.05_ci_above_0": bool(far["mean"] >= 0.05 and far["ci95"][0] > 0),
