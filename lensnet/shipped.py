@@ -7,15 +7,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from gistnet.gister import lm_fingerprint  # one fingerprint for every checkpoint that fits an LM
+
 CHECKPOINT_DIR = Path(__file__).resolve().parent / "checkpoints"
 TASKS_CHECKPOINT = CHECKPOINT_DIR / "lensnet-smollm2-tasks.pt"
-
-
-def lm_fingerprint(lm) -> dict:
-    """What a checkpoint must match to fit an LM: architecture, width, depth, vocabulary."""
-    c = lm.config
-    return {"model_type": getattr(c, "model_type", None), "hidden_size": int(c.hidden_size),
-            "num_hidden_layers": int(c.num_hidden_layers), "vocab_size": int(c.vocab_size)}
 
 
 def read_card(path: str | Path) -> dict:

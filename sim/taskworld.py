@@ -338,6 +338,7 @@ def answer_task(policy: ZoomPolicy | str, pt: PreparedTask, oracle: LMOracle, co
         return {"answer_nll": nll, "exact_match": float(em), "focus_recall": None if not pt.needle.any() else True,
                 "rounds": 0, "expands": 0, "collapses": 0, "slots": pt.n_tokens, "policy_s": 0.0}
     wc, info = zoom(policy, pt, config)
+    t0 = time.perf_counter()
     nll, em = answer_scores(oracle, wc.arrays(config.n_tail), pt.answer_ids)
     return {"answer_nll": nll, "exact_match": float(em), "focus_recall": focus_recall(pt, wc), **info,
-            "focus_map": wc.focus_map(200)}
+            "lm_forward_s": time.perf_counter() - t0, "focus_map": wc.focus_map(200)}
