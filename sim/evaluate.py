@@ -131,7 +131,47 @@ def summarise(rows: list[dict], names: list[str]) -> tuple[dict, dict]:
         for r in rs:
             cells.setdefault(str(r["length"]), {}).setdefault(str(r["depth"]), []).append(r["exact_match"])
         grid[name] = {n: {d: float(np.mean(v)) for d, v in sorted(ds.items())} for n, ds in sorted(cells.items())}
+    for name, value in gap_recovered(rows, names).items():
+        policies[name].update(value)
     return policies, grid
+
+
+def _ngr(w: np.ndarray, sums: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """NGR from group weights ``w`` (..., n_groups), per-group NLL sums (n_groups, 3: recency, policy,
+    oracle) and task counts (n_groups,); NaN where the oracle gap is 0."""
+    m = (w @ sums) / (w @ counts)[..., None]
+    gap = m[..., 0] - m[..., 2]
+    return np.where(np.abs(gap) > 1e-12, (m[..., 0] - m[..., 1]) / np.where(gap == 0, 1, gap), np.nan)
+
+
+def gap_recovered(rows: list[dict], names: list[str], n_boot: int = 2000, seed: int = 0) -> dict[str, dict]:
+    """NGR = (NLL_recency - NLL_policy) / (NLL_recency - NLL_oracle) of the mean answer NLL over the
+    tasks that recency, the oracle and the policy all scored, with a 95 % percentile-bootstrap
+    interval that resamples documents (a row's ``group``: the module of a code task, else the task),
+    so windows of one document move together. Empty without both recency and oracle rows."""
+    by = {(r["policy"], r["id"]): r for r in rows}
+    if not any(p == "oracle" for p, _ in by) or not any(p == "recency" for p, _ in by):
+        return {}
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name in names:
+        ids = [i for p, i in by if p == name and ("recency", i) in by and ("oracle", i) in by]
+        if not ids:
+            continue
+        nll = np.array([[by[(p, i)]["answer_nll"] for p in ("recency", name, "oracle")] for i in ids])
+        groups = np.unique([str(by[(name, i)].get("group", i)) for i in ids], return_inverse=True)[1]
+        sums = np.zeros((groups.max() + 1, 3))
+        np.add.at(sums, groups, nll)
+        counts = np.bincount(groups).astype(np.float64)
+
+        point = float(_ngr(np.ones(len(counts)), sums, counts))
+        draws = _ngr(np.stack([np.bincount(rng.integers(0, len(counts), len(counts)), minlength=len(counts))
+                               for _ in range(n_boot)]).astype(np.float64), sums, counts)
+        draws = draws[np.isfinite(draws)]
+        out[name] = {"ngr": None if not np.isfinite(point) else point, "ngr_n": len(ids),
+                     "ngr_ci95": ([float(np.quantile(draws, 0.025)), float(np.quantile(draws, 0.975))]
+                                  if len(counts) > 1 and draws.size else None)}
+    return out
 
 
 def _bootstrap(x: np.ndarray, seed: int, n: int = 2000) -> list[float] | None:
@@ -199,7 +239,8 @@ def evaluate(args: EvaluateArgs) -> dict:
                     lm_forward_s.append(r["lm_forward_s"])
                 row = {"id": task["id"], "line": line, "policy": name, "n_tokens": pt.n_tokens,
                        "w_max": args.world.w_max, "length": meta.get("length", pt.n_tokens),
-                       "depth": meta.get("depth"), "kind": meta.get("kind"), **r}
+                       "depth": meta.get("depth"), "kind": meta.get("kind"),
+                       "group": str(meta.get("module", task["id"])), **r}
                 rows.append(row)
                 log.write(json.dumps(row) + "\n")
                 log.flush()
@@ -226,11 +267,14 @@ def evaluate(args: EvaluateArgs) -> dict:
 def format_results(results: dict) -> str:
     rows = [f"W_max {results['config']['w_max']}, {results['n_tasks']} tasks, zoom rounds "
             f"{results['config']['zoom_rounds']}, gister {results['config']['gister']}",
-            "policy      exact match   answer NLL   focus recall   rounds  expands   N/W_max"]
+            "policy      exact match   answer NLL   focus recall   rounds  expands   N/W_max   NGR [95% CI]"]
     for name, r in results["policies"].items():
         rec = "   -  " if r["focus_recall"] is None else f"{r['focus_recall']:6.3f}"
+        ngr = "" if r.get("ngr") is None else f"{r['ngr']:6.3f}"
+        if r.get("ngr_ci95"):
+            ngr += f" [{r['ngr_ci95'][0]:.2f}, {r['ngr_ci95'][1]:.2f}]"
         rows.append(f"{name:<11} {r['exact_match']:8.3f}     {r['answer_nll']:8.3f}      {rec}       "
-                    f"{r['rounds']:5.2f}  {r['expands']:6.2f}   {r['compression']:6.1f}")
+                    f"{r['rounds']:5.2f}  {r['expands']:6.2f}   {r['compression']:6.1f}   {ngr}")
     if results["errors"]:
         rows.append(f"{len(results['errors'])} task line(s) skipped: see results.json 'errors'")
     return "\n".join(rows)

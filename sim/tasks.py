@@ -17,9 +17,11 @@ characters, at a sentence or paragraph start. Every draw comes from a seeded ``n
 from __future__ import annotations
 
 import ast
+import builtins
 import functools
 import hashlib
 import json
+import keyword
 import os
 import re
 import sysconfig
@@ -33,6 +35,9 @@ import numpy as np
 from sim.tree import ConfigError
 
 KINDS = ("passkey", "multikey", "vt")
+"""The needle kinds (RULER-style: filler + needles + a question)."""
+ALL_KINDS = (*KINDS, "code")
+"""``code``: continuation of a standard-library module where the next lines use a name defined far above."""
 SPLITS = ("train", "heldout")
 CONSONANTS = "BCDFGHJKLMNPQRSTVWXZ"
 MAX_GAP = 400
@@ -246,8 +251,8 @@ def _place(filler: str, needles: list[tuple[str, float]]) -> tuple[str, list[lis
 class TaskConfig:
     """Generate long-context tasks (pass key, multi-key needle, variable tracking) as JSONL."""
 
-    kind: Literal["passkey", "multikey", "vt"] = "passkey"
-    """Task kind: 'passkey' (5 digits), 'multikey' (7-digit magic numbers, one asked), 'vt' (variable tracking)."""
+    kind: Literal["passkey", "multikey", "vt", "code"] = "passkey"
+    """Task kind: 'passkey' (5 digits), 'multikey' (7-digit magic numbers, one asked), 'vt' (variable tracking), 'code' (module continuation; depths do not apply)."""
     n_tasks: int = 10
     """Number of tasks."""
     length: tuple[int, ...] = (2048,)
@@ -262,6 +267,10 @@ class TaskConfig:
     """vt: assignment chains per task (one asked, the others distractors)."""
     chain_length: int = 3
     """vt: variables per chain (chain_length - 1 hops)."""
+    answer_tokens: int = 32
+    """code: tokens of the scored continuation (whole lines, cut at a word end past this)."""
+    near_chars: int = 1024
+    """code: the name the continuation uses is defined, and otherwise absent, before the context's last this many characters."""
     seed: int = 0
     """Seed: task i draws from numpy.random.default_rng([seed, split, kind, i])."""
     tokenizer: str = "chars"
@@ -270,8 +279,10 @@ class TaskConfig:
     """Output JSONL file (command line only)."""
 
     def __post_init__(self) -> None:
-        if self.kind not in KINDS:
-            raise ConfigError(f"kind must be one of {KINDS}, got {self.kind!r}")
+        if self.kind not in ALL_KINDS:
+            raise ConfigError(f"kind must be one of {ALL_KINDS}, got {self.kind!r}")
+        if self.answer_tokens < 1 or self.near_chars < 0:
+            raise ConfigError(f"need answer_tokens >= 1 and near_chars >= 0, got {self.answer_tokens}, {self.near_chars}")
         _check_split(self.split)
         if self.n_tasks < 1 or self.seed < 0 or not self.length or min(self.length) < 64:
             raise ConfigError(f"need n_tasks >= 1, seed >= 0, lengths >= 64 tokens; got {self.n_tasks}, "
@@ -318,8 +329,10 @@ def make_task(config: TaskConfig, i: int, count_tokens: Callable[[str], int], co
     """Task ``i`` of ``config``; it depends only on the config and i (``counter`` names
     ``count_tokens`` in the task's meta)."""
     c = config
-    rng = np.random.default_rng([c.seed, SPLITS.index(c.split), KINDS.index(c.kind), i])
+    rng = np.random.default_rng([c.seed, SPLITS.index(c.split), ALL_KINDS.index(c.kind), i])
     n = c.length[i % len(c.length)]
+    if c.kind == "code":
+        return make_code_task(c, i, n, rng, count_tokens, counter)
     depth = float(c.depths[(i // len(c.length)) % len(c.depths)] if c.depths else rng.uniform())
     needles, asked, question, answer, t = _needles(c, rng, depth)
     question = "\n\n" + question
@@ -345,6 +358,82 @@ def make_task(config: TaskConfig, i: int, count_tokens: Callable[[str], int], co
             "answer": answer, "needle_spans": [spans[j] for j in asked],
             "meta": {"kind": c.kind, "split": c.split, "length": n, "depth": depth, "template": t,
                      "tokenizer": counter, "seed": c.seed}}
+
+
+# ----------------------------------------------------------------------------- code continuation
+_USE = re.compile(r"\b([A-Za-z_][A-Za-z0-9_]{3,})\b(?=[ \t]*[(.\[\]),:]|[ \t]*$)", re.M)
+"""A name used as code: followed by a call, attribute, index, separator or the line's end."""
+_STRING_OR_COMMENT = re.compile(r"#[^\n]*|'(?:[^'\\\n]|\\.)*'|\"(?:[^\"\\\n]|\\.)*\"")
+_COMMON = frozenset(keyword.kwlist) | frozenset(dir(builtins)) | {"self", "cls", "args", "kwargs"}
+
+
+@functools.cache
+def _code_modules(split: str, min_chars: int) -> tuple[str, ...]:
+    return tuple(name for name, _ in code_documents(split, min_chars))
+
+
+def _definition(name: str, text: str) -> re.Match | None:
+    """The first line of ``text`` that binds ``name``: def/class, assignment, import, for target."""
+    n = re.escape(name)
+    return re.search(rf"^[ \t]*(?:(?:async[ \t]+)?def[ \t]+{n}\b|class[ \t]+{n}\b|{n}[ \t]*(?::[^=\n]*)?=[^=]"
+                     rf"|(?:from[ \t]+\S+[ \t]+)?import[ \t][^\n]*\b{n}\b|for[ \t]+{n}[ \t]+in\b).*$", text, re.M)
+
+
+def make_code_task(c: TaskConfig, i: int, n: int, rng: np.random.Generator, count_tokens: Callable[[str], int],
+                   counter: str) -> dict[str, Any]:
+    """A code-continuation task: ``context`` = the lines of a module of the split before a cut (at
+    most ``n`` tokens with the answer), ``question`` = '' and ``answer`` = the next lines (about
+    ``answer_tokens`` tokens). The cut is drawn until the answer uses a name (4+ characters, not a
+    keyword or builtin) that the context binds (def, class, assignment, import, for) before its last
+    ``near_chars`` characters and never mentions within them: a recency window of that size cannot
+    see where the name comes from. The needle span is that binding line; depth is its position."""
+    modules = _code_modules(c.split, 3 * n)
+    if not modules:
+        raise ConfigError(f"no {c.split} standard-library module holds {3 * n} characters")
+    order = rng.permutation(len(modules))
+    for m in [order[0], *order[1:]]:  # the task's own module first; others only if it has no cut
+        name = modules[m]
+        text = stdlib_modules()[name].read_text(encoding="utf-8", errors="replace")
+        lines = np.array([0, *(x.end() for x in re.finditer("\n", text))])
+        for cut in rng.choice(lines[1:-1], size=min(64, len(lines) - 2), replace=False):
+            cut = int(cut)
+            ends = [x.end() for x in re.finditer("\n", text[cut:])]
+            answer = ""
+            for e in ends[:40]:  # whole lines until answer_tokens
+                answer = text[cut : cut + e]
+                if count_tokens(answer) >= c.answer_tokens:
+                    break
+            if count_tokens(answer) > 2 * c.answer_tokens:
+                answer = _longest_prefix(answer, [x.start() for x in re.finditer(r"\s+", answer)],
+                                         c.answer_tokens, count_tokens)
+            if not c.answer_tokens // 2 <= count_tokens(answer) < n // 4:
+                continue
+            budget = n - count_tokens(answer) - max(2, n // 200)
+            starts = lines[lines < cut]
+            lo, hi = 0, len(starts) - 1  # the earliest line start whose context fits the budget
+            while lo < hi:
+                mid = (lo + hi) // 2
+                if count_tokens(text[starts[mid] : cut]) <= budget:
+                    hi = mid
+                else:
+                    lo = mid + 1
+            context = text[starts[lo] : cut]
+            if count_tokens(context) > budget or count_tokens(context) + count_tokens(answer) < n - max(24, 3 * n // 100):
+                continue
+            far, near = context[: len(context) - c.near_chars], context[len(context) - c.near_chars :]
+            for word in dict.fromkeys(_USE.findall(_STRING_OR_COMMENT.sub(" ", answer))):
+                if word in _COMMON or re.search(rf"\b{re.escape(word)}\b", near) or _definition(word, answer):
+                    continue  # common, seen near the cut, or bound by the answer itself
+                found = _definition(word, far)
+                if found is None:
+                    continue
+                span = [found.start(), found.end()]
+                return {"id": f"code-{c.split}-s{c.seed}-{i:05d}", "context": context, "question": "",
+                        "answer": answer, "needle_spans": [span],
+                        "meta": {"kind": "code", "split": c.split, "length": n,
+                                 "depth": round(span[0] / len(context), 2), "module": name, "name": word,
+                                 "cut_char": cut, "tokenizer": counter, "seed": c.seed}}
+    raise ConfigError(f"no cut with a far-defined name in the {c.split} modules for task {i} (length {n})")
 
 
 def generate_tasks(config: TaskConfig, count_tokens: Any = None) -> list[dict[str, Any]]:

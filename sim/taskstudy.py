@@ -48,8 +48,8 @@ def _default_train() -> TrainConfig:
 class TaskStudyArgs:
     """Real-LM task study: tasks -> question-time labels -> LensNet -> held-out evaluation."""
 
-    task: Literal["passkey", "multikey", "vt"] = "passkey"
-    """Task kind (sim.tasks)."""
+    task: Literal["passkey", "multikey", "vt", "code"] = "passkey"
+    """Task kind (sim.tasks); 'code' = module continuation (answer NLL and NGR; depths do not apply)."""
     out: str = "runs/tasks"
     """Run directory."""
     seed: int = 0

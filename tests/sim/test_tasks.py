@@ -216,3 +216,35 @@ def test_cli_writes_a_readable_task_file(tmp_path, capsys):
     assert [t["meta"]["split"] for t in tasks] == ["heldout"] * 3 and "wrote 3 vt tasks" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         main(["--kind", "passkey", "--depths", "2.0", "--out", str(out)])
+
+
+@settings(max_examples=8, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), length=st.sampled_from([1024, 2048]), split=st.sampled_from(["train", "heldout"]))
+def test_code_task_uses_a_name_bound_far_above(seed, length, split):
+    """The continuation is the module's next lines; it uses a name that the needle line binds
+    before the context's last near_chars characters, and that nowhere appears within them."""
+    config = TaskConfig(kind="code", n_tasks=1, length=(length,), split=split, seed=seed)
+    task = generate_tasks(config)[0]
+    meta = task["meta"]
+    source = code_documents_by_name(split)[meta["module"]]
+    assert task["question"] == ""
+    assert source[meta["cut_char"] - len(task["context"]) : meta["cut_char"] + len(task["answer"])] == \
+        task["context"] + task["answer"]
+    assert module_split(meta["module"]) == split
+    (s, e), = task["needle_spans"]
+    name, near = meta["name"], task["context"][-config.near_chars :]
+    assert re.search(rf"\b{name}\b", task["context"][s:e]) and e <= len(task["context"]) - config.near_chars + len(name)
+    assert re.search(rf"\b{name}\b", task["answer"]) and not re.search(rf"\b{name}\b", near)
+    assert length - max(24, 3 * length // 100) <= approx_tokens(task["context"]) + approx_tokens(task["answer"]) <= length
+    assert meta["depth"] == round(s / len(task["context"]), 2)
+
+
+def code_documents_by_name(split: str) -> dict[str, str]:
+    return dict(code_documents(split, 4096))
+
+
+def test_code_tasks_are_deterministic_and_spread_over_modules():
+    config = TaskConfig(kind="code", n_tasks=6, length=(1024,), split="heldout", seed=3)
+    a, b = generate_tasks(config), generate_tasks(config)
+    assert a == b
+    assert len({t["meta"]["module"] for t in a}) >= 3
