@@ -188,3 +188,23 @@ def test_zoom_rounds_may_give_back_an_earlier_rounds_detail(oracle):
     assert np.any((wc.starts == needle * 4) & (wc.levels == 0))  # the needle's first block at L0
     assert not np.any((wc.starts == 8) & (wc.levels == 0))  # the decoy (block 2) given back
     assert info["rounds"] == 2 and info["expands"] == 2 and info["collapses"] == 2
+
+
+def test_gap_recovered_matches_the_formula_and_resamples_documents():
+    from sim.evaluate import gap_recovered
+
+    nll = {"recency": [3.0, 2.0, 4.0, 3.0], "oracle": [1.0, 1.5, 2.0, 1.0], "p": [2.0, 2.0, 2.0, 2.0]}
+    groups = ["a", "a", "b", "b"]
+    rows = [{"id": f"t{i}", "policy": name, "answer_nll": v[i], "group": groups[i]}
+            for name, v in nll.items() for i in range(4)]
+    out = gap_recovered(rows, ["recency", "oracle", "p"])
+    mean = {k: np.mean(v) for k, v in nll.items()}
+    assert out["p"]["ngr"] == pytest.approx((mean["recency"] - mean["p"]) / (mean["recency"] - mean["oracle"]))
+    assert out["recency"]["ngr"] == 0.0 and out["oracle"]["ngr"] == 1.0 and out["p"]["ngr_n"] == 4
+    # two documents: the bootstrap's extremes are each document alone (tasks of a document move together)
+    alone = sorted((np.mean(nll["recency"][s]) - 2.0) / (np.mean(nll["recency"][s]) - np.mean(nll["oracle"][s]))
+                   for s in (slice(0, 2), slice(2, 4)))
+    assert out["p"]["ngr_ci95"] == pytest.approx(alone)
+    # rows of a policy the oracle did not score are left out; no oracle at all: no NGR
+    assert gap_recovered([r for r in rows if not (r["policy"] == "oracle" and r["id"] == "t0")], ["p"])["p"]["ngr_n"] == 3
+    assert gap_recovered([r for r in rows if r["policy"] != "oracle"], ["p"]) == {}
