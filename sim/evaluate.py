@@ -73,18 +73,6 @@ class EvaluateArgs:
     world: TaskWorldConfig = field(default_factory=TaskWorldConfig)
 
 
-def task_lines(path: str | Path) -> dict[str, int]:
-    """id -> line number of each well-formed line (for error messages after parsing)."""
-    out: dict[str, int] = {}
-    with open(path, "rb") as f:
-        for n, raw in enumerate(f, start=1):
-            try:
-                out.setdefault(str(json.loads(raw)["id"]), n)
-            except (ValueError, KeyError, TypeError):
-                continue
-    return out
-
-
 def _policy_objects(names: list[str], args: EvaluateArgs, oracle, model, device) -> tuple[list, str | None]:
     out, lens_path = [], None
     for name in names:
@@ -199,8 +187,8 @@ def evaluate(args: EvaluateArgs) -> dict:
     bad = [n for n in names if n not in POLICIES]
     if bad or not names:
         raise ConfigError(f"--policies: unknown {bad} (choose from {', '.join(POLICIES)})")
-    tasks, errors = scan_tasks(args.tasks)
-    lines = task_lines(args.tasks)
+    lines: dict[str, int] = {}
+    tasks, errors = scan_tasks(args.tasks, lines=lines)
     error_rows = [{"line": e.line, "error": str(e)} for e in errors]
     for e in errors:
         print(f"error: {e} (skipped)", file=sys.stderr)

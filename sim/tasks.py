@@ -486,12 +486,14 @@ def _problem(task: Any, seen: dict[str, int], max_chars: int | None) -> str | No
     return None
 
 
-def scan_tasks(path: str | os.PathLike, max_chars: int | None = None) -> tuple[list[dict[str, Any]], list[TaskFileError]]:
+def scan_tasks(path: str | os.PathLike, max_chars: int | None = None, lines: dict[str, int] | None = None
+               ) -> tuple[list[dict[str, Any]], list[TaskFileError]]:
     """(valid tasks, one ``TaskFileError`` per bad line), so an evaluator can skip bad lines. Blank
-    lines are skipped; a missing ``needle_spans`` reads as []; ``max_chars`` caps context + question."""
+    lines are skipped; a missing ``needle_spans`` reads as []; ``max_chars`` caps context + question.
+    ``lines``, when given, receives id -> line number of every valid task (for later messages)."""
     tasks: list[dict[str, Any]] = []
     errors: list[TaskFileError] = []
-    seen: dict[str, int] = {}
+    seen: dict[str, int] = {} if lines is None else lines
     with open(path, "rb") as f:
         for line_no, raw in enumerate(f, start=1):
             try:

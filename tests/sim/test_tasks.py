@@ -183,8 +183,10 @@ def test_reader_errors_name_file_and_line(tmp_path, bad, problem):
     with pytest.raises(TaskFileError, match=rf"tasks\.jsonl: line 3: .*{re.escape(problem)}") as err:
         read_tasks(path)
     assert err.value.line == 3
-    tasks, errors = scan_tasks(path)  # the evaluator's way: skip the bad line, keep the others
+    lines: dict[str, int] = {}
+    tasks, errors = scan_tasks(path, lines=lines)  # the evaluator's way: skip the bad line, keep the others
     assert [t["id"] for t in tasks] == ["a", "b"] and [e.line for e in errors] == [3]
+    assert lines == {"a": 1, "b": 4}
     assert tasks[1]["needle_spans"] == []
 
 
