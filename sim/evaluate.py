@@ -208,12 +208,15 @@ def evaluate(args: EvaluateArgs) -> dict:
     needs_features = any(getattr(p, "needs_features", False) for p in policies)
     rows: list[dict] = []
     t_start = time.perf_counter()
+    spent: dict[str, float] = {}  # seconds: streaming + features of every task, and each policy (zoom + answer)
     lm_forward_s: list[float] = []
     with (out / "tasks.jsonl").open("w") as log:
         for task in tqdm(tasks, desc="tasks", disable=not args.progress):
             line = lines.get(str(task["id"]))
             try:
+                t0 = time.perf_counter()
                 pt = prepare_task(task, oracle, tokenizer, args.world, gister, features=needs_features)
+                spent["prepare"] = spent.get("prepare", 0.0) + time.perf_counter() - t0
             except TaskError as err:
                 msg = f"{args.tasks}: line {line}: {err}"
                 print(f"error: {msg} (skipped)", file=sys.stderr)
@@ -222,7 +225,9 @@ def evaluate(args: EvaluateArgs) -> dict:
             meta = task.get("meta") or {}
             for p in tqdm(policies, desc=str(task["id"]), disable=not args.progress, leave=False):
                 name = p if isinstance(p, str) else p.name
+                t0 = time.perf_counter()
                 r = answer_task(p, pt, oracle, args.world)
+                spent[name] = spent.get(name, 0.0) + time.perf_counter() - t0
                 if name == "recency":  # its answer forward reads W_max-sized context: the yardstick of policy cost
                     lm_forward_s.append(r["lm_forward_s"])
                 row = {"id": task["id"], "line": line, "policy": name, "n_tokens": pt.n_tokens,
@@ -245,7 +250,8 @@ def evaluate(args: EvaluateArgs) -> dict:
                    "seed": args.seed, "args": to_dict(args)},
         "policies": summary, "grid": grid, "errors": error_rows, "n_tasks": len(tasks),
         "lm_forward_ms_at_w_max": None if fwd is None else 1e3 * fwd,
-        "timings": {"total_s": time.perf_counter() - t_start}, "versions": versions(),
+        "timings": {"total_s": time.perf_counter() - t_start, **{f"{k}_s": v for k, v in spent.items()}},
+        "versions": versions(),
     }
     (out / "results.json").write_text(json.dumps(results, indent=1))
     print(format_results(results))
