@@ -46,8 +46,8 @@ from sim.taskworld import (
 )
 from sim.tree import ConfigError
 
-POLICIES = ("lensnet", "recency", "sinks", "random", "retrieval", "surprisal", "oracle", "full")
-DEFAULT_POLICIES = "lensnet,recency,sinks,random,retrieval,surprisal,full"
+POLICIES = ("lensnet", "lensnet_rank", "recency", "sinks", "random", "retrieval", "surprisal", "oracle", "full")
+DEFAULT_POLICIES = "lensnet,lensnet_rank,recency,sinks,random,retrieval,surprisal,full"
 
 
 @dataclass
@@ -59,7 +59,7 @@ class EvaluateArgs:
     out: str = "runs/evaluate"
     """Output directory: results.json, tasks.jsonl, command.txt."""
     policies: str = DEFAULT_POLICIES
-    """Comma-separated policies among lensnet, recency, sinks, random, retrieval, surprisal, oracle, full ('oracle' labels every action of every round: about a minute per 2k-token task on a 2-core CPU)."""
+    """Comma-separated policies among lensnet, lensnet_rank (LensNet's order on the heuristics' rank scale), recency, sinks, random, retrieval, surprisal, oracle, full ('oracle' labels every action of every round: about a minute per 2k-token task on a 2-core CPU)."""
     lm: str = "smollm2"
     """'smollm2', 'tiny' (random-init test LM, character tokenizer) or a local model folder."""
     lensnet: str = "auto"
@@ -74,19 +74,20 @@ class EvaluateArgs:
 
 
 def _policy_objects(names: list[str], args: EvaluateArgs, oracle, model, device) -> tuple[list, str | None]:
-    out, lens_path = [], None
+    out, lens_path, lens = [], None, None
     for name in names:
-        if name == "lensnet":
+        if name in ("lensnet", "lensnet_rank"):
             from lensnet.policy import LensNetPolicy
             from lensnet.shipped import default_lensnet_path
             from lensnet.train import load_model
 
             lens_path = default_lensnet_path(model) if args.lensnet == "auto" else args.lensnet
             if lens_path is None:
-                print("note: no shipped LensNet fits this LM; 'lensnet' is skipped (pass --lensnet CKPT)",
+                print(f"note: no shipped LensNet fits this LM; '{name}' is skipped (pass --lensnet CKPT)",
                       file=sys.stderr)
                 continue
-            out.append(LensNetZoom(LensNetPolicy(load_model(lens_path, device), device), args.world.n_tail))
+            lens = lens or LensNetPolicy(load_model(lens_path, device), device)
+            out.append(LensNetZoom(lens, args.world.n_tail, rank=name == "lensnet_rank"))
         elif name == "full":
             out.append("full")
         else:
@@ -239,9 +240,9 @@ def evaluate(args: EvaluateArgs) -> dict:
                 log.flush()
     summary, grid = summarise(rows, [p if isinstance(p, str) else p.name for p in policies])
     fwd = float(np.mean(lm_forward_s)) if lm_forward_s else None
-    if fwd and "lensnet" in summary:  # per round: LensNet + allocator vs one LM forward at W_max
-        summary["lensnet"]["cost_vs_lm_forward"] = summary["lensnet"]["policy_ms"] / 1e3 / max(
-            summary["lensnet"]["rounds"], 1) / fwd
+    for name in ("lensnet", "lensnet_rank"):  # per round: LensNet + allocator vs one LM forward at W_max
+        if fwd and name in summary:
+            summary[name]["cost_vs_lm_forward"] = summary[name]["policy_ms"] / 1e3 / max(summary[name]["rounds"], 1) / fwd
     results = {
         "config": {"w_max": args.world.w_max, "tail": args.world.tail, "zoom_rounds": args.world.rounds,
                    "lookahead": args.world.lookahead, "block_size": args.world.block_size,

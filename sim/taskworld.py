@@ -24,7 +24,8 @@ relevance in [0, 1] into the allocator's signed scores):
 - ``oracle``: the exact greedy counterfactual labels (with the two-level lookahead for L2 gists,
   ``sim.labels.lookahead_contexts``) each round;
 - ``full``: the whole stream as tokens (the LM's ceiling; only where it fits the LM's positions);
-- ``lensnet``: a trained LensNet's scores (``lensnet.policy.LensNetPolicy``).
+- ``lensnet``: a trained LensNet's scores (``lensnet.policy.LensNetPolicy``); ``lensnet_rank``: the
+  same scores on the heuristics' rank scale (``rank_scores``).
 """
 
 from __future__ import annotations
@@ -291,14 +292,31 @@ class OracleZoom(ZoomPolicy):
         return labels["target_utilities"].astype(np.float64)
 
 
-class LensNetZoom(ZoomPolicy):
-    name = "lensnet"
+def rank_scores(wc: WorkingContext, u: np.ndarray) -> np.ndarray:
+    """A scorer's order on the heuristics' scale (``relevance_scores``): gists get their rank among
+    the gists in [0, 1] (the best 1), L0 entries minus their rank from the cheapest to give up in
+    [-1, 0] (the cheapest 0), plus the same tiny recency tie-break. Keeps the order within each kind
+    and drops the magnitudes, so the allocator's thresholds (in nats) no longer gate a scorer whose
+    values are shrunk but whose order is right."""
+    u = np.asarray(u, dtype=np.float64)
+    out = np.empty_like(u)
+    gist = wc.levels >= 1
+    out[gist] = _rank01(u[gist])
+    out[~gist] = _rank01(u[~gist]) - 1.0
+    return out + 1e-6 * recency_scores(wc)
 
-    def __init__(self, lensnet_policy, n_tail: int = 6) -> None:
-        self.policy, self.n_tail = lensnet_policy, n_tail
+
+class LensNetZoom(ZoomPolicy):
+    """A trained LensNet's scores; ``rank=True`` (policy ``lensnet_rank``) passes them through
+    ``rank_scores`` first, the scale the heuristic baselines act on."""
+
+    def __init__(self, lensnet_policy, n_tail: int = 6, rank: bool = False) -> None:
+        self.policy, self.n_tail, self.rank = lensnet_policy, n_tail, rank
+        self.name = "lensnet_rank" if rank else "lensnet"
 
     def scores(self, pt, wc):
-        return self.policy.scores(wc.arrays(self.n_tail))
+        u = self.policy.scores(wc.arrays(self.n_tail))
+        return rank_scores(wc, u) if self.rank else u
 
 
 def zoom(policy: ZoomPolicy, pt: PreparedTask, config: TaskWorldConfig) -> tuple[WorkingContext, dict]:

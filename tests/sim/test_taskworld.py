@@ -208,3 +208,19 @@ def test_gap_recovered_matches_the_formula_and_resamples_documents():
     # rows of a policy the oracle did not score are left out; no oracle at all: no NGR
     assert gap_recovered([r for r in rows if not (r["policy"] == "oracle" and r["id"] == "t0")], ["p"])["p"]["ngr_n"] == 3
     assert gap_recovered([r for r in rows if r["policy"] != "oracle"], ["p"]) == {}
+
+
+@settings(max_examples=30, deadline=None)
+@given(wc=working_contexts(), data=st.data())
+def test_rank_scores_keep_each_kinds_order_on_the_heuristics_scale(wc, data):
+    from sim.taskworld import rank_scores
+
+    u = np.asarray(data.draw(st.lists(st.floats(-5, 5), min_size=len(wc), max_size=len(wc))))
+    r = rank_scores(wc, u)
+    gist = wc.levels >= 1
+    assert np.all((r[gist] > -1e-5) & (r[gist] < 1 + 1e-5)) and np.all((r[~gist] > -1 - 1e-5) & (r[~gist] < 1e-5))
+    for kind in (gist, ~gist):
+        a, b = u[kind], r[kind]
+        assert np.all(np.sign(np.subtract.outer(a, a)) * np.sign(np.subtract.outer(b, b)) >= 0)  # same order
+    if gist.sum() > 1:
+        assert r[gist].max() == pytest.approx(1.0, abs=1e-5)
