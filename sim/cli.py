@@ -110,3 +110,26 @@ def parse(cls: type[T], argv: list[str] | None = None, description: str | None =
 def to_dict(obj: Any) -> dict[str, Any]:
     """A JSON-ready dict of a (nested) dataclass instance."""
     return dataclasses.asdict(obj)
+
+
+def to_argv(obj: Any, prefix: str = "", default: Any = None) -> list[str]:
+    """The command-line options that ``parse`` turns back into ``obj``: one per leaf field whose
+    value differs from its default (``default``, else the class's; nested dataclasses compared field
+    by field with the parent's default for them)."""
+    out: list[str] = []
+    default = type(obj)() if default is None else default
+    for f in dataclasses.fields(obj):
+        value, base = getattr(obj, f.name), getattr(default, f.name)
+        if dataclasses.is_dataclass(value):
+            out += to_argv(value, f"{prefix}{f.name}.", base)
+            continue
+        if value == base:
+            continue
+        flag = f"--{prefix}{f.name}".replace("_", "-")
+        if isinstance(value, bool):
+            out.append(flag if value else f"--no-{prefix}{f.name}".replace("_", "-"))
+        elif isinstance(value, tuple):
+            out += [flag, *map(str, value)]
+        else:
+            out += [flag, str(value)]
+    return out

@@ -22,6 +22,7 @@ skipped; the other tasks still run. Exit status 1 when any line was skipped.
 from __future__ import annotations
 
 import json
+import shlex
 import sys
 import time
 from dataclasses import dataclass, field
@@ -30,7 +31,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from sim.cli import parse, to_dict
+from sim.cli import parse, to_argv, to_dict
 from sim.taskworld import (
     LensNetZoom,
     OracleZoom,
@@ -195,7 +196,7 @@ def evaluate(args: EvaluateArgs) -> dict:
         print(f"error: {e} (skipped)", file=sys.stderr)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "command.txt").write_text(" ".join(["python -m sim.evaluate", *sys.argv[1:]]) + "\n")
+    (out / "command.txt").write_text(" ".join(["python -m sim.evaluate", *map(shlex.quote, to_argv(args))]) + "\n")
     if not args.progress:
         from transformers.utils import logging as hf_logging
 

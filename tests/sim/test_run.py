@@ -182,3 +182,23 @@ def test_train_seeds_report_every_lensnet_and_a_t_interval(tmp_path, capsys):
     assert (tmp_path / "train-seeds" / "seed-1" / "metrics.jsonl").exists() and (tmp_path / "metrics.jsonl").exists()
     printed = capsys.readouterr().out
     assert "lensnet *" in printed and "over 2 training seeds [0, 1]" in printed
+
+
+@pytest.mark.parametrize("cls, argv", [
+    ("EvaluateArgs", ["--tasks", "a b.jsonl", "--no-progress", "--world.w-max", "128", "--no-world.lookahead",
+                      "--world.allocator.tau-expand", "0.1"]),
+    ("TaskStudyArgs", ["--task", "code", "--train-lengths", "512", "1024", "--train.total-steps", "10"]),
+    ("RunArgs", ["--seed", "3", "--budget-scales", "1.0", "--world.context.w-max", "200"]),
+])
+def test_to_argv_parses_back_to_the_same_arguments(cls, argv):
+    """The command a run writes (command.txt) reproduces its arguments, also when another entry
+    point built them (sim.taskstudy calling sim.evaluate)."""
+    import sim.evaluate
+    import sim.run
+    import sim.taskstudy
+    from sim.cli import to_argv
+
+    kind = next(getattr(m, cls) for m in (sim.evaluate, sim.run, sim.taskstudy) if hasattr(m, cls))
+    args = parse(kind, argv)
+    assert parse(kind, to_argv(args)) == args
+    assert to_argv(kind()) == []
