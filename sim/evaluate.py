@@ -43,6 +43,7 @@ from sim.taskworld import (
     TaskError,
     TaskWorldConfig,
     answer_task,
+    needle_level,
     prepare_task,
 )
 from sim.tree import ConfigError
@@ -117,6 +118,9 @@ def summarise(rows: list[dict], names: list[str]) -> tuple[dict, dict]:
             "policy_ms": 1e3 * float(np.mean([r["policy_s"] for r in rs])),
             "compression": float(np.mean([r["n_tokens"] / r["w_max"] for r in rs])),
         }
+        levels = [r["needle_level"] for r in rs if r.get("needle_level") is not None]
+        if levels:  # where the needle sat at question time, before any zoom (the same for every policy)
+            policies[name]["needle_under_l2"] = float(np.mean(np.asarray(levels) >= 2))
         cells: dict[str, dict[str, list[float]]] = {}
         for r in rs:
             cells.setdefault(str(r["length"]), {}).setdefault(str(r["depth"]), []).append(r["exact_match"])
@@ -235,7 +239,7 @@ def evaluate(args: EvaluateArgs) -> dict:
                 row = {"id": task["id"], "line": line, "policy": name, "n_tokens": pt.n_tokens,
                        "w_max": args.world.w_max, "length": meta.get("length", pt.n_tokens),
                        "depth": meta.get("depth"), "kind": meta.get("kind"),
-                       "group": str(meta.get("module", task["id"])), **r}
+                       "group": str(meta.get("module", task["id"])), "needle_level": needle_level(pt), **r}
                 rows.append(row)
                 log.write(json.dumps(row) + "\n")
                 log.flush()

@@ -354,6 +354,16 @@ def focus_recall(pt: PreparedTask, wc: WorkingContext) -> bool | None:
     return bool(np.all(l0[pt.needle]))
 
 
+def needle_level(pt: PreparedTask, wc: WorkingContext | None = None) -> int | None:
+    """The highest level among the entries of ``wc`` (default: the question-time recency cover)
+    that cover a needle token: 2 = the needle sat under an L2 gist (None without a needle)."""
+    if not pt.needle.any():
+        return None
+    wc = pt.wc if wc is None else wc
+    level = np.repeat(wc.levels, wc.ends - wc.starts)  # per stream token, the level of its entry
+    return int(level[: pt.n_tokens][pt.needle].max())
+
+
 def answer_task(policy: ZoomPolicy | str, pt: PreparedTask, oracle: LMOracle, config: TaskWorldConfig) -> dict:
     """One row of results: the policy's answer NLL, exact match, focus recall, rounds and actions."""
     if policy == "full":

@@ -17,6 +17,7 @@ from sim.taskworld import (
     TaskWorldConfig,
     ZoomPolicy,
     focus_recall,
+    needle_level,
     prepare_task,
     relevance_scores,
     zoom,
@@ -59,6 +60,12 @@ def test_zoom_needs_a_round_per_level(oracle):
     wc2, info2 = zoom(NeedleFinder(), pt, WORLD)  # rounds = max_level = 2
     assert info1["rounds"] == 1 and not focus_recall(pt, wc1)  # L2 -> L1 only: still a gist
     assert info2["rounds"] == 2 and focus_recall(pt, wc2)  # L2 -> L1 -> L0
+    # needle_level: the highest level of an entry holding a needle token, by brute force
+    for wc in (pt.wc, wc1, wc2):
+        want = max(int(wc.levels[i]) for t in np.flatnonzero(pt.needle) for i in range(len(wc))
+                   if wc.starts[i] <= t < wc.ends[i])
+        assert needle_level(pt, wc) == want
+    assert (needle_level(pt), needle_level(pt, wc1), needle_level(pt, wc2)) == (2, 1, 0)
     assert len(wc2) <= WORLD.w_max and info2["expands"] >= 3
     # the shared question-time cover is untouched (every policy starts from it)
     assert not focus_recall(pt, pt.wc)
