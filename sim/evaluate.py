@@ -10,7 +10,8 @@ as it goes, so an interrupted run keeps what it measured) and ``DIR/results.json
 
     {"config": {"w_max": ..., ...},
      "policies": {"<name>": {"exact_match": float, "answer_nll": float,
-                             "focus_recall": float | null, "n": int, ...}},
+                             "focus_recall": float | null, "n": int,
+                             "ngr": float, "ngr_ci95": [lo, hi], ...}},  # ngr: when recency and oracle ran
      "grid": {"<name>": {"<length>": {"<depth>": exact_match}}}, "errors": [...], ...}
 
 ``focus_recall`` = fraction of tasks whose needle tokens were all at L0 when the answer was scored
@@ -229,6 +230,7 @@ def evaluate(args: EvaluateArgs) -> dict:
                 error_rows.append({"line": line, "error": msg})
                 continue
             meta = task.get("meta") or {}
+            level = needle_level(pt)
             for p in tqdm(policies, desc=str(task["id"]), disable=not args.progress, leave=False):
                 name = p if isinstance(p, str) else p.name
                 t0 = time.perf_counter()
@@ -239,7 +241,7 @@ def evaluate(args: EvaluateArgs) -> dict:
                 row = {"id": task["id"], "line": line, "policy": name, "n_tokens": pt.n_tokens,
                        "w_max": args.world.w_max, "length": meta.get("length", pt.n_tokens),
                        "depth": meta.get("depth"), "kind": meta.get("kind"),
-                       "group": str(meta.get("module", task["id"])), "needle_level": needle_level(pt), **r}
+                       "group": str(meta.get("module", task["id"])), "needle_level": level, **r}
                 rows.append(row)
                 log.write(json.dumps(row) + "\n")
                 log.flush()
@@ -267,13 +269,13 @@ def evaluate(args: EvaluateArgs) -> dict:
 def format_results(results: dict) -> str:
     rows = [f"W_max {results['config']['w_max']}, {results['n_tasks']} tasks, zoom rounds "
             f"{results['config']['zoom_rounds']}, gister {results['config']['gister']}",
-            "policy      exact match   answer NLL   focus recall   rounds  expands   N/W_max   NGR [95% CI]"]
+            "policy       exact match   answer NLL   focus recall   rounds  expands   N/W_max   NGR [95% CI]"]
     for name, r in results["policies"].items():
         rec = "   -  " if r["focus_recall"] is None else f"{r['focus_recall']:6.3f}"
         ngr = "" if r.get("ngr") is None else f"{r['ngr']:6.3f}"
         if r.get("ngr_ci95"):
             ngr += f" [{r['ngr_ci95'][0]:.2f}, {r['ngr_ci95'][1]:.2f}]"
-        rows.append(f"{name:<11} {r['exact_match']:8.3f}     {r['answer_nll']:8.3f}      {rec}       "
+        rows.append(f"{name:<12} {r['exact_match']:8.3f}     {r['answer_nll']:8.3f}      {rec}       "
                     f"{r['rounds']:5.2f}  {r['expands']:6.2f}   {r['compression']:6.1f}   {ngr}")
     if results["errors"]:
         rows.append(f"{len(results['errors'])} task line(s) skipped: see results.json 'errors'")
