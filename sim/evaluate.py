@@ -179,7 +179,15 @@ def _bootstrap(x: np.ndarray, seed: int, n: int = 2000) -> list[float] | None:
 
 
 def evaluate(args: EvaluateArgs) -> dict:
+    """Run every policy on every task of ``args.tasks``; writes and returns the results. Gradients
+    are off inside and the caller's grad mode is restored after."""
     import torch
+
+    with torch.no_grad():
+        return _evaluate(args)
+
+
+def _evaluate(args: EvaluateArgs) -> dict:
 
     from gistnet.gister import resolve_gister
     from sim.lm import load_lm
@@ -206,7 +214,6 @@ def evaluate(args: EvaluateArgs) -> dict:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-    torch.set_grad_enabled(False)
     model, tokenizer = load_lm(args.lm)
     tokenizer = tokenizer or CharTokenizer(model.config.vocab_size)
     oracle = LMOracle(model)

@@ -5,6 +5,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -130,7 +131,10 @@ def test_evaluate_contract_and_bad_lines(tmp_path):
               "--no-progress", "--world.block-size", "4", "--world.w-max", "64", "--world.tail", "24",
               "--world.step-tokens", "4"])
     assert exit_info.value.code == 1  # lines were skipped
+    assert torch.is_grad_enabled()  # the evaluator turns gradients off only inside
     res = json.loads((out / "results.json").read_text())
+    command = (out / "command.txt").read_text().split()
+    assert command[:3] == ["python", "-m", "sim.evaluate"] and "--tasks" in command and "--no-progress" in command
     assert res["config"]["w_max"] == 64
     assert sorted(e["line"] for e in res["errors"]) == [2, 3, 4]  # bad JSON, too long, span outside
     assert any("positions" in e["error"] and "line 3" in e["error"] for e in res["errors"])
