@@ -391,24 +391,26 @@ def make_code_task(c: TaskConfig, i: int, n: int, rng: np.random.Generator, coun
     if not modules:
         raise ConfigError(f"no {c.split} standard-library module holds {3 * n} characters")
     order = rng.permutation(len(modules))
-    for m in [order[0], *order[1:]]:  # the task's own module first; others only if it has no cut
+    for m in order:  # the task's own module first; the others only if it has no cut
         name = modules[m]
         text = stdlib_modules()[name].read_text(encoding="utf-8", errors="replace")
         lines = np.array([0, *(x.end() for x in re.finditer("\n", text))])
         for cut in rng.choice(lines[1:-1], size=min(64, len(lines) - 2), replace=False):
             cut = int(cut)
             ends = [x.end() for x in re.finditer("\n", text[cut:])]
-            answer = ""
+            answer, n_answer = "", 0
             for e in ends[:40]:  # whole lines until answer_tokens
                 answer = text[cut : cut + e]
-                if count_tokens(answer) >= c.answer_tokens:
+                n_answer = count_tokens(answer)
+                if n_answer >= c.answer_tokens:
                     break
-            if count_tokens(answer) > 2 * c.answer_tokens:
+            if n_answer > 2 * c.answer_tokens:
                 answer = _longest_prefix(answer, [x.start() for x in re.finditer(r"\s+", answer)],
                                          c.answer_tokens, count_tokens)
-            if not c.answer_tokens // 2 <= count_tokens(answer) < n // 4:
+                n_answer = count_tokens(answer)
+            if not c.answer_tokens // 2 <= n_answer < n // 4:
                 continue
-            budget = n - count_tokens(answer) - max(2, n // 200)
+            budget = n - n_answer - max(2, n // 200)
             starts = lines[lines < cut]
             lo, hi = 0, len(starts) - 1  # the earliest line start whose context fits the budget
             while lo < hi:
@@ -418,7 +420,8 @@ def make_code_task(c: TaskConfig, i: int, n: int, rng: np.random.Generator, coun
                 else:
                     lo = mid + 1
             context = text[starts[lo] : cut]
-            if count_tokens(context) > budget or count_tokens(context) + count_tokens(answer) < n - max(24, 3 * n // 100):
+            n_context = count_tokens(context)
+            if n_context > budget or n_context + n_answer < n - max(24, 3 * n // 100):
                 continue
             far, near = context[: len(context) - c.near_chars], context[len(context) - c.near_chars :]
             for word in dict.fromkeys(_USE.findall(_STRING_OR_COMMENT.sub(" ", answer))):

@@ -209,13 +209,11 @@ def relevance_scores(wc: WorkingContext, block_rel: np.ndarray) -> np.ndarray:
     last = np.maximum((wc.ends - 1) // b, first)
     padded = np.concatenate([np.asarray(block_rel, dtype=np.float64), [1.0]])
     first, last = np.minimum(first, len(block_rel)), np.minimum(last, len(block_rel))
-    # max over each entry's block range: entries tile the stream in order, so each range runs up to
-    # the next entry's first block (or is that block itself, for L0 entries sharing it)
-    if len(first) and np.all((first[1:] == first[:-1]) | (first[1:] == last[:-1] + 1)):
-        rel = np.maximum.reduceat(padded[: last[-1] + 1], first)
-        rel = np.where(last > first, rel, padded[first])
-    else:  # not a tiling (never for a valid context): the plain loop
-        rel = np.array([padded[lo : hi + 1].max() for lo, hi in zip(first.tolist(), last.tolist(), strict=True)])
+    # max over each entry's block range: entries tile the stream in order (a context invariant), so
+    # each range runs up to the next entry's first block (or is that block itself, for L0 entries
+    # sharing it)
+    rel = np.maximum.reduceat(padded[: last[-1] + 1], first)
+    rel = np.where(last > first, rel, padded[first])
     return np.where(wc.levels >= 1, rel, -rel) + 1e-6 * recency_scores(wc)
 
 
