@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from sim.allocator import Action, recency_scores
 from sim.labels import label_snapshot
+from sim.synthetic import SyntheticConfig, cue_scores
 from sim.world import Episode, WorldConfig, synthetic_episode
 
 
@@ -52,6 +53,19 @@ class RandomScores:
 
     def apply(self, ep: Episode) -> list[Action]:
         return ep.refocus(self.rng.normal(scale=self.scale, size=len(ep.wc)))
+
+
+class CueReference:
+    """The synthetic world's past-only reference (``sim.synthetic.cue_scores``): the ceiling of what
+    a scorer reading LensNet's inputs can reach. Synthetic episodes only."""
+
+    name = "cue"
+
+    def apply(self, ep: Episode) -> list[Action]:
+        synthetic = getattr(ep.oracle, "config", None)
+        if not isinstance(synthetic, SyntheticConfig):
+            raise TypeError("the cue reference reads the synthetic generator's structure: synthetic episodes only")
+        return ep.refocus(cue_scores(ep.arrays(), synthetic))
 
 
 class GreedyOracle:

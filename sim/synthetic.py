@@ -228,3 +228,69 @@ def exact_utilities(oracle: SyntheticOracle, wc: WorkingContext, horizon: int) -
         blocks = np.arange(lo // b, -(-hi // b))
         cost[s : s + b] = max(0.0, delta(blocks, int(arr.levels[s]) + 1))
     return gain, cost
+
+
+def cue_scores(arr: ContextArrays, config: SyntheticConfig) -> np.ndarray:
+    """The *cue* reference scorer: what a scorer reading only LensNet's inputs can know (no future).
+
+    Written from the generator's definition: the newest L1 tail gist (the last complete block
+    before the cursor) carries, in its cue half, the sum of the keys of the blocks that the next
+    two blocks (the query window) refer to; every block carries its own key in the key half. So
+    ``m_r = cue . key_r`` (about 1 for a referenced block, 0 otherwise, orthonormal keys) estimates
+    block r's share of the demand. An entry's key half is the mean of its blocks' keys, so the
+    number of referenced blocks it covers is ``m x blocks``; a token's key is taken from its
+    sibling group's mean (the block's clean key; one token is noisy). The score then follows the
+    closed-form utilities of ``exact_utilities`` with each referenced block's demand replaced by its
+    expectation (mean weight x one query block of two): expand gain = demand x (info[l-1] - info[l]),
+    collapse cost of a group = demand x (info[l] - info[l+1]) summed over the group's blocks, plus
+    the recency term, and y = gain [can expand] - cost [can collapse], as the labels define it.
+    What it cannot know is each reference's weight and whether both query blocks refer to a block.
+    """
+    c = config
+    k_dim = c.d_model // 2
+    b = c.block_size
+    n = arr.levels.shape[0]
+    real = np.flatnonzero(arr.tail_mask & (arr.tail_levels == 1))
+    if real.size == 0 or n == 0:  # no complete L1 block yet: nothing is known about what comes next
+        return np.zeros(n)
+    cue = arr.tail_gists[real[-1], k_dim:].astype(np.float64) / c.cue_scale  # newest L1 gist's cue half
+    emb = arr.embeddings[:, :k_dim].astype(np.float64) / c.key_scale
+    gid = arr.group_id
+    # tokens read their group's mean key (the block's key); gists their own (a mean over their blocks)
+    grouped = gid >= 0
+    key = emb.copy()
+    if grouped.any():
+        sums = np.zeros((n, k_dim))
+        np.add.at(sums, gid[grouped], emb[grouped])
+        counts = np.bincount(gid[grouped], minlength=n)
+        means = sums / np.maximum(counts, 1)[:, None]
+        tok = grouped & (arr.levels == 0)
+        key[tok] = means[gid[tok]]
+    blocks = np.maximum(arr.span_width // b, 1)  # L1 blocks an entry covers (a token: its block, shared)
+    referenced = np.clip(key @ cue, 0.0, None) * blocks  # expected referenced blocks under the entry
+    demand = 0.5 * (c.weight_min + c.weight_max) / 2  # mean weight x half the query window's tokens
+    info = np.asarray(c.info, dtype=np.float64)
+    lv = arr.levels
+    cursor_block = arr.n_tokens // b
+    first_recent = max(0, cursor_block - c.n_recent)
+    n_recent = cursor_block - first_recent
+    start_block = arr.span_start // b
+    end_block = -(-(arr.span_start + arr.span_width) // b)
+    recent_blocks = np.clip(np.minimum(end_block, cursor_block) - np.maximum(start_block, first_recent), 0, None)
+    rec = c.rho / n_recent if n_recent else 0.0
+    # expand: level l -> l-1 (to L0 only from L1: the recency term counts L0 blocks)
+    gain = np.zeros(n)
+    ex = arr.can_expand
+    lo = np.clip(lv - 1, 0, None)
+    gain[ex] = demand * referenced[ex] * (info[lo[ex]] - info[lv[ex]]) + rec * recent_blocks[ex] * (lv[ex] == 1)
+    # collapse: a group of level-l siblings -> level l+1; its cost is summed over the group's blocks
+    cost = np.zeros(n)
+    if grouped.any():
+        hi = np.clip(lv + 1, 0, len(info) - 1)
+        per_member = demand * referenced * (info[lv] - info[hi])
+        per_member = np.where(lv == 0, per_member / b, per_member)  # b tokens share one block
+        per_member += rec * recent_blocks * (lv == 0) / b
+        group_cost = np.zeros(n)
+        np.add.at(group_cost, gid[grouped], per_member[grouped])
+        cost[grouped] = group_cost[gid[grouped]]
+    return gain * ex - cost * arr.can_collapse
