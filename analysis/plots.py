@@ -6,7 +6,8 @@ per loss term, validation metrics over steps, NLL per policy with spread over do
 to the oracle and NGR against the budget W_max (when ``results.json`` holds a budget sweep), and a
 focus heat map (token positions x steps, coloured by the level covering them; in the synthetic world
 the blocks that the next H tokens refer to are marked) per policy; for a ``sim.evaluate`` task run,
-exact match by needle depth x task length per policy.
+exact match by needle depth x task length per policy; with ``scores.npz``, LensNet's calibrated
+held-out scores per action kind against the allocator's thresholds.
 """
 
 from __future__ import annotations
@@ -167,6 +168,33 @@ def task_grid(results: dict, out: Path) -> Path:
     return out / "exact_match_grid.png"
 
 
+def score_distribution(scores: dict, results: dict, out: Path) -> Path:
+    """LensNet's calibrated scores on labelled held-out entries against the allocator's thresholds,
+    one panel per action kind, with the exact labels of the same entries for comparison."""
+    tau = 0.2  # the allocator's default tau_expand (the scores are already calibrated)
+    cal = results.get("lensnet_calibration") or {}
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    kinds = (("expand candidates (gists)", scores["can_expand"]),
+             ("collapse candidates (members of a legal group)", scores["can_collapse"] & ~scores["can_expand"]))
+    for ax, (title, keep) in zip(axes, kinds, strict=True):
+        u, y = scores["score"][keep], scores["label"][keep]
+        if u.size:
+            lo, hi = np.percentile(np.concatenate([u, y]), [0.5, 99.5])
+            bins = np.linspace(min(lo, -tau), max(hi, 2 * tau), 60)
+            ax.hist(y, bins=bins, alpha=0.45, color="C7", label="exact label y")
+            ax.hist(u, bins=bins, alpha=0.6, color="C0", label="LensNet (calibrated)")
+        ax.axvline(tau, color="C3", lw=1, ls="--", label=f"tau_expand = {tau}")
+        ax.axvline(0.0, color="k", lw=0.6, ls=":", label="0 (tau_swap)")
+        ax.set_yscale("log")
+        ax.set_title(f"{title}: {int(keep.sum())} entries", fontsize=9)
+        ax.set_xlabel("score (nats)")
+        ax.legend(fontsize=7)
+    scale = cal.get("score_scale", float(scores.get("score_scale", 1.0)))
+    fig.suptitle(f"Held-out scores against the allocator's thresholds (score scale {scale:g}, fitted on "
+                 f"validation episodes; = tau_expand {tau / scale:.3g} on the raw scores)", fontsize=9)
+    return _save(fig, out / "score_distribution.png")
+
+
 def draw_all(run_dir: str | Path) -> list[Path]:
     run = Path(run_dir)
     out = run / "plots"
@@ -183,6 +211,9 @@ def draw_all(run_dir: str | Path) -> list[Path]:
             paths.append(policy_nll(results, out))
             if (p := budget_sweep(results, out)) is not None:
                 paths.append(p)
+            if (run / "scores.npz").exists():
+                with np.load(run / "scores.npz") as z:
+                    paths.append(score_distribution({k: z[k] for k in z.files}, results, out))
     focus = _jsonl(run / "focus.jsonl")
     if focus:
         paths.append(focus_heatmap(focus, out))

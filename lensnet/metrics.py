@@ -15,11 +15,17 @@ from torch import Tensor
 from sim.allocator import mask_illegal
 
 
+def _ranks(x: Tensor) -> Tensor:
+    """(B, N) rank of each entry within its row, 0 = largest (ties by position)."""
+    order = torch.argsort(x, dim=-1, descending=True, stable=True)
+    return torch.empty_like(order).scatter_(-1, order, torch.arange(x.shape[-1], device=x.device).expand_as(order))
+
+
 class MetricAccumulator:
     """Accumulates sums over batches; ``compute()`` returns the metrics dict."""
 
-    def __init__(self, margin: float = 0.1) -> None:
-        self.margin = margin
+    def __init__(self, margin: float = 0.1, n_diff: int = 4, tau_expand: float = 0.2) -> None:
+        self.margin, self.n_diff, self.tau_expand = margin, n_diff, tau_expand
         self.sums: dict[str, float] = {}
 
     def _add(self, key: str, value: Tensor | float) -> None:
@@ -56,6 +62,16 @@ class MetricAccumulator:
         self._add("valid", valid.sum())
         self._add("legal_raw", (legal(pred) & valid).sum())
         self._add("legal_masked", (legal(mask_illegal(pred, can_expand, can_collapse)) & valid).sum())
+        # precision@n_diff: of the k expands the labels call worth it (y > tau_expand, at most
+        # n_diff, the best first), how many are among LensNet's k highest-scored gists
+        expandable = can_expand & mask
+        worth = expandable & (y > self.tau_expand)
+        k = worth.sum(-1).clamp_max(self.n_diff)  # (B,)
+        rank_y = _ranks(torch.where(expandable, y, -torch.inf))
+        rank_u = _ranks(torch.where(expandable, pred, -torch.inf))
+        hits = (rank_y < k[:, None]) & (rank_u < k[:, None]) & expandable
+        self._add("expand_hits", hits.sum())
+        self._add("expand_k", k.sum())
 
     def compute(self) -> dict[str, float | None]:
         s = self.sums
@@ -75,6 +91,7 @@ class MetricAccumulator:
             "legality_compliance_raw": ratio("legal_raw", "valid"),
             "legality_compliance": ratio("legal_masked", "valid"),
             "mse": ratio("sse", "n"),
+            "precision_at_n_diff": ratio("expand_hits", "expand_k"),
         }
 
 

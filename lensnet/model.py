@@ -180,8 +180,21 @@ class LensNetConfig:
     """Highest tree level (sizes the level embedding)."""
     block_size: int = 32
     """b, to scale the span-width feature."""
+    match_skip: bool = False
+    """Add a linear read-out of the match features straight to the score, one weight vector per
+    entry kind (level x whether its sibling group can collapse). A utility is close to linear in
+    the match for a fixed kind (gain = demand x info step; a group's cost = the sum over its
+    members), so this path learns it directly instead of through the stacks and the final norm.
+    Off by default so checkpoints written before it load unchanged; the presets turn it on."""
+
+    match_form: str = "factored"
+    """The match's bilinear form between an entry and a tail gist: 'factored' (e W_q^T W_k g, rank
+    <= d_lens) or 'full' (e M g with one d_model x d_model matrix per match: a product of two
+    factors fewer between the score and the data, so it learns faster)."""
 
     def __post_init__(self) -> None:
+        if self.match_form not in ("factored", "full"):
+            raise ConfigError(f"match_form must be 'factored' or 'full', got {self.match_form!r}")
         for name in ("d_model", "d_lens", "n_heads", "n_stacks"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -193,13 +206,13 @@ class LensNetConfig:
     @classmethod
     def tiny(cls, d_model: int, **kw) -> LensNetConfig:
         """~0.1M params: tests and quick CPU runs."""
-        return cls(d_model=d_model, d_lens=32, n_heads=4, n_stacks=2, dropout=0.0, **kw)
+        return cls(d_model=d_model, d_lens=32, n_heads=4, n_stacks=2, dropout=0.0, **{"match_skip": True, **kw})
 
     @classmethod
     def small(cls, d_model: int, **kw) -> LensNetConfig:
         """~0.8M params (d_model 128): CPU training on synthetic traces. Two wide heads: a match
         between a context key and a tail cue is a bilinear form that narrow heads only see in part."""
-        return cls(d_model=d_model, d_lens=128, n_heads=2, n_stacks=2, dropout=0.0, **kw)
+        return cls(d_model=d_model, d_lens=128, n_heads=2, n_stacks=2, dropout=0.0, **{"match_skip": True, **kw})
 
 
 class LensNet(nn.Module):
@@ -225,11 +238,16 @@ class LensNet(nn.Module):
         # which is what lets a "this entry is what the tail is about to need" match be learnt fast.
         # Matched twice: the entry's own embedding, and its sibling group's mean embedding (for tokens,
         # the group mean is their block's clean content; a single token is noisy).
-        self.match_q = nn.Linear(config.d_model, d, bias=False)
-        self.match_qg = nn.Linear(config.d_model, d, bias=False)
-        self.match_k = nn.Linear(config.d_model, d, bias=False)
+        if config.match_form == "full":  # (2, d_model, d_model): own and group forms
+            self.match_m = nn.Parameter(torch.randn(2, config.d_model, config.d_model) / config.d_model)
+        else:
+            self.match_q = nn.Linear(config.d_model, d, bias=False)
+            self.match_qg = nn.Linear(config.d_model, d, bias=False)
+            self.match_k = nn.Linear(config.d_model, d, bias=False)
         # one read-out per level: a needed block is worth +gain as a gist but -cost as tokens
         self.match_out = nn.Linear(2 * (MAX_TAIL + 1), d * (config.max_level + 1))
+        if config.match_skip:  # (kinds, match columns): kind = 2 x level + [group can collapse]
+            self.match_skip = nn.Parameter(torch.zeros(2 * (config.max_level + 1), 2 * (MAX_TAIL + 1)))
         self.ln_f = nn.LayerNorm(d)
         self.head = nn.Linear(d, 1)
         nn.init.zeros_(self.head.weight)
@@ -270,6 +288,14 @@ class LensNet(nn.Module):
         dist = torch.log1p(distance.to(self.proj.weight.dtype).clamp_min(0)) / 10
         return self.proj(emb) + self.level_emb(levels) + self.feat(torch.stack([span, dist], -1))
 
+    def _match_keys(self, tail_gists: Tensor) -> tuple[Tensor, Tensor]:
+        """(B, T, d_model) twice: each tail gist mapped through the own and the group bilinear form,
+        so that a match is one dot product with the entry's (or its group's) embedding."""
+        if self.config.match_form == "full":
+            return tail_gists @ self.match_m[0].T, tail_gists @ self.match_m[1].T
+        keys = self.match_k(tail_gists)  # (B, T, d)
+        return keys @ self.match_q.weight, keys @ self.match_qg.weight
+
     def _tail_latents(self, batch: dict[str, Tensor]) -> Tensor:
         """(B, 1+T, d): the null latent, then the tail gists with level and slot embeddings."""
         n_tail = batch["tail_gists"].shape[1]
@@ -301,9 +327,7 @@ class LensNet(nn.Module):
         tail_pad = torch.cat([tail_mask.new_zeros(b, 1), ~tail_mask], dim=1)
         ctx_pad = ~valid & valid.any(-1, keepdim=True)  # as in reference_forward
         # match features: own/group embedding . (tail key W_q), one product per snapshot and tail slot
-        keys = self.match_k(batch["tail_gists"])  # (B, T, d)
-        kq = keys @ self.match_q.weight  # (B, T, d_model)
-        kqg = keys @ self.match_qg.weight
+        kq, kqg = self._match_keys(batch["tail_gists"])  # (B, T, d_model) each
         own = torch.bmm(batch["embeddings"], kq.transpose(1, 2))  # (B, N, T)
         group = torch.bmm(pack.pad(grp), kqg.transpose(1, 2))
         match = torch.stack([own, group], -1)  # (B, N, T, 2)
@@ -316,6 +340,10 @@ class LensNet(nn.Module):
             tail = to_tail.few_queries(tail, x, pack, ctx_pad)
             x = to_ctx.few_keys(x, pack, tail, tail_pad)
         scores = self.head(self.ln_f(x)).squeeze(-1)  # (R,)
+        if cfg.match_skip:
+            grouped = pack.unpad(batch["group_id"]) >= 0 if "group_id" in batch else torch.zeros_like(levels, dtype=torch.bool)
+            w = self.match_skip[2 * levels + grouped.long(), : match.shape[1]]  # (R, 2T)
+            scores = scores + (w * match).sum(-1)
         return pack.pad(scores)
 
     def reference_forward(self, batch: dict[str, Tensor]) -> Tensor:
@@ -339,10 +367,10 @@ class LensNet(nn.Module):
         ctx_pad = ~valid & valid.any(-1, keepdim=True)
         # match features enter before the stacks, read out per level
         emb = batch["embeddings"]
-        keys = self.match_k(batch["tail_gists"])  # (B, T, d)
-        own = torch.einsum("bnd,btd->bnt", self.match_q(emb), keys)
+        kq, kqg = self._match_keys(batch["tail_gists"])  # (B, T, d_model) each
+        own = torch.einsum("bnd,btd->bnt", emb, kq)
         grp = emb if gid is None else torch.where((gid >= 0)[..., None], group_mean(emb, gid), emb)
-        group = torch.einsum("bnd,btd->bnt", self.match_qg(grp), keys)
+        group = torch.einsum("bnd,btd->bnt", grp, kqg)
         match = torch.stack([own, group], -1)  # (B, N, T, 2)
         match = torch.where(tail_mask[:, None, :, None], match, torch.zeros_like(match)) / math.sqrt(self.config.d_lens)
         match = torch.nn.functional.pad(match, (0, 0, 0, MAX_TAIL + 1 - n_tail)).flatten(2)  # slot-aligned
@@ -352,14 +380,23 @@ class LensNet(nn.Module):
             tail = to_tail.reference(tail, x, ctx_pad)
             x = to_ctx.reference(x, tail, tail_pad)
         scores = self.head(self.ln_f(x)).squeeze(-1)  # (B, N)
+        if cfg.match_skip:
+            grouped = gid >= 0 if gid is not None else torch.zeros_like(levels, dtype=torch.bool)
+            scores = scores + (self.match_skip[2 * levels + grouped.long()] * match).sum(-1)  # (B, N)
         return torch.where(valid, scores, torch.zeros_like(scores))
+
+    score_scale: float = 1.0
+    """Calibration: ``score`` multiplies the raw scores by this (fitted on validation episodes so
+    that the allocator's nat thresholds act on a shrunk scorer: equivalent to dividing
+    ``tau_expand`` by it). Stored in the checkpoint's ``calibration``; ``load_model`` sets it."""
 
     @torch.no_grad()
     def score(self, batch: dict[str, Tensor]) -> Tensor:
-        """Inference: raw scores with illegal directions hard-masked (the allocator's own mask)."""
+        """Inference: calibrated scores (raw x ``score_scale``) with illegal directions hard-masked
+        (the allocator's own mask)."""
         can_expand = batch["expand_cost"] > 0
         can_collapse = batch["collapse_refund"] > 0
-        return mask_illegal(self.forward(batch), can_expand, can_collapse)
+        return mask_illegal(self.forward(batch) * self.score_scale, can_expand, can_collapse)
 
     def n_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -27,15 +27,21 @@ def arrays_to_item(arr: ContextArrays) -> dict:
 
 
 class LensNetPolicy:
+    """LensNet's calibrated scores (``LensNet.score``: raw x ``score_scale``); ``scale`` overrides
+    the model's calibration (``scale=1``: the raw scores, to show what calibration adds)."""
+
     name = "lensnet"
 
-    def __init__(self, model: LensNet, device: torch.device | str = "cpu") -> None:
+    def __init__(self, model: LensNet, device: torch.device | str = "cpu", scale: float | None = None,
+                 name: str = "lensnet") -> None:
         self.model = model.eval().to(device)
         self.device = device
+        self.scale, self.name = scale, name
 
     def scores(self, arr: ContextArrays):
         batch = {k: v.to(self.device) for k, v in collate([arrays_to_item(arr)]).items()}
-        return self.model.score(batch)[0].double().cpu().numpy()
+        u = self.model.score(batch)[0].double().cpu().numpy()
+        return u if self.scale is None else u * (self.scale / self.model.score_scale)
 
     def apply(self, ep: Episode) -> list[Action]:
         return ep.refocus(self.scores(ep.arrays()))

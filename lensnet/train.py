@@ -77,6 +77,11 @@ class TrainConfig:
     """Where to train ('auto': CUDA when present)."""
     reg_balance: Literal["entries", "levels"] = "levels"
     """L_reg averaged over labelled entries (DESIGN's definition) or per tree level, then over levels (default: token entries outnumber gists ~3:1 and most gist labels are 0; balancing raised the synthetic study's held-out NGR from 0.04 to 0.14)."""
+    match_lr_scale: float = 1.0
+    """Learning-rate multiplier of the match parameters (names starting ``match_``: LensNet's bilinear
+    entry x tail-gist forms and their read-outs). The score is a product of these factors, so from a
+    small start they must grow by orders of magnitude, each step moving them by about ``lr`` (AdamW):
+    a larger step there learns the match in far fewer steps."""
     loss_splits: int = 1
     """Average the loss over this many interleaved parts of each rank's batch, each part normalised on its own (the loss terms are means over entries and pairs, and data-parallel ranks take them per rank: one process with loss_splits = W follows W ranks step for step)."""
     augment: AugmentConfig = field(default_factory=AugmentConfig)
@@ -87,6 +92,8 @@ class TrainConfig:
         for name in ("batch_size", "total_steps", "eval_every", "ckpt_every", "loss_splits"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not (self.match_lr_scale > 0 and math.isfinite(self.match_lr_scale)):
+            raise ConfigError(f"match_lr_scale must be a positive number, got {self.match_lr_scale}")
         if self.warmup_steps < 0 or self.grad_clip <= 0:
             raise ConfigError("warmup_steps must be >= 0 and grad_clip > 0")
 
@@ -129,11 +136,26 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> LensNet:
-    """A trained LensNet from a checkpoint, in eval mode."""
+    """A trained LensNet from a checkpoint, in eval mode, with its calibration (``score_scale``,
+    1 when the checkpoint has none)."""
     ckpt = load_checkpoint(path, device)
     model = LensNet(LensNetConfig(**ckpt["model_config"])).to(device)
     model.load_state_dict(ckpt["model"])
+    scale = float((ckpt.get("calibration") or {}).get("score_scale", 1.0))
+    if not (math.isfinite(scale) and scale > 0):
+        raise CheckpointError(f"{path}: calibration score_scale must be a positive number, got {scale}")
+    model.score_scale = scale
     return model.eval()
+
+
+def save_calibration(path: str | Path, calibration: dict) -> None:
+    """Store ``calibration`` (at least ``score_scale``) in an existing checkpoint, atomically."""
+    scale = calibration.get("score_scale")
+    if not (isinstance(scale, int | float) and math.isfinite(scale) and scale > 0):
+        raise ValueError(f"calibration needs a positive finite score_scale, got {scale!r}")
+    ckpt = load_checkpoint(path)
+    ckpt["calibration"] = calibration
+    _atomic_save(ckpt, Path(path))
 
 
 @torch.no_grad()
@@ -184,11 +206,15 @@ class TrainLoop:
         self.progress = progress and self.is_main
         self.device = next(model.parameters()).device
         self.model = model
-        params = [p for p in model.parameters() if p.requires_grad]
-        if not params:
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        if not named:
             raise ConfigError("the model has no trainable parameters")
-        self.opt = torch.optim.AdamW(params, lr=config.lr, betas=config.betas, eps=config.eps,
-                                     weight_decay=config.weight_decay)
+        match = [p for n, p in named if n.startswith("match_")]
+        groups = [{"params": [p for n, p in named if not n.startswith("match_")]}]
+        if match:
+            groups.append({"params": match, "lr": config.lr * config.match_lr_scale})
+        self.opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=config.lr, betas=config.betas,
+                                     eps=config.eps, weight_decay=config.weight_decay)
         self.sched = torch.optim.lr_scheduler.LambdaLR(
             self.opt, lambda s: lr_factor(s, config.warmup_steps, config.total_steps))
         self.step = 0

@@ -35,10 +35,12 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from lensnet.train import TrainConfig
+from sim.calibrate import fit_score_scale
 from sim.cli import parse, to_dict
 from sim.labels import TraceArgs, generate_traces
 from sim.policies import (
     AllCoarse,
+    CueReference,
     GreedyOracle,
     RandomScores,
     Recency,
@@ -81,6 +83,8 @@ class RunArgs:
     """LensNets to train on the same traces (training seeds seed, seed+1, ...), each evaluated; results.json gives every one plus the mean and a 95% t-interval over them, the table prints mean ± half-width (policies.lensnet stays the first seed's)."""
     select: Literal["best", "final"] = "best"
     """LensNet weights that are evaluated: the checkpoint with the lowest validation loss (validation = 10% of the training documents, whole, never held-out documents), or the last step's."""
+    calibrate: bool = True
+    """Fit LensNet's score scale (equivalently tau_expand) on the validation documents' episodes at W_max, store it in the evaluated checkpoint, and evaluate the calibrated scorer ('lensnet'; the raw one is 'lensnet_raw')."""
     progress: bool = True
     """Progress bars."""
     plots: bool = True
@@ -231,7 +235,7 @@ def run(args: RunArgs) -> dict:
 
     from lensnet.data import TraceDataset
     from lensnet.policy import LensNetPolicy
-    from lensnet.train import Trainer, evaluate, model_config_for, split_indices
+    from lensnet.train import Trainer, evaluate, model_config_for, save_calibration, split_indices
     from sim.traces import TraceReader
 
     out = Path(args.out)
@@ -287,6 +291,7 @@ def run(args: RunArgs) -> dict:
     heldout = TraceDataset(TraceReader(heldout_dir, require_complete=True))
     mcfg = model_config_for(args.preset, w.tree.d_model, w.tree.max_level, w.tree.block_size)
     lensnets = []  # (training seed, model, selected step, held-out metrics); the first trains into OUT itself
+    calibrations: list[dict] = []
     for k in range(args.train_seeds):
         train_seed = args.seed + k
         run_dir = out if k == 0 else out / "train-seeds" / f"seed-{train_seed}"
@@ -295,18 +300,31 @@ def run(args: RunArgs) -> dict:
         trainer = Trainer(mcfg, replace(args.train, seed=train_seed), train_set, TraceDataset(reader, val_idx), run_dir,
                           progress=args.progress)
         trainer.train()
-        step = trainer.step
+        step, selected = trainer.step, run_dir / "latest.pt"  # latest.pt: written at the last step
         if args.select == "best" and math.isfinite(trainer.best):  # best.pt is this run's (best starts at inf)
             from lensnet.train import load_checkpoint
 
-            ckpt = load_checkpoint(run_dir / "best.pt", trainer.device)
+            selected = run_dir / "best.pt"
+            ckpt = load_checkpoint(selected, trainer.device)
             trainer.model.load_state_dict(ckpt["model"])
             step = int(ckpt["step"])
         model = trainer.model.eval()
+        if args.calibrate:  # the scale is fitted on the validation documents, never the held-out ones
+            t_cal = time.perf_counter()
+            val_docs = sorted({int(d) for d in reader.snapshots["doc_id"][val_idx]})
+            with torch.no_grad():
+                calibration = fit_score_scale(lambda s, m=model, dev=trainer.device: LensNetPolicy(m, dev, scale=s), w,
+                                              val_docs, args.seed, episode_factory=make_episode)
+            model.score_scale = calibration["score_scale"]
+            calibration["seconds"] = time.perf_counter() - t_cal
+            save_calibration(selected, calibration)  # the evaluated weights carry their scale
+            calibrations.append(calibration)
         metrics = evaluate(model, trainer.loss_fn, heldout, 16, trainer.device)
         lensnets.append((train_seed, model, step, {key.removeprefix("val/"): v for key, v in metrics.items()}))
     timings["train_s"] = time.perf_counter() - t0
     _, model, lensnet_step, lens_metrics = lensnets[0]
+    if args.env == "synthetic":  # LensNet's calibrated scores and the exact labels on held-out snapshots
+        _save_score_distribution(model, heldout, trainer.device, out / "scores.npz")
 
     # 3. policies on held-out documents: the run's W_max, then the other budgets of the sweep
     t0 = time.perf_counter()
@@ -329,13 +347,18 @@ def run(args: RunArgs) -> dict:
         wb = replace(w, context=replace(w.context, w_max=budget))
         policies = [Recency(), AllCoarse(), RandomScores(np.random.default_rng([args.seed, 7])),
                     GreedyOracle(), LensNetPolicy(model, trainer.device)]
+        if args.calibrate:
+            policies.append(LensNetPolicy(model, trainer.device, scale=1.0, name="lensnet_raw"))
+        if args.env == "synthetic":
+            policies.append(CueReference())
         per_policy = {p.name: evaluate_policy(p, wb, docs, args.seed, args.progress, episode_factory=make_episode,
                                               on_step=log_step if budget == w.context.w_max else None)
                       for p in policies}
         ngr = nll_gap_recovered(per_policy)
         for name, r in per_policy.items():
             r["ngr"] = ngr[name]
-        sweep[str(budget)] = {k: per_policy[k] for k in ("lensnet", "recency", "random", "all_coarse", "oracle")}
+        order = ("lensnet", "lensnet_raw", "cue", "recency", "random", "all_coarse", "oracle")
+        sweep[str(budget)] = {k: per_policy[k] for k in order if k in per_policy}
         seed_sweep[0][str(budget)] = per_policy["lensnet"]
         for k, (_, extra, _, _) in enumerate(lensnets[1:], start=1):  # the baselines are shared
             r = evaluate_policy(LensNetPolicy(extra, trainer.device), wb, docs, args.seed, args.progress,
@@ -348,12 +371,16 @@ def run(args: RunArgs) -> dict:
     timings["eval_s"] = time.perf_counter() - t0
     per_seed = [{"seed": seed, "step": step, "nll": seed_sweep[k][str(w.context.w_max)]["nll"],
                  "ngr": seed_sweep[k][str(w.context.w_max)]["ngr"],
-                 **{key: metrics[key] for key in ("ranking_accuracy", "pearson", "legality_compliance", "mse")},
+                 "expands_per_step": seed_sweep[k][str(w.context.w_max)]["expands_per_step"],
+                 "score_scale": calibrations[k]["score_scale"] if calibrations else 1.0,
+                 **{key: metrics[key] for key in ("ranking_accuracy", "pearson", "legality_compliance", "mse",
+                                                  "precision_at_n_diff")},
                  "budget_sweep": {b: {"nll": r["nll"], "ngr": r["ngr"]} for b, r in seed_sweep[k].items()}}
                 for k, (seed, _, step, metrics) in enumerate(lensnets)]
     lensnet_seeds = {
         "seeds": [r["seed"] for r in per_seed], "per_seed": per_seed,
-        "summary": {key: t_interval([r[key] for r in per_seed]) for key in ("nll", "ngr", "ranking_accuracy", "pearson")},
+        "summary": {key: t_interval([r[key] for r in per_seed])
+                    for key in ("nll", "ngr", "ranking_accuracy", "pearson", "precision_at_n_diff", "expands_per_step")},
         "budget_sweep_summary": {b: {key: t_interval([r["budget_sweep"][b][key] for r in per_seed]) for key in ("nll", "ngr")}
                                  for b in sweep},
     }
@@ -364,6 +391,8 @@ def run(args: RunArgs) -> dict:
         "lensnet_metrics": lens_metrics,
         "lensnet_params": model.n_params(),
         "lensnet_step": lensnet_step, "lensnet_select": args.select,
+        "lensnet_calibration": calibrations[0] if calibrations else None,
+        "lensnet_calibration_per_seed": calibrations,
         "lensnet_seeds": lensnet_seeds,
         "train_snapshots": len(train_idx), "val_snapshots": len(val_idx), "heldout_snapshots": len(heldout),
         "heldout_docs": [docs[0], docs[-1]],
@@ -380,6 +409,25 @@ def run(args: RunArgs) -> dict:
     print(format_table(results))
     print(f"\nrun directory: {out}  (results.json, metrics.jsonl, checkpoints{', plots/' if args.plots else ''})")
     return results
+
+
+def _save_score_distribution(model, dataset, device, path: Path) -> None:
+    """LensNet's calibrated (masked) scores and the exact labels of every labelled held-out entry,
+    with its kind (can expand / can collapse): what ``analysis.plots`` draws against the thresholds."""
+    import torch
+
+    from lensnet.data import collate, to_device
+
+    parts: dict[str, list[np.ndarray]] = {"score": [], "label": [], "can_expand": [], "can_collapse": []}
+    with torch.no_grad():
+        for s in range(0, len(dataset), 32):
+            batch = to_device(collate([dataset[i] for i in range(s, min(s + 32, len(dataset)))]), device)
+            keep = (batch["action_mask"] & batch["valid_mask"]).cpu().numpy()
+            parts["score"].append(model.score(batch).cpu().numpy()[keep])
+            parts["label"].append(batch["target_utilities"].cpu().numpy()[keep])
+            parts["can_expand"].append((batch["expand_cost"] > 0).cpu().numpy()[keep])
+            parts["can_collapse"].append((batch["collapse_refund"] > 0).cpu().numpy()[keep])
+    np.savez_compressed(path, score_scale=model.score_scale, **{k: np.concatenate(v) for k, v in parts.items()})
 
 
 def _referenced_blocks(w: WorldConfig, doc_id: int, seed: int):

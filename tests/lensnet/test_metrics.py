@@ -54,3 +54,31 @@ def test_accumulation_equals_one_big_batch(args):
         if v is not None:
             assert parts[k] == pytest.approx(v, rel=1e-9, abs=1e-9), k
             assert np.isfinite(v)
+
+
+@given(loss_batches(max_b=4, max_n=10))
+def test_precision_at_n_diff_against_brute_force(args):
+    pred, batch = args
+    n_diff, tau = 2, 0.1
+    got = MetricAccumulator(n_diff=n_diff, tau_expand=tau)
+    got.update(pred, batch)
+    hits = total = 0
+    for s in range(pred.shape[0]):
+        ok = [i for i in range(pred.shape[1]) if batch["valid_mask"][s, i] and batch["action_mask"][s, i]
+              and batch["expand_cost"][s, i] > 0]
+        y = {i: float(batch["target_utilities"][s, i]) for i in ok}
+        k = min(n_diff, sum(v > tau for v in y.values()))
+        by_y = sorted(ok, key=lambda i: (-y[i], i))[:k]
+        by_u = sorted(ok, key=lambda i: (-float(pred[s, i]), i))[:k]
+        hits += len(set(by_y) & set(by_u))
+        total += k
+    value = got.compute()["precision_at_n_diff"]
+    assert value is None if total == 0 else value == pytest.approx(hits / total)
+
+
+def test_precision_at_n_diff_counts_the_right_expands():
+    # expandable entries 0..3 with labels 0.5, 0.3, 0.0, 0.25; k = min(2, three above 0.2) = 2
+    u, b = _batch([0.5, 0.3, 0.0, 0.25, -1.0], [0.1, 0.0, 0.9, 0.05, 5.0], ec=[1.0, 1.0, 1.0, 1.0, 0.0])
+    acc = MetricAccumulator(n_diff=2, tau_expand=0.2)
+    acc.update(u, b)
+    assert acc.compute()["precision_at_n_diff"] == pytest.approx(0.5)  # picks {2, 0}; right: {0, 1}

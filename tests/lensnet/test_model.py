@@ -159,15 +159,18 @@ def _assert_fast_matches_reference(model, batch):
         torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-8, msg=name)
 
 
-@given(st.lists(context_items(n_tail=3, max_entries=200), min_size=1, max_size=3), st.sampled_from([1, 2, 4]))
-def test_fast_forward_matches_the_reference(items, n_heads):
+@given(st.lists(context_items(n_tail=3, max_entries=200), min_size=1, max_size=3), st.sampled_from([1, 2, 4]),
+       st.booleans(), st.sampled_from(["factored", "full"]))
+def test_fast_forward_matches_the_reference(items, n_heads, match_skip, match_form):
     """``forward`` (folded attention, packed entries) = ``reference_forward`` (nn.MultiheadAttention
     over padded entries), values and every parameter's gradient, on real working contexts."""
     batch = collate(items)
     torch.manual_seed(0)
     model = LensNet(LensNetConfig(d_model=4, d_lens=16, n_heads=n_heads, n_stacks=2, dropout=0.0, max_level=3,
-                                  block_size=4))
+                                  block_size=4, match_skip=match_skip, match_form=match_form))
     torch.nn.init.normal_(model.head.weight)
+    if match_skip:  # it starts at 0; give it weights so the path is compared too
+        torch.nn.init.normal_(model.match_skip)
     _assert_fast_matches_reference(model, batch)
 
 
@@ -176,7 +179,9 @@ def test_fast_forward_matches_the_reference_without_tail_or_entries():
     b["group_id"][0, :6] = torch.tensor([0, 0, 0, 0, -1, -1])
     b["tail_mask"][0] = False  # no tail gist: only the null latent
     b["valid_mask"][1] = False  # an all-padding snapshot
-    _assert_fast_matches_reference(_model().train(), b)
+    model = _model().train()
+    torch.nn.init.normal_(model.match_skip)
+    _assert_fast_matches_reference(model, b)
 
 
 def test_group_ids_outside_the_snapshot_are_refused():
@@ -184,3 +189,24 @@ def test_group_ids_outside_the_snapshot_are_refused():
     b["group_id"][0, :2] = 9  # N = 9: id 9 would be the next snapshot's key
     with pytest.raises(ValueError, match="group_id must be -1"):
         _model()(b)
+
+
+def test_calibrated_score_scales_the_raw_scores_and_survives_a_checkpoint(tmp_path):
+    from lensnet.train import CheckpointError, load_model, save_calibration
+
+    b = _batch()
+    model = _model()
+    raw = model.score(b)
+    torch.save({"model": model.state_dict(), "model_config": vars(model.config) | {}, "step": 1}, tmp_path / "c.pt")
+    assert load_model(tmp_path / "c.pt").score_scale == 1.0  # no calibration stored: unchanged
+    save_calibration(tmp_path / "c.pt", {"score_scale": 2.5})
+    loaded = load_model(tmp_path / "c.pt")
+    assert loaded.score_scale == 2.5
+    torch.testing.assert_close(loaded.score(b), 2.5 * raw)
+    with pytest.raises(ValueError, match="score_scale"):
+        save_calibration(tmp_path / "c.pt", {"score_scale": -1.0})
+    ckpt = torch.load(tmp_path / "c.pt", weights_only=False)
+    ckpt["calibration"] = {"score_scale": float("nan")}
+    torch.save(ckpt, tmp_path / "c.pt")
+    with pytest.raises(CheckpointError, match="score_scale"):
+        load_model(tmp_path / "c.pt")

@@ -211,3 +211,23 @@ def test_torchrun_data_parallel_follows_one_process(tmp_path, capsys):
         evals = [r["val/loss"] for r in logs[d] if "val/loss" in r]
         assert len(evals) == 2 and evals[1] < evals[0], (d, evals)
     assert logs["ddp"][-1]["val/loss"] == pytest.approx(logs["whole"][-1]["val/loss"], rel=0.05)
+
+
+def test_match_parameters_get_their_own_learning_rate(tmp_path):
+    """``match_lr_scale`` puts every ``match_*`` parameter (and only those) in a group with lr x scale,
+    and the schedule scales both groups alike."""
+    write_random_traces(tmp_path / "tr", n_snapshots=16, d_model=8)
+    reader = TraceReader(tmp_path / "tr")
+    cfg = TrainConfig(lr=1e-3, batch_size=4, warmup_steps=2, total_steps=6, eval_every=3, device="cpu",
+                      match_lr_scale=10.0)
+    mcfg = LensNetConfig.tiny(8, block_size=4, match_form="full")
+    t = Trainer(mcfg, cfg, TraceDataset(reader, np.arange(12)), None, tmp_path / "run", progress=False)
+    names = {id(p): n for n, p in t.model.named_parameters()}
+    base, match = t.opt.param_groups
+    assert {names[id(p)] for p in match["params"]} == {n for n in names.values() if n.startswith("match_")}
+    assert not any(names[id(p)].startswith("match_") for p in base["params"])
+    assert len(base["params"]) + len(match["params"]) == len(names)
+    t.train(until=3)
+    assert match["lr"] == pytest.approx(10 * base["lr"]) and base["lr"] > 0
+    with pytest.raises(ConfigError, match="match_lr_scale"):
+        TrainConfig(match_lr_scale=0.0)
