@@ -206,13 +206,15 @@ class LensNetConfig:
     @classmethod
     def tiny(cls, d_model: int, **kw) -> LensNetConfig:
         """~0.1M params: tests and quick CPU runs."""
-        return cls(d_model=d_model, d_lens=32, n_heads=4, n_stacks=2, dropout=0.0, **{"match_skip": True, **kw})
+        return cls(d_model=d_model, d_lens=32, n_heads=4, n_stacks=2, dropout=0.0,
+                   **{"match_skip": True, "match_form": "full", **kw})
 
     @classmethod
     def small(cls, d_model: int, **kw) -> LensNetConfig:
         """~0.8M params (d_model 128): CPU training on synthetic traces. Two wide heads: a match
         between a context key and a tail cue is a bilinear form that narrow heads only see in part."""
-        return cls(d_model=d_model, d_lens=128, n_heads=2, n_stacks=2, dropout=0.0, **{"match_skip": True, **kw})
+        return cls(d_model=d_model, d_lens=128, n_heads=2, n_stacks=2, dropout=0.0,
+                   **{"match_skip": True, "match_form": "full", **kw})
 
 
 class LensNet(nn.Module):

@@ -77,7 +77,7 @@ class TrainConfig:
     """Where to train ('auto': CUDA when present)."""
     reg_balance: Literal["entries", "levels"] = "levels"
     """L_reg averaged over labelled entries (DESIGN's definition) or per tree level, then over levels (default: token entries outnumber gists ~3:1 and most gist labels are 0; balancing raised the synthetic study's held-out NGR from 0.04 to 0.14)."""
-    match_lr_scale: float = 1.0
+    match_lr_scale: float = 10.0
     """Learning-rate multiplier of the match parameters (names starting ``match_``: LensNet's bilinear
     entry x tail-gist forms and their read-outs). The score is a product of these factors, so from a
     small start they must grow by orders of magnitude, each step moving them by about ``lr`` (AdamW):

@@ -8,10 +8,12 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
+from lensnet.train import load_model
 from sim.cli import field_docs, parse
 from sim.run import RunArgs, lm_defaults, run
 from sim.synthetic import SyntheticConfig
 from sim.tree import TreeConfig
+from sim.world import HELD_OUT_FIRST_DOC
 
 
 def test_help_comes_from_field_docstrings():
@@ -50,7 +52,7 @@ def test_small_study_end_to_end(tmp_path, capsys):
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved == json.loads(json.dumps(results))
     pol = saved["policies"]
-    assert set(pol) == {"lensnet", "recency", "random", "all_coarse", "oracle"}
+    assert set(pol) == {"lensnet", "lensnet_raw", "cue", "recency", "random", "all_coarse", "oracle"}
     assert pol["oracle"]["ngr"] == 1.0 and pol["recency"]["ngr"] == 0.0
     assert pol["oracle"]["nll"] <= pol["recency"]["nll"] <= pol["all_coarse"]["nll"]  # exact greedy beats doing nothing
     for r in pol.values():
@@ -63,8 +65,13 @@ def test_small_study_end_to_end(tmp_path, capsys):
     assert saved["lensnet_step"] == min(evals, key=lambda r: r["val/loss"])["step"]
     for f in ("config.json", "command.txt", "versions.json", "metrics.jsonl", "latest.pt", "focus.jsonl",
               "plots/policy_nll.png", "plots/training_curves.png", "plots/focus_heatmap.png", "plots/validation_metrics.png",
-              "plots/budget_sweep.png"):
+              "plots/budget_sweep.png", "plots/score_distribution.png", "scores.npz"):
         assert (tmp_path / f).exists(), f
+    # the scale fitted on validation documents is reported, stored with the evaluated weights, applied
+    cal = saved["lensnet_calibration"]
+    assert cal["score_scale"] in cal["grid"] and cal["val_nll"][cal["grid"].index(cal["score_scale"])] == min(cal["val_nll"])
+    assert all(d < HELD_OUT_FIRST_DOC for d in cal["val_docs"])  # never the held-out documents
+    assert load_model(tmp_path / "best.pt").score_scale == cal["score_scale"]
     # budget sweep: the run's own W_max plus the feasible multiples, each with every policy
     sweep = saved["budget_sweep"]
     assert "40" in sweep and len(sweep) >= 2
@@ -78,6 +85,20 @@ def test_small_study_end_to_end(tmp_path, capsys):
     assert rec["block_size"] == 4 and all(isinstance(r, int) and 0 <= r * 4 < rec["T"] for r in rec["referenced"])
     printed = capsys.readouterr().out
     assert "lensnet" in printed and "NGR" in printed
+
+
+def test_small_study_learns_to_beat_recency(tmp_path):
+    """A small world LensNet can learn in seconds (orthonormal keys: d/2 = 16 >= 16 blocks): trained
+    on 24 documents it must recover a clear share of the oracle's gap on held-out documents."""
+    argv = ["--out", str(tmp_path), "--train-docs", "48", "--eval-docs", "8", "--preset", "tiny", "--no-progress",
+            "--no-plots", "--budget-scales", "1.25", "--world.tree.block-size", "4", "--world.tree.d-model", "32",
+            "--world.synthetic.block-size", "4", "--world.synthetic.d-model", "32", "--world.synthetic.n-blocks", "16",
+            "--world.synthetic.recent-window", "6", "--world.synthetic.n-recent", "3", "--world.step-tokens", "4",
+            "--world.horizon", "8", "--world.n-tail", "3", "--world.warmup-tokens", "16", "--world.context.w-max",
+            "20", "--world.context.tail", "8", "--train.total-steps", "400", "--train.eval-every", "100",
+            "--train.warmup-steps", "20", "--train.ckpt-every", "400"]
+    pol = run(parse(RunArgs, argv))["policies"]
+    assert pol["lensnet"]["ngr"] > 0.3, {k: v["ngr"] for k, v in pol.items()}  # 0.60 when written
 
 
 def test_lm_study_end_to_end_with_the_tiny_lm(tmp_path):
