@@ -183,7 +183,8 @@ def score_distribution(scores: dict, results: dict, out: Path) -> Path:
             bins = np.linspace(min(lo, -tau), max(hi, 2 * tau), 60)
             ax.hist(y, bins=bins, alpha=0.45, color="C7", label="exact label y")
             ax.hist(u, bins=bins, alpha=0.6, color="C0", label="LensNet (calibrated)")
-        ax.axvline(tau, color="C3", lw=1, ls="--", label=f"tau_expand = {tau}")
+        if ax is axes[0]:  # an expand needs u > tau_expand; a paid one u + mean(payers' u) > tau_swap = 0
+            ax.axvline(tau, color="C3", lw=1, ls="--", label=f"tau_expand = {tau}")
         ax.axvline(0.0, color="k", lw=0.6, ls=":", label="0 (tau_swap)")
         ax.set_yscale("log")
         ax.set_title(f"{title}: {int(keep.sum())} entries", fontsize=9)

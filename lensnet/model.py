@@ -252,6 +252,10 @@ class LensNet(nn.Module):
             self.match_skip = nn.Parameter(torch.zeros(2 * (config.max_level + 1), 2 * (MAX_TAIL + 1)))
         self.ln_f = nn.LayerNorm(d)
         self.head = nn.Linear(d, 1)
+        # Calibration: ``score`` multiplies the raw scores by this (fitted on validation episodes so
+        # that the allocator's nat thresholds act on a shrunk scorer; the same as tau_expand / it).
+        # Not a parameter: it lives in the checkpoint's ``calibration`` and ``load_model`` sets it.
+        self.score_scale = 1.0
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
 
@@ -386,11 +390,6 @@ class LensNet(nn.Module):
             grouped = gid >= 0 if gid is not None else torch.zeros_like(levels, dtype=torch.bool)
             scores = scores + (self.match_skip[2 * levels + grouped.long()] * match).sum(-1)  # (B, N)
         return torch.where(valid, scores, torch.zeros_like(scores))
-
-    score_scale: float = 1.0
-    """Calibration: ``score`` multiplies the raw scores by this (fitted on validation episodes so
-    that the allocator's nat thresholds act on a shrunk scorer: equivalent to dividing
-    ``tau_expand`` by it). Stored in the checkpoint's ``calibration``; ``load_model`` sets it."""
 
     @torch.no_grad()
     def score(self, batch: dict[str, Tensor]) -> Tensor:
