@@ -1,4 +1,5 @@
-"""GistNet's training text: Python's pydoc prose plus the standard library's source, split three ways.
+"""GistNet's training text and the project's one text split: Python's pydoc prose plus the standard
+library's source, split three ways (task generation, ``sim.tasks``, uses the same split).
 
 Both ship with the interpreter (no download; DESIGN §7), so their content depends on the Python
 version, which every card records (``corpus_card``). Splits (deterministic, disjoint):
@@ -12,12 +13,15 @@ version, which every card records (``corpus_card``). Splits (deterministic, disj
   ``tests``, ``idle_test`` folders), ``pydoc_data`` (the prose itself: its held-out topics must not
   reach training as code) and ``encodings`` (codec tables), and installed packages.
 
-Checkpoint choice uses ``validation`` only; studies report on ``heldout``. Texts of one split are
+Checkpoint choice uses ``validation`` only; studies report on ``heldout``. The task generator
+(``sim.tasks``) draws its ``heldout`` tasks from ``heldout`` and its ``train`` tasks from ``train``
+only, so no GistNet trained on this split has read a held-out task's text. Texts of one split are
 joined in sorted name order with blank lines between them, tokenised once per tokenizer.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import platform
 import sysconfig
@@ -62,8 +66,10 @@ def stdlib_root() -> Path:
     return Path(sysconfig.get_paths()["stdlib"])
 
 
+@functools.cache
 def stdlib_modules() -> dict[str, Path]:
-    """Every kept standard-library source file: dotted module name -> path."""
+    """Every kept standard-library source file: dotted module name -> path (the one list the GistNet
+    corpus and the task generator read; do not mutate)."""
     root = stdlib_root()
     out = {}
     for path in sorted(root.rglob("*.py")):

@@ -1,6 +1,6 @@
 """The LensNet checkpoints shipped as package data (``lensnet/checkpoints``), each with a JSON card
-(command, seed, data split, held-out metrics, the LM it was trained for); ``sim.evaluate`` loads
-the one that fits its LM by default."""
+(command, seed, data split, held-out metrics, the LM and the task kind it was trained for);
+``sim.evaluate`` loads by default only the one that fits both its LM and its tasks' kind."""
 
 from __future__ import annotations
 
@@ -25,8 +25,16 @@ def read_card(path: str | Path) -> dict:
     return out
 
 
-def default_lensnet_path(lm) -> Path | None:
-    """The shipped task-world LensNet when its card's LM fingerprint matches ``lm``, else None."""
-    if not TASKS_CHECKPOINT.exists():
+def default_lensnet_path(lm, kind: str | None) -> Path | None:
+    """The shipped task-world LensNet when its card's LM fingerprint matches ``lm`` and its card's
+    task kind is ``kind`` (a LensNet trained on pass keys is not the default for variable
+    tracking), else None; ``kind`` None (tasks of mixed or unnamed kinds) never matches."""
+    if not TASKS_CHECKPOINT.exists() or kind is None:
         return None
-    return TASKS_CHECKPOINT if read_card(TASKS_CHECKPOINT).get("lm_fingerprint") == lm_fingerprint(lm) else None
+    card = read_card(TASKS_CHECKPOINT)
+    return TASKS_CHECKPOINT if card.get("lm_fingerprint") == lm_fingerprint(lm) and card.get("task") == kind else None
+
+
+def shipped_lensnet_task() -> str | None:
+    """The task kind the shipped task-world LensNet was trained on (None when none is shipped)."""
+    return read_card(TASKS_CHECKPOINT).get("task") if TASKS_CHECKPOINT.exists() else None

@@ -161,7 +161,9 @@ def save_calibration(path: str | Path, calibration: dict) -> None:
 @torch.no_grad()
 def evaluate(model: LensNet, loss_fn: LensNetLoss, dataset: TraceDataset, batch_size: int,
              device: torch.device) -> dict[str, float | None]:
-    """Mean loss terms (weighted by snapshots) and every metric over ``dataset``."""
+    """Mean loss terms (weighted by snapshots) and every metric over ``dataset``, in eval mode; the
+    model is left in the mode the caller had it in."""
+    was_training = model.training
     model.eval()
     acc = MetricAccumulator()
     sums: dict[str, float] = {}
@@ -176,7 +178,7 @@ def evaluate(model: LensNet, loss_fn: LensNetLoss, dataset: TraceDataset, batch_
         sums["loss"] = sums.get("loss", 0.0) + out["loss"].item() * b
         n += b
         acc.update(pred.cpu(), {k: v.cpu() for k, v in batch.items()})
-    model.train()
+    model.train(was_training)
     res: dict[str, float | None] = {f"val/{k}": v / max(n, 1) for k, v in sums.items()}
     res.update({f"val/{k}": v for k, v in acc.compute().items()})
     return res

@@ -1,23 +1,27 @@
 """``python -m sim.evaluate``: the shipped LensNet + GistNet and the baselines on any task file (DESIGN §9).
 
-    python -m sim.evaluate --tasks FILE.jsonl --out DIR [--w-max N] [--policies a,b,...]
+    python -m sim.evaluate --tasks FILE.jsonl --out DIR [--world.w-max N] [--policies a,b,...]
                            [--lm PATH] [--lensnet CKPT]
 
 Every task streams ``context + question`` through the tree to question time (``sim.taskworld``);
-each policy then zooms for up to ``--zoom-rounds`` rounds through the same allocator at the same
-W_max, and the answer is scored. Writes ``DIR/tasks.jsonl`` (one row per task and policy, flushed
+each policy then zooms for up to ``--world.zoom-rounds`` rounds through the same allocator at the
+same W_max, and the answer is scored. Writes ``DIR/tasks.jsonl`` (one row per task and policy, flushed
 as it goes, so an interrupted run keeps what it measured) and ``DIR/results.json``::
 
     {"config": {"w_max": ..., ...},
      "policies": {"<name>": {"exact_match": float, "answer_nll": float,
                              "focus_recall": float | null, "n": int,
                              "ngr": float, "ngr_ci95": [lo, hi], ...}},  # ngr: when recency and oracle ran
-     "grid": {"<name>": {"<length>": {"<depth>": exact_match}}}, "errors": [...], ...}
+     "grid": {"<name>": {"<length>": {"<depth>": exact_match}}},
+     "n_tasks": int,  # tasks evaluated (a skipped line is in "errors", not here)
+     "errors": [...], ...}
 
 ``focus_recall`` = fraction of tasks whose needle tokens were all at L0 when the answer was scored
 (null when no task names needle spans). A malformed task line (bad JSON, missing field, span
 outside the context, text longer than the LM's positions) is reported with its line number and
-skipped; the other tasks still run. Exit status 1 when any line was skipped.
+skipped; the other tasks still run. Exit status 1 when any line was skipped. Paths inside the
+project (the shipped LensNet) are recorded relative to the project's root, so results files name no
+machine's folders.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from tqdm.auto import tqdm
 
 from sim.cli import parse, to_argv, to_dict
 from sim.taskworld import (
+    BM25Zoom,
     LensNetZoom,
     OracleZoom,
     RandomZoom,
@@ -49,8 +54,19 @@ from sim.taskworld import (
 )
 from sim.tree import ConfigError
 
-POLICIES = ("lensnet", "lensnet_rank", "recency", "sinks", "random", "retrieval", "surprisal", "oracle", "full")
-DEFAULT_POLICIES = "lensnet,lensnet_rank,recency,sinks,random,retrieval,surprisal,full"
+POLICIES = ("lensnet", "lensnet_rank", "recency", "sinks", "random", "retrieval", "bm25", "surprisal", "oracle",
+            "full")
+DEFAULT_POLICIES = "lensnet,lensnet_rank,recency,sinks,random,retrieval,bm25,surprisal,full"
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+def portable_path(path: str | Path | None) -> str | None:
+    """``path`` relative to the project's root when it lies inside it (the shipped checkpoints),
+    else as given: a results file should not name the folders of the machine that wrote it."""
+    if path is None:
+        return None
+    resolved = Path(path).resolve()
+    return str(resolved.relative_to(PROJECT_ROOT)) if resolved.is_relative_to(PROJECT_ROOT) else str(path)
 
 
 @dataclass
@@ -62,11 +78,11 @@ class EvaluateArgs:
     out: str = "runs/evaluate"
     """Output directory: results.json, tasks.jsonl, command.txt."""
     policies: str = DEFAULT_POLICIES
-    """Comma-separated policies among lensnet, lensnet_rank (LensNet's order on the heuristics' rank scale), recency, sinks, random, retrieval, surprisal, oracle, full ('oracle' labels every action of every round: about a minute per 2k-token task on a 2-core CPU)."""
+    """Comma-separated policies among lensnet, lensnet_rank (LensNet's order on the heuristics' rank scale), recency, sinks, random, retrieval (dense: LM hidden states), bm25 (lexical), surprisal, oracle, full ('oracle' labels every action of every round: about a minute per 2k-token task on a 2-core CPU)."""
     lm: str = "smollm2"
     """'smollm2', 'tiny' (random-init test LM, character tokenizer) or a local model folder."""
     lensnet: str = "auto"
-    """LensNet checkpoint; 'auto' = the shipped one for the LM (lensnet/checkpoints), else none."""
+    """LensNet checkpoint; 'auto' = the shipped one (lensnet/checkpoints) when it was trained for this LM and for the task kind of every task in the file, else none."""
     gister: str = "auto"
     """'auto' (the shipped GistNet when it fits the LM), 'gistnet' or 'mean'."""
     seed: int = 0
@@ -76,28 +92,32 @@ class EvaluateArgs:
     world: TaskWorldConfig = field(default_factory=TaskWorldConfig)
 
 
-def _policy_objects(names: list[str], args: EvaluateArgs, oracle, model, device) -> tuple[list, str | None]:
+def _policy_objects(names: list[str], args: EvaluateArgs, oracle, model, device, kind: str | None
+                    ) -> tuple[list, str | None]:
+    """The policies named; ``kind``: the task kind every task of the file names (else None), which
+    the shipped LensNet must have been trained on to be the default."""
     out, lens_path, lens = [], None, None
     for name in names:
         if name in ("lensnet", "lensnet_rank"):
             from lensnet.policy import LensNetPolicy
-            from lensnet.shipped import default_lensnet_path
+            from lensnet.shipped import default_lensnet_path, shipped_lensnet_task
             from lensnet.train import load_model
 
-            lens_path = default_lensnet_path(model) if args.lensnet == "auto" else args.lensnet
+            lens_path = default_lensnet_path(model, kind) if args.lensnet == "auto" else args.lensnet
             if lens_path is None:
-                print(f"note: no shipped LensNet fits this LM; '{name}' is skipped (pass --lensnet CKPT)",
-                      file=sys.stderr)
+                print(f"note: no shipped LensNet fits this LM and these tasks (shipped: trained on "
+                      f"{shipped_lensnet_task()} tasks; these: {kind or 'mixed or unnamed kinds'}); '{name}' is "
+                      "skipped (pass --lensnet CKPT to use a checkpoint anyway)", file=sys.stderr)
                 continue
             lens = lens or LensNetPolicy(load_model(lens_path, device), device)
             out.append(LensNetZoom(lens, args.world.n_tail, rank=name == "lensnet_rank"))
         elif name == "full":
             out.append("full")
         else:
-            out.append({"recency": RecencyZoom, "sinks": SinksZoom, "retrieval": RetrievalZoom,
+            out.append({"recency": RecencyZoom, "sinks": SinksZoom, "retrieval": RetrievalZoom, "bm25": BM25Zoom,
                         "surprisal": SurprisalZoom, "random": lambda: RandomZoom(args.seed),
                         "oracle": lambda: OracleZoom(oracle, args.world.n_tail, args.world.lookahead)}[name]())
-    return out, (str(lens_path) if lens_path is not None else None)
+    return out, portable_path(lens_path)
 
 
 def summarise(rows: list[dict], names: list[str]) -> tuple[dict, dict]:
@@ -218,12 +238,15 @@ def _evaluate(args: EvaluateArgs) -> dict:
     tokenizer = tokenizer or CharTokenizer(model.config.vocab_size)
     oracle = LMOracle(model)
     gister, gister_name = resolve_gister(args.gister, model, args.world.block_size)
-    policies, lens_path = _policy_objects(names, args, oracle, model, oracle.device)
+    kinds = {(t.get("meta") or {}).get("kind") for t in tasks}
+    kind = next(iter(kinds)) if len(kinds) == 1 else None
+    policies, lens_path = _policy_objects(names, args, oracle, model, oracle.device, kind)
     needs_features = any(getattr(p, "needs_features", False) for p in policies)
     rows: list[dict] = []
     t_start = time.perf_counter()
     spent: dict[str, float] = {}  # seconds: streaming + features of every task, and each policy (zoom + answer)
     lm_forward_s: list[float] = []
+    n_evaluated = 0  # tasks that streamed to question time (a skipped line counts under errors only)
     with (out / "tasks.jsonl").open("w") as log:
         for task in tqdm(tasks, desc="tasks", disable=not args.progress):
             line = lines.get(str(task["id"]))
@@ -236,6 +259,7 @@ def _evaluate(args: EvaluateArgs) -> dict:
                 print(f"error: {msg} (skipped)", file=sys.stderr)
                 error_rows.append({"line": line, "error": msg})
                 continue
+            n_evaluated += 1
             meta = task.get("meta") or {}
             level = needle_level(pt)
             for p in tqdm(policies, desc=str(task["id"]), disable=not args.progress, leave=False):
@@ -263,7 +287,7 @@ def _evaluate(args: EvaluateArgs) -> dict:
                    "max_level": args.world.max_level, "tasks": args.tasks, "lm": args.lm, "gister": gister_name,
                    "lensnet": lens_path, "policies": [p if isinstance(p, str) else p.name for p in policies],
                    "seed": args.seed, "args": to_dict(args)},
-        "policies": summary, "grid": grid, "errors": error_rows, "n_tasks": len(tasks),
+        "policies": summary, "grid": grid, "errors": error_rows, "n_tasks": n_evaluated,
         "lm_forward_ms_at_w_max": None if fwd is None else 1e3 * fwd,
         "timings": {"total_s": time.perf_counter() - t_start, **{f"{k}_s": v for k, v in spent.items()}},
         "versions": versions(),

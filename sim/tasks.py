@@ -6,8 +6,11 @@ reads ``context + question`` as one stream and the answer (a leading-space strin
 ``" 48213"``) is scored as its continuation; ``needle_spans`` are the ``[start, end)`` character spans
 of ``context`` that hold what the answer needs. Filler is real text (§7): the pydoc topics of the
 split plus the docstrings of the split's standard-library modules, never repeated sentences. The
-module split hashes a module's top-level package, so train and held-out share neither filler text
-nor modules, and their needle and question phrasings (``TEMPLATES``) are disjoint too. A length N
+split is GistNet's (``gistnet.corpus``: pydoc topics and standard-library modules, by top-level
+package, into train / validation / held-out): held-out tasks read held-out text only, training tasks
+training text only (the validation text is used by neither), so train and held-out share neither
+filler text nor modules, no GistNet trained on that split has read a held-out task, and the needle
+and question phrasings (``TEMPLATES``) of the two splits are disjoint too. A length N
 means context + question + answer hold at most N tokens (so a task fits an LM with N positions),
 usually within 1% and never fewer than N - max(24, 3% of N), under a ``count_tokens`` callable (a
 tokenizer, or ~4 characters a token). Depth d puts the asked needle at fraction d of the context's
@@ -19,12 +22,10 @@ from __future__ import annotations
 import ast
 import builtins
 import functools
-import hashlib
 import json
 import keyword
 import os
 import re
-import sysconfig
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from gistnet.corpus import pydoc_split, stdlib_modules, stdlib_split_of
 from sim.tree import ConfigError
 
 KINDS = ("passkey", "multikey", "vt")
@@ -98,28 +100,16 @@ class TaskFileError(ValueError):
 
 
 # ----------------------------------------------------------------------------- real text
-@functools.cache
-def stdlib_modules() -> dict[str, Path]:
-    """The running interpreter's pure-Python standard-library modules (dotted name -> file), without
-    tests, site-packages and ``pydoc_data`` (the pydoc topics are a text source of their own)."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    skip = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__", "pydoc_data"}
-    out: dict[str, Path] = {}
-    for folder, dirs, files in os.walk(root):
-        dirs[:] = sorted(d for d in dirs if d not in skip)
-        for f in sorted(files):
-            if f.endswith(".py"):
-                parts = Path(folder, f).relative_to(root).with_suffix("").parts
-                out[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = Path(folder, f)
-    return out
-
-
 def module_split(name: str) -> str:
-    """'heldout' for ~10% of modules, by a hash of the top-level package (a package stays whole; a
-    pure-Python twin such as ``_pyio`` or ``_pydecimal`` goes with its public module)."""
+    """The split of a standard-library module: GistNet's (``gistnet.corpus.stdlib_split_of``, by
+    top-level package), or 'none' for a pure-Python twin (``_py_abc`` of ``abc``) whose public twin
+    lies in another split: its docstrings are copies of the twin's, so it serves neither split."""
     top = name.split(".")[0]
-    key = top[3:].lstrip("_") if top.startswith("_py") else top.lstrip("_")
-    return "heldout" if hashlib.sha256(key.encode()).digest()[0] % 10 == 0 else "train"
+    split = stdlib_split_of(name)
+    public = top[3:].lstrip("_") if top.startswith("_py") else top.lstrip("_")
+    if public != top and public in stdlib_modules() and stdlib_split_of(public) != split:
+        return "none"
+    return split
 
 
 def code_documents(split: str, min_chars: int = 4096) -> Iterator[tuple[str, str]]:
@@ -135,19 +125,47 @@ def code_documents(split: str, min_chars: int = 4096) -> Iterator[tuple[str, str
 
 @functools.cache
 def filler_sources(split: str) -> tuple[str, ...]:
-    """Filler documents of ``split``: ``pydoc:TOPIC`` (sim.lm's topic split) and ``module:NAME``
-    (the docstrings of a module of that split)."""
-    from sim.lm import pydoc_topics
-
+    """Filler documents of ``split``: ``pydoc:TOPIC`` (the topics of ``gistnet.corpus.pydoc_split``)
+    and ``module:NAME`` (the docstrings of a module of that split)."""
     _check_split(split)
     mods = [f"module:{m}" for m in sorted(stdlib_modules()) if module_split(m) == split]
-    return (*(f"pydoc:{t}" for t in pydoc_topics(split)), *mods)
+    return (*(f"pydoc:{t}" for t in pydoc_split(split)), *mods)
+
+
+SHARED_RUN = 200
+"""A held-out filler paragraph that shares a run of this many characters (whitespace collapsed) with
+GistNet's train or validation text is left out (pydoc topics repeat one another's paragraphs)."""
+
+
+@functools.cache
+def _seen_windows() -> frozenset[str]:
+    """Windows of SHARED_RUN / 2 characters at every multiple of SHARED_RUN / 2 of GistNet's train and
+    validation text (whitespace collapsed): a run of SHARED_RUN characters shared with that text
+    holds one of them."""
+    from gistnet.corpus import corpus_text
+
+    seen = " ".join(corpus_text(c, s) for c in ("pydoc", "stdlib") for s in ("train", "validation"))
+    seen, w = re.sub(r"\s+", " ", seen), SHARED_RUN // 2
+    return frozenset(seen[i : i + w] for i in range(0, len(seen) - w + 1, w))
+
+
+def shares_seen_text(paragraph: str) -> bool:
+    """Whether ``paragraph`` shares SHARED_RUN characters (whitespace collapsed) with GistNet's train
+    or validation text."""
+    p, w, seen = re.sub(r"\s+", " ", paragraph), SHARED_RUN // 2, _seen_windows()
+    return any(p[i : i + w] in seen for i in range(len(p) - w + 1))
+
+
+def _source_split(source: str) -> str:
+    kind, name = source.split(":", 1)
+    return ("heldout" if name in pydoc_split("heldout") else "train") if kind == "pydoc" else module_split(name)
 
 
 @functools.cache
 def _paragraphs(source: str) -> tuple[str, ...]:
     """A filler document's paragraphs (blank-line separated); a module gives its docstrings of at
-    least 200 characters (module, classes, functions, methods)."""
+    least 200 characters (module, classes, functions, methods). A held-out document leaves out the
+    paragraphs that share text with GistNet's train or validation text (``shares_seen_text``)."""
     kind, name = source.split(":", 1)
     if kind == "pydoc":
         import pydoc_data.topics as topics
@@ -164,7 +182,10 @@ def _paragraphs(source: str) -> tuple[str, ...]:
         docs = [ast.get_docstring(n) or "" for n in nodes if isinstance(n, defs)]
         text = "\n\n".join(d for d in docs if len(d) >= 200)
     paras = (p.rstrip() for p in re.split(r"\n\s*\n", text) if p.strip())
-    return tuple(p for p in paras if np.diff([0, *_sentence_starts(p), len(p)]).max() <= MAX_GAP)
+    paras = (p for p in paras if np.diff([0, *_sentence_starts(p), len(p)]).max() <= MAX_GAP)
+    if _source_split(source) == "heldout":
+        paras = (p for p in paras if not shares_seen_text(p))
+    return tuple(paras)
 
 
 def _sentence_starts(text: str) -> list[int]:
@@ -423,7 +444,8 @@ def make_code_task(c: TaskConfig, i: int, n: int, rng: np.random.Generator, coun
             n_context = count_tokens(context)
             if n_context > budget or n_context + n_answer < n - max(24, 3 * n // 100):
                 continue
-            far, near = context[: len(context) - c.near_chars], context[len(context) - c.near_chars :]
+            split_at = max(0, len(context) - c.near_chars)  # a context shorter than near_chars has no far part
+            far, near = context[:split_at], context[split_at:]
             for word in dict.fromkeys(_USE.findall(_STRING_OR_COMMENT.sub(" ", answer))):
                 if word in _COMMON or re.search(rf"\b{re.escape(word)}\b", near) or _definition(word, answer):
                     continue  # common, seen near the cut, or bound by the answer itself

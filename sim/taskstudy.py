@@ -18,6 +18,7 @@ Uses CUDA when present. ``--ship`` copies the trained LensNet and its card into
 from __future__ import annotations
 
 import json
+import shlex
 import shutil
 import sys
 import time
@@ -31,7 +32,7 @@ from tqdm.auto import tqdm
 from lensnet.data import AugmentConfig
 from lensnet.train import TrainConfig
 from sim.allocator import FocusAllocator
-from sim.cli import parse, to_dict
+from sim.cli import parse, to_argv, to_dict
 from sim.labels import label_snapshot, parse_shard
 from sim.tasks import TaskConfig, generate_tasks, read_tasks, token_counter, write_jsonl
 from sim.taskworld import TaskError, TaskWorldConfig, prepare_task
@@ -117,12 +118,17 @@ def label_tasks(tasks: list[dict], out: Path, oracle, tokenizer, world: TaskWorl
             if seen >= skip:
                 writer.add(labels)
             seen += 1
-            alloc.step(wc, labels["target_utilities"].astype(np.float64))
+            acts = alloc.step(wc, labels["target_utilities"].astype(np.float64))
+            if not any(not a.forced for a in acts):  # as zoom: a round that changes nothing ends them
+                break
     writer.close()
     return part
 
 
 def run(args: TaskStudyArgs) -> dict:
+    """The study of ``args``. Gradients are off while labelling and on while training, each inside a
+    context, so the caller's grad mode is the same after the run however it ends (``--label-only``,
+    an error)."""
     import torch
 
     from gistnet.gister import resolve_gister
@@ -139,7 +145,7 @@ def run(args: TaskStudyArgs) -> dict:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "command.txt").write_text(" ".join(["python -m sim.taskstudy", *sys.argv[1:]]) + "\n")
+    (out / "command.txt").write_text(" ".join(["python -m sim.taskstudy", *map(shlex.quote, to_argv(args))]) + "\n")
     (out / "config.json").write_text(json.dumps(to_dict(args), indent=1))
     (out / "versions.json").write_text(json.dumps(versions(), indent=1))
     timings: dict[str, float] = {}
@@ -159,7 +165,6 @@ def run(args: TaskStudyArgs) -> dict:
 
     # 2. labels
     t0 = time.perf_counter()
-    torch.set_grad_enabled(False)
     meta = {"d_model": oracle.d_model, "n_tail": args.world.n_tail, "block_size": args.world.block_size,
             "max_level": args.world.max_level, "world": to_dict(args.world), "seed": args.seed,
             "oracle": {"kind": "lm", "lm": args.lm, "gister": gister_name, "horizon": "answer tokens",
@@ -167,12 +172,12 @@ def run(args: TaskStudyArgs) -> dict:
             "tasks": str(files["train"]), "shard": args.shard,
             "stream_every": args.stream_every, "horizon": args.horizon}
     trace_dir = out / "traces"
-    label_tasks(read_tasks(files["train"]), trace_dir, oracle, tokenizer, args.world, gister, meta, args.shard,
-                args.progress, args.stream_every, args.horizon)
+    with torch.no_grad():
+        label_tasks(read_tasks(files["train"]), trace_dir, oracle, tokenizer, args.world, gister, meta, args.shard,
+                    args.progress, args.stream_every, args.horizon)
     timings["label_s"] = time.perf_counter() - t0
     if args.label_only:
         return {"timings": timings}
-    torch.set_grad_enabled(True)
 
     # 3. LensNet (validation split by task: a task's rounds are near-duplicates)
     t0 = time.perf_counter()
@@ -182,7 +187,8 @@ def run(args: TaskStudyArgs) -> dict:
     trainer = Trainer(mcfg, replace(args.train, seed=args.seed),
                       TraceDataset(reader, train_idx, augment=args.train.augment, seed=args.seed),
                       TraceDataset(reader, val_idx), out, progress=args.progress)
-    trainer.train()
+    with torch.enable_grad():
+        trainer.train()
     best = out / "best.pt" if (out / "best.pt").exists() else out / "final.pt"
     if not best.exists():
         trainer.save("final")

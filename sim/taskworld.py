@@ -16,10 +16,16 @@ relevance in [0, 1] into the allocator's signed scores):
 - ``recency``: restore oldest first, never expand;
 - ``sinks``: StreamingLLM's attention sinks + recent window: the first block's path expands to L0;
 - ``random``: uniform random block relevance;
-- ``retrieval``: query-aware block retrieval from LM hidden states. Rule: every L1 block is read
-  by the LM alone at ingest, its layer-L/2 hidden states mean-pooled (MoBA's mean-pooled block
-  key, on hidden states); the question (the last ``tail`` tokens) is read alone too; relevance =
-  max over question tokens of the cosine with the block's pooled state, rank-normalised;
+- ``retrieval``: dense query-aware block retrieval from LM hidden states (MoBA's mean-pooled block
+  key, on hidden states). Rule: every L1 block is read by the LM alone at ingest and its hidden
+  states at layer ``round(retrieval_depth * n_layers)`` are mean-pooled without position 0 (where
+  the LM puts its attention-sink activations); the query (the question's tokens, read alone, again
+  without position 0; a task without a question, such as code continuation, uses the L0 tail's
+  tokens) is pooled the same way; relevance = cosine, rank-normalised (``dense_relevance``). The
+  layer (1 of 30 for SmolLM2) and whether to centre both sides first (no) were chosen on training
+  tasks only (``benchmarks/retrieval_layer.py``, ``results/retrieval-layer-seed0``);
+- ``bm25``: lexical retrieval, Okapi BM25 (the ``bm25s`` library, English stop words) of each L1
+  block's text against the question's (or the tail's, as above), rank-normalised;
 - ``surprisal``: LLMLingua-style: the block's mean token NLL when read alone, rank-normalised;
 - ``oracle``: the exact greedy counterfactual labels (with the two-level lookahead for L2 gists,
   ``sim.labels.lookahead_contexts``) each round;
@@ -41,7 +47,15 @@ from sim.allocator import Action, AllocatorConfig, FocusAllocator, recency_score
 from sim.labels import label_snapshot
 from sim.lm_oracle import LMOracle, answer_scores
 from sim.tree import ConfigError, Gister, MegaContextTree, TreeConfig, mean_gister
-from sim.working_context import ContextConfig, WorkingContext
+from sim.working_context import BudgetExhausted, ContextConfig, WorkingContext
+
+RETRIEVAL_DEPTH = 1 / 30
+"""Dense retrieval's layer as a fraction of the LM's depth: layer 1 of SmolLM2's 30, the best mean
+reciprocal rank of the needle block (0.62; hit@1 0.50) over 16 training tasks of the four kinds,
+against 0.11 at layer 15 (``results/retrieval-layer-seed0``, ``benchmarks/retrieval_layer.py``)."""
+RETRIEVAL_CENTRE = False
+"""Whether dense retrieval centres both sides on the mean block vector: measured on the same training
+tasks, centring lost at the chosen layer (MRR 0.55 against 0.62 uncentred)."""
 
 
 @dataclass(frozen=True)
@@ -64,6 +78,8 @@ class TaskWorldConfig:
     """Refocus rounds at question time; 0 = max_level (enough to descend from the top level to L0)."""
     lookahead: bool = True
     """The oracle's (and the traces') expand gain of a level >= 2 gist sees two levels down."""
+    retrieval_depth: float = RETRIEVAL_DEPTH
+    """Dense retrieval baseline: hidden states at layer round(depth * n_layers) (0 = the embeddings; the default was chosen on training tasks, benchmarks/retrieval_layer.py)."""
     allocator: AllocatorConfig = field(default_factory=AllocatorConfig)
 
     @property
@@ -71,6 +87,8 @@ class TaskWorldConfig:
         return self.zoom_rounds or self.max_level
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.retrieval_depth <= 1.0:
+            raise ConfigError(f"retrieval_depth must lie in [0, 1], got {self.retrieval_depth}")
         if self.zoom_rounds < 0:
             raise ConfigError(f"zoom_rounds must be >= 0, got {self.zoom_rounds}")
         if self.step_tokens < 1:
@@ -92,9 +110,11 @@ class PreparedTask:
     question_tokens: int
     wc: WorkingContext  # the recency cover at question time (copy it before refocusing)
     stream_snapshots: list[WorkingContext] = field(default_factory=list)  # covers at earlier cursors, if asked
+    block_text: list[str] = field(default_factory=list)  # (n_l1,) the text of each complete L1 block
+    query_text: str = ""  # the retrieval query: the question, or (no question) the L0 tail's text
     block_hidden: np.ndarray | None = None  # (n_l1, d) pooled hidden state of each block read alone
     block_surprisal: np.ndarray | None = None  # (n_l1,) mean token NLL of each block read alone
-    query_hidden: np.ndarray | None = None  # (q, d) hidden states of the tail read alone
+    query_hidden: np.ndarray | None = None  # (d,) pooled hidden state of the query read alone
 
     @property
     def n_tokens(self) -> int:
@@ -115,8 +135,9 @@ class CharTokenizer:
         return out
 
 
-def tokenize_task(task: dict, tokenizer) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
-    """(stream ids, answer ids, needle mask over the stream, question length in tokens)."""
+def tokenize_task(task: dict, tokenizer) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, np.ndarray]:
+    """(stream ids, answer ids, needle mask over the stream, question length in tokens, (n, 2)
+    character offsets of each stream token in ``context + question``)."""
     text = task["context"] + task["question"]
     enc = tokenizer(text, return_offsets_mapping=True, add_special_tokens=False)
     ids = np.asarray(enc["input_ids"], dtype=np.int64)
@@ -128,7 +149,13 @@ def tokenize_task(task: dict, tokenizer) -> tuple[np.ndarray, np.ndarray, np.nda
     if answer.size == 0:
         raise TaskError(f"task {task.get('id')!r}: the answer tokenises to nothing")
     q_start = int(np.searchsorted(offsets[:, 0], len(task["context"])))
-    return ids, answer, needle, len(ids) - q_start
+    return ids, answer, needle, len(ids) - q_start, offsets
+
+
+def query_tokens(n_tokens: int, question_tokens: int, tail: int) -> slice:
+    """The retrieval query's stream positions: the question, or the last ``tail`` tokens when the
+    task has none (code continuation: the text being continued)."""
+    return slice(n_tokens - (question_tokens or min(tail, n_tokens)), n_tokens)
 
 
 def prepare_task(task: dict, oracle: LMOracle, tokenizer, config: TaskWorldConfig,
@@ -136,7 +163,7 @@ def prepare_task(task: dict, oracle: LMOracle, tokenizer, config: TaskWorldConfi
     """Tokenise, build the tree, stream the cursor to question time (recency restores), and (with
     ``features``) compute the block-alone hidden states and surprisal the heuristic baselines use.
     ``stream_every`` > 0 keeps a copy of the cover every that many stream steps (stream-time labels)."""
-    ids, answer, needle, q_len = tokenize_task(task, tokenizer)
+    ids, answer, needle, q_len, offsets = tokenize_task(task, tokenizer)
     n = len(ids)
     if n + len(answer) > oracle.max_positions:
         raise TaskError(f"task {task.get('id')!r}: {n} + {len(answer)} tokens exceed the LM's "
@@ -158,35 +185,71 @@ def prepare_task(task: dict, oracle: LMOracle, tokenizer, config: TaskWorldConfi
             step = wc.n_tokens // config.step_tokens
             if stream_every and step % stream_every == 0 and wc.n_tokens < n - config.tail:
                 snapshots.append(wc.copy())
-    except Exception as err:  # BudgetExhausted: name the task
+    except BudgetExhausted as err:  # name the task; any other exception is a bug and propagates
         raise TaskError(f"task {task.get('id')!r} ({n} tokens): {err}") from err
-    pt = PreparedTask(task, ids, answer, needle, q_len, wc, snapshots)
+    text = task["context"] + task["question"]
+    n_l1, query = n // b, query_tokens(n, q_len, config.tail)
+    blocks = [text[offsets[j * b, 0] : offsets[(j + 1) * b - 1, 1]] for j in range(n_l1)]
+    pt = PreparedTask(task, ids, answer, needle, q_len, wc, snapshots, blocks, text[offsets[query.start, 0] :])
     if features:
-        pt.block_hidden, pt.block_surprisal, pt.query_hidden = block_features(oracle, ids, b, config.tail)
+        layer = round(config.retrieval_depth * oracle.model.config.num_hidden_layers)
+        hidden, pt.block_surprisal, q_hidden = block_features(oracle, ids, b, ids[query], layer)
+        pt.block_hidden, pt.query_hidden = hidden[0], q_hidden[0]
     return pt
 
 
 @torch.no_grad()
-def block_features(oracle: LMOracle, ids: np.ndarray, b: int, tail: int, chunk: int = 16
-                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Each complete L1 block read by the LM alone: (pooled layer-L/2 hidden state (n_l1, d), mean
-    token NLL (n_l1,)); and the last ``tail`` tokens read alone: their hidden states (q, d)."""
+def block_features(oracle: LMOracle, ids: np.ndarray, b: int, query_ids: np.ndarray, layers: int | list[int],
+                   chunk: int = 16) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each complete L1 block read by the LM alone, and the query read alone: (block hidden states at
+    each of ``layers``, mean-pooled over positions 1.. (L, n_l1, d); the blocks' mean token NLL
+    (n_l1,); the query's hidden states pooled the same way (L, d)). Position 0 of a sequence read
+    alone holds the LM's attention-sink activations, shared by every block: it is left out."""
     model = oracle.model
-    layer = model.config.num_hidden_layers // 2
+    layers = [layers] if isinstance(layers, int) else list(layers)
     n_l1 = len(ids) // b
     blocks = torch.as_tensor(ids[: n_l1 * b].reshape(n_l1, b), device=oracle.device)
     hidden, surprisal = [], []
     for s in range(0, n_l1, chunk):
         x = blocks[s : s + chunk]
         out = model(input_ids=x, output_hidden_states=True, use_cache=False)
-        hidden.append(out.hidden_states[layer].float().mean(dim=1).cpu())
+        hidden.append(torch.stack([out.hidden_states[k][:, 1:].float().mean(dim=1) for k in layers]).cpu())
         ce = torch.nn.functional.cross_entropy(out.logits[:, :-1].float().transpose(1, 2), x[:, 1:], reduction="none")
         surprisal.append(ce.mean(dim=1).cpu())
-    q = torch.as_tensor(ids[-tail:], device=oracle.device)[None]
-    q_hidden = model(input_ids=q, output_hidden_states=True, use_cache=False).hidden_states[layer][0].float().cpu()
+    q = torch.as_tensor(query_ids, device=oracle.device)[None]
+    states = model(input_ids=q, output_hidden_states=True, use_cache=False).hidden_states
+    q_hidden = torch.stack([states[k][0, 1:].float().mean(dim=0) if q.shape[1] > 1 else states[k][0, 0].float()
+                            for k in layers]).cpu()
     d = oracle.d_model
-    return (torch.cat(hidden).numpy() if hidden else np.zeros((0, d), np.float32),
+    return (torch.cat(hidden, dim=1).numpy() if hidden else np.zeros((len(layers), 0, d), np.float32),
             torch.cat(surprisal).numpy() if surprisal else np.zeros(0, np.float32), q_hidden.numpy())
+
+
+def dense_relevance(block_hidden: np.ndarray, query_hidden: np.ndarray, centre: bool = True) -> np.ndarray:
+    """Cosine of each block's pooled state (n_l1, d) with the query's (d,), both first centred on
+    the mean block vector when ``centre`` (removes the direction every block shares)."""
+    k, q = np.asarray(block_hidden, np.float64), np.asarray(query_hidden, np.float64)
+    if centre and len(k):
+        mu = k.mean(axis=0)
+        k, q = k - mu, q - mu
+    return (k @ q) / (np.linalg.norm(k, axis=1) * np.linalg.norm(q) + 1e-12)
+
+
+def bm25_relevance(block_text: list[str], query: str) -> np.ndarray:
+    """Okapi BM25 score of each block's text against ``query`` (``bm25s``, English stop words,
+    default k1 = 1.5, b = 0.75); all zeros when the query keeps no term."""
+    import bm25s
+
+    scores = np.zeros(len(block_text))
+    if not block_text:
+        return scores
+    kw = dict(stopwords="en", show_progress=False)
+    q = bm25s.tokenize([query], return_ids=False, **kw)[0]
+    if not q:
+        return scores
+    index = bm25s.BM25()
+    index.index(bm25s.tokenize(block_text, **kw), show_progress=False)
+    return np.asarray(index.get_scores(q), dtype=np.float64)
 
 
 def _rank01(x: np.ndarray) -> np.ndarray:
@@ -260,13 +323,31 @@ class RandomZoom(ZoomPolicy):
 
 
 class RetrievalZoom(ZoomPolicy):
+    """Dense retrieval: the cosine of the query's and each block's pooled hidden state (centred when
+    ``RETRIEVAL_CENTRE``)."""
+
     name = "retrieval"
     needs_features = True
 
+    def relevance(self, pt: PreparedTask) -> np.ndarray:
+        """(n_l1,) the query's cosine with each block."""
+        return dense_relevance(pt.block_hidden, pt.query_hidden, RETRIEVAL_CENTRE)
+
     def scores(self, pt, wc):
-        k = pt.block_hidden / (np.linalg.norm(pt.block_hidden, axis=1, keepdims=True) + 1e-8)
-        q = pt.query_hidden / (np.linalg.norm(pt.query_hidden, axis=1, keepdims=True) + 1e-8)
-        return relevance_scores(wc, _rank01((q @ k.T).max(axis=0)))
+        return relevance_scores(wc, _rank01(self.relevance(pt)))
+
+
+class BM25Zoom(ZoomPolicy):
+    """Lexical retrieval: BM25 of each block's text against the question (``bm25_relevance``)."""
+
+    name = "bm25"
+
+    def relevance(self, pt: PreparedTask) -> np.ndarray:
+        """(n_l1,) each block's BM25 score against the query."""
+        return bm25_relevance(pt.block_text, pt.query_text)
+
+    def scores(self, pt, wc):
+        return relevance_scores(wc, _rank01(self.relevance(pt)))
 
 
 class SurprisalZoom(ZoomPolicy):

@@ -1,4 +1,5 @@
-"""The shipped task-world LensNet: it loads, and the default is chosen only for the LM it was trained for."""
+"""The shipped task-world LensNet: it loads, and the default is chosen only for the LM and the task
+kind it was trained for."""
 
 import json
 from types import SimpleNamespace
@@ -17,8 +18,11 @@ def test_shipped_lensnet_loads_and_fits_only_its_lm():
     card = read_card(TASKS_CHECKPOINT)
     fp = card["lm_fingerprint"]
     smollm2 = _lm(**fp)
-    assert lm_fingerprint(smollm2) == fp and default_lensnet_path(smollm2) == TASKS_CHECKPOINT
-    assert default_lensnet_path(_lm(**{**fp, "hidden_size": 64})) is None  # e.g. the tiny test LM
+    kind = card["task"]
+    assert lm_fingerprint(smollm2) == fp and default_lensnet_path(smollm2, kind) == TASKS_CHECKPOINT
+    assert default_lensnet_path(_lm(**{**fp, "hidden_size": 64}), kind) is None  # e.g. the tiny test LM
+    for other in ({"passkey", "multikey", "vt", "code"} - {kind}) | {None}:  # never silently another kind
+        assert default_lensnet_path(smollm2, other) is None, other
     model = load_model(TASKS_CHECKPOINT)
     assert model.config.d_model == fp["hidden_size"]
     assert all(torch.isfinite(p).all() for p in model.parameters())

@@ -18,6 +18,7 @@ from lensnet.train import (
     CheckpointError,
     TrainConfig,
     Trainer,
+    evaluate,
     load_checkpoint,
     load_model,
     lr_factor,
@@ -63,6 +64,18 @@ def _trainer(tmp_path, traces, name, **kw):
     val = TraceDataset(reader, np.arange(12, 16))
     mcfg = LensNetConfig(d_model=8, d_lens=16, n_heads=2, n_stacks=1, dropout=0.1, block_size=4)  # dropout: RNG matters
     return Trainer(mcfg, cfg, train, val, tmp_path / name, progress=False)
+
+
+def test_evaluate_keeps_the_callers_mode(tmp_path):
+    """evaluate() runs in eval mode and leaves the model as it found it (a model in eval mode, e.g.
+    for a final report, must not come back with dropout on)."""
+    traces = tmp_path / "traces"
+    write_random_traces(traces, n_snapshots=16, d_model=8)
+    trainer = _trainer(tmp_path, traces, "run")
+    for training in (False, True):
+        trainer.model.train(training)
+        val = evaluate(trainer.model, trainer.loss_fn, trainer.val_set, 4, torch.device("cpu"))
+        assert trainer.model.training is training and np.isfinite(val["val/loss"])
 
 
 def test_resume_equals_uninterrupted(tmp_path):

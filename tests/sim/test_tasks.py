@@ -1,7 +1,9 @@
 """Long-context task generators: recoverable answers, needle depth, lengths, determinism, disjoint
-train / held-out text and phrasing, the task-file reader's errors, the module split, the CLI."""
+train / held-out text and phrasing, held-out text that GistNet never trains on, the task-file
+reader's errors, the module split, the CLI."""
 
 import json
+import pydoc_data.topics
 import re
 import string
 
@@ -9,6 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from gistnet.corpus import corpus_text, pydoc_split, stdlib_modules, stdlib_split_of
 from sim.tasks import (
     KEY_WORDS,
     KINDS,
@@ -16,6 +19,7 @@ from sim.tasks import (
     TEMPLATES,
     TaskConfig,
     TaskFileError,
+    _paragraphs,
     approx_tokens,
     code_documents,
     filler_sources,
@@ -158,6 +162,44 @@ def test_module_split_is_disjoint_and_keeps_packages_whole():
     for split, d in docs.items():  # a package stays on one side
         assert all(module_split(name.split(".")[0]) == split for name in d)
     assert module_split("_pyio") == module_split("io") and module_split("_pydecimal") == module_split("decimal")
+
+
+def test_heldout_tasks_read_only_text_gistnet_never_trains_on():
+    """The task split is GistNet's: every held-out filler source and code module lies in GistNet's
+    held-out split, every training one in its train split, and no held-out filler paragraph shares
+    200 characters with GistNet's train or validation text (a pure-Python twin such as ``_py_abc``
+    repeats its public twin's docstrings: it must serve neither side)."""
+    for split, gist_split in (("heldout", "heldout"), ("train", "train")):
+        kinds = {s.split(":", 1)[0] for s in filler_sources(split)}
+        assert kinds == {"pydoc", "module"}
+        topics = [s.split(":", 1)[1] for s in filler_sources(split) if s.startswith("pydoc:")]
+        assert set(topics) == set(pydoc_split(gist_split))
+        modules = [s.split(":", 1)[1] for s in filler_sources(split) if s.startswith("module:")]
+        modules += [name for name, _ in code_documents(split, 0)]
+        assert modules and {stdlib_split_of(m) for m in modules} == {gist_split}, split
+    seen = " ".join(corpus_text(c, s) for c in ("pydoc", "stdlib") for s in ("train", "validation"))
+    seen = re.sub(r"\s+", " ", seen)  # docstrings stand indented in the source, dedented as filler
+    windows = {seen[i : i + 100] for i in range(0, len(seen) - 99, 100)}
+    paragraphs = [re.sub(r"\s+", " ", p) for source in filler_sources("heldout") for p in _paragraphs(source)]
+    assert len(paragraphs) > 300
+    # any common run of 200 characters holds a window of 100 that starts at a multiple of 100
+    shared = [p for p in paragraphs if any(p[i : i + 100] in windows for i in range(len(p) - 99))]
+    assert not shared, shared[0][:200]
+    # the check can fail: a held-out pydoc topic repeats paragraphs of training topics, and _py_abc
+    # (GistNet's held-out split) repeats abc's (its train split)
+    raw = [re.sub(r"\s+", " ", p) for p in re.split(r"\n\s*\n", pydoc_data.topics.topics["class"])]
+    assert "class" in pydoc_split("heldout") and any(p[i : i + 100] in windows for p in raw for i in range(len(p) - 99))
+    twin = re.sub(r"\s+", " ", stdlib_modules()["_py_abc"].read_text())
+    assert stdlib_split_of("_py_abc") == "heldout" and module_split("_py_abc") == "none"
+    assert any(twin[i : i + 100] in windows for i in range(len(twin) - 99))
+
+
+def test_code_task_far_part_never_wraps_around():
+    """A context shorter than near_chars (~2 000 characters against 3 000) has no far part: no name
+    is bound far enough above, so there is no task (a negative slice would wrap around and call
+    the context's first ~1 000 characters 'far')."""
+    with pytest.raises(ConfigError, match="no cut with a far-defined name"):
+        generate_tasks(TaskConfig(kind="code", n_tasks=1, length=(512,), split="heldout", near_chars=3000))
 
 
 BAD_LINES = {

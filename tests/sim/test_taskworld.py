@@ -2,6 +2,7 @@
 errors, and a tiny labels -> train -> evaluate study with the random-init test LM."""
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -12,8 +13,10 @@ from hypothesis import strategies as st
 from sim.lm import tiny_llama
 from sim.lm_oracle import LMOracle, answer_scores
 from sim.taskworld import (
+    BM25Zoom,
     CharTokenizer,
     RecencyZoom,
+    RetrievalZoom,
     TaskError,
     TaskWorldConfig,
     ZoomPolicy,
@@ -86,6 +89,46 @@ def test_needle_mask_and_answer_ids(oracle):
     assert np.all(np.isfinite(pt.block_surprisal))
 
 
+def _needle_rank(relevance: np.ndarray, pt) -> int:
+    """1 + how many context blocks score above the best block that holds a needle token (blocks
+    that reach into the question stand in the L0 tail at question time: they do not compete)."""
+    b = pt.wc.block_size
+    relevance = relevance[: (pt.n_tokens - pt.question_tokens) // b]
+    blocks = np.unique(np.flatnonzero(pt.needle) // b)
+    return int((relevance > relevance[blocks[blocks < len(relevance)]].max()).sum()) + 1
+
+
+def test_dense_retrieval_ranks_a_planted_needle_first(oracle):
+    """The question's own characters planted in random filler: a retriever that reads the question
+    (not the filler before it) must rank the needle's block first, for every filler seed."""
+    rng = np.random.default_rng(0)
+    for seed in range(5):
+        letters = np.random.default_rng(seed).integers(0, 20, 400)
+        filler = "".join("abcdefghiklmnoprstu ."[i] for i in letters)
+        at = 4 * int(rng.integers(5, 60))
+        context = filler[:at] + "QXZJWVQXZJWV" + filler[at:]
+        task = {"id": f"p{seed}", "context": context, "question": "\nQXZJWV", "answer": " 1",
+                "needle_spans": [[at, at + 12]]}
+        pt = prepare_task(task, oracle, CharTokenizer(512), replace(WORLD, tail=32), features=True)
+        assert pt.query_text == "\nQXZJWV" and pt.query_hidden.shape == (oracle.d_model,)
+        assert _needle_rank(RetrievalZoom().relevance(pt), pt) == 1, seed
+
+
+def test_bm25_ranks_the_needle_first_on_real_text(oracle):
+    """Held-out passkey tasks on real filler (their question shares words with the key's sentence):
+    BM25 over the blocks' text ranks a needle block first."""
+    from sim.tasks import TaskConfig, generate_tasks
+
+    world = TaskWorldConfig(block_size=32, max_level=2, w_max=200, tail=96, step_tokens=32, n_tail=3)
+    tasks = generate_tasks(TaskConfig(kind="passkey", n_tasks=4, length=(800,), depths=(0.2, 0.5, 0.8),
+                                      split="heldout", seed=1))
+    for task in tasks:
+        pt = prepare_task(task, oracle, CharTokenizer(512), world, features=False)
+        assert pt.query_text == task["question"]
+        assert pt.block_text[0] == task["context"][:32] and len(pt.block_text) == pt.n_tokens // 32
+        assert _needle_rank(BM25Zoom().relevance(pt), pt) == 1, task["id"]
+
+
 def test_task_errors_name_the_task(oracle):
     with pytest.raises(TaskError, match="longer than the L0 tail"):
         prepare_task({**_task(), "question": "?" * 40}, oracle, CharTokenizer(512), WORLD)
@@ -119,7 +162,7 @@ def test_answer_scores_match_a_plain_forward(oracle):
 
 
 def test_evaluate_contract_and_bad_lines(tmp_path):
-    from sim.evaluate import main
+    from sim.evaluate import format_results, main
 
     path = tmp_path / "tasks.jsonl"
     lines = [json.dumps(_task(tid="a")), "{not json", json.dumps(_task(n_filler=5000, tid="long")),
@@ -136,6 +179,8 @@ def test_evaluate_contract_and_bad_lines(tmp_path):
     command = (out / "command.txt").read_text().split()
     assert command[:3] == ["python", "-m", "sim.evaluate"] and "--tasks" in command and "--no-progress" in command
     assert res["config"]["w_max"] == 64
+    assert res["n_tasks"] == 2  # evaluated: the too-long task failed preparation and is an error, not a task
+    assert format_results(res).startswith("W_max 64, 2 tasks")
     assert sorted(e["line"] for e in res["errors"]) == [2, 3, 4]  # bad JSON, too long, span outside
     assert any("positions" in e["error"] and "line 3" in e["error"] for e in res["errors"])
     for name in ("recency", "retrieval", "full"):
@@ -164,7 +209,8 @@ def test_tiny_study_labels_train_evaluate(tmp_path):
     reader = TraceReader(out / "traces", require_complete=True)
     cursors = [int(reader[i]["n_tokens"]) for i in range(len(reader))]
     stream = [c for c in cursors if c == 120]  # every 30 steps of K = 4, before the last tail's worth
-    assert len(stream) == 2 and len(reader) == 2 + 2 * WORLD.rounds  # + every task's zoom rounds
+    # + each task's zoom rounds, up to the first that changes nothing
+    assert len(stream) == 2 and 2 + 2 <= len(reader) <= 2 + 2 * WORLD.rounds
     snap = reader[0]
     assert snap["baseline_nll"] > 0 and snap["action_mask"].any()
     study = json.loads((out / "study.json").read_text())
@@ -235,3 +281,101 @@ def test_rank_scores_keep_each_kinds_order_on_the_heuristics_scale(wc, data):
         assert np.all(np.sign(np.subtract.outer(a, a)) * np.sign(np.subtract.outer(b, b)) >= 0)  # same order
     if gist.sum() > 1:
         assert r[gist].max() == pytest.approx(1.0, abs=1e-5)
+
+
+def test_prepare_task_names_budget_errors_and_lets_bugs_through(oracle, monkeypatch):
+    """Only the expected task-data error (no collapse restores the budget) becomes a TaskError, which
+    sim.evaluate skips as a bad line; any other exception is a bug and must propagate."""
+    import sim.taskworld as taskworld
+    from sim.working_context import BudgetExhausted
+
+    def exhausted(self, wc):
+        raise BudgetExhausted("no legal collapse restores the budget")
+
+    def bug(self, wc):
+        raise KeyError("a bug")
+
+    monkeypatch.setattr(taskworld.FocusAllocator, "enforce_budget", exhausted)
+    with pytest.raises(TaskError, match="'t0'.*no legal collapse"):
+        prepare_task(_task(), oracle, CharTokenizer(512), WORLD)
+    monkeypatch.setattr(taskworld.FocusAllocator, "enforce_budget", bug)
+    with pytest.raises(KeyError, match="a bug"):
+        prepare_task(_task(), oracle, CharTokenizer(512), WORLD)
+
+
+def test_label_rounds_stop_when_a_round_changes_nothing(tmp_path, oracle):
+    """As zoom does: once the oracle's scores move nothing, further rounds would write the same
+    snapshot again."""
+    from sim.allocator import AllocatorConfig
+    from sim.taskstudy import label_tasks
+    from sim.traces import TraceReader
+    from sim.tree import mean_gister
+
+    world = replace(WORLD, allocator=AllocatorConfig(tau_expand=1e9))  # no expand clears the threshold
+    assert world.rounds == 2
+    meta = {"d_model": oracle.d_model, "n_tail": world.n_tail, "block_size": world.block_size,
+            "max_level": world.max_level}
+    part = label_tasks([_task()], tmp_path / "traces", oracle, CharTokenizer(512), world, mean_gister, meta,
+                       progress=False)
+    assert len(TraceReader(part, require_complete=True)) == 1
+
+
+def test_taskstudy_restores_grad_mode_and_records_its_own_arguments(tmp_path, monkeypatch):
+    """command.txt is built from the study's arguments (not from the process's argv, which is
+    another program's when run() is called from Python) and parses back into them; --label-only
+    (or an error) leaves the caller's grad mode as it was."""
+    import shlex
+
+    from sim.cli import parse
+    from sim.taskstudy import TaskStudyArgs, run
+
+    monkeypatch.setattr("sys.argv", ["some-other-program", "--flag"])
+    args = TaskStudyArgs(lm="tiny", out=str(tmp_path / "s"), train_tasks=1, eval_tasks=1, train_lengths=(300,),
+                         eval_lengths=(300,), label_only=True, progress=False,
+                         world=TaskWorldConfig(block_size=4, w_max=110, tail=72, step_tokens=4))
+    run(args)
+    assert torch.is_grad_enabled()
+    command = shlex.split((tmp_path / "s" / "command.txt").read_text())
+    assert command[:3] == ["python", "-m", "sim.taskstudy"] and "--flag" not in command
+    assert parse(TaskStudyArgs, command[3:]) == args
+
+
+def test_evaluate_docstring_shows_only_options_it_takes(capsys):
+    import re
+
+    import sim.evaluate
+    from sim.cli import parse
+
+    with pytest.raises(SystemExit):
+        parse(sim.evaluate.EvaluateArgs, ["--help"])
+    taken = set(re.findall(r"--[a-z][a-z0-9.-]*", capsys.readouterr().out))
+    shown = set(re.findall(r"--[a-z][a-z0-9.-]*[a-z0-9]", sim.evaluate.__doc__))
+    assert {"--world.w-max", "--tasks"} <= shown and shown <= taken, shown - taken
+
+
+def _strings(obj):
+    if isinstance(obj, dict):
+        for v in obj.values():
+            yield from _strings(v)
+    elif isinstance(obj, list):
+        for v in obj:
+            yield from _strings(v)
+    elif isinstance(obj, str):
+        yield obj
+
+
+def test_results_name_no_machine_folders():
+    """Paths inside the project are recorded relative to its root; the committed held-out results
+    hold no absolute path of the machine that ran them."""
+    from pathlib import Path
+
+    from sim.evaluate import PROJECT_ROOT, portable_path
+
+    shipped = PROJECT_ROOT / "lensnet" / "checkpoints" / "lensnet-smollm2-tasks.pt"
+    assert portable_path(shipped) == "lensnet/checkpoints/lensnet-smollm2-tasks.pt"
+    assert portable_path("runs/x/lensnet.pt") == "runs/x/lensnet.pt" and portable_path(None) is None
+    files = sorted((Path(__file__).resolve().parents[2] / "results").glob("*/heldout*/results.json"))
+    assert len(files) >= 4
+    for f in files:
+        absolute = [x for x in _strings(json.loads(f.read_text())) if x.startswith("/")]
+        assert not absolute, (f, absolute)
