@@ -323,8 +323,10 @@ def run(args: RunArgs) -> dict:
         lensnets.append((train_seed, model, step, {key.removeprefix("val/"): v for key, v in metrics.items()}))
     timings["train_s"] = time.perf_counter() - t0
     _, model, lensnet_step, lens_metrics = lensnets[0]
+    cue_metrics = None
     if args.env == "synthetic":  # LensNet's calibrated scores and the exact labels on held-out snapshots
         _save_score_distribution(model, heldout, trainer.device, out / "scores.npz")
+        cue_metrics = _cue_metrics(heldout, w.synthetic)
 
     # 3. policies on held-out documents: the run's W_max, then the other budgets of the sweep
     t0 = time.perf_counter()
@@ -389,6 +391,7 @@ def run(args: RunArgs) -> dict:
         "gister": w.gister if args.env == "lm" else "mean (synthetic world)",
         "policies": sweep[str(w.context.w_max)],
         "lensnet_metrics": lens_metrics,
+        "cue_metrics": cue_metrics,
         "lensnet_params": model.n_params(),
         "lensnet_step": lensnet_step, "lensnet_select": args.select,
         "lensnet_calibration": calibrations[0] if calibrations else None,
@@ -428,6 +431,27 @@ def _save_score_distribution(model, dataset, device, path: Path) -> None:
             parts["can_expand"].append((batch["expand_cost"] > 0).cpu().numpy()[keep])
             parts["can_collapse"].append((batch["collapse_refund"] > 0).cpu().numpy()[keep])
     np.savez_compressed(path, score_scale=model.score_scale, **{k: np.concatenate(v) for k, v in parts.items()})
+
+
+def _cue_metrics(dataset, synthetic: SyntheticConfig) -> dict:
+    """LensNet's metrics (ranking, Pearson, precision@n_diff, ...) of the ``cue`` reference's scores
+    on the same labelled held-out snapshots: the ceiling of those metrics from LensNet's inputs."""
+    import torch
+
+    from lensnet.metrics import MetricAccumulator
+    from sim.synthetic import cue_scores
+    from sim.working_context import ContextArrays
+
+    acc = MetricAccumulator()
+    fields = ContextArrays.__dataclass_fields__
+    for i in range(len(dataset.indices)):
+        snap = dataset.reader[int(dataset.indices[i])]
+        arr = ContextArrays(**{k: snap[k] for k in fields if k in snap})
+        batch = {k: torch.as_tensor(np.asarray(snap[k]))[None]
+                 for k in ("target_utilities", "action_mask", "expand_cost", "collapse_refund")}
+        batch["valid_mask"] = torch.ones_like(batch["action_mask"], dtype=torch.bool)
+        acc.update(torch.as_tensor(cue_scores(arr, synthetic))[None], batch)
+    return acc.compute()
 
 
 def _referenced_blocks(w: WorldConfig, doc_id: int, seed: int):

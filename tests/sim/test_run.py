@@ -97,8 +97,11 @@ def test_small_study_learns_to_beat_recency(tmp_path):
             "--world.horizon", "8", "--world.n-tail", "3", "--world.warmup-tokens", "16", "--world.context.w-max",
             "20", "--world.context.tail", "8", "--train.total-steps", "400", "--train.eval-every", "100",
             "--train.warmup-steps", "20", "--train.ckpt-every", "400"]
-    pol = run(parse(RunArgs, argv))["policies"]
+    results = run(parse(RunArgs, argv))
+    pol = results["policies"]
     assert pol["lensnet"]["ngr"] > 0.3, {k: v["ngr"] for k, v in pol.items()}  # 0.60 when written
+    assert pol["cue"]["ngr"] > 0.7  # the past-only reference (0.89 when written)
+    assert results["cue_metrics"]["ranking_accuracy"] > 0.9  # on the same held-out snapshots
 
 
 def test_lm_study_end_to_end_with_the_tiny_lm(tmp_path):
