@@ -19,7 +19,7 @@ import numpy as np
 from sim.policies import evaluate_policy
 from sim.world import Episode, WorldConfig
 
-DEFAULT_GRID: tuple[float, ...] = (0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0)
+DEFAULT_GRID: tuple[float, ...] = (0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0, 8.0)
 
 
 def fit_score_scale(

@@ -85,6 +85,8 @@ class RunArgs:
     """LensNet weights that are evaluated: the checkpoint with the lowest validation loss (validation = 10% of the training documents, whole, never held-out documents), or the last step's."""
     calibrate: bool = True
     """Fit LensNet's score scale (equivalently tau_expand) on the validation documents' episodes at W_max, store it in the evaluated checkpoint, and evaluate the calibrated scorer ('lensnet'; the raw one is 'lensnet_raw')."""
+    calibration_docs: int = 6
+    """Validation documents the calibration runs (the first of the validation split by id; each grid value runs all of them)."""
     progress: bool = True
     """Progress bars."""
     plots: bool = True
@@ -286,6 +288,8 @@ def run(args: RunArgs) -> dict:
     t0 = time.perf_counter()
     if args.train_seeds < 1:
         raise ConfigError(f"train_seeds must be >= 1, got {args.train_seeds}")
+    if args.calibrate and args.calibration_docs < 1:
+        raise ConfigError(f"calibration_docs must be >= 1, got {args.calibration_docs}")
     reader = TraceReader(train_dir, require_complete=True)
     train_idx, val_idx = split_indices(reader.snapshots["doc_id"], 0.1, args.seed)
     heldout = TraceDataset(TraceReader(heldout_dir, require_complete=True))
@@ -311,7 +315,7 @@ def run(args: RunArgs) -> dict:
         model = trainer.model.eval()
         if args.calibrate:  # the scale is fitted on the validation documents, never the held-out ones
             t_cal = time.perf_counter()
-            val_docs = sorted({int(d) for d in reader.snapshots["doc_id"][val_idx]})
+            val_docs = sorted({int(d) for d in reader.snapshots["doc_id"][val_idx]})[: args.calibration_docs]
             with torch.no_grad():
                 calibration = fit_score_scale(lambda s, m=model, dev=trainer.device: LensNetPolicy(m, dev, scale=s), w,
                                               val_docs, args.seed, episode_factory=make_episode)
