@@ -113,3 +113,15 @@ def write_random_traces(path, *, n_snapshots: int, d_model: int = 8, shard_size:
         w.add(s)
     w.close()
     return snaps
+
+
+def random_walk(episode, steps: int, rng: np.random.Generator, scale: float = 1.0) -> bool:
+    """Advance ``episode`` past its warm-up, then up to ``steps`` refocus steps with N(0, scale)
+    scores; returns whether it can still query (so a label or score can be taken there)."""
+    episode.advance()
+    for _ in range(steps):
+        if not episode.can_query():
+            break
+        episode.refocus(rng.normal(scale=scale, size=len(episode.wc)))
+        episode.advance()
+    return episode.can_query()

@@ -12,6 +12,7 @@ from sim.traces import TraceReader
 from sim.tree import ConfigError, TreeConfig
 from sim.working_context import ContextConfig
 from sim.world import WorldConfig, synthetic_episode
+from tests.strategies import random_walk
 
 
 def small_world(**kw) -> WorldConfig:
@@ -29,14 +30,7 @@ def small_world(**kw) -> WorldConfig:
 def test_labels_equal_closed_form_synthetic_utilities(doc, steps, scale):
     world = small_world()
     ep, _ = synthetic_episode(world, doc, seed=1)
-    rng = np.random.default_rng(doc)
-    ep.advance()
-    for _ in range(steps):
-        if not ep.can_query():
-            break
-        ep.refocus(rng.normal(scale=scale, size=len(ep.wc)))
-        ep.advance()
-    if not ep.can_query():
+    if not random_walk(ep, steps, np.random.default_rng(doc), scale):
         return
     ids, start = ep.query()
     snap = label_snapshot(ep.wc, ep.oracle, ids, start, world.n_tail)

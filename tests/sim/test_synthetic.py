@@ -11,6 +11,7 @@ from sim.synthetic import SyntheticConfig, cue_scores, exact_utilities
 from sim.tree import TreeConfig
 from sim.working_context import ContextConfig
 from sim.world import HELD_OUT_FIRST_DOC, WorldConfig, synthetic_episode
+from tests.strategies import random_walk
 
 
 def clean_world(**synthetic) -> WorldConfig:
@@ -33,14 +34,7 @@ def test_cue_equals_the_exact_utilities_when_every_reference_is_single(doc, step
     query blocks (the one thing the cue half cannot show)."""
     world = clean_world()
     ep, d = synthetic_episode(world, doc, seed=3)
-    rng = np.random.default_rng(doc)
-    ep.advance()
-    for _ in range(steps):
-        if not ep.can_query():
-            break
-        ep.refocus(rng.normal(size=len(ep.wc)))
-        ep.advance()
-    if not ep.can_query():
+    if not random_walk(ep, steps, np.random.default_rng(doc)):
         return
     b = world.tree.block_size
     q = ep.wc.n_tokens // b
