@@ -26,16 +26,14 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
-import numpy as np
 from tqdm.auto import tqdm
 
 from lensnet.data import AugmentConfig
 from lensnet.train import TrainConfig
-from sim.allocator import FocusAllocator
 from sim.cli import parse, to_argv, to_dict
 from sim.labels import label_snapshot, parse_shard
 from sim.tasks import TaskConfig, generate_tasks, read_tasks, token_counter, write_jsonl
-from sim.taskworld import TaskError, TaskWorldConfig, prepare_task
+from sim.taskworld import OracleZoom, TaskError, TaskWorldConfig, prepare_task, zoom
 from sim.traces import TraceWriter
 from sim.tree import ConfigError
 
@@ -112,15 +110,14 @@ def label_tasks(tasks: list[dict], out: Path, oracle, tokenizer, world: TaskWorl
                 writer.add(label_snapshot(snap, oracle, pt.ids[t : t + horizon], t, world.n_tail, doc_id,
                                           world.lookahead))
             seen += 1
-        wc, alloc = pt.wc.copy(), FocusAllocator(replace(world.allocator, cooldown=0))  # as sim.taskworld.zoom
-        for _ in range(world.rounds):
-            labels = label_snapshot(wc, oracle, pt.answer_ids, wc.n_tokens, world.n_tail, doc_id, world.lookahead)
+        # question time: the oracle's own zoom (its rounds stop at the first that changes nothing),
+        # keeping each round's labelled snapshot
+        rounds = OracleZoom(oracle, world.n_tail, world.lookahead, doc_id, keep=True)
+        zoom(rounds, pt, world)
+        for labels in rounds.snapshots:
             if seen >= skip:
                 writer.add(labels)
             seen += 1
-            acts = alloc.step(wc, labels["target_utilities"].astype(np.float64))
-            if not any(not a.forced for a in acts):  # as zoom: a round that changes nothing ends them
-                break
     writer.close()
     return part
 

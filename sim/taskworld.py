@@ -363,11 +363,17 @@ class OracleZoom(ZoomPolicy):
 
     name = "oracle"
 
-    def __init__(self, oracle: LMOracle, n_tail: int = 6, lookahead: bool = True) -> None:
-        self.oracle, self.n_tail, self.lookahead = oracle, n_tail, lookahead
+    def __init__(self, oracle: LMOracle, n_tail: int = 6, lookahead: bool = True, doc_id: int = 0,
+                 keep: bool = False) -> None:
+        self.oracle, self.n_tail, self.lookahead, self.doc_id = oracle, n_tail, lookahead, doc_id
+        self.keep = keep
+        self.snapshots: list[dict] = []  # with ``keep``: every round's labelled snapshot (the traces)
 
     def scores(self, pt, wc):
-        labels = label_snapshot(wc, self.oracle, pt.answer_ids, wc.n_tokens, self.n_tail, lookahead=self.lookahead)
+        labels = label_snapshot(wc, self.oracle, pt.answer_ids, wc.n_tokens, self.n_tail, self.doc_id,
+                                self.lookahead)
+        if self.keep:
+            self.snapshots.append(labels)
         return labels["target_utilities"].astype(np.float64)
 
 
