@@ -348,31 +348,30 @@ def run(args: RunArgs) -> dict:
 
     sweep: dict[str, dict] = {}
     seed_sweep: list[dict[str, dict]] = [{} for _ in lensnets]  # per training seed: budget -> LensNet's record
-    torch.set_grad_enabled(False)
-    for budget in tqdm(budgets, desc="budgets", disable=not args.progress or len(budgets) == 1):
-        wb = replace(w, context=replace(w.context, w_max=budget))
-        policies = [Recency(), AllCoarse(), RandomScores(np.random.default_rng([args.seed, 7])),
-                    GreedyOracle(), LensNetPolicy(model, trainer.device)]
-        if args.calibrate:
-            policies.append(LensNetPolicy(model, trainer.device, scale=1.0, name="lensnet_raw"))
-        if args.env == "synthetic":
-            policies.append(CueReference())
-        per_policy = {p.name: evaluate_policy(p, wb, docs, args.seed, args.progress, episode_factory=make_episode,
-                                              on_step=log_step if budget == w.context.w_max else None)
-                      for p in policies}
-        ngr = nll_gap_recovered(per_policy)
-        for name, r in per_policy.items():
-            r["ngr"] = ngr[name]
-        order = ("lensnet", "lensnet_raw", "cue", "recency", "random", "all_coarse", "oracle")
-        sweep[str(budget)] = {k: per_policy[k] for k in order if k in per_policy}
-        seed_sweep[0][str(budget)] = per_policy["lensnet"]
-        for k, (_, extra, _, _) in enumerate(lensnets[1:], start=1):  # the baselines are shared
-            r = evaluate_policy(LensNetPolicy(extra, trainer.device), wb, docs, args.seed, args.progress,
-                                episode_factory=make_episode)
-            r["ngr"] = nll_gap_recovered({"recency": per_policy["recency"], "oracle": per_policy["oracle"],
-                                          "lensnet": r})["lensnet"]
-            seed_sweep[k][str(budget)] = r
-    torch.set_grad_enabled(True)
+    with torch.no_grad():  # a context, so an error leaves the caller's grad mode as it was
+        for budget in tqdm(budgets, desc="budgets", disable=not args.progress or len(budgets) == 1):
+            wb = replace(w, context=replace(w.context, w_max=budget))
+            policies = [Recency(), AllCoarse(), RandomScores(np.random.default_rng([args.seed, 7])),
+                        GreedyOracle(), LensNetPolicy(model, trainer.device)]
+            if args.calibrate:
+                policies.append(LensNetPolicy(model, trainer.device, scale=1.0, name="lensnet_raw"))
+            if args.env == "synthetic":
+                policies.append(CueReference())
+            per_policy = {p.name: evaluate_policy(p, wb, docs, args.seed, args.progress, episode_factory=make_episode,
+                                                  on_step=log_step if budget == w.context.w_max else None)
+                          for p in policies}
+            ngr = nll_gap_recovered(per_policy)
+            for name, r in per_policy.items():
+                r["ngr"] = ngr[name]
+            order = ("lensnet", "lensnet_raw", "cue", "recency", "random", "all_coarse", "oracle")
+            sweep[str(budget)] = {k: per_policy[k] for k in order if k in per_policy}
+            seed_sweep[0][str(budget)] = per_policy["lensnet"]
+            for k, (_, extra, _, _) in enumerate(lensnets[1:], start=1):  # the baselines are shared
+                r = evaluate_policy(LensNetPolicy(extra, trainer.device), wb, docs, args.seed, args.progress,
+                                    episode_factory=make_episode)
+                r["ngr"] = nll_gap_recovered({"recency": per_policy["recency"], "oracle": per_policy["oracle"],
+                                              "lensnet": r})["lensnet"]
+                seed_sweep[k][str(budget)] = r
     focus_log.close()
     timings["eval_s"] = time.perf_counter() - t0
     per_seed = [{"seed": seed, "step": step, "nll": seed_sweep[k][str(w.context.w_max)]["nll"],
