@@ -19,16 +19,18 @@ $(STAMP): pyproject.toml setup.py megafocus-gym.pth
 setup: $(STAMP)
 
 # PASSIVE: OpenMP threads that spin while waiting stall torch's small per-step forwards when the
-# two cores are shared (seen here: 2.2 s instead of 70 ms per LensNet forward under load).
+# two cores are shared (docs/running.md).
 run: $(STAMP)
 	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m sim.run --env synthetic $(ARGS)
 
 test: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 import lensnet.losses as losses
-from sim.cli import parse
+from megacontext.cli import parse
 from sim.run import RunArgs, run
 
 _plain_forward = losses.LensNetLoss.forward

@@ -36,8 +36,8 @@ from gistnet.corpus import corpus_card, corpus_token_ids
 from gistnet.gister import DEFAULT_CHECKPOINT, GistNetGister, load_gistnet
 from gistnet.model import GistNet, SoftPrompt
 from gistnet.train import Example, Substitution, TextBlocks, far_starts, fixed_windows
-from sim.lm import load_lm, pydoc_token_ids
-from sim.tree import mean_gister
+from megacontext.lm import load_lm, pydoc_token_ids
+from megacontext.tree import mean_gister
 
 SOFT_PROMPT = DEFAULT_CHECKPOINT.with_name("softprompt-control.pt")
 
@@ -68,8 +68,8 @@ def paired(a: np.ndarray, b: np.ndarray) -> dict:
 
 
 def label_distribution(lm, tok, gister, n_snapshots: int, seed: int) -> dict:
-    from sim.labels import label_snapshot
-    from sim.lm_oracle import LMOracle
+    from megacontext.labels import label_snapshot
+    from megacontext.lm_oracle import LMOracle
     from sim.run import lm_defaults
     from sim.world import HELD_OUT_FIRST_DOC, lm_episode
 
@@ -88,7 +88,7 @@ def label_distribution(lm, tok, gister, n_snapshots: int, seed: int) -> dict:
             if not ep.can_query():
                 break
             ids, start = ep.query()
-            lab = label_snapshot(ep.wc, ep.oracle, ids, start, w.n_tail)
+            lab = label_snapshot(ep.wc, ep.oracle, ids, start, w.n_tail_gists)
             for lv, y, m in zip(lab["levels"], lab["target_utilities"], lab["action_mask"], strict=True):
                 if m:
                     ys[int(lv)].append(float(y))

@@ -17,12 +17,12 @@ import numpy as np
 import torch
 
 from benchmarks.common import write_results
-from sim.allocator import FocusAllocator
-from sim.labels import counterfactual_contexts
-from sim.lm import load_lm, pydoc_token_ids
-from sim.lm_oracle import LMOracle
-from sim.tree import MegaContextTree, TreeConfig
-from sim.working_context import ContextConfig, WorkingContext
+from megacontext.allocator import FocusAllocator
+from megacontext.labels import counterfactual_contexts
+from megacontext.lm import load_lm, pydoc_token_ids
+from megacontext.lm_oracle import LMOracle
+from megacontext.tree import MegaContextTree, TreeConfig
+from megacontext.working_context import ContextConfig, WorkingContext
 
 
 def plain_tokens_per_s(oracle: LMOracle, length: int, batch: int, repeats: int = 3) -> float:
@@ -58,7 +58,7 @@ def main() -> None:
         naive = LMOracle(model, batch_size=a.batch_size, fast=False)
         tree = MegaContextTree(TreeConfig(block_size=32, max_level=2, d_model=fast.d_model))
         tree.ingest(ids[:t], fast.token_embeddings(ids[:t]))
-        wc = WorkingContext(tree, ContextConfig(w_max=w, tail=tail))
+        wc = WorkingContext(tree, ContextConfig(w_max=w, tail_tokens=tail))
         wc.append_tokens(t)
         alloc = FocusAllocator()
         alloc.enforce_budget(wc)

@@ -38,9 +38,9 @@ from benchmarks.common import write_results
 from lensnet.data import TraceDataset
 from lensnet.model import LensNet
 from lensnet.train import Trainer, model_config_for, split_indices
+from megacontext.traces import TraceReader
 from sim.labels import TraceArgs, generate_traces
 from sim.run import _default_train
-from sim.traces import TraceReader
 from sim.world import WorldConfig
 
 

@@ -15,7 +15,7 @@ import tracemalloc
 import numpy as np
 
 from benchmarks.common import write_results
-from sim.tree import MegaContextTree, TreeConfig
+from megacontext.tree import MegaContextTree, TreeConfig
 
 
 class NaiveTree:

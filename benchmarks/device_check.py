@@ -22,12 +22,12 @@ from benchmarks.common import environment
 
 
 def lm_checks(dtype: torch.dtype, device: str) -> dict:
-    from sim.allocator import FocusAllocator
-    from sim.labels import counterfactual_contexts
-    from sim.lm import tiny_llama
-    from sim.lm_oracle import LMOracle
-    from sim.tree import MegaContextTree, TreeConfig
-    from sim.working_context import ContextConfig, WorkingContext
+    from megacontext.allocator import FocusAllocator
+    from megacontext.labels import counterfactual_contexts
+    from megacontext.lm import tiny_llama
+    from megacontext.lm_oracle import LMOracle
+    from megacontext.tree import MegaContextTree, TreeConfig
+    from megacontext.working_context import ContextConfig, WorkingContext
 
     model = tiny_llama(dtype=dtype).to(device)
     fast, naive = LMOracle(model, batch_size=6), LMOracle(model, batch_size=6, fast=False)
@@ -35,7 +35,7 @@ def lm_checks(dtype: torch.dtype, device: str) -> dict:
     t, h = 256, 32
     tree = MegaContextTree(TreeConfig(block_size=8, max_level=2, d_model=fast.d_model))
     tree.ingest(ids[:t], fast.token_embeddings(ids[:t]))
-    wc = WorkingContext(tree, ContextConfig(w_max=80, tail=16))
+    wc = WorkingContext(tree, ContextConfig(w_max=80, tail_tokens=16))
     wc.append_tokens(t)
     alloc = FocusAllocator()
     alloc.enforce_budget(wc)
@@ -45,7 +45,7 @@ def lm_checks(dtype: torch.dtype, device: str) -> dict:
     base, variants = counterfactual_contexts(wc, 3)
     ctxs = [base, *(v for _, _, v in variants)]
     a, b = fast.nll(ctxs, ids[t : t + h], t), naive.nll(ctxs, ids[t : t + h], t)
-    roomy = WorkingContext(tree, ContextConfig(w_max=t, tail=16))
+    roomy = WorkingContext(tree, ContextConfig(w_max=t, tail_tokens=16))
     roomy.append_tokens(t)
     x = torch.as_tensor(ids[: t + h], device=device)[None]
     with torch.no_grad():
@@ -62,7 +62,7 @@ def lensnet_checks(device: str) -> dict:
     from lensnet.data import AugmentConfig, TraceDataset
     from lensnet.model import LensNetConfig
     from lensnet.train import TrainConfig, Trainer
-    from sim.traces import TraceReader, TraceWriter
+    from megacontext.traces import TraceReader, TraceWriter
 
     tmp = Path(tempfile.mkdtemp())
     rng = np.random.default_rng(0)

@@ -11,8 +11,8 @@ import torch
 from transformers.utils import logging as hf_logging
 
 from gistnet.train import GistTrainArgs, GistTrainer
-from sim.cli import parse
-from sim.lm import load_lm
+from megacontext.cli import parse
+from megacontext.lm import load_lm
 
 hf_logging.disable_progress_bar()
 args = parse(GistTrainArgs, sys.argv[1:])

@@ -44,20 +44,13 @@ def needle_rank(relevance: np.ndarray, needle_blocks: np.ndarray) -> int:
 def main(argv: list[str] | None = None) -> dict:
     import torch
 
-    from sim.cli import parse, to_argv
-    from sim.lm import load_lm
-    from sim.lm_oracle import LMOracle
+    from megacontext.cli import parse, to_argv
+    from megacontext.lm import load_lm
+    from megacontext.lm_oracle import LMOracle
+    from sim.features import block_features, dense_relevance
     from sim.run import versions
-    from sim.tasks import KINDS, TaskConfig, generate_tasks
-    from sim.taskworld import (
-        CharTokenizer,
-        TaskError,
-        TaskWorldConfig,
-        block_features,
-        dense_relevance,
-        prepare_task,
-        query_tokens,
-    )
+    from sim.tasks import ALL_KINDS, TaskConfig, generate_tasks
+    from sim.taskworld import CharTokenizer, TaskError, TaskWorldConfig, prepare_task, query_tokens
 
     args = parse(RetrievalLayerArgs, argv)
     out = Path(args.out)
@@ -72,7 +65,7 @@ def main(argv: list[str] | None = None) -> dict:
     ranks: dict[str, list[list[int]]] = {"centred": [], "raw": []}  # rule -> task -> per layer
     kinds = []
     with torch.no_grad():
-        for kind in (*KINDS, "code"):
+        for kind in ALL_KINDS:
             cfg = TaskConfig(kind=kind, n_tasks=args.n_tasks, length=(args.length,), split="train", seed=args.seed,
                              depths=(0.1, 0.3, 0.5, 0.7, 0.9))
             for task in generate_tasks(cfg, tokenizer if args.lm != "tiny" else None):
@@ -80,7 +73,7 @@ def main(argv: list[str] | None = None) -> dict:
                     pt = prepare_task(task, oracle, tokenizer, world, features=False)
                 except TaskError:  # e.g. a question longer than the tail under a character tokenizer
                     continue
-                q = query_tokens(pt.n_tokens, pt.question_tokens, world.tail)
+                q = query_tokens(pt.n_tokens, pt.question_tokens, world.tail_tokens)
                 hidden, _, q_hidden = block_features(oracle, pt.ids, world.block_size, pt.ids[q], layers)
                 n_ctx = q.start // world.block_size  # blocks wholly before the query (the rest stand in the tail)
                 needle = np.unique(np.flatnonzero(pt.needle) // world.block_size)

@@ -2,19 +2,20 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
-from sim.allocator import AllocatorConfig, recency_scores
-from sim.lm import pydoc_token_ids
-from sim.lm_oracle import LMOracle
+from megacontext.allocator import AllocatorConfig, recency_scores
+from megacontext.lm import pydoc_token_ids
+from megacontext.lm_oracle import LMOracle
+from megacontext.tree import ConfigError, TreeConfig, mean_gister
+from megacontext.working_context import ContextConfig
 from sim.policies import Recency
 from sim.synthetic import SyntheticConfig, SyntheticOracle, generate_document
-from sim.tree import ConfigError, TreeConfig, mean_gister
-from sim.working_context import ContextConfig
 from sim.world import Episode, WorldConfig
 
 EMB_BOUND = 1e6  # finite bounds (gymnasium warns on infinite ones); embeddings are O(1)
@@ -38,7 +39,7 @@ class MegaFocusEnv(gym.Env):
     shape, NaN/inf or a value outside [-1, 1] raises ``ValueError``.
 
     ## Observation Space
-    A ``Dict``, every array padded to ``w_max`` slots (``n_tail`` for the tail gists):
+    A ``Dict``, every array padded to ``w_max`` slots (``n_tail_gists`` for the tail gists):
 
     | key | shape | dtype | meaning |
     |---|---|---|---|
@@ -50,8 +51,8 @@ class MegaFocusEnv(gym.Env):
     | can_expand | (w_max,) | int8 | 1 where the entry is a gist |
     | can_collapse | (w_max,) | int8 | 1 where its sibling group can collapse |
     | valid_mask | (w_max,) | int8 | 1 on real entries (a prefix) |
-    | tail_gists | (n_tail, d_model) | float32 | newest top-level gist(s) and recent L1 gists |
-    | tail_mask | (n_tail,) | int8 | 1 on real tail gists |
+    | tail_gists | (n_tail_gists, d_model) | float32 | newest top-level gist(s) and recent L1 gists |
+    | tail_mask | (n_tail_gists,) | int8 | 1 on real tail gists |
 
     ## Rewards
     ``-NLL``: the oracle's mean next-token negative log-likelihood of the next ``horizon`` tokens
@@ -76,7 +77,7 @@ class MegaFocusEnv(gym.Env):
 
     ## Arguments
     ``oracle`` ("synthetic" | "lm"), ``score_scale`` (1.0), ``block_size`` (32), ``max_level`` (2), ``w_max`` (256),
-    ``step_tokens`` K (32), ``horizon`` H (64), ``tail`` R (128), ``n_tail`` (6), ``doc_blocks``
+    ``step_tokens`` K (32), ``horizon`` H (64), ``tail_tokens`` R (128), ``n_tail_gists`` (6), ``doc_blocks``
     (document length in blocks, 96), ``d_model`` (synthetic only, 64), ``lm`` ("smollm2", "tiny" or
     a model folder; for ``oracle="lm"``), ``gister`` ("auto": the committed GistNet checkpoint when it
     fits the LM, else mean pooling; "gistnet"; "mean"; for ``oracle="lm"``), ``render_mode``
@@ -98,8 +99,8 @@ class MegaFocusEnv(gym.Env):
         w_max: int = 256,
         step_tokens: int = 32,
         horizon: int = 64,
-        tail: int = 128,
-        n_tail: int = 6,
+        tail_tokens: int = 128,
+        n_tail_gists: int = 6,
         doc_blocks: int = 96,
         d_model: int = 64,
         lm: str = "smollm2",
@@ -107,7 +108,14 @@ class MegaFocusEnv(gym.Env):
         score_scale: float = 1.0,
         render_mode: str | None = None,
         debug: bool = False,
+        tail: int | None = None,
+        n_tail: int | None = None,
     ) -> None:
+        if tail is not None or n_tail is not None:  # the names before tail_tokens / n_tail_gists
+            warnings.warn("MegaFocus-v0: 'tail' and 'n_tail' are now 'tail_tokens' and 'n_tail_gists'",
+                          DeprecationWarning, stacklevel=2)
+            tail_tokens = tail_tokens if tail is None else tail
+            n_tail_gists = n_tail_gists if n_tail is None else n_tail
         self.debug = bool(debug)
         self._last_scores: dict[tuple[int, int], float] = {}
         if not (np.isfinite(score_scale) and score_scale > 0):
@@ -123,7 +131,7 @@ class MegaFocusEnv(gym.Env):
         self._gister, self.gister_name = mean_gister, "mean"
         if oracle == "lm":
             from gistnet.gister import resolve_gister
-            from sim.lm import load_lm
+            from megacontext.lm import load_lm
 
             model, self._tokenizer = load_lm(lm)
             self._lm_oracle = LMOracle(model)
@@ -133,12 +141,12 @@ class MegaFocusEnv(gym.Env):
         info = SyntheticConfig.info[: max_level + 1] if max_level <= 2 else tuple(0.6 ** np.arange(max_level + 1))
         synth = SyntheticConfig(d_model=d_model, block_size=block_size, n_blocks=doc_blocks, info=info)
         self.world = WorldConfig(
-            env=oracle, step_tokens=step_tokens, horizon=horizon, n_tail=n_tail,
-            warmup_tokens=max(step_tokens, 2 * tail),
+            env=oracle, step_tokens=step_tokens, horizon=horizon, n_tail_gists=n_tail_gists,
+            warmup_tokens=max(step_tokens, 2 * tail_tokens),
             tree=TreeConfig(block_size=block_size, max_level=max_level, d_model=d_model),
-            context=ContextConfig(w_max=w_max, tail=tail), allocator=AllocatorConfig(), synthetic=synth,
+            context=ContextConfig(w_max=w_max, tail_tokens=tail_tokens), allocator=AllocatorConfig(), synthetic=synth,
         )
-        self.w_max, self.n_tail, self.d_model = w_max, n_tail, d_model
+        self.w_max, self.n_tail_gists, self.d_model = w_max, n_tail_gists, d_model
         big = np.iinfo(np.int64).max
         self.observation_space = spaces.Dict({
             "embeddings": spaces.Box(-EMB_BOUND, EMB_BOUND, (w_max, d_model), np.float32),
@@ -149,8 +157,8 @@ class MegaFocusEnv(gym.Env):
             "can_expand": spaces.MultiBinary(w_max),
             "can_collapse": spaces.MultiBinary(w_max),
             "valid_mask": spaces.MultiBinary(w_max),
-            "tail_gists": spaces.Box(-EMB_BOUND, EMB_BOUND, (n_tail, d_model), np.float32),
-            "tail_mask": spaces.MultiBinary(n_tail),
+            "tail_gists": spaces.Box(-EMB_BOUND, EMB_BOUND, (n_tail_gists, d_model), np.float32),
+            "tail_mask": spaces.MultiBinary(n_tail_gists),
         })
         self.action_space = spaces.Box(-1.0, 1.0, (w_max,), np.float32)
         self.episode: Episode | None = None

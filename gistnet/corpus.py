@@ -4,7 +4,7 @@ library's source, split three ways (task generation, ``sim.tasks``, uses the sam
 Both ship with the interpreter (no download; DESIGN §7), so their content depends on the Python
 version, which every card records (``corpus_card``). Splits (deterministic, disjoint):
 
-* **prose** (``pydoc_data.topics``): ``heldout`` = the held-out topics of ``sim.lm.pydoc_topics``
+* **prose** (``pydoc_data.topics``): ``heldout`` = the held-out topics of ``megacontext.lm.pydoc_topics``
   (every 10th by sorted name; the GistNet benchmark and the LM world's evaluation documents read
   them); ``validation`` = the other topics whose name hashes to bucket 0 of 10; ``train`` = the rest.
 * **code** (``sysconfig.get_paths()["stdlib"]``, ``*.py``): split by *top-level* module or package
@@ -54,7 +54,7 @@ def _check(corpus: str, split: str) -> None:
 
 def pydoc_split(split: Split) -> list[str]:
     """Names of the pydoc topics in ``split``."""
-    from sim.lm import pydoc_topics
+    from megacontext.lm import pydoc_topics
 
     _check("pydoc", split)
     if split == "heldout":
@@ -107,7 +107,7 @@ def corpus_text(corpus: Corpus, split: Split) -> str:
 
 def corpus_token_ids(tokenizer, corpus: Corpus, split: Split) -> np.ndarray:
     """Token ids of one corpus split, tokenised once per tokenizer. pydoc: the joined text in one
-    call (the held-out ids equal ``sim.lm.pydoc_token_ids(tokenizer, 'heldout')``); stdlib: each
+    call (the held-out ids equal ``megacontext.lm.pydoc_token_ids(tokenizer, 'heldout')``); stdlib: each
     module alone, joined by the ids of a blank line (long files, one batched call)."""
     _check(corpus, split)
     key = (id(tokenizer), corpus, split)
@@ -131,7 +131,7 @@ def corpus_card() -> dict:
     return {
         "python": platform.python_version(),
         "stdlib": str(stdlib_root()),
-        "rules": {"pydoc": "heldout = sim.lm.pydoc_topics('heldout') (sorted index % 10 == 9); validation = other "
+        "rules": {"pydoc": "heldout = megacontext.lm.pydoc_topics('heldout') (sorted index % 10 == 9); validation = other "
                            "topics with sha256(name) bucket 0 of 10; train = the rest",
                   "stdlib": "by top-level module: sha256(top) bucket 0 of 10 = heldout, 1 = validation, else train; "
                             f"skipped: top-level {sorted(STDLIB_SKIP_TOP)}, folders {sorted(STDLIB_SKIP_DIRS)}"},

@@ -194,7 +194,7 @@ def resolve_gister(kind: str, lm, block_size: int, path: str | Path | None = Non
       'mean (no GistNet checkpoint fits <LM> d_model=<d> b=<b>: <why>)', which callers put in their
       results. An unreadable or corrupt checkpoint (or card) raises ``GistNetCheckpointError``.
     """
-    from sim.tree import mean_gister
+    from megacontext.tree import mean_gister
 
     if kind.startswith("mean"):
         return mean_gister, kind

@@ -14,11 +14,8 @@ RMS deviation of text tokens from it. ``alpha`` are the pooling attention's weig
 children: uniform at initialisation (the query starts at zero), so an untrained GistNet (``delta``
 = 0: the last layer starts at zero) gives the centred block mean re-scaled to the typical token
 distance; with ``alpha`` on one child, the gist is that child's own embedding up to its length.
-With SmolLM2 (``benchmarks/results/gistnet.json``, held-out pydoc windows, 7 gists + one 32-token
-block): raw means 9.46 nats (they sit near ``m``), dropping the context 3.09, the untrained gist
-3.09. In one-off probes (16 windows, not a committed benchmark) the last token of each block gave
-3.06, and 3.06 in this form, but 3.09 when anchored on the vocabulary mean instead of ``m`` (tried
-first): this form keeps a selected token recognisable. There is no output normalisation (an output
+Anchoring on ``m`` rather than the vocabulary mean keeps a selected token recognisable (the
+figures are in ``benchmarks/results/gistnet.json`` and docs/gistnet.md). There is no output normalisation (an output
 LayerNorm made collapse to one vector easy). One network serves every level (a level embedding tells
 them apart).
 """
@@ -30,7 +27,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor, nn
 
-from sim.tree import ConfigError
+from megacontext.tree import ConfigError
 
 
 @dataclass(frozen=True)

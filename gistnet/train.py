@@ -45,13 +45,13 @@ from torch import Tensor
 
 from gistnet.gister import LMPrefix, load_gistnet, save_gistnet
 from gistnet.model import GistNet, GistNetConfig, SoftPrompt
-from lensnet.train import TrainConfig, TrainLoop, resolve_device
-from sim.cli import parse, to_dict
-from sim.tree import ConfigError
+from megacontext.cli import parse, to_dict
+from megacontext.training import LoopConfig, TrainLoop, load_checkpoint, resolve_device
+from megacontext.tree import ConfigError
 
 
-def _default_train() -> TrainConfig:
-    return TrainConfig(lr=1e-3, warmup_steps=30, total_steps=400, eval_every=100, ckpt_every=200, batch_size=8,
+def _default_train() -> LoopConfig:
+    return LoopConfig(lr=1e-3, warmup_steps=30, total_steps=400, eval_every=100, ckpt_every=200, batch_size=8,
                        weight_decay=0.0)
 
 
@@ -122,7 +122,7 @@ class GistTrainArgs:
     """Progress bar."""
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     model: GistNetConfig = field(default_factory=GistNetConfig)
-    train: TrainConfig = field(default_factory=_default_train)
+    train: LoopConfig = field(default_factory=_default_train)
 
     def __post_init__(self) -> None:
         for name in ("code_share", "p_l0", "p_l2", "p_no_tail"):
@@ -538,8 +538,7 @@ class GistTrainer(TrainLoop):
 def main(argv: list[str] | None = None) -> None:
     from gistnet.corpus import corpus_card
     from gistnet.gister import lm_fingerprint
-    from lensnet.train import load_checkpoint
-    from sim.lm import load_lm
+    from megacontext.lm import load_lm
 
     args = parse(GistTrainArgs, argv)
     if not args.progress:  # transformers' own loading bars too

@@ -1,4 +1,4 @@
-"""Trace datasets for LensNet: snapshots from ``sim.traces`` as padded, masked torch batches.
+"""Trace datasets for LensNet: snapshots from ``megacontext.traces`` as padded, masked torch batches.
 
 ``TraceDataset`` serves one snapshot per index, with the seed's augmentations (DESIGN §5): temporal
 jitter (stride-2 subsample with a random phase, p = 0.3; see ``temporal_jitter`` for why it keeps
@@ -17,7 +17,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from sim.traces import ENTRY_KEYS, SNAPSHOT_KEYS, TraceReader
+from megacontext.traces import ENTRY_KEYS, SNAPSHOT_KEYS, TraceReader
+from megacontext.working_context import ContextArrays
 
 # Per-entry keys the model and the loss read (others stay on disk for analysis).
 MODEL_ENTRY_KEYS = ("embeddings", "levels", "span_width", "distance_to_cursor", "target_utilities",
@@ -133,3 +134,17 @@ def collate(items: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device | str) -> dict[str, torch.Tensor]:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def arrays_to_item(arr: ContextArrays) -> dict:
+    """A ``ContextArrays`` as one unlabelled dataset item (targets zero, mask off)."""
+    n = arr.levels.shape[0]
+    item = {
+        "embeddings": arr.embeddings, "levels": arr.levels, "span_width": arr.span_width,
+        "distance_to_cursor": arr.distance_to_cursor, "expand_cost": arr.expand_cost,
+        "collapse_refund": arr.collapse_refund, "group_id": arr.group_id,
+        "target_utilities": np.zeros(n, dtype=np.float32), "action_mask": np.zeros(n, dtype=bool),
+        "tail_gists": arr.tail_gists, "tail_levels": arr.tail_levels, "tail_mask": arr.tail_mask,
+    }
+    assert set(MODEL_ENTRY_KEYS) <= set(item), "item lacks a model key"
+    return item

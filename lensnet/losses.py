@@ -8,9 +8,15 @@ and masked-out targets may hold anything, NaN included, without reaching values 
 
 from __future__ import annotations
 
+import math
+from dataclasses import asdict, dataclass
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from megacontext.tree import ConfigError
 
 BATCH_KEYS = (
     "target_utilities",
@@ -169,11 +175,39 @@ def illegality_loss(
     return alpha * expand_l0.sum() / n + beta * collapse_top.sum() / n
 
 
+@dataclass(frozen=True)
+class LossConfig:
+    """LensNet's loss: L = L_reg + lambda_rank L_rank + lambda_budget L_budget + L_illegal (DESIGN §5)."""
+
+    lambda_rank: float = 0.5
+    """Weight of the pairwise ranking term L_rank."""
+    lambda_budget: float = 0.1
+    """Weight of the budget-balance term L_budget."""
+    alpha_illegal: float = 0.3
+    """L_illegal: penalty on a positive score of an L0 entry (which cannot expand)."""
+    beta_illegal: float = 0.3
+    """L_illegal: penalty on a negative score of a top-level gist (which cannot collapse)."""
+    margin: float = 0.1
+    """L_rank: target gap (nats) below which a pair is not ranked."""
+    reg_balance: Literal["entries", "levels"] = "levels"
+    """L_reg averaged over labelled entries (DESIGN's definition) or per tree level, then over
+    levels (default: token entries outnumber gists about 3:1 and most gist labels are 0)."""
+
+    def __post_init__(self) -> None:
+        for name in ("lambda_rank", "lambda_budget", "alpha_illegal", "beta_illegal", "margin"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ConfigError(f"loss.{name} must be a finite number >= 0, got {value}")
+
+
 class LensNetLoss(nn.Module):
     """L = L_reg + lambda_rank L_rank + lambda_budget L_budget + L_illegal (DESIGN §5).
 
     ``reg_balance``: 'entries' is DESIGN's L_reg (mean over labelled entries); 'levels' weights each
-    tree level alike (``level_balanced_regression_loss``)."""
+    tree level alike (``level_balanced_regression_loss``). ``TERMS`` names the terms every call
+    returns; a training loop logs each of them."""
+
+    TERMS = ("L_reg", "L_rank", "L_budget", "L_illegal")
 
     def __init__(
         self,
@@ -193,34 +227,37 @@ class LensNetLoss(nn.Module):
         self.alpha_illegal, self.beta_illegal = alpha_illegal, beta_illegal
         self.max_level, self.margin = max_level, margin
 
+    @classmethod
+    def from_config(cls, config: LossConfig, max_level: int) -> LensNetLoss:
+        """The loss a ``LossConfig`` describes, for a tree of ``max_level``."""
+        return cls(**asdict(config), max_level=max_level)
+
     def forward(self, predictions: Tensor, batch: dict[str, Tensor]) -> dict[str, Tensor | float]:
         """``predictions`` (B, N); ``batch`` holds ``BATCH_KEYS``, each (B, N). Returns ``loss`` (a
-        tensor) and each term as a float under ``L_reg``, ``L_rank``, ``L_budget``, ``L_illegal``."""
+        tensor) and each term of ``TERMS`` as a float."""
         missing = [k for k in BATCH_KEYS if k not in batch]
         if missing:
             raise KeyError(f"batch lacks keys {missing}")
         for k in BATCH_KEYS:
             if batch[k].shape != predictions.shape:
-                raise ValueError(f"batch[{k!r}] has shape {tuple(batch[k].shape)}, predictions {tuple(predictions.shape)}")
+                raise ValueError(f"batch[{k!r}] has shape {tuple(batch[k].shape)}, "
+                                 f"predictions {tuple(predictions.shape)}")
         valid = batch["valid_mask"].bool()
         mask = batch["action_mask"].bool() & valid
+        target = batch["target_utilities"]
         if self.reg_balance == "levels":
-            l_reg = level_balanced_regression_loss(predictions, batch["target_utilities"], mask,
-                                                   batch["levels"], self.max_level + 1)
+            l_reg = level_balanced_regression_loss(predictions, target, mask, batch["levels"],
+                                                   self.max_level + 1)
         else:
-            l_reg = regression_loss(predictions, batch["target_utilities"], mask)
-        l_rank = ranking_loss(predictions, batch["target_utilities"], mask, self.margin)
-        l_budget = budget_loss(
-            predictions, batch["expand_cost"] * valid, batch["collapse_refund"] * valid
-        )
-        l_illegal = illegality_loss(
-            predictions, batch["levels"], valid, self.max_level, self.alpha_illegal, self.beta_illegal
-        )
-        loss = l_reg + self.lambda_rank * l_rank + self.lambda_budget * l_budget + l_illegal
-        return {
-            "loss": loss,
-            "L_reg": l_reg.detach().item(),
-            "L_rank": l_rank.detach().item(),
-            "L_budget": l_budget.detach().item(),
-            "L_illegal": l_illegal.detach().item(),
+            l_reg = regression_loss(predictions, target, mask)
+        terms = {
+            "L_reg": (1.0, l_reg),
+            "L_rank": (self.lambda_rank, ranking_loss(predictions, target, mask, self.margin)),
+            "L_budget": (self.lambda_budget, budget_loss(
+                predictions, batch["expand_cost"] * valid, batch["collapse_refund"] * valid)),
+            "L_illegal": (1.0, illegality_loss(predictions, batch["levels"], valid, self.max_level,
+                                               self.alpha_illegal, self.beta_illegal)),
         }
+        assert tuple(terms) == self.TERMS, "TERMS must name every term"
+        loss = sum(weight * term for weight, term in terms.values())
+        return {"loss": loss, **{name: term.detach().item() for name, (_, term) in terms.items()}}

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from sim.allocator import mask_illegal
+from megacontext.allocator import mask_illegal
 
 
 def _ranks(x: Tensor) -> Tensor:

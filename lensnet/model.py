@@ -12,7 +12,7 @@ newest). Ordering follows nanoGPT: leaves first (MLP -> cross-attention block ->
 
 ``LensNet.forward`` computes the same function as ``LensNet.reference_forward`` (the direct
 formulation through ``nn.MultiheadAttention``; the tests compare the two) with less arithmetic
-because one side of every attention is the handful of tail latents (1 + n_tail): the
+because one side of every attention is the handful of tail latents (1 + n_tail_gists): the
 per-entry query/key/value/output projections are folded through that side (a (T, d) product per
 snapshot instead of an (N, d) x (d, d) one), only the match columns of real tail slots are read
 out, group-level work runs once per group, and the per-entry layers run on the valid entries
@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sim.allocator import mask_illegal
-from sim.tree import ConfigError
+from megacontext.allocator import mask_illegal
+from megacontext.tree import ConfigError
 
 MAX_TAIL = 64
 
@@ -304,9 +304,9 @@ class LensNet(nn.Module):
 
     def _tail_latents(self, batch: dict[str, Tensor]) -> Tensor:
         """(B, 1+T, d): the null latent, then the tail gists with level and slot embeddings."""
-        n_tail = batch["tail_gists"].shape[1]
+        n_tail_gists = batch["tail_gists"].shape[1]
         tail = (self.proj(batch["tail_gists"]) + self.level_emb(batch["tail_levels"].clamp(0, self.config.max_level))
-                + self.tail_slot.weight[:n_tail])  # (B, T, d)
+                + self.tail_slot.weight[:n_tail_gists])  # (B, T, d)
         return torch.cat([self.null.expand(tail.shape[0], 1, -1), tail], dim=1)
 
     def forward(self, batch: dict[str, Tensor]) -> Tensor:
@@ -365,7 +365,7 @@ class LensNet(nn.Module):
         if gid is not None:
             x = x + self.group_proj(group_mean(x, gid))
         tail_mask = batch["tail_mask"].bool()
-        n_tail = batch["tail_gists"].shape[1]
+        n_tail_gists = batch["tail_gists"].shape[1]
         b = x.shape[0]
         tail_pad = torch.cat([tail.new_zeros(b, 1, dtype=torch.bool), ~tail_mask], dim=1)
         # An all-padding snapshot would leave the tail with no key (NaN): let it attend to the
@@ -379,7 +379,7 @@ class LensNet(nn.Module):
         group = torch.einsum("bnd,btd->bnt", grp, kqg)
         match = torch.stack([own, group], -1)  # (B, N, T, 2)
         match = torch.where(tail_mask[:, None, :, None], match, torch.zeros_like(match)) / math.sqrt(self.config.d_lens)
-        match = torch.nn.functional.pad(match, (0, 0, 0, MAX_TAIL + 1 - n_tail)).flatten(2)  # slot-aligned
+        match = torch.nn.functional.pad(match, (0, 0, 0, MAX_TAIL + 1 - n_tail_gists)).flatten(2)  # slot-aligned
         per_level = self.match_out(match).unflatten(-1, (cfg.max_level + 1, -1))  # (B, N, L, d)
         x = x + torch.gather(per_level, 2, levels[..., None, None].expand(-1, -1, 1, per_level.shape[-1])).squeeze(2)
         for to_tail, to_ctx in self.stacks:

@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -33,106 +32,46 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from lensnet.data import AugmentConfig, TraceDataset, collate, to_device
-from lensnet.losses import LensNetLoss
+from lensnet.losses import LensNetLoss, LossConfig
 from lensnet.metrics import MetricAccumulator
 from lensnet.model import LensNet, LensNetConfig
-from sim.traces import TraceReader
-from sim.tree import ConfigError
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint file is missing, unreadable or not a LensNet checkpoint."""
+from megacontext.traces import TraceReader
+from megacontext.training import (
+    CheckpointError,
+    LoopConfig,
+    TrainLoop,
+    atomic_save,
+    load_checkpoint,
+    resolve_device,
+)
+from megacontext.tree import ConfigError
 
 
 @dataclass(frozen=True)
-class TrainConfig:
-    """Optimisation schedule of LensNet (seed values as defaults)."""
+class TrainConfig(LoopConfig):
+    """LensNet's training: the shared schedule (``LoopConfig``, seed values as defaults), the loss
+    and its weights, data parallelism and augmentation."""
 
-    lr: float = 1e-4
-    """AdamW peak learning rate."""
-    betas: tuple[float, float] = (0.9, 0.999)
-    """AdamW betas."""
-    eps: float = 1e-8
-    """AdamW epsilon."""
-    weight_decay: float = 0.01
-    """AdamW weight decay."""
-    batch_size: int = 16
-    """Snapshots per step."""
-    grad_clip: float = 1.0
-    """Max global gradient norm."""
-    warmup_steps: int = 1000
-    """Linear warmup steps."""
-    total_steps: int = 20000
-    """Steps in all (cosine decays to 0 at the end)."""
-    eval_every: int = 500
-    """Evaluate on the validation snapshots every this many steps."""
-    ckpt_every: int = 2000
-    """Keep a numbered checkpoint every this many steps (latest and best are kept always)."""
-    seed: int = 0
-    """Seed of initialisation, data order and augmentation."""
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    """Where to train ('auto': CUDA when present)."""
-    reg_balance: Literal["entries", "levels"] = "levels"
-    """L_reg averaged over labelled entries (DESIGN's definition) or per tree level, then over levels (default: token entries outnumber gists ~3:1 and most gist labels are 0; balancing raised the synthetic study's held-out NGR from 0.04 to 0.14)."""
     match_lr_scale: float = 10.0
-    """Learning-rate multiplier of the match parameters (names starting ``match_``: LensNet's bilinear
-    entry x tail-gist forms and their read-outs). The score is a product of these factors, so from a
-    small start they must grow by orders of magnitude, each step moving them by about ``lr`` (AdamW):
-    a larger step there learns the match in far fewer steps."""
+    """Learning-rate multiplier of the match parameters (names starting ``match_``: LensNet's
+    bilinear entry x tail-gist forms and their read-outs). The score is a product of these factors,
+    so from a small start they must grow by orders of magnitude, each step moving them by about
+    ``lr`` (AdamW): a larger step there learns the match in far fewer steps."""
     loss_splits: int = 1
-    """Average the loss over this many interleaved parts of each rank's batch, each part normalised on its own (the loss terms are means over entries and pairs, and data-parallel ranks take them per rank: one process with loss_splits = W follows W ranks step for step)."""
+    """Average the loss over this many interleaved parts of each rank's batch, each part normalised
+    on its own (the loss terms are means over entries and pairs, and data-parallel ranks take them
+    per rank: one process with loss_splits = W follows W ranks step for step)."""
+    loss: LossConfig = field(default_factory=LossConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def __post_init__(self) -> None:
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ConfigError(f"lr must be a positive number, got {self.lr}")
-        for name in ("batch_size", "total_steps", "eval_every", "ckpt_every", "loss_splits"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        super().__post_init__()
+        if self.loss_splits < 1:
+            raise ConfigError(f"loss_splits must be >= 1, got {self.loss_splits}")
         if not (self.match_lr_scale > 0 and math.isfinite(self.match_lr_scale)):
             raise ConfigError(f"match_lr_scale must be a positive number, got {self.match_lr_scale}")
-        if self.warmup_steps < 0 or self.grad_clip <= 0:
-            raise ConfigError("warmup_steps must be >= 0 and grad_clip > 0")
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device='cuda' but no CUDA device is available")
-    return torch.device(device)
-
-
-def lr_factor(step: int, warmup: int, total: int) -> float:
-    """Linear warmup to 1, then cosine to 0 at ``total``."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def _atomic_save(obj: dict, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
-    """Load and validate a checkpoint; ``CheckpointError`` names the file on any problem."""
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"{path}: no such checkpoint")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as err:  # torch raises many types for a damaged file
-        raise CheckpointError(f"{path}: unreadable checkpoint ({type(err).__name__}: {err})") from err
-    required = ("model", "model_config", "step")
-    if not isinstance(ckpt, dict) or any(k not in ckpt for k in required):
-        raise CheckpointError(f"{path}: not a LensNet checkpoint (needs keys {required})")
-    return ckpt
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> LensNet:
@@ -155,11 +94,11 @@ def save_calibration(path: str | Path, calibration: dict) -> None:
         raise ValueError(f"calibration needs a positive finite score_scale, got {scale!r}")
     ckpt = load_checkpoint(path)
     ckpt["calibration"] = calibration
-    _atomic_save(ckpt, Path(path))
+    atomic_save(ckpt, Path(path))
 
 
 @torch.no_grad()
-def evaluate(model: LensNet, loss_fn: LensNetLoss, dataset: TraceDataset, batch_size: int,
+def snapshot_metrics(model: LensNet, loss_fn: LensNetLoss, dataset: TraceDataset, batch_size: int,
              device: torch.device) -> dict[str, float | None]:
     """Mean loss terms (weighted by snapshots) and every metric over ``dataset``, in eval mode; the
     model is left in the mode the caller had it in."""
@@ -173,7 +112,7 @@ def evaluate(model: LensNet, loss_fn: LensNetLoss, dataset: TraceDataset, batch_
         pred = model(batch)
         out = loss_fn(pred, batch)
         b = pred.shape[0]
-        for k in ("L_reg", "L_rank", "L_budget", "L_illegal"):
+        for k in loss_fn.TERMS:
             sums[k] = sums.get(k, 0.0) + out[k] * b
         sums["loss"] = sums.get("loss", 0.0) + out["loss"].item() * b
         n += b
@@ -182,139 +121,6 @@ def evaluate(model: LensNet, loss_fn: LensNetLoss, dataset: TraceDataset, batch_
     res: dict[str, float | None] = {f"val/{k}": v / max(n, 1) for k, v in sums.items()}
     res.update({f"val/{k}": v for k, v in acc.compute().items()})
     return res
-
-
-class TrainLoop:
-    """The training loop shared by LensNet and GistNet: AdamW, warmup + cosine, clipping, periodic
-    validation, atomic checkpoints (latest, best, numbered) with exact resume, JSONL log, tqdm.
-
-    A subclass gives ``batch(step)`` (derived from ``(seed, step)`` so resume needs no data state),
-    ``loss(batch) -> (loss, {name: float})`` and ``validate() -> {"val/loss": ..., ...}`` (or {}).
-    Only parameters with ``requires_grad`` reach the optimiser (a frozen LM inside stays frozen).
-    Under data parallelism (``rank``/``world_size`` from the subclass) only rank 0 validates and
-    writes checkpoints and the log; the others train.
-    """
-
-    desc = "train"
-
-    def __init__(self, model: torch.nn.Module, model_config: dict, config: TrainConfig, out_dir: str | Path,
-                 progress: bool = True, rank: int = 0, world_size: int = 1) -> None:
-        self.config, self.model_config_dict = config, model_config
-        self.rank, self.world_size = rank, world_size
-        self.is_main = rank == 0
-        self.out = Path(out_dir)
-        if self.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
-        self.progress = progress and self.is_main
-        self.device = next(model.parameters()).device
-        self.model = model
-        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        if not named:
-            raise ConfigError("the model has no trainable parameters")
-        match = [p for n, p in named if n.startswith("match_")]
-        groups = [{"params": [p for n, p in named if not n.startswith("match_")]}]
-        if match:
-            groups.append({"params": match, "lr": config.lr * config.match_lr_scale})
-        self.opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=config.lr, betas=config.betas,
-                                     eps=config.eps, weight_decay=config.weight_decay)
-        self.sched = torch.optim.lr_scheduler.LambdaLR(
-            self.opt, lambda s: lr_factor(s, config.warmup_steps, config.total_steps))
-        self.step = 0
-        self.best = math.inf
-
-    # ------------------------------------------------------------------------ to override
-    def batch(self, step: int):
-        raise NotImplementedError
-
-    def loss(self, batch) -> tuple[Tensor, dict[str, float]]:
-        raise NotImplementedError
-
-    def validate(self) -> dict:
-        return {}
-
-    def extra_state(self) -> dict:
-        return {}
-
-    # ------------------------------------------------------------------------ checkpoints
-    def state(self) -> dict:
-        return {
-            "model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
-            "scheduler": self.sched.state_dict(), "step": self.step, "best": self.best,
-            "torch_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-            "model_config": self.model_config_dict, "train_config": asdict(self.config), **self.extra_state(),
-        }
-
-    def save(self, name: str) -> Path:
-        """Write checkpoint ``name`` (rank 0 only; other ranks return the path unwritten)."""
-        path = self.out / name
-        if self.is_main:
-            _atomic_save(self.state(), path)
-        return path
-
-    def resume(self, path: str | Path) -> None:
-        ckpt = load_checkpoint(path, self.device)
-        if ckpt["model_config"] != self.model_config_dict:
-            raise CheckpointError(f"{path}: model config differs from this run's")
-        try:
-            self.model.load_state_dict(ckpt["model"])
-            self.opt.load_state_dict(ckpt["optimizer"])
-            self.sched.load_state_dict(ckpt["scheduler"])
-        except (KeyError, RuntimeError, ValueError) as err:
-            raise CheckpointError(f"{path}: state does not fit this model ({err})") from err
-        self.step, self.best = ckpt["step"], ckpt["best"]
-        torch.set_rng_state(ckpt["torch_rng"].cpu())
-        if ckpt.get("cuda_rng") is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all([s.cpu() for s in ckpt["cuda_rng"]])  # map_location moved them
-
-    def _log(self, record: dict) -> None:
-        if not self.is_main:
-            return
-        with (self.out / "metrics.jsonl").open("a") as f:
-            f.write(json.dumps(record) + "\n")
-
-    # ------------------------------------------------------------------------------ loop
-    def train(self, until: int | None = None) -> dict:
-        """Run to ``until`` (default ``total_steps``); returns the last validation metrics."""
-        cfg = self.config
-        until = cfg.total_steps if until is None else min(until, cfg.total_steps)
-        self.model.train()
-        last_eval: dict = {}
-        bar = tqdm(total=until, initial=self.step, desc=self.desc, disable=not self.progress, leave=False)
-        t0, n_steps = time.perf_counter(), 0
-        while self.step < until:
-            loss, terms = self.loss(self.batch(self.step))
-            self.opt.zero_grad(set_to_none=True)
-            loss.backward()
-            params = [p for g in self.opt.param_groups for p in g["params"]]
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            self.opt.step()
-            self.sched.step()
-            self.step += 1
-            n_steps += 1
-            record = {"step": self.step, **terms, "opt/lr": self.sched.get_last_lr()[0], "opt/grad_norm": float(grad_norm)}
-            if self.step % cfg.eval_every == 0 or self.step == until:
-                elapsed = time.perf_counter() - t0
-                record["perf/steps_per_s"] = n_steps / elapsed if elapsed > 0 else None
-                record.update(self.perf(elapsed))
-                t0, n_steps = time.perf_counter(), 0
-                last_eval = self.validate() if self.is_main else {}
-                self.model.train()
-                record.update(last_eval)
-                if last_eval.get("val/loss") is not None and last_eval["val/loss"] < self.best:
-                    self.best = last_eval["val/loss"]
-                    self.save("best.pt")
-                self.save("latest.pt")
-                bar.set_postfix(loss=f"{loss.item():.4f}", val=f"{last_eval.get('val/loss', float('nan')):.4f}")
-            if self.step % cfg.ckpt_every == 0:
-                self.save(f"step-{self.step:07d}.pt")
-            self._log(record)
-            bar.update(1)
-        bar.close()
-        return last_eval
-
-    def perf(self, elapsed: float) -> dict:
-        return {}
 
 
 class Trainer(TrainLoop):
@@ -358,7 +164,7 @@ class Trainer(TrainLoop):
         # DDP broadcasts rank 0's parameters (all ranks initialise alike anyway) and averages gradients.
         self.train_model: torch.nn.Module = model if world == 1 else torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
-        self.loss_fn = LensNetLoss(max_level=model_config.max_level, reg_balance=config.reg_balance)
+        self.loss_fn = LensNetLoss.from_config(config.loss, model_config.max_level)
         self._entries = 0
 
     def batch_indices(self, step: int) -> np.ndarray:
@@ -381,20 +187,28 @@ class Trainer(TrainLoop):
         k = self.config.loss_splits
         parts = [self.loss_fn(pred[j::k], {key: v[j::k] for key, v in batch.items()}) for j in range(k)]
         loss = sum(out["loss"] for out in parts) / k
-        terms = [loss.item(), *(sum(out[t] for out in parts) / k for t in ("L_reg", "L_rank", "L_budget", "L_illegal"))]
+        names = self.loss_fn.TERMS
+        terms = [loss.item(), *(sum(out[t] for out in parts) / k for t in names)]
         entries = float(batch["valid_mask"].sum())
         if self.world_size > 1:  # log the mean over ranks (entries: the sum)
             t = torch.tensor([*terms, entries], dtype=torch.float64, device=self.device)
             dist.all_reduce(t)
-            *terms, entries = (t / torch.tensor([self.world_size] * 5 + [1], device=self.device)).tolist()
+            scale = torch.tensor([self.world_size] * len(terms) + [1], device=self.device)
+            *terms, entries = (t / scale).tolist()
         self._entries += int(entries)
-        return loss, dict(zip(("loss/total", "loss/reg", "loss/rank", "loss/budget", "loss/illegal"), terms,
-                                     strict=True))
+        keys = ["loss/total", *(f"loss/{t.removeprefix('L_').lower()}" for t in names)]
+        return loss, dict(zip(keys, terms, strict=True))
+
+    def param_groups(self, named: list[tuple[str, torch.nn.Parameter]]) -> list[dict]:
+        """The match parameters (``match_*``) learn ``match_lr_scale`` times faster."""
+        match = [p for n, p in named if n.startswith("match_")]
+        rest = [p for n, p in named if not n.startswith("match_")]
+        return [{"params": rest}, {"params": match, "lr": self.config.lr * self.config.match_lr_scale}]
 
     def validate(self) -> dict:
         if self.val_set is None or not len(self.val_set):
             return {}
-        return evaluate(self.model, self.loss_fn, self.val_set, self.config.batch_size, self.device)
+        return snapshot_metrics(self.model, self.loss_fn, self.val_set, self.config.batch_size, self.device)
 
     def perf(self, elapsed: float) -> dict:
         entries, self._entries = self._entries, 0
@@ -450,7 +264,7 @@ def model_config_for(preset: str, d_model: int, max_level: int, block_size: int)
 
 def main(argv: list[str] | None = None) -> None:
     """CLI entry point; under ``torchrun`` (WORLD_SIZE > 1) it trains data-parallel."""
-    from sim.cli import parse
+    from megacontext.cli import parse
 
     args = parse(TrainArgs, argv)
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1

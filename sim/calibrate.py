@@ -16,8 +16,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from sim.policies import evaluate_policy
-from sim.world import Episode, WorldConfig
+from sim.world import Episode, WorldConfig, evaluate_policy
 
 DEFAULT_GRID: tuple[float, ...] = (0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0, 8.0)
 

@@ -36,26 +36,14 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from sim.cli import parse, to_argv, to_dict
-from sim.taskworld import (
-    BM25Zoom,
-    LensNetZoom,
-    OracleZoom,
-    RandomZoom,
-    RecencyZoom,
-    RetrievalZoom,
-    SinksZoom,
-    SurprisalZoom,
-    TaskError,
-    TaskWorldConfig,
-    answer_task,
-    needle_level,
-    prepare_task,
-)
-from sim.tree import ConfigError
+from megacontext.cli import parse, to_argv, to_dict
+from megacontext.tree import ConfigError
+from sim.policies import build_policy, policy_names
+from sim.policy import PolicyContext
+from sim.scoring import answer_task, needle_level
+from sim.taskworld import TaskError, TaskWorldConfig, prepare_task
 
-POLICIES = ("lensnet", "lensnet_rank", "recency", "sinks", "random", "retrieval", "bm25", "surprisal", "oracle",
-            "full")
+POLICIES = policy_names("tasks")
 DEFAULT_POLICIES = "lensnet,lensnet_rank,recency,sinks,random,retrieval,bm25,surprisal,full"
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
@@ -92,32 +80,27 @@ class EvaluateArgs:
     world: TaskWorldConfig = field(default_factory=TaskWorldConfig)
 
 
-def _policy_objects(names: list[str], args: EvaluateArgs, oracle, model, device, kind: str | None
+def _policy_objects(names: list[str], args: EvaluateArgs, model, device, kind: str | None
                     ) -> tuple[list, str | None]:
-    """The policies named; ``kind``: the task kind every task of the file names (else None), which
-    the shipped LensNet must have been trained on to be the default."""
-    out, lens_path, lens = [], None, None
-    for name in names:
-        if name in ("lensnet", "lensnet_rank"):
-            from lensnet.policy import LensNetPolicy
-            from lensnet.shipped import default_lensnet_path, shipped_lensnet_task
-            from lensnet.train import load_model
+    """The policies named (``sim.policies``); ``kind``: the task kind every task of the file names
+    (else None), which the shipped LensNet must have been trained on to be the default."""
+    lens_path, lens = None, None
+    if {"lensnet", "lensnet_rank"} & set(names):
+        from lensnet.train import load_model
+        from sim.shipped import default_lensnet_path, shipped_lensnet_task
 
-            lens_path = default_lensnet_path(model, kind) if args.lensnet == "auto" else args.lensnet
-            if lens_path is None:
-                print(f"note: no shipped LensNet fits this LM and these tasks (shipped: trained on "
-                      f"{shipped_lensnet_task()} tasks; these: {kind or 'mixed or unnamed kinds'}); '{name}' is "
-                      "skipped (pass --lensnet CKPT to use a checkpoint anyway)", file=sys.stderr)
-                continue
-            lens = lens or LensNetPolicy(load_model(lens_path, device), device)
-            out.append(LensNetZoom(lens, args.world.n_tail, rank=name == "lensnet_rank"))
-        elif name == "full":
-            out.append("full")
+        lens_path = default_lensnet_path(model, kind) if args.lensnet == "auto" else args.lensnet
+        if lens_path is None:
+            skipped = [n for n in names if n in ("lensnet", "lensnet_rank")]
+            print(f"note: no shipped LensNet fits this LM and these tasks (shipped: trained on "
+                  f"{shipped_lensnet_task()} tasks; these: {kind or 'mixed or unnamed kinds'}); "
+                  f"{skipped} skipped (pass --lensnet CKPT to use a checkpoint anyway)",
+                  file=sys.stderr)
+            names = [n for n in names if n not in skipped]
         else:
-            out.append({"recency": RecencyZoom, "sinks": SinksZoom, "retrieval": RetrievalZoom, "bm25": BM25Zoom,
-                        "surprisal": SurprisalZoom, "random": lambda: RandomZoom(args.seed),
-                        "oracle": lambda: OracleZoom(oracle, args.world.n_tail, args.world.lookahead)}[name]())
-    return out, portable_path(lens_path)
+            lens = load_model(lens_path, device)
+    ctx = PolicyContext(seed=args.seed, lensnet=lens, device=str(device))
+    return [build_policy(name, ctx, "tasks") for name in names], portable_path(lens_path)
 
 
 def summarise(rows: list[dict], names: list[str]) -> tuple[dict, dict]:
@@ -198,7 +181,7 @@ def _bootstrap(x: np.ndarray, seed: int, n: int = 2000) -> list[float] | None:
     return [float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))]
 
 
-def evaluate(args: EvaluateArgs) -> dict:
+def evaluate_tasks(args: EvaluateArgs) -> dict:
     """Run every policy on every task of ``args.tasks``; writes and returns the results. Gradients
     are off inside and the caller's grad mode is restored after."""
     import torch
@@ -210,8 +193,8 @@ def evaluate(args: EvaluateArgs) -> dict:
 def _evaluate(args: EvaluateArgs) -> dict:
 
     from gistnet.gister import resolve_gister
-    from sim.lm import load_lm
-    from sim.lm_oracle import LMOracle
+    from megacontext.lm import load_lm
+    from megacontext.lm_oracle import LMOracle
     from sim.run import versions
     from sim.tasks import scan_tasks
     from sim.taskworld import CharTokenizer
@@ -240,8 +223,8 @@ def _evaluate(args: EvaluateArgs) -> dict:
     gister, gister_name = resolve_gister(args.gister, model, args.world.block_size)
     kinds = {(t.get("meta") or {}).get("kind") for t in tasks}
     kind = next(iter(kinds)) if len(kinds) == 1 else None
-    policies, lens_path = _policy_objects(names, args, oracle, model, oracle.device, kind)
-    needs_features = any(getattr(p, "needs_features", False) for p in policies)
+    policies, lens_path = _policy_objects(names, args, model, oracle.device, kind)
+    needs_features = any(p.needs_features for p in policies)
     rows: list[dict] = []
     t_start = time.perf_counter()
     spent: dict[str, float] = {}  # seconds: streaming + features of every task, and each policy (zoom + answer)
@@ -263,7 +246,7 @@ def _evaluate(args: EvaluateArgs) -> dict:
             meta = task.get("meta") or {}
             level = needle_level(pt)
             for p in tqdm(policies, desc=str(task["id"]), disable=not args.progress, leave=False):
-                name = p if isinstance(p, str) else p.name
+                name = p.name
                 t0 = time.perf_counter()
                 r = answer_task(p, pt, oracle, args.world)
                 spent[name] = spent.get(name, 0.0) + time.perf_counter() - t0
@@ -276,16 +259,16 @@ def _evaluate(args: EvaluateArgs) -> dict:
                 rows.append(row)
                 log.write(json.dumps(row) + "\n")
                 log.flush()
-    summary, grid = summarise(rows, [p if isinstance(p, str) else p.name for p in policies])
+    summary, grid = summarise(rows, [p.name for p in policies])
     fwd = float(np.mean(lm_forward_s)) if lm_forward_s else None
     for name in ("lensnet", "lensnet_rank"):  # per round: LensNet + allocator vs one LM forward at W_max
         if fwd and name in summary:
             summary[name]["cost_vs_lm_forward"] = summary[name]["policy_ms"] / 1e3 / max(summary[name]["rounds"], 1) / fwd
     results = {
-        "config": {"w_max": args.world.w_max, "tail": args.world.tail, "zoom_rounds": args.world.rounds,
+        "config": {"w_max": args.world.w_max, "tail_tokens": args.world.tail_tokens, "zoom_rounds": args.world.rounds,
                    "lookahead": args.world.lookahead, "block_size": args.world.block_size,
                    "max_level": args.world.max_level, "tasks": args.tasks, "lm": args.lm, "gister": gister_name,
-                   "lensnet": lens_path, "policies": [p if isinstance(p, str) else p.name for p in policies],
+                   "lensnet": lens_path, "policies": [p.name for p in policies],
                    "seed": args.seed, "args": to_dict(args)},
         "policies": summary, "grid": grid, "errors": error_rows, "n_tasks": n_evaluated,
         "lm_forward_ms_at_w_max": None if fwd is None else 1e3 * fwd,
@@ -316,7 +299,7 @@ def format_results(results: dict) -> str:
 def main(argv: list[str] | None = None) -> None:
     args = parse(EvaluateArgs, argv)
     try:
-        results = evaluate(args)
+        results = evaluate_tasks(args)
     except (ConfigError, FileNotFoundError) as err:
         sys.exit(f"error: {err}")
     sys.exit(1 if results["errors"] else 0)

@@ -1,39 +1,184 @@
-"""Focus policies and their evaluation: the baselines every LensNet result is compared against.
+"""Every focus policy, registered once by name: the baselines each LensNet result is compared
+against, the exact-label oracle, the synthetic world's past-only reference and LensNet itself.
 
-A policy acts on an ``Episode`` once per step, after the cursor has ingested K tokens (the
-context may be over budget): its scores go through the allocator, which restores the budget with
-them and then expands/swaps. ``Recency`` restores oldest-first and expands nothing (the newest
-detail stays at L0), ``AllCoarse`` collapses every legal group (the coarsest
-legal cover: tail at L0, everything older as coarse as it can be), ``RandomScores`` feeds
-Gaussian scores to the allocator, ``GreedyOracle`` feeds the exact counterfactual labels
-(``label_snapshot``: exact in the synthetic world). LensNet's policy lives in ``lensnet.policy``
-and has the same ``apply``. ``evaluate_policy`` runs held-out documents and reports NLL, budget
-use, swap rate and time per step.
+Each is a ``sim.policy.FocusPolicy``: one ``scores(view)``, applied by the base class, so the same
+object acts on a stream step (``sim.run``) and on question-time zoom rounds (``sim.evaluate``);
+``worlds`` says where a policy applies. Stream and question time alike:
+- ``recency``: restore oldest first, expand nothing (the newest detail stays at L0);
+- ``random``: random scores (in a stream Gaussian per entry; at question time a uniform relevance
+  per block, drawn from the seed and the task id, so every run gives a task the same draw);
+- ``oracle``: the exact counterfactual labels of the continuation (``label_snapshot``; at question
+  time with the two-level lookahead for L2 gists, ``megacontext.labels.lookahead_contexts``);
+- ``lensnet``: a trained LensNet's calibrated scores (``LensNet.score``); ``lensnet_rank``: the
+  same order on the heuristics' rank scale (``sim.features.rank_scores``).
+Streams only: ``all_coarse`` (collapse every legal group: the coarsest legal cover) and ``cue`` (the
+synthetic world's past-only reference, ``sim.synthetic.cue_scores``). Question time only, through
+``sim.features.relevance_scores`` (a relevance in [0, 1] per L1 block):
+- ``sinks``: StreamingLLM's attention sinks + recent window: the first block's path expands to L0;
+- ``retrieval``: dense query-aware block retrieval from LM hidden states (MoBA's mean-pooled block
+  key, on hidden states): every L1 block is read by the LM alone and its hidden states at layer
+  ``round(retrieval_depth * n_layers)`` are mean-pooled without position 0 (where the LM puts its
+  attention-sink activations); the query (the question's tokens, or with no question the L0 tail's)
+  is pooled the same way; relevance = cosine, rank-normalised. Layer and centring were chosen on
+  training tasks only (``benchmarks/retrieval_layer.py``);
+- ``bm25``: lexical retrieval, Okapi BM25 (``bm25s``, English stop words) of each L1 block's text
+  against the question's (or the tail's), rank-normalised;
+- ``surprisal``: LLMLingua-style: the block's mean token NLL when read alone, rank-normalised;
+- ``full``: the whole stream as tokens (the LM's ceiling, where it fits the LM's positions).
+
+A new policy: a subclass here with ``name``, ``worlds`` and ``scores``, decorated ``@register``;
+``sim.run`` and ``sim.evaluate`` then accept its name.
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Sequence
+import zlib
+from typing import ClassVar
 
 import numpy as np
-from tqdm.auto import tqdm
+import torch
 
-from sim.allocator import Action, recency_scores
-from sim.labels import label_snapshot
+from lensnet.data import arrays_to_item, collate
+from megacontext.allocator import Action, recency_scores
+from megacontext.labels import label_snapshot
+from megacontext.tree import ConfigError
+from megacontext.working_context import ContextArrays
+from sim.features import (
+    RETRIEVAL_CENTRE,
+    bm25_relevance,
+    dense_relevance,
+    rank01,
+    rank_scores,
+    relevance_scores,
+)
+from sim.policy import FocusPolicy, FocusView, PolicyContext
 from sim.synthetic import SyntheticConfig, cue_scores
-from sim.world import Episode, WorldConfig, synthetic_episode
+from sim.world import Episode
+
+REGISTRY: dict[str, type[FocusPolicy]] = {}
 
 
-class Recency:
+def register(cls: type[FocusPolicy]) -> type[FocusPolicy]:
+    """Make ``cls`` available by its ``name`` (one name, one class)."""
+    assert cls.name not in REGISTRY, f"policy name {cls.name!r} registered twice"
+    REGISTRY[cls.name] = cls
+    return cls
+
+
+def policy_names(world: str) -> tuple[str, ...]:
+    """The registered policies that apply in ``world`` ('stream' or 'tasks')."""
+    return tuple(name for name, cls in REGISTRY.items() if world in cls.worlds)
+
+
+def build_policy(name: str, ctx: PolicyContext, world: str | None = None) -> FocusPolicy:
+    """The registered policy ``name`` for a run; a ``ConfigError`` names the choices when ``name``
+    is unknown (or does not apply in ``world``)."""
+    choices = policy_names(world) if world else tuple(REGISTRY)
+    if name not in choices:
+        raise ConfigError(f"unknown policy {name!r}" + (f" for {world}" if world else "")
+                          + f" (choose from {', '.join(choices)})")
+    return REGISTRY[name].build(ctx)
+
+
+# ------------------------------------------------------------------------- stream and questions
+@register
+class Recency(FocusPolicy):
     name = "recency"
 
-    def apply(self, ep: Episode) -> list[Action]:
-        return ep.refocus(recency_scores(ep.wc))
+    def scores(self, view: FocusView) -> np.ndarray:
+        return recency_scores(view.wc)
 
 
-class AllCoarse:
+@register
+class RandomScores(FocusPolicy):
+    """Random scores: Gaussian per entry in a stream (``rng``), a uniform relevance per block at
+    question time (from ``seed`` and the task id)."""
+
+    name = "random"
+
+    def __init__(self, rng: np.random.Generator | None = None, scale: float = 1.0, seed: int = 0) -> None:
+        self.rng = rng if rng is not None else np.random.default_rng([seed, 7])
+        self.scale, self.seed = scale, seed
+
+    @classmethod
+    def build(cls, ctx: PolicyContext) -> RandomScores:
+        return cls(seed=ctx.seed)
+
+    def scores(self, view: FocusView) -> np.ndarray:
+        if view.task is None:
+            return self.rng.normal(scale=self.scale, size=len(view.wc))
+        rng = np.random.default_rng([self.seed, zlib.crc32(str(view.task.task["id"]).encode())])
+        return relevance_scores(view.wc, rng.random(view.task.n_tokens // view.wc.block_size))
+
+
+@register
+class GreedyOracle(FocusPolicy):
+    """Scores = the exact counterfactual utilities of every action (one oracle call per action).
+    ``keep``: every labelled snapshot is kept in ``snapshots`` (question-time traces)."""
+
+    name = "oracle"
+
+    def __init__(self, doc_id: int = 0, keep: bool = False) -> None:
+        self.doc_id, self.keep = doc_id, keep
+        self.snapshots: list[dict] = []
+
+    def scores(self, view: FocusView) -> np.ndarray:
+        labels = label_snapshot(view.wc, view.oracle, view.target_ids, view.wc.n_tokens, view.n_tail_gists,
+                                self.doc_id, view.lookahead)
+        if self.keep:
+            self.snapshots.append(labels)
+        return labels["target_utilities"].astype(np.float64)
+
+
+@register
+class LensNetPolicy(FocusPolicy):
+    """LensNet's calibrated scores (``LensNet.score``: raw x ``score_scale``); ``scale`` overrides
+    the model's calibration (``scale=1``: the raw scores, to show what calibration adds)."""
+
+    name = "lensnet"
+    rank: ClassVar[bool] = False
+
+    def __init__(self, model, device: torch.device | str = "cpu", scale: float | None = None,
+                 name: str | None = None) -> None:
+        self.model = model.eval().to(device)
+        self.device = device
+        self.scale = scale
+        if name is not None:
+            self.name = name  # type: ignore[misc]  (an instance label, e.g. 'lensnet_raw')
+
+    @classmethod
+    def build(cls, ctx: PolicyContext) -> LensNetPolicy:
+        if ctx.lensnet is None:
+            raise ConfigError(f"policy {cls.name!r} needs a trained LensNet")
+        return cls(ctx.lensnet, ctx.device)
+
+    def entry_scores(self, arr: ContextArrays) -> np.ndarray:
+        """(N,) LensNet's scores of one context's entries, on the allocator's scale."""
+        batch = {k: v.to(self.device) for k, v in collate([arrays_to_item(arr)]).items()}
+        u = self.model.score(batch)[0].double().cpu().numpy()
+        return u if self.scale is None else u * (self.scale / self.model.score_scale)
+
+    def scores(self, view: FocusView) -> np.ndarray:
+        u = self.entry_scores(view.wc.arrays(view.n_tail_gists))
+        return rank_scores(view.wc, u) if self.rank else u
+
+
+@register
+class LensNetRank(LensNetPolicy):
+    """LensNet's order on the heuristics' rank scale (``rank_scores``): gates a scorer whose values
+    are shrunk but whose order is right the way the heuristics are gated."""
+
+    name = "lensnet_rank"
+    rank = True
+
+
+# ------------------------------------------------------------------------------- streams only
+@register
+class AllCoarse(FocusPolicy):
+    """Collapse every legal group: the tail at L0, everything older as coarse as it can be."""
+
     name = "all_coarse"
+    worlds = ("stream",)
 
     def apply(self, ep: Episode) -> list[Action]:
         actions = ep.restore()
@@ -45,91 +190,86 @@ class AllCoarse:
         return actions
 
 
-class RandomScores:
-    name = "random"
-
-    def __init__(self, rng: np.random.Generator, scale: float = 1.0) -> None:
-        self.rng, self.scale = rng, scale
-
-    def apply(self, ep: Episode) -> list[Action]:
-        return ep.refocus(self.rng.normal(scale=self.scale, size=len(ep.wc)))
-
-
-class CueReference:
-    """The synthetic world's past-only reference (``sim.synthetic.cue_scores``): the ceiling of what
-    a scorer reading LensNet's inputs can reach. Synthetic episodes only."""
+@register
+class CueReference(FocusPolicy):
+    """The synthetic world's past-only reference (``sim.synthetic.cue_scores``): the ceiling of
+    what a scorer reading LensNet's inputs can reach. Synthetic streams only."""
 
     name = "cue"
+    worlds = ("stream",)
 
-    def apply(self, ep: Episode) -> list[Action]:
-        synthetic = getattr(ep.oracle, "config", None)
+    def scores(self, view: FocusView) -> np.ndarray:
+        synthetic = getattr(view.oracle, "config", None)
         if not isinstance(synthetic, SyntheticConfig):
-            raise TypeError("the cue reference reads the synthetic generator's structure: synthetic episodes only")
-        return ep.refocus(cue_scores(ep.arrays(), synthetic))
+            raise TypeError("the cue reference reads the synthetic generator's structure: "
+                            "synthetic episodes only")
+        return cue_scores(view.wc.arrays(view.n_tail_gists), synthetic)
 
 
-class GreedyOracle:
-    """Scores = the exact counterfactual utilities of every action (one oracle call per action)."""
+# ---------------------------------------------------------------------------- question time only
+@register
+class Sinks(FocusPolicy):
+    """StreamingLLM: the first ``n_sink_blocks`` blocks (the attention sinks) expand to L0."""
 
-    name = "oracle"
+    name = "sinks"
+    worlds = ("tasks",)
 
-    def apply(self, ep: Episode) -> list[Action]:
-        ids, start = ep.query()
-        labels = label_snapshot(ep.wc, ep.oracle, ids, start, ep.config.n_tail)
-        return ep.refocus(labels["target_utilities"].astype(np.float64))
+    def __init__(self, n_sink_blocks: int = 1) -> None:
+        self.n = n_sink_blocks
 
-
-def evaluate_policy(
-    policy,
-    world: WorldConfig,
-    doc_ids: Sequence[int],
-    seed: int,
-    progress: bool = True,
-    episode_factory: Callable[[WorldConfig, int, int], Episode] | None = None,
-    on_step: Callable[[str, Episode, list[Action]], None] | None = None,
-) -> dict:
-    """Run ``policy`` over documents; NLL is measured after each refocus, on the next H tokens."""
-    make = episode_factory or (lambda w, d, s: synthetic_episode(w, d, s)[0])
-    per_doc, slots, times = [], [], []
-    n_steps = n_collapse = n_expand = n_forced = 0
-    for doc in tqdm(doc_ids, desc=f"eval {policy.name}", disable=not progress, leave=False):
-        ep = make(world, doc, seed)
-        nlls = []
-        while ep.wc.n_tokens < ep.n_doc_tokens:
-            ep.advance()
-            if not ep.can_query():
-                break
-            t0 = time.perf_counter()
-            actions = policy.apply(ep)
-            times.append(time.perf_counter() - t0)
-            ep.wc.check_invariants()  # budget (and every other invariant) after every step
-            n_expand += sum(a.kind == "expand" for a in actions)
-            n_collapse += sum(a.kind == "collapse" and not a.forced for a in actions)
-            n_forced += sum(a.forced for a in actions)
-            nlls.append(ep.nll())
-            slots.append(len(ep.wc))
-            n_steps += 1
-            if on_step is not None:
-                on_step(policy.name, ep, actions)
-        per_doc.append(float(np.mean(nlls)))
-    per_doc_arr = np.asarray(per_doc)
-    return {
-        "nll": float(per_doc_arr.mean()),
-        "nll_std_over_docs": float(per_doc_arr.std(ddof=1)) if len(per_doc) > 1 else 0.0,
-        "nll_per_doc": per_doc,
-        "budget_use": float(np.mean(slots) / world.context.w_max),
-        "max_slots": int(np.max(slots)),
-        "w_max": world.context.w_max,
-        "expands_per_step": n_expand / max(n_steps, 1),
-        "swap_rate": n_collapse / max(n_steps, 1),
-        "restores_per_step": n_forced / max(n_steps, 1),
-        "ms_per_step": 1e3 * float(np.mean(times)),
-        "steps": n_steps,
-    }
+    def scores(self, view: FocusView) -> np.ndarray:
+        rel = np.zeros(view.task.n_tokens // view.wc.block_size)
+        rel[: self.n] = 1.0
+        return relevance_scores(view.wc, rel)
 
 
-def nll_gap_recovered(results: dict[str, dict]) -> dict[str, float | None]:
-    """NGR = (NLL_recency - NLL_policy) / (NLL_recency - NLL_oracle) for every policy."""
-    rec, orc = results["recency"]["nll"], results["oracle"]["nll"]
-    gap = rec - orc
-    return {name: ((rec - r["nll"]) / gap if abs(gap) > 1e-12 else None) for name, r in results.items()}
+@register
+class DenseRetrieval(FocusPolicy):
+    """Dense retrieval: the cosine of the query's and each block's pooled hidden state."""
+
+    name = "retrieval"
+    worlds = ("tasks",)
+    needs_features = True
+
+    def relevance(self, pt) -> np.ndarray:
+        """(n_l1,) the query's cosine with each block of prepared task ``pt``."""
+        return dense_relevance(pt.block_hidden, pt.query_hidden, RETRIEVAL_CENTRE)
+
+    def scores(self, view: FocusView) -> np.ndarray:
+        return relevance_scores(view.wc, rank01(self.relevance(view.task)))
+
+
+@register
+class BM25(FocusPolicy):
+    """Lexical retrieval: BM25 of each block's text against the question (``bm25_relevance``)."""
+
+    name = "bm25"
+    worlds = ("tasks",)
+
+    def relevance(self, pt) -> np.ndarray:
+        """(n_l1,) each block's BM25 score against the query of prepared task ``pt``."""
+        return bm25_relevance(pt.block_text, pt.query_text)
+
+    def scores(self, view: FocusView) -> np.ndarray:
+        return relevance_scores(view.wc, rank01(self.relevance(view.task)))
+
+
+@register
+class Surprisal(FocusPolicy):
+    """LLMLingua-style: the most surprising blocks (read alone) expand first."""
+
+    name = "surprisal"
+    worlds = ("tasks",)
+    needs_features = True
+
+    def scores(self, view: FocusView) -> np.ndarray:
+        return relevance_scores(view.wc, rank01(view.task.block_surprisal))
+
+
+@register
+class FullContext(FocusPolicy):
+    """The whole stream as tokens, no working context: the LM's ceiling."""
+
+    name = "full"
+    worlds = ("tasks",)
+    reads_everything = True

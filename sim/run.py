@@ -35,22 +35,22 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from lensnet.train import TrainConfig
+from megacontext.cli import parse, to_dict
+from megacontext.tree import ConfigError, MegaContextTree, TreeConfig
+from megacontext.working_context import BudgetExhausted, ContextConfig, WorkingContext, min_slots
 from sim.calibrate import fit_score_scale
-from sim.cli import parse, to_dict
 from sim.labels import TraceArgs, generate_traces
-from sim.policies import (
-    AllCoarse,
-    CueReference,
-    GreedyOracle,
-    RandomScores,
-    Recency,
-    evaluate_policy,
-    nll_gap_recovered,
-)
+from sim.policies import LensNetPolicy, build_policy
+from sim.policy import PolicyContext
 from sim.synthetic import SyntheticConfig
-from sim.tree import ConfigError, MegaContextTree, TreeConfig
-from sim.working_context import BudgetExhausted, ContextConfig, WorkingContext, min_slots
-from sim.world import HELD_OUT_FIRST_DOC, WorldConfig, lm_episode, synthetic_episode
+from sim.world import (
+    HELD_OUT_FIRST_DOC,
+    WorldConfig,
+    evaluate_policy,
+    lm_episode,
+    nll_gap_recovered,
+    synthetic_episode,
+)
 
 
 def _default_train() -> TrainConfig:
@@ -101,9 +101,9 @@ def lm_defaults() -> RunArgs:
     at every step), H = 32, 8 + 2 documents, 400 LensNet steps, one extra budget (1.5 x W_max: three
     blocks). Labelling with SmolLM2 costs a few seconds per snapshot on 2 cores, and so does each
     step of the greedy oracle policy."""
-    world = WorldConfig(env="lm", horizon=32, warmup_tokens=128, n_tail=4,
+    world = WorldConfig(env="lm", horizon=32, warmup_tokens=128, n_tail_gists=4,
                         tree=TreeConfig(block_size=32, max_level=1, d_model=576),
-                        context=ContextConfig(w_max=96, tail=32),
+                        context=ContextConfig(w_max=96, tail_tokens=32),
                         synthetic=SyntheticConfig(n_blocks=12))
     train = TrainConfig(lr=1e-3, warmup_steps=40, total_steps=400, eval_every=100, ckpt_every=200, batch_size=16)
     return RunArgs(env="lm", out="runs/lm", train_docs=8, eval_docs=2, preset="small", budget_scales=(1.5,),
@@ -196,7 +196,7 @@ def expansion_room(w: WorldConfig) -> tuple[int, int]:
     b, doc_tokens = w.tree.block_size, w.synthetic.n_blocks * w.tree.block_size
     first = max(w.warmup_tokens, w.step_tokens)
     cursors = range(first, doc_tokens - w.horizon + 1, w.step_tokens)
-    fits = sum(min_slots(t, b, w.tree.max_level, w.context.tail) + b - 1 <= w.context.w_max for t in cursors)
+    fits = sum(min_slots(t, b, w.tree.max_level, w.context.tail_tokens) + b - 1 <= w.context.w_max for t in cursors)
     return fits, len(cursors)
 
 
@@ -236,9 +236,14 @@ def run(args: RunArgs) -> dict:
     import torch
 
     from lensnet.data import TraceDataset
-    from lensnet.policy import LensNetPolicy
-    from lensnet.train import Trainer, evaluate, model_config_for, save_calibration, split_indices
-    from sim.traces import TraceReader
+    from lensnet.train import (
+        Trainer,
+        model_config_for,
+        save_calibration,
+        snapshot_metrics,
+        split_indices,
+    )
+    from megacontext.traces import TraceReader
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -252,8 +257,8 @@ def run(args: RunArgs) -> dict:
     lm = None
     if args.env == "lm":  # one frozen LM for labelling and evaluation; the tree takes its width
         from gistnet.gister import resolve_gister
-        from sim.lm import load_lm
-        from sim.lm_oracle import LMOracle
+        from megacontext.lm import load_lm
+        from megacontext.lm_oracle import LMOracle
 
         if not args.progress:  # transformers' own weight-loading bars too
             from transformers.utils import logging as hf_logging
@@ -323,7 +328,7 @@ def run(args: RunArgs) -> dict:
             calibration["seconds"] = time.perf_counter() - t_cal
             save_calibration(selected, calibration)  # the evaluated weights carry their scale
             calibrations.append(calibration)
-        metrics = evaluate(model, trainer.loss_fn, heldout, 16, trainer.device)
+        metrics = snapshot_metrics(model, trainer.loss_fn, heldout, 16, trainer.device)
         lensnets.append((train_seed, model, step, {key.removeprefix("val/"): v for key, v in metrics.items()}))
     timings["train_s"] = time.perf_counter() - t0
     _, model, lensnet_step, lens_metrics = lensnets[0]
@@ -351,12 +356,12 @@ def run(args: RunArgs) -> dict:
     with torch.no_grad():  # a context, so an error leaves the caller's grad mode as it was
         for budget in tqdm(budgets, desc="budgets", disable=not args.progress or len(budgets) == 1):
             wb = replace(w, context=replace(w.context, w_max=budget))
-            policies = [Recency(), AllCoarse(), RandomScores(np.random.default_rng([args.seed, 7])),
-                        GreedyOracle(), LensNetPolicy(model, trainer.device)]
+            ctx = PolicyContext(seed=args.seed, lensnet=model, device=str(trainer.device))
+            names = ["recency", "all_coarse", "random", "oracle", "lensnet"]
+            names += ["cue"] if args.env == "synthetic" else []
+            policies = [build_policy(name, ctx, "stream") for name in names]
             if args.calibrate:
                 policies.append(LensNetPolicy(model, trainer.device, scale=1.0, name="lensnet_raw"))
-            if args.env == "synthetic":
-                policies.append(CueReference())
             per_policy = {p.name: evaluate_policy(p, wb, docs, args.seed, args.progress, episode_factory=make_episode,
                                                   on_step=log_step if budget == w.context.w_max else None)
                           for p in policies}
@@ -442,8 +447,8 @@ def _cue_metrics(dataset, synthetic: SyntheticConfig) -> dict:
     import torch
 
     from lensnet.metrics import MetricAccumulator
+    from megacontext.working_context import ContextArrays
     from sim.synthetic import cue_scores
-    from sim.working_context import ContextArrays
 
     acc = MetricAccumulator()
     fields = ContextArrays.__dataclass_fields__

@@ -24,8 +24,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from sim.tree import ConfigError
-from sim.working_context import ContextArrays, WorkingContext
+from megacontext.tree import ConfigError
+from megacontext.working_context import ContextArrays, WorkingContext
 
 
 @dataclass(frozen=True)

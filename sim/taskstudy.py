@@ -30,12 +30,14 @@ from tqdm.auto import tqdm
 
 from lensnet.data import AugmentConfig
 from lensnet.train import TrainConfig
-from sim.cli import parse, to_argv, to_dict
-from sim.labels import label_snapshot, parse_shard
-from sim.tasks import TaskConfig, generate_tasks, read_tasks, token_counter, write_jsonl
-from sim.taskworld import OracleZoom, TaskError, TaskWorldConfig, prepare_task, zoom
-from sim.traces import TraceWriter
-from sim.tree import ConfigError
+from megacontext.cli import parse, to_argv, to_dict
+from megacontext.labels import label_snapshot
+from megacontext.traces import TraceWriter
+from megacontext.tree import ConfigError
+from sim.labels import parse_shard
+from sim.policies import GreedyOracle
+from sim.tasks import TASK_KINDS, TaskConfig, generate_tasks, read_tasks, token_counter, write_jsonl
+from sim.taskworld import TaskError, TaskWorldConfig, prepare_task, zoom
 
 
 def _default_train() -> TrainConfig:
@@ -47,8 +49,9 @@ def _default_train() -> TrainConfig:
 class TaskStudyArgs:
     """Real-LM task study: tasks -> question-time labels -> LensNet -> held-out evaluation."""
 
-    task: Literal["passkey", "multikey", "vt", "code"] = "passkey"
-    """Task kind (sim.tasks); 'code' = module continuation (answer NLL and NGR; depths do not apply)."""
+    task: str = "passkey"
+    """Task kind, one of sim.tasks.TASK_KINDS (passkey, multikey, vt, code); 'code' = module
+    continuation (answer NLL and NGR; depths do not apply)."""
     out: str = "runs/tasks"
     """Run directory."""
     seed: int = 0
@@ -107,13 +110,13 @@ def label_tasks(tasks: list[dict], out: Path, oracle, tokenizer, world: TaskWorl
         for snap in pt.stream_snapshots:  # stream steps: the next H tokens of the stream
             t = snap.n_tokens
             if seen >= skip:
-                writer.add(label_snapshot(snap, oracle, pt.ids[t : t + horizon], t, world.n_tail, doc_id,
+                writer.add(label_snapshot(snap, oracle, pt.ids[t : t + horizon], t, world.n_tail_gists, doc_id,
                                           world.lookahead))
             seen += 1
         # question time: the oracle's own zoom (its rounds stop at the first that changes nothing),
         # keeping each round's labelled snapshot
-        rounds = OracleZoom(oracle, world.n_tail, world.lookahead, doc_id, keep=True)
-        zoom(rounds, pt, world)
+        rounds = GreedyOracle(doc_id, keep=True)
+        zoom(rounds, pt, world, oracle)
         for labels in rounds.snapshots:
             if seen >= skip:
                 writer.add(labels)
@@ -128,17 +131,19 @@ def run(args: TaskStudyArgs) -> dict:
     an error)."""
     import torch
 
+    if args.task not in TASK_KINDS:
+        raise ConfigError(f"--task must be one of {', '.join(TASK_KINDS)}, got {args.task!r}")
+
     from gistnet.gister import resolve_gister
     from lensnet.data import TraceDataset
-    from lensnet.shipped import CHECKPOINT_DIR, TASKS_CHECKPOINT, lm_fingerprint
-    from lensnet.train import Trainer, evaluate, model_config_for, split_indices
-    from sim.evaluate import EvaluateArgs
-    from sim.evaluate import evaluate as evaluate_tasks
-    from sim.lm import load_lm
-    from sim.lm_oracle import LMOracle
+    from lensnet.train import Trainer, model_config_for, snapshot_metrics, split_indices
+    from megacontext.lm import load_lm
+    from megacontext.lm_oracle import LMOracle
+    from megacontext.traces import TraceReader
+    from sim.evaluate import EvaluateArgs, evaluate_tasks
     from sim.run import versions
+    from sim.shipped import CHECKPOINT_DIR, TASKS_CHECKPOINT, lm_fingerprint
     from sim.taskworld import CharTokenizer
-    from sim.traces import TraceReader
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -162,7 +167,7 @@ def run(args: TaskStudyArgs) -> dict:
 
     # 2. labels
     t0 = time.perf_counter()
-    meta = {"d_model": oracle.d_model, "n_tail": args.world.n_tail, "block_size": args.world.block_size,
+    meta = {"d_model": oracle.d_model, "n_tail": args.world.n_tail_gists, "block_size": args.world.block_size,
             "max_level": args.world.max_level, "world": to_dict(args.world), "seed": args.seed,
             "oracle": {"kind": "lm", "lm": args.lm, "gister": gister_name, "horizon": "answer tokens",
                        "lookahead": args.world.lookahead},
@@ -195,7 +200,7 @@ def run(args: TaskStudyArgs) -> dict:
     ckpt = load_checkpoint(best, trainer.device)
     trainer.model.load_state_dict(ckpt["model"])
     val = {k.removeprefix("val/"): v for k, v in
-           evaluate(trainer.model.eval(), trainer.loss_fn, TraceDataset(reader, val_idx), 16, trainer.device).items()}
+           snapshot_metrics(trainer.model.eval(), trainer.loss_fn, TraceDataset(reader, val_idx), 16, trainer.device).items()}
     timings["train_s"] = time.perf_counter() - t0
     card = {"task": args.task, "command": (out / "command.txt").read_text().strip(), "seed": args.seed,
             "step": int(ckpt["step"]), "lm": args.lm, "lm_fingerprint": lm_fingerprint(model), "gister": gister_name,

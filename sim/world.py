@@ -6,20 +6,26 @@ cycle that trace generation, evaluation and the gymnasium environment all share:
 ``advance()`` ingests K tokens (the context may now be over budget), ``query()`` is the next H
 tokens, ``refocus(scores)`` is the step's one allocator pass (restore the budget with the scores,
 then expand/swap; DESIGN §4), ``nll()`` asks the oracle about the current context.
+``evaluate_policy`` runs a policy over held-out documents (NLL after each refocus, budget use, swap
+rate, time per step) and ``nll_gap_recovered`` compares policies on it.
 """
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
+from tqdm.auto import tqdm
 
-from sim.allocator import Action, AllocatorConfig, FocusAllocator
-from sim.oracle import NLLOracle
+from megacontext.allocator import Action, AllocatorConfig, FocusAllocator
+from megacontext.oracle import NLLOracle
+from megacontext.tree import ConfigError, Gister, MegaContextTree, TreeConfig, mean_gister
+from megacontext.working_context import ContextArrays, ContextConfig, WorkingContext, min_slots
+from sim.policy import FocusPolicy, FocusView
 from sim.synthetic import SyntheticConfig, SyntheticDocument, SyntheticOracle, generate_document
-from sim.tree import ConfigError, Gister, MegaContextTree, TreeConfig, mean_gister
-from sim.working_context import ContextArrays, ContextConfig, WorkingContext, min_slots
 
 HELD_OUT_FIRST_DOC = 1_000_000
 """Document ids from here on are held out: the study evaluates on them; LM documents draw their
@@ -38,12 +44,12 @@ class WorldConfig:
     """K: tokens ingested per refocus step."""
     horizon: int = 64
     """H: query tokens whose NLL defines utility and reward."""
-    n_tail: int = 6
+    n_tail_gists: int = 6
     """Tail gists given to LensNet."""
     warmup_tokens: int = 256
     """No refocus (or label) until this many tokens are in."""
     tree: TreeConfig = field(default_factory=lambda: TreeConfig(block_size=32, max_level=2, d_model=128))
-    context: ContextConfig = field(default_factory=lambda: ContextConfig(w_max=256, tail=128))
+    context: ContextConfig = field(default_factory=lambda: ContextConfig(w_max=256, tail_tokens=128))
     allocator: AllocatorConfig = field(default_factory=AllocatorConfig)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
@@ -62,7 +68,7 @@ class WorldConfig:
             if len(s.info) < self.tree.max_level + 1:
                 raise ConfigError(f"synthetic.info needs {self.tree.max_level + 1} levels, has {len(s.info)}")
         doc_tokens = self.synthetic.n_blocks * self.tree.block_size  # document length, either world
-        need = max(min_slots(t, self.tree.block_size, self.tree.max_level, self.context.tail)
+        need = max(min_slots(t, self.tree.block_size, self.tree.max_level, self.context.tail_tokens)
                    for t in range(self.step_tokens, doc_tokens + 1, self.step_tokens))
         if need > self.context.w_max:
             raise ConfigError(
@@ -116,11 +122,16 @@ class Episode:
         return self.token_ids[t : t + self.config.horizon], t
 
     def arrays(self) -> ContextArrays:
-        return self.wc.arrays(self.config.n_tail)
+        return self.wc.arrays(self.config.n_tail_gists)
 
     def refocus(self, scores: np.ndarray) -> list[Action]:
         """The step's allocator pass: restore the budget with ``scores``, then expand/swap."""
         return self.allocator.step(self.wc, scores)
+
+    def view(self) -> FocusView:
+        """What a policy may read at this step (``sim.policy.FocusView``)."""
+        ids, _ = self.query()
+        return FocusView(self.wc, self.config.n_tail_gists, self.oracle, ids)
 
     def nll(self) -> float:
         ids, start = self.query()
@@ -138,7 +149,7 @@ def lm_episode(config: WorldConfig, doc_id: int, seed: int, oracle, tokenizer=No
     offset drawn from (seed, doc_id) (random ids when the LM has no tokenizer, e.g. the tiny test LM).
     Documents with ``doc_id >= HELD_OUT_FIRST_DOC`` come from the held-out topics, others from the
     training topics, so held-out evaluation never sees training text."""
-    from sim.lm import pydoc_token_ids
+    from megacontext.lm import pydoc_token_ids
 
     n = config.synthetic.n_blocks * config.tree.block_size
     rng = np.random.default_rng([seed, doc_id])
@@ -151,3 +162,59 @@ def lm_episode(config: WorldConfig, doc_id: int, seed: int, oracle, tokenizer=No
     else:
         ids = rng.integers(0, oracle.embed.num_embeddings, n)
     return Episode(config, ids, oracle.token_embeddings(ids), oracle, gister=gister, doc_id=doc_id)
+
+
+def evaluate_policy(
+    policy: FocusPolicy,
+    world: WorldConfig,
+    doc_ids: Sequence[int],
+    seed: int,
+    progress: bool = True,
+    episode_factory: Callable[[WorldConfig, int, int], Episode] | None = None,
+    on_step: Callable[[str, Episode, list[Action]], None] | None = None,
+) -> dict:
+    """Run ``policy`` over documents; NLL is measured after each refocus, on the next H tokens."""
+    make = episode_factory or (lambda w, d, s: synthetic_episode(w, d, s)[0])
+    per_doc, slots, times = [], [], []
+    n_steps = n_collapse = n_expand = n_forced = 0
+    for doc in tqdm(doc_ids, desc=f"eval {policy.name}", disable=not progress, leave=False):
+        ep = make(world, doc, seed)
+        nlls = []
+        while ep.wc.n_tokens < ep.n_doc_tokens:
+            ep.advance()
+            if not ep.can_query():
+                break
+            t0 = time.perf_counter()
+            actions = policy.apply(ep)
+            times.append(time.perf_counter() - t0)
+            ep.wc.check_invariants()  # budget (and every other invariant) after every step
+            n_expand += sum(a.kind == "expand" for a in actions)
+            n_collapse += sum(a.kind == "collapse" and not a.forced for a in actions)
+            n_forced += sum(a.forced for a in actions)
+            nlls.append(ep.nll())
+            slots.append(len(ep.wc))
+            n_steps += 1
+            if on_step is not None:
+                on_step(policy.name, ep, actions)
+        per_doc.append(float(np.mean(nlls)))
+    per_doc_arr = np.asarray(per_doc)
+    return {
+        "nll": float(per_doc_arr.mean()),
+        "nll_std_over_docs": float(per_doc_arr.std(ddof=1)) if len(per_doc) > 1 else 0.0,
+        "nll_per_doc": per_doc,
+        "budget_use": float(np.mean(slots) / world.context.w_max),
+        "max_slots": int(np.max(slots)),
+        "w_max": world.context.w_max,
+        "expands_per_step": n_expand / max(n_steps, 1),
+        "swap_rate": n_collapse / max(n_steps, 1),
+        "restores_per_step": n_forced / max(n_steps, 1),
+        "ms_per_step": 1e3 * float(np.mean(times)),
+        "steps": n_steps,
+    }
+
+
+def nll_gap_recovered(results: dict[str, dict]) -> dict[str, float | None]:
+    """NGR = (NLL_recency - NLL_policy) / (NLL_recency - NLL_oracle) for every policy."""
+    rec, orc = results["recency"]["nll"], results["oracle"]["nll"]
+    gap = rec - orc
+    return {name: ((rec - r["nll"]) / gap if abs(gap) > 1e-12 else None) for name, r in results.items()}

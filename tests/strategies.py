@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 from hypothesis import strategies as st
 
-from sim.tree import MegaContextTree, TreeConfig
-from sim.working_context import ContextConfig, WorkingContext, min_slots
+from megacontext.tree import MegaContextTree, TreeConfig
+from megacontext.working_context import ContextConfig, WorkingContext, min_slots
 
 
 def build_tree(block_size: int, max_level: int, n_tokens: int, d_model: int = 4, seed: int = 0) -> MegaContextTree:
@@ -33,7 +33,7 @@ def working_contexts(draw, *, max_tokens: int = 200, n_moves: int = 30) -> Worki
     n_tokens = draw(st.integers(1, cap))
     tail = draw(st.integers(0, min(n_tokens, 3 * b)))
     tree = build_tree(b, max_level, n_tokens, seed=draw(st.integers(0, 2**16)))
-    roomy = WorkingContext(tree, ContextConfig(w_max=n_tokens + tail + b * max_level + 1, tail=tail))
+    roomy = WorkingContext(tree, ContextConfig(w_max=n_tokens + tail + b * max_level + 1, tail_tokens=tail))
     roomy.append_tokens(n_tokens)
     for _ in range(draw(st.integers(0, n_moves))):
         starts = roomy.group_starts()
@@ -47,7 +47,7 @@ def working_contexts(draw, *, max_tokens: int = 200, n_moves: int = 30) -> Worki
     floor = tail + (b - 1) * max_level + 1
     slack = draw(st.integers(0, 2 * b))
     mode = draw(st.sampled_from(["slot", "centre"]))
-    wc = WorkingContext(tree, ContextConfig(w_max=max(len(roomy), floor) + slack, tail=tail, position_mode=mode))
+    wc = WorkingContext(tree, ContextConfig(w_max=max(len(roomy), floor) + slack, tail_tokens=tail, position_mode=mode))
     wc.levels, wc.indices, wc.n_tokens = roomy.levels.copy(), roomy.indices.copy(), roomy.n_tokens
     assert min_slots(n_tokens, b, max_level, tail) <= len(wc)
     return wc
@@ -74,7 +74,7 @@ def seeded_score_vectors(draw, n: int, *, scale: float = 3.0) -> np.ndarray:
     return u
 
 
-def random_snapshot(rng: np.random.Generator, *, n: int, d_model: int, n_tail: int = 3, max_level: int = 2,
+def random_snapshot(rng: np.random.Generator, *, n: int, d_model: int, n_tail_gists: int = 3, max_level: int = 2,
                     block_size: int = 4, learnable: bool = True) -> dict[str, np.ndarray]:
     """A trace snapshot with random features; with ``learnable`` the target is a function of the
     embedding (so a model can fit it), else noise."""
@@ -93,8 +93,8 @@ def random_snapshot(rng: np.random.Generator, *, n: int, d_model: int, n_tail: i
         "collapse_refund": np.where(can_collapse, (block_size - 1) / block_size, 0.0),
         "expand_gain": np.clip(target, 0, None), "collapse_cost": np.clip(-target, 0, None),
         "target_utilities": target, "action_mask": action,
-        "tail_gists": rng.normal(size=(n_tail, d_model)), "tail_levels": np.array([2, 1, -1][:n_tail]),
-        "tail_mask": np.array([True, True, False][:n_tail]), "n_tokens": np.int64(4 * n),
+        "tail_gists": rng.normal(size=(n_tail_gists, d_model)), "tail_levels": np.array([2, 1, -1][:n_tail_gists]),
+        "tail_mask": np.array([True, True, False][:n_tail_gists]), "n_tokens": np.int64(4 * n),
         "baseline_nll": np.float32(3.0), "doc_id": np.int64(0),
     }
 
@@ -102,7 +102,7 @@ def random_snapshot(rng: np.random.Generator, *, n: int, d_model: int, n_tail: i
 def write_random_traces(path, *, n_snapshots: int, d_model: int = 8, shard_size: int = 4, seed: int = 0,
                         min_n: int = 3, max_n: int = 12, learnable: bool = True):
     """A trace directory of random snapshots; returns the list written."""
-    from sim.traces import TraceWriter
+    from megacontext.traces import TraceWriter
 
     rng = np.random.default_rng(seed)
     meta = {"d_model": d_model, "n_tail": 3, "block_size": 4, "max_level": 2, "seed": seed, "oracle": "random"}

@@ -13,13 +13,13 @@ from gymnasium.utils.env_checker import check_env
 
 import envs  # noqa: F401  (registers MegaFocus-v0)
 from envs.megafocus_env import MegaFocusEnv
-from sim.tree import MegaContextTree
-from sim.working_context import WorkingContext
+from megacontext.tree import MegaContextTree
+from megacontext.working_context import WorkingContext
 
-SMALL = dict(block_size=4, max_level=2, w_max=40, step_tokens=4, horizon=8, tail=8, n_tail=3, doc_blocks=60, d_model=8)
+SMALL = dict(block_size=4, max_level=2, w_max=40, step_tokens=4, horizon=8, tail_tokens=8, n_tail_gists=3, doc_blocks=60, d_model=8)
 
 
-def check_obs_invariants(obs: dict, *, w_max: int, b: int, max_level: int, tail: int) -> None:
+def check_obs_invariants(obs: dict, *, w_max: int, b: int, max_level: int, tail_tokens: int) -> None:
     """Every invariant of DESIGN §2 that the observation can show, re-derived from its arrays."""
     valid = obs["valid_mask"].astype(bool)
     n = int(valid.sum())
@@ -33,11 +33,11 @@ def check_obs_invariants(obs: dict, *, w_max: int, b: int, max_level: int, tail:
     assert np.all(width == b**lv), "level consistency"
     assert np.all(start % width == 0), "block alignment"
     assert np.all((lv >= 0) & (lv <= max_level))
-    assert np.all(lv[end > t - tail] == 0), "recency tail"
+    assert np.all(lv[end > t - tail_tokens] == 0), "recency tail"
     assert np.array_equal(obs["can_expand"][:n].astype(bool), lv >= 1), "L0 never expands"
     cc = obs["can_collapse"][:n].astype(bool)
     assert not np.any(cc & (lv == max_level)), "max level never collapses"
-    assert not np.any(cc & (end > t - tail)), "nothing in the tail collapses"
+    assert not np.any(cc & (end > t - tail_tokens)), "nothing in the tail collapses"
     # legal groups come in whole, aligned runs of b same-level siblings (no partial swaps)
     i = 0
     while i < n:
@@ -72,7 +72,7 @@ def test_make_without_importing_envs(tmp_path):
     """The installed megafocus-gym.pth registers MegaFocus-v0 on ``import gymnasium`` alone (a fresh
     interpreter outside the repository, so nothing but the installed package can register it)."""
     code = ("import sys, gymnasium; env = gymnasium.make('MegaFocus-v0', block_size=4, max_level=2, w_max=40, "
-            "step_tokens=4, horizon=8, tail=8, n_tail=3, doc_blocks=60, d_model=8); env.reset(seed=0); "
+            "step_tokens=4, horizon=8, tail_tokens=8, n_tail_gists=3, doc_blocks=60, d_model=8); env.reset(seed=0); "
             "print(type(env.unwrapped).__name__)")
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "MEGAFOCUS_NO_GYM_HOOK")}
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
@@ -113,7 +113,7 @@ def test_long_random_action_run_keeps_every_invariant():
     rng = np.random.default_rng(0)
     n_expand = n_collapse = 0
     for s in range(steps):
-        check_obs_invariants(obs, w_max=SMALL["w_max"], b=SMALL["block_size"], max_level=SMALL["max_level"], tail=SMALL["tail"])
+        check_obs_invariants(obs, w_max=SMALL["w_max"], b=SMALL["block_size"], max_level=SMALL["max_level"], tail_tokens=SMALL["tail_tokens"])
         scale = [0.05, 0.5, 100.0][s % 3]  # mild, strong and saturating scores
         act = np.clip(rng.normal(scale=scale, size=SMALL["w_max"]), -1, 1).astype(np.float32)
         obs, reward, terminated, truncated, info = env.step(act)
@@ -133,7 +133,7 @@ def _oracle_nll(env: MegaFocusEnv, levels: np.ndarray, indices: np.ndarray, n_to
     wc.check_invariants()
     query = ep.token_ids[n_tokens : n_tokens + env.world.horizon]
     assert len(query) == env.world.horizon
-    return float(ep.oracle.nll([wc.arrays(env.n_tail)], query, n_tokens)[0])
+    return float(ep.oracle.nll([wc.arrays(env.n_tail_gists)], query, n_tokens)[0])
 
 
 @pytest.mark.parametrize("oracle", ["synthetic", "lm"])
@@ -145,7 +145,7 @@ def test_reward_is_the_oracle_nll_of_the_refocused_context(oracle, monkeypatch):
         env, n_steps, min_moved = MegaFocusEnv(**SMALL, score_scale=5.0), 60, 15
     else:  # the tiny LM is slow on a busy CPU: fewer steps
         env = MegaFocusEnv(oracle="lm", lm="tiny", gister="mean", block_size=4, max_level=2, w_max=20, step_tokens=4,
-                           horizon=8, tail=8, n_tail=3, doc_blocks=20, score_scale=5.0)
+                           horizon=8, tail_tokens=8, n_tail_gists=3, doc_blocks=20, score_scale=5.0)
         n_steps, min_moved = 8, 2
     captured: list[tuple[int, float]] = []  # (T, oracle NLL) of the context about to ingest
     ingest = MegaContextTree.ingest
@@ -212,7 +212,7 @@ def test_render_modes():
 
 def test_lm_oracle_variant_runs_with_tiny_lm():
     env = MegaFocusEnv(oracle="lm", lm="tiny", block_size=4, max_level=2, w_max=40, step_tokens=4, horizon=8,
-                       tail=8, n_tail=3, doc_blocks=20)
+                       tail_tokens=8, n_tail_gists=3, doc_blocks=20)
     obs, _ = env.reset(seed=0)
     assert obs["embeddings"].shape == (40, 64)
     for _ in range(5):

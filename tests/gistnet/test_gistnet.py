@@ -19,9 +19,9 @@ from gistnet.gister import (
 )
 from gistnet.model import GistNet, GistNetConfig, SoftPrompt
 from gistnet.train import Example, GistTrainArgs, GistTrainer
-from lensnet.train import TrainConfig
-from sim.lm import tiny_llama
-from sim.tree import ConfigError, MegaContextTree, TreeConfig, mean_gister
+from megacontext.lm import tiny_llama
+from megacontext.training import LoopConfig
+from megacontext.tree import ConfigError, MegaContextTree, TreeConfig, mean_gister
 
 B, D = 4, 64  # tiny LM width
 
@@ -126,7 +126,7 @@ def test_resolve_gister_auto_falls_back_for_an_lm_without_a_checkpoint(lm):
 def tiny_args(tmp_path, **kw) -> GistTrainArgs:
     return GistTrainArgs(out=str(tmp_path), lm="tiny", ctx_blocks=4, no_tail_steps=0, horizons=(8,), val_windows=4,
                          progress=False, p_l2=0.5, model=small_config(),
-                         train=TrainConfig(lr=3e-3, warmup_steps=1, total_steps=40, eval_every=40, ckpt_every=40,
+                         train=LoopConfig(lr=3e-3, warmup_steps=1, total_steps=40, eval_every=40, ckpt_every=40,
                                            batch_size=4, weight_decay=0.0), **kw)
 
 
@@ -178,7 +178,7 @@ def test_bad_training_config_is_refused(tmp_path, lm):
 
 @pytest.mark.real_lm
 def test_default_checkpoint_loads_for_smollm2_and_is_the_default_gister():
-    from sim.lm import load_lm, pydoc_token_ids
+    from megacontext.lm import load_lm, pydoc_token_ids
 
     lm, tok = load_lm("smollm2", device="cpu")
     gister, name = resolve_gister("auto", lm, 32)

@@ -34,9 +34,9 @@ from gistnet.train import (
     token_kl,
     token_nll,
 )
-from lensnet.train import TrainConfig
-from sim.lm import pydoc_topics, tiny_llama
-from sim.tree import ConfigError, mean_gister
+from megacontext.lm import pydoc_topics, tiny_llama
+from megacontext.training import LoopConfig
+from megacontext.tree import ConfigError, mean_gister
 
 B, D = 4, 64  # tiny LM width, block size
 
@@ -62,7 +62,7 @@ def small_config() -> GistNetConfig:
 def tiny_args(tmp_path, objective: ObjectiveConfig | None = None, **kw) -> GistTrainArgs:
     return GistTrainArgs(out=str(tmp_path), lm="tiny", ctx_blocks=4, no_tail_steps=0, horizons=(8,), val_windows=4,
                          progress=False, p_l2=0.5, model=small_config(), objective=objective or ObjectiveConfig(),
-                         train=TrainConfig(lr=3e-3, warmup_steps=1, total_steps=40, eval_every=40, ckpt_every=40,
+                         train=LoopConfig(lr=3e-3, warmup_steps=1, total_steps=40, eval_every=40, ckpt_every=40,
                                            batch_size=4, weight_decay=0.0), **kw)
 
 

@@ -33,15 +33,15 @@ def loss_batches(draw, *, max_b: int = 4, max_n: int = 10, dtype=torch.float64) 
 
 
 @st.composite
-def context_items(draw, *, max_tokens: int = 120, n_tail: int | None = None, max_entries: int = 400) -> dict[str, np.ndarray]:
+def context_items(draw, *, max_tokens: int = 120, n_tail_gists: int | None = None, max_entries: int = 400) -> dict[str, np.ndarray]:
     """A labelled dataset item (``lensnet.data.MODEL_ENTRY_KEYS`` + tail keys) of a real working
-    context: its group ids are the allocator's (slot of each group's first member); ``n_tail`` tail
+    context: its group ids are the allocator's (slot of each group's first member); ``n_tail_gists`` tail
     gist slots (drawn from 0..6 when None); at most ``max_entries`` entries (b = 32 contexts run long)."""
-    from lensnet.policy import arrays_to_item
+    from lensnet.data import arrays_to_item
     from tests.strategies import working_contexts
 
     wc = draw(working_contexts(max_tokens=max_tokens).filter(lambda wc: len(wc) <= max_entries))
-    item = arrays_to_item(wc.arrays(n_tail=draw(st.integers(0, 6)) if n_tail is None else n_tail))
+    item = arrays_to_item(wc.arrays(n_tail_gists=draw(st.integers(0, 6)) if n_tail_gists is None else n_tail_gists))
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
     item["action_mask"] = wc.can_expand() | (item["group_id"] >= 0)
     item["target_utilities"] = np.where(item["action_mask"], rng.normal(size=len(wc)), 0.0).astype(np.float32)
@@ -53,11 +53,11 @@ def tiny_world():
     documents label in seconds."""
     from dataclasses import replace
 
+    from megacontext.tree import TreeConfig
+    from megacontext.working_context import ContextConfig
     from sim.synthetic import SyntheticConfig
-    from sim.tree import TreeConfig
-    from sim.working_context import ContextConfig
     from sim.world import WorldConfig
 
     syn = replace(SyntheticConfig(), block_size=4, d_model=8, n_blocks=40, recent_window=6, n_recent=3)
-    return WorldConfig(tree=TreeConfig(block_size=4, d_model=8), synthetic=syn, step_tokens=4, horizon=8, n_tail=3,
-                       warmup_tokens=16, context=ContextConfig(w_max=40, tail=8))
+    return WorldConfig(tree=TreeConfig(block_size=4, d_model=8), synthetic=syn, step_tokens=4, horizon=8, n_tail_gists=3,
+                       warmup_tokens=16, context=ContextConfig(w_max=40, tail_tokens=8))

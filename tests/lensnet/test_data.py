@@ -49,10 +49,10 @@ def test_jitter_keeps_whole_groups_and_remaps_their_ids(item, phase):
 
 @st.composite
 def jittered_batches(draw, *, max_b: int = 4) -> list[dict]:
-    """1..max_b items of one trace (one n_tail), each jittered with phase 0 or 1, or left whole."""
-    n_tail = draw(st.integers(0, 6))
+    """1..max_b items of one trace (one n_tail_gists), each jittered with phase 0 or 1, or left whole."""
+    n_tail_gists = draw(st.integers(0, 6))
     b = draw(st.integers(1, max_b))
-    return [_jittered(draw(context_items(n_tail=n_tail)), draw(st.sampled_from([None, 0, 1]))) for _ in range(b)]
+    return [_jittered(draw(context_items(n_tail_gists=n_tail_gists)), draw(st.sampled_from([None, 0, 1]))) for _ in range(b)]
 
 
 @given(jittered_batches())
@@ -81,8 +81,8 @@ def test_jittered_batches_keep_groups_apart(items):
 def test_jitter_at_the_tiny_study_size(tmp_path):
     """The reported failure: W_max 40, tail 8, b 4 traces, every snapshot jittered, batches of 16
     (ids past the shorter padded length indexed out of bounds)."""
+    from megacontext.traces import TraceReader
     from sim.labels import TraceArgs, generate_traces
-    from sim.traces import TraceReader
 
     world = tiny_world()
     reader = TraceReader(generate_traces(TraceArgs(out=str(tmp_path), n_docs=2, seed=0, world=world, progress=False)))

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from lensnet.data import collate
 from lensnet.model import LensNet, LensNetConfig
-from sim.tree import ConfigError
+from megacontext.tree import ConfigError
 from tests.lensnet.strategies import context_items
 from tests.strategies import random_snapshot
 
@@ -159,7 +159,7 @@ def _assert_fast_matches_reference(model, batch):
         torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-8, msg=name)
 
 
-@given(st.lists(context_items(n_tail=3, max_entries=200), min_size=1, max_size=3), st.sampled_from([1, 2, 4]),
+@given(st.lists(context_items(n_tail_gists=3, max_entries=200), min_size=1, max_size=3), st.sampled_from([1, 2, 4]),
        st.booleans(), st.sampled_from(["factored", "full"]))
 def test_fast_forward_matches_the_reference(items, n_heads, match_skip, match_form):
     """``forward`` (folded attention, packed entries) = ``reference_forward`` (nn.MultiheadAttention

@@ -18,15 +18,15 @@ from lensnet.train import (
     CheckpointError,
     TrainConfig,
     Trainer,
-    evaluate,
     load_checkpoint,
     load_model,
-    lr_factor,
     main,
+    snapshot_metrics,
     split_indices,
 )
-from sim.traces import TraceReader
-from sim.tree import ConfigError
+from megacontext.traces import TraceReader
+from megacontext.training import lr_factor
+from megacontext.tree import ConfigError
 from tests.lensnet.strategies import tiny_world
 from tests.strategies import random_snapshot, write_random_traces
 
@@ -67,14 +67,14 @@ def _trainer(tmp_path, traces, name, **kw):
 
 
 def test_evaluate_keeps_the_callers_mode(tmp_path):
-    """evaluate() runs in eval mode and leaves the model as it found it (a model in eval mode, e.g.
+    """snapshot_metrics() runs in eval mode and leaves the model as it found it (a model in eval mode, e.g.
     for a final report, must not come back with dropout on)."""
     traces = tmp_path / "traces"
     write_random_traces(traces, n_snapshots=16, d_model=8)
     trainer = _trainer(tmp_path, traces, "run")
     for training in (False, True):
         trainer.model.train(training)
-        val = evaluate(trainer.model, trainer.loss_fn, trainer.val_set, 4, torch.device("cpu"))
+        val = snapshot_metrics(trainer.model, trainer.loss_fn, trainer.val_set, 4, torch.device("cpu"))
         assert trainer.model.training is training and np.isfinite(val["val/loss"])
 
 
@@ -135,7 +135,7 @@ def test_clear_errors(tmp_path):
     with pytest.raises(CheckpointError, match="bad.pt: unreadable"):
         load_checkpoint(bad)
     torch.save({"hello": 1}, tmp_path / "other.pt")
-    with pytest.raises(CheckpointError, match="not a LensNet checkpoint"):
+    with pytest.raises(CheckpointError, match="not a training checkpoint"):
         load_checkpoint(tmp_path / "other.pt")
     with pytest.raises(CheckpointError, match="no such"):
         load_checkpoint(tmp_path / "missing.pt")
@@ -143,7 +143,7 @@ def test_clear_errors(tmp_path):
 
 def _write_traces_of_documents(path, *, n_snapshots: int, n_docs: int, d_model: int = 8) -> None:
     """Random snapshots, snapshot i from document i % n_docs."""
-    from sim.traces import TraceWriter
+    from megacontext.traces import TraceWriter
 
     rng = np.random.default_rng(0)
     w = TraceWriter(path, {"d_model": d_model, "n_tail": 3, "block_size": 4, "max_level": 2}, shard_size=4)

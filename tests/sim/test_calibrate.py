@@ -3,9 +3,10 @@
 import numpy as np
 import pytest
 
+from megacontext.labels import label_snapshot
 from sim.calibrate import fit_score_scale
-from sim.labels import label_snapshot
-from sim.policies import GreedyOracle, Recency, evaluate_policy
+from sim.policies import GreedyOracle, Recency
+from sim.world import evaluate_policy
 from tests.sim.test_labels import small_world
 
 
@@ -19,7 +20,7 @@ class ShrunkOracle:
 
     def apply(self, ep):
         ids, start = ep.query()
-        y = label_snapshot(ep.wc, ep.oracle, ids, start, ep.config.n_tail)["target_utilities"]
+        y = label_snapshot(ep.wc, ep.oracle, ids, start, ep.config.n_tail_gists)["target_utilities"]
         return ep.refocus(self.factor * y.astype(np.float64))
 
 

@@ -6,11 +6,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import sim.labels as labels_mod
-from sim.labels import TraceArgs, counterfactual_contexts, generate_traces, label_snapshot
+from megacontext.labels import counterfactual_contexts, label_snapshot
+from megacontext.traces import TraceReader
+from megacontext.tree import ConfigError, TreeConfig
+from megacontext.working_context import ContextConfig
+from sim.labels import TraceArgs, generate_traces
 from sim.synthetic import SyntheticConfig, exact_utilities
-from sim.traces import TraceReader
-from sim.tree import ConfigError, TreeConfig
-from sim.working_context import ContextConfig
 from sim.world import WorldConfig, synthetic_episode
 from tests.strategies import random_walk
 
@@ -18,9 +19,9 @@ from tests.strategies import random_walk
 def small_world(**kw) -> WorldConfig:
     b = 4
     return WorldConfig(
-        step_tokens=4, horizon=8, n_tail=3, warmup_tokens=16,
+        step_tokens=4, horizon=8, n_tail_gists=3, warmup_tokens=16,
         tree=TreeConfig(block_size=b, max_level=2, d_model=8),
-        context=ContextConfig(w_max=40, tail=8),
+        context=ContextConfig(w_max=40, tail_tokens=8),
         synthetic=SyntheticConfig(d_model=8, block_size=b, n_blocks=40, recent_window=6, n_recent=3),
         **kw,
     )
@@ -33,7 +34,7 @@ def test_labels_equal_closed_form_synthetic_utilities(doc, steps, scale):
     if not random_walk(ep, steps, np.random.default_rng(doc), scale):
         return
     ids, start = ep.query()
-    snap = label_snapshot(ep.wc, ep.oracle, ids, start, world.n_tail)
+    snap = label_snapshot(ep.wc, ep.oracle, ids, start, world.n_tail_gists)
     gain, cost = exact_utilities(ep.oracle, ep.wc, world.horizon)
     np.testing.assert_allclose(snap["expand_gain"], gain, atol=1e-5)
     np.testing.assert_allclose(snap["collapse_cost"], cost, atol=1e-5)
@@ -53,7 +54,7 @@ def test_counterfactuals_ignore_the_budget_and_cover_every_action():
     ep, _ = synthetic_episode(world, 3, seed=0)
     for _ in range(12):
         ep.advance()
-    base, variants = counterfactual_contexts(ep.wc, world.n_tail)
+    base, variants = counterfactual_contexts(ep.wc, world.n_tail_gists)
     n_exp = int(base.can_expand.sum())
     n_groups = len(np.unique(base.group_id[base.group_id >= 0]))
     assert len(variants) == n_exp + n_groups
@@ -70,7 +71,7 @@ def test_referenced_blocks_gain_by_level():
     while ep.wc.n_tokens < 80:
         ep.advance()
     ids, start = ep.query()
-    snap = label_snapshot(ep.wc, ep.oracle, ids, start, world.n_tail)
+    snap = label_snapshot(ep.wc, ep.oracle, ids, start, world.n_tail_gists)
     b = world.tree.block_size
     q_blocks = np.arange(start, start + world.horizon) // b
     referenced = set(np.concatenate([doc.ref_blocks[q] for q in np.unique(q_blocks)]).tolist())
@@ -125,8 +126,8 @@ def test_world_config_is_validated():
         WorldConfig(tree=TreeConfig(block_size=4, d_model=8))
     with pytest.raises(ConfigError, match="cannot hold"):
         small_world().__class__(
-            step_tokens=4, horizon=8, n_tail=3, warmup_tokens=16, tree=TreeConfig(block_size=4, max_level=1, d_model=8),
-            context=ContextConfig(w_max=20, tail=8), synthetic=SyntheticConfig(d_model=8, block_size=4, n_blocks=40))
+            step_tokens=4, horizon=8, n_tail_gists=3, warmup_tokens=16, tree=TreeConfig(block_size=4, max_level=1, d_model=8),
+            context=ContextConfig(w_max=20, tail_tokens=8), synthetic=SyntheticConfig(d_model=8, block_size=4, n_blocks=40))
 
 
 def test_lm_traces_with_the_tiny_lm(tmp_path):

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 from lensnet.train import load_model
-from sim.cli import field_docs, parse
+from megacontext.cli import field_docs, parse
+from megacontext.tree import TreeConfig
 from sim.run import RunArgs, lm_defaults, run
 from sim.synthetic import SyntheticConfig
-from sim.tree import TreeConfig
 from sim.world import HELD_OUT_FIRST_DOC
 
 
@@ -41,8 +41,8 @@ def small_study_argv(out) -> list[str]:
     return ["--out", str(out), "--train-docs", "3", "--eval-docs", "2", "--preset", "tiny", "--no-progress",
             "--world.tree.block-size", "4", "--world.tree.d-model", "8", "--world.synthetic.block-size", "4",
             "--world.synthetic.d-model", "8", "--world.synthetic.n-blocks", "40", "--world.synthetic.recent-window", "6",
-            "--world.synthetic.n-recent", "3", "--world.step-tokens", "4", "--world.horizon", "8", "--world.n-tail", "3",
-            "--world.warmup-tokens", "16", "--world.context.w-max", "40", "--world.context.tail", "8",
+            "--world.synthetic.n-recent", "3", "--world.step-tokens", "4", "--world.horizon", "8", "--world.n-tail-gists", "3",
+            "--world.warmup-tokens", "16", "--world.context.w-max", "40", "--world.context.tail-tokens", "8",
             "--train.total-steps", "40", "--train.eval-every", "20", "--train.warmup-steps", "5",
             "--train.ckpt-every", "40", f"--world.synthetic.base-nll={s.base_nll}"]
 
@@ -94,8 +94,8 @@ def test_small_study_learns_to_beat_recency(tmp_path):
             "--no-plots", "--budget-scales", "1.25", "--world.tree.block-size", "4", "--world.tree.d-model", "32",
             "--world.synthetic.block-size", "4", "--world.synthetic.d-model", "32", "--world.synthetic.n-blocks", "16",
             "--world.synthetic.recent-window", "6", "--world.synthetic.n-recent", "3", "--world.step-tokens", "4",
-            "--world.horizon", "8", "--world.n-tail", "3", "--world.warmup-tokens", "16", "--world.context.w-max",
-            "20", "--world.context.tail", "8", "--train.total-steps", "400", "--train.eval-every", "100",
+            "--world.horizon", "8", "--world.n-tail-gists", "3", "--world.warmup-tokens", "16", "--world.context.w-max",
+            "20", "--world.context.tail-tokens", "8", "--train.total-steps", "400", "--train.eval-every", "100",
             "--train.warmup-steps", "20", "--train.ckpt-every", "400"]
     results = run(parse(RunArgs, argv))
     pol = results["policies"]
@@ -108,8 +108,8 @@ def test_lm_study_end_to_end_with_the_tiny_lm(tmp_path):
     argv = ["--env", "lm", "--lm", "tiny", "--out", str(tmp_path), "--train-docs", "2", "--eval-docs", "1",
             "--preset", "tiny", "--no-progress", "--no-plots", "--world.tree.block-size", "4", "--world.tree.max-level", "2",
             "--world.synthetic.n-blocks", "24", "--world.step-tokens", "4", "--world.horizon", "8",
-            "--world.n-tail", "3", "--world.warmup-tokens", "16", "--world.context.w-max", "24",
-            "--world.context.tail", "8", "--train.total-steps", "10", "--train.eval-every", "5",
+            "--world.n-tail-gists", "3", "--world.warmup-tokens", "16", "--world.context.w-max", "24",
+            "--world.context.tail-tokens", "8", "--train.total-steps", "10", "--train.eval-every", "5",
             "--train.warmup-steps", "2", "--budget-scales", "1.5"]
     args = parse(RunArgs, argv, defaults=lm_defaults())
     assert args.env == "lm" and args.world.env == "lm"
@@ -136,8 +136,8 @@ def test_budget_sweep_skips_budgets_the_context_cannot_hold():
 
 def test_budgets_without_room_to_expand_are_flagged():
     """A budget where no expansion ever fits makes every policy the recency cover: said, not hidden."""
+    from megacontext.working_context import min_slots
     from sim.run import _budgets, expansion_room
-    from sim.working_context import min_slots
 
     lm = lm_defaults()
     w = lm.world
@@ -145,7 +145,7 @@ def test_budgets_without_room_to_expand_are_flagged():
     cursors = range(w.warmup_tokens, n_doc - w.horizon + 1, w.step_tokens)
     for w_max in (48, 64, 72, 73, 96):  # brute force: the coarsest cover + one block vs W_max, per step
         wb = replace(w, context=replace(w.context, w_max=w_max))
-        want = sum(min_slots(t, b, 1, w.context.tail) + b - 1 <= w_max for t in cursors)
+        want = sum(min_slots(t, b, 1, w.context.tail_tokens) + b - 1 <= w_max for t in cursors)
         assert expansion_room(wb) == (want, len(cursors))
     assert expansion_room(replace(w, context=replace(w.context, w_max=64)))[0] == 0
     args = replace(lm, budget_scales=(0.75, 2 / 3))  # 72: room until the last step; 64: never
@@ -160,8 +160,8 @@ def test_env_lm_brings_its_own_defaults():
     default = lm_defaults()
     assert f"(default: {default.world.context.w_max})" in out.stdout and "(default: runs/lm)" in out.stdout
     assert parse(RunArgs, []).world.context.w_max == 256
-    from sim.tree import MegaContextTree
-    from sim.working_context import WorkingContext
+    from megacontext.tree import MegaContextTree
+    from megacontext.working_context import WorkingContext
 
     w = default.world  # a valid focus loop (the context config checks its budget against the tree)
     wc = WorkingContext(MegaContextTree(w.tree), w.context)
@@ -220,7 +220,7 @@ def test_to_argv_parses_back_to_the_same_arguments(cls, argv):
     import sim.evaluate
     import sim.run
     import sim.taskstudy
-    from sim.cli import to_argv
+    from megacontext.cli import to_argv
 
     kind = next(getattr(m, cls) for m in (sim.evaluate, sim.run, sim.taskstudy) if hasattr(m, cls))
     args = parse(kind, argv)

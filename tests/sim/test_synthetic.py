@@ -6,11 +6,17 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sim.policies import CueReference, GreedyOracle, Recency, evaluate_policy, nll_gap_recovered
+from megacontext.tree import TreeConfig
+from megacontext.working_context import ContextConfig
+from sim.policies import CueReference, GreedyOracle, Recency
 from sim.synthetic import SyntheticConfig, cue_scores, exact_utilities
-from sim.tree import TreeConfig
-from sim.working_context import ContextConfig
-from sim.world import HELD_OUT_FIRST_DOC, WorldConfig, synthetic_episode
+from sim.world import (
+    HELD_OUT_FIRST_DOC,
+    WorldConfig,
+    evaluate_policy,
+    nll_gap_recovered,
+    synthetic_episode,
+)
 from tests.strategies import random_walk
 
 
@@ -19,9 +25,9 @@ def clean_world(**synthetic) -> WorldConfig:
     block just before the cursor)."""
     b, d = 4, 64
     return WorldConfig(
-        step_tokens=b, horizon=2 * b, n_tail=3, warmup_tokens=16,
+        step_tokens=b, horizon=2 * b, n_tail_gists=3, warmup_tokens=16,
         tree=TreeConfig(block_size=b, max_level=2, d_model=d),
-        context=ContextConfig(w_max=24, tail=8),
+        context=ContextConfig(w_max=24, tail_tokens=8),
         synthetic=SyntheticConfig(d_model=d, block_size=b, n_blocks=30, recent_window=6, n_recent=3,
                                   **{"noise": 0.0, "weight_min": 1.5, "weight_max": 1.5, **synthetic}),
     )
@@ -83,8 +89,8 @@ def test_cue_recovers_most_of_the_oracle_gap_on_the_default_world():
 
 
 def test_cue_refuses_a_non_synthetic_episode():
-    class Fake:
-        oracle = object()
+    from sim.policy import FocusView
 
+    view = FocusView(wc=None, n_tail_gists=0, oracle=object(), target_ids=np.zeros(0, np.int64))
     with pytest.raises(TypeError, match="synthetic"):
-        CueReference().apply(Fake())
+        CueReference().scores(view)

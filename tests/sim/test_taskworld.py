@@ -10,26 +10,17 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sim.lm import tiny_llama
-from sim.lm_oracle import LMOracle, answer_scores
-from sim.taskworld import (
-    BM25Zoom,
-    CharTokenizer,
-    RecencyZoom,
-    RetrievalZoom,
-    TaskError,
-    TaskWorldConfig,
-    ZoomPolicy,
-    focus_recall,
-    needle_level,
-    prepare_task,
-    relevance_scores,
-    zoom,
-)
+from megacontext.lm import tiny_llama
+from megacontext.lm_oracle import LMOracle, answer_scores
+from sim.features import relevance_scores
+from sim.policies import BM25, DenseRetrieval, Recency
+from sim.policy import FocusPolicy
+from sim.scoring import focus_recall, needle_level
+from sim.taskworld import CharTokenizer, TaskError, TaskWorldConfig, prepare_task, zoom
 from tests.strategies import working_contexts
 
 # b = 4, max_level 2: an L2 gist covers 16 characters (CharTokenizer: a token a character)
-WORLD = TaskWorldConfig(block_size=4, max_level=2, w_max=64, tail=24, step_tokens=4, n_tail=3)
+WORLD = TaskWorldConfig(block_size=4, max_level=2, w_max=64, tail_tokens=24, step_tokens=4, n_tail_gists=3)
 
 
 def _task(n_filler: int = 200, at: int = 20, tid: str = "t0") -> dict:
@@ -45,12 +36,13 @@ def oracle():
     return LMOracle(tiny_llama())
 
 
-class NeedleFinder(ZoomPolicy):
+class NeedleFinder(FocusPolicy):
     """Relevance 1 on the blocks holding the needle: what a perfect retriever would score."""
 
     name = "needle"
 
-    def scores(self, pt, wc):
+    def scores(self, view):
+        pt, wc = view.task, view.wc
         b = wc.block_size
         rel = np.zeros(pt.n_tokens // b)
         rel[np.unique(np.flatnonzero(pt.needle) // b)] = 1.0
@@ -60,8 +52,8 @@ class NeedleFinder(ZoomPolicy):
 def test_zoom_needs_a_round_per_level(oracle):
     pt = prepare_task(_task(), oracle, CharTokenizer(512), WORLD, features=False)
     assert pt.wc.levels[0] == 2 and not focus_recall(pt, pt.wc)  # the needle sits under an L2 gist
-    wc1, info1 = zoom(NeedleFinder(), pt, TaskWorldConfig(**{**WORLD.__dict__, "zoom_rounds": 1}))
-    wc2, info2 = zoom(NeedleFinder(), pt, WORLD)  # rounds = max_level = 2
+    wc1, info1 = zoom(NeedleFinder(), pt, TaskWorldConfig(**{**WORLD.__dict__, "zoom_rounds": 1}), oracle)
+    wc2, info2 = zoom(NeedleFinder(), pt, WORLD, oracle)  # rounds = max_level = 2
     assert info1["rounds"] == 1 and not focus_recall(pt, wc1)  # L2 -> L1 only: still a gist
     assert info2["rounds"] == 2 and focus_recall(pt, wc2)  # L2 -> L1 -> L0
     # needle_level: the highest level of an entry holding a needle token, by brute force
@@ -73,7 +65,7 @@ def test_zoom_needs_a_round_per_level(oracle):
     assert len(wc2) <= WORLD.w_max and info2["expands"] >= 3
     # the shared question-time cover is untouched (every policy starts from it)
     assert not focus_recall(pt, pt.wc)
-    wc3, info3 = zoom(RecencyZoom(), pt, WORLD)
+    wc3, info3 = zoom(Recency(), pt, WORLD, oracle)
     assert info3["expands"] == 0 and info3["rounds"] == 1
     np.testing.assert_array_equal(wc3.levels, pt.wc.levels)
 
@@ -109,9 +101,9 @@ def test_dense_retrieval_ranks_a_planted_needle_first(oracle):
         context = filler[:at] + "QXZJWVQXZJWV" + filler[at:]
         task = {"id": f"p{seed}", "context": context, "question": "\nQXZJWV", "answer": " 1",
                 "needle_spans": [[at, at + 12]]}
-        pt = prepare_task(task, oracle, CharTokenizer(512), replace(WORLD, tail=32), features=True)
+        pt = prepare_task(task, oracle, CharTokenizer(512), replace(WORLD, tail_tokens=32), features=True)
         assert pt.query_text == "\nQXZJWV" and pt.query_hidden.shape == (oracle.d_model,)
-        assert _needle_rank(RetrievalZoom().relevance(pt), pt) == 1, seed
+        assert _needle_rank(DenseRetrieval().relevance(pt), pt) == 1, seed
 
 
 def test_bm25_ranks_the_needle_first_on_real_text(oracle):
@@ -119,14 +111,14 @@ def test_bm25_ranks_the_needle_first_on_real_text(oracle):
     BM25 over the blocks' text ranks a needle block first."""
     from sim.tasks import TaskConfig, generate_tasks
 
-    world = TaskWorldConfig(block_size=32, max_level=2, w_max=200, tail=96, step_tokens=32, n_tail=3)
+    world = TaskWorldConfig(block_size=32, max_level=2, w_max=200, tail_tokens=96, step_tokens=32, n_tail_gists=3)
     tasks = generate_tasks(TaskConfig(kind="passkey", n_tasks=4, length=(800,), depths=(0.2, 0.5, 0.8),
                                       split="heldout", seed=1))
     for task in tasks:
         pt = prepare_task(task, oracle, CharTokenizer(512), world, features=False)
         assert pt.query_text == task["question"]
         assert pt.block_text[0] == task["context"][:32] and len(pt.block_text) == pt.n_tokens // 32
-        assert _needle_rank(BM25Zoom().relevance(pt), pt) == 1, task["id"]
+        assert _needle_rank(BM25().relevance(pt), pt) == 1, task["id"]
 
 
 def test_task_errors_name_the_task(oracle):
@@ -171,7 +163,7 @@ def test_evaluate_contract_and_bad_lines(tmp_path):
     out = tmp_path / "run"
     with pytest.raises(SystemExit) as exit_info:
         main(["--tasks", str(path), "--out", str(out), "--lm", "tiny", "--policies", "recency,retrieval,full",
-              "--no-progress", "--world.block-size", "4", "--world.w-max", "64", "--world.tail", "24",
+              "--no-progress", "--world.block-size", "4", "--world.w-max", "64", "--world.tail-tokens", "24",
               "--world.step-tokens", "4"])
     assert exit_info.value.code == 1  # lines were skipped
     assert torch.is_grad_enabled()  # the evaluator turns gradients off only inside
@@ -197,13 +189,13 @@ def test_evaluate_contract_and_bad_lines(tmp_path):
 
 
 def test_tiny_study_labels_train_evaluate(tmp_path):
+    from megacontext.traces import TraceReader
     from sim.taskstudy import main
-    from sim.traces import TraceReader
 
     out = tmp_path / "study"
     main(["--lm", "tiny", "--out", str(out), "--train-tasks", "2", "--eval-tasks", "1", "--train-lengths", "300",
           "--eval-lengths", "300", "--policies", "lensnet,recency,oracle", "--world.block-size", "4",
-          "--world.w-max", "110", "--world.tail", "72", "--world.step-tokens", "4", "--train.total-steps", "4",
+          "--world.w-max", "110", "--world.tail-tokens", "72", "--world.step-tokens", "4", "--train.total-steps", "4",
           "--train.eval-every", "2", "--train.ckpt-every", "2", "--train.warmup-steps", "1", "--preset", "tiny",
           "--stream-every", "30", "--horizon", "8", "--no-progress"])
     reader = TraceReader(out / "traces", require_complete=True)
@@ -219,7 +211,7 @@ def test_tiny_study_labels_train_evaluate(tmp_path):
     assert (out / "lensnet.pt").exists()
 
 
-class DecoyThenNeedle(ZoomPolicy):
+class DecoyThenNeedle(FocusPolicy):
     """Round 1: a decoy block looks best; round 2: the needle block does (its decoy worth ~0)."""
 
     name = "decoy"
@@ -227,7 +219,8 @@ class DecoyThenNeedle(ZoomPolicy):
     def __init__(self, decoy: int, needle: int) -> None:
         self.decoy, self.needle, self.round = decoy, needle, 0
 
-    def scores(self, pt, wc):
+    def scores(self, view):
+        pt, wc = view.task, view.wc
         rel = np.zeros(pt.n_tokens // wc.block_size)
         rel[self.decoy if self.round == 0 else self.needle] = 1.0
         self.round += 1
@@ -237,11 +230,11 @@ class DecoyThenNeedle(ZoomPolicy):
 def test_zoom_rounds_may_give_back_an_earlier_rounds_detail(oracle):
     # All L1 blocks, one free expansion's worth of slots: round 2 can open the needle only by
     # collapsing round 1's decoy again, which a stream-step cooldown would forbid.
-    world = TaskWorldConfig(block_size=4, max_level=1, w_max=38, tail=8, step_tokens=4, n_tail=3, zoom_rounds=2)
+    world = TaskWorldConfig(block_size=4, max_level=1, w_max=38, tail_tokens=8, step_tokens=4, n_tail_gists=3, zoom_rounds=2)
     pt = prepare_task(_task(n_filler=100, at=40), oracle, CharTokenizer(512), world, features=False)
     assert pt.wc.free_slots() < 3  # no expand without a payer
     needle = int(np.flatnonzero(pt.needle)[0]) // 4
-    wc, info = zoom(DecoyThenNeedle(decoy=2, needle=needle), pt, world)
+    wc, info = zoom(DecoyThenNeedle(decoy=2, needle=needle), pt, world, oracle)
     assert np.any((wc.starts == needle * 4) & (wc.levels == 0))  # the needle's first block at L0
     assert not np.any((wc.starts == 8) & (wc.levels == 0))  # the decoy (block 2) given back
     assert info["rounds"] == 2 and info["expands"] == 2 and info["collapses"] == 2
@@ -270,7 +263,7 @@ def test_gap_recovered_matches_the_formula_and_resamples_documents():
 @settings(max_examples=30, deadline=None)
 @given(wc=working_contexts(), data=st.data())
 def test_rank_scores_keep_each_kinds_order_on_the_heuristics_scale(wc, data):
-    from sim.taskworld import rank_scores
+    from sim.features import rank_scores
 
     u = np.asarray(data.draw(st.lists(st.floats(-5, 5), min_size=len(wc), max_size=len(wc))))
     r = rank_scores(wc, u)
@@ -287,7 +280,7 @@ def test_prepare_task_names_budget_errors_and_lets_bugs_through(oracle, monkeypa
     """Only the expected task-data error (no collapse restores the budget) becomes a TaskError, which
     sim.evaluate skips as a bad line; any other exception is a bug and must propagate."""
     import sim.taskworld as taskworld
-    from sim.working_context import BudgetExhausted
+    from megacontext.working_context import BudgetExhausted
 
     def exhausted(self, wc):
         raise BudgetExhausted("no legal collapse restores the budget")
@@ -306,14 +299,14 @@ def test_prepare_task_names_budget_errors_and_lets_bugs_through(oracle, monkeypa
 def test_label_rounds_stop_when_a_round_changes_nothing(tmp_path, oracle):
     """As zoom does: once the oracle's scores move nothing, further rounds would write the same
     snapshot again."""
-    from sim.allocator import AllocatorConfig
+    from megacontext.allocator import AllocatorConfig
+    from megacontext.traces import TraceReader
+    from megacontext.tree import mean_gister
     from sim.taskstudy import label_tasks
-    from sim.traces import TraceReader
-    from sim.tree import mean_gister
 
     world = replace(WORLD, allocator=AllocatorConfig(tau_expand=1e9))  # no expand clears the threshold
     assert world.rounds == 2
-    meta = {"d_model": oracle.d_model, "n_tail": world.n_tail, "block_size": world.block_size,
+    meta = {"d_model": oracle.d_model, "n_tail": world.n_tail_gists, "block_size": world.block_size,
             "max_level": world.max_level}
     part = label_tasks([_task()], tmp_path / "traces", oracle, CharTokenizer(512), world, mean_gister, meta,
                        progress=False)
@@ -326,13 +319,13 @@ def test_taskstudy_restores_grad_mode_and_records_its_own_arguments(tmp_path, mo
     (or an error) leaves the caller's grad mode as it was."""
     import shlex
 
-    from sim.cli import parse
+    from megacontext.cli import parse
     from sim.taskstudy import TaskStudyArgs, run
 
     monkeypatch.setattr("sys.argv", ["some-other-program", "--flag"])
     args = TaskStudyArgs(lm="tiny", out=str(tmp_path / "s"), train_tasks=1, eval_tasks=1, train_lengths=(300,),
                          eval_lengths=(300,), label_only=True, progress=False,
-                         world=TaskWorldConfig(block_size=4, w_max=110, tail=72, step_tokens=4))
+                         world=TaskWorldConfig(block_size=4, w_max=110, tail_tokens=72, step_tokens=4))
     run(args)
     assert torch.is_grad_enabled()
     command = shlex.split((tmp_path / "s" / "command.txt").read_text())
@@ -344,7 +337,7 @@ def test_evaluate_docstring_shows_only_options_it_takes(capsys):
     import re
 
     import sim.evaluate
-    from sim.cli import parse
+    from megacontext.cli import parse
 
     with pytest.raises(SystemExit):
         parse(sim.evaluate.EvaluateArgs, ["--help"])

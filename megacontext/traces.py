@@ -2,7 +2,7 @@
 
 Layout of a trace directory::
 
-    manifest.json          format, schema_version, d_model, n_tail, tree shape, config, oracle,
+    manifest.json          format, schema_version, d_model, n_tail_gists, tree shape, config, oracle,
                            seed, shards [{file, n_snapshots, sha256}], n_snapshots, complete
     shard-00000.safetensors
 
@@ -29,7 +29,7 @@ FORMAT = "megafocus-traces"
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 
-# name -> (dtype, trailing shape: "d" = d_model, "t" = n_tail)
+# name -> (dtype, trailing shape: "d" = d_model, "t" = n_tail_gists)
 ENTRY_KEYS: dict[str, tuple[type, tuple[str, ...]]] = {
     "embeddings": (np.float32, ("d",)),
     "levels": (np.int64, ()),
@@ -76,14 +76,14 @@ def _atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _shape(spec: tuple[str, ...], d_model: int, n_tail: int) -> tuple[int, ...]:
-    return tuple(d_model if s == "d" else n_tail for s in spec)
+def _shape(spec: tuple[str, ...], d_model: int, n_tail_gists: int) -> tuple[int, ...]:
+    return tuple(d_model if s == "d" else n_tail_gists for s in spec)
 
 
 class TraceWriter:
     """Appends snapshots to a trace directory, one shard per ``shard_size``; resumable.
 
-    ``meta`` must hold ``d_model`` and ``n_tail`` (and should hold config, oracle, seed). Reopening
+    ``meta`` must hold ``d_model`` and ``n_tail_gists`` (and should hold config, oracle, seed). Reopening
     a directory with the same meta resumes after its completed shards (``n_done``); different meta
     is refused rather than mixed.
     """
@@ -182,19 +182,19 @@ class TraceReader:
             if require_complete and not m["complete"]:
                 raise TraceFormatError(f"{d / MANIFEST}: trace is incomplete (generation still running or crashed)")
         self.meta = manifests[0]["meta"]
-        self.d_model, self.n_tail = int(self.meta["d_model"]), int(self.meta["n_tail"])
+        self.d_model, self.n_tail_gists = int(self.meta["d_model"]), int(self.meta["n_tail"])
         for d, m in zip(dirs[1:], manifests[1:], strict=True):
-            if (int(m["meta"]["d_model"]), int(m["meta"]["n_tail"])) != (self.d_model, self.n_tail):
-                raise TraceFormatError(f"{d / MANIFEST}: d_model/n_tail differ from {dirs[0] / MANIFEST}")
+            if (int(m["meta"]["d_model"]), int(m["meta"]["n_tail"])) != (self.d_model, self.n_tail_gists):
+                raise TraceFormatError(f"{d / MANIFEST}: d_model/n_tail_gists differ from {dirs[0] / MANIFEST}")
         self._entries: dict[str, list[np.ndarray]] = {k: [] for k in ENTRY_KEYS}
         self._snap: dict[str, list[np.ndarray]] = {k: [] for k in SNAPSHOT_KEYS}
         self._offsets: list[int] = [0]
         for d, m in zip(dirs, manifests, strict=True):
             for shard in m["shards"]:
                 self._load_shard(d / shard["file"], shard)
-        self.entries = {k: np.concatenate(v) if v else np.zeros((0, *_shape(ENTRY_KEYS[k][1], self.d_model, self.n_tail)))
+        self.entries = {k: np.concatenate(v) if v else np.zeros((0, *_shape(ENTRY_KEYS[k][1], self.d_model, self.n_tail_gists)))
                         for k, v in self._entries.items()}
-        self.snapshots = {k: np.concatenate(v) if v else np.zeros((0, *_shape(SNAPSHOT_KEYS[k][1], self.d_model, self.n_tail)))
+        self.snapshots = {k: np.concatenate(v) if v else np.zeros((0, *_shape(SNAPSHOT_KEYS[k][1], self.d_model, self.n_tail_gists)))
                           for k, v in self._snap.items()}
         self.offsets = np.asarray(self._offsets, dtype=np.int64)
         del self._entries, self._snap
@@ -235,12 +235,12 @@ class TraceReader:
             raise TraceFormatError(f"{file}: bad offsets (shape {off.shape}, expected ({s + 1},), non-decreasing from 0)")
         n = int(off[-1])
         for k, (dtype, spec) in ENTRY_KEYS.items():
-            want = (n, *_shape(spec, self.d_model, self.n_tail))
+            want = (n, *_shape(spec, self.d_model, self.n_tail_gists))
             if t[k].shape != want:
                 raise TraceFormatError(f"{file}: {k} has shape {t[k].shape}, expected {want} (d_model={self.d_model})")
             self._entries[k].append(t[k].astype(dtype))
         for k, (dtype, spec) in SNAPSHOT_KEYS.items():
-            want = (s, *_shape(spec, self.d_model, self.n_tail))
+            want = (s, *_shape(spec, self.d_model, self.n_tail_gists))
             if t[k].shape != want:
                 raise TraceFormatError(f"{file}: {k} has shape {t[k].shape}, expected {want}")
             self._snap[k].append(t[k].astype(dtype))

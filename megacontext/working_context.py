@@ -15,7 +15,7 @@ from typing import Literal
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from sim.tree import ConfigError, MegaContextTree
+from megacontext.tree import ConfigError, MegaContextTree
 
 PositionMode = Literal["slot", "centre"]
 
@@ -42,23 +42,23 @@ class ContextConfig:
 
     w_max: int = 512
     """W_max: maximum number of entries (each costs one slot)."""
-    tail: int = 128
+    tail_tokens: int = 128
     """R: the last R tokens always stand at L0 and never collapse."""
     position_mode: PositionMode = "slot"
     """'slot': position = slot index; 'centre': L0 at its token index, a gist at its span centre."""
 
     def __post_init__(self) -> None:
-        if self.tail < 0:
-            raise ConfigError(f"tail must be >= 0, got {self.tail}")
+        if self.tail_tokens < 0:
+            raise ConfigError(f"tail_tokens must be >= 0, got {self.tail_tokens}")
         if self.w_max < 1:
             raise ConfigError(f"w_max must be >= 1, got {self.w_max}")
         if self.position_mode not in ("slot", "centre"):
             raise ConfigError(f"position_mode must be 'slot' or 'centre', got {self.position_mode!r}")
 
 
-def min_slots(n_tokens: int, block_size: int, max_level: int, tail: int) -> int:
+def min_slots(n_tokens: int, block_size: int, max_level: int, tail_tokens: int) -> int:
     """Fewest entries that can cover ``n_tokens`` legally: the coarsest cover with an L0 tail."""
-    coarse_end = max(n_tokens - tail, 0)  # tokens that may stand coarse
+    coarse_end = max(n_tokens - tail_tokens, 0)  # tokens that may stand coarse
     count, covered = 0, 0
     for level in range(max_level, 0, -1):
         w = block_size**level
@@ -84,9 +84,9 @@ class ContextArrays:
     group_id: np.ndarray  # (N,) int64, slot of the group's first member, -1 if none
     expand_cost: np.ndarray  # (N,) float, c+ = b - 1 for gists
     collapse_refund: np.ndarray  # (N,) float, c- = (b - 1) / b for members of legal groups
-    tail_gists: np.ndarray  # (n_tail, d) float, zero padded
-    tail_levels: np.ndarray  # (n_tail,) int64, -1 on padding
-    tail_mask: np.ndarray  # (n_tail,) bool, True = real gist
+    tail_gists: np.ndarray  # (n_tail_gists, d) float, zero padded
+    tail_levels: np.ndarray  # (n_tail_gists,) int64, -1 on padding
+    tail_mask: np.ndarray  # (n_tail_gists,) bool, True = real gist
     n_tokens: int
 
 
@@ -95,12 +95,12 @@ class WorkingContext:
 
     def __init__(self, tree: MegaContextTree, config: ContextConfig) -> None:
         b, top = tree.config.block_size, tree.config.max_level
-        floor = config.tail + (b - 1) * top + 1
+        floor = config.tail_tokens + (b - 1) * top + 1
         if config.w_max < floor:
             raise ConfigError(
-                f"w_max={config.w_max} cannot hold the L0 tail ({config.tail}) plus a coarse cover "
+                f"w_max={config.w_max} cannot hold the L0 tail ({config.tail_tokens}) plus a coarse cover "
                 f"(up to {b - 1} nodes per level below the top, and one top-level gist): "
-                f"need w_max >= tail + (b-1)*max_level + 1 = {floor}"
+                f"need w_max >= tail_tokens + (b-1)*max_level + 1 = {floor}"
             )
         self.tree = tree
         self.config = config
@@ -142,7 +142,7 @@ class WorkingContext:
     @property
     def tail_start(self) -> int:
         """First token of the recency tail."""
-        return max(self.n_tokens - self.config.tail, 0)
+        return max(self.n_tokens - self.config.tail_tokens, 0)
 
     def free_slots(self) -> int:
         return self.config.w_max - len(self)
@@ -208,11 +208,11 @@ class WorkingContext:
                 f"cannot append {n} tokens: the tree holds {self.tree.n_tokens}, the context "
                 f"already covers {self.n_tokens}"
             )
-        need = min_slots(self.n_tokens + n, self.block_size, self.max_level, self.config.tail)
+        need = min_slots(self.n_tokens + n, self.block_size, self.max_level, self.config.tail_tokens)
         if need > self.config.w_max:
             raise BudgetExhausted(
                 f"T={self.n_tokens + n} tokens need at least {need} slots (coarsest cover with an L0 "
-                f"tail of {self.config.tail}) > w_max={self.config.w_max}: raise w_max, shorten the "
+                f"tail of {self.config.tail_tokens}) > w_max={self.config.w_max}: raise w_max, shorten the "
                 "tail, or add a level"
             )
         new = np.arange(self.n_tokens, self.n_tokens + n, dtype=np.int64)
@@ -256,7 +256,7 @@ class WorkingContext:
         return -(b - 1)
 
     # -------------------------------------------------------------------------------- outputs
-    def arrays(self, n_tail: int = 6, max_positions: int | None = None) -> ContextArrays:
+    def arrays(self, n_tail_gists: int = 6, max_positions: int | None = None) -> ContextArrays:
         """Everything a model needs about the current context (see ``ContextArrays``)."""
         b = self.block_size
         levels, indices = self.levels, self.indices
@@ -267,7 +267,7 @@ class WorkingContext:
             emb[sel] = self.tree.embeddings(int(level), indices[sel])
         gid = self.group_ids()
         can_expand = self.can_expand()
-        tail_gists, tail_levels, tail_mask = self.tail_gists(n_tail)
+        tail_gists, tail_levels, tail_mask = self.tail_gists(n_tail_gists)
         return ContextArrays(
             embeddings=emb,
             position_ids=self.position_ids(max_positions),
@@ -287,18 +287,18 @@ class WorkingContext:
             n_tokens=self.n_tokens,
         )
 
-    def tail_gists(self, n_tail: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def tail_gists(self, n_tail_gists: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The newest gist of each level above 1, then the most recent L1 gists; zero padded."""
         d = self.tree.config.d_model
-        gists = np.zeros((n_tail, d), dtype=self.tree.dtype)
-        levels = np.full(n_tail, -1, dtype=np.int64)
+        gists = np.zeros((n_tail_gists, d), dtype=self.tree.dtype)
+        levels = np.full(n_tail_gists, -1, dtype=np.int64)
         picks: list[tuple[int, int]] = []
         for level in range(self.max_level, 1, -1):
             n = self.tree.n_nodes(level)
-            if n > 0 and len(picks) < n_tail:
+            if n > 0 and len(picks) < n_tail_gists:
                 picks.append((level, n - 1))
         n1 = self.tree.n_nodes(1)
-        k = min(n_tail - len(picks), n1)
+        k = min(n_tail_gists - len(picks), n1)
         picks += [(1, i) for i in range(n1 - k, n1)]
         for slot, (level, index) in enumerate(picks):
             gists[slot] = self.tree.embeddings(level, np.array([index]))[0]
@@ -356,7 +356,7 @@ class WorkingContext:
             )
         in_tail = ends > self.tail_start
         if np.any(levels[in_tail] != 0):
-            raise InvariantViolation("recency_tail", f"a gist stands in the last {self.config.tail} tokens")
+            raise InvariantViolation("recency_tail", f"a gist stands in the last {self.config.tail_tokens} tokens")
         pos = self.position_ids()
         if np.any(np.diff(pos) <= 0):
             raise InvariantViolation("positions", "position ids do not strictly increase")

@@ -4,12 +4,12 @@ import numpy as np
 import pytest
 import torch
 
-from sim.allocator import FocusAllocator
-from sim.labels import counterfactual_contexts, label_snapshot
-from sim.lm import tiny_llama
-from sim.lm_oracle import LMOracle
-from sim.tree import MegaContextTree, TreeConfig
-from sim.working_context import ContextConfig, WorkingContext
+from megacontext.allocator import FocusAllocator
+from megacontext.labels import counterfactual_contexts, label_snapshot
+from megacontext.lm import tiny_llama
+from megacontext.lm_oracle import LMOracle
+from megacontext.tree import MegaContextTree, TreeConfig
+from megacontext.working_context import ContextConfig, WorkingContext
 
 
 def plain_nll(model, ids: np.ndarray, t: int, h: int) -> float:
@@ -20,10 +20,10 @@ def plain_nll(model, ids: np.ndarray, t: int, h: int) -> float:
     return torch.nn.functional.cross_entropy(logits[t - 1 : t + h - 1], x[0, t : t + h]).item()
 
 
-def focused_context(oracle, ids, t, b=4, w_max=40, tail=8, mode="slot", seed=0, moves=6):
+def focused_context(oracle, ids, t, b=4, w_max=40, tail_tokens=8, mode="slot", seed=0, moves=6):
     tree = MegaContextTree(TreeConfig(block_size=b, max_level=2, d_model=oracle.d_model))
     tree.ingest(ids[:t], oracle.token_embeddings(ids[:t]))
-    wc = WorkingContext(tree, ContextConfig(w_max=w_max, tail=tail, position_mode=mode))
+    wc = WorkingContext(tree, ContextConfig(w_max=w_max, tail_tokens=tail_tokens, position_mode=mode))
     wc.append_tokens(t)
     alloc = FocusAllocator()
     alloc.enforce_budget(wc)
@@ -42,7 +42,7 @@ def test_all_l0_context_equals_plain_forward(mode):
     t, h = 48, 16
     tree = MegaContextTree(TreeConfig(block_size=4, max_level=2, d_model=oracle.d_model))
     tree.ingest(ids[:t], oracle.token_embeddings(ids[:t]))
-    wc = WorkingContext(tree, ContextConfig(w_max=64, tail=8, position_mode=mode))
+    wc = WorkingContext(tree, ContextConfig(w_max=64, tail_tokens=8, position_mode=mode))
     wc.append_tokens(t)
     got = oracle.nll([wc.arrays()], ids[t : t + h], t)[0]
     assert got == pytest.approx(plain_nll(model, ids, t, h), abs=1e-5)
@@ -80,7 +80,7 @@ def test_bad_contexts_raise():
 
 @pytest.fixture(scope="module")
 def smollm2():
-    from sim.lm import load_lm
+    from megacontext.lm import load_lm
 
     model, tok = load_lm("smollm2", device="cpu")
     return model, tok
@@ -101,8 +101,8 @@ def test_smollm2_alignment_and_fast_path(smollm2):
     assert oracle.d_model == 576
     ids = pydoc_ids(tok, 128)
     t, h = 96, 16
-    wc = focused_context(oracle, ids, t, b=8, w_max=64, tail=16, moves=0)
-    roomy = WorkingContext(wc.tree, ContextConfig(w_max=t, tail=16))
+    wc = focused_context(oracle, ids, t, b=8, w_max=64, tail_tokens=16, moves=0)
+    roomy = WorkingContext(wc.tree, ContextConfig(w_max=t, tail_tokens=16))
     roomy.append_tokens(t)
     # 1e-4 here (1e-5 with the tiny LM): the oracle runs the 49k-wide output head on the H query rows
     # only, and fp32 GEMM over 16 rows vs 112 rows accumulates in a different order (differences just under 1e-4).
@@ -123,12 +123,12 @@ def test_lookahead_labels_equal_brute_force():
     ids = np.random.default_rng(3).integers(0, 512, t + h)
     tree = MegaContextTree(TreeConfig(block_size=b, max_level=2, d_model=fast.d_model))
     tree.ingest(ids[:t], fast.token_embeddings(ids[:t]))
-    wc = WorkingContext(tree, ContextConfig(w_max=16, tail=6))
+    wc = WorkingContext(tree, ContextConfig(w_max=16, tail_tokens=6))
     wc.append_tokens(t)
     FocusAllocator().enforce_budget(wc)
     assert np.any(wc.levels == 2)
-    plain = label_snapshot(wc, fast, ids[t : t + h], t, n_tail=2)
-    deep = label_snapshot(wc, fast, ids[t : t + h], t, n_tail=2, lookahead=True)
+    plain = label_snapshot(wc, fast, ids[t : t + h], t, n_tail_gists=2)
+    deep = label_snapshot(wc, fast, ids[t : t + h], t, n_tail_gists=2, lookahead=True)
     base = naive.nll([wc.arrays(2)], ids[t : t + h], t)[0]
     for i in range(len(wc)):
         level, index = int(wc.levels[i]), int(wc.indices[i])

@@ -12,9 +12,9 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from sim.allocator import AllocatorConfig, FocusAllocator
-from sim.tree import MegaContextTree, TreeConfig
-from sim.working_context import (
+from megacontext.allocator import AllocatorConfig, FocusAllocator
+from megacontext.tree import MegaContextTree, TreeConfig
+from megacontext.working_context import (
     BudgetExhausted,
     ContextConfig,
     IllegalAction,
@@ -36,7 +36,7 @@ class FocusMachine(RuleBasedStateMachine):
         self.tree = MegaContextTree(TreeConfig(block_size=b, max_level=max_level, d_model=3))
         tail = tail_blocks * b + (1 if b == 32 else 0)
         w_max = tail + (b - 1) * max_level + 1 + slack + (b if b == 32 else 2 * b)
-        self.wc = WorkingContext(self.tree, ContextConfig(w_max=w_max, tail=tail))
+        self.wc = WorkingContext(self.tree, ContextConfig(w_max=w_max, tail_tokens=tail))
         self.alloc = FocusAllocator(AllocatorConfig(n_diff=int(self.rng.integers(1, 6))))
         self.model: list[tuple[int, int, int]] = []
         STEPS["machines"] += 1
@@ -55,7 +55,7 @@ class FocusMachine(RuleBasedStateMachine):
         i = self.model.index((index * w, index * w + cw, level - 1))
         kids = [(index * w + k * cw, index * w + (k + 1) * cw, level - 1) for k in range(self.b)]
         assert self.model[i : i + self.b] == kids, "collapse of a non-consecutive sibling group"
-        assert (index + 1) * w <= self.wc.n_tokens - self.wc.config.tail, "collapse inside the tail"
+        assert (index + 1) * w <= self.wc.n_tokens - self.wc.config.tail_tokens, "collapse inside the tail"
         self.model[i : i + self.b] = [(index * w, (index + 1) * w, level)]
 
     def _apply_to_model(self, actions):
@@ -69,7 +69,7 @@ class FocusMachine(RuleBasedStateMachine):
         k = k if self.b < 32 else k * 8
         self.tree.ingest(self.rng.integers(0, 100, k), self.rng.normal(size=(k, 3)))
         t = self.wc.n_tokens
-        need = min_slots(t + k, self.b, self.max_level, self.wc.config.tail)
+        need = min_slots(t + k, self.b, self.max_level, self.wc.config.tail_tokens)
         try:
             self.wc.append_tokens(k)
         except BudgetExhausted:

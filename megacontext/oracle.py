@@ -1,6 +1,6 @@
 """The one oracle interface (DESIGN.md §3): NLL of the next H tokens after each of a batch of contexts.
 
-Implemented by ``sim.synthetic.SyntheticOracle`` (exact, milliseconds) and ``sim.lm_oracle.LMOracle``
+Implemented by ``sim.synthetic.SyntheticOracle`` (exact, milliseconds) and ``megacontext.lm_oracle.LMOracle``
 (a frozen transformers causal LM). Labelling, the environment and evaluation take any of them.
 """
 
@@ -11,7 +11,7 @@ from typing import Protocol
 
 import numpy as np
 
-from sim.working_context import ContextArrays
+from megacontext.working_context import ContextArrays
 
 
 class NLLOracle(Protocol):

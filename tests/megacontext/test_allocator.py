@@ -6,9 +6,9 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sim.allocator import AllocatorConfig, FocusAllocator, mask_illegal, recency_scores
-from sim.tree import ConfigError
-from sim.working_context import BudgetExhausted, ContextConfig, WorkingContext
+from megacontext.allocator import AllocatorConfig, FocusAllocator, mask_illegal, recency_scores
+from megacontext.tree import ConfigError
+from megacontext.working_context import BudgetExhausted, ContextConfig, WorkingContext
 from tests.strategies import build_tree, score_vectors, working_contexts
 
 
@@ -52,11 +52,11 @@ def test_scores_below_threshold_change_nothing(wc):
 def _coarse_context(extra_slots: int, b: int = 4, n: int = 64, tail: int = 4) -> WorkingContext:
     """The coarsest legal cover of ``n`` tokens, with ``extra_slots`` free slots."""
     tree = build_tree(b, 2, n)
-    wc = WorkingContext(tree, ContextConfig(w_max=n + tail + 2 * b, tail=tail))
+    wc = WorkingContext(tree, ContextConfig(w_max=n + tail + 2 * b, tail_tokens=tail))
     wc.append_tokens(n)
     while (starts := wc.group_starts()).size:
         wc.collapse(int(wc.levels[starts[0]]) + 1, int(wc.indices[starts[0]]) // b)
-    wc.config = ContextConfig(w_max=len(wc) + extra_slots, tail=tail)
+    wc.config = ContextConfig(w_max=len(wc) + extra_slots, tail_tokens=tail)
     wc.check_invariants()
     return wc
 
@@ -77,7 +77,7 @@ def test_swap_rule_gain_must_exceed_cost():
         wc = _coarse_context(extra_slots=0)  # no free slot: an expand must be paid for
         gists = np.flatnonzero(wc.levels >= 1)
         wc.expand(int(wc.levels[gists[0]]), int(wc.indices[gists[0]]))  # makes one payable group
-        wc.config = ContextConfig(w_max=len(wc), tail=4)
+        wc.config = ContextConfig(w_max=len(wc), tail_tokens=4)
         starts = wc.group_starts()
         assert starts.size == 1
         scores = np.zeros(len(wc))
@@ -95,7 +95,7 @@ def test_cheapest_group_pays_first():
     wc = _coarse_context(extra_slots=0, b=2, n=32, tail=2)
     wc.expand(2, 0)  # open the two oldest L2 gists: two L1 sibling groups that can pay
     wc.expand(2, 1)
-    wc.config = ContextConfig(w_max=len(wc), tail=2)
+    wc.config = ContextConfig(w_max=len(wc), tail_tokens=2)
     starts = wc.group_starts()
     assert starts.size >= 2
     scores = np.zeros(len(wc))
@@ -111,7 +111,7 @@ def test_cheapest_group_pays_first():
 
 def test_cooldown_blocks_reversal_then_expires():
     tree = build_tree(2, 2, 16)
-    wc = WorkingContext(tree, ContextConfig(w_max=32, tail=2))
+    wc = WorkingContext(tree, ContextConfig(w_max=32, tail_tokens=2))
     wc.append_tokens(16)
     alloc = FocusAllocator(AllocatorConfig(cooldown=2))
     wc.collapse(1, 0)
@@ -138,7 +138,7 @@ def test_nan_inf_and_bad_shapes_raise_and_leave_state_intact():
 
 def test_enforce_budget_restores_or_raises():
     tree = build_tree(2, 1, 64)
-    wc = WorkingContext(tree, ContextConfig(w_max=8, tail=2))
+    wc = WorkingContext(tree, ContextConfig(w_max=8, tail_tokens=2))
     alloc = FocusAllocator()
     wc.append_tokens(10)  # 10 L0 > 8: two collapses, the oldest groups first (no scores)
     actions = alloc.enforce_budget(wc)
@@ -151,14 +151,14 @@ def test_enforce_budget_restores_or_raises():
     assert wc.n_tokens == 12  # refused whole: nothing appended, nothing dropped
     wc.append_tokens(2)
     alloc.enforce_budget(wc)  # now the coarsest cover: 6 L1 + 2 L0 = 8
-    wc.config = ContextConfig(w_max=7, tail=2)  # shrink the budget under it behind the API's back
+    wc.config = ContextConfig(w_max=7, tail_tokens=2)  # shrink the budget under it behind the API's back
     with pytest.raises(BudgetExhausted, match="no legal collapse"):
         alloc.enforce_budget(wc)
 
 
 def test_enforce_budget_uses_scores_cheapest_first():
     tree = build_tree(2, 2, 16)
-    wc = WorkingContext(tree, ContextConfig(w_max=15, tail=2))
+    wc = WorkingContext(tree, ContextConfig(w_max=15, tail_tokens=2))
     wc.append_tokens(14)
     wc.append_tokens(2)
     scores = np.full(16, -1.0)
@@ -188,7 +188,7 @@ def test_allocator_config_validation():
 def _over_budget(b: int = 2, n: int = 12, extra: int = 2, w_max: int = 8, tail: int = 2) -> WorkingContext:
     """A context restored to ``w_max`` (oldest first) that then ingests ``extra`` tokens: over budget."""
     tree = build_tree(b, 2, n + extra)
-    wc = WorkingContext(tree, ContextConfig(w_max=w_max, tail=tail))
+    wc = WorkingContext(tree, ContextConfig(w_max=w_max, tail_tokens=tail))
     wc.append_tokens(n)
     FocusAllocator().enforce_budget(wc)
     wc.append_tokens(extra)
@@ -220,7 +220,7 @@ def test_forced_restore_starts_no_cooldown():
     scores = recency_scores(wc)  # restore the oldest group, expand nothing
     [restore] = [a for a in alloc.step(wc, scores) if a.forced]
     assert len(wc) <= wc.config.w_max
-    wc.config = ContextConfig(w_max=len(wc) + 1, tail=2)  # room for one expand (b - 1 = 1 slot)
+    wc.config = ContextConfig(w_max=len(wc) + 1, tail_tokens=2)  # room for one expand (b - 1 = 1 slot)
     scores = np.where((wc.levels == restore.level) & (wc.indices == restore.index), 1.0, 0.0)
     actions = alloc.step(wc, scores)
     assert [(a.kind, a.level, a.index) for a in actions] == [("expand", restore.level, restore.index)]

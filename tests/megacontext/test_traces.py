@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from sim.traces import (
+from megacontext.traces import (
     ENTRY_KEYS,
     MANIFEST,
     SNAPSHOT_KEYS,

@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sim.tree import ConfigError, MegaContextTree, TreeConfig, mean_gister
+from megacontext.tree import ConfigError, MegaContextTree, TreeConfig, mean_gister
 from tests.strategies import tree_shapes
 
 

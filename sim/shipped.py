@@ -7,9 +7,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import lensnet
 from gistnet.gister import lm_fingerprint  # one fingerprint for every checkpoint that fits an LM
 
-CHECKPOINT_DIR = Path(__file__).resolve().parent / "checkpoints"
+CHECKPOINT_DIR = Path(lensnet.__file__).resolve().parent / "checkpoints"
 TASKS_CHECKPOINT = CHECKPOINT_DIR / "lensnet-smollm2-tasks.pt"
 
 

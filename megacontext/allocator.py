@@ -18,8 +18,8 @@ from typing import Literal, TypeVar
 
 import numpy as np
 
-from sim.tree import ConfigError
-from sim.working_context import BudgetExhausted, InvariantViolation, WorkingContext
+from megacontext.tree import ConfigError
+from megacontext.working_context import BudgetExhausted, InvariantViolation, WorkingContext
 
 ArrayT = TypeVar("ArrayT")
 

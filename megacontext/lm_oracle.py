@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from transformers import DynamicCache
 
-from sim.working_context import ContextArrays
+from megacontext.working_context import ContextArrays
 
 
 class LMOracle:

@@ -6,8 +6,8 @@ from types import SimpleNamespace
 
 import torch
 
-from lensnet.shipped import TASKS_CHECKPOINT, default_lensnet_path, lm_fingerprint, read_card
 from lensnet.train import load_model
+from sim.shipped import TASKS_CHECKPOINT, default_lensnet_path, lm_fingerprint, read_card
 
 
 def _lm(**config):

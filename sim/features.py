@@ -1,0 +1,120 @@
+"""Per-block features of a task stream and the heuristic scales built on them: the block-alone
+hidden states and surprisal the dense-retrieval and surprisal baselines read, BM25 over block text,
+and the two ways a per-block relevance (or any scorer's order) becomes the allocator's signed scores
+(``relevance_scores``, ``rank_scores``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from megacontext.allocator import recency_scores
+from megacontext.lm_oracle import LMOracle
+from megacontext.working_context import WorkingContext
+
+RETRIEVAL_DEPTH = 1 / 30
+"""Dense retrieval's layer as a fraction of the LM's depth (layer 1 of SmolLM2's 30): chosen by
+the needle block's mean reciprocal rank over training tasks only (``benchmarks/retrieval_layer.py``;
+its figures are in ``results/retrieval-layer-seed0``)."""
+RETRIEVAL_CENTRE = False
+"""Whether dense retrieval centres both sides on the mean block vector: chosen on the same training
+tasks (``results/retrieval-layer-seed0``)."""
+
+
+@torch.no_grad()
+def block_features(oracle: LMOracle, ids: np.ndarray, b: int, query_ids: np.ndarray, layers: int | list[int],
+                   chunk: int = 16) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each complete L1 block read by the LM alone, and the query read alone: (block hidden states at
+    each of ``layers``, mean-pooled over positions 1.. (L, n_l1, d); the blocks' mean token NLL
+    (n_l1,); the query's hidden states pooled the same way (L, d)). Position 0 of a sequence read
+    alone holds the LM's attention-sink activations, shared by every block: it is left out."""
+    model = oracle.model
+    layers = [layers] if isinstance(layers, int) else list(layers)
+    n_l1 = len(ids) // b
+    blocks = torch.as_tensor(ids[: n_l1 * b].reshape(n_l1, b), device=oracle.device)
+    hidden, surprisal = [], []
+    for s in range(0, n_l1, chunk):
+        x = blocks[s : s + chunk]
+        out = model(input_ids=x, output_hidden_states=True, use_cache=False)
+        hidden.append(torch.stack([out.hidden_states[k][:, 1:].float().mean(dim=1) for k in layers]).cpu())
+        ce = torch.nn.functional.cross_entropy(out.logits[:, :-1].float().transpose(1, 2), x[:, 1:], reduction="none")
+        surprisal.append(ce.mean(dim=1).cpu())
+    q = torch.as_tensor(query_ids, device=oracle.device)[None]
+    states = model(input_ids=q, output_hidden_states=True, use_cache=False).hidden_states
+    q_hidden = torch.stack([states[k][0, 1:].float().mean(dim=0) if q.shape[1] > 1 else states[k][0, 0].float()
+                            for k in layers]).cpu()
+    d = oracle.d_model
+    return (torch.cat(hidden, dim=1).numpy() if hidden else np.zeros((len(layers), 0, d), np.float32),
+            torch.cat(surprisal).numpy() if surprisal else np.zeros(0, np.float32), q_hidden.numpy())
+
+
+def dense_relevance(block_hidden: np.ndarray, query_hidden: np.ndarray, centre: bool = True) -> np.ndarray:
+    """Cosine of each block's pooled state (n_l1, d) with the query's (d,), both first centred on
+    the mean block vector when ``centre`` (removes the direction every block shares)."""
+    k, q = np.asarray(block_hidden, np.float64), np.asarray(query_hidden, np.float64)
+    if centre and len(k):
+        mu = k.mean(axis=0)
+        k, q = k - mu, q - mu
+    return (k @ q) / (np.linalg.norm(k, axis=1) * np.linalg.norm(q) + 1e-12)
+
+
+def bm25_relevance(block_text: list[str], query: str) -> np.ndarray:
+    """Okapi BM25 score of each block's text against ``query`` (``bm25s``, English stop words,
+    default k1 = 1.5, b = 0.75); all zeros when the query keeps no term."""
+    import bm25s
+
+    scores = np.zeros(len(block_text))
+    if not block_text:
+        return scores
+    kw = dict(stopwords="en", show_progress=False)
+    q = bm25s.tokenize([query], return_ids=False, **kw)[0]
+    if not q:
+        return scores
+    index = bm25s.BM25()
+    index.index(bm25s.tokenize(block_text, **kw), show_progress=False)
+    return np.asarray(index.get_scores(q), dtype=np.float64)
+
+
+def rank01(x: np.ndarray) -> np.ndarray:
+    """Ranks scaled to [0, 1] (the largest value gets 1)."""
+    if x.size <= 1:
+        return np.ones_like(x, dtype=np.float64)
+    return np.argsort(np.argsort(x, kind="stable"), kind="stable") / (x.size - 1)
+
+
+def relevance_scores(wc: WorkingContext, block_rel: np.ndarray) -> np.ndarray:
+    """Signed allocator scores from a relevance in [0, 1] per L1 block.
+
+    A gist scores the best relevance among the blocks it covers (positive: expand the most
+    relevant first); an L0 entry scores minus its block's relevance (the cost of giving it up:
+    the least relevant detail pays first), less a tiny recency term so ties go oldest first.
+    Tokens of the trailing partial block get relevance 1 (they are in the tail anyway).
+    """
+    b = wc.block_size
+    first = wc.starts // b  # first L1 block of each entry
+    last = np.maximum((wc.ends - 1) // b, first)
+    padded = np.concatenate([np.asarray(block_rel, dtype=np.float64), [1.0]])
+    first, last = np.minimum(first, len(block_rel)), np.minimum(last, len(block_rel))
+    # max over each entry's block range: entries tile the stream in order (a context invariant), so
+    # each range runs up to the next entry's first block (or is that block itself, for L0 entries
+    # sharing it)
+    rel = np.maximum.reduceat(padded[: last[-1] + 1], first)
+    rel = np.where(last > first, rel, padded[first])
+    return np.where(wc.levels >= 1, rel, -rel) + 1e-6 * recency_scores(wc)
+
+
+def rank_scores(wc: WorkingContext, u: np.ndarray) -> np.ndarray:
+    """A scorer's order on the heuristics' scale (``relevance_scores``): gists get their rank among
+    the gists in [0, 1] (the best 1), L0 entries minus their rank from the cheapest to give up in
+    [-1, 0] (the cheapest 0), plus the same tiny recency tie-break. Keeps the order within each kind
+    and drops the magnitudes, so the allocator's thresholds (in nats) no longer gate a scorer whose
+    values are shrunk but whose order is right."""
+    u = np.asarray(u, dtype=np.float64)
+    out = np.empty_like(u)
+    gist = wc.levels >= 1
+    out[gist] = rank01(u[gist])
+    out[~gist] = rank01(u[~gist]) - 1.0
+    return out + 1e-6 * recency_scores(wc)
+
+
