@@ -1,4 +1,5 @@
-"""Only here to ship ``megafocus-gym.pth`` (see ``megafocus_gym_hook.py``); metadata lives in pyproject.
+"""Only here to ship ``megafocus-gym.pth`` (see ``megafocus_gym_hook.py``); metadata lives in
+pyproject.
 
 A ``.pth`` must sit at the top of site-packages, which setuptools has no declarative option for:
 ``build_py`` copies it into regular wheels, ``editable_wheel`` into editable ones.
@@ -23,7 +24,9 @@ class BuildPyWithPth(build_py):
 
 
 class EditableWheelWithPth(editable_wheel):
-    def _install_namespaces(self, installation_dir, pth_prefix):  # writes into the unpacked wheel root
+    def _install_namespaces(
+        self, installation_dir, pth_prefix
+    ):  # writes into the unpacked wheel root
         super()._install_namespaces(installation_dir, pth_prefix)
         self.copy_file(str(PTH), str(Path(installation_dir) / PTH.name))
 

@@ -24,7 +24,11 @@ import numpy as np  # noqa: E402
 
 
 def _jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    return (
+        [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        if path.exists()
+        else []
+    )
 
 
 def _save(fig, path: Path) -> Path:
@@ -54,8 +58,18 @@ def training_curves(log: list[dict], out: Path) -> Path:
 def validation_metrics(log: list[dict], out: Path) -> Path:
     evals = [r for r in log if "val/loss" in r]
     fig, ax = plt.subplots(figsize=(7, 4))
-    for key in ("val/ranking_accuracy", "val/pearson", "val/legality_compliance_raw", "val/budget_balance"):
-        ax.plot([r["step"] for r in evals], [np.nan if r.get(key) is None else r[key] for r in evals], marker="o", label=key)
+    for key in (
+        "val/ranking_accuracy",
+        "val/pearson",
+        "val/legality_compliance_raw",
+        "val/budget_balance",
+    ):
+        ax.plot(
+            [r["step"] for r in evals],
+            [np.nan if r.get(key) is None else r[key] for r in evals],
+            marker="o",
+            label=key,
+        )
     ax2 = ax.twinx()
     ax2.plot([r["step"] for r in evals], [r["val/loss"] for r in evals], "k--", label="val/loss")
     ax2.set_ylabel("val loss")
@@ -72,14 +86,21 @@ def policy_nll(results: dict, out: Path) -> Path:
     fig, ax = plt.subplots(figsize=(7, 4))
     means = [pol[n]["nll"] for n in names]
     sds = [pol[n]["nll_std_over_docs"] for n in names]
-    ax.bar(names, means, yerr=sds, capsize=4, color=["C0" if n == "lensnet" else "C7" for n in names])
+    ax.bar(
+        names, means, yerr=sds, capsize=4, color=["C0" if n == "lensnet" else "C7" for n in names]
+    )
     for i, n in enumerate(names):
-        ax.scatter([i] * len(pol[n]["nll_per_doc"]), pol[n]["nll_per_doc"], s=8, color="k", zorder=3)
+        ax.scatter(
+            [i] * len(pol[n]["nll_per_doc"]), pol[n]["nll_per_doc"], s=8, color="k", zorder=3
+        )
     lo = min(min(pol[n]["nll_per_doc"]) for n in names)
     hi = max(max(pol[n]["nll_per_doc"]) for n in names)
     ax.set_ylim(lo - 0.1 * (hi - lo + 1e-9), hi + 0.1 * (hi - lo + 1e-9))
     ax.set_ylabel("mean NLL of the next H tokens")
-    ax.set_title(f"Held-out NLL per policy (W_max={results['w_max']}, seed {results['seed']}); dots = documents")
+    ax.set_title(
+        f"Held-out NLL per policy (W_max={results['w_max']}, seed {results['seed']}); dots = "
+        "documents"
+    )
     return _save(fig, out / "policy_nll.png")
 
 
@@ -96,8 +117,15 @@ def budget_sweep(results: dict, out: Path) -> Path | None:
         gap = [sweep[b][name]["nll"] - sweep[b]["oracle"]["nll"] for b in budgets]
         ax1.plot(xs, gap, label=name, **style)
         if name != "oracle":
-            ax2.plot(xs, [np.nan if sweep[b][name]["ngr"] is None else sweep[b][name]["ngr"] for b in budgets],
-                     label=name, **style)
+            ax2.plot(
+                xs,
+                [
+                    np.nan if sweep[b][name]["ngr"] is None else sweep[b][name]["ngr"]
+                    for b in budgets
+                ],
+                label=name,
+                **style,
+            )
     ax1.set_xlabel("W_max (entries)")
     ax1.set_ylabel("NLL - NLL(greedy oracle)")
     ax1.set_title("NLL gap to the oracle vs budget")
@@ -107,7 +135,10 @@ def budget_sweep(results: dict, out: Path) -> Path | None:
     ax2.set_xlabel("W_max (entries)")
     ax2.set_ylabel("NGR = (recency - policy) / (recency - oracle)")
     ax2.set_title("NLL-gap recovered vs budget")
-    fig.suptitle(f"Held-out documents, seed {results['seed']} (LensNet trained at W_max={results['w_max']})", fontsize=9)
+    fig.suptitle(
+        f"Held-out documents, seed {results['seed']} (LensNet trained at W_max={results['w_max']})",
+        fontsize=9,
+    )
     return _save(fig, out / "budget_sweep.png")
 
 
@@ -123,26 +154,44 @@ def focus_heatmap(focus: list[dict], out: Path) -> Path:
             starts = np.asarray(r["starts"] + [r["T"]])
             for lv, a, b in zip(r["levels"], starts[:-1], starts[1:], strict=True):
                 img[y, a:b] = lv
-        ax.imshow(img, aspect="auto", interpolation="nearest", cmap="viridis_r", vmin=0, vmax=max(2, np.nanmax(img)))
-        if any("referenced" in r for r in rows):  # synthetic world: the blocks the next H tokens need
-            pts = [(blk * r["block_size"] + r["block_size"] / 2, y) for y, r in enumerate(rows)
-                   for blk in r.get("referenced", [])]
+        ax.imshow(
+            img,
+            aspect="auto",
+            interpolation="nearest",
+            cmap="viridis_r",
+            vmin=0,
+            vmax=max(2, np.nanmax(img)),
+        )
+        if any(
+            "referenced" in r for r in rows
+        ):  # synthetic world: the blocks the next H tokens need
+            pts = [
+                (blk * r["block_size"] + r["block_size"] / 2, y)
+                for y, r in enumerate(rows)
+                for blk in r.get("referenced", [])
+            ]
             if pts:
                 px, py = zip(*pts, strict=True)
                 ax.scatter(px, py, s=4, c="red", marker="s", linewidths=0)
         ax.set_ylabel(name, rotation=0, ha="right", fontsize=8)
         ax.set_yticks([])
-    axes[-1, 0].set_xlabel("token position (colour: level of the entry covering it; yellow = L0; "
-                           "red: blocks the next H tokens refer to)")
+    axes[-1, 0].set_xlabel(
+        "token position (colour: level of the entry covering it; yellow = L0; "
+        "red: blocks the next H tokens refer to)"
+    )
     fig.suptitle("Focus over one held-out document (rows = refocus steps)")
     return _save(fig, out / "focus_heatmap.png")
 
 
 def task_grid(results: dict, out: Path) -> Path:
-    """Exact match by needle depth x task length, one panel per policy (``sim.evaluate`` results)."""
+    """Exact match by needle depth x task length, one panel per policy (``sim.evaluate`` results).
+    """
     grid = results["grid"]
     names = list(grid)
-    def order(key: str) -> tuple[int, float | str]:  # numbers ascending, then labels ("None": no depth given)
+
+    def order(
+        key: str,
+    ) -> tuple[int, float | str]:  # numbers ascending, then labels ("None": no depth given)
         try:
             return 0, float(key)
         except ValueError:
@@ -174,8 +223,13 @@ def score_distribution(scores: dict, results: dict, out: Path) -> Path:
     tau = 0.2  # the allocator's default tau_expand (the scores are already calibrated)
     cal = results.get("lensnet_calibration") or {}
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-    kinds = (("expand candidates (gists)", scores["can_expand"]),
-             ("collapse candidates (members of a legal group)", scores["can_collapse"] & ~scores["can_expand"]))
+    kinds = (
+        ("expand candidates (gists)", scores["can_expand"]),
+        (
+            "collapse candidates (members of a legal group)",
+            scores["can_collapse"] & ~scores["can_expand"],
+        ),
+    )
     for ax, (title, keep) in zip(axes, kinds, strict=True):
         u, y = scores["score"][keep], scores["label"][keep]
         if u.size:
@@ -183,7 +237,9 @@ def score_distribution(scores: dict, results: dict, out: Path) -> Path:
             bins = np.linspace(min(lo, -tau), max(hi, 2 * tau), 60)
             ax.hist(y, bins=bins, alpha=0.45, color="C7", label="exact label y")
             ax.hist(u, bins=bins, alpha=0.6, color="C0", label="LensNet (calibrated)")
-        if ax is axes[0]:  # an expand needs u > tau_expand; a paid one u + mean(payers' u) > tau_swap = 0
+        if (
+            ax is axes[0]
+        ):  # an expand needs u > tau_expand; a paid one u + mean(payers' u) > tau_swap = 0
             ax.axvline(tau, color="C3", lw=1, ls="--", label=f"tau_expand = {tau}")
         ax.axvline(0.0, color="k", lw=0.6, ls=":", label="0 (tau_swap)")
         ax.set_yscale("log")
@@ -191,8 +247,11 @@ def score_distribution(scores: dict, results: dict, out: Path) -> Path:
         ax.set_xlabel("score (nats)")
         ax.legend(fontsize=7)
     scale = cal.get("score_scale", float(scores.get("score_scale", 1.0)))
-    fig.suptitle(f"Held-out scores against the allocator's thresholds (score scale {scale:g}, fitted on "
-                 f"validation episodes; = tau_expand {tau / scale:.3g} on the raw scores)", fontsize=9)
+    fig.suptitle(
+        f"Held-out scores against the allocator's thresholds (score scale {scale:g}, fitted on "
+        f"validation episodes; = tau_expand {tau / scale:.3g} on the raw scores)",
+        fontsize=9,
+    )
     return _save(fig, out / "score_distribution.png")
 
 

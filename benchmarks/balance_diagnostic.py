@@ -1,4 +1,5 @@
-"""The level-balanced L_reg diagnostic: ``sim.run`` with DESIGN's plain L_reg replaced, through a patch
+"""The level-balanced L_reg diagnostic: ``sim.run`` with DESIGN's plain L_reg replaced, through a
+patch
 of ``LensNetLoss.forward``, by the mean over tree levels of each level's mean squared error.
 
 This is how the balanced loss was measured before it became ``TrainConfig.reg_balance='levels'``
@@ -9,7 +10,8 @@ shows the run-to-run spread of LensNet's metrics.
 
     python -m benchmarks.balance_diagnostic --out runs/exp-bal --no-progress --no-plots
 
-Every ``sim.run`` flag works; ``--train.reg-balance entries`` is forced (the patch replaces that term).
+Every ``sim.run`` flag works; ``--train.reg-balance entries`` is forced (the patch replaces that
+term).
 """
 
 from __future__ import annotations
@@ -26,13 +28,17 @@ from sim.run import RunArgs, run
 _plain_forward = losses.LensNetLoss.forward
 
 
-def _balanced_forward(self: losses.LensNetLoss, predictions: Tensor, batch: dict[str, Tensor]) -> dict[str, Tensor | float]:
+def _balanced_forward(
+    self: losses.LensNetLoss, predictions: Tensor, batch: dict[str, Tensor]
+) -> dict[str, Tensor | float]:
     """LensNetLoss.forward with L_reg = mean over levels present of that level's mean (u - y)^2."""
     assert self.reg_balance == "entries", "the patch replaces the plain L_reg term"
     out = _plain_forward(self, predictions, batch)
     mask = batch["action_mask"].bool() & batch["valid_mask"].bool()
     per_level = [
-        losses.regression_loss(predictions, batch["target_utilities"], mask & (batch["levels"] == level))
+        losses.regression_loss(
+            predictions, batch["target_utilities"], mask & (batch["levels"] == level)
+        )
         for level in range(self.max_level + 1)
         if (mask & (batch["levels"] == level)).any()
     ]

@@ -1,4 +1,5 @@
-"""GistNet against its baselines and content controls, on held-out prose and code, same contexts per row.
+"""GistNet against its baselines and content controls, on held-out prose and code, same contexts per
+row.
 
 Usage: ``python -m benchmarks.bench_gistnet [--windows 48] [--l2-windows 8] [--texts prose code]
 [--checkpoint PATH] [--soft-prompt PATH] [--name gistnet] [--out-dir DIR]``. Writes
@@ -51,7 +52,11 @@ def per_window(sub: Substitution, exs: list[Example], swap=None, size: int = 8) 
     out = []
     with torch.no_grad():
         for s in range(0, len(exs), size):
-            out.append(sub.nll(exs[s : s + size], None if swap is None else swap[s : s + size]).cpu().numpy())
+            out.append(
+                sub.nll(exs[s : s + size], None if swap is None else swap[s : s + size])
+                .cpu()
+                .numpy()
+            )
     return np.concatenate(out).astype(np.float64)
 
 
@@ -63,8 +68,11 @@ def paired(a: np.ndarray, b: np.ndarray) -> dict:
     """a - b per window: mean and 95 % interval."""
     d = a - b
     half = 1.96 * d.std(ddof=1) / np.sqrt(len(d))
-    return {"mean": float(d.mean()), "ci95": [float(d.mean() - half), float(d.mean() + half)],
-            "excludes_0": bool(abs(d.mean()) > half)}
+    return {
+        "mean": float(d.mean()),
+        "ci95": [float(d.mean() - half), float(d.mean() + half)],
+        "excludes_0": bool(abs(d.mean()) > half),
+    }
 
 
 def label_distribution(lm, tok, gister, n_snapshots: int, seed: int) -> dict:
@@ -89,7 +97,9 @@ def label_distribution(lm, tok, gister, n_snapshots: int, seed: int) -> dict:
                 break
             ids, start = ep.query()
             lab = label_snapshot(ep.wc, ep.oracle, ids, start, w.n_tail_gists)
-            for lv, y, m in zip(lab["levels"], lab["target_utilities"], lab["action_mask"], strict=True):
+            for lv, y, m in zip(
+                lab["levels"], lab["target_utilities"], lab["action_mask"], strict=True
+            ):
                 if m:
                     ys[int(lv)].append(float(y))
             got += 1
@@ -99,9 +109,16 @@ def label_distribution(lm, tok, gister, n_snapshots: int, seed: int) -> dict:
     for lv, v in ys.items():
         if v:
             a = np.asarray(v)
-            out[f"L{lv}"] = {"n": len(a), "mean": float(a.mean()), "median": float(np.median(a)),
-                             "frac_below_-1": float((a < -1).mean()), "frac_above_0.2": float((a > 0.2).mean()),
-                             "quantiles_5_25_75_95": [float(q) for q in np.quantile(a, [0.05, 0.25, 0.75, 0.95])]}
+            out[f"L{lv}"] = {
+                "n": len(a),
+                "mean": float(a.mean()),
+                "median": float(np.median(a)),
+                "frac_below_-1": float((a < -1).mean()),
+                "frac_above_0.2": float((a > 0.2).mean()),
+                "quantiles_5_25_75_95": [
+                    float(q) for q in np.quantile(a, [0.05, 0.25, 0.75, 0.95])
+                ],
+            }
     return out
 
 
@@ -115,12 +132,17 @@ def load_soft_prompt(path: str, device) -> SoftPrompt | None:
     return soft.to(device)
 
 
-def l1_setting(lm, held: TextBlocks, gnet: GistNet, soft: SoftPrompt | None, windows: int, seed: int) -> dict:
+def l1_setting(
+    lm, held: TextBlocks, gnet: GistNet, soft: SoftPrompt | None, windows: int, seed: int
+) -> dict:
     """Every row on the same windows: 8 blocks of 32 tokens, then H = 32 query tokens."""
     cfg = gnet.config
     untrained = GistNet(cfg, gnet.centre, float(gnet.sigma)).to(gnet.centre.device).eval()
-    subs = {"gistnet": Substitution(lm, held, gistnet=gnet), "mean_pool": Substitution(lm, held, gistnet=MeanPool()),
-            "centred_mean": Substitution(lm, held, gistnet=untrained)}
+    subs = {
+        "gistnet": Substitution(lm, held, gistnet=gnet),
+        "mean_pool": Substitution(lm, held, gistnet=MeanPool()),
+        "centred_mean": Substitution(lm, held, gistnet=untrained),
+    }
     if soft is not None:
         subs["soft_prompt"] = Substitution(lm, held, soft=soft)
     ctx = 8
@@ -138,9 +160,11 @@ def l1_setting(lm, held: TextBlocks, gnet: GistNet, soft: SoftPrompt | None, win
     }
     if "soft_prompt" in subs:
         rows["soft_prompt"] = per_window(subs["soft_prompt"], exs)
-    l1 = {"rows": {k: summary(v) for k, v in rows.items()},
-          "gistnet_minus": {k: paired(rows["gistnet"], v) for k, v in rows.items() if k != "gistnet"},
-          "far_minus_own": paired(rows["far_window"], rows["gistnet"])}
+    l1 = {
+        "rows": {k: summary(v) for k, v in rows.items()},
+        "gistnet_minus": {k: paired(rows["gistnet"], v) for k, v in rows.items() if k != "gistnet"},
+        "far_minus_own": paired(rows["far_window"], rows["gistnet"]),
+    }
     span = rows["dropped"].mean() - rows["full"].mean()
     if "soft_prompt" in rows:
         l1["content_share"] = float((rows["soft_prompt"].mean() - rows["gistnet"].mean()) / span)
@@ -169,21 +193,28 @@ def l2_setting(held: TextBlocks, sub: Substitution, windows: int, seed: int) -> 
             for name, hist in variants.items():
                 rows[name].append(_nll_of(sub, torch.cat([hist, window]), query))
     arr = {k: np.asarray(v) for k, v in rows.items()}
-    return {"rows": {k: summary(v) for k, v in arr.items()},
-            "l2_gist_minus": {k: paired(arr["l2_gist"], v) for k, v in arr.items() if k != "l2_gist"},
-            "l1_gists_minus_dropped_history": paired(arr["l1_gists"], arr["dropped_history"])}
+    return {
+        "rows": {k: summary(v) for k, v in arr.items()},
+        "l2_gist_minus": {k: paired(arr["l2_gist"], v) for k, v in arr.items() if k != "l2_gist"},
+        "l1_gists_minus_dropped_history": paired(arr["l1_gists"], arr["dropped_history"]),
+    }
 
 
 def targets(l1: dict, l2: dict | None) -> dict:
     """GistNet's targets on one text: far-window − own ≥ 0.05 nats with the interval above 0,
-    content share ≥ 0.15 (stretch 0.3), never worse than dropping the context (L1 and b L1 gists)."""
+    content share ≥ 0.15 (stretch 0.3), never worse than dropping the context (L1 and b L1 gists).
+    """
     far = l1["far_minus_own"]
-    out = {"far_minus_own_ge_0.05_ci_above_0": bool(far["mean"] >= 0.05 and far["ci95"][0] > 0),
-           "gistnet_not_worse_than_dropped": bool(l1["gistnet_minus"]["dropped"]["mean"] <= 0)}
+    out = {
+        "far_minus_own_ge_0.05_ci_above_0": bool(far["mean"] >= 0.05 and far["ci95"][0] > 0),
+        "gistnet_not_worse_than_dropped": bool(l1["gistnet_minus"]["dropped"]["mean"] <= 0),
+    }
     if "content_share" in l1:
         out["content_share_ge_0.15"] = bool(l1["content_share"] >= 0.15)
     if l2 is not None:
-        out["l1_gists_history_not_worse_than_dropped"] = bool(l2["l1_gists_minus_dropped_history"]["mean"] <= 0)
+        out["l1_gists_history_not_worse_than_dropped"] = bool(
+            l2["l1_gists_minus_dropped_history"]["mean"] <= 0
+        )
     return out
 
 
@@ -192,8 +223,13 @@ def main() -> None:
     p.add_argument("--windows", type=int, default=48)
     p.add_argument("--l2-windows", type=int, default=8, help="0 skips the L2 setting")
     p.add_argument("--label-snapshots", type=int, default=4, help="0 skips the label distribution")
-    p.add_argument("--texts", nargs="+", choices=["prose", "code"], default=["prose", "code"],
-                   help="held-out prose (pydoc topics) and/or held-out code (standard-library modules)")
+    p.add_argument(
+        "--texts",
+        nargs="+",
+        choices=["prose", "code"],
+        default=["prose", "code"],
+        help="held-out prose (pydoc topics) and/or held-out code (standard-library modules)",
+    )
     p.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT))
     p.add_argument("--soft-prompt", default=str(SOFT_PROMPT))
     p.add_argument("--seed", type=int, default=0)
@@ -211,14 +247,24 @@ def main() -> None:
     soft = load_soft_prompt(args.soft_prompt, device)
     results: dict = {}
     if soft is None:
-        results["note"] = f"{args.soft_prompt}: missing; train it with python -m gistnet.train --kind softprompt"
-    held_ids = {"prose": lambda: pydoc_token_ids(tok, "heldout"),
-                "code": lambda: corpus_token_ids(tok, "stdlib", "heldout")}
+        results["note"] = (
+            f"{args.soft_prompt}: missing; train it with python -m gistnet.train --kind softprompt"
+        )
+    held_ids = {
+        "prose": lambda: pydoc_token_ids(tok, "heldout"),
+        "code": lambda: corpus_token_ids(tok, "stdlib", "heldout"),
+    }
     for text in args.texts:
-        suffix = "" if text == "prose" else "_code"  # 'l1' / 'l2' stay the prose rows (earlier results)
+        suffix = (
+            "" if text == "prose" else "_code"
+        )  # 'l1' / 'l2' stay the prose rows (earlier results)
         held = TextBlocks(held_ids[text](), lm, cfg.block_size, cfg.lm_layer)
         l1 = l1_setting(lm, held, gnet, soft, args.windows, args.seed)
-        l2 = l2_setting(held, Substitution(lm, held, gistnet=gnet), args.l2_windows, args.seed) if args.l2_windows else None
+        l2 = (
+            l2_setting(held, Substitution(lm, held, gistnet=gnet), args.l2_windows, args.seed)
+            if args.l2_windows
+            else None
+        )
         results[f"l1{suffix}"] = l1
         if l2 is not None:
             results[f"l2{suffix}"] = l2
@@ -227,21 +273,41 @@ def main() -> None:
             print(f"{text} L1 {k:<13} {v['mean']:.4f} ± {v['sd']:.4f}")
         for k, v in (l2 or {"rows": {}})["rows"].items():
             print(f"{text} L2 {k:<16} {v['mean']:.4f} ± {v['sd']:.4f}")
-        print(text, {k: v for k, v in l1.items() if k.endswith("share")}, "far - own", l1["far_minus_own"])
+        print(
+            text,
+            {k: v for k, v in l1.items() if k.endswith("share")},
+            "far - own",
+            l1["far_minus_own"],
+        )
 
     if args.label_snapshots:  # labels before / after, on the LM world's held-out documents
         t0 = time.perf_counter()
-        labels = {"mean_pool": label_distribution(lm, tok, mean_gister, args.label_snapshots, args.seed),
-                  "gistnet": label_distribution(lm, tok, GistNetGister(gnet, lm), args.label_snapshots, args.seed)}
+        labels = {
+            "mean_pool": label_distribution(lm, tok, mean_gister, args.label_snapshots, args.seed),
+            "gistnet": label_distribution(
+                lm, tok, GistNetGister(gnet, lm), args.label_snapshots, args.seed
+            ),
+        }
         labels["seconds"] = time.perf_counter() - t0
         results["labels"] = labels
 
-    config = {"windows": args.windows, "l2_windows": args.l2_windows, "ctx_blocks": 8, "horizon": 32,
-              "texts": args.texts, "checkpoint": args.checkpoint, "soft_prompt": args.soft_prompt, "seed": args.seed,
-              "lm": args.lm, "gistnet_config": cfg.to_dict(),
-              "split": {"prose": "held-out pydoc topics (sorted index % 10 == 9)",
-                        "code": "held-out standard-library modules (gistnet/corpus.py)"},
-              "corpus": corpus_card()}
+    config = {
+        "windows": args.windows,
+        "l2_windows": args.l2_windows,
+        "ctx_blocks": 8,
+        "horizon": 32,
+        "texts": args.texts,
+        "checkpoint": args.checkpoint,
+        "soft_prompt": args.soft_prompt,
+        "seed": args.seed,
+        "lm": args.lm,
+        "gistnet_config": cfg.to_dict(),
+        "split": {
+            "prose": "held-out pydoc topics (sorted index % 10 == 9)",
+            "code": "held-out standard-library modules (gistnet/corpus.py)",
+        },
+        "corpus": corpus_card(),
+    }
     results["seconds"] = time.perf_counter() - t_start
     write_results(args.name, config, results, args.out_dir)
 
@@ -251,9 +317,12 @@ def _nll_of(sub: Substitution, context: torch.Tensor, query: torch.Tensor) -> fl
     x = torch.cat([context, q_emb])[None].to(sub.dtype)
     n = context.shape[0]
     pos = torch.arange(x.shape[1], device=sub.device)[None]
-    hidden = sub.decoder(inputs_embeds=x, position_ids=pos, attention_mask=torch.ones(1, x.shape[1], dtype=torch.long,
-                                                                                      device=sub.device),
-                         use_cache=False).last_hidden_state
+    hidden = sub.decoder(
+        inputs_embeds=x,
+        position_ids=pos,
+        attention_mask=torch.ones(1, x.shape[1], dtype=torch.long, device=sub.device),
+        use_cache=False,
+    ).last_hidden_state
     logits = sub.head(hidden[0, n - 1 : n - 1 + query.shape[0]]).float()
     return float(torch.nn.functional.cross_entropy(logits, query.to(sub.device)))
 

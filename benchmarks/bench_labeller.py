@@ -33,7 +33,11 @@ def plain_tokens_per_s(oracle: LMOracle, length: int, batch: int, repeats: int =
     with torch.no_grad():
         for _ in range(repeats):
             t0 = time.perf_counter()
-            oracle.decoder(inputs_embeds=x, position_ids=pos, attention_mask=torch.ones(batch, length, dtype=torch.long))
+            oracle.decoder(
+                inputs_embeds=x,
+                position_ids=pos,
+                attention_mask=torch.ones(batch, length, dtype=torch.long),
+            )
             best = min(best, time.perf_counter() - t0)
     return batch * length / best
 
@@ -81,16 +85,28 @@ def main() -> None:
         tps = plain_tokens_per_s(fast, len(base.levels) + a.horizon, a.batch_size)
         limit_s = fast.positions_recomputed / tps
         results[f"W={w}"] = {
-            "entries": len(base.levels), "variants": len(variants), "tail": tail, "tokens": t,
-            "fast_s": fast_s, "naive_s": naive_s, "speedup_vs_naive": naive_s / fast_s,
-            "fast_evals_per_s": len(ctxs) / fast_s, "naive_evals_per_s": len(ctxs) / naive_s,
+            "entries": len(base.levels),
+            "variants": len(variants),
+            "tail": tail,
+            "tokens": t,
+            "fast_s": fast_s,
+            "naive_s": naive_s,
+            "speedup_vs_naive": naive_s / fast_s,
+            "fast_evals_per_s": len(ctxs) / fast_s,
+            "naive_evals_per_s": len(ctxs) / naive_s,
             "positions_recomputed_fast": fast.positions_recomputed,
             "positions_recomputed_naive": naive.positions_recomputed,
-            "plain_forward_tokens_per_s": tps, "limit_s": limit_s, "fast_over_limit": fast_s / limit_s,
+            "plain_forward_tokens_per_s": tps,
+            "limit_s": limit_s,
+            "fast_over_limit": fast_s / limit_s,
             "max_abs_diff_fast_vs_naive": err,
         }
         print(w, results[f"W={w}"], flush=True)
-    write_results("labeller_" + ("cuda" if torch.cuda.is_available() and a.device != "cpu" else "cpu"), vars(a), results)
+    write_results(
+        "labeller_" + ("cuda" if torch.cuda.is_available() and a.device != "cpu" else "cpu"),
+        vars(a),
+        results,
+    )
 
 
 if __name__ == "__main__":

@@ -17,7 +17,9 @@ from lensnet import reference_losses as ref
 from lensnet.losses import LensNetLoss
 
 
-def make_batch(b: int, n: int, gen: torch.Generator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def make_batch(
+    b: int, n: int, gen: torch.Generator
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """A labelled batch shaped like real traces: 80% labelled, levels 0..2, b=32 costs."""
     levels = torch.randint(0, 3, (b, n), generator=gen)
     action = torch.rand(b, n, generator=gen) < 0.8
@@ -33,7 +35,9 @@ def make_batch(b: int, n: int, gen: torch.Generator) -> tuple[torch.Tensor, dict
     return torch.randn(b, n, generator=gen), batch
 
 
-def time_vectorised(pred: torch.Tensor, batch: dict, repeats: int) -> tuple[float, torch.Tensor, float]:
+def time_vectorised(
+    pred: torch.Tensor, batch: dict, repeats: int
+) -> tuple[float, torch.Tensor, float]:
     loss_fn = LensNetLoss()
     times = []
     for _ in range(repeats + 2):  # two warm-up runs
@@ -62,7 +66,11 @@ def main() -> None:
         want, want_grad = ref.lensnet_loss(pred.tolist(), lists)
         loop_s = time.perf_counter() - t0
         max_grad_err = (fast_grad - torch.tensor(want_grad)).abs().max().item()
-        assert abs(fast_loss - want["loss"]) < 1e-4 and max_grad_err < 1e-5, (fast_loss, want, max_grad_err)
+        assert abs(fast_loss - want["loss"]) < 1e-4 and max_grad_err < 1e-5, (
+            fast_loss,
+            want,
+            max_grad_err,
+        )
         results[f"N={n}"] = {
             "vectorised_fwd_bwd_ms": fast_s * 1e3,
             "loop_fwd_bwd_ms": loop_s * 1e3,

@@ -67,18 +67,32 @@ def main() -> None:
     emb = rng.normal(size=(a.tokens, a.d_model)).astype(np.float32)
     cfg = TreeConfig(block_size=32, max_level=2, d_model=a.d_model)
     fast_s, fast_peak, tree = _measure(lambda: MegaContextTree(cfg), ids, emb, a.chunk)
-    res_s, res_peak, _ = _measure(lambda: MegaContextTree(cfg, reserve_tokens=a.tokens), ids, emb, a.chunk)
+    res_s, res_peak, _ = _measure(
+        lambda: MegaContextTree(cfg, reserve_tokens=a.tokens), ids, emb, a.chunk
+    )
     naive_s, naive_peak, naive = _measure(lambda: NaiveTree(32, 2), ids, emb, a.chunk)
     for lv in range(3):  # same gists, or the comparison means nothing
         ref = np.stack([n["emb"] for n in naive.levels[lv]])
         np.testing.assert_allclose(tree.embeddings(lv), ref, rtol=1e-5, atol=1e-5)
     results = {
-        "array_tree": {"seconds": fast_s, "tokens_per_s": a.tokens / fast_s, "peak_bytes": fast_peak,
-                       "bytes_per_token": fast_peak / a.tokens},
-        "array_tree_reserved": {"seconds": res_s, "tokens_per_s": a.tokens / res_s, "peak_bytes": res_peak,
-                                "bytes_per_token": res_peak / a.tokens},
-        "naive_tree": {"seconds": naive_s, "tokens_per_s": a.tokens / naive_s, "peak_bytes": naive_peak,
-                       "bytes_per_token": naive_peak / a.tokens},
+        "array_tree": {
+            "seconds": fast_s,
+            "tokens_per_s": a.tokens / fast_s,
+            "peak_bytes": fast_peak,
+            "bytes_per_token": fast_peak / a.tokens,
+        },
+        "array_tree_reserved": {
+            "seconds": res_s,
+            "tokens_per_s": a.tokens / res_s,
+            "peak_bytes": res_peak,
+            "bytes_per_token": res_peak / a.tokens,
+        },
+        "naive_tree": {
+            "seconds": naive_s,
+            "tokens_per_s": a.tokens / naive_s,
+            "peak_bytes": naive_peak,
+            "bytes_per_token": naive_peak / a.tokens,
+        },
         "speedup_vs_naive": naive_s / fast_s,
         "speedup_reserved_vs_naive": naive_s / res_s,
         "memory_ratio_naive_over_array": naive_peak / fast_peak,

@@ -32,8 +32,12 @@ def write_results(name: str, config: dict, results: dict, out_dir: str | None = 
     out = Path(out_dir or Path(__file__).parent / "results")
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{name}.json"
-    payload = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "config": config,
-               "environment": environment(), "results": results}
+    payload = {
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "config": config,
+        "environment": environment(),
+        "results": results,
+    }
     path.write_text(json.dumps(payload, indent=2) + "\n")
     print(f"wrote {path}")
     return path

@@ -1,6 +1,8 @@
-"""Validation numbers of the starting point (the shipped checkpoint, no steps) on the comparison's windows.
+"""Validation numbers of the starting point (the shipped checkpoint, no steps) on the comparison's
+windows.
 
-Usage: python -m benchmarks.gistnet_start_validation <the COMMON flags of scripts/gistnet_objectives_cpu.sh> --out DIR
+Usage: python -m benchmarks.gistnet_start_validation <the COMMON flags of
+scripts/gistnet_objectives_cpu.sh> --out DIR
 """
 
 import json

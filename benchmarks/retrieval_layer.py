@@ -55,8 +55,9 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse(RetrievalLayerArgs, argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "command.txt").write_text(" ".join(["python -m benchmarks.retrieval_layer",
-                                               *map(shlex.quote, to_argv(args))]) + "\n")
+    (out / "command.txt").write_text(
+        " ".join(["python -m benchmarks.retrieval_layer", *map(shlex.quote, to_argv(args))]) + "\n"
+    )
     model, tokenizer = load_lm(args.lm)
     oracle = LMOracle(model)
     tokenizer = tokenizer or CharTokenizer(model.config.vocab_size)
@@ -66,39 +67,82 @@ def main(argv: list[str] | None = None) -> dict:
     kinds = []
     with torch.no_grad():
         for kind in ALL_KINDS:
-            cfg = TaskConfig(kind=kind, n_tasks=args.n_tasks, length=(args.length,), split="train", seed=args.seed,
-                             depths=(0.1, 0.3, 0.5, 0.7, 0.9))
+            cfg = TaskConfig(
+                kind=kind,
+                n_tasks=args.n_tasks,
+                length=(args.length,),
+                split="train",
+                seed=args.seed,
+                depths=(0.1, 0.3, 0.5, 0.7, 0.9),
+            )
             for task in generate_tasks(cfg, tokenizer if args.lm != "tiny" else None):
                 try:
                     pt = prepare_task(task, oracle, tokenizer, world, features=False)
-                except TaskError:  # e.g. a question longer than the tail under a character tokenizer
+                except (
+                    TaskError
+                ):  # e.g. a question longer than the tail under a character tokenizer
                     continue
                 q = query_tokens(pt.n_tokens, pt.question_tokens, world.tail_tokens)
-                hidden, _, q_hidden = block_features(oracle, pt.ids, world.block_size, pt.ids[q], layers)
-                n_ctx = q.start // world.block_size  # blocks wholly before the query (the rest stand in the tail)
+                hidden, _, q_hidden = block_features(
+                    oracle, pt.ids, world.block_size, pt.ids[q], layers
+                )
+                n_ctx = (
+                    q.start // world.block_size
+                )  # blocks wholly before the query (the rest stand in the tail)
                 needle = np.unique(np.flatnonzero(pt.needle) // world.block_size)
                 needle = needle[needle < n_ctx]
                 if not len(needle):
                     continue
                 kinds.append(kind)
                 for rule in ranks:
-                    ranks[rule].append([needle_rank(dense_relevance(hidden[k, :n_ctx], q_hidden[k], rule == "centred"),
-                                                    needle) for k in range(len(layers))])
+                    ranks[rule].append(
+                        [
+                            needle_rank(
+                                dense_relevance(hidden[k, :n_ctx], q_hidden[k], rule == "centred"),
+                                needle,
+                            )
+                            for k in range(len(layers))
+                        ]
+                    )
     table = {}
     for rule, r in ranks.items():
         r = np.asarray(r, dtype=np.float64)  # (tasks, layers)
-        table[rule] = {"mrr": (1 / r).mean(axis=0).tolist(), "hit1": (r == 1).mean(axis=0).tolist(),
-                       "mrr_by_kind": {k: (1 / r[np.array(kinds) == k]).mean(axis=0).tolist() for k in dict.fromkeys(kinds)}}
-    rule, layer = max(((rule, k) for rule in table for k in layers), key=lambda x: table[x[0]]["mrr"][x[1]])
-    results = {"layers": layers, "tasks": len(kinds), "kinds": kinds, "rules": table,
-               "choice": {"rule": rule, "layer": layer, "depth": layer / model.config.num_hidden_layers,
-                          "mrr": table[rule]["mrr"][layer], "hit1": table[rule]["hit1"][layer]},
-               "args": vars(args), "versions": versions()}
+        table[rule] = {
+            "mrr": (1 / r).mean(axis=0).tolist(),
+            "hit1": (r == 1).mean(axis=0).tolist(),
+            "mrr_by_kind": {
+                k: (1 / r[np.array(kinds) == k]).mean(axis=0).tolist() for k in dict.fromkeys(kinds)
+            },
+        }
+    rule, layer = max(
+        ((rule, k) for rule in table for k in layers), key=lambda x: table[x[0]]["mrr"][x[1]]
+    )
+    results = {
+        "layers": layers,
+        "tasks": len(kinds),
+        "kinds": kinds,
+        "rules": table,
+        "choice": {
+            "rule": rule,
+            "layer": layer,
+            "depth": layer / model.config.num_hidden_layers,
+            "mrr": table[rule]["mrr"][layer],
+            "hit1": table[rule]["hit1"][layer],
+        },
+        "args": vars(args),
+        "versions": versions(),
+    }
     (out / "results.json").write_text(json.dumps(results, indent=1))
-    print(f"{len(kinds)} training tasks; best: {rule}, layer {layer} (MRR {table[rule]['mrr'][layer]:.3f}, "
-          f"hit@1 {table[rule]['hit1'][layer]:.3f})")
+    print(
+        f"{len(kinds)} training tasks; best: {rule}, layer {layer} (MRR "
+        f"{table[rule]['mrr'][layer]:.3f}, "
+        f"hit@1 {table[rule]['hit1'][layer]:.3f})"
+    )
     for k in layers:
-        print(f"layer {k:2d}  centred MRR {table['centred']['mrr'][k]:.3f}  raw MRR {table['raw']['mrr'][k]:.3f}")
+        print(
+            f"layer {k:2d}  centred MRR {table['centred']['mrr'][k]:.3f}  raw MRR "
+            f"{table['raw']['mrr'][k]:.3f}"
+        )
     return results
 
 

@@ -12,7 +12,9 @@ from gymnasium.envs.registration import register, registry
 def register_envs() -> None:
     """Register MegaFocus-v0 (idempotent; also the ``gymnasium.envs`` entry point)."""
     if "MegaFocus-v0" not in registry:
-        register(id="MegaFocus-v0", entry_point="envs.megafocus_env:MegaFocusEnv", max_episode_steps=1000)
+        register(
+            id="MegaFocus-v0", entry_point="envs.megafocus_env:MegaFocusEnv", max_episode_steps=1000
+        )
 
 
 register_envs()

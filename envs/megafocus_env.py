@@ -1,4 +1,5 @@
-"""MegaFocus-v0: learned context focus as a gymnasium environment (adapts ``sim`` to the gym API)."""
+"""MegaFocus-v0: learned context focus as a gymnasium environment (adapts ``sim`` to the gym API).
+"""
 
 from __future__ import annotations
 
@@ -51,7 +52,8 @@ class MegaFocusEnv(gym.Env):
     | can_expand | (w_max,) | int8 | 1 where the entry is a gist |
     | can_collapse | (w_max,) | int8 | 1 where its sibling group can collapse |
     | valid_mask | (w_max,) | int8 | 1 on real entries (a prefix) |
-    | tail_gists | (n_tail_gists, d_model) | float32 | newest top-level gist(s) and recent L1 gists |
+    | tail_gists | (n_tail_gists, d_model) | float32 | newest top-level gist(s) and recent L1 gists
+    |
     | tail_mask | (n_tail_gists,) | int8 | 1 on real tail gists |
 
     ## Rewards
@@ -76,10 +78,13 @@ class MegaFocusEnv(gym.Env):
     Truncated by ``max_episode_steps`` (registered default 1000) through ``TimeLimit``.
 
     ## Arguments
-    ``oracle`` ("synthetic" | "lm"), ``score_scale`` (1.0), ``block_size`` (32), ``max_level`` (2), ``w_max`` (256),
-    ``step_tokens`` K (32), ``horizon`` H (64), ``tail_tokens`` R (128), ``n_tail_gists`` (6), ``doc_blocks``
+    ``oracle`` ("synthetic" | "lm"), ``score_scale`` (1.0), ``block_size`` (32), ``max_level`` (2),
+    ``w_max`` (256),
+    ``step_tokens`` K (32), ``horizon`` H (64), ``tail_tokens`` R (128), ``n_tail_gists`` (6),
+    ``doc_blocks``
     (document length in blocks, 96), ``d_model`` (synthetic only, 64), ``lm`` ("smollm2", "tiny" or
-    a model folder; for ``oracle="lm"``), ``gister`` ("auto": the committed GistNet checkpoint when it
+    a model folder; for ``oracle="lm"``), ``gister`` ("auto": the committed GistNet checkpoint when
+    it
     fits the LM, else mean pooling; "gistnet"; "mean"; for ``oracle="lm"``), ``render_mode``
     ("ansi" | "rgb_array"), ``debug`` (False; True: ``check_invariants()`` of the working context
     after every reset, refocus and restore, raising ``InvariantViolation`` on the first broken).
@@ -112,8 +117,11 @@ class MegaFocusEnv(gym.Env):
         n_tail: int | None = None,
     ) -> None:
         if tail is not None or n_tail is not None:  # the names before tail_tokens / n_tail_gists
-            warnings.warn("MegaFocus-v0: 'tail' and 'n_tail' are now 'tail_tokens' and 'n_tail_gists'",
-                          DeprecationWarning, stacklevel=2)
+            warnings.warn(
+                "MegaFocus-v0: 'tail' and 'n_tail' are now 'tail_tokens' and 'n_tail_gists'",
+                DeprecationWarning,
+                stacklevel=2,
+            )
             tail_tokens = tail_tokens if tail is None else tail
             n_tail_gists = n_tail_gists if n_tail is None else n_tail
         self.debug = bool(debug)
@@ -124,7 +132,9 @@ class MegaFocusEnv(gym.Env):
         if oracle not in ("synthetic", "lm"):
             raise ConfigError(f"oracle must be 'synthetic' or 'lm', got {oracle!r}")
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
-            raise ConfigError(f"render_mode must be one of {self.metadata['render_modes']}, got {render_mode!r}")
+            raise ConfigError(
+                f"render_mode must be one of {self.metadata['render_modes']}, got {render_mode!r}"
+            )
         self.oracle_kind, self.render_mode = oracle, render_mode
         self._lm_oracle: LMOracle | None = None
         self._tokenizer = None
@@ -138,28 +148,43 @@ class MegaFocusEnv(gym.Env):
             d_model = self._lm_oracle.d_model
             self._gister, self.gister_name = resolve_gister(gister, model, block_size)
         # info per level: the default (1, 0.6, 0.25) up to L2, geometric beyond
-        info = SyntheticConfig.info[: max_level + 1] if max_level <= 2 else tuple(0.6 ** np.arange(max_level + 1))
-        synth = SyntheticConfig(d_model=d_model, block_size=block_size, n_blocks=doc_blocks, info=info)
+        info = (
+            SyntheticConfig.info[: max_level + 1]
+            if max_level <= 2
+            else tuple(0.6 ** np.arange(max_level + 1))
+        )
+        synth = SyntheticConfig(
+            d_model=d_model, block_size=block_size, n_blocks=doc_blocks, info=info
+        )
         self.world = WorldConfig(
-            env=oracle, step_tokens=step_tokens, horizon=horizon, n_tail_gists=n_tail_gists,
+            env=oracle,
+            step_tokens=step_tokens,
+            horizon=horizon,
+            n_tail_gists=n_tail_gists,
             warmup_tokens=max(step_tokens, 2 * tail_tokens),
             tree=TreeConfig(block_size=block_size, max_level=max_level, d_model=d_model),
-            context=ContextConfig(w_max=w_max, tail_tokens=tail_tokens), allocator=AllocatorConfig(), synthetic=synth,
+            context=ContextConfig(w_max=w_max, tail_tokens=tail_tokens),
+            allocator=AllocatorConfig(),
+            synthetic=synth,
         )
         self.w_max, self.n_tail_gists, self.d_model = w_max, n_tail_gists, d_model
         big = np.iinfo(np.int64).max
-        self.observation_space = spaces.Dict({
-            "embeddings": spaces.Box(-EMB_BOUND, EMB_BOUND, (w_max, d_model), np.float32),
-            "levels": spaces.Box(0, max_level, (w_max,), np.int64),
-            "span_start": spaces.Box(0, big, (w_max,), np.int64),
-            "span_width": spaces.Box(0, big, (w_max,), np.int64),
-            "distance_to_cursor": spaces.Box(0, big, (w_max,), np.int64),
-            "can_expand": spaces.MultiBinary(w_max),
-            "can_collapse": spaces.MultiBinary(w_max),
-            "valid_mask": spaces.MultiBinary(w_max),
-            "tail_gists": spaces.Box(-EMB_BOUND, EMB_BOUND, (n_tail_gists, d_model), np.float32),
-            "tail_mask": spaces.MultiBinary(n_tail_gists),
-        })
+        self.observation_space = spaces.Dict(
+            {
+                "embeddings": spaces.Box(-EMB_BOUND, EMB_BOUND, (w_max, d_model), np.float32),
+                "levels": spaces.Box(0, max_level, (w_max,), np.int64),
+                "span_start": spaces.Box(0, big, (w_max,), np.int64),
+                "span_width": spaces.Box(0, big, (w_max,), np.int64),
+                "distance_to_cursor": spaces.Box(0, big, (w_max,), np.int64),
+                "can_expand": spaces.MultiBinary(w_max),
+                "can_collapse": spaces.MultiBinary(w_max),
+                "valid_mask": spaces.MultiBinary(w_max),
+                "tail_gists": spaces.Box(
+                    -EMB_BOUND, EMB_BOUND, (n_tail_gists, d_model), np.float32
+                ),
+                "tail_mask": spaces.MultiBinary(n_tail_gists),
+            }
+        )
         self.action_space = spaces.Box(-1.0, 1.0, (w_max,), np.float32)
         self.episode: Episode | None = None
         self.shadow: Episode | None = None  # the same document under the recency policy
@@ -172,7 +197,9 @@ class MegaFocusEnv(gym.Env):
             doc = generate_document(self.world.synthetic, rng)
             return doc.token_ids, doc.embeddings, SyntheticOracle(doc)
         assert self._lm_oracle is not None
-        if self._tokenizer is not None:  # a window of real English (pydoc topics) at a random offset
+        if (
+            self._tokenizer is not None
+        ):  # a window of real English (pydoc topics) at a random offset
             ids = pydoc_token_ids(self._tokenizer)
             start = int(rng.integers(0, len(ids) - n_tokens))
             ids = ids[start : start + n_tokens]
@@ -192,7 +219,10 @@ class MegaFocusEnv(gym.Env):
         self._last_scores = {}
         if self.debug:
             self.episode.wc.check_invariants()
-        return self._obs(), {"n_tokens": self.episode.wc.n_tokens, "slots_used": len(self.episode.wc)}
+        return self._obs(), {
+            "n_tokens": self.episode.wc.n_tokens,
+            "slots_used": len(self.episode.wc),
+        }
 
     def step(self, action):
         if self.episode is None:
@@ -203,18 +233,29 @@ class MegaFocusEnv(gym.Env):
         if not np.all(np.isfinite(action)):
             raise ValueError("action must be finite (no NaN or inf)")
         if np.any(np.abs(action) > 1.0 + 1e-6):
-            raise ValueError(f"action values must lie in [-1, 1] (scores are action * score_scale); max |a| = {np.abs(action).max()}")
+            raise ValueError(
+                "action values must lie in [-1, 1] (scores are action * score_scale); max |a| = "
+                f"{np.abs(action).max()}"
+            )
         ep = self.episode
         scores = action[: len(ep.wc)].astype(np.float64) * self.score_scale
-        self._last_scores = dict(zip(zip(ep.wc.levels.tolist(), ep.wc.indices.tolist(), strict=True), scores.tolist(), strict=True))
+        self._last_scores = dict(
+            zip(
+                zip(ep.wc.levels.tolist(), ep.wc.indices.tolist(), strict=True),
+                scores.tolist(),
+                strict=True,
+            )
+        )
         actions = ep.refocus(scores)
         if self.debug:
             ep.wc.check_invariants()
         nll, recency_nll = ep.nll(), self.shadow.nll()
         info = {
-            "nll": nll, "recency_nll": recency_nll,
+            "nll": nll,
+            "recency_nll": recency_nll,
             "actions": [(a.kind, a.level, a.index) for a in actions],
-            "slots_used": len(ep.wc), "swap_count": sum(a.kind == "collapse" for a in actions),
+            "slots_used": len(ep.wc),
+            "swap_count": sum(a.kind == "collapse" for a in actions),
             "n_tokens": ep.wc.n_tokens,
         }
         ep.advance()
@@ -235,7 +276,12 @@ class MegaFocusEnv(gym.Env):
         a tiny recency term breaks ties oldest first."""
         assert self.episode is not None
         wc = self.episode.wc
-        u = np.array([self._last_scores.get(k, 0.0) for k in zip(wc.levels.tolist(), wc.indices.tolist(), strict=True)])
+        u = np.array(
+            [
+                self._last_scores.get(k, 0.0)
+                for k in zip(wc.levels.tolist(), wc.indices.tolist(), strict=True)
+            ]
+        )
         return u + 1e-9 * recency_scores(wc)
 
     # -------------------------------------------------------------------------- observation

@@ -4,9 +4,11 @@ library's source, split three ways (task generation, ``sim.tasks``, uses the sam
 Both ship with the interpreter (no download; DESIGN §7), so their content depends on the Python
 version, which every card records (``corpus_card``). Splits (deterministic, disjoint):
 
-* **prose** (``pydoc_data.topics``): ``heldout`` = the held-out topics of ``megacontext.lm.pydoc_topics``
+* **prose** (``pydoc_data.topics``): ``heldout`` = the held-out topics of
+``megacontext.lm.pydoc_topics``
   (every 10th by sorted name; the GistNet benchmark and the LM world's evaluation documents read
-  them); ``validation`` = the other topics whose name hashes to bucket 0 of 10; ``train`` = the rest.
+  them); ``validation`` = the other topics whose name hashes to bucket 0 of 10; ``train`` = the
+  rest.
 * **code** (``sysconfig.get_paths()["stdlib"]``, ``*.py``): split by *top-level* module or package
   name (``asyncio`` holds ``asyncio.tasks``: no package has files on two sides), hash bucket 0 of 10
   = ``heldout``, 1 = ``validation``, the rest ``train``. Left out: test suites (``test``,
@@ -35,13 +37,16 @@ Split = Literal["train", "validation", "heldout"]
 SPLITS: tuple[str, ...] = ("train", "validation", "heldout")
 CORPORA: tuple[str, ...] = ("pydoc", "stdlib")
 STDLIB_SKIP_TOP = frozenset({"test", "pydoc_data", "encodings", "site-packages", "dist-packages"})
-STDLIB_SKIP_DIRS = frozenset({"test", "tests", "idle_test", "__pycache__", "site-packages", "dist-packages"})
+STDLIB_SKIP_DIRS = frozenset(
+    {"test", "tests", "idle_test", "__pycache__", "site-packages", "dist-packages"}
+)
 
 _TOKEN_CACHE: dict[tuple[int, str, str], np.ndarray] = {}
 
 
 def name_bucket(name: str, n: int) -> int:
-    """A stable hash bucket of ``name`` in ``0..n-1`` (sha256: the same on every machine and run)."""
+    """A stable hash bucket of ``name`` in ``0..n-1`` (sha256: the same on every machine and run).
+    """
     return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big") % n
 
 
@@ -59,7 +64,9 @@ def pydoc_split(split: Split) -> list[str]:
     _check("pydoc", split)
     if split == "heldout":
         return pydoc_topics("heldout")
-    return [t for t in pydoc_topics("train") if (name_bucket(t, 10) == 0) == (split == "validation")]
+    return [
+        t for t in pydoc_topics("train") if (name_bucket(t, 10) == 0) == (split == "validation")
+    ]
 
 
 def stdlib_root() -> Path:
@@ -102,12 +109,15 @@ def corpus_text(corpus: Corpus, split: Split) -> str:
 
         return "\n\n".join(topics.topics[t] for t in pydoc_split(split))
     mods = stdlib_modules()
-    return "\n\n".join(mods[m].read_text(encoding="utf-8", errors="replace") for m in stdlib_split(split))
+    return "\n\n".join(
+        mods[m].read_text(encoding="utf-8", errors="replace") for m in stdlib_split(split)
+    )
 
 
 def corpus_token_ids(tokenizer, corpus: Corpus, split: Split) -> np.ndarray:
     """Token ids of one corpus split, tokenised once per tokenizer. pydoc: the joined text in one
-    call (the held-out ids equal ``megacontext.lm.pydoc_token_ids(tokenizer, 'heldout')``); stdlib: each
+    call (the held-out ids equal ``megacontext.lm.pydoc_token_ids(tokenizer, 'heldout')``); stdlib:
+    each
     module alone, joined by the ids of a blank line (long files, one batched call)."""
     _check(corpus, split)
     key = (id(tokenizer), corpus, split)
@@ -116,10 +126,14 @@ def corpus_token_ids(tokenizer, corpus: Corpus, split: Split) -> np.ndarray:
             ids = tokenizer(corpus_text("pydoc", split), verbose=False).input_ids
         else:
             mods = stdlib_modules()
-            texts = [mods[m].read_text(encoding="utf-8", errors="replace") for m in stdlib_split(split)]
+            texts = [
+                mods[m].read_text(encoding="utf-8", errors="replace") for m in stdlib_split(split)
+            ]
             sep = tokenizer("\n\n", add_special_tokens=False).input_ids
             ids = []
-            for i, chunk in enumerate(tokenizer(texts, add_special_tokens=False, verbose=False).input_ids):
+            for i, chunk in enumerate(
+                tokenizer(texts, add_special_tokens=False, verbose=False).input_ids
+            ):
                 ids.extend((sep if i else []) + list(chunk))
         _TOKEN_CACHE[key] = np.asarray(ids, dtype=np.int64)
     return _TOKEN_CACHE[key]
@@ -131,12 +145,19 @@ def corpus_card() -> dict:
     return {
         "python": platform.python_version(),
         "stdlib": str(stdlib_root()),
-        "rules": {"pydoc": "heldout = megacontext.lm.pydoc_topics('heldout') (sorted index % 10 == 9); validation = other "
-                           "topics with sha256(name) bucket 0 of 10; train = the rest",
-                  "stdlib": "by top-level module: sha256(top) bucket 0 of 10 = heldout, 1 = validation, else train; "
-                            f"skipped: top-level {sorted(STDLIB_SKIP_TOP)}, folders {sorted(STDLIB_SKIP_DIRS)}"},
+        "rules": {
+            "pydoc": "heldout = megacontext.lm.pydoc_topics('heldout') (sorted index % 10 == 9); "
+            "validation = other topics with sha256(name) bucket 0 of 10; train = the rest",
+            "stdlib": "by top-level module: sha256(top) bucket 0 of 10 = heldout, 1 = validation, "
+            "else train; "
+            f"skipped: top-level {sorted(STDLIB_SKIP_TOP)}, folders {sorted(STDLIB_SKIP_DIRS)}",
+        },
         "pydoc_topics": {s: len(pydoc_split(s)) for s in SPLITS},
         "stdlib_modules": {s: sum(stdlib_split_of(m) == s for m in mods) for s in SPLITS},
-        "stdlib_heldout_top": sorted({m.split(".")[0] for m in mods if stdlib_split_of(m) == "heldout"}),
-        "stdlib_validation_top": sorted({m.split(".")[0] for m in mods if stdlib_split_of(m) == "validation"}),
+        "stdlib_heldout_top": sorted(
+            {m.split(".")[0] for m in mods if stdlib_split_of(m) == "heldout"}
+        ),
+        "stdlib_validation_top": sorted(
+            {m.split(".")[0] for m in mods if stdlib_split_of(m) == "validation"}
+        ),
     }

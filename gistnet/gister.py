@@ -56,7 +56,8 @@ class LMPrefix:
             raise ValueError(f"lm_layer must be in 1..{n_layers}, got {k}")
 
     def __call__(self, embeds: torch.Tensor) -> torch.Tensor:
-        """(n, b, d) input embeddings -> (n, b, d) float32 features (no gradient: the LM is frozen)."""
+        """(n, b, d) input embeddings -> (n, b, d) float32 features (no gradient: the LM is frozen).
+        """
         dec = self.decoder
         full_layers, full_n = dec.layers, dec.config.num_hidden_layers
         n, b, _ = embeds.shape
@@ -65,9 +66,16 @@ class LMPrefix:
         try:
             dec.layers = torch.nn.ModuleList(list(full_layers)[: self.k])
             dec.config.num_hidden_layers = self.k
-            with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-                out = dec(inputs_embeds=embeds.to(self.device, self.dtype), position_ids=pos, attention_mask=mask,
-                          use_cache=False)
+            with (
+                torch.no_grad(),
+                torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast),
+            ):
+                out = dec(
+                    inputs_embeds=embeds.to(self.device, self.dtype),
+                    position_ids=pos,
+                    attention_mask=mask,
+                    use_cache=False,
+                )
         finally:
             dec.layers, dec.config.num_hidden_layers = full_layers, full_n
         return out.last_hidden_state.float()
@@ -89,13 +97,22 @@ class GistNetGister:
     def __call__(self, children: np.ndarray, level: int) -> np.ndarray:
         cfg = self.gistnet.config
         if children.ndim != 3 or children.shape[1:] != (cfg.block_size, cfg.d_model):
-            raise ValueError(f"GistNet expects children (n, {cfg.block_size}, {cfg.d_model}), got {children.shape}")
+            raise ValueError(
+                f"GistNet expects children (n, {cfg.block_size}, {cfg.d_model}), got "
+                f"{children.shape}"
+            )
         out = []
         for s in range(0, children.shape[0], self.batch_size):
-            x = torch.as_tensor(children[s : s + self.batch_size], dtype=torch.float32, device=self.device)
+            x = torch.as_tensor(
+                children[s : s + self.batch_size], dtype=torch.float32, device=self.device
+            )
             feats = self.prefix(x) if (level == 1 and self.prefix is not None) else x
             out.append(self.gistnet(feats, x, level).cpu().numpy())
-        return np.concatenate(out).astype(children.dtype, copy=False) if out else np.zeros((0, cfg.d_model), children.dtype)
+        return (
+            np.concatenate(out).astype(children.dtype, copy=False)
+            if out
+            else np.zeros((0, cfg.d_model), children.dtype)
+        )
 
 
 def save_gistnet(model: GistNet, path: str | Path, card: dict) -> Path:
@@ -104,7 +121,9 @@ def save_gistnet(model: GistNet, path: str | Path, card: dict) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     save_file(tensors, str(path), metadata={"config": json.dumps(model.config.to_dict())})
-    path.with_suffix(".json").write_text(json.dumps({"config": model.config.to_dict(), **card}, indent=1) + "\n")
+    path.with_suffix(".json").write_text(
+        json.dumps({"config": model.config.to_dict(), **card}, indent=1) + "\n"
+    )
     return path
 
 
@@ -113,7 +132,8 @@ def load_gistnet(path: str | Path | None = None, device: str | torch.device = "c
     path = Path(path) if path is not None else DEFAULT_CHECKPOINT
     if not path.exists():
         raise GistNetCheckpointError(
-            f"{path}: no GistNet checkpoint (train one: python -m gistnet.train, see the README)")
+            f"{path}: no GistNet checkpoint (train one: python -m gistnet.train, see the README)"
+        )
     try:
         from safetensors import safe_open
 
@@ -121,7 +141,9 @@ def load_gistnet(path: str | Path | None = None, device: str | torch.device = "c
             config = GistNetConfig(**json.loads(f.metadata()["config"]))
         state = load_file(str(path))
     except Exception as err:
-        raise GistNetCheckpointError(f"{path}: unreadable GistNet checkpoint ({type(err).__name__}: {err})") from err
+        raise GistNetCheckpointError(
+            f"{path}: unreadable GistNet checkpoint ({type(err).__name__}: {err})"
+        ) from err
     model = GistNet(config)
     try:
         model.load_state_dict(state)
@@ -131,14 +153,17 @@ def load_gistnet(path: str | Path | None = None, device: str | torch.device = "c
 
 
 def read_card(path: str | Path) -> dict:
-    """The JSON card beside a checkpoint (``{}`` if there is none); an unreadable card is an error."""
+    """The JSON card beside a checkpoint (``{}`` if there is none); an unreadable card is an error.
+    """
     card = Path(path).with_suffix(".json")
     if not card.exists():
         return {}
     try:
         out = json.loads(card.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise GistNetCheckpointError(f"{card}: unreadable GistNet card ({type(err).__name__}: {err})") from err
+        raise GistNetCheckpointError(
+            f"{card}: unreadable GistNet card ({type(err).__name__}: {err})"
+        ) from err
     if not isinstance(out, dict):
         raise GistNetCheckpointError(f"{card}: a GistNet card must be a JSON object")
     return out
@@ -147,8 +172,12 @@ def read_card(path: str | Path) -> dict:
 def lm_fingerprint(lm) -> dict:
     """What a checkpoint must match to fit an LM: its architecture, width, depth and vocabulary."""
     c = lm.config
-    return {"model_type": getattr(c, "model_type", None), "hidden_size": int(c.hidden_size),
-            "num_hidden_layers": int(c.num_hidden_layers), "vocab_size": int(c.vocab_size)}
+    return {
+        "model_type": getattr(c, "model_type", None),
+        "hidden_size": int(c.hidden_size),
+        "num_hidden_layers": int(c.num_hidden_layers),
+        "vocab_size": int(c.vocab_size),
+    }
 
 
 def misfit(model: GistNet, card: dict, lm, block_size: int) -> str | None:
@@ -162,7 +191,8 @@ def misfit(model: GistNet, card: dict, lm, block_size: int) -> str | None:
     if want is not None and want != have:
         return f"checkpoint was trained on an LM with {want}, this one has {have}"
     if model.config.lm_layer > have["num_hidden_layers"]:
-        return f"checkpoint reads LM layer {model.config.lm_layer}; this LM has {have['num_hidden_layers']} layers"
+        n_layers = have["num_hidden_layers"]
+        return f"checkpoint reads LM layer {model.config.lm_layer}; this LM has {n_layers} layers"
     return None
 
 
@@ -172,8 +202,10 @@ def gistnet_gister_for(lm, block_size: int, path: str | Path | None = None) -> G
     model = load_gistnet(path, next(lm.parameters()).device)
     why = misfit(model, read_card(path), lm, block_size)
     if why is not None:
-        raise GistNetMisfitError(f"{path}: {why}; this LM/tree is {lm_label(lm, block_size)} (use gister='mean' "
-                                 "or train a GistNet for it)")
+        raise GistNetMisfitError(
+            f"{path}: {why}; this LM/tree is {lm_label(lm, block_size)} (use gister='mean' "
+            "or train a GistNet for it)"
+        )
     return GistNetGister(model, lm)
 
 
@@ -206,11 +238,16 @@ def resolve_gister(kind: str, lm, block_size: int, path: str | Path | None = Non
     if not path.exists():
         why = "no checkpoint file"
     else:
-        model = load_gistnet(path, next(lm.parameters()).device)  # unreadable: GistNetCheckpointError
+        model = load_gistnet(
+            path, next(lm.parameters()).device
+        )  # unreadable: GistNetCheckpointError
         why = misfit(model, read_card(path), lm, block_size)
         if why is None:
             return GistNetGister(model, lm), "gistnet"
     name = f"mean (no GistNet checkpoint fits {lm_label(lm, block_size)}: {why})"
-    warnings.warn(f"gister='auto' uses mean pooling, not GistNet ({path}): {name}", GistNetFallbackWarning,
-                  stacklevel=2)
+    warnings.warn(
+        f"gister='auto' uses mean pooling, not GistNet ({path}): {name}",
+        GistNetFallbackWarning,
+        stacklevel=2,
+    )
     return mean_gister, name

@@ -15,7 +15,8 @@ children: uniform at initialisation (the query starts at zero), so an untrained 
 = 0: the last layer starts at zero) gives the centred block mean re-scaled to the typical token
 distance; with ``alpha`` on one child, the gist is that child's own embedding up to its length.
 Anchoring on ``m`` rather than the vocabulary mean keeps a selected token recognisable (the
-figures are in ``benchmarks/results/gistnet.json`` and docs/gistnet.md). There is no output normalisation (an output
+figures are in ``benchmarks/results/gistnet.json`` and docs/gistnet.md). There is no output
+normalisation (an output
 LayerNorm made collapse to one vector easy). One network serves every level (a level embedding tells
 them apart).
 """
@@ -47,7 +48,8 @@ class GistNetConfig:
     max_level: int = 2
     """Highest gist level (sizes the level embedding)."""
     lm_layer: int = 6
-    """L1 input: hidden states after this many LM layers over the block alone (0: raw token embeddings)."""
+    """L1 input: hidden states after this many LM layers over the block alone (0: raw token
+    embeddings)."""
     dropout: float = 0.0
     """Dropout inside the encoder."""
 
@@ -69,28 +71,38 @@ class GistNet(nn.Module):
     hidden states for L1, the children themselves for L2); children (n, b, d_model) the child
     embeddings (token embeddings / L1 gists) for the centred-mean base. Returns (n, d_model)."""
 
-    def __init__(self, config: GistNetConfig, centre: Tensor | None = None, sigma: float = 1.0) -> None:
+    def __init__(
+        self, config: GistNetConfig, centre: Tensor | None = None, sigma: float = 1.0
+    ) -> None:
         super().__init__()
         self.config = c = config
-        centre = torch.zeros(c.d_model) if centre is None else centre.detach().float().reshape(c.d_model)
+        centre = (
+            torch.zeros(c.d_model) if centre is None else centre.detach().float().reshape(c.d_model)
+        )
         self.register_buffer("centre", centre.clone())
         self.register_buffer("sigma", torch.tensor(float(sigma)))
         self.in_norm = nn.LayerNorm(c.d_model)
         self.in_proj = nn.Linear(c.d_model, c.d)
         self.pos = nn.Embedding(c.block_size, c.d)
         self.level = nn.Embedding(c.max_level + 1, c.d)
-        layer = nn.TransformerEncoderLayer(c.d, c.n_heads, 2 * c.d, c.dropout, activation="gelu",
-                                           batch_first=True, norm_first=True)
+        layer = nn.TransformerEncoderLayer(
+            c.d, c.n_heads, 2 * c.d, c.dropout, activation="gelu", batch_first=True, norm_first=True
+        )
         self.encoder = nn.TransformerEncoder(layer, c.n_layers, enable_nested_tensor=False)
-        self.query = nn.Parameter(torch.zeros(1, 1, c.d))  # uniform pooling weights at initialisation
+        self.query = nn.Parameter(
+            torch.zeros(1, 1, c.d)
+        )  # uniform pooling weights at initialisation
         self.pool = nn.MultiheadAttention(c.d, c.n_heads, batch_first=True)
-        self.out = nn.Sequential(nn.LayerNorm(c.d), nn.Linear(c.d, 2 * c.d), nn.GELU(), nn.Linear(2 * c.d, c.d_model))
+        self.out = nn.Sequential(
+            nn.LayerNorm(c.d), nn.Linear(c.d, 2 * c.d), nn.GELU(), nn.Linear(2 * c.d, c.d_model)
+        )
         nn.init.zeros_(self.out[-1].weight)
         nn.init.zeros_(self.out[-1].bias)
 
     @classmethod
     def for_lm(cls, config: GistNetConfig, text_embeddings: Tensor) -> GistNet:
-        """A GistNet whose output statistics match running text: ``text_embeddings`` (n, d_model) are
+        """A GistNet whose output statistics match running text: ``text_embeddings`` (n, d_model)
+        are
         the LM's input embeddings of a stretch of training text."""
         text = text_embeddings.detach().float()
         centre = text.mean(0)
@@ -105,12 +117,21 @@ class GistNet(nn.Module):
     def forward(self, features: Tensor, children: Tensor, level: int) -> Tensor:
         cfg = self.config
         if features.dim() != 3 or features.shape[1:] != (cfg.block_size, cfg.d_model):
-            raise ValueError(f"features must be (n, b={cfg.block_size}, d_model={cfg.d_model}), got {tuple(features.shape)}")
+            raise ValueError(
+                f"features must be (n, b={cfg.block_size}, d_model={cfg.d_model}), got "
+                f"{tuple(features.shape)}"
+            )
         if children.shape != features.shape:
-            raise ValueError(f"children {tuple(children.shape)} must match features {tuple(features.shape)}")
+            raise ValueError(
+                f"children {tuple(children.shape)} must match features {tuple(features.shape)}"
+            )
         if not 1 <= level <= cfg.max_level:
             raise ValueError(f"level must be in 1..{cfg.max_level}, got {level}")
-        x = self.in_proj(self.in_norm(features.float())) + self.pos.weight + self.level.weight[level]
+        x = (
+            self.in_proj(self.in_norm(features.float()))
+            + self.pos.weight
+            + self.level.weight[level]
+        )
         x = self.encoder(x)
         pooled, alpha = self.pool(self.query.expand(x.shape[0], -1, -1), x, x, need_weights=True)
         delta = self.out(pooled[:, 0])
@@ -132,5 +153,7 @@ class SoftPrompt(nn.Module):
 
     def forward(self, n_slots: int) -> Tensor:
         if n_slots > self.vectors.shape[0]:
-            raise ValueError(f"at most {self.vectors.shape[0]} soft-prompt slots, asked for {n_slots}")
+            raise ValueError(
+                f"at most {self.vectors.shape[0]} soft-prompt slots, asked for {n_slots}"
+            )
         return self.vectors[:n_slots]

@@ -51,8 +51,15 @@ from megacontext.tree import ConfigError
 
 
 def _default_train() -> LoopConfig:
-    return LoopConfig(lr=1e-3, warmup_steps=30, total_steps=400, eval_every=100, ckpt_every=200, batch_size=8,
-                       weight_decay=0.0)
+    return LoopConfig(
+        lr=1e-3,
+        warmup_steps=30,
+        total_steps=400,
+        eval_every=100,
+        ckpt_every=200,
+        batch_size=8,
+        weight_decay=0.0,
+    )
 
 
 @dataclass(frozen=True)
@@ -62,13 +69,18 @@ class ObjectiveConfig:
     nll_weight: float = 1.0
     """Weight of the query NLL with the gists in context (substitutability)."""
     kl_weight: float = 0.0
-    """Weight of KL(full-context LM || LM reading the gists) over the query's next-token distributions; the teacher is the same frozen LM reading the window's real tokens (no gradient; one more LM forward). 0 = off."""
+    """Weight of KL(full-context LM || LM reading the gists) over the query's next-token
+    distributions; the teacher is the same frozen LM reading the window's real tokens (no gradient;
+    one more LM forward). 0 = off."""
     contrast_weight: float = 0.0
-    """Weight of the contrastive hinge mean(relu(margin - (NLL_swapped - NLL_own))): an example's own gists must predict its query better than the gists of another window of the same corpus swapped into the same slots (one more LM forward and backward). 0 = off."""
+    """Weight of the contrastive hinge mean(relu(margin - (NLL_swapped - NLL_own))): an example's
+    own gists must predict its query better than the gists of another window of the same corpus
+    swapped into the same slots (one more LM forward and backward). 0 = off."""
     contrast_margin: float = 0.1
     """Margin of the contrastive hinge, in nats per query token."""
     recon_weight: float = 0.0
-    """Weight of reconstruction: the NLL of each L1-gisted block's own tokens when the LM reads [that gist, the block's tokens], the first token predicted from the gist alone. 0 = off."""
+    """Weight of reconstruction: the NLL of each L1-gisted block's own tokens when the LM reads
+    [that gist, the block's tokens], the first token predicted from the gist alone. 0 = off."""
 
     def __post_init__(self) -> None:
         weights = (self.nll_weight, self.kl_weight, self.contrast_weight, self.recon_weight)
@@ -89,9 +101,11 @@ class GistTrainArgs:
     lm: str = "smollm2"
     """Frozen LM: 'smollm2', 'tiny' (random-init, tests) or a local model folder."""
     text: Literal["pydoc", "pydoc+stdlib"] = "pydoc+stdlib"
-    """Training text (gistnet/corpus.py): pydoc prose, or prose plus the standard library's source."""
+    """Training text (gistnet/corpus.py): pydoc prose, or prose plus the standard library's source.
+    """
     code_share: float = 0.5
-    """With pydoc+stdlib: chance that an example is drawn from the code (the rest from the prose)."""
+    """With pydoc+stdlib: chance that an example is drawn from the code (the rest from the prose).
+    """
     ctx_blocks: int = 8
     """Blocks of context before the query."""
     tail_blocks: int = 1
@@ -103,21 +117,27 @@ class GistTrainArgs:
     no_tail_steps: int = 120
     """Phase 1: steps with no L0 tail (every block a gist)."""
     p_no_tail: float = 0.0
-    """After phase 1: chance that an example still has no L0 tail (only the gists can predict the query)."""
+    """After phase 1: chance that an example still has no L0 tail (only the gists can predict the
+    query)."""
     horizons: tuple[int, ...] = (32, 64)
-    """Curriculum of H: equal parts of the run (e.g. 32 64 128; 128 roughly doubles the step time on a CPU)."""
+    """Curriculum of H: equal parts of the run (e.g. 32 64 128; 128 roughly doubles the step time on
+    a CPU)."""
     val_windows: int = 24
-    """Validation windows per corpus (fixed; same for every evaluation; validation split, never held-out text)."""
+    """Validation windows per corpus (fixed; same for every evaluation; validation split, never
+    held-out text)."""
     amp: Literal["auto", "bf16", "off"] = "auto"
-    """bf16 autocast of the frozen LM's forwards ('auto': on CUDA only); GistNet, the output head and the losses stay float32."""
+    """bf16 autocast of the frozen LM's forwards ('auto': on CUDA only); GistNet, the output head
+    and the losses stay float32."""
     select: Literal["best", "final"] = "best"
     """Exported weights: the lowest validation gist NLL (best.pt) or the last step."""
     export: str = ""
-    """Also write the selected weights here (safetensors + JSON card), e.g. gistnet/checkpoints/gistnet-smollm2.safetensors."""
+    """Also write the selected weights here (safetensors + JSON card), e.g.
+    gistnet/checkpoints/gistnet-smollm2.safetensors."""
     resume: str = ""
     """Checkpoint to resume from (e.g. OUT/latest.pt)."""
     init: str = ""
-    """GistNet weights to start from (an exported .safetensors, e.g. the shipped checkpoint; its sizes must match --model)."""
+    """GistNet weights to start from (an exported .safetensors, e.g. the shipped checkpoint; its
+    sizes must match --model)."""
     progress: bool = True
     """Progress bar."""
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
@@ -131,9 +151,13 @@ class GistTrainArgs:
         if not self.horizons or min(self.horizons) < 1:
             raise ConfigError(f"horizons must be >= 1, got {self.horizons}")
         if self.init and self.kind != "gistnet":
-            raise ConfigError("--init starts a GistNet from exported weights; the soft prompt has none")
+            raise ConfigError(
+                "--init starts a GistNet from exported weights; the soft prompt has none"
+            )
         if not 1 <= self.tail_blocks <= self.ctx_blocks:
-            raise ConfigError(f"tail_blocks must be in 1..ctx_blocks={self.ctx_blocks}, got {self.tail_blocks}")
+            raise ConfigError(
+                f"tail_blocks must be in 1..ctx_blocks={self.ctx_blocks}, got {self.tail_blocks}"
+            )
 
 
 class TextBlocks:
@@ -142,8 +166,15 @@ class TextBlocks:
     features of any set of blocks computed in one batched call (memoised when ``cache``: only for
     the fixed validation windows; training windows rarely repeat)."""
 
-    def __init__(self, ids: np.ndarray | dict[str, np.ndarray], lm, block_size: int, lm_layer: int,
-                 cache: bool = False, amp: bool = False) -> None:
+    def __init__(
+        self,
+        ids: np.ndarray | dict[str, np.ndarray],
+        lm,
+        block_size: int,
+        lm_layer: int,
+        cache: bool = False,
+        amp: bool = False,
+    ) -> None:
         texts = ids if isinstance(ids, dict) else {"text": ids}
         self.b = b = block_size
         self.device = next(lm.parameters()).device
@@ -154,7 +185,9 @@ class TextBlocks:
             self.segments[name] = (at, at + n)
             at += n
         self.n_blocks = at
-        self.ids = torch.as_tensor(np.concatenate(parts) if parts else np.zeros(0, np.int64), device=self.device)
+        self.ids = torch.as_tensor(
+            np.concatenate(parts) if parts else np.zeros(0, np.int64), device=self.device
+        )
         self.embed = lm.get_input_embeddings()
         self.prefix = LMPrefix(lm, lm_layer, autocast=amp) if lm_layer > 0 else None
         self.cache = cache
@@ -183,10 +216,19 @@ class TextBlocks:
             return self.block_embeddings(blocks)
         todo = blocks
         if self.cache:
-            todo = torch.as_tensor(sorted({j for j in blocks.tolist() if j not in self._feats}), dtype=torch.long)
-        feats = [self.prefix(self.block_embeddings(todo[s : s + chunk])) for s in range(0, len(todo), chunk)]
+            todo = torch.as_tensor(
+                sorted({j for j in blocks.tolist() if j not in self._feats}), dtype=torch.long
+            )
+        feats = [
+            self.prefix(self.block_embeddings(todo[s : s + chunk]))
+            for s in range(0, len(todo), chunk)
+        ]
         if not self.cache:
-            return torch.cat(feats) if feats else torch.zeros(0, self.b, self.embed.embedding_dim, device=self.device)
+            return (
+                torch.cat(feats)
+                if feats
+                else torch.zeros(0, self.b, self.embed.embedding_dim, device=self.device)
+            )
         for j, f in zip(todo.tolist(), (f for part in feats for f in part), strict=True):
             self._feats[j] = f
         return torch.stack([self._feats[j] for j in blocks.tolist()])
@@ -211,8 +253,14 @@ class Substitution:
     Contexts follow slot positions (position = index in the sequence); the LM forward runs under
     bf16 autocast when ``amp`` (CUDA), the output head in float32 (NLL and KL stay exact)."""
 
-    def __init__(self, lm, blocks: TextBlocks, gistnet: GistNet | None = None, soft: SoftPrompt | None = None,
-                 amp: bool = False) -> None:
+    def __init__(
+        self,
+        lm,
+        blocks: TextBlocks,
+        gistnet: GistNet | None = None,
+        soft: SoftPrompt | None = None,
+        amp: bool = False,
+    ) -> None:
         self.lm, self.blocks = lm, blocks
         self.decoder, self.head = lm.base_model, lm.get_output_embeddings()
         self.gistnet, self.soft = gistnet, soft
@@ -231,11 +279,14 @@ class Substitution:
         """(n, d) L2 gists of the nodes whose b blocks start at ``starts``."""
         b = self.blocks.b
         starts = torch.as_tensor(starts, dtype=torch.long)
-        children = self.l1_gists((starts[:, None] + torch.arange(b)).reshape(-1)).reshape(len(starts), b, -1)
+        children = self.l1_gists((starts[:, None] + torch.arange(b)).reshape(-1)).reshape(
+            len(starts), b, -1
+        )
         return self.gistnet(children, children, 2)
 
     def gists(self, start: int, n: int, level: int = 1) -> Tensor:
-        """(n, d) gists of ``n`` consecutive nodes of ``level`` from block ``start`` (L2: b blocks each)."""
+        """(n, d) gists of ``n`` consecutive nodes of ``level`` from block ``start`` (L2: b blocks
+        each)."""
         if level == 1:
             return self.l1_gists(torch.arange(start, start + n))
         return self.l2_gists(start + self.blocks.b * torch.arange(n))
@@ -243,7 +294,8 @@ class Substitution:
     # ------------------------------------------------------------------ contexts
     def contexts(self, examples: list[Example], swap_from: list[int] | None = None) -> list[Tensor]:
         """Per example, its context embeddings (N_i, d). ``swap_from``: each example's gists come
-        from the blocks of another window starting there (the far-window control); tokens stay its own."""
+        from the blocks of another window starting there (the far-window control); tokens stay its
+        own."""
         b = self.blocks.b
         tok_blocks, l1_src, l2_src, plan = [], [], [], []
         for i, ex in enumerate(examples):  # plan: per example, a list of (pool, index) per slot
@@ -268,10 +320,16 @@ class Substitution:
         d = self.blocks.embed.embedding_dim
         pools = {"tok": self.blocks.block_embeddings(torch.as_tensor(tok_blocks, dtype=torch.long))}
         if self.soft is not None:
-            pools["soft"] = self.soft(max((s[1] + 1 for p in plan for s in p if s[0] == "soft"), default=0))
+            pools["soft"] = self.soft(
+                max((s[1] + 1 for p in plan for s in p if s[0] == "soft"), default=0)
+            )
         else:
-            pools["l1"] = self.l1_gists(torch.as_tensor(l1_src, dtype=torch.long)) if l1_src else None
-            pools["l2"] = self.l2_gists(torch.as_tensor(l2_src, dtype=torch.long)) if l2_src else None
+            pools["l1"] = (
+                self.l1_gists(torch.as_tensor(l1_src, dtype=torch.long)) if l1_src else None
+            )
+            pools["l2"] = (
+                self.l2_gists(torch.as_tensor(l2_src, dtype=torch.long)) if l2_src else None
+            )
         out = []
         for slots in plan:
             parts = [pools[k][j] if k == "tok" else pools[k][j : j + 1] for k, j in slots]
@@ -288,7 +346,8 @@ class Substitution:
 
     # ------------------------------------------------------------------ the frozen LM
     def query_logits(self, contexts: list[Tensor], queries: list[Tensor]) -> tuple[Tensor, Tensor]:
-        """(logits (B, H, V) float32, targets (B, H) with -100 where a query is shorter): the LM reads
+        """(logits (B, H, V) float32, targets (B, H) with -100 where a query is shorter): the LM
+        reads
         ``[context_i | query_i]``; position n_i - 1 + t predicts query token t."""
         q_emb = [self.blocks.embed(q.to(self.device)).float() for q in queries]
         rows = [torch.cat([c.float(), e]) for c, e in zip(contexts, q_emb, strict=True)]
@@ -298,20 +357,32 @@ class Substitution:
         mask = (torch.arange(length, device=self.device)[None] < lengths[:, None]).long()
         pos = torch.arange(length, device=self.device)[None].expand(bsz, -1)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-            hidden = self.decoder(inputs_embeds=embeds.to(self.dtype), position_ids=pos, attention_mask=mask,
-                                  use_cache=False).last_hidden_state
+            hidden = self.decoder(
+                inputs_embeds=embeds.to(self.dtype),
+                position_ids=pos,
+                attention_mask=mask,
+                use_cache=False,
+            ).last_hidden_state
         self.lm_tokens += int(lengths.sum())
         h = max(q.shape[0] for q in queries)
         n_ctx = torch.tensor([c.shape[0] for c in contexts], device=self.device)
-        at = (n_ctx[:, None] - 1 + torch.arange(h, device=self.device)).clamp(0, length - 1)  # (B, H)
+        at = (n_ctx[:, None] - 1 + torch.arange(h, device=self.device)).clamp(
+            0, length - 1
+        )  # (B, H)
         targets = torch.full((bsz, h), -100, dtype=torch.long, device=self.device)
         for i, q in enumerate(queries):
             targets[i, : q.shape[0]] = q.to(self.device)
         picked = hidden.gather(1, at[..., None].expand(-1, -1, hidden.shape[-1]))  # (B, H, d)
-        return self.head(picked.to(self.head.weight.dtype)).float(), targets  # head outside autocast
+        return self.head(
+            picked.to(self.head.weight.dtype)
+        ).float(), targets  # head outside autocast
 
-    def logits(self, examples: list[Example], swap_from: list[int] | None = None) -> tuple[Tensor, Tensor]:
-        return self.query_logits(self.contexts(examples, swap_from), [self.query(ex) for ex in examples])
+    def logits(
+        self, examples: list[Example], swap_from: list[int] | None = None
+    ) -> tuple[Tensor, Tensor]:
+        return self.query_logits(
+            self.contexts(examples, swap_from), [self.query(ex) for ex in examples]
+        )
 
     @torch.no_grad()
     def teacher_logits(self, examples: list[Example]) -> tuple[Tensor, Tensor]:
@@ -327,18 +398,24 @@ class Substitution:
     def recon_nll(self, examples: list[Example]) -> Tensor:
         """(n,) reconstruction NLL of every L1-gisted block of the examples: the LM reads
         ``[gist, the block's tokens]`` and predicts the block's tokens (the first from the gist)."""
-        blocks = torch.as_tensor([ex.start_block + j for ex in examples for j, k in enumerate(ex.layout) if k == "L1"],
-                                 dtype=torch.long)
+        blocks = torch.as_tensor(
+            [ex.start_block + j for ex in examples for j, k in enumerate(ex.layout) if k == "L1"],
+            dtype=torch.long,
+        )
         if not len(blocks) or self.gistnet is None:
             return torch.zeros(0, device=self.device)
         gists = self.l1_gists(blocks)  # (n, d)
-        ids = self.blocks.ids.view(self.blocks.n_blocks, self.blocks.b)[blocks.to(self.device)]  # (n, b)
+        ids = self.blocks.ids.view(self.blocks.n_blocks, self.blocks.b)[
+            blocks.to(self.device)
+        ]  # (n, b)
         return token_nll(*self.query_logits([g[None] for g in gists], list(ids)))
 
 
 def token_nll(logits: Tensor, targets: Tensor) -> Tensor:
     """(B,) mean cross-entropy per row over the targets that are not -100."""
-    ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, ignore_index=-100, reduction="none")
+    ce = torch.nn.functional.cross_entropy(
+        logits.transpose(1, 2), targets, ignore_index=-100, reduction="none"
+    )
     valid = (targets != -100).float()
     return (ce * valid).sum(1) / valid.sum(1).clamp_min(1)
 
@@ -351,14 +428,27 @@ def token_kl(teacher: Tensor, student: Tensor, targets: Tensor) -> Tensor:
     return (kl * valid).sum(1) / valid.sum(1).clamp_min(1)
 
 
-def fixed_windows(n_blocks: int, ctx_blocks: int, horizon: int, count: int, seed: int, min_start: int = 0,
-                  block_size: int = 32) -> list[int]:
+def fixed_windows(
+    n_blocks: int,
+    ctx_blocks: int,
+    horizon: int,
+    count: int,
+    seed: int,
+    min_start: int = 0,
+    block_size: int = 32,
+) -> list[int]:
     """Seeded, distinct block-aligned window starts with room for the context and the query."""
     hi = n_blocks - ctx_blocks - (horizon + block_size - 1) // block_size - 1
     if hi <= min_start:
-        raise ConfigError(f"the text has {n_blocks} blocks: too short for {ctx_blocks}-block windows")
+        raise ConfigError(
+            f"the text has {n_blocks} blocks: too short for {ctx_blocks}-block windows"
+        )
     rng = np.random.default_rng([seed, 4242])
-    return sorted(rng.choice(np.arange(min_start, hi), size=min(count, hi - min_start), replace=False).tolist())
+    return sorted(
+        rng.choice(
+            np.arange(min_start, hi), size=min(count, hi - min_start), replace=False
+        ).tolist()
+    )
 
 
 def far_starts(starts: list[int], n_blocks: int, ctx_blocks: int) -> list[int]:
@@ -373,7 +463,10 @@ def training_texts(tokenizer, text: str, split: str, vocab_size: int) -> dict[st
     names = ["pydoc"] if text == "pydoc" else ["pydoc", "stdlib"]
     if tokenizer is None:
         n = 40_000 if split == "train" else 12_000
-        return {c: np.random.default_rng([i, len(split)]).integers(0, vocab_size, n) for i, c in enumerate(names)}
+        return {
+            c: np.random.default_rng([i, len(split)]).integers(0, vocab_size, n)
+            for i, c in enumerate(names)
+        }
     from gistnet.corpus import corpus_token_ids
 
     return {c: corpus_token_ids(tokenizer, c, split) for c in names}
@@ -388,41 +481,61 @@ class GistTrainer(TrainLoop):
         device = resolve_device(args.train.device)
         amp = args.amp == "bf16" or (args.amp == "auto" and device.type == "cuda")
         if amp and device.type == "cpu":
-            raise ConfigError("amp='bf16' needs CUDA (bf16 is several times slower than fp32 on CPUs)")
+            raise ConfigError(
+                "amp='bf16' needs CUDA (bf16 is several times slower than fp32 on CPUs)"
+            )
         v = lm.get_input_embeddings().num_embeddings
-        self.train_text = TextBlocks(training_texts(tokenizer, args.text, "train", v), lm, b, cfg.lm_layer, amp=amp)
-        self.val_text = TextBlocks(training_texts(tokenizer, args.text, "validation", v), lm, b, cfg.lm_layer,
-                                   cache=True, amp=amp)
+        self.train_text = TextBlocks(
+            training_texts(tokenizer, args.text, "train", v), lm, b, cfg.lm_layer, amp=amp
+        )
+        self.val_text = TextBlocks(
+            training_texts(tokenizer, args.text, "validation", v),
+            lm,
+            b,
+            cfg.lm_layer,
+            cache=True,
+            amp=amp,
+        )
         torch.manual_seed(args.train.seed)
         with torch.no_grad():  # running-text statistics from the prose (and code) the run trains on
-            text_emb = self.train_text.embed(self.train_text.ids[: 200_000])
+            text_emb = self.train_text.embed(self.train_text.ids[:200_000])
         if args.kind == "gistnet":
             model = GistNet.for_lm(cfg, text_emb).to(device)
             if args.init:  # weights and the running-text statistics of an earlier export
                 start = load_gistnet(args.init, device)
                 if start.config != cfg:
-                    raise ConfigError(f"--init {args.init}: its config {start.config} differs from --model {cfg}")
+                    raise ConfigError(
+                        f"--init {args.init}: its config {start.config} differs from --model {cfg}"
+                    )
                 model.load_state_dict(start.state_dict())
             self.sub = Substitution(lm, self.train_text, gistnet=model, amp=amp)
             self.val_sub = Substitution(lm, self.val_text, gistnet=model, amp=amp)
         else:
             gn = GistNet.for_lm(cfg, text_emb)
-            model = SoftPrompt(args.ctx_blocks + 1, gn.centre, float(gn.sigma), args.train.seed).to(device)
+            model = SoftPrompt(args.ctx_blocks + 1, gn.centre, float(gn.sigma), args.train.seed).to(
+                device
+            )
             self.sub = Substitution(lm, self.train_text, soft=model, amp=amp)
             self.val_sub = Substitution(lm, self.val_text, soft=model, amp=amp)
         self.amp = amp
         model_config = {"kind": args.kind, **cfg.to_dict(), "ctx_blocks": args.ctx_blocks}
         super().__init__(model, model_config, args.train, args.out, args.progress)
         self.min_l2_start = b  # an L2 gist needs the b blocks before the window
-        self.min_gap = args.ctx_blocks + b + (max(args.horizons) + b - 1) // b + 1  # negatives never overlap
+        self.min_gap = (
+            args.ctx_blocks + b + (max(args.horizons) + b - 1) // b + 1
+        )  # negatives never overlap
         for name, (lo, hi) in self.train_text.segments.items():
             if hi - lo < 4 * self.min_gap:
-                raise ConfigError(f"training text {name!r} has {hi - lo} blocks: too short for "
-                                  f"{args.ctx_blocks}-block windows with L2 history and negatives")
+                raise ConfigError(
+                    f"training text {name!r} has {hi - lo} blocks: too short for "
+                    f"{args.ctx_blocks}-block windows with L2 history and negatives"
+                )
         self.val_starts: dict[str, list[int]] = {}
         self.val_far: dict[str, list[int]] = {}
         for name, (lo, hi) in self.val_text.segments.items():
-            starts = fixed_windows(hi - lo, args.ctx_blocks, 32, args.val_windows, args.train.seed, block_size=b)
+            starts = fixed_windows(
+                hi - lo, args.ctx_blocks, 32, args.val_windows, args.train.seed, block_size=b
+            )
             self.val_starts[name] = [lo + s for s in starts]
             self.val_far[name] = [lo + s for s in far_starts(starts, hi - lo, args.ctx_blocks)]
         self._baselines: dict | None = None
@@ -451,7 +564,10 @@ class GistTrainer(TrainLoop):
                 if step >= a.no_tail_steps:  # keep the main stream's draws the same either way
                     rng.random(a.ctx_blocks - a.tail_blocks)
             else:
-                layout = ["L0" if rng.random() < a.p_l0 else "L1" for _ in range(a.ctx_blocks - a.tail_blocks)]
+                layout = [
+                    "L0" if rng.random() < a.p_l0 else "L1"
+                    for _ in range(a.ctx_blocks - a.tail_blocks)
+                ]
                 layout += ["L0"] * a.tail_blocks
             neg = start
             while abs(neg - start) < self.min_gap:
@@ -489,7 +605,8 @@ class GistTrainer(TrainLoop):
     @torch.no_grad()
     def validate(self) -> dict:
         """Per corpus of the validation split (``val/<corpus>/...``) and pooled (``val/...``): the
-        gist NLL (7 gists + 1 L0 block, H = 32), the far-window swap, their gap, full and dropped."""
+        gist NLL (7 gists + 1 L0 block, H = 32), the far-window swap, their gap, full and dropped.
+        """
         a = self.args
         layout = ["L1"] * (a.ctx_blocks - 1) + ["L0"]
         rows: dict[str, list[Tensor]] = {"nll_gist": [], "nll_far_window": []}
@@ -512,8 +629,12 @@ class GistTrainer(TrainLoop):
             base: dict[str, list[Tensor]] = {"full": [], "dropped": []}
             self._baselines = {}
             for name, starts in self.val_starts.items():
-                full = self._chunked(self.val_sub.nll, [Example(s, ["L0"] * a.ctx_blocks, 32) for s in starts])
-                dropped = self._chunked(self.val_sub.nll, [Example(s + a.ctx_blocks - 1, ["L0"], 32) for s in starts])
+                full = self._chunked(
+                    self.val_sub.nll, [Example(s, ["L0"] * a.ctx_blocks, 32) for s in starts]
+                )
+                dropped = self._chunked(
+                    self.val_sub.nll, [Example(s + a.ctx_blocks - 1, ["L0"], 32) for s in starts]
+                )
                 base["full"].append(full)
                 base["dropped"].append(dropped)
                 self._baselines[f"val/{name}/nll_full"] = float(full.mean())
@@ -531,7 +652,11 @@ class GistTrainer(TrainLoop):
     def _chunked(self, fn, exs, extra=None, size: int = 8) -> Tensor:
         outs = []
         for s in range(0, len(exs), size):
-            outs.append(fn(exs[s : s + size]) if extra is None else fn(exs[s : s + size], extra[s : s + size]))
+            outs.append(
+                fn(exs[s : s + size])
+                if extra is None
+                else fn(exs[s : s + size], extra[s : s + size])
+            )
         return torch.cat(outs).cpu()
 
 
@@ -564,22 +689,40 @@ def main(argv: list[str] | None = None) -> None:
     if args.select == "best" and best.exists():
         ckpt = load_checkpoint(best, trainer.device)
         trainer.model.load_state_dict(ckpt["model"])
-        val = [json.loads(line) for line in (trainer.out / "metrics.jsonl").read_text().splitlines()]
+        val = [
+            json.loads(line) for line in (trainer.out / "metrics.jsonl").read_text().splitlines()
+        ]
         at = {r["step"]: r for r in val if "val/loss" in r}
-        selected = {"select": "best", "step": ckpt["step"],
-                    "validation": {k: v for k, v in at.get(ckpt["step"], {}).items() if k.startswith("val/")}}
-    card = {"command": " ".join(["python -m gistnet.train", *(sys.argv[1:] if argv is None else argv)]),
-            "seed": args.train.seed, "steps": trainer.step, "lm": args.lm,
-            "lm_fingerprint": lm_fingerprint(lm),
-            "data": f"{args.text}: train split; validation (checkpoint choice) from the validation split, "
-                    "disjoint from every held-out set (gistnet/corpus.py)",
-            "corpus": corpus_card() if tok is not None else {"python": platform.python_version(), "text": "random ids"},
-            "tokens": {split: {name: (hi - lo) * text.b for name, (lo, hi) in text.segments.items()}
-                       for split, text in (("train", trainer.train_text), ("validation", trainer.val_text))},
-            "device": torch.cuda.get_device_name(0) if trainer.device.type == "cuda" else "cpu",
-            "amp_bf16": trainer.amp, "versions": {"torch": torch.__version__, "python": platform.python_version()},
-            "train_args": to_dict(args), "selected": selected, "last_validation": result,
-            "train_seconds": time.perf_counter() - t0}
+        selected = {
+            "select": "best",
+            "step": ckpt["step"],
+            "validation": {
+                k: v for k, v in at.get(ckpt["step"], {}).items() if k.startswith("val/")
+            },
+        }
+    card = {
+        "command": " ".join(["python -m gistnet.train", *(sys.argv[1:] if argv is None else argv)]),
+        "seed": args.train.seed,
+        "steps": trainer.step,
+        "lm": args.lm,
+        "lm_fingerprint": lm_fingerprint(lm),
+        "data": f"{args.text}: train split; validation (checkpoint choice) from the validation "
+        "split, disjoint from every held-out set (gistnet/corpus.py)",
+        "corpus": corpus_card()
+        if tok is not None
+        else {"python": platform.python_version(), "text": "random ids"},
+        "tokens": {
+            split: {name: (hi - lo) * text.b for name, (lo, hi) in text.segments.items()}
+            for split, text in (("train", trainer.train_text), ("validation", trainer.val_text))
+        },
+        "device": torch.cuda.get_device_name(0) if trainer.device.type == "cuda" else "cpu",
+        "amp_bf16": trainer.amp,
+        "versions": {"torch": torch.__version__, "python": platform.python_version()},
+        "train_args": to_dict(args),
+        "selected": selected,
+        "last_validation": result,
+        "train_seconds": time.perf_counter() - t0,
+    }
     if args.kind == "gistnet":
         card["params"] = trainer.model.n_params()
         print(f"exported {save_gistnet(trainer.model, args.export, card)}")

@@ -1,4 +1,5 @@
-"""Trace datasets for LensNet: snapshots from ``megacontext.traces`` as padded, masked torch batches.
+"""Trace datasets for LensNet: snapshots from ``megacontext.traces`` as padded, masked torch
+batches.
 
 ``TraceDataset`` serves one snapshot per index, with the seed's augmentations (DESIGN §5): temporal
 jitter (stride-2 subsample with a random phase, p = 0.3; see ``temporal_jitter`` for why it keeps
@@ -21,8 +22,17 @@ from megacontext.traces import ENTRY_KEYS, SNAPSHOT_KEYS, TraceReader
 from megacontext.working_context import ContextArrays
 
 # Per-entry keys the model and the loss read (others stay on disk for analysis).
-MODEL_ENTRY_KEYS = ("embeddings", "levels", "span_width", "distance_to_cursor", "target_utilities",
-                    "action_mask", "expand_cost", "collapse_refund", "group_id")
+MODEL_ENTRY_KEYS = (
+    "embeddings",
+    "levels",
+    "span_width",
+    "distance_to_cursor",
+    "target_utilities",
+    "action_mask",
+    "expand_cost",
+    "collapse_refund",
+    "group_id",
+)
 TAIL_KEYS = ("tail_gists", "tail_levels", "tail_mask")
 
 
@@ -49,9 +59,13 @@ def jitter_units(group_id: np.ndarray) -> np.ndarray:
     """(N,) int64: the jitter unit of each entry, numbered 0, 1, ... in order of first appearance.
     A unit is a whole sibling group (all entries sharing an id >= 0) or one ungrouped entry."""
     n = group_id.shape[0]
-    key = np.where(group_id >= 0, group_id, -1 - np.arange(n))  # ungrouped entries: unique negative keys
+    key = np.where(
+        group_id >= 0, group_id, -1 - np.arange(n)
+    )  # ungrouped entries: unique negative keys
     _, first, inverse = np.unique(key, return_index=True, return_inverse=True)
-    order = np.argsort(np.argsort(first, kind="stable"), kind="stable")  # unit rank by first member's slot
+    order = np.argsort(
+        np.argsort(first, kind="stable"), kind="stable"
+    )  # unit rank by first member's slot
     return order[inverse.reshape(-1)]
 
 
@@ -81,8 +95,13 @@ def temporal_jitter(group_id: np.ndarray, phase: int) -> tuple[np.ndarray, np.nd
 class TraceDataset(Dataset):
     """Snapshots of a trace (optionally a subset of indices), augmented when ``augment`` is set."""
 
-    def __init__(self, reader: TraceReader, indices: np.ndarray | None = None,
-                 augment: AugmentConfig | None = None, seed: int = 0) -> None:
+    def __init__(
+        self,
+        reader: TraceReader,
+        indices: np.ndarray | None = None,
+        augment: AugmentConfig | None = None,
+        seed: int = 0,
+    ) -> None:
         self.reader = reader
         self.indices = np.arange(len(reader)) if indices is None else np.asarray(indices)
         self.augment = augment
@@ -105,8 +124,9 @@ class TraceDataset(Dataset):
             item["group_id"] = gid
         if rng.random() < self.augment.noise_p:
             noise = rng.normal(0.0, self.augment.noise_std, item["target_utilities"].shape)
-            item["target_utilities"] = np.where(item["action_mask"], item["target_utilities"] + noise,
-                                                item["target_utilities"]).astype(np.float32)
+            item["target_utilities"] = np.where(
+                item["action_mask"], item["target_utilities"] + noise, item["target_utilities"]
+            ).astype(np.float32)
         return item
 
 
@@ -119,7 +139,9 @@ def collate(items: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
     for k in MODEL_ENTRY_KEYS:
         first = items[0][k]
         dtype = ENTRY_KEYS[k][0]
-        arr = np.full((b, n, *first.shape[1:]), -1 if k == "group_id" else 0, dtype=dtype)  # -1: no group
+        arr = np.full(
+            (b, n, *first.shape[1:]), -1 if k == "group_id" else 0, dtype=dtype
+        )  # -1: no group
         for s, it in enumerate(items):
             arr[s, : it[k].shape[0]] = it[k]  # casts to the trace dtype
         out[k] = torch.from_numpy(arr)
@@ -132,7 +154,9 @@ def collate(items: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
     return out
 
 
-def to_device(batch: dict[str, torch.Tensor], device: torch.device | str) -> dict[str, torch.Tensor]:
+def to_device(
+    batch: dict[str, torch.Tensor], device: torch.device | str
+) -> dict[str, torch.Tensor]:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
@@ -140,11 +164,18 @@ def arrays_to_item(arr: ContextArrays) -> dict:
     """A ``ContextArrays`` as one unlabelled dataset item (targets zero, mask off)."""
     n = arr.levels.shape[0]
     item = {
-        "embeddings": arr.embeddings, "levels": arr.levels, "span_width": arr.span_width,
-        "distance_to_cursor": arr.distance_to_cursor, "expand_cost": arr.expand_cost,
-        "collapse_refund": arr.collapse_refund, "group_id": arr.group_id,
-        "target_utilities": np.zeros(n, dtype=np.float32), "action_mask": np.zeros(n, dtype=bool),
-        "tail_gists": arr.tail_gists, "tail_levels": arr.tail_levels, "tail_mask": arr.tail_mask,
+        "embeddings": arr.embeddings,
+        "levels": arr.levels,
+        "span_width": arr.span_width,
+        "distance_to_cursor": arr.distance_to_cursor,
+        "expand_cost": arr.expand_cost,
+        "collapse_refund": arr.collapse_refund,
+        "group_id": arr.group_id,
+        "target_utilities": np.zeros(n, dtype=np.float32),
+        "action_mask": np.zeros(n, dtype=bool),
+        "tail_gists": arr.tail_gists,
+        "tail_levels": arr.tail_levels,
+        "tail_mask": arr.tail_mask,
     }
     assert set(MODEL_ENTRY_KEYS) <= set(item), "item lacks a model key"
     return item

@@ -41,13 +41,17 @@ def regression_loss(pred: Tensor, target: Tensor, mask: Tensor) -> Tensor:
     return sq.sum() / mask.sum().clamp_min(1)
 
 
-def level_balanced_regression_loss(pred: Tensor, target: Tensor, mask: Tensor, levels: Tensor, n_levels: int) -> Tensor:
+def level_balanced_regression_loss(
+    pred: Tensor, target: Tensor, mask: Tensor, levels: Tensor, n_levels: int
+) -> Tensor:
     """L_reg with every tree level weighted alike: the mean, over the levels that have labelled
     entries in the batch, of that level's mean (u - y)^2; 0 when nothing is labelled. (Token entries
     outnumber gists ~3:1 and most gist labels are 0, so the plain mean lets the rare expand gains
     shrink towards 0.)"""
     mask = mask.bool()
-    sq = torch.where(mask, (pred - _safe_target(target, mask)) ** 2, torch.zeros_like(pred)).reshape(-1)
+    sq = torch.where(
+        mask, (pred - _safe_target(target, mask)) ** 2, torch.zeros_like(pred)
+    ).reshape(-1)
     lv = levels.clamp(0, n_levels - 1).reshape(-1)
     sums = sq.new_zeros(n_levels).index_add_(0, lv, sq)
     counts = sq.new_zeros(n_levels).index_add_(0, lv, mask.reshape(-1).to(sq.dtype))
@@ -63,7 +67,8 @@ _CHUNK_PAIRS = 2**20  # pair-matrix elements per chunk: keeps the work buffers c
 
 
 def _pair_ranks(target: Tensor, mask: Tensor, margin: float) -> tuple[Tensor, Tensor]:
-    """Integer codes with [y_i > y_j + margin] == [rank_j < k_i] for labelled i, j (and 0 otherwise).
+    """Integer codes with [y_i > y_j + margin] == [rank_j < k_i] for labelled i, j (and 0
+    otherwise).
 
     k_i = #{labelled j: y_j + margin < y_i}; rank_j = #{labelled l: y_l + margin < y_j + margin}
     (the first sorted position of its value); unlabelled rows get k = 0, columns rank = N + 1.
@@ -99,7 +104,9 @@ class _PairSoftplusSum(torch.autograd.Function):
         lo = torch.where(rank[:, :n] <= n, pred[:, :n], torch.inf).amin(-1, keepdim=True)
         hi = torch.where(rank[:, :n] <= n, pred[:, :n], -torch.inf).amax(-1, keepdim=True)
         centre = torch.where(any_pair & torch.isfinite(lo), (lo + hi) / 2, torch.zeros_like(lo))
-        spread = torch.where(any_pair & torch.isfinite(lo), hi - lo, torch.zeros_like(lo)).squeeze(-1)
+        spread = torch.where(any_pair & torch.isfinite(lo), hi - lo, torch.zeros_like(lo)).squeeze(
+            -1
+        )
         a = torch.exp((pred - centre).clamp(max=_MAX_SPREAD))  # a_j, (B, N')
         inv = torch.exp((centre - pred[:, :n]).clamp(max=_MAX_SPREAD))  # b_i, (B, N)
         kf, rankf = k.to(dtype), rank.to(dtype)
@@ -108,21 +115,26 @@ class _PairSoftplusSum(torch.autograd.Function):
         grad = torch.zeros(b, n, dtype=dtype, device=dev) if want_grad else None
         chunk = max(1, _CHUNK_PAIRS // (n * n))
         n2 = pred.shape[1]
-        # Work buffers allocated once and reused by every chunk (fresh large tensors cost page faults).
+        # Work buffers allocated once and reused by every chunk (fresh large tensors cost page
+        # faults).
         m_buf = torch.empty(chunk, n, n2, dtype=dtype, device=dev)
         t_buf = torch.empty(chunk, n, n2, dtype=dtype, device=dev)
         q_buf = torch.empty(chunk, n, n2 // 2, dtype=dtype, device=dev)
         for s0 in range(0, b, chunk):  # chunks of whole snapshots; everything inside is batched
             s1 = min(s0 + chunk, b)
             m, t, q = m_buf[: s1 - s0], t_buf[: s1 - s0], q_buf[: s1 - s0]
-            torch.sub(kf[s0:s1, :, None], rankf[s0:s1, None, :], out=m).clamp_(0, 1)  # 0/1 pair mask
+            torch.sub(kf[s0:s1, :, None], rankf[s0:s1, None, :], out=m).clamp_(
+                0, 1
+            )  # 0/1 pair mask
             if bool((spread[s0:s1] > _MAX_SPREAD).any()):
                 torch.sub(pred[s0:s1, None, :], pred[s0:s1, :n, None], out=t)  # u_j - u_i
                 total += (F.softplus(t) * m).sum().double()
                 if want_grad:
                     t.sigmoid_().mul_(m)
             else:
-                torch.mul(inv[s0:s1, :, None], a[s0:s1, None, :], out=t).mul_(m)  # exp(u_j - u_i) on pairs
+                torch.mul(inv[s0:s1, :, None], a[s0:s1, None, :], out=t).mul_(
+                    m
+                )  # exp(u_j - u_i) on pairs
                 te, to = t[..., : n2 // 2], t[..., n2 // 2 :]  # pair column j with j + N'/2
                 torch.mul(te, to, out=q).add_(te).add_(to).log1p_()
                 total += q.sum().double()
@@ -149,7 +161,9 @@ def ranking_loss(pred: Tensor, target: Tensor, mask: Tensor, margin: float = 0.1
     return _PairSoftplusSum.apply(pred, k, rank) / n_pairs.clamp_min(1).to(pred.dtype)
 
 
-def budget_loss(pred: Tensor, expand_cost: Tensor, collapse_refund: Tensor, eps: float = 1e-6) -> Tensor:
+def budget_loss(
+    pred: Tensor, expand_cost: Tensor, collapse_refund: Tensor, eps: float = 1e-6
+) -> Tensor:
     """L_budget: mean over snapshots of ((P - N) / (eps + P + N))^2 with P = sum c+ ReLU(u),
     N = sum c- ReLU(-u). Padding must carry zero costs."""
     p = (expand_cost * F.relu(pred)).sum(dim=-1)  # (B,)
@@ -177,7 +191,8 @@ def illegality_loss(
 
 @dataclass(frozen=True)
 class LossConfig:
-    """LensNet's loss: L = L_reg + lambda_rank L_rank + lambda_budget L_budget + L_illegal (DESIGN §5)."""
+    """LensNet's loss: L = L_reg + lambda_rank L_rank + lambda_budget L_budget + L_illegal (DESIGN
+    §5)."""
 
     lambda_rank: float = 0.5
     """Weight of the pairwise ranking term L_rank."""
@@ -240,23 +255,39 @@ class LensNetLoss(nn.Module):
             raise KeyError(f"batch lacks keys {missing}")
         for k in BATCH_KEYS:
             if batch[k].shape != predictions.shape:
-                raise ValueError(f"batch[{k!r}] has shape {tuple(batch[k].shape)}, "
-                                 f"predictions {tuple(predictions.shape)}")
+                raise ValueError(
+                    f"batch[{k!r}] has shape {tuple(batch[k].shape)}, "
+                    f"predictions {tuple(predictions.shape)}"
+                )
         valid = batch["valid_mask"].bool()
         mask = batch["action_mask"].bool() & valid
         target = batch["target_utilities"]
         if self.reg_balance == "levels":
-            l_reg = level_balanced_regression_loss(predictions, target, mask, batch["levels"],
-                                                   self.max_level + 1)
+            l_reg = level_balanced_regression_loss(
+                predictions, target, mask, batch["levels"], self.max_level + 1
+            )
         else:
             l_reg = regression_loss(predictions, target, mask)
         terms = {
             "L_reg": (1.0, l_reg),
             "L_rank": (self.lambda_rank, ranking_loss(predictions, target, mask, self.margin)),
-            "L_budget": (self.lambda_budget, budget_loss(
-                predictions, batch["expand_cost"] * valid, batch["collapse_refund"] * valid)),
-            "L_illegal": (1.0, illegality_loss(predictions, batch["levels"], valid, self.max_level,
-                                               self.alpha_illegal, self.beta_illegal)),
+            "L_budget": (
+                self.lambda_budget,
+                budget_loss(
+                    predictions, batch["expand_cost"] * valid, batch["collapse_refund"] * valid
+                ),
+            ),
+            "L_illegal": (
+                1.0,
+                illegality_loss(
+                    predictions,
+                    batch["levels"],
+                    valid,
+                    self.max_level,
+                    self.alpha_illegal,
+                    self.beta_illegal,
+                ),
+            ),
         }
         assert tuple(terms) == self.TERMS, "TERMS must name every term"
         loss = sum(weight * term for weight, term in terms.values())

@@ -18,7 +18,9 @@ from megacontext.allocator import mask_illegal
 def _ranks(x: Tensor) -> Tensor:
     """(B, N) rank of each entry within its row, 0 = largest (ties by position)."""
     order = torch.argsort(x, dim=-1, descending=True, stable=True)
-    return torch.empty_like(order).scatter_(-1, order, torch.arange(x.shape[-1], device=x.device).expand_as(order))
+    return torch.empty_like(order).scatter_(
+        -1, order, torch.arange(x.shape[-1], device=x.device).expand_as(order)
+    )
 
 
 class MetricAccumulator:
@@ -44,8 +46,15 @@ class MetricAccumulator:
         self._add("pairs_correct", (pairs & (pred[:, :, None] > pred[:, None, :])).sum())
         # pooled Pearson and MSE over labelled entries
         u, t = pred[mask], y[mask]
-        for key, v in (("n", u.numel()), ("su", u.sum()), ("st", t.sum()), ("suu", (u * u).sum()),
-                       ("stt", (t * t).sum()), ("sut", (u * t).sum()), ("sse", ((u - t) ** 2).sum())):
+        for key, v in (
+            ("n", u.numel()),
+            ("su", u.sum()),
+            ("st", t.sum()),
+            ("suu", (u * u).sum()),
+            ("stt", (t * t).sum()),
+            ("sut", (u * t).sum()),
+            ("sse", ((u - t) ** 2).sum()),
+        ):
             self._add(key, v)
         # budget balance |P - N| / (P + N) per snapshot, over snapshots with P + N > 0
         ec = batch["expand_cost"].double() * valid
@@ -61,7 +70,9 @@ class MetricAccumulator:
         legal = lambda s: ((s <= 0) | can_expand) & ((s >= 0) | can_collapse)  # noqa: E731
         self._add("valid", valid.sum())
         self._add("legal_raw", (legal(pred) & valid).sum())
-        self._add("legal_masked", (legal(mask_illegal(pred, can_expand, can_collapse)) & valid).sum())
+        self._add(
+            "legal_masked", (legal(mask_illegal(pred, can_expand, can_collapse)) & valid).sum()
+        )
         # precision@n_diff: of the k expands the labels call worth it (y > tau_expand, at most
         # n_diff, the best first), how many are among LensNet's k highest-scored gists
         expandable = can_expand & mask
@@ -95,7 +106,9 @@ class MetricAccumulator:
         }
 
 
-def compute_metrics(pred: Tensor, batch: dict[str, Tensor], margin: float = 0.1) -> dict[str, float | None]:
+def compute_metrics(
+    pred: Tensor, batch: dict[str, Tensor], margin: float = 0.1
+) -> dict[str, float | None]:
     """All metrics for one batch."""
     acc = MetricAccumulator(margin)
     acc.update(pred, batch)

@@ -1,4 +1,5 @@
-"""LensNet (DESIGN.md §5): a Perceiver-IO-style dual cross-attention scorer over the working context.
+"""LensNet (DESIGN.md §5): a Perceiver-IO-style dual cross-attention scorer over the working
+context.
 
 Each stack lets the few *tail gists* (what the model is about to read) cross-attend to the whole
 working context, then lets every context entry cross-attend back to those updated tail gists;
@@ -40,7 +41,9 @@ def group_mean(x: Tensor, group_id: Tensor) -> Tensor:
     of neighbouring snapshots would share keys); ``LensNet`` checks this at its input."""
     b, n, d = x.shape
     valid = group_id >= 0
-    key = torch.where(valid, group_id + n * torch.arange(b, device=x.device)[:, None], b * n).reshape(-1)  # (B*N,)
+    key = torch.where(
+        valid, group_id + n * torch.arange(b, device=x.device)[:, None], b * n
+    ).reshape(-1)  # (B*N,)
     sums = x.new_zeros(b * n + 1, d).index_add_(0, key, x.reshape(-1, d))
     counts = x.new_zeros(b * n + 1).index_add_(0, key, x.new_ones(b * n))
     mean = (sums / counts.clamp_min(1)[:, None])[key].reshape(b, n, d)
@@ -61,7 +64,9 @@ class _Packing:
             return
         offset = self.n * torch.arange(self.b, device=valid.device)[:, None]
         key = torch.where(group_id >= 0, group_id + offset, -1).reshape(-1)  # (B*N,) -1 = no group
-        key = torch.cat([key.new_full((1,), -1), key])  # row 0 of the unique keys is always "no group"
+        key = torch.cat(
+            [key.new_full((1,), -1), key]
+        )  # row 0 of the unique keys is always "no group"
         uniq, inv = torch.unique(key, return_inverse=True)
         self.group, self.is_group = inv[1:][self.rows], uniq >= 0  # (R,), (G+1,)
         self.n_groups = uniq.shape[0]
@@ -86,7 +91,9 @@ class _Packing:
 class MLP(nn.Module):
     def __init__(self, d: int, dropout: float) -> None:
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d), nn.Dropout(dropout))
+        self.net = nn.Sequential(
+            nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d), nn.Dropout(dropout)
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)
@@ -97,7 +104,8 @@ class CrossAttentionBlock(nn.Module):
 
     ``reference`` runs it through ``nn.MultiheadAttention``. ``few_keys`` / ``few_queries`` compute
     the same thing when the keys (resp. the queries) are the few tail latents, folding the
-    projections of the many side through the few: with k_h = K W_k,h + b_k,h, the logits Q_h k_h^T are
+    projections of the many side through the few: with k_h = K W_k,h + b_k,h, the logits Q_h k_h^T
+    are
     LN(x) (W_q,h^T k_h^T) + b_q,h k_h^T, and the output sum_h A_h V_h W_o,h^T is A_h (V_h W_o,h^T),
     both (T, d) per snapshot and head; symmetrically for few queries."""
 
@@ -114,12 +122,15 @@ class CrossAttentionBlock(nn.Module):
         return x + self.mlp(self.ln_mlp(x))
 
     def _weights(self) -> tuple[Tensor, ...]:
-        """Per-head projection weights: w_q, w_k, w_v (H, dh, d), biases (H, dh), w_o (H, dh, d), b_o (d,)."""
+        """Per-head projection weights: w_q, w_k, w_v (H, dh, d), biases (H, dh), w_o (H, dh, d),
+        b_o (d,)."""
         h = self.attn.num_heads
         d = self.attn.embed_dim
         wq, wk, wv = (w.view(h, d // h, d) for w in self.attn.in_proj_weight.chunk(3))
         bq, bk, bv = (b.view(h, d // h) for b in self.attn.in_proj_bias.chunk(3))
-        wo = self.attn.out_proj.weight.view(d, h, d // h).permute(1, 2, 0)  # (H, dh, d): head h's columns
+        wo = self.attn.out_proj.weight.view(d, h, d // h).permute(
+            1, 2, 0
+        )  # (H, dh, d): head h's columns
         return wq, wk, wv, bq, bk, bv, wo, self.attn.out_proj.bias
 
     def _attn_dropout(self, a: Tensor) -> Tensor:
@@ -133,11 +144,17 @@ class CrossAttentionBlock(nn.Module):
         kv = self.ln_kv(ctx)
         k = torch.einsum("bkd,hed->bhke", kv, wk) + bk[:, None, :]  # (B, H, K, dh)
         v = torch.einsum("bkd,hed->bhke", kv, wv) + bv[:, None, :]
-        kq = torch.einsum("bhke,hed->bhkd", k, wq).reshape(b, hd * k_len, d)  # (B, H*K, d): W_q folded in
+        kq = torch.einsum("bhke,hed->bhkd", k, wq).reshape(
+            b, hd * k_len, d
+        )  # (B, H*K, d): W_q folded in
         kb = torch.einsum("bhke,he->bhk", k, bq).reshape(b, 1, hd * k_len)  # b_q . k
-        vo = torch.einsum("bhke,hed->bhkd", v, wo).reshape(b, hd * k_len, d)  # (B, H*K, d): W_o folded in
+        vo = torch.einsum("bhke,hed->bhkd", v, wo).reshape(
+            b, hd * k_len, d
+        )  # (B, H*K, d): W_o folded in
         q = pack.pad(self.ln_q(x))  # (B, N, d)
-        logits = (torch.baddbmm(kb, q, kq.transpose(1, 2)) / math.sqrt(dh)).view(b, -1, hd, k_len)  # (B, N, H, K)
+        logits = (torch.baddbmm(kb, q, kq.transpose(1, 2)) / math.sqrt(dh)).view(
+            b, -1, hd, k_len
+        )  # (B, N, H, K)
         logits = logits.masked_fill(ctx_pad[:, None, None, :], -math.inf)
         a = self._attn_dropout(torch.softmax(logits, dim=-1)).view(b, -1, hd * k_len)
         x = x + pack.unpad(torch.bmm(a, vo)) + bo  # (R, d)
@@ -149,15 +166,24 @@ class CrossAttentionBlock(nn.Module):
         hd, dh = wq.shape[0], wq.shape[1]
         b, q_len, d = x.shape
         q = torch.einsum("bqd,hed->bhqe", self.ln_q(x), wq) + bq[:, None, :]  # (B, H, Q, dh)
-        qk = torch.einsum("bhqe,hed->bhqd", q, wk).reshape(b, hd * q_len, d)  # (B, H*Q, d): W_k folded in
+        qk = torch.einsum("bhqe,hed->bhqd", q, wk).reshape(
+            b, hd * q_len, d
+        )  # (B, H*Q, d): W_k folded in
         qb = torch.einsum("bhqe,he->bhq", q, bk).reshape(b, hd * q_len, 1)  # q . b_k
         kv = pack.pad(self.ln_kv(ctx))  # (B, N, d)
-        logits = (torch.baddbmm(qb, qk, kv.transpose(1, 2)) / math.sqrt(dh)).view(b, hd, q_len, -1)  # (B, H, Q, N)
+        logits = (torch.baddbmm(qb, qk, kv.transpose(1, 2)) / math.sqrt(dh)).view(
+            b, hd, q_len, -1
+        )  # (B, H, Q, N)
         logits = logits.masked_fill(ctx_pad[:, None, None, :], -math.inf)
         a = self._attn_dropout(torch.softmax(logits, dim=-1))
-        akv = torch.bmm(a.view(b, hd * q_len, -1), kv).view(b, hd, q_len, d)  # (B, H, Q, d): sum_n a_n LN(x_n)
-        # sum_n a_n (W_v x_n + b_v) = W_v (sum_n a_n x_n) + (sum_n a_n) b_v (sum_n a_n = 1 without dropout)
-        o = torch.einsum("bhqd,hed->bhqe", akv, wv) + a.sum(-1, keepdim=True) * bv[:, None, :]  # (B, H, Q, dh)
+        akv = torch.bmm(a.view(b, hd * q_len, -1), kv).view(
+            b, hd, q_len, d
+        )  # (B, H, Q, d): sum_n a_n LN(x_n)
+        # sum_n a_n (W_v x_n + b_v) = W_v (sum_n a_n x_n) + (sum_n a_n) b_v (sum_n a_n = 1 without
+        # dropout)
+        o = (
+            torch.einsum("bhqd,hed->bhqe", akv, wv) + a.sum(-1, keepdim=True) * bv[:, None, :]
+        )  # (B, H, Q, dh)
         x = x + torch.einsum("bhqe,hed->bqd", o, wo) + bo
         return x + self.mlp(self.ln_mlp(x))
 
@@ -206,15 +232,28 @@ class LensNetConfig:
     @classmethod
     def tiny(cls, d_model: int, **kw) -> LensNetConfig:
         """~0.1M params: tests and quick CPU runs."""
-        return cls(d_model=d_model, d_lens=32, n_heads=4, n_stacks=2, dropout=0.0,
-                   **{"match_skip": True, "match_form": "full", **kw})
+        return cls(
+            d_model=d_model,
+            d_lens=32,
+            n_heads=4,
+            n_stacks=2,
+            dropout=0.0,
+            **{"match_skip": True, "match_form": "full", **kw},
+        )
 
     @classmethod
     def small(cls, d_model: int, **kw) -> LensNetConfig:
         """~0.8M params (d_model 128): CPU training on synthetic traces. Two wide heads: a match
-        between a context key and a tail cue is a bilinear form that narrow heads only see in part."""
-        return cls(d_model=d_model, d_lens=128, n_heads=2, n_stacks=2, dropout=0.0,
-                   **{"match_skip": True, "match_form": "full", **kw})
+        between a context key and a tail cue is a bilinear form that narrow heads only see in part.
+        """
+        return cls(
+            d_model=d_model,
+            d_lens=128,
+            n_heads=2,
+            n_stacks=2,
+            dropout=0.0,
+            **{"match_skip": True, "match_form": "full", **kw},
+        )
 
 
 class LensNet(nn.Module):
@@ -227,21 +266,33 @@ class LensNet(nn.Module):
         self.proj = nn.Linear(config.d_model, d)
         self.level_emb = nn.Embedding(config.max_level + 1, d)
         self.feat = nn.Linear(2, d)  # (log2 span width / log2 b^max_level, log1p distance / 10)
-        self.group_proj = nn.Linear(d, d)  # what the entry's sibling group holds (collapse costs are per group)
-        self.tail_slot = nn.Embedding(MAX_TAIL, d)  # which tail slot (top level first, newest L1 last)
+        self.group_proj = nn.Linear(
+            d, d
+        )  # what the entry's sibling group holds (collapse costs are per group)
+        self.tail_slot = nn.Embedding(
+            MAX_TAIL, d
+        )  # which tail slot (top level first, newest L1 last)
         self.null = nn.Parameter(torch.zeros(1, 1, d))
         self.stacks = nn.ModuleList(
-            nn.ModuleList([CrossAttentionBlock(d, config.n_heads, config.dropout),
-                           CrossAttentionBlock(d, config.n_heads, config.dropout)])
+            nn.ModuleList(
+                [
+                    CrossAttentionBlock(d, config.n_heads, config.dropout),
+                    CrossAttentionBlock(d, config.n_heads, config.dropout),
+                ]
+            )
             for _ in range(config.n_stacks)
         )
-        # Direct match features: one bilinear score per (entry, tail slot), fed to the head. The same
+        # Direct match features: one bilinear score per (entry, tail slot), fed to the head. The
+        # same
         # quantity as an attention logit, but without the softmax in the way its gradient is direct,
         # which is what lets a "this entry is what the tail is about to need" match be learnt fast.
-        # Matched twice: the entry's own embedding, and its sibling group's mean embedding (for tokens,
+        # Matched twice: the entry's own embedding, and its sibling group's mean embedding (for
+        # tokens,
         # the group mean is their block's clean content; a single token is noisy).
         if config.match_form == "full":  # (2, d_model, d_model): own and group forms
-            self.match_m = nn.Parameter(torch.randn(2, config.d_model, config.d_model) / config.d_model)
+            self.match_m = nn.Parameter(
+                torch.randn(2, config.d_model, config.d_model) / config.d_model
+            )
         else:
             self.match_q = nn.Linear(config.d_model, d, bias=False)
             self.match_qg = nn.Linear(config.d_model, d, bias=False)
@@ -249,7 +300,9 @@ class LensNet(nn.Module):
         # one read-out per level: a needed block is worth +gain as a gist but -cost as tokens
         self.match_out = nn.Linear(2 * (MAX_TAIL + 1), d * (config.max_level + 1))
         if config.match_skip:  # (kinds, match columns): kind = 2 x level + [group can collapse]
-            self.match_skip = nn.Parameter(torch.zeros(2 * (config.max_level + 1), 2 * (MAX_TAIL + 1)))
+            self.match_skip = nn.Parameter(
+                torch.zeros(2 * (config.max_level + 1), 2 * (MAX_TAIL + 1))
+            )
         self.ln_f = nn.LayerNorm(d)
         self.head = nn.Linear(d, 1)
         # Calibration: ``score`` multiplies the raw scores by this (fitted on validation episodes so
@@ -267,7 +320,9 @@ class LensNet(nn.Module):
             )
         tail = batch["tail_gists"]
         if tail.dim() != 3 or tail.shape[-1] != self.config.d_model:
-            raise ValueError(f"tail_gists must be (B, T, d_model={self.config.d_model}), got {tuple(tail.shape)}")
+            raise ValueError(
+                f"tail_gists must be (B, T, d_model={self.config.d_model}), got {tuple(tail.shape)}"
+            )
         if tail.shape[1] > MAX_TAIL:
             raise ValueError(f"at most {MAX_TAIL} tail gists, got {tail.shape[1]}")
         if batch["levels"].numel() and int(batch["levels"].max()) > self.config.max_level:
@@ -275,10 +330,14 @@ class LensNet(nn.Module):
         gid = batch.get("group_id")
         if gid is not None and gid.numel():
             n = emb.shape[1]
-            gid = gid[batch["valid_mask"].bool()]  # ids on padding are ignored (padding joins no group)
+            gid = gid[
+                batch["valid_mask"].bool()
+            ]  # ids on padding are ignored (padding joins no group)
             if gid.numel() and (int(gid.min()) < -1 or int(gid.max()) >= n):
-                raise ValueError(f"group_id must be -1 (no group) or a slot index < N={n}, got values in "
-                                 f"[{int(gid.min())}, {int(gid.max())}]")
+                raise ValueError(
+                    f"group_id must be -1 (no group) or a slot index < N={n}, got values in "
+                    f"[{int(gid.min())}, {int(gid.max())}]"
+                )
 
     @staticmethod
     def _group_id(batch: dict[str, Tensor]) -> Tensor | None:
@@ -287,10 +346,14 @@ class LensNet(nn.Module):
             return None
         return torch.where(batch["valid_mask"].bool(), batch["group_id"], -1)
 
-    def _entry_features(self, emb: Tensor, levels: Tensor, span_width: Tensor, distance: Tensor) -> Tensor:
+    def _entry_features(
+        self, emb: Tensor, levels: Tensor, span_width: Tensor, distance: Tensor
+    ) -> Tensor:
         """(..., d) entry features before the group term; ``levels`` already clamped."""
         cfg = self.config
-        span = torch.log2(span_width.to(self.proj.weight.dtype).clamp_min(1)) / max(math.log2(cfg.block_size**cfg.max_level), 1)
+        span = torch.log2(span_width.to(self.proj.weight.dtype).clamp_min(1)) / max(
+            math.log2(cfg.block_size**cfg.max_level), 1
+        )
         dist = torch.log1p(distance.to(self.proj.weight.dtype).clamp_min(0)) / 10
         return self.proj(emb) + self.level_emb(levels) + self.feat(torch.stack([span, dist], -1))
 
@@ -305,8 +368,11 @@ class LensNet(nn.Module):
     def _tail_latents(self, batch: dict[str, Tensor]) -> Tensor:
         """(B, 1+T, d): the null latent, then the tail gists with level and slot embeddings."""
         n_tail_gists = batch["tail_gists"].shape[1]
-        tail = (self.proj(batch["tail_gists"]) + self.level_emb(batch["tail_levels"].clamp(0, self.config.max_level))
-                + self.tail_slot.weight[:n_tail_gists])  # (B, T, d)
+        tail = (
+            self.proj(batch["tail_gists"])
+            + self.level_emb(batch["tail_levels"].clamp(0, self.config.max_level))
+            + self.tail_slot.weight[:n_tail_gists]
+        )  # (B, T, d)
         return torch.cat([self.null.expand(tail.shape[0], 1, -1), tail], dim=1)
 
     def forward(self, batch: dict[str, Tensor]) -> Tensor:
@@ -321,45 +387,64 @@ class LensNet(nn.Module):
         # per-entry work on the R valid entries only (packed); attention pads them back per snapshot
         emb = pack.unpad(batch["embeddings"])  # (R, d_model)
         levels = pack.unpad(batch["levels"]).clamp(0, cfg.max_level)  # (R,)
-        x = self._entry_features(emb, levels, pack.unpad(batch["span_width"]),
-                                 pack.unpad(batch["distance_to_cursor"]))  # (R, d)
+        x = self._entry_features(
+            emb, levels, pack.unpad(batch["span_width"]), pack.unpad(batch["distance_to_cursor"])
+        )  # (R, d)
         tail = self._tail_latents(batch)  # (B, 1+T, d)
-        if pack.group is not None:  # group_proj(group mean): once per group; 0 -> bias for the ungrouped
+        if (
+            pack.group is not None
+        ):  # group_proj(group mean): once per group; 0 -> bias for the ungrouped
             x = x + self.group_proj(pack.group_means(x))[pack.group]
-            grp = torch.where(pack.is_group[pack.group][:, None], pack.group_means(emb)[pack.group], emb)  # (R, d_model)
+            grp = torch.where(
+                pack.is_group[pack.group][:, None], pack.group_means(emb)[pack.group], emb
+            )  # (R, d_model)
         else:
             grp = emb
         tail_mask = batch["tail_mask"].bool()
         tail_pad = torch.cat([tail_mask.new_zeros(b, 1), ~tail_mask], dim=1)
         ctx_pad = ~valid & valid.any(-1, keepdim=True)  # as in reference_forward
-        # match features: own/group embedding . (tail key W_q), one product per snapshot and tail slot
+        # match features: own/group embedding . (tail key W_q), one product per snapshot and tail
+        # slot
         kq, kqg = self._match_keys(batch["tail_gists"])  # (B, T, d_model) each
         own = torch.bmm(batch["embeddings"], kq.transpose(1, 2))  # (B, N, T)
         group = torch.bmm(pack.pad(grp), kqg.transpose(1, 2))
         match = torch.stack([own, group], -1)  # (B, N, T, 2)
-        match = torch.where(tail_mask[:, None, :, None], match, torch.zeros_like(match)) / math.sqrt(cfg.d_lens)
-        match = pack.unpad(match.flatten(2))  # (R, 2T): the slots past T are zero, so their columns are skipped
+        match = torch.where(
+            tail_mask[:, None, :, None], match, torch.zeros_like(match)
+        ) / math.sqrt(cfg.d_lens)
+        match = pack.unpad(
+            match.flatten(2)
+        )  # (R, 2T): the slots past T are zero, so their columns are skipped
         per_level = F.linear(match, self.match_out.weight[:, : match.shape[1]], self.match_out.bias)
         per_level = per_level.unflatten(-1, (cfg.max_level + 1, -1))  # (R, L, d)
-        x = x + torch.gather(per_level, 1, levels[:, None, None].expand(-1, 1, per_level.shape[-1])).squeeze(1)
+        x = x + torch.gather(
+            per_level, 1, levels[:, None, None].expand(-1, 1, per_level.shape[-1])
+        ).squeeze(1)
         for to_tail, to_ctx in self.stacks:
             tail = to_tail.few_queries(tail, x, pack, ctx_pad)
             x = to_ctx.few_keys(x, pack, tail, tail_pad)
         scores = self.head(self.ln_f(x)).squeeze(-1)  # (R,)
         if cfg.match_skip:
-            grouped = pack.unpad(batch["group_id"]) >= 0 if "group_id" in batch else torch.zeros_like(levels, dtype=torch.bool)
+            grouped = (
+                pack.unpad(batch["group_id"]) >= 0
+                if "group_id" in batch
+                else torch.zeros_like(levels, dtype=torch.bool)
+            )
             w = self.match_skip[2 * levels + grouped.long(), : match.shape[1]]  # (R, 2T)
             scores = scores + (w * match).sum(-1)
         return pack.pad(scores)
 
     def reference_forward(self, batch: dict[str, Tensor]) -> Tensor:
-        """``forward`` computed directly as DESIGN §5 reads (padded, through ``nn.MultiheadAttention``);
+        """``forward`` computed directly as DESIGN §5 reads (padded, through
+        ``nn.MultiheadAttention``);
         the tests and the training benchmark compare against it."""
         self._check(batch)
         cfg = self.config
         valid = batch["valid_mask"].bool()
         levels = batch["levels"].clamp(0, cfg.max_level)
-        x = self._entry_features(batch["embeddings"], levels, batch["span_width"], batch["distance_to_cursor"])  # (B, N, d)
+        x = self._entry_features(
+            batch["embeddings"], levels, batch["span_width"], batch["distance_to_cursor"]
+        )  # (B, N, d)
         tail = self._tail_latents(batch)  # (B, 1+T, d)
         gid = self._group_id(batch)
         if gid is not None:
@@ -378,17 +463,25 @@ class LensNet(nn.Module):
         grp = emb if gid is None else torch.where((gid >= 0)[..., None], group_mean(emb, gid), emb)
         group = torch.einsum("bnd,btd->bnt", grp, kqg)
         match = torch.stack([own, group], -1)  # (B, N, T, 2)
-        match = torch.where(tail_mask[:, None, :, None], match, torch.zeros_like(match)) / math.sqrt(self.config.d_lens)
-        match = torch.nn.functional.pad(match, (0, 0, 0, MAX_TAIL + 1 - n_tail_gists)).flatten(2)  # slot-aligned
+        match = torch.where(
+            tail_mask[:, None, :, None], match, torch.zeros_like(match)
+        ) / math.sqrt(self.config.d_lens)
+        match = torch.nn.functional.pad(match, (0, 0, 0, MAX_TAIL + 1 - n_tail_gists)).flatten(
+            2
+        )  # slot-aligned
         per_level = self.match_out(match).unflatten(-1, (cfg.max_level + 1, -1))  # (B, N, L, d)
-        x = x + torch.gather(per_level, 2, levels[..., None, None].expand(-1, -1, 1, per_level.shape[-1])).squeeze(2)
+        x = x + torch.gather(
+            per_level, 2, levels[..., None, None].expand(-1, -1, 1, per_level.shape[-1])
+        ).squeeze(2)
         for to_tail, to_ctx in self.stacks:
             tail = to_tail.reference(tail, x, ctx_pad)
             x = to_ctx.reference(x, tail, tail_pad)
         scores = self.head(self.ln_f(x)).squeeze(-1)  # (B, N)
         if cfg.match_skip:
             grouped = gid >= 0 if gid is not None else torch.zeros_like(levels, dtype=torch.bool)
-            scores = scores + (self.match_skip[2 * levels + grouped.long()] * match).sum(-1)  # (B, N)
+            scores = scores + (self.match_skip[2 * levels + grouped.long()] * match).sum(
+                -1
+            )  # (B, N)
         return torch.where(valid, scores, torch.zeros_like(scores))
 
     @torch.no_grad()

@@ -1,4 +1,5 @@
-"""Straightforward loop implementation of the DESIGN §5 losses: the reference for tests and benchmarks.
+"""Straightforward loop implementation of the DESIGN §5 losses: the reference for tests and
+benchmarks.
 
 Plain Python over snapshots, entries and pairs, on floats, with the gradient with respect to the
 predictions written out by hand. Slow by design: it exists to be obviously right.
@@ -37,7 +38,9 @@ def regression(pred: Grid, target: Grid, mask: list[list[bool]]) -> tuple[float,
     return total / len(cells), grad
 
 
-def regression_by_level(pred: Grid, target: Grid, mask: list[list[bool]], levels: list[list[int]]) -> tuple[float, Grid]:
+def regression_by_level(
+    pred: Grid, target: Grid, mask: list[list[bool]], levels: list[list[int]]
+) -> tuple[float, Grid]:
     """L_reg per tree level, averaged over the levels that have labelled entries."""
     b, n = len(pred), len(pred[0])
     by_level: dict[int, list[tuple[int, int]]] = {}
@@ -59,7 +62,9 @@ def regression_by_level(pred: Grid, target: Grid, mask: list[list[bool]], levels
     return total / len(by_level), grad
 
 
-def ranking(pred: Grid, target: Grid, mask: list[list[bool]], margin: float = 0.1) -> tuple[float, Grid]:
+def ranking(
+    pred: Grid, target: Grid, mask: list[list[bool]], margin: float = 0.1
+) -> tuple[float, Grid]:
     b, n = len(pred), len(pred[0])
     grad = _zeros(b, n)
     total, count = 0.0, 0
@@ -83,7 +88,9 @@ def ranking(pred: Grid, target: Grid, mask: list[list[bool]], margin: float = 0.
     return total / count, grad
 
 
-def budget(pred: Grid, expand_cost: Grid, collapse_refund: Grid, eps: float = 1e-6) -> tuple[float, Grid]:
+def budget(
+    pred: Grid, expand_cost: Grid, collapse_refund: Grid, eps: float = 1e-6
+) -> tuple[float, Grid]:
     b, n = len(pred), len(pred[0])
     grad = _zeros(b, n)
     total = 0.0
@@ -142,9 +149,18 @@ def lensnet_loss(
     """All four terms and L, plus dL/dpred, as ``LensNetLoss`` defines them."""
     b, n = len(pred), len(pred[0])
     valid = [[bool(v) for v in row] for row in batch["valid_mask"]]
-    mask = [[bool(m) and valid[s][i] for i, m in enumerate(row)] for s, row in enumerate(batch["action_mask"])]
-    ec = [[c if valid[s][i] else 0.0 for i, c in enumerate(row)] for s, row in enumerate(batch["expand_cost"])]
-    cr = [[c if valid[s][i] else 0.0 for i, c in enumerate(row)] for s, row in enumerate(batch["collapse_refund"])]
+    mask = [
+        [bool(m) and valid[s][i] for i, m in enumerate(row)]
+        for s, row in enumerate(batch["action_mask"])
+    ]
+    ec = [
+        [c if valid[s][i] else 0.0 for i, c in enumerate(row)]
+        for s, row in enumerate(batch["expand_cost"])
+    ]
+    cr = [
+        [c if valid[s][i] else 0.0 for i, c in enumerate(row)]
+        for s, row in enumerate(batch["collapse_refund"])
+    ]
     r, gr = regression(pred, batch["target_utilities"], mask)
     k, gk = ranking(pred, batch["target_utilities"], mask)
     u, gu = budget(pred, ec, cr)

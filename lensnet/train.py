@@ -71,7 +71,9 @@ class TrainConfig(LoopConfig):
         if self.loss_splits < 1:
             raise ConfigError(f"loss_splits must be >= 1, got {self.loss_splits}")
         if not (self.match_lr_scale > 0 and math.isfinite(self.match_lr_scale)):
-            raise ConfigError(f"match_lr_scale must be a positive number, got {self.match_lr_scale}")
+            raise ConfigError(
+                f"match_lr_scale must be a positive number, got {self.match_lr_scale}"
+            )
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> LensNet:
@@ -82,7 +84,9 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> LensNet:
     model.load_state_dict(ckpt["model"])
     scale = float((ckpt.get("calibration") or {}).get("score_scale", 1.0))
     if not (math.isfinite(scale) and scale > 0):
-        raise CheckpointError(f"{path}: calibration score_scale must be a positive number, got {scale}")
+        raise CheckpointError(
+            f"{path}: calibration score_scale must be a positive number, got {scale}"
+        )
     model.score_scale = scale
     return model.eval()
 
@@ -98,8 +102,13 @@ def save_calibration(path: str | Path, calibration: dict) -> None:
 
 
 @torch.no_grad()
-def snapshot_metrics(model: LensNet, loss_fn: LensNetLoss, dataset: TraceDataset, batch_size: int,
-             device: torch.device) -> dict[str, float | None]:
+def snapshot_metrics(
+    model: LensNet,
+    loss_fn: LensNetLoss,
+    dataset: TraceDataset,
+    batch_size: int,
+    device: torch.device,
+) -> dict[str, float | None]:
     """Mean loss terms (weighted by snapshots) and every metric over ``dataset``, in eval mode; the
     model is left in the mode the caller had it in."""
     was_training = model.training
@@ -108,7 +117,9 @@ def snapshot_metrics(model: LensNet, loss_fn: LensNetLoss, dataset: TraceDataset
     sums: dict[str, float] = {}
     n = 0
     for s in range(0, len(dataset), batch_size):
-        batch = to_device(collate([dataset[i] for i in range(s, min(s + batch_size, len(dataset)))]), device)
+        batch = to_device(
+            collate([dataset[i] for i in range(s, min(s + batch_size, len(dataset)))]), device
+        )
         pred = model(batch)
         out = loss_fn(pred, batch)
         b = pred.shape[0]
@@ -132,9 +143,16 @@ class Trainer(TrainLoop):
 
     desc = "train lensnet"
 
-    def __init__(self, model_config: LensNetConfig, config: TrainConfig, train: TraceDataset,
-                 val: TraceDataset | None, out_dir: str | Path, progress: bool = True,
-                 distributed: bool = False) -> None:
+    def __init__(
+        self,
+        model_config: LensNetConfig,
+        config: TrainConfig,
+        train: TraceDataset,
+        val: TraceDataset | None,
+        out_dir: str | Path,
+        progress: bool = True,
+        distributed: bool = False,
+    ) -> None:
         d = train.reader.d_model
         if d != model_config.d_model:
             raise ConfigError(
@@ -147,11 +165,16 @@ class Trainer(TrainLoop):
         device = resolve_device(config.device)
         if distributed:
             if not dist.is_initialized():
-                raise ConfigError("distributed=True needs an initialised process group (run under torchrun)")
+                raise ConfigError(
+                    "distributed=True needs an initialised process group (run under torchrun)"
+                )
             rank, world = dist.get_rank(), dist.get_world_size()
         if config.batch_size % (world * config.loss_splits):
-            raise ConfigError(f"batch_size ({config.batch_size}) must be a multiple of ranks ({world}) x loss_splits "
-                              f"({config.loss_splits})")
+            raise ConfigError(
+                f"batch_size ({config.batch_size}) must be a multiple of ranks ({world}) x "
+                "loss_splits "
+                f"({config.loss_splits})"
+            )
         if distributed:
             if device.type == "cuda":
                 device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
@@ -160,10 +183,18 @@ class Trainer(TrainLoop):
         self.train_set, self.val_set = train, val
         torch.manual_seed(config.seed)
         model = LensNet(model_config).to(device)
-        super().__init__(model, asdict(model_config), config, out_dir, progress, rank=rank, world_size=world)
-        # DDP broadcasts rank 0's parameters (all ranks initialise alike anyway) and averages gradients.
-        self.train_model: torch.nn.Module = model if world == 1 else torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
+        super().__init__(
+            model, asdict(model_config), config, out_dir, progress, rank=rank, world_size=world
+        )
+        # DDP broadcasts rank 0's parameters (all ranks initialise alike anyway) and averages
+        # gradients.
+        self.train_model: torch.nn.Module = (
+            model
+            if world == 1
+            else torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[device.index] if device.type == "cuda" else None
+            )
+        )
         self.loss_fn = LensNetLoss.from_config(config.loss, model_config.max_level)
         self._entries = 0
 
@@ -180,12 +211,16 @@ class Trainer(TrainLoop):
 
     def batch(self, step: int) -> dict[str, Tensor]:
         """This rank's collated batch at ``step``."""
-        return to_device(collate([self.train_set[int(i)] for i in self.batch_indices(step)]), self.device)
+        return to_device(
+            collate([self.train_set[int(i)] for i in self.batch_indices(step)]), self.device
+        )
 
     def loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
         pred = self.train_model(batch)  # (B, N): one forward; snapshots are scored independently
         k = self.config.loss_splits
-        parts = [self.loss_fn(pred[j::k], {key: v[j::k] for key, v in batch.items()}) for j in range(k)]
+        parts = [
+            self.loss_fn(pred[j::k], {key: v[j::k] for key, v in batch.items()}) for j in range(k)
+        ]
         loss = sum(out["loss"] for out in parts) / k
         names = self.loss_fn.TERMS
         terms = [loss.item(), *(sum(out[t] for out in parts) / k for t in names)]
@@ -203,32 +238,43 @@ class Trainer(TrainLoop):
         """The match parameters (``match_*``) learn ``match_lr_scale`` times faster."""
         match = [p for n, p in named if n.startswith("match_")]
         rest = [p for n, p in named if not n.startswith("match_")]
-        return [{"params": rest}, {"params": match, "lr": self.config.lr * self.config.match_lr_scale}]
+        return [
+            {"params": rest},
+            {"params": match, "lr": self.config.lr * self.config.match_lr_scale},
+        ]
 
     def validate(self) -> dict:
         if self.val_set is None or not len(self.val_set):
             return {}
-        return snapshot_metrics(self.model, self.loss_fn, self.val_set, self.config.batch_size, self.device)
+        return snapshot_metrics(
+            self.model, self.loss_fn, self.val_set, self.config.batch_size, self.device
+        )
 
     def perf(self, elapsed: float) -> dict:
         entries, self._entries = self._entries, 0
         return {"perf/entries_per_s": entries / elapsed if elapsed > 0 else None}
 
 
-def split_indices(doc_ids: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def split_indices(
+    doc_ids: np.ndarray, val_fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Seeded train/val split of snapshot indices by document: ``doc_ids`` (S,) is each snapshot's
     document; ``round(val_fraction x documents)`` whole documents (at least one when the fraction is
     positive) are validation, the rest training. Returns sorted (train, val) snapshot indices."""
     doc_ids = np.asarray(doc_ids)
     if doc_ids.ndim != 1:
-        raise ValueError(f"doc_ids must be one document id per snapshot (1-D), got shape {doc_ids.shape}")
+        raise ValueError(
+            f"doc_ids must be one document id per snapshot (1-D), got shape {doc_ids.shape}"
+        )
     if not 0.0 <= val_fraction < 1.0:
         raise ConfigError(f"val_fraction must be in [0, 1), got {val_fraction}")
     docs = np.unique(doc_ids)
     n_val = max(1, int(round(len(docs) * val_fraction))) if val_fraction > 0 else 0
     if n_val >= len(docs) and n_val > 0:
-        raise ConfigError(f"a validation split by document needs at least 2 documents; the traces hold "
-                          f"{len(docs)} (give --val-traces, or --val-fraction 0)")
+        raise ConfigError(
+            f"a validation split by document needs at least 2 documents; the traces hold "
+            f"{len(docs)} (give --val-traces, or --val-fraction 0)"
+        )
     val_docs = docs[np.random.default_rng([seed, 12345]).permutation(len(docs))[:n_val]]
     is_val = np.isin(doc_ids, val_docs)
     return np.flatnonzero(~is_val), np.flatnonzero(is_val)
@@ -243,7 +289,8 @@ class TrainArgs:
     val_traces: str | None = None
     """Separate validation traces (else a --val-fraction split of --traces)."""
     val_fraction: float = 0.1
-    """Fraction of the documents in --traces held out (whole) for validation when --val-traces is unset."""
+    """Fraction of the documents in --traces held out (whole) for validation when --val-traces is
+    unset."""
     out: str = "runs/lensnet"
     """Output directory: checkpoints and metrics.jsonl."""
     preset: Literal["tiny", "small", "seed"] = "small"
@@ -269,18 +316,27 @@ def main(argv: list[str] | None = None) -> None:
     args = parse(TrainArgs, argv)
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if distributed:
-        dist.init_process_group("nccl" if resolve_device(args.train.device).type == "cuda" else "gloo")
+        dist.init_process_group(
+            "nccl" if resolve_device(args.train.device).type == "cuda" else "gloo"
+        )
     try:
         reader = TraceReader(args.traces)
         if args.val_traces:
             val_reader = TraceReader(args.val_traces)
             train_idx, val = np.arange(len(reader)), TraceDataset(val_reader)
         else:
-            train_idx, val_idx = split_indices(reader.snapshots["doc_id"], args.val_fraction, args.train.seed)
+            train_idx, val_idx = split_indices(
+                reader.snapshots["doc_id"], args.val_fraction, args.train.seed
+            )
             val = TraceDataset(reader, val_idx)
         train = TraceDataset(reader, train_idx, augment=args.train.augment, seed=args.train.seed)
         meta = reader.meta
-        mcfg = model_config_for(args.preset, reader.d_model, int(meta.get("max_level", 2)), int(meta.get("block_size", 32)))
+        mcfg = model_config_for(
+            args.preset,
+            reader.d_model,
+            int(meta.get("max_level", 2)),
+            int(meta.get("block_size", 32)),
+        )
         trainer = Trainer(mcfg, args.train, train, val, args.out, distributed=distributed)
         if args.resume:
             trainer.resume(args.resume)

@@ -1,4 +1,5 @@
-"""The focus allocator (DESIGN.md §4): turns one signed score per entry into legal, budgeted actions.
+"""The focus allocator (DESIGN.md §4): turns one signed score per entry into legal, budgeted
+actions.
 
 Positive score = expand this gist (what detail would gain), negative = what collapsing its
 sibling group would cost. ``step`` is the one refocus pass of a step: the context it gets may be
@@ -25,7 +26,8 @@ ArrayT = TypeVar("ArrayT")
 
 
 def mask_illegal(scores: ArrayT, can_expand: ArrayT, can_collapse: ArrayT) -> ArrayT:
-    """Zero the illegal direction of each score: u>0 where it cannot expand, u<0 where it cannot collapse.
+    """Zero the illegal direction of each score: u>0 where it cannot expand, u<0 where it cannot
+    collapse.
 
     Works unchanged on numpy arrays and torch tensors (LensNet uses it at inference).
     """
@@ -40,7 +42,8 @@ class AllocatorConfig:
     tau_expand: float = 0.2
     """Expand candidates need a (masked) score above this."""
     tau_swap: float = 0.0
-    """A paid expand happens only if u_expand + sum of the paying groups' mean scores exceeds this."""
+    """A paid expand happens only if u_expand + sum of the paying groups' mean scores exceeds this.
+    """
     n_diff: int = 4
     """At most this many actions (expands + collapses) per step."""
     cooldown: int = 2
@@ -59,14 +62,16 @@ class AllocatorConfig:
 
 @dataclass(frozen=True)
 class Action:
-    """One applied change. ``level``/``index`` name the gist expanded or the parent collapsed into."""
+    """One applied change. ``level``/``index`` name the gist expanded or the parent collapsed into.
+    """
 
     kind: Literal["expand", "collapse"]
     level: int
     index: int
     slot_delta: int
     forced: bool = False
-    """A budget-restore collapse after ingest: not a choice, so no cooldown and not in ``n_diff``."""
+    """A budget-restore collapse after ingest: not a choice, so no cooldown and not in ``n_diff``.
+    """
 
 
 class FocusAllocator:
@@ -85,7 +90,9 @@ class FocusAllocator:
     def _validate(self, wc: WorkingContext, scores: np.ndarray) -> np.ndarray:
         scores = np.asarray(scores, dtype=np.float64)
         if scores.shape != (len(wc),):
-            raise ValueError(f"scores must have shape ({len(wc)},) (one per entry), got {scores.shape}")
+            raise ValueError(
+                f"scores must have shape ({len(wc)},) (one per entry), got {scores.shape}"
+            )
         if not np.all(np.isfinite(scores)):
             bad = np.flatnonzero(~np.isfinite(scores))
             raise ValueError(f"scores must be finite; NaN/inf at slots {bad[:8].tolist()}")
@@ -93,7 +100,8 @@ class FocusAllocator:
 
     # --------------------------------------------------------------------------- refocus step
     def step(self, wc: WorkingContext, scores: np.ndarray) -> list[Action]:
-        """One refocus pass with one score vector (one per entry of the possibly over-budget ``wc``).
+        """One refocus pass with one score vector (one per entry of the possibly over-budget
+        ``wc``).
 
         First the budget is restored by collapsing the groups ``scores`` value least (forced
         actions: not counted in ``n_diff``, no cooldown), then the best expands/swaps are applied.
@@ -107,8 +115,13 @@ class FocusAllocator:
         levels, indices, starts, ends = wc.levels, wc.indices, wc.starts, wc.ends
         group_starts = wc.group_starts()
 
-        # Collapse candidates: legal groups not reversing a recent expand, cheapest (highest mean) first.
-        g_mean = u[group_starts[:, None] + np.arange(b)].mean(axis=1) if group_starts.size else np.zeros(0)
+        # Collapse candidates: legal groups not reversing a recent expand, cheapest (highest mean)
+        # first.
+        g_mean = (
+            u[group_starts[:, None] + np.arange(b)].mean(axis=1)
+            if group_starts.size
+            else np.zeros(0)
+        )
         g_parent = [(int(levels[s]) + 1, int(indices[s]) // b) for s in group_starts]
         g_ok = np.array([not self._cooling(p, "expand", step) for p in g_parent], dtype=bool)
         g_order = [int(g) for g in np.argsort(-g_mean, kind="stable") if g_ok[g]]
@@ -155,13 +168,19 @@ class FocusAllocator:
             self._touched[key] = (step, "expand")
             touched.append((lo, hi))
             n_chosen += 1 + len(pay)
-        if not n_slots == len(wc) <= wc.config.w_max:  # a guarantee, so an error (not an assert) if broken
-            raise InvariantViolation("budget", f"allocator left {len(wc)} entries (tracked {n_slots}) for "
-                                     f"w_max={wc.config.w_max}")
+        if (
+            not n_slots == len(wc) <= wc.config.w_max
+        ):  # a guarantee, so an error (not an assert) if broken
+            raise InvariantViolation(
+                "budget",
+                f"allocator left {len(wc)} entries (tracked {n_slots}) for w_max={wc.config.w_max}",
+            )
         return actions
 
     # ---------------------------------------------------------------------- budget restore
-    def _restore(self, wc: WorkingContext, u: np.ndarray, step: int) -> tuple[list[Action], np.ndarray, list[tuple[int, int]]]:
+    def _restore(
+        self, wc: WorkingContext, u: np.ndarray, step: int
+    ) -> tuple[list[Action], np.ndarray, list[tuple[int, int]]]:
         """Collapse the groups ``u`` values least (highest mean) until ``len(wc) <= W_max``.
 
         Forced collapses enter no cooldown: they are not choices, and a cooldown would block the
@@ -176,7 +195,8 @@ class FocusAllocator:
             group_starts = wc.group_starts()
             if group_starts.size == 0:
                 raise BudgetExhausted(
-                    f"{len(wc)} entries exceed w_max={wc.config.w_max} at T={wc.n_tokens} and no legal "
+                    f"{len(wc)} entries exceed w_max={wc.config.w_max} at T={wc.n_tokens} and no "
+                    "legal "
                     "collapse is left: raise w_max, shorten the tail, or add a level"
                 )
             mean = u[group_starts[:, None] + np.arange(b)].mean(axis=1)
@@ -190,7 +210,9 @@ class FocusAllocator:
                 spans.append((int(wc.starts[s]), int(wc.ends[s + b - 1])))
                 wc.collapse(*parents[g])
                 u = np.concatenate([u[:s], [u[s : s + b].mean()], u[s + b :]])
-                actions.append(Action("collapse", parents[g][0], parents[g][1], -(b - 1), forced=True))
+                actions.append(
+                    Action("collapse", parents[g][0], parents[g][1], -(b - 1), forced=True)
+                )
         return actions, u, spans
 
     def enforce_budget(self, wc: WorkingContext, scores: np.ndarray | None = None) -> list[Action]:

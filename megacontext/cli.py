@@ -55,7 +55,9 @@ def _default(f: dataclasses.Field, parent: Any) -> Any:
     raise TypeError(f"field {f.name!r} needs a default to become a command-line option")
 
 
-def _add_fields(parser: argparse.ArgumentParser, cls: type, prefix: str, defaults: Any = None) -> None:
+def _add_fields(
+    parser: argparse.ArgumentParser, cls: type, prefix: str, defaults: Any = None
+) -> None:
     """Add one option per leaf field; ``defaults`` is the instance whose values are the defaults."""
     hints = typing.get_type_hints(cls)
     docs = field_docs(cls)
@@ -99,11 +101,17 @@ def _build(cls: type[T], values: dict[str, Any], prefix: str = "") -> T:
     return cls(**kwargs)
 
 
-def parse(cls: type[T], argv: list[str] | None = None, description: str | None = None,
-          defaults: T | None = None) -> T:
+def parse(
+    cls: type[T],
+    argv: list[str] | None = None,
+    description: str | None = None,
+    defaults: T | None = None,
+) -> T:
     """Parse ``argv`` into an instance of dataclass ``cls`` (nested dataclasses become groups);
     ``defaults`` (an instance) replaces the class's own defaults."""
-    parser = argparse.ArgumentParser(description=description or (inspect.getdoc(cls) or "").split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        description=description or (inspect.getdoc(cls) or "").split("\n\n")[0]
+    )
     _add_fields(parser, cls, "", defaults)
     try:
         return _build(cls, vars(parser.parse_args(argv)))

@@ -16,7 +16,9 @@ from megacontext.oracle import NLLOracle
 from megacontext.working_context import ContextArrays, WorkingContext
 
 
-def counterfactual_contexts(wc: WorkingContext, n_tail_gists: int = 6) -> tuple[ContextArrays, list[tuple[str, int, ContextArrays]]]:
+def counterfactual_contexts(
+    wc: WorkingContext, n_tail_gists: int = 6
+) -> tuple[ContextArrays, list[tuple[str, int, ContextArrays]]]:
     """The baseline arrays and, per legal action, (kind, slot, arrays of the context after it).
 
     ``slot`` is the expanded entry, or the first member of the collapsed group.
@@ -35,8 +37,11 @@ def counterfactual_contexts(wc: WorkingContext, n_tail_gists: int = 6) -> tuple[
     return base, variants
 
 
-def lookahead_contexts(wc: WorkingContext, n_tail_gists: int = 6) -> list[tuple[int, ContextArrays]]:
-    """Per gist of level >= 2 and per child: (slot, arrays after expanding the gist and then that child).
+def lookahead_contexts(
+    wc: WorkingContext, n_tail_gists: int = 6
+) -> list[tuple[int, ContextArrays]]:
+    """Per gist of level >= 2 and per child: (slot, arrays after expanding the gist and then that
+    child).
 
     The lookahead label of a level >= 2 gist is the best of these two-step expansions (DESIGN §3):
     a single expand leaves the child a gist, so its gain is blind to detail two levels down.
@@ -62,19 +67,28 @@ def label_snapshot(
     doc_id: int = 0,
     lookahead: bool = False,
 ) -> dict[str, np.ndarray]:
-    """A labelled snapshot in the trace format (``megacontext.traces.ENTRY_KEYS`` + ``SNAPSHOT_KEYS``).
+    """A labelled snapshot in the trace format (``megacontext.traces.ENTRY_KEYS`` +
+    ``SNAPSHOT_KEYS``).
 
     ``lookahead``: the expand gain of a gist of level >= 2 is max(its single-expand gain, the best
     gain of expanding it and then one of its children) — see ``lookahead_contexts``.
     """
     if query_start != wc.n_tokens:
-        raise ValueError(f"the query must start at the cursor: query_start={query_start}, T={wc.n_tokens}")
+        raise ValueError(
+            f"the query must start at the cursor: query_start={query_start}, T={wc.n_tokens}"
+        )
     if oracle.d_model != wc.tree.config.d_model:
-        raise ValueError(f"oracle d_model {oracle.d_model} != tree d_model {wc.tree.config.d_model}")
+        raise ValueError(
+            f"oracle d_model {oracle.d_model} != tree d_model {wc.tree.config.d_model}"
+        )
     base, variants = counterfactual_contexts(wc, n_tail_gists)
     deep = lookahead_contexts(wc, n_tail_gists) if lookahead else []
-    nll = np.asarray(oracle.nll([base, *(v for _, _, v in variants), *(v for _, v in deep)], query_ids, query_start),
-                     dtype=np.float64)
+    nll = np.asarray(
+        oracle.nll(
+            [base, *(v for _, _, v in variants), *(v for _, v in deep)], query_ids, query_start
+        ),
+        dtype=np.float64,
+    )
     if not np.all(np.isfinite(nll)):
         raise FloatingPointError(f"oracle returned non-finite NLL {nll[~np.isfinite(nll)][:4]}")
     b = wc.block_size
@@ -113,4 +127,3 @@ def label_snapshot(
         "baseline_nll": np.float32(nll[0]),
         "doc_id": np.int64(doc_id),
     }
-

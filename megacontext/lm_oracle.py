@@ -1,4 +1,5 @@
-"""The real-LM oracle (DESIGN.md §3, §7): NLL of the next H tokens under a frozen transformers causal LM.
+"""The real-LM oracle (DESIGN.md §3, §7): NLL of the next H tokens under a frozen transformers
+causal LM.
 
 Each context is fed as ``inputs_embeds`` (token embeddings for L0 entries, gists for the rest) with
 explicit ``position_ids``, followed by the H query tokens. Query token k is predicted from the
@@ -10,7 +11,8 @@ Fast path: counterfactual variants differ from the baseline context only from th
 slot on. The baseline's KV cache is computed once; variants are sorted by edit position and run in
 batches, each batch only from its earliest edit on (right-padded: causal attention never lets a real
 token see padding to its right) on top of that shared prefix. An explicit attention mask is always
-passed: without it transformers treats jumps in position ids as packed-sequence boundaries. ``fast=False`` recomputes every variant
+passed: without it transformers treats jumps in position ids as packed-sequence boundaries.
+``fast=False`` recomputes every variant
 in full; the tests hold the two equal to 1e-4. Only the H query positions go through the output
 head, so logits never take (batch x length x vocab) memory.
 """
@@ -28,7 +30,8 @@ from megacontext.working_context import ContextArrays
 
 
 class LMOracle:
-    """``NLLOracle`` backed by a causal LM; ``token_embeddings`` gives the L0 embeddings for the tree."""
+    """``NLLOracle`` backed by a causal LM; ``token_embeddings`` gives the L0 embeddings for the
+    tree."""
 
     def __init__(self, model, batch_size: int = 16, fast: bool = True) -> None:
         self.model = model.eval()
@@ -53,24 +56,43 @@ class LMOracle:
         return self.embed(ids).float().cpu().numpy()
 
     # ------------------------------------------------------------------------------ forward
-    def _run(self, embeds: torch.Tensor, positions: torch.Tensor, cache: DynamicCache | None,
-             pick: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def _run(
+        self,
+        embeds: torch.Tensor,
+        positions: torch.Tensor,
+        cache: DynamicCache | None,
+        pick: torch.Tensor,
+        targets: torch.Tensor,
+    ) -> torch.Tensor:
         """Mean CE over the H picked positions per row. embeds (B, L, d); pick/targets (B, H)."""
         self.positions_recomputed += int(embeds.shape[0] * embeds.shape[1])
-        out = self.decoder(inputs_embeds=embeds, position_ids=positions, use_cache=False,
-                           attention_mask=_full_mask(embeds, cache), **{self._cache_kw: cache})
+        out = self.decoder(
+            inputs_embeds=embeds,
+            position_ids=positions,
+            use_cache=False,
+            attention_mask=_full_mask(embeds, cache),
+            **{self._cache_kw: cache},
+        )
         hidden = out.last_hidden_state  # (B, L, d)
         h = torch.gather(hidden, 1, pick[:, :, None].expand(-1, -1, hidden.shape[-1]))  # (B, H, d)
         logits = self.head(h).float()  # (B, H, V)
-        ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")  # (B, H)
+        ce = torch.nn.functional.cross_entropy(
+            logits.transpose(1, 2), targets, reduction="none"
+        )  # (B, H)
         return ce.mean(dim=1)
 
     def _query(self, query_ids: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         ids = torch.as_tensor(np.asarray(query_ids), dtype=torch.long, device=self.device)
         return ids, self.embed(ids).to(self.dtype)
 
-    def _batch(self, ctxs: list[ContextArrays], start: int, q_ids: torch.Tensor, q_emb: torch.Tensor,
-               cache_kv: list[tuple[torch.Tensor, torch.Tensor]] | None) -> torch.Tensor:
+    def _batch(
+        self,
+        ctxs: list[ContextArrays],
+        start: int,
+        q_ids: torch.Tensor,
+        q_emb: torch.Tensor,
+        cache_kv: list[tuple[torch.Tensor, torch.Tensor]] | None,
+    ) -> torch.Tensor:
         """NLL for contexts sharing their first ``start`` entries (whose K/V ``cache_kv`` holds)."""
         h = q_ids.shape[0]
         seqs, poss, picks = [], [], []
@@ -79,34 +101,50 @@ class LMOracle:
             emb = torch.as_tensor(c.embeddings[start:], device=self.device).to(self.dtype)
             seqs.append(torch.cat([emb, q_emb], dim=0))
             q_pos = int(c.position_ids[-1]) + 1 + np.arange(h)
-            poss.append(torch.as_tensor(np.concatenate([c.position_ids[start:], q_pos]), device=self.device))
-            picks.append(torch.arange(n - 1 - start, n - 1 - start + h, device=self.device))  # predicts query k
+            poss.append(
+                torch.as_tensor(np.concatenate([c.position_ids[start:], q_pos]), device=self.device)
+            )
+            picks.append(
+                torch.arange(n - 1 - start, n - 1 - start + h, device=self.device)
+            )  # predicts query k
         length = max(s.shape[0] for s in seqs)
         embeds = torch.zeros(len(seqs), length, self.d_model, dtype=self.dtype, device=self.device)
         positions = torch.zeros(len(seqs), length, dtype=torch.long, device=self.device)
         for r, (s, p) in enumerate(zip(seqs, poss, strict=True)):
             embeds[r, : s.shape[0]] = s
             positions[r, : p.shape[0]] = p
-            positions[r, p.shape[0] :] = p[-1] + 1 + torch.arange(length - p.shape[0], device=self.device)
+            positions[r, p.shape[0] :] = (
+                p[-1] + 1 + torch.arange(length - p.shape[0], device=self.device)
+            )
         cache = None
         if cache_kv is not None and start > 0:
             m = len(seqs)
             cache = DynamicCache(
-                ddp_cache_data=[(k[:, :, :start].expand(m, -1, -1, -1).contiguous(),
-                                 v[:, :, :start].expand(m, -1, -1, -1).contiguous()) for k, v in cache_kv],
+                ddp_cache_data=[
+                    (
+                        k[:, :, :start].expand(m, -1, -1, -1).contiguous(),
+                        v[:, :, :start].expand(m, -1, -1, -1).contiguous(),
+                    )
+                    for k, v in cache_kv
+                ],
                 config=self.model.config,
             )
         targets = q_ids[None, :].expand(len(seqs), -1)
         return self._run(embeds, positions, cache, torch.stack(picks), targets)
 
     @torch.no_grad()
-    def nll(self, contexts: Sequence[ContextArrays], query_ids: np.ndarray, query_start: int) -> np.ndarray:
+    def nll(
+        self, contexts: Sequence[ContextArrays], query_ids: np.ndarray, query_start: int
+    ) -> np.ndarray:
         """(len(contexts),) mean next-token NLL of ``query_ids`` after each context."""
         if len(contexts) == 0:
             return np.zeros(0)
         for c in contexts:
             if c.embeddings.shape[1:] != (self.d_model,) or c.levels.shape[0] == 0:
-                raise ValueError(f"contexts need (N >= 1, d_model={self.d_model}) embeddings, got {c.embeddings.shape}")
+                raise ValueError(
+                    f"contexts need (N >= 1, d_model={self.d_model}) embeddings, got "
+                    f"{c.embeddings.shape}"
+                )
             if int(c.position_ids[-1]) + len(query_ids) >= self.max_positions:
                 raise ValueError(f"positions exceed the LM's {self.max_positions}")
         q_ids, q_emb = self._query(query_ids)
@@ -121,13 +159,21 @@ class LMOracle:
         emb = torch.as_tensor(base.embeddings, device=self.device).to(self.dtype)[None]
         pos = torch.as_tensor(base.position_ids, device=self.device)[None]
         self.positions_recomputed += int(emb.shape[1])
-        out = self.decoder(inputs_embeds=emb, position_ids=pos, use_cache=True, attention_mask=_full_mask(emb, None))
+        out = self.decoder(
+            inputs_embeds=emb,
+            position_ids=pos,
+            use_cache=True,
+            attention_mask=_full_mask(emb, None),
+        )
         cache = out.cache if hasattr(out, "cache") else out.past_key_values
         kv = [(layer.keys, layer.values) for layer in cache.layers]
         # Order by edit position and batch neighbours: a batch shares the prefix before its
         # earliest edit, so batches stay full (CPU throughput needs batching) at the cost of
         # recomputing a few positions that a per-edit-position group would have reused.
-        edit = [min(_first_difference(base, c), c.levels.shape[0] - 1, base.levels.shape[0] - 1) for c in contexts]
+        edit = [
+            min(_first_difference(base, c), c.levels.shape[0] - 1, base.levels.shape[0] - 1)
+            for c in contexts
+        ]
         order = sorted(range(len(contexts)), key=lambda i: edit[i])
         for s in range(0, len(order), self.batch_size):
             part = order[s : s + self.batch_size]
@@ -138,8 +184,12 @@ class LMOracle:
 
 
 @torch.no_grad()
-def answer_scores(oracle: LMOracle, context: ContextArrays | None, answer_ids: np.ndarray,
-                  prefix_ids: np.ndarray | None = None) -> tuple[float, bool]:
+def answer_scores(
+    oracle: LMOracle,
+    context: ContextArrays | None,
+    answer_ids: np.ndarray,
+    prefix_ids: np.ndarray | None = None,
+) -> tuple[float, bool]:
     """(mean NLL per answer token, exact match) of ``answer_ids`` read after ``context`` (a working
     context) or, with ``prefix_ids``, after those raw tokens (the full-context ceiling).
 
@@ -160,10 +210,18 @@ def answer_scores(oracle: LMOracle, context: ContextArrays | None, answer_ids: n
     if int(pos[-1]) + h >= oracle.max_positions:
         raise ValueError(f"positions exceed the LM's {oracle.max_positions}")
     embeds = torch.cat([emb, q_emb], dim=0)[None]
-    positions = torch.as_tensor(np.concatenate([pos, int(pos[-1]) + 1 + np.arange(h)]), device=oracle.device)[None]
-    out = oracle.decoder(inputs_embeds=embeds, position_ids=positions, use_cache=False,
-                         attention_mask=_full_mask(embeds, None))
-    logits = oracle.head(out.last_hidden_state[0, n - 1 : n - 1 + h]).float()  # (h, V): position k predicts answer k
+    positions = torch.as_tensor(
+        np.concatenate([pos, int(pos[-1]) + 1 + np.arange(h)]), device=oracle.device
+    )[None]
+    out = oracle.decoder(
+        inputs_embeds=embeds,
+        position_ids=positions,
+        use_cache=False,
+        attention_mask=_full_mask(embeds, None),
+    )
+    logits = oracle.head(
+        out.last_hidden_state[0, n - 1 : n - 1 + h]
+    ).float()  # (h, V): position k predicts answer k
     nll = torch.nn.functional.cross_entropy(logits, q_ids).item()
     return float(nll), bool(torch.equal(logits.argmax(-1), q_ids))
 
@@ -173,12 +231,18 @@ def _full_mask(embeds: torch.Tensor, cache: DynamicCache | None) -> torch.Tensor
     (centre mode: gists at span centres) as *packed sequences* and blocks attention across every
     jump, silently cutting the context; a 2D mask turns that inference off."""
     past = cache.get_seq_length() if cache is not None else 0
-    return torch.ones(embeds.shape[0], past + embeds.shape[1], dtype=torch.long, device=embeds.device)
+    return torch.ones(
+        embeds.shape[0], past + embeds.shape[1], dtype=torch.long, device=embeds.device
+    )
 
 
 def _first_difference(a: ContextArrays, b: ContextArrays) -> int:
     """First slot whose node (level, index), embedding input or position differs."""
     n = min(a.levels.shape[0], b.levels.shape[0])
-    same = (a.levels[:n] == b.levels[:n]) & (a.node_index[:n] == b.node_index[:n]) & (a.position_ids[:n] == b.position_ids[:n])
+    same = (
+        (a.levels[:n] == b.levels[:n])
+        & (a.node_index[:n] == b.node_index[:n])
+        & (a.position_ids[:n] == b.position_ids[:n])
+    )
     diff = np.flatnonzero(~same)
     return int(diff[0]) if diff.size else n

@@ -1,6 +1,8 @@
-"""The one oracle interface (DESIGN.md §3): NLL of the next H tokens after each of a batch of contexts.
+"""The one oracle interface (DESIGN.md §3): NLL of the next H tokens after each of a batch of
+contexts.
 
-Implemented by ``sim.synthetic.SyntheticOracle`` (exact, milliseconds) and ``megacontext.lm_oracle.LMOracle``
+Implemented by ``sim.synthetic.SyntheticOracle`` (exact, milliseconds) and
+``megacontext.lm_oracle.LMOracle``
 (a frozen transformers causal LM). Labelling, the environment and evaluation take any of them.
 """
 
@@ -19,6 +21,8 @@ class NLLOracle(Protocol):
 
     d_model: int
 
-    def nll(self, contexts: Sequence[ContextArrays], query_ids: np.ndarray, query_start: int) -> np.ndarray:
+    def nll(
+        self, contexts: Sequence[ContextArrays], query_ids: np.ndarray, query_start: int
+    ) -> np.ndarray:
         """(len(contexts),) mean NLL; ``query_start`` = the index of the first query token (= T)."""
         ...

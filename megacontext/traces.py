@@ -2,7 +2,8 @@
 
 Layout of a trace directory::
 
-    manifest.json          format, schema_version, d_model, n_tail_gists, tree shape, config, oracle,
+    manifest.json          format, schema_version, d_model, n_tail_gists, tree shape, config,
+    oracle,
                            seed, shards [{file, n_snapshots, sha256}], n_snapshots, complete
     shard-00000.safetensors
 
@@ -83,7 +84,8 @@ def _shape(spec: tuple[str, ...], d_model: int, n_tail_gists: int) -> tuple[int,
 class TraceWriter:
     """Appends snapshots to a trace directory, one shard per ``shard_size``; resumable.
 
-    ``meta`` must hold ``d_model`` and ``n_tail_gists`` (and should hold config, oracle, seed). Reopening
+    ``meta`` must hold ``d_model`` and ``n_tail_gists`` (and should hold config, oracle, seed).
+    Reopening
     a directory with the same meta resumes after its completed shards (``n_done``); different meta
     is refused rather than mixed.
     """
@@ -103,7 +105,9 @@ class TraceWriter:
         if manifest.exists():
             old = TraceReader.read_manifest(self.path)
             if old["meta"] != self.meta:
-                raise TraceFormatError(f"{manifest}: exists with different meta; use a new directory")
+                raise TraceFormatError(
+                    f"{manifest}: exists with different meta; use a new directory"
+                )
             self.shards = old["shards"]
         else:
             self.shards = []
@@ -121,7 +125,8 @@ class TraceWriter:
         return sum(s["n_snapshots"] for s in self.shards)
 
     def add(self, snapshot: dict[str, np.ndarray]) -> None:
-        """Buffer one snapshot (keys ``ENTRY_KEYS`` (N, ...) and ``SNAPSHOT_KEYS``); flush when full."""
+        """Buffer one snapshot (keys ``ENTRY_KEYS`` (N, ...) and ``SNAPSHOT_KEYS``); flush when
+        full."""
         d, t = self.meta["d_model"], self.meta["n_tail"]
         missing = [k for k in (*ENTRY_KEYS, *SNAPSHOT_KEYS) if k not in snapshot]
         if missing:
@@ -129,10 +134,16 @@ class TraceWriter:
         n = np.asarray(snapshot["levels"]).shape[0]
         for k, (_, spec) in ENTRY_KEYS.items():
             if np.asarray(snapshot[k]).shape != (n, *_shape(spec, d, t)):
-                raise ValueError(f"snapshot[{k!r}] has shape {np.shape(snapshot[k])}, expected {(n, *_shape(spec, d, t))}")
+                raise ValueError(
+                    f"snapshot[{k!r}] has shape {np.shape(snapshot[k])}, expected "
+                    f"{(n, *_shape(spec, d, t))}"
+                )
         for k, (_, spec) in SNAPSHOT_KEYS.items():
             if np.asarray(snapshot[k]).shape != _shape(spec, d, t):
-                raise ValueError(f"snapshot[{k!r}] has shape {np.shape(snapshot[k])}, expected {_shape(spec, d, t)}")
+                raise ValueError(
+                    f"snapshot[{k!r}] has shape {np.shape(snapshot[k])}, expected "
+                    f"{_shape(spec, d, t)}"
+                )
         self._buffer.append(snapshot)
         if len(self._buffer) >= self.shard_size:
             self.flush()
@@ -155,7 +166,9 @@ class TraceWriter:
         tmp = self.path / (name + ".tmp")
         save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp))
         os.replace(tmp, self.path / name)
-        self.shards.append({"file": name, "n_snapshots": len(snaps), "sha256": _sha256(self.path / name)})
+        self.shards.append(
+            {"file": name, "n_snapshots": len(snaps), "sha256": _sha256(self.path / name)}
+        )
         self._write_manifest(complete=False)
 
     def close(self) -> None:
@@ -164,8 +177,14 @@ class TraceWriter:
         self._write_manifest(complete=True)
 
     def _write_manifest(self, complete: bool) -> None:
-        doc = {"format": FORMAT, "schema_version": SCHEMA_VERSION, "meta": self.meta, "shards": self.shards,
-               "n_snapshots": self.n_done, "complete": complete}
+        doc = {
+            "format": FORMAT,
+            "schema_version": SCHEMA_VERSION,
+            "meta": self.meta,
+            "shards": self.shards,
+            "n_snapshots": self.n_done,
+            "complete": complete,
+        }
         _atomic_write_text(self.path / MANIFEST, json.dumps(doc, indent=1))
 
 
@@ -175,27 +194,46 @@ class TraceReader:
     def __init__(self, path: str | Path, require_complete: bool = False) -> None:
         self.path = Path(path)
         # One trace directory, or a directory of parts written with --shard i/n (part-i-of-n/).
-        parts = sorted(self.path.glob("part-*-of-*/" + MANIFEST)) if not (self.path / MANIFEST).exists() else []
+        parts = (
+            sorted(self.path.glob("part-*-of-*/" + MANIFEST))
+            if not (self.path / MANIFEST).exists()
+            else []
+        )
         dirs = [p.parent for p in parts] or [self.path]
         manifests = [self.read_manifest(d) for d in dirs]
         for d, m in zip(dirs, manifests, strict=True):
             if require_complete and not m["complete"]:
-                raise TraceFormatError(f"{d / MANIFEST}: trace is incomplete (generation still running or crashed)")
+                raise TraceFormatError(
+                    f"{d / MANIFEST}: trace is incomplete (generation still running or crashed)"
+                )
         self.meta = manifests[0]["meta"]
         self.d_model, self.n_tail_gists = int(self.meta["d_model"]), int(self.meta["n_tail"])
         for d, m in zip(dirs[1:], manifests[1:], strict=True):
-            if (int(m["meta"]["d_model"]), int(m["meta"]["n_tail"])) != (self.d_model, self.n_tail_gists):
-                raise TraceFormatError(f"{d / MANIFEST}: d_model/n_tail_gists differ from {dirs[0] / MANIFEST}")
+            if (int(m["meta"]["d_model"]), int(m["meta"]["n_tail"])) != (
+                self.d_model,
+                self.n_tail_gists,
+            ):
+                raise TraceFormatError(
+                    f"{d / MANIFEST}: d_model/n_tail_gists differ from {dirs[0] / MANIFEST}"
+                )
         self._entries: dict[str, list[np.ndarray]] = {k: [] for k in ENTRY_KEYS}
         self._snap: dict[str, list[np.ndarray]] = {k: [] for k in SNAPSHOT_KEYS}
         self._offsets: list[int] = [0]
         for d, m in zip(dirs, manifests, strict=True):
             for shard in m["shards"]:
                 self._load_shard(d / shard["file"], shard)
-        self.entries = {k: np.concatenate(v) if v else np.zeros((0, *_shape(ENTRY_KEYS[k][1], self.d_model, self.n_tail_gists)))
-                        for k, v in self._entries.items()}
-        self.snapshots = {k: np.concatenate(v) if v else np.zeros((0, *_shape(SNAPSHOT_KEYS[k][1], self.d_model, self.n_tail_gists)))
-                          for k, v in self._snap.items()}
+        self.entries = {
+            k: np.concatenate(v)
+            if v
+            else np.zeros((0, *_shape(ENTRY_KEYS[k][1], self.d_model, self.n_tail_gists)))
+            for k, v in self._entries.items()
+        }
+        self.snapshots = {
+            k: np.concatenate(v)
+            if v
+            else np.zeros((0, *_shape(SNAPSHOT_KEYS[k][1], self.d_model, self.n_tail_gists)))
+            for k, v in self._snap.items()
+        }
         self.offsets = np.asarray(self._offsets, dtype=np.int64)
         del self._entries, self._snap
 
@@ -211,7 +249,10 @@ class TraceReader:
         if doc.get("format") != FORMAT:
             raise TraceFormatError(f"{file}: format {doc.get('format')!r}, expected {FORMAT!r}")
         if doc.get("schema_version") != SCHEMA_VERSION:
-            raise TraceFormatError(f"{file}: schema_version {doc.get('schema_version')}, this reader reads {SCHEMA_VERSION}")
+            raise TraceFormatError(
+                f"{file}: schema_version {doc.get('schema_version')}, this reader reads "
+                f"{SCHEMA_VERSION}"
+            )
         for key in ("meta", "shards", "complete"):
             if key not in doc:
                 raise TraceFormatError(f"{file}: missing {key!r}")
@@ -232,12 +273,17 @@ class TraceReader:
         off = t["offsets"]
         s = entry["n_snapshots"]
         if off.shape != (s + 1,) or off[0] != 0 or np.any(np.diff(off) < 0):
-            raise TraceFormatError(f"{file}: bad offsets (shape {off.shape}, expected ({s + 1},), non-decreasing from 0)")
+            raise TraceFormatError(
+                f"{file}: bad offsets (shape {off.shape}, expected ({s + 1},), non-decreasing from "
+                "0)"
+            )
         n = int(off[-1])
         for k, (dtype, spec) in ENTRY_KEYS.items():
             want = (n, *_shape(spec, self.d_model, self.n_tail_gists))
             if t[k].shape != want:
-                raise TraceFormatError(f"{file}: {k} has shape {t[k].shape}, expected {want} (d_model={self.d_model})")
+                raise TraceFormatError(
+                    f"{file}: {k} has shape {t[k].shape}, expected {want} (d_model={self.d_model})"
+                )
             self._entries[k].append(t[k].astype(dtype))
         for k, (dtype, spec) in SNAPSHOT_KEYS.items():
             want = (s, *_shape(spec, self.d_model, self.n_tail_gists))

@@ -98,7 +98,9 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=False)
     except Exception as err:  # torch raises many types for a damaged file
-        raise CheckpointError(f"{path}: unreadable checkpoint ({type(err).__name__}: {err})") from err
+        raise CheckpointError(
+            f"{path}: unreadable checkpoint ({type(err).__name__}: {err})"
+        ) from err
     required = ("model", "model_config", "step")
     if not isinstance(ckpt, dict) or any(k not in ckpt for k in required):
         raise CheckpointError(f"{path}: not a training checkpoint (needs keys {required})")
@@ -118,8 +120,16 @@ class TrainLoop:
 
     desc = "train"
 
-    def __init__(self, model: torch.nn.Module, model_config: dict, config: LoopConfig, out_dir: str | Path,
-                 progress: bool = True, rank: int = 0, world_size: int = 1) -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        model_config: dict,
+        config: LoopConfig,
+        out_dir: str | Path,
+        progress: bool = True,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
         self.config, self.model_config_dict = config, model_config
         self.rank, self.world_size = rank, world_size
         self.is_main = rank == 0
@@ -133,10 +143,16 @@ class TrainLoop:
         if not named:
             raise ConfigError("the model has no trainable parameters")
         groups = [g for g in self.param_groups(named) if g["params"]]
-        self.opt = torch.optim.AdamW(groups, lr=config.lr, betas=config.betas,
-                                     eps=config.eps, weight_decay=config.weight_decay)
+        self.opt = torch.optim.AdamW(
+            groups,
+            lr=config.lr,
+            betas=config.betas,
+            eps=config.eps,
+            weight_decay=config.weight_decay,
+        )
         self.sched = torch.optim.lr_scheduler.LambdaLR(
-            self.opt, lambda s: lr_factor(s, config.warmup_steps, config.total_steps))
+            self.opt, lambda s: lr_factor(s, config.warmup_steps, config.total_steps)
+        )
         self.step = 0
         self.best = math.inf
 
@@ -161,11 +177,16 @@ class TrainLoop:
     # ------------------------------------------------------------------------ checkpoints
     def state(self) -> dict:
         return {
-            "model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
-            "scheduler": self.sched.state_dict(), "step": self.step, "best": self.best,
+            "model": self.model.state_dict(),
+            "optimizer": self.opt.state_dict(),
+            "scheduler": self.sched.state_dict(),
+            "step": self.step,
+            "best": self.best,
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-            "model_config": self.model_config_dict, "train_config": asdict(self.config), **self.extra_state(),
+            "model_config": self.model_config_dict,
+            "train_config": asdict(self.config),
+            **self.extra_state(),
         }
 
     def save(self, name: str) -> Path:
@@ -188,7 +209,9 @@ class TrainLoop:
         self.step, self.best = ckpt["step"], ckpt["best"]
         torch.set_rng_state(ckpt["torch_rng"].cpu())
         if ckpt.get("cuda_rng") is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all([s.cpu() for s in ckpt["cuda_rng"]])  # map_location moved them
+            torch.cuda.set_rng_state_all(
+                [s.cpu() for s in ckpt["cuda_rng"]]
+            )  # map_location moved them
 
     def _log(self, record: dict) -> None:
         if not self.is_main:
@@ -203,7 +226,9 @@ class TrainLoop:
         until = cfg.total_steps if until is None else min(until, cfg.total_steps)
         self.model.train()
         last_eval: dict = {}
-        bar = tqdm(total=until, initial=self.step, desc=self.desc, disable=not self.progress, leave=False)
+        bar = tqdm(
+            total=until, initial=self.step, desc=self.desc, disable=not self.progress, leave=False
+        )
         t0, n_steps = time.perf_counter(), 0
         while self.step < until:
             loss, terms = self.loss(self.batch(self.step))
@@ -215,7 +240,12 @@ class TrainLoop:
             self.sched.step()
             self.step += 1
             n_steps += 1
-            record = {"step": self.step, **terms, "opt/lr": self.sched.get_last_lr()[0], "opt/grad_norm": float(grad_norm)}
+            record = {
+                "step": self.step,
+                **terms,
+                "opt/lr": self.sched.get_last_lr()[0],
+                "opt/grad_norm": float(grad_norm),
+            }
             if self.step % cfg.eval_every == 0 or self.step == until:
                 elapsed = time.perf_counter() - t0
                 record["perf/steps_per_s"] = n_steps / elapsed if elapsed > 0 else None
@@ -228,7 +258,9 @@ class TrainLoop:
                     self.best = last_eval["val/loss"]
                     self.save("best.pt")
                 self.save("latest.pt")
-                bar.set_postfix(loss=f"{loss.item():.4f}", val=f"{last_eval.get('val/loss', float('nan')):.4f}")
+                bar.set_postfix(
+                    loss=f"{loss.item():.4f}", val=f"{last_eval.get('val/loss', float('nan')):.4f}"
+                )
             if self.step % cfg.ckpt_every == 0:
                 self.save(f"step-{self.step:07d}.pt")
             self._log(record)
@@ -238,5 +270,3 @@ class TrainLoop:
 
     def perf(self, elapsed: float) -> dict:
         return {}
-
-

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-# A gister maps the children of n completed nodes to their gists: (children [n, b, d], level) -> [n, d]
+# A gister maps the children of n completed nodes to their gists: (children [n, b, d], level) -> [n,
+# d]
 Gister = Callable[[np.ndarray, int], np.ndarray]
 
 
@@ -74,7 +75,8 @@ class _GrowableRows:
 
 
 class MegaContextTree:
-    """Append-only tree of tokens (L0) and gists (L1..max_level); nodes addressed by (level, index)."""
+    """Append-only tree of tokens (L0) and gists (L1..max_level); nodes addressed by (level, index).
+    """
 
     def __init__(
         self,
@@ -108,7 +110,8 @@ class MegaContextTree:
 
     # ---------------------------------------------------------------------------------- ingest
     def ingest(self, token_ids: np.ndarray, embeddings: np.ndarray) -> None:
-        """Append tokens (ids ``[n]``, embeddings ``[n, d_model]``) and gist every block they complete."""
+        """Append tokens (ids ``[n]``, embeddings ``[n, d_model]``) and gist every block they
+        complete."""
         token_ids = np.asarray(token_ids)
         embeddings = np.asarray(embeddings)
         if token_ids.ndim != 1:

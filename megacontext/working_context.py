@@ -53,7 +53,9 @@ class ContextConfig:
         if self.w_max < 1:
             raise ConfigError(f"w_max must be >= 1, got {self.w_max}")
         if self.position_mode not in ("slot", "centre"):
-            raise ConfigError(f"position_mode must be 'slot' or 'centre', got {self.position_mode!r}")
+            raise ConfigError(
+                f"position_mode must be 'slot' or 'centre', got {self.position_mode!r}"
+            )
 
 
 def min_slots(n_tokens: int, block_size: int, max_level: int, tail_tokens: int) -> int:
@@ -91,14 +93,16 @@ class ContextArrays:
 
 
 class WorkingContext:
-    """An ordered cover of ``[0, T)`` by tree nodes, within ``W_max`` slots, with an L0 recency tail."""
+    """An ordered cover of ``[0, T)`` by tree nodes, within ``W_max`` slots, with an L0 recency
+    tail."""
 
     def __init__(self, tree: MegaContextTree, config: ContextConfig) -> None:
         b, top = tree.config.block_size, tree.config.max_level
         floor = config.tail_tokens + (b - 1) * top + 1
         if config.w_max < floor:
             raise ConfigError(
-                f"w_max={config.w_max} cannot hold the L0 tail ({config.tail_tokens}) plus a coarse cover "
+                f"w_max={config.w_max} cannot hold the L0 tail ({config.tail_tokens}) plus a "
+                "coarse cover "
                 f"(up to {b - 1} nodes per level below the top, and one top-level gist): "
                 f"need w_max >= tail_tokens + (b-1)*max_level + 1 = {floor}"
             )
@@ -160,7 +164,8 @@ class WorkingContext:
         return self.levels >= 1
 
     def group_starts(self) -> np.ndarray:
-        """Slots that open a legal sibling group: b consecutive same-level siblings outside the tail."""
+        """Slots that open a legal sibling group: b consecutive same-level siblings outside the
+        tail."""
         b, n = self.block_size, len(self)
         if n < b:
             return np.zeros(0, dtype=np.int64)
@@ -208,11 +213,15 @@ class WorkingContext:
                 f"cannot append {n} tokens: the tree holds {self.tree.n_tokens}, the context "
                 f"already covers {self.n_tokens}"
             )
-        need = min_slots(self.n_tokens + n, self.block_size, self.max_level, self.config.tail_tokens)
+        need = min_slots(
+            self.n_tokens + n, self.block_size, self.max_level, self.config.tail_tokens
+        )
         if need > self.config.w_max:
             raise BudgetExhausted(
-                f"T={self.n_tokens + n} tokens need at least {need} slots (coarsest cover with an L0 "
-                f"tail of {self.config.tail_tokens}) > w_max={self.config.w_max}: raise w_max, shorten the "
+                f"T={self.n_tokens + n} tokens need at least {need} slots (coarsest cover with an "
+                "L0 "
+                f"tail of {self.config.tail_tokens}) > w_max={self.config.w_max}: raise w_max, "
+                "shorten the "
                 "tail, or add a level"
             )
         new = np.arange(self.n_tokens, self.n_tokens + n, dtype=np.int64)
@@ -237,7 +246,8 @@ class WorkingContext:
         return b - 1
 
     def collapse(self, level: int, index: int) -> int:
-        """Replace the b children of parent (level, index) by it; returns the slot delta (-(b-1))."""
+        """Replace the b children of parent (level, index) by it; returns the slot delta (-(b-1)).
+        """
         b = self.block_size
         if not 1 <= level <= self.max_level:
             raise IllegalAction(f"cannot collapse into level {level} (levels 1..{self.max_level})")
@@ -307,7 +317,8 @@ class WorkingContext:
 
     # ----------------------------------------------------------------------------- invariants
     def check_invariants(self) -> None:
-        """Re-derive every invariant of DESIGN §2 and raise ``InvariantViolation`` on the first broken."""
+        """Re-derive every invariant of DESIGN §2 and raise ``InvariantViolation`` on the first
+        broken."""
         n, b = len(self), self.block_size
         levels, indices = self.levels, self.indices
         if levels.shape != indices.shape or levels.ndim != 1:
@@ -317,7 +328,8 @@ class WorkingContext:
         if np.any((levels < 0) | (levels > self.max_level)):
             raise InvariantViolation("tree_consistency", f"level outside [0, {self.max_level}]")
         # An entry is stored as a node name (level, index), so its true span [index*b**level,
-        # (index+1)*b**level) is aligned and b**level wide by definition: no (levels, indices) arrays
+        # (index+1)*b**level) is aligned and b**level wide by definition: no (levels, indices)
+        # arrays
         # can break alignment or level consistency, only contiguity (tested with corrupted arrays).
         # What can break them is the derivation the consumers read (``starts``/``widths``/``ends``:
         # ``arrays()``, centre positions, ``find``), so both are checked on those derived spans
@@ -327,7 +339,9 @@ class WorkingContext:
         if np.any(widths != node_widths) or np.any(ends - starts != node_widths):
             raise InvariantViolation("level_consistency", "span width != b**level")
         if np.any(starts % node_widths != 0):
-            raise InvariantViolation("block_alignment", "an entry start is not a multiple of b**level")
+            raise InvariantViolation(
+                "block_alignment", "an entry start is not a multiple of b**level"
+            )
         if self.n_tokens == 0:
             if n:
                 raise InvariantViolation("contiguity", "entries present but T = 0")
@@ -339,10 +353,14 @@ class WorkingContext:
             i = int(gaps[0])
             kind = "gap" if ends[i] < starts[i + 1] else "overlap"
             raise InvariantViolation(
-                "contiguity", f"{kind} between slot {i} (ends {ends[i]}) and slot {i + 1} (starts {starts[i + 1]})"
+                "contiguity",
+                f"{kind} between slot {i} (ends {ends[i]}) and slot {i + 1} (starts "
+                f"{starts[i + 1]})",
             )
         if ends[-1] != self.n_tokens:
-            raise InvariantViolation("contiguity", f"last entry ends at {ends[-1]}, T = {self.n_tokens}")
+            raise InvariantViolation(
+                "contiguity", f"last entry ends at {ends[-1]}, T = {self.n_tokens}"
+            )
         if np.any(np.diff(starts) <= 0):
             raise InvariantViolation("monotonic_timeline", "entry starts do not strictly increase")
         if self.n_tokens > self.tree.n_tokens:
@@ -352,11 +370,14 @@ class WorkingContext:
         if missing.size:
             i = int(missing[0])
             raise InvariantViolation(
-                "tree_consistency", f"slot {i} names node ({levels[i]}, {indices[i]}) which is not complete"
+                "tree_consistency",
+                f"slot {i} names node ({levels[i]}, {indices[i]}) which is not complete",
             )
         in_tail = ends > self.tail_start
         if np.any(levels[in_tail] != 0):
-            raise InvariantViolation("recency_tail", f"a gist stands in the last {self.config.tail_tokens} tokens")
+            raise InvariantViolation(
+                "recency_tail", f"a gist stands in the last {self.config.tail_tokens} tokens"
+            )
         pos = self.position_ids()
         if np.any(np.diff(pos) <= 0):
             raise InvariantViolation("positions", "position ids do not strictly increase")

@@ -40,8 +40,12 @@ def fit_score_scale(
         raise ValueError(f"grid must hold positive finite scales, got {grid}")
     if not doc_ids:
         raise ValueError("calibration needs at least one validation document")
-    runs = [evaluate_policy(make_policy(g), world, doc_ids, seed, progress=False, episode_factory=episode_factory)
-            for g in grid]
+    runs = [
+        evaluate_policy(
+            make_policy(g), world, doc_ids, seed, progress=False, episode_factory=episode_factory
+        )
+        for g in grid
+    ]
     nll = np.array([r["nll"] for r in runs])
     best = nll.min()
     tied = [i for i in range(len(grid)) if nll[i] <= best + 1e-9]

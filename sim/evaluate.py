@@ -1,17 +1,20 @@
-"""``python -m sim.evaluate``: the shipped LensNet + GistNet and the baselines on any task file (DESIGN §9).
+"""``python -m sim.evaluate``: the shipped LensNet + GistNet and the baselines on any task file
+(DESIGN §9).
 
     python -m sim.evaluate --tasks FILE.jsonl --out DIR [--world.w-max N] [--policies a,b,...]
                            [--lm PATH] [--lensnet CKPT]
 
 Every task streams ``context + question`` through the tree to question time (``sim.taskworld``);
 each policy then zooms for up to ``--world.zoom-rounds`` rounds through the same allocator at the
-same W_max, and the answer is scored. Writes ``DIR/tasks.jsonl`` (one row per task and policy, flushed
+same W_max, and the answer is scored. Writes ``DIR/tasks.jsonl`` (one row per task and policy,
+flushed
 as it goes, so an interrupted run keeps what it measured) and ``DIR/results.json``::
 
     {"config": {"w_max": ..., ...},
      "policies": {"<name>": {"exact_match": float, "answer_nll": float,
                              "focus_recall": float | null, "n": int,
-                             "ngr": float, "ngr_ci95": [lo, hi], ...}},  # ngr: when recency and oracle ran
+                             "ngr": float, "ngr_ci95": [lo, hi], ...}},  # ngr: when recency and
+                             oracle ran
      "grid": {"<name>": {"<length>": {"<depth>": exact_match}}},
      "n_tasks": int,  # tasks evaluated (a skipped line is in "errors", not here)
      "errors": [...], ...}
@@ -54,7 +57,11 @@ def portable_path(path: str | Path | None) -> str | None:
     if path is None:
         return None
     resolved = Path(path).resolve()
-    return str(resolved.relative_to(PROJECT_ROOT)) if resolved.is_relative_to(PROJECT_ROOT) else str(path)
+    return (
+        str(resolved.relative_to(PROJECT_ROOT))
+        if resolved.is_relative_to(PROJECT_ROOT)
+        else str(path)
+    )
 
 
 @dataclass
@@ -62,15 +69,20 @@ class EvaluateArgs:
     """Evaluate focus policies on a JSONL task file with the frozen LM."""
 
     tasks: str = ""
-    """JSONL task file (``python -m sim.tasks`` writes them): id, context, question, answer, needle_spans."""
+    """JSONL task file (``python -m sim.tasks`` writes them): id, context, question, answer,
+    needle_spans."""
     out: str = "runs/evaluate"
     """Output directory: results.json, tasks.jsonl, command.txt."""
     policies: str = DEFAULT_POLICIES
-    """Comma-separated policies among lensnet, lensnet_rank (LensNet's order on the heuristics' rank scale), recency, sinks, random, retrieval (dense: LM hidden states), bm25 (lexical), surprisal, oracle, full ('oracle' labels every action of every round: about a minute per 2k-token task on a 2-core CPU)."""
+    """Comma-separated policies among lensnet, lensnet_rank (LensNet's order on the heuristics' rank
+    scale), recency, sinks, random, retrieval (dense: LM hidden states), bm25 (lexical), surprisal,
+    oracle, full ('oracle' labels every action of every round: about a minute per 2k-token task on a
+    2-core CPU)."""
     lm: str = "smollm2"
     """'smollm2', 'tiny' (random-init test LM, character tokenizer) or a local model folder."""
     lensnet: str = "auto"
-    """LensNet checkpoint; 'auto' = the shipped one (lensnet/checkpoints) when it was trained for this LM and for the task kind of every task in the file, else none."""
+    """LensNet checkpoint; 'auto' = the shipped one (lensnet/checkpoints) when it was trained for
+    this LM and for the task kind of every task in the file, else none."""
     gister: str = "auto"
     """'auto' (the shipped GistNet when it fits the LM), 'gistnet' or 'mean'."""
     seed: int = 0
@@ -80,8 +92,9 @@ class EvaluateArgs:
     world: TaskWorldConfig = field(default_factory=TaskWorldConfig)
 
 
-def _policy_objects(names: list[str], args: EvaluateArgs, model, device, kind: str | None
-                    ) -> tuple[list, str | None]:
+def _policy_objects(
+    names: list[str], args: EvaluateArgs, model, device, kind: str | None
+) -> tuple[list, str | None]:
     """The policies named (``sim.policies``); ``kind``: the task kind every task of the file names
     (else None), which the shipped LensNet must have been trained on to be the default."""
     lens_path, lens = None, None
@@ -92,10 +105,12 @@ def _policy_objects(names: list[str], args: EvaluateArgs, model, device, kind: s
         lens_path = default_lensnet_path(model, kind) if args.lensnet == "auto" else args.lensnet
         if lens_path is None:
             skipped = [n for n in names if n in ("lensnet", "lensnet_rank")]
-            print(f"note: no shipped LensNet fits this LM and these tasks (shipped: trained on "
-                  f"{shipped_lensnet_task()} tasks; these: {kind or 'mixed or unnamed kinds'}); "
-                  f"{skipped} skipped (pass --lensnet CKPT to use a checkpoint anyway)",
-                  file=sys.stderr)
+            print(
+                f"note: no shipped LensNet fits this LM and these tasks (shipped: trained on "
+                f"{shipped_lensnet_task()} tasks; these: {kind or 'mixed or unnamed kinds'}); "
+                f"{skipped} skipped (pass --lensnet CKPT to use a checkpoint anyway)",
+                file=sys.stderr,
+            )
             names = [n for n in names if n not in skipped]
         else:
             lens = load_model(lens_path, device)
@@ -104,7 +119,8 @@ def _policy_objects(names: list[str], args: EvaluateArgs, model, device, kind: s
 
 
 def summarise(rows: list[dict], names: list[str]) -> tuple[dict, dict]:
-    """Per policy means (exact match, answer NLL, focus recall, rounds, actions) and the length x depth grid."""
+    """Per policy means (exact match, answer NLL, focus recall, rounds, actions) and the length x
+    depth grid."""
     policies, grid = {}, {}
     for name in names:
         rs = [r for r in rows if r["policy"] == name]
@@ -113,8 +129,10 @@ def summarise(rows: list[dict], names: list[str]) -> tuple[dict, dict]:
         recall = [r["focus_recall"] for r in rs if r["focus_recall"] is not None]
         em = np.array([r["exact_match"] for r in rs])
         policies[name] = {
-            "exact_match": float(em.mean()), "answer_nll": float(np.mean([r["answer_nll"] for r in rs])),
-            "focus_recall": float(np.mean(recall)) if recall else None, "n": len(rs),
+            "exact_match": float(em.mean()),
+            "answer_nll": float(np.mean([r["answer_nll"] for r in rs])),
+            "focus_recall": float(np.mean(recall)) if recall else None,
+            "n": len(rs),
             "exact_match_ci95": _bootstrap(em, seed=0),
             "rounds": float(np.mean([r["rounds"] for r in rs])),
             "expands": float(np.mean([r["expands"] for r in rs])),
@@ -123,26 +141,38 @@ def summarise(rows: list[dict], names: list[str]) -> tuple[dict, dict]:
             "compression": float(np.mean([r["n_tokens"] / r["w_max"] for r in rs])),
         }
         levels = [r["needle_level"] for r in rs if r.get("needle_level") is not None]
-        if levels:  # where the needle sat at question time, before any zoom (the same for every policy)
+        if (
+            levels
+        ):  # where the needle sat at question time, before any zoom (the same for every policy)
             policies[name]["needle_under_l2"] = float(np.mean(np.asarray(levels) >= 2))
         cells: dict[str, dict[str, list[float]]] = {}
         for r in rs:
-            cells.setdefault(str(r["length"]), {}).setdefault(str(r["depth"]), []).append(r["exact_match"])
-        grid[name] = {n: {d: float(np.mean(v)) for d, v in sorted(ds.items())} for n, ds in sorted(cells.items())}
+            cells.setdefault(str(r["length"]), {}).setdefault(str(r["depth"]), []).append(
+                r["exact_match"]
+            )
+        grid[name] = {
+            n: {d: float(np.mean(v)) for d, v in sorted(ds.items())}
+            for n, ds in sorted(cells.items())
+        }
     for name, value in gap_recovered(rows, names).items():
         policies[name].update(value)
     return policies, grid
 
 
 def _ngr(w: np.ndarray, sums: np.ndarray, counts: np.ndarray) -> np.ndarray:
-    """NGR from group weights ``w`` (..., n_groups), per-group NLL sums (n_groups, 3: recency, policy,
+    """NGR from group weights ``w`` (..., n_groups), per-group NLL sums (n_groups, 3: recency,
+    policy,
     oracle) and task counts (n_groups,); NaN where the oracle gap is 0."""
     m = (w @ sums) / (w @ counts)[..., None]
     gap = m[..., 0] - m[..., 2]
-    return np.where(np.abs(gap) > 1e-12, (m[..., 0] - m[..., 1]) / np.where(gap == 0, 1, gap), np.nan)
+    return np.where(
+        np.abs(gap) > 1e-12, (m[..., 0] - m[..., 1]) / np.where(gap == 0, 1, gap), np.nan
+    )
 
 
-def gap_recovered(rows: list[dict], names: list[str], n_boot: int = 2000, seed: int = 0) -> dict[str, dict]:
+def gap_recovered(
+    rows: list[dict], names: list[str], n_boot: int = 2000, seed: int = 0
+) -> dict[str, dict]:
     """NGR = (NLL_recency - NLL_policy) / (NLL_recency - NLL_oracle) of the mean answer NLL over the
     tasks that recency, the oracle and the policy all scored, with a 95 % percentile-bootstrap
     interval that resamples documents (a row's ``group``: the module of a code task, else the task),
@@ -156,19 +186,37 @@ def gap_recovered(rows: list[dict], names: list[str], n_boot: int = 2000, seed: 
         ids = [i for p, i in by if p == name and ("recency", i) in by and ("oracle", i) in by]
         if not ids:
             continue
-        nll = np.array([[by[(p, i)]["answer_nll"] for p in ("recency", name, "oracle")] for i in ids])
-        groups = np.unique([str(by[(name, i)].get("group", i)) for i in ids], return_inverse=True)[1]
+        nll = np.array(
+            [[by[(p, i)]["answer_nll"] for p in ("recency", name, "oracle")] for i in ids]
+        )
+        groups = np.unique([str(by[(name, i)].get("group", i)) for i in ids], return_inverse=True)[
+            1
+        ]
         sums = np.zeros((groups.max() + 1, 3))
         np.add.at(sums, groups, nll)
         counts = np.bincount(groups).astype(np.float64)
 
         point = float(_ngr(np.ones(len(counts)), sums, counts))
-        draws = _ngr(np.stack([np.bincount(rng.integers(0, len(counts), len(counts)), minlength=len(counts))
-                               for _ in range(n_boot)]).astype(np.float64), sums, counts)
+        draws = _ngr(
+            np.stack(
+                [
+                    np.bincount(rng.integers(0, len(counts), len(counts)), minlength=len(counts))
+                    for _ in range(n_boot)
+                ]
+            ).astype(np.float64),
+            sums,
+            counts,
+        )
         draws = draws[np.isfinite(draws)]
-        out[name] = {"ngr": None if not np.isfinite(point) else point, "ngr_n": len(ids),
-                     "ngr_ci95": ([float(np.quantile(draws, 0.025)), float(np.quantile(draws, 0.975))]
-                                  if len(counts) > 1 and draws.size else None)}
+        out[name] = {
+            "ngr": None if not np.isfinite(point) else point,
+            "ngr_n": len(ids),
+            "ngr_ci95": (
+                [float(np.quantile(draws, 0.025)), float(np.quantile(draws, 0.975))]
+                if len(counts) > 1 and draws.size
+                else None
+            ),
+        }
     return out
 
 
@@ -212,7 +260,9 @@ def _evaluate(args: EvaluateArgs) -> dict:
         print(f"error: {e} (skipped)", file=sys.stderr)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "command.txt").write_text(" ".join(["python -m sim.evaluate", *map(shlex.quote, to_argv(args))]) + "\n")
+    (out / "command.txt").write_text(
+        " ".join(["python -m sim.evaluate", *map(shlex.quote, to_argv(args))]) + "\n"
+    )
     if not args.progress:
         from transformers.utils import logging as hf_logging
 
@@ -227,15 +277,21 @@ def _evaluate(args: EvaluateArgs) -> dict:
     needs_features = any(p.needs_features for p in policies)
     rows: list[dict] = []
     t_start = time.perf_counter()
-    spent: dict[str, float] = {}  # seconds: streaming + features of every task, and each policy (zoom + answer)
+    spent: dict[
+        str, float
+    ] = {}  # seconds: streaming + features of every task, and each policy (zoom + answer)
     lm_forward_s: list[float] = []
-    n_evaluated = 0  # tasks that streamed to question time (a skipped line counts under errors only)
+    n_evaluated = (
+        0  # tasks that streamed to question time (a skipped line counts under errors only)
+    )
     with (out / "tasks.jsonl").open("w") as log:
         for task in tqdm(tasks, desc="tasks", disable=not args.progress):
             line = lines.get(str(task["id"]))
             try:
                 t0 = time.perf_counter()
-                pt = prepare_task(task, oracle, tokenizer, args.world, gister, features=needs_features)
+                pt = prepare_task(
+                    task, oracle, tokenizer, args.world, gister, features=needs_features
+                )
                 spent["prepare"] = spent.get("prepare", 0.0) + time.perf_counter() - t0
             except TaskError as err:
                 msg = f"{args.tasks}: line {line}: {err}"
@@ -250,29 +306,61 @@ def _evaluate(args: EvaluateArgs) -> dict:
                 t0 = time.perf_counter()
                 r = answer_task(p, pt, oracle, args.world)
                 spent[name] = spent.get(name, 0.0) + time.perf_counter() - t0
-                if name == "recency":  # its answer forward reads W_max-sized context: the yardstick of policy cost
+                if (
+                    name == "recency"
+                ):  # its answer forward reads W_max-sized context: the yardstick of policy cost
                     lm_forward_s.append(r["lm_forward_s"])
-                row = {"id": task["id"], "line": line, "policy": name, "n_tokens": pt.n_tokens,
-                       "w_max": args.world.w_max, "length": meta.get("length", pt.n_tokens),
-                       "depth": meta.get("depth"), "kind": meta.get("kind"),
-                       "group": str(meta.get("module", task["id"])), "needle_level": level, **r}
+                row = {
+                    "id": task["id"],
+                    "line": line,
+                    "policy": name,
+                    "n_tokens": pt.n_tokens,
+                    "w_max": args.world.w_max,
+                    "length": meta.get("length", pt.n_tokens),
+                    "depth": meta.get("depth"),
+                    "kind": meta.get("kind"),
+                    "group": str(meta.get("module", task["id"])),
+                    "needle_level": level,
+                    **r,
+                }
                 rows.append(row)
                 log.write(json.dumps(row) + "\n")
                 log.flush()
     summary, grid = summarise(rows, [p.name for p in policies])
     fwd = float(np.mean(lm_forward_s)) if lm_forward_s else None
-    for name in ("lensnet", "lensnet_rank"):  # per round: LensNet + allocator vs one LM forward at W_max
+    for name in (
+        "lensnet",
+        "lensnet_rank",
+    ):  # per round: LensNet + allocator vs one LM forward at W_max
         if fwd and name in summary:
-            summary[name]["cost_vs_lm_forward"] = summary[name]["policy_ms"] / 1e3 / max(summary[name]["rounds"], 1) / fwd
+            summary[name]["cost_vs_lm_forward"] = (
+                summary[name]["policy_ms"] / 1e3 / max(summary[name]["rounds"], 1) / fwd
+            )
     results = {
-        "config": {"w_max": args.world.w_max, "tail_tokens": args.world.tail_tokens, "zoom_rounds": args.world.rounds,
-                   "lookahead": args.world.lookahead, "block_size": args.world.block_size,
-                   "max_level": args.world.max_level, "tasks": args.tasks, "lm": args.lm, "gister": gister_name,
-                   "lensnet": lens_path, "policies": [p.name for p in policies],
-                   "seed": args.seed, "args": to_dict(args)},
-        "policies": summary, "grid": grid, "errors": error_rows, "n_tasks": n_evaluated,
+        "config": {
+            "w_max": args.world.w_max,
+            "tail_tokens": args.world.tail_tokens,
+            "zoom_rounds": args.world.rounds,
+            "lookahead": args.world.lookahead,
+            "block_size": args.world.block_size,
+            "max_level": args.world.max_level,
+            "tasks": args.tasks,
+            "lm": args.lm,
+            "gister": gister_name,
+            "lensnet": lens_path,
+            "policies": [p.name for p in policies],
+            "seed": args.seed,
+            "args": to_dict(args),
+        },
+        "policies": summary,
+        "grid": grid,
+        "errors": error_rows,
+        "n_tasks": n_evaluated,
         "lm_forward_ms_at_w_max": None if fwd is None else 1e3 * fwd,
-        "timings": {"total_s": time.perf_counter() - t_start, **{f"{k}_s": v for k, v in spent.items()}},
+        "timings": {
+            "total_s": time.perf_counter() - t_start,
+            **{f"{k}_s": v for k, v in spent.items()},
+        },
         "versions": versions(),
     }
     (out / "results.json").write_text(json.dumps(results, indent=1))
@@ -281,16 +369,21 @@ def _evaluate(args: EvaluateArgs) -> dict:
 
 
 def format_results(results: dict) -> str:
-    rows = [f"W_max {results['config']['w_max']}, {results['n_tasks']} tasks, zoom rounds "
-            f"{results['config']['zoom_rounds']}, gister {results['config']['gister']}",
-            "policy       exact match   answer NLL   focus recall   rounds  expands   N/W_max   NGR [95% CI]"]
+    rows = [
+        f"W_max {results['config']['w_max']}, {results['n_tasks']} tasks, zoom rounds "
+        f"{results['config']['zoom_rounds']}, gister {results['config']['gister']}",
+        "policy       exact match   answer NLL   focus recall   rounds  expands   N/W_max   NGR "
+        "[95% CI]",
+    ]
     for name, r in results["policies"].items():
         rec = "   -  " if r["focus_recall"] is None else f"{r['focus_recall']:6.3f}"
         ngr = "" if r.get("ngr") is None else f"{r['ngr']:6.3f}"
         if r.get("ngr_ci95"):
             ngr += f" [{r['ngr_ci95'][0]:.2f}, {r['ngr_ci95'][1]:.2f}]"
-        rows.append(f"{name:<12} {r['exact_match']:8.3f}     {r['answer_nll']:8.3f}      {rec}       "
-                    f"{r['rounds']:5.2f}  {r['expands']:6.2f}   {r['compression']:6.1f}   {ngr}")
+        rows.append(
+            f"{name:<12} {r['exact_match']:8.3f}     {r['answer_nll']:8.3f}      {rec}       "
+            f"{r['rounds']:5.2f}  {r['expands']:6.2f}   {r['compression']:6.1f}   {ngr}"
+        )
     if results["errors"]:
         rows.append(f"{len(results['errors'])} task line(s) skipped: see results.json 'errors'")
     return "\n".join(rows)

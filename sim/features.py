@@ -23,9 +23,16 @@ tasks (``results/retrieval-layer-seed0``)."""
 
 
 @torch.no_grad()
-def block_features(oracle: LMOracle, ids: np.ndarray, b: int, query_ids: np.ndarray, layers: int | list[int],
-                   chunk: int = 16) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Each complete L1 block read by the LM alone, and the query read alone: (block hidden states at
+def block_features(
+    oracle: LMOracle,
+    ids: np.ndarray,
+    b: int,
+    query_ids: np.ndarray,
+    layers: int | list[int],
+    chunk: int = 16,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each complete L1 block read by the LM alone, and the query read alone: (block hidden states
+    at
     each of ``layers``, mean-pooled over positions 1.. (L, n_l1, d); the blocks' mean token NLL
     (n_l1,); the query's hidden states pooled the same way (L, d)). Position 0 of a sequence read
     alone holds the LM's attention-sink activations, shared by every block: it is left out."""
@@ -37,19 +44,32 @@ def block_features(oracle: LMOracle, ids: np.ndarray, b: int, query_ids: np.ndar
     for s in range(0, n_l1, chunk):
         x = blocks[s : s + chunk]
         out = model(input_ids=x, output_hidden_states=True, use_cache=False)
-        hidden.append(torch.stack([out.hidden_states[k][:, 1:].float().mean(dim=1) for k in layers]).cpu())
-        ce = torch.nn.functional.cross_entropy(out.logits[:, :-1].float().transpose(1, 2), x[:, 1:], reduction="none")
+        hidden.append(
+            torch.stack([out.hidden_states[k][:, 1:].float().mean(dim=1) for k in layers]).cpu()
+        )
+        ce = torch.nn.functional.cross_entropy(
+            out.logits[:, :-1].float().transpose(1, 2), x[:, 1:], reduction="none"
+        )
         surprisal.append(ce.mean(dim=1).cpu())
     q = torch.as_tensor(query_ids, device=oracle.device)[None]
     states = model(input_ids=q, output_hidden_states=True, use_cache=False).hidden_states
-    q_hidden = torch.stack([states[k][0, 1:].float().mean(dim=0) if q.shape[1] > 1 else states[k][0, 0].float()
-                            for k in layers]).cpu()
+    q_hidden = torch.stack(
+        [
+            states[k][0, 1:].float().mean(dim=0) if q.shape[1] > 1 else states[k][0, 0].float()
+            for k in layers
+        ]
+    ).cpu()
     d = oracle.d_model
-    return (torch.cat(hidden, dim=1).numpy() if hidden else np.zeros((len(layers), 0, d), np.float32),
-            torch.cat(surprisal).numpy() if surprisal else np.zeros(0, np.float32), q_hidden.numpy())
+    return (
+        torch.cat(hidden, dim=1).numpy() if hidden else np.zeros((len(layers), 0, d), np.float32),
+        torch.cat(surprisal).numpy() if surprisal else np.zeros(0, np.float32),
+        q_hidden.numpy(),
+    )
 
 
-def dense_relevance(block_hidden: np.ndarray, query_hidden: np.ndarray, centre: bool = True) -> np.ndarray:
+def dense_relevance(
+    block_hidden: np.ndarray, query_hidden: np.ndarray, centre: bool = True
+) -> np.ndarray:
     """Cosine of each block's pooled state (n_l1, d) with the query's (d,), both first centred on
     the mean block vector when ``centre`` (removes the direction every block shares)."""
     k, q = np.asarray(block_hidden, np.float64), np.asarray(query_hidden, np.float64)
@@ -116,5 +136,3 @@ def rank_scores(wc: WorkingContext, u: np.ndarray) -> np.ndarray:
     out[gist] = rank01(u[gist])
     out[~gist] = rank01(u[~gist]) - 1.0
     return out + 1e-6 * recency_scores(wc)
-
-

@@ -57,13 +57,17 @@ def parse_shard(shard: str) -> tuple[int, int]:
 
 
 def generate_traces(args: TraceArgs, lm: tuple | None = None) -> Path:
-    """Stream documents, label snapshots, write shards (resuming a crashed run); returns the directory.
-    ``lm``: an already loaded (model, tokenizer) for ``--world.env lm`` (else ``args.lm`` is loaded)."""
+    """Stream documents, label snapshots, write shards (resuming a crashed run); returns the
+    directory.
+    ``lm``: an already loaded (model, tokenizer) for ``--world.env lm`` (else ``args.lm`` is
+    loaded)."""
     i, n = parse_shard(args.shard)
     out = Path(args.out) if n == 1 else Path(args.out) / f"part-{i}-of-{n}"
     w = args.world
     oracle_meta: dict = {"kind": "synthetic"}
-    if w.env == "lm":  # real text, real LM; the tree takes the LM's width and its gister (GistNet or means)
+    if (
+        w.env == "lm"
+    ):  # real text, real LM; the tree takes the LM's width and its gister (GistNet or means)
         from gistnet.gister import resolve_gister
         from megacontext.lm import load_lm
         from megacontext.lm_oracle import LMOracle
@@ -72,11 +76,25 @@ def generate_traces(args: TraceArgs, lm: tuple | None = None) -> Path:
         lm_oracle = LMOracle(model)
         w = replace(w, tree=replace(w.tree, d_model=lm_oracle.d_model))
         gister, gister_name = resolve_gister(w.gister, model, w.tree.block_size)
-        oracle_meta = {"kind": "lm", "lm": args.lm, "model": type(model).__name__, "gister": gister_name}
-    meta = {"d_model": w.tree.d_model, "n_tail": w.n_tail_gists, "block_size": w.tree.block_size,
-            "max_level": w.tree.max_level, "world": to_dict(w), "seed": args.seed, "oracle": oracle_meta,
-            "docs": [args.first_doc, args.first_doc + args.n_docs], "shard": args.shard,
-            "snapshot_every": args.snapshot_every, "behaviour_scale": args.behaviour_scale}
+        oracle_meta = {
+            "kind": "lm",
+            "lm": args.lm,
+            "model": type(model).__name__,
+            "gister": gister_name,
+        }
+    meta = {
+        "d_model": w.tree.d_model,
+        "n_tail": w.n_tail_gists,
+        "block_size": w.tree.block_size,
+        "max_level": w.tree.max_level,
+        "world": to_dict(w),
+        "seed": args.seed,
+        "oracle": oracle_meta,
+        "docs": [args.first_doc, args.first_doc + args.n_docs],
+        "shard": args.shard,
+        "snapshot_every": args.snapshot_every,
+        "behaviour_scale": args.behaviour_scale,
+    }
     writer = TraceWriter(out, meta, shard_size=args.shard_size)
     skip, seen = writer.n_done, 0
     docs = [d for d in range(args.first_doc, args.first_doc + args.n_docs) if d % n == i]

@@ -75,8 +75,11 @@ def build_policy(name: str, ctx: PolicyContext, world: str | None = None) -> Foc
     is unknown (or does not apply in ``world``)."""
     choices = policy_names(world) if world else tuple(REGISTRY)
     if name not in choices:
-        raise ConfigError(f"unknown policy {name!r}" + (f" for {world}" if world else "")
-                          + f" (choose from {', '.join(choices)})")
+        raise ConfigError(
+            f"unknown policy {name!r}"
+            + (f" for {world}" if world else "")
+            + f" (choose from {', '.join(choices)})"
+        )
     return REGISTRY[name].build(ctx)
 
 
@@ -96,7 +99,9 @@ class RandomScores(FocusPolicy):
 
     name = "random"
 
-    def __init__(self, rng: np.random.Generator | None = None, scale: float = 1.0, seed: int = 0) -> None:
+    def __init__(
+        self, rng: np.random.Generator | None = None, scale: float = 1.0, seed: int = 0
+    ) -> None:
         self.rng = rng if rng is not None else np.random.default_rng([seed, 7])
         self.scale, self.seed = scale, seed
 
@@ -123,8 +128,15 @@ class GreedyOracle(FocusPolicy):
         self.snapshots: list[dict] = []
 
     def scores(self, view: FocusView) -> np.ndarray:
-        labels = label_snapshot(view.wc, view.oracle, view.target_ids, view.wc.n_tokens, view.n_tail_gists,
-                                self.doc_id, view.lookahead)
+        labels = label_snapshot(
+            view.wc,
+            view.oracle,
+            view.target_ids,
+            view.wc.n_tokens,
+            view.n_tail_gists,
+            self.doc_id,
+            view.lookahead,
+        )
         if self.keep:
             self.snapshots.append(labels)
         return labels["target_utilities"].astype(np.float64)
@@ -138,8 +150,13 @@ class LensNetPolicy(FocusPolicy):
     name = "lensnet"
     rank: ClassVar[bool] = False
 
-    def __init__(self, model, device: torch.device | str = "cpu", scale: float | None = None,
-                 name: str | None = None) -> None:
+    def __init__(
+        self,
+        model,
+        device: torch.device | str = "cpu",
+        scale: float | None = None,
+        name: str | None = None,
+    ) -> None:
         self.model = model.eval().to(device)
         self.device = device
         self.scale = scale
@@ -201,8 +218,10 @@ class CueReference(FocusPolicy):
     def scores(self, view: FocusView) -> np.ndarray:
         synthetic = getattr(view.oracle, "config", None)
         if not isinstance(synthetic, SyntheticConfig):
-            raise TypeError("the cue reference reads the synthetic generator's structure: "
-                            "synthetic episodes only")
+            raise TypeError(
+                "the cue reference reads the synthetic generator's structure: "
+                "synthetic episodes only"
+            )
         return cue_scores(view.wc.arrays(view.n_tail_gists), synthetic)
 
 

@@ -78,5 +78,6 @@ class FocusPolicy:
         raise NotImplementedError
 
     def apply(self, ep: Episode) -> list[Action]:
-        """One stream step: the allocator restores the budget with the scores, then expands/swaps."""
+        """One stream step: the allocator restores the budget with the scores, then expands/swaps.
+        """
         return ep.refocus(self.scores(ep.view()))

@@ -10,7 +10,8 @@
 
 Everything derives from ``--seed``. ``--env synthetic`` (default) uses the exact synthetic world;
 ``--env lm`` runs the same study with the real LM over pydoc text (training documents from the
-training topics, held-out ones from the held-out topics), with small defaults (``lm_defaults``) so it
+training topics, held-out ones from the held-out topics), with small defaults (``lm_defaults``) so
+it
 finishes on a CPU in minutes. Every policy is also evaluated at the budgets ``--budget-scales`` x
 W_max (the NLL-gap vs budget plot), reusing the LensNet trained at W_max. ``--train-seeds K`` trains
 K LensNets on the same traces (training seeds seed, seed+1, ...; labels, validation split and
@@ -54,39 +55,52 @@ from sim.world import (
 
 
 def _default_train() -> TrainConfig:
-    return TrainConfig(lr=1e-3, warmup_steps=100, total_steps=1500, eval_every=250, ckpt_every=500, batch_size=16)
+    return TrainConfig(
+        lr=1e-3, warmup_steps=100, total_steps=1500, eval_every=250, ckpt_every=500, batch_size=16
+    )
 
 
 @dataclass
 class RunArgs:
-    """Run the MegaFocus study: label traces, train LensNet, evaluate policies on held-out documents."""
+    """Run the MegaFocus study: label traces, train LensNet, evaluate policies on held-out
+    documents."""
 
     env: Literal["synthetic", "lm"] = "synthetic"
-    """World: the exact synthetic world, or the real LM over pydoc text ('lm' brings its own small defaults)."""
+    """World: the exact synthetic world, or the real LM over pydoc text ('lm' brings its own small
+    defaults)."""
     seed: int = 0
     """The one seed of the run; documents, model init, data order and baselines derive from it."""
     out: str = "runs/synthetic"
     """Run directory (created; files in it are overwritten)."""
     train_docs: int = 128
-    """Training documents to label (synthetic labels are exact and cheap; the order LensNet learns comes with data)."""
+    """Training documents to label (synthetic labels are exact and cheap; the order LensNet learns
+    comes with data)."""
     eval_docs: int = 8
     """Held-out documents for the policy comparison and LensNet's held-out metrics."""
     preset: Literal["tiny", "small", "seed"] = "small"
     """LensNet size."""
     budget_scales: tuple[float, ...] = (0.625, 0.75, 0.875, 1.25)
-    """Also evaluate every policy at these multiples of W_max (budgets too small for the document are skipped)."""
+    """Also evaluate every policy at these multiples of W_max (budgets too small for the document
+    are skipped)."""
     lm: str = "smollm2"
     """With --env lm: 'smollm2', 'tiny' (random-init test LM) or a local model folder."""
     lm_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     """With --env lm: the LM's dtype ('auto': float32 on CPU, bfloat16 on CUDA)."""
     train_seeds: int = 1
-    """LensNets to train on the same traces (training seeds seed, seed+1, ...), each evaluated; results.json gives every one plus the mean and a 95% t-interval over them, the table prints mean ± half-width (policies.lensnet stays the first seed's)."""
+    """LensNets to train on the same traces (training seeds seed, seed+1, ...), each evaluated;
+    results.json gives every one plus the mean and a 95% t-interval over them, the table prints mean
+    ± half-width (policies.lensnet stays the first seed's)."""
     select: Literal["best", "final"] = "best"
-    """LensNet weights that are evaluated: the checkpoint with the lowest validation loss (validation = 10% of the training documents, whole, never held-out documents), or the last step's."""
+    """LensNet weights that are evaluated: the checkpoint with the lowest validation loss
+    (validation = 10% of the training documents, whole, never held-out documents), or the last
+    step's."""
     calibrate: bool = True
-    """Fit LensNet's score scale (equivalently tau_expand) on the validation documents' episodes at W_max, store it in the evaluated checkpoint, and evaluate the calibrated scorer ('lensnet'; the raw one is 'lensnet_raw')."""
+    """Fit LensNet's score scale (equivalently tau_expand) on the validation documents' episodes at
+    W_max, store it in the evaluated checkpoint, and evaluate the calibrated scorer ('lensnet'; the
+    raw one is 'lensnet_raw')."""
     calibration_docs: int = 6
-    """Validation documents the calibration runs (the first of the validation split by id; each grid value runs all of them)."""
+    """Validation documents the calibration runs (the first of the validation split by id; each grid
+    value runs all of them)."""
     progress: bool = True
     """Progress bars."""
     plots: bool = True
@@ -101,13 +115,28 @@ def lm_defaults() -> RunArgs:
     at every step), H = 32, 8 + 2 documents, 400 LensNet steps, one extra budget (1.5 x W_max: three
     blocks). Labelling with SmolLM2 costs a few seconds per snapshot on 2 cores, and so does each
     step of the greedy oracle policy."""
-    world = WorldConfig(env="lm", horizon=32, warmup_tokens=128, n_tail_gists=4,
-                        tree=TreeConfig(block_size=32, max_level=1, d_model=576),
-                        context=ContextConfig(w_max=96, tail_tokens=32),
-                        synthetic=SyntheticConfig(n_blocks=12))
-    train = TrainConfig(lr=1e-3, warmup_steps=40, total_steps=400, eval_every=100, ckpt_every=200, batch_size=16)
-    return RunArgs(env="lm", out="runs/lm", train_docs=8, eval_docs=2, preset="small", budget_scales=(1.5,),
-                   world=world, train=train)
+    world = WorldConfig(
+        env="lm",
+        horizon=32,
+        warmup_tokens=128,
+        n_tail_gists=4,
+        tree=TreeConfig(block_size=32, max_level=1, d_model=576),
+        context=ContextConfig(w_max=96, tail_tokens=32),
+        synthetic=SyntheticConfig(n_blocks=12),
+    )
+    train = TrainConfig(
+        lr=1e-3, warmup_steps=40, total_steps=400, eval_every=100, ckpt_every=200, batch_size=16
+    )
+    return RunArgs(
+        env="lm",
+        out="runs/lm",
+        train_docs=8,
+        eval_docs=2,
+        preset="small",
+        budget_scales=(1.5,),
+        world=world,
+        train=train,
+    )
 
 
 def versions() -> dict:
@@ -121,10 +150,16 @@ def versions() -> dict:
         except md.PackageNotFoundError:
             return None
 
-    return {"python": platform.python_version(), "numpy": np.__version__, "torch": torch.__version__,
-            "transformers": version("transformers"), "gymnasium": version("gymnasium"),
-            "machine": platform.machine(), "platform": platform.platform(),
-            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+    return {
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "torch": torch.__version__,
+        "transformers": version("transformers"),
+        "gymnasium": version("gymnasium"),
+        "machine": platform.machine(),
+        "platform": platform.platform(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
 
 
 def t_quantile(p: float, df: int) -> float:
@@ -153,8 +188,15 @@ def t_interval(values: Sequence[float | None], level: float = 0.95) -> dict:
     ``half_width``, ``low``, ``high`` (the last four None with fewer than two values; None values, a
     metric a run could not measure, are left out and ``n`` counts the rest)."""
     x = np.asarray([v for v in values if v is not None], dtype=np.float64)
-    out: dict = {"n": int(x.size), "mean": float(x.mean()) if x.size else None, "sd": None,
-                 "half_width": None, "low": None, "high": None, "level": level}
+    out: dict = {
+        "n": int(x.size),
+        "mean": float(x.mean()) if x.size else None,
+        "sd": None,
+        "half_width": None,
+        "low": None,
+        "high": None,
+        "level": level,
+    }
     if x.size >= 2:
         sd = float(x.std(ddof=1))
         hw = t_quantile(0.5 + level / 2, x.size - 1) * sd / math.sqrt(x.size)
@@ -170,33 +212,62 @@ def format_table(results: dict) -> str:
         ngr = "   -  " if r["ngr"] is None else f"{r['ngr']:6.3f}"
         if name == "lensnet" and multi:  # mean ± t half-width over the training seeds
             s = seeds["summary"]
-            ngr = "   -  " if s["ngr"]["mean"] is None else f"{s['ngr']['mean']:6.3f} ± {s['ngr']['half_width']:.3f}"
-            rows.append(f"{'lensnet *':<12} {s['nll']['mean']:8.4f} ± {s['nll']['half_width']:.4f}     {ngr}")
+            ngr = (
+                "   -  "
+                if s["ngr"]["mean"] is None
+                else f"{s['ngr']['mean']:6.3f} ± {s['ngr']['half_width']:.3f}"
+            )
+            rows.append(
+                f"{'lensnet *':<12} {s['nll']['mean']:8.4f} ± {s['nll']['half_width']:.4f}     "
+                f"{ngr}"
+            )
             continue
-        rows.append(f"{name:<12} {r['nll']:8.4f} ± {r['nll_std_over_docs']:.4f}     {ngr}   "
-                    f"{r['budget_use']:8.3f}   {r['swap_rate']:8.3f}   {r['ms_per_step']:7.2f}")
+        rows.append(
+            f"{name:<12} {r['nll']:8.4f} ± {r['nll_std_over_docs']:.4f}     {ngr}   "
+            f"{r['budget_use']:8.3f}   {r['swap_rate']:8.3f}   {r['ms_per_step']:7.2f}"
+        )
     m = results["lensnet_metrics"]
     fmt = lambda v: "None" if v is None else f"{v:.4f}"  # noqa: E731
     if multi:
         s = seeds["summary"]
-        pm = lambda k: "None" if s[k]["mean"] is None else (  # noqa: E731
-            f"{s[k]['mean']:.4f}" + ("" if s[k]["half_width"] is None else f" ± {s[k]['half_width']:.4f}"))
-        rows.append(f"* mean ± 95% t-interval half-width over {len(seeds['seeds'])} training seeds {seeds['seeds']}")
-        rows.append(f"LensNet held-out: ranking accuracy {pm('ranking_accuracy')}, pearson {pm('pearson')}, "
-                    f"legality compliance {fmt(m['legality_compliance'])} (raw {fmt(m['legality_compliance_raw'])}, first seed)")
+
+        def pm(k: str) -> str:
+            if s[k]["mean"] is None:
+                return "None"
+            hw = s[k]["half_width"]
+            return f"{s[k]['mean']:.4f}" + ("" if hw is None else f" ± {hw:.4f}")
+
+        rows.append(
+            f"* mean ± 95% t-interval half-width over {len(seeds['seeds'])} training seeds "
+            f"{seeds['seeds']}"
+        )
+        rows.append(
+            f"LensNet held-out: ranking accuracy {pm('ranking_accuracy')}, pearson "
+            f"{pm('pearson')}, "
+            f"legality compliance {fmt(m['legality_compliance'])} (raw "
+            f"{fmt(m['legality_compliance_raw'])}, first seed)"
+        )
     else:
-        rows.append(f"LensNet held-out: ranking accuracy {fmt(m['ranking_accuracy'])}, pearson {fmt(m['pearson'])}, "
-                    f"legality compliance {fmt(m['legality_compliance'])} (raw {fmt(m['legality_compliance_raw'])})")
+        rows.append(
+            f"LensNet held-out: ranking accuracy {fmt(m['ranking_accuracy'])}, pearson "
+            f"{fmt(m['pearson'])}, "
+            f"legality compliance {fmt(m['legality_compliance'])} (raw "
+            f"{fmt(m['legality_compliance_raw'])})"
+        )
     return "\n".join(rows)
 
 
 def expansion_room(w: WorldConfig) -> tuple[int, int]:
     """(refocus steps at which one L1 expansion fits W_max beside the coarsest legal cover, all
-    refocus steps). With none, no policy can do anything but the recency cover: the study is void."""
+    refocus steps). With none, no policy can do anything but the recency cover: the study is void.
+    """
     b, doc_tokens = w.tree.block_size, w.synthetic.n_blocks * w.tree.block_size
     first = max(w.warmup_tokens, w.step_tokens)
     cursors = range(first, doc_tokens - w.horizon + 1, w.step_tokens)
-    fits = sum(min_slots(t, b, w.tree.max_level, w.context.tail_tokens) + b - 1 <= w.context.w_max for t in cursors)
+    fits = sum(
+        min_slots(t, b, w.tree.max_level, w.context.tail_tokens) + b - 1 <= w.context.w_max
+        for t in cursors
+    )
     return fits, len(cursors)
 
 
@@ -264,7 +335,9 @@ def run(args: RunArgs) -> dict:
             from transformers.utils import logging as hf_logging
 
             hf_logging.disable_progress_bar()
-        lm_model, tokenizer = load_lm(args.lm, dtype=None if args.lm_dtype == "auto" else getattr(torch, args.lm_dtype))
+        lm_model, tokenizer = load_lm(
+            args.lm, dtype=None if args.lm_dtype == "auto" else getattr(torch, args.lm_dtype)
+        )
         oracle = LMOracle(lm_model)
         lm = (lm_model, tokenizer)
         w = replace(w, tree=replace(w.tree, d_model=oracle.d_model))
@@ -274,6 +347,7 @@ def run(args: RunArgs) -> dict:
         def make_episode(world, doc, seed):
             return lm_episode(world, doc, seed, oracle, tokenizer, gister)
     else:
+
         def make_episode(world, doc, seed):
             return synthetic_episode(world, doc, seed)[0]
 
@@ -284,9 +358,18 @@ def run(args: RunArgs) -> dict:
     # 1. traces (resumable: a rerun with the same config reuses complete shards)
     t0 = time.perf_counter()
     common = dict(seed=args.seed, world=w, progress=args.progress, lm=args.lm)
-    train_dir = generate_traces(TraceArgs(out=str(out / "traces" / "train"), n_docs=args.train_docs, **common), lm=lm)
-    heldout_dir = generate_traces(TraceArgs(out=str(out / "traces" / "heldout"), n_docs=args.eval_docs,
-                                            first_doc=HELD_OUT_FIRST_DOC, **common), lm=lm)
+    train_dir = generate_traces(
+        TraceArgs(out=str(out / "traces" / "train"), n_docs=args.train_docs, **common), lm=lm
+    )
+    heldout_dir = generate_traces(
+        TraceArgs(
+            out=str(out / "traces" / "heldout"),
+            n_docs=args.eval_docs,
+            first_doc=HELD_OUT_FIRST_DOC,
+            **common,
+        ),
+        lm=lm,
+    )
     timings["label_s"] = time.perf_counter() - t0
 
     # 2. LensNet: one per training seed, on the same traces and validation documents
@@ -299,18 +382,27 @@ def run(args: RunArgs) -> dict:
     train_idx, val_idx = split_indices(reader.snapshots["doc_id"], 0.1, args.seed)
     heldout = TraceDataset(TraceReader(heldout_dir, require_complete=True))
     mcfg = model_config_for(args.preset, w.tree.d_model, w.tree.max_level, w.tree.block_size)
-    lensnets = []  # (training seed, model, selected step, held-out metrics); the first trains into OUT itself
+    # (training seed, model, selected step, held-out metrics); the first trains into OUT itself
+    lensnets = []
     calibrations: list[dict] = []
     for k in range(args.train_seeds):
         train_seed = args.seed + k
         run_dir = out if k == 0 else out / "train-seeds" / f"seed-{train_seed}"
         (run_dir / "metrics.jsonl").unlink(missing_ok=True)
         train_set = TraceDataset(reader, train_idx, augment=args.train.augment, seed=train_seed)
-        trainer = Trainer(mcfg, replace(args.train, seed=train_seed), train_set, TraceDataset(reader, val_idx), run_dir,
-                          progress=args.progress)
+        trainer = Trainer(
+            mcfg,
+            replace(args.train, seed=train_seed),
+            train_set,
+            TraceDataset(reader, val_idx),
+            run_dir,
+            progress=args.progress,
+        )
         trainer.train()
         step, selected = trainer.step, run_dir / "latest.pt"  # latest.pt: written at the last step
-        if args.select == "best" and math.isfinite(trainer.best):  # best.pt is this run's (best starts at inf)
+        if args.select == "best" and math.isfinite(
+            trainer.best
+        ):  # best.pt is this run's (best starts at inf)
             from lensnet.train import load_checkpoint
 
             selected = run_dir / "best.pt"
@@ -318,22 +410,35 @@ def run(args: RunArgs) -> dict:
             trainer.model.load_state_dict(ckpt["model"])
             step = int(ckpt["step"])
         model = trainer.model.eval()
-        if args.calibrate:  # the scale is fitted on the validation documents, never the held-out ones
+        if (
+            args.calibrate
+        ):  # the scale is fitted on the validation documents, never the held-out ones
             t_cal = time.perf_counter()
-            val_docs = sorted({int(d) for d in reader.snapshots["doc_id"][val_idx]})[: args.calibration_docs]
+            val_docs = sorted({int(d) for d in reader.snapshots["doc_id"][val_idx]})[
+                : args.calibration_docs
+            ]
             with torch.no_grad():
-                calibration = fit_score_scale(lambda s, m=model, dev=trainer.device: LensNetPolicy(m, dev, scale=s), w,
-                                              val_docs, args.seed, episode_factory=make_episode)
+                calibration = fit_score_scale(
+                    lambda s, m=model, dev=trainer.device: LensNetPolicy(m, dev, scale=s),
+                    w,
+                    val_docs,
+                    args.seed,
+                    episode_factory=make_episode,
+                )
             model.score_scale = calibration["score_scale"]
             calibration["seconds"] = time.perf_counter() - t_cal
             save_calibration(selected, calibration)  # the evaluated weights carry their scale
             calibrations.append(calibration)
         metrics = snapshot_metrics(model, trainer.loss_fn, heldout, 16, trainer.device)
-        lensnets.append((train_seed, model, step, {key.removeprefix("val/"): v for key, v in metrics.items()}))
+        lensnets.append(
+            (train_seed, model, step, {key.removeprefix("val/"): v for key, v in metrics.items()})
+        )
     timings["train_s"] = time.perf_counter() - t0
     _, model, lensnet_step, lens_metrics = lensnets[0]
     cue_metrics = None
-    if args.env == "synthetic":  # LensNet's calibrated scores and the exact labels on held-out snapshots
+    if (
+        args.env == "synthetic"
+    ):  # LensNet's calibrated scores and the exact labels on held-out snapshots
         _save_score_distribution(model, heldout, trainer.device, out / "scores.npz")
         cue_metrics = _cue_metrics(heldout, w.synthetic)
 
@@ -345,14 +450,20 @@ def run(args: RunArgs) -> dict:
 
     def log_step(name, ep, actions):
         if ep.doc_id == docs[0]:  # one document's focus trajectory per policy, for the heat map
-            rec = {"policy": name, "T": ep.wc.n_tokens, "levels": ep.wc.levels.tolist(),
-                   "starts": ep.wc.starts.tolist()}
+            rec = {
+                "policy": name,
+                "T": ep.wc.n_tokens,
+                "levels": ep.wc.levels.tolist(),
+                "starts": ep.wc.starts.tolist(),
+            }
             if refs is not None:  # the blocks the next H tokens refer to (what focus should serve)
                 rec["referenced"], rec["block_size"] = refs(ep.wc.n_tokens), ep.wc.block_size
             focus_log.write(json.dumps(rec) + "\n")
 
     sweep: dict[str, dict] = {}
-    seed_sweep: list[dict[str, dict]] = [{} for _ in lensnets]  # per training seed: budget -> LensNet's record
+    seed_sweep: list[dict[str, dict]] = [
+        {} for _ in lensnets
+    ]  # per training seed: budget -> LensNet's record
     with torch.no_grad():  # a context, so an error leaves the caller's grad mode as it was
         for budget in tqdm(budgets, desc="budgets", disable=not args.progress or len(budgets) == 1):
             wb = replace(w, context=replace(w.context, w_max=budget))
@@ -362,9 +473,18 @@ def run(args: RunArgs) -> dict:
             policies = [build_policy(name, ctx, "stream") for name in names]
             if args.calibrate:
                 policies.append(LensNetPolicy(model, trainer.device, scale=1.0, name="lensnet_raw"))
-            per_policy = {p.name: evaluate_policy(p, wb, docs, args.seed, args.progress, episode_factory=make_episode,
-                                                  on_step=log_step if budget == w.context.w_max else None)
-                          for p in policies}
+            per_policy = {
+                p.name: evaluate_policy(
+                    p,
+                    wb,
+                    docs,
+                    args.seed,
+                    args.progress,
+                    episode_factory=make_episode,
+                    on_step=log_step if budget == w.context.w_max else None,
+                )
+                for p in policies
+            }
             ngr = nll_gap_recovered(per_policy)
             for name, r in per_policy.items():
                 r["ngr"] = ngr[name]
@@ -372,43 +492,93 @@ def run(args: RunArgs) -> dict:
             sweep[str(budget)] = {k: per_policy[k] for k in order if k in per_policy}
             seed_sweep[0][str(budget)] = per_policy["lensnet"]
             for k, (_, extra, _, _) in enumerate(lensnets[1:], start=1):  # the baselines are shared
-                r = evaluate_policy(LensNetPolicy(extra, trainer.device), wb, docs, args.seed, args.progress,
-                                    episode_factory=make_episode)
-                r["ngr"] = nll_gap_recovered({"recency": per_policy["recency"], "oracle": per_policy["oracle"],
-                                              "lensnet": r})["lensnet"]
+                r = evaluate_policy(
+                    LensNetPolicy(extra, trainer.device),
+                    wb,
+                    docs,
+                    args.seed,
+                    args.progress,
+                    episode_factory=make_episode,
+                )
+                r["ngr"] = nll_gap_recovered(
+                    {"recency": per_policy["recency"], "oracle": per_policy["oracle"], "lensnet": r}
+                )["lensnet"]
                 seed_sweep[k][str(budget)] = r
     focus_log.close()
     timings["eval_s"] = time.perf_counter() - t0
-    per_seed = [{"seed": seed, "step": step, "nll": seed_sweep[k][str(w.context.w_max)]["nll"],
-                 "ngr": seed_sweep[k][str(w.context.w_max)]["ngr"],
-                 "expands_per_step": seed_sweep[k][str(w.context.w_max)]["expands_per_step"],
-                 "score_scale": calibrations[k]["score_scale"] if calibrations else 1.0,
-                 **{key: metrics[key] for key in ("ranking_accuracy", "pearson", "legality_compliance", "mse",
-                                                  "precision_at_n_diff")},
-                 "budget_sweep": {b: {"nll": r["nll"], "ngr": r["ngr"]} for b, r in seed_sweep[k].items()}}
-                for k, (seed, _, step, metrics) in enumerate(lensnets)]
+    per_seed = [
+        {
+            "seed": seed,
+            "step": step,
+            "nll": seed_sweep[k][str(w.context.w_max)]["nll"],
+            "ngr": seed_sweep[k][str(w.context.w_max)]["ngr"],
+            "expands_per_step": seed_sweep[k][str(w.context.w_max)]["expands_per_step"],
+            "score_scale": calibrations[k]["score_scale"] if calibrations else 1.0,
+            **{
+                key: metrics[key]
+                for key in (
+                    "ranking_accuracy",
+                    "pearson",
+                    "legality_compliance",
+                    "mse",
+                    "precision_at_n_diff",
+                )
+            },
+            "budget_sweep": {
+                b: {"nll": r["nll"], "ngr": r["ngr"]} for b, r in seed_sweep[k].items()
+            },
+        }
+        for k, (seed, _, step, metrics) in enumerate(lensnets)
+    ]
     lensnet_seeds = {
-        "seeds": [r["seed"] for r in per_seed], "per_seed": per_seed,
-        "summary": {key: t_interval([r[key] for r in per_seed])
-                    for key in ("nll", "ngr", "ranking_accuracy", "pearson", "precision_at_n_diff", "expands_per_step")},
-        "budget_sweep_summary": {b: {key: t_interval([r["budget_sweep"][b][key] for r in per_seed]) for key in ("nll", "ngr")}
-                                 for b in sweep},
+        "seeds": [r["seed"] for r in per_seed],
+        "per_seed": per_seed,
+        "summary": {
+            key: t_interval([r[key] for r in per_seed])
+            for key in (
+                "nll",
+                "ngr",
+                "ranking_accuracy",
+                "pearson",
+                "precision_at_n_diff",
+                "expands_per_step",
+            )
+        },
+        "budget_sweep_summary": {
+            b: {
+                key: t_interval([r["budget_sweep"][b][key] for r in per_seed])
+                for key in ("nll", "ngr")
+            }
+            for b in sweep
+        },
     }
     results = {
-        "env": args.env, "seed": args.seed, "w_max": w.context.w_max,
+        "env": args.env,
+        "seed": args.seed,
+        "w_max": w.context.w_max,
         "gister": w.gister if args.env == "lm" else "mean (synthetic world)",
         "policies": sweep[str(w.context.w_max)],
         "lensnet_metrics": lens_metrics,
         "cue_metrics": cue_metrics,
         "lensnet_params": model.n_params(),
-        "lensnet_step": lensnet_step, "lensnet_select": args.select,
+        "lensnet_step": lensnet_step,
+        "lensnet_select": args.select,
         "lensnet_calibration": calibrations[0] if calibrations else None,
         "lensnet_calibration_per_seed": calibrations,
         "lensnet_seeds": lensnet_seeds,
-        "train_snapshots": len(train_idx), "val_snapshots": len(val_idx), "heldout_snapshots": len(heldout),
+        "train_snapshots": len(train_idx),
+        "val_snapshots": len(val_idx),
+        "heldout_snapshots": len(heldout),
         "heldout_docs": [docs[0], docs[-1]],
-        "budget_sweep": {b: {name: {k: r[k] for k in ("nll", "nll_std_over_docs", "ngr", "budget_use", "swap_rate")}
-                             for name, r in pols.items()} for b, pols in sweep.items()},
+        "budget_sweep": {
+            b: {
+                name: {
+                    k: r[k] for k in ("nll", "nll_std_over_docs", "ngr", "budget_use", "swap_rate")
+                }
+                for name, r in pols.items()
+            }
+            for b, pols in sweep.items()
+        },
         "budget_notes": budget_notes,
         "timings": {**timings, "total_s": time.perf_counter() - t_start},
     }
@@ -418,27 +588,40 @@ def run(args: RunArgs) -> dict:
 
         draw_all(out)
     print(format_table(results))
-    print(f"\nrun directory: {out}  (results.json, metrics.jsonl, checkpoints{', plots/' if args.plots else ''})")
+    print(
+        f"\nrun directory: {out}  (results.json, metrics.jsonl, "
+        f"checkpoints{', plots/' if args.plots else ''})"
+    )
     return results
 
 
 def _save_score_distribution(model, dataset, device, path: Path) -> None:
     """LensNet's calibrated (masked) scores and the exact labels of every labelled held-out entry,
-    with its kind (can expand / can collapse): what ``analysis.plots`` draws against the thresholds."""
+    with its kind (can expand / can collapse): what ``analysis.plots`` draws against the thresholds.
+    """
     import torch
 
     from lensnet.data import collate, to_device
 
-    parts: dict[str, list[np.ndarray]] = {"score": [], "label": [], "can_expand": [], "can_collapse": []}
+    parts: dict[str, list[np.ndarray]] = {
+        "score": [],
+        "label": [],
+        "can_expand": [],
+        "can_collapse": [],
+    }
     with torch.no_grad():
         for s in range(0, len(dataset), 32):
-            batch = to_device(collate([dataset[i] for i in range(s, min(s + 32, len(dataset)))]), device)
+            batch = to_device(
+                collate([dataset[i] for i in range(s, min(s + 32, len(dataset)))]), device
+            )
             keep = (batch["action_mask"] & batch["valid_mask"]).cpu().numpy()
             parts["score"].append(model.score(batch).cpu().numpy()[keep])
             parts["label"].append(batch["target_utilities"].cpu().numpy()[keep])
             parts["can_expand"].append((batch["expand_cost"] > 0).cpu().numpy()[keep])
             parts["can_collapse"].append((batch["collapse_refund"] > 0).cpu().numpy()[keep])
-    np.savez_compressed(path, score_scale=model.score_scale, **{k: np.concatenate(v) for k, v in parts.items()})
+    np.savez_compressed(
+        path, score_scale=model.score_scale, **{k: np.concatenate(v) for k, v in parts.items()}
+    )
 
 
 def _cue_metrics(dataset, synthetic: SyntheticConfig) -> dict:
@@ -455,8 +638,10 @@ def _cue_metrics(dataset, synthetic: SyntheticConfig) -> dict:
     for i in range(len(dataset.indices)):
         snap = dataset.reader[int(dataset.indices[i])]
         arr = ContextArrays(**{k: snap[k] for k in fields if k in snap})
-        batch = {k: torch.as_tensor(np.asarray(snap[k]))[None]
-                 for k in ("target_utilities", "action_mask", "expand_cost", "collapse_refund")}
+        batch = {
+            k: torch.as_tensor(np.asarray(snap[k]))[None]
+            for k in ("target_utilities", "action_mask", "expand_cost", "collapse_refund")
+        }
         batch["valid_mask"] = torch.ones_like(batch["action_mask"], dtype=torch.bool)
         acc.update(torch.as_tensor(cue_scores(arr, synthetic))[None], batch)
     return acc.compute()

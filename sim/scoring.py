@@ -34,15 +34,31 @@ def needle_level(pt: PreparedTask, wc: WorkingContext | None = None) -> int | No
     return int(level[: pt.n_tokens][pt.needle].max())
 
 
-def answer_task(policy: FocusPolicy, pt: PreparedTask, oracle: LMOracle, config: TaskWorldConfig
-                ) -> dict:
-    """One row of results: the policy's answer NLL, exact match, focus recall, rounds and actions."""
+def answer_task(
+    policy: FocusPolicy, pt: PreparedTask, oracle: LMOracle, config: TaskWorldConfig
+) -> dict:
+    """One row of results: the policy's answer NLL, exact match, focus recall, rounds and actions.
+    """
     if policy.reads_everything:
         nll, em = answer_scores(oracle, None, pt.answer_ids, prefix_ids=pt.ids)
-        return {"answer_nll": nll, "exact_match": float(em), "focus_recall": None if not pt.needle.any() else True,
-                "rounds": 0, "expands": 0, "collapses": 0, "slots": pt.n_tokens, "policy_s": 0.0}
+        return {
+            "answer_nll": nll,
+            "exact_match": float(em),
+            "focus_recall": None if not pt.needle.any() else True,
+            "rounds": 0,
+            "expands": 0,
+            "collapses": 0,
+            "slots": pt.n_tokens,
+            "policy_s": 0.0,
+        }
     wc, info = zoom(policy, pt, config, oracle)
     t0 = time.perf_counter()
     nll, em = answer_scores(oracle, wc.arrays(config.n_tail_gists), pt.answer_ids)
-    return {"answer_nll": nll, "exact_match": float(em), "focus_recall": focus_recall(pt, wc), **info,
-            "lm_forward_s": time.perf_counter() - t0, "focus_map": wc.focus_map(200)}
+    return {
+        "answer_nll": nll,
+        "exact_match": float(em),
+        "focus_recall": focus_recall(pt, wc),
+        **info,
+        "lm_forward_s": time.perf_counter() - t0,
+        "focus_map": wc.focus_map(200),
+    }

@@ -33,7 +33,11 @@ def default_lensnet_path(lm, kind: str | None) -> Path | None:
     if not TASKS_CHECKPOINT.exists() or kind is None:
         return None
     card = read_card(TASKS_CHECKPOINT)
-    return TASKS_CHECKPOINT if card.get("lm_fingerprint") == lm_fingerprint(lm) and card.get("task") == kind else None
+    return (
+        TASKS_CHECKPOINT
+        if card.get("lm_fingerprint") == lm_fingerprint(lm) and card.get("task") == kind
+        else None
+    )
 
 
 def shipped_lensnet_task() -> str | None:

@@ -6,7 +6,8 @@ their first half (so its gist does too) and, in their second half, a *cue*: the 
 the blocks that the next two blocks (the query window after a cursor at the end of block j) refer
 to — so the tail gists show what is about to be needed. Two halves keep "block r is needed" an
 exact bilinear match (key half of a context gist against cue half of a tail gist) instead of a
-plain similarity that would also fire between blocks sharing upcoming references. Each block q refers to a few earlier blocks r (mostly recent, some far) with
+plain similarity that would also fire between blocks sharing upcoming references. Each block q
+refers to a few earlier blocks r (mostly recent, some far) with
 weights w. The NLL of a query token in block q is
 
     base - sum_{r in refs(q)} w_r * info[level at which block r stands]  - recency
@@ -128,13 +129,19 @@ def generate_document(config: SyntheticConfig, rng: np.random.Generator) -> Synt
     emb = np.zeros((c.n_blocks, c.block_size, c.d_model))
     for j in range(c.n_blocks):
         upcoming = [refs[q] for q in (j + 1, j + 2) if q < c.n_blocks]
-        cue_blocks = np.unique(np.concatenate(upcoming)) if upcoming else np.zeros(0, dtype=np.int64)
+        cue_blocks = (
+            np.unique(np.concatenate(upcoming)) if upcoming else np.zeros(0, dtype=np.int64)
+        )
         emb[j, :, :k_dim] = c.key_scale * keys[j]  # what this block is
         if cue_blocks.size:
-            emb[j, :, k_dim : 2 * k_dim] = c.cue_scale * keys[cue_blocks].sum(0)  # what comes next needs
+            emb[j, :, k_dim : 2 * k_dim] = c.cue_scale * keys[cue_blocks].sum(
+                0
+            )  # what comes next needs
     emb += c.noise * rng.normal(size=emb.shape)
     ids = rng.integers(0, c.vocab_size, c.n_blocks * c.block_size)
-    return SyntheticDocument(ids, emb.reshape(-1, c.d_model).astype(np.float32), keys, refs, weights, c)
+    return SyntheticDocument(
+        ids, emb.reshape(-1, c.d_model).astype(np.float32), keys, refs, weights, c
+    )
 
 
 class SyntheticOracle:
@@ -172,10 +179,14 @@ class SyntheticOracle:
         recency = c.rho * float(np.mean(recent == 0)) if recent.size else 0.0
         return c.base_nll - served - recency
 
-    def nll(self, contexts: Sequence[ContextArrays], query_ids: np.ndarray, query_start: int) -> np.ndarray:
+    def nll(
+        self, contexts: Sequence[ContextArrays], query_ids: np.ndarray, query_start: int
+    ) -> np.ndarray:
         """Mean NLL of the query tokens for each context (``query_ids`` only fixes the horizon)."""
         h = int(np.asarray(query_ids).shape[0])
-        return np.array([self.token_nll(self.block_levels(ctx), query_start, h).mean() for ctx in contexts])
+        return np.array(
+            [self.token_nll(self.block_levels(ctx), query_start, h).mean() for ctx in contexts]
+        )
 
 
 def _ranges(counts: np.ndarray) -> np.ndarray:
@@ -186,7 +197,9 @@ def _ranges(counts: np.ndarray) -> np.ndarray:
     return np.arange(ends[-1]) - np.repeat(ends - counts, counts)
 
 
-def exact_utilities(oracle: SyntheticOracle, wc: WorkingContext, horizon: int) -> tuple[np.ndarray, np.ndarray]:
+def exact_utilities(
+    oracle: SyntheticOracle, wc: WorkingContext, horizon: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Closed-form (expand_gain, collapse_cost) per entry, computed per block from the NLL formula.
 
     Expanding a level-l entry moves each block it covers from level l to l-1; collapsing a group
@@ -213,7 +226,9 @@ def exact_utilities(oracle: SyntheticOracle, wc: WorkingContext, horizon: int) -
     def delta(blocks: np.ndarray, new_level: int) -> float:
         """Mean-NLL change when ``blocks`` move from their base level to ``new_level``."""
         d_served = float(np.sum(demand[blocks] * (info[new_level] - info[base_lv[blocks]])))
-        d_l0 = int(np.sum(recent[blocks] & (new_level == 0))) - int(np.sum(recent[blocks] & (base_lv[blocks] == 0)))
+        d_l0 = int(np.sum(recent[blocks] & (new_level == 0))) - int(
+            np.sum(recent[blocks] & (base_lv[blocks] == 0))
+        )
         d_recency = c.rho * d_l0 / n_recent if n_recent else 0.0
         return -(d_served + d_recency)
 
@@ -241,7 +256,8 @@ def cue_scores(arr: ContextArrays, config: SyntheticConfig) -> np.ndarray:
     number of referenced blocks it covers is ``m x blocks``; a token's key is taken from its
     sibling group's mean (the block's clean key; one token is noisy). The score then follows the
     closed-form utilities of ``exact_utilities`` with each referenced block's demand replaced by its
-    expectation (mean weight x one query block of two): expand gain = demand x (info[l-1] - info[l]),
+    expectation (mean weight x one query block of two): expand gain = demand x (info[l-1] -
+    info[l]),
     collapse cost of a group = demand x (info[l] - info[l+1]) summed over the group's blocks, plus
     the recency term, and y = gain [can expand] - cost [can collapse], as the labels define it.
     What it cannot know is each reference's weight and whether both query blocks refer to a block.
@@ -253,10 +269,13 @@ def cue_scores(arr: ContextArrays, config: SyntheticConfig) -> np.ndarray:
     real = np.flatnonzero(arr.tail_mask & (arr.tail_levels == 1))
     if real.size == 0 or n == 0:  # no complete L1 block yet: nothing is known about what comes next
         return np.zeros(n)
-    cue = arr.tail_gists[real[-1], k_dim:].astype(np.float64) / c.cue_scale  # newest L1 gist's cue half
+    cue = (
+        arr.tail_gists[real[-1], k_dim:].astype(np.float64) / c.cue_scale
+    )  # newest L1 gist's cue half
     emb = arr.embeddings[:, :k_dim].astype(np.float64) / c.key_scale
     gid = arr.group_id
-    # tokens read their group's mean key (the block's key); gists their own (a mean over their blocks)
+    # tokens read their group's mean key (the block's key); gists their own (a mean over their
+    # blocks)
     grouped = gid >= 0
     key = emb.copy()
     if grouped.any():
@@ -266,8 +285,12 @@ def cue_scores(arr: ContextArrays, config: SyntheticConfig) -> np.ndarray:
         means = sums / np.maximum(counts, 1)[:, None]
         tok = grouped & (arr.levels == 0)
         key[tok] = means[gid[tok]]
-    blocks = np.maximum(arr.span_width // b, 1)  # L1 blocks an entry covers (a token: its block, shared)
-    referenced = np.clip(key @ cue, 0.0, None) * blocks  # expected referenced blocks under the entry
+    blocks = np.maximum(
+        arr.span_width // b, 1
+    )  # L1 blocks an entry covers (a token: its block, shared)
+    referenced = (
+        np.clip(key @ cue, 0.0, None) * blocks
+    )  # expected referenced blocks under the entry
     demand = 0.5 * (c.weight_min + c.weight_max) / 2  # mean weight x half the query window's tokens
     info = np.asarray(c.info, dtype=np.float64)
     lv = arr.levels
@@ -276,13 +299,17 @@ def cue_scores(arr: ContextArrays, config: SyntheticConfig) -> np.ndarray:
     n_recent = cursor_block - first_recent
     start_block = arr.span_start // b
     end_block = -(-(arr.span_start + arr.span_width) // b)
-    recent_blocks = np.clip(np.minimum(end_block, cursor_block) - np.maximum(start_block, first_recent), 0, None)
+    recent_blocks = np.clip(
+        np.minimum(end_block, cursor_block) - np.maximum(start_block, first_recent), 0, None
+    )
     rec = c.rho / n_recent if n_recent else 0.0
     # expand: level l -> l-1 (to L0 only from L1: the recency term counts L0 blocks)
     gain = np.zeros(n)
     ex = arr.can_expand
     lo = np.clip(lv - 1, 0, None)
-    gain[ex] = demand * referenced[ex] * (info[lo[ex]] - info[lv[ex]]) + rec * recent_blocks[ex] * (lv[ex] == 1)
+    gain[ex] = demand * referenced[ex] * (info[lo[ex]] - info[lv[ex]]) + rec * recent_blocks[ex] * (
+        lv[ex] == 1
+    )
     # collapse: a group of level-l siblings -> level l+1; its cost is summed over the group's blocks
     cost = np.zeros(n)
     if grouped.any():

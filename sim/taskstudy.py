@@ -1,7 +1,9 @@
-"""``python -m sim.taskstudy``: the real-LM task study end to end (DESIGN §9) — generate tasks, label
+"""``python -m sim.taskstudy``: the real-LM task study end to end (DESIGN §9) — generate tasks,
+label
 question-time counterfactual traces, train LensNet on them, evaluate every policy on held-out tasks.
 
-1. tasks: ``--train-tasks`` from the training filler and phrasing, ``--eval-tasks`` from the held-out
+1. tasks: ``--train-tasks`` from the training filler and phrasing, ``--eval-tasks`` from the
+held-out
    ones (``sim.tasks``), written to ``OUT/tasks-{train,heldout}.jsonl``;
 2. label (``label_tasks``): each training task streams to question time; for each of the zoom
    rounds, every legal action is labelled with the frozen LM (horizon = the answer tokens, the
@@ -41,8 +43,15 @@ from sim.taskworld import TaskError, TaskWorldConfig, prepare_task, zoom
 
 
 def _default_train() -> TrainConfig:
-    return TrainConfig(lr=1e-3, warmup_steps=50, total_steps=600, eval_every=100, ckpt_every=300, batch_size=16,
-                       augment=AugmentConfig(jitter_p=0.0))
+    return TrainConfig(
+        lr=1e-3,
+        warmup_steps=50,
+        total_steps=600,
+        eval_every=100,
+        ckpt_every=300,
+        batch_size=16,
+        augment=AugmentConfig(jitter_p=0.0),
+    )
 
 
 @dataclass
@@ -71,7 +80,8 @@ class TaskStudyArgs:
     lm: str = "smollm2"
     """'smollm2', 'tiny' (random-init test LM) or a local model folder."""
     shard: str = "0/1"
-    """i/n: this process labels the training tasks with index % n == i (into OUT/traces/part-i-of-n)."""
+    """i/n: this process labels the training tasks with index % n == i (into
+    OUT/traces/part-i-of-n)."""
     stream_every: int = 0
     """Also label ordinary stream steps, every this many steps (0 = question time only: labels cost
     about a minute per snapshot of a 2k-token task on a 2-core CPU)."""
@@ -89,8 +99,19 @@ class TaskStudyArgs:
     train: TrainConfig = field(default_factory=_default_train)
 
 
-def label_tasks(tasks: list[dict], out: Path, oracle, tokenizer, world: TaskWorldConfig, gister, meta: dict,
-                shard: str = "0/1", progress: bool = True, stream_every: int = 0, horizon: int = 32) -> Path:
+def label_tasks(
+    tasks: list[dict],
+    out: Path,
+    oracle,
+    tokenizer,
+    world: TaskWorldConfig,
+    gister,
+    meta: dict,
+    shard: str = "0/1",
+    progress: bool = True,
+    stream_every: int = 0,
+    horizon: int = 32,
+) -> Path:
     """Question-time traces: per task and zoom round, every legal action labelled (answer horizon);
     the oracle's scores move the focus between rounds. With ``stream_every`` > 0, also ordinary
     stream steps (every that many steps; horizon = the next ``horizon`` stream tokens). Resumes
@@ -103,15 +124,26 @@ def label_tasks(tasks: list[dict], out: Path, oracle, tokenizer, world: TaskWorl
         if doc_id % n != i:
             continue
         try:
-            pt = prepare_task(task, oracle, tokenizer, world, gister, features=False, stream_every=stream_every)
+            pt = prepare_task(
+                task, oracle, tokenizer, world, gister, features=False, stream_every=stream_every
+            )
         except TaskError as err:
             print(f"skipped: {err}", file=sys.stderr)
             continue
         for snap in pt.stream_snapshots:  # stream steps: the next H tokens of the stream
             t = snap.n_tokens
             if seen >= skip:
-                writer.add(label_snapshot(snap, oracle, pt.ids[t : t + horizon], t, world.n_tail_gists, doc_id,
-                                          world.lookahead))
+                writer.add(
+                    label_snapshot(
+                        snap,
+                        oracle,
+                        pt.ids[t : t + horizon],
+                        t,
+                        world.n_tail_gists,
+                        doc_id,
+                        world.lookahead,
+                    )
+                )
             seen += 1
         # question time: the oracle's own zoom (its rounds stop at the first that changes nothing),
         # keeping each round's labelled snapshot
@@ -147,36 +179,68 @@ def run(args: TaskStudyArgs) -> dict:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "command.txt").write_text(" ".join(["python -m sim.taskstudy", *map(shlex.quote, to_argv(args))]) + "\n")
+    (out / "command.txt").write_text(
+        " ".join(["python -m sim.taskstudy", *map(shlex.quote, to_argv(args))]) + "\n"
+    )
     (out / "config.json").write_text(json.dumps(to_dict(args), indent=1))
     (out / "versions.json").write_text(json.dumps(versions(), indent=1))
     timings: dict[str, float] = {}
     model, tokenizer = load_lm(args.lm)
-    counter = token_counter(tokenizer) if tokenizer is not None else len  # CharTokenizer: a token a character
+    counter = (
+        token_counter(tokenizer) if tokenizer is not None else len
+    )  # CharTokenizer: a token a character
     tokenizer = tokenizer or CharTokenizer(model.config.vocab_size)
     oracle = LMOracle(model)
     gister, gister_name = resolve_gister("auto", model, args.world.block_size)
 
     # 1. tasks
     files = {}
-    for split, n, lengths, depths in (("train", args.train_tasks, args.train_lengths, ()),
-                                      ("heldout", args.eval_tasks, args.eval_lengths, args.eval_depths)):
+    for split, n, lengths, depths in (
+        ("train", args.train_tasks, args.train_lengths, ()),
+        ("heldout", args.eval_tasks, args.eval_lengths, args.eval_depths),
+    ):
         files[split] = out / f"tasks-{split}.jsonl"
-        cfg = TaskConfig(kind=args.task, n_tasks=n, length=lengths, depths=depths, split=split, seed=args.seed)
+        cfg = TaskConfig(
+            kind=args.task, n_tasks=n, length=lengths, depths=depths, split=split, seed=args.seed
+        )
         write_jsonl(generate_tasks(cfg, counter), files[split])
 
     # 2. labels
     t0 = time.perf_counter()
-    meta = {"d_model": oracle.d_model, "n_tail": args.world.n_tail_gists, "block_size": args.world.block_size,
-            "max_level": args.world.max_level, "world": to_dict(args.world), "seed": args.seed,
-            "oracle": {"kind": "lm", "lm": args.lm, "gister": gister_name, "horizon": "answer tokens",
-                       "lookahead": args.world.lookahead},
-            "tasks": str(files["train"]), "shard": args.shard,
-            "stream_every": args.stream_every, "horizon": args.horizon}
+    meta = {
+        "d_model": oracle.d_model,
+        "n_tail": args.world.n_tail_gists,
+        "block_size": args.world.block_size,
+        "max_level": args.world.max_level,
+        "world": to_dict(args.world),
+        "seed": args.seed,
+        "oracle": {
+            "kind": "lm",
+            "lm": args.lm,
+            "gister": gister_name,
+            "horizon": "answer tokens",
+            "lookahead": args.world.lookahead,
+        },
+        "tasks": str(files["train"]),
+        "shard": args.shard,
+        "stream_every": args.stream_every,
+        "horizon": args.horizon,
+    }
     trace_dir = out / "traces"
     with torch.no_grad():
-        label_tasks(read_tasks(files["train"]), trace_dir, oracle, tokenizer, args.world, gister, meta, args.shard,
-                    args.progress, args.stream_every, args.horizon)
+        label_tasks(
+            read_tasks(files["train"]),
+            trace_dir,
+            oracle,
+            tokenizer,
+            args.world,
+            gister,
+            meta,
+            args.shard,
+            args.progress,
+            args.stream_every,
+            args.horizon,
+        )
     timings["label_s"] = time.perf_counter() - t0
     if args.label_only:
         return {"timings": timings}
@@ -185,10 +249,17 @@ def run(args: TaskStudyArgs) -> dict:
     t0 = time.perf_counter()
     reader = TraceReader(trace_dir, require_complete=True)
     train_idx, val_idx = split_indices(reader.snapshots["doc_id"], 0.15, args.seed)
-    mcfg = model_config_for(args.preset, oracle.d_model, args.world.max_level, args.world.block_size)
-    trainer = Trainer(mcfg, replace(args.train, seed=args.seed),
-                      TraceDataset(reader, train_idx, augment=args.train.augment, seed=args.seed),
-                      TraceDataset(reader, val_idx), out, progress=args.progress)
+    mcfg = model_config_for(
+        args.preset, oracle.d_model, args.world.max_level, args.world.block_size
+    )
+    trainer = Trainer(
+        mcfg,
+        replace(args.train, seed=args.seed),
+        TraceDataset(reader, train_idx, augment=args.train.augment, seed=args.seed),
+        TraceDataset(reader, val_idx),
+        out,
+        progress=args.progress,
+    )
     with torch.enable_grad():
         trainer.train()
     best = out / "best.pt" if (out / "best.pt").exists() else out / "final.pt"
@@ -199,25 +270,51 @@ def run(args: TaskStudyArgs) -> dict:
 
     ckpt = load_checkpoint(best, trainer.device)
     trainer.model.load_state_dict(ckpt["model"])
-    val = {k.removeprefix("val/"): v for k, v in
-           snapshot_metrics(trainer.model.eval(), trainer.loss_fn, TraceDataset(reader, val_idx), 16, trainer.device).items()}
+    val = {
+        k.removeprefix("val/"): v
+        for k, v in snapshot_metrics(
+            trainer.model.eval(), trainer.loss_fn, TraceDataset(reader, val_idx), 16, trainer.device
+        ).items()
+    }
     timings["train_s"] = time.perf_counter() - t0
-    card = {"task": args.task, "command": (out / "command.txt").read_text().strip(), "seed": args.seed,
-            "step": int(ckpt["step"]), "lm": args.lm, "lm_fingerprint": lm_fingerprint(model), "gister": gister_name,
-            "train_tasks": str(files["train"]), "train_snapshots": int(len(train_idx)),
-            "validation_snapshots": int(len(val_idx)), "validation": val, "world": to_dict(args.world),
-            "python": versions()["python"]}
+    card = {
+        "task": args.task,
+        "command": (out / "command.txt").read_text().strip(),
+        "seed": args.seed,
+        "step": int(ckpt["step"]),
+        "lm": args.lm,
+        "lm_fingerprint": lm_fingerprint(model),
+        "gister": gister_name,
+        "train_tasks": str(files["train"]),
+        "train_snapshots": int(len(train_idx)),
+        "validation_snapshots": int(len(val_idx)),
+        "validation": val,
+        "world": to_dict(args.world),
+        "python": versions()["python"],
+    }
     (out / "lensnet.json").write_text(json.dumps(card, indent=1))
-    torch.save({k: ckpt[k] for k in ("model", "model_config", "step")}, out / "lensnet.pt")  # weights only
+    torch.save(
+        {k: ckpt[k] for k in ("model", "model_config", "step")}, out / "lensnet.pt"
+    )  # weights only
 
     # 4. held-out evaluation
     t0 = time.perf_counter()
-    ev = EvaluateArgs(tasks=str(files["heldout"]), out=str(out / "heldout"), policies=args.policies, lm=args.lm,
-                      lensnet=str(out / "lensnet.pt"), seed=args.seed, progress=args.progress, world=args.world)
+    ev = EvaluateArgs(
+        tasks=str(files["heldout"]),
+        out=str(out / "heldout"),
+        policies=args.policies,
+        lm=args.lm,
+        lensnet=str(out / "lensnet.pt"),
+        seed=args.seed,
+        progress=args.progress,
+        world=args.world,
+    )
     results = evaluate_tasks(ev)
     timings["eval_s"] = time.perf_counter() - t0
-    card["heldout"] = {name: {k: r[k] for k in ("exact_match", "answer_nll", "focus_recall", "n")}
-                       for name, r in results["policies"].items()}
+    card["heldout"] = {
+        name: {k: r[k] for k in ("exact_match", "answer_nll", "focus_recall", "n")}
+        for name, r in results["policies"].items()
+    }
     (out / "lensnet.json").write_text(json.dumps(card, indent=1))
     if args.ship:
         CHECKPOINT_DIR.mkdir(exist_ok=True)

@@ -44,11 +44,13 @@ class TaskWorldConfig:
     n_tail_gists: int = 6
     """Tail gists given to LensNet."""
     zoom_rounds: int = 0
-    """Refocus rounds at question time; 0 = max_level (enough to descend from the top level to L0)."""
+    """Refocus rounds at question time; 0 = max_level (enough to descend from the top level to L0).
+    """
     lookahead: bool = True
     """The oracle's (and the traces') expand gain of a level >= 2 gist sees two levels down."""
     retrieval_depth: float = RETRIEVAL_DEPTH
-    """Dense retrieval baseline: hidden states at layer round(depth * n_layers) (0 = the embeddings; the default was chosen on training tasks, benchmarks/retrieval_layer.py)."""
+    """Dense retrieval baseline: hidden states at layer round(depth * n_layers) (0 = the embeddings;
+    the default was chosen on training tasks, benchmarks/retrieval_layer.py)."""
     allocator: AllocatorConfig = field(default_factory=AllocatorConfig)
 
     @property
@@ -78,8 +80,12 @@ class PreparedTask:
     needle: np.ndarray  # (n,) bool: token overlaps a needle span
     question_tokens: int
     wc: WorkingContext  # the recency cover at question time (copy it before refocusing)
-    stream_snapshots: list[WorkingContext] = field(default_factory=list)  # covers at earlier cursors, if asked
-    block_text: list[str] = field(default_factory=list)  # (n_l1,) the text of each complete L1 block
+    stream_snapshots: list[WorkingContext] = field(
+        default_factory=list
+    )  # covers at earlier cursors, if asked
+    block_text: list[str] = field(
+        default_factory=list
+    )  # (n_l1,) the text of each complete L1 block
     query_text: str = ""  # the retrieval query: the question, or (no question) the L0 tail's text
     block_hidden: np.ndarray | None = None  # (n_l1, d) pooled hidden state of each block read alone
     block_surprisal: np.ndarray | None = None  # (n_l1,) mean token NLL of each block read alone
@@ -97,14 +103,18 @@ class CharTokenizer:
     def __init__(self, vocab_size: int) -> None:
         self.vocab_size = vocab_size
 
-    def __call__(self, text: str, return_offsets_mapping: bool = False, add_special_tokens: bool = False) -> dict:
+    def __call__(
+        self, text: str, return_offsets_mapping: bool = False, add_special_tokens: bool = False
+    ) -> dict:
         out = {"input_ids": [ord(c) % self.vocab_size for c in text]}
         if return_offsets_mapping:
             out["offset_mapping"] = [(i, i + 1) for i in range(len(text))]
         return out
 
 
-def tokenize_task(task: dict, tokenizer) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, np.ndarray]:
+def tokenize_task(
+    task: dict, tokenizer
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, np.ndarray]:
     """(stream ids, answer ids, needle mask over the stream, question length in tokens, (n, 2)
     character offsets of each stream token in ``context + question``)."""
     text = task["context"] + task["question"]
@@ -114,7 +124,9 @@ def tokenize_task(task: dict, tokenizer) -> tuple[np.ndarray, np.ndarray, np.nda
     needle = np.zeros(len(ids), dtype=bool)
     for s, e in task.get("needle_spans") or []:
         needle |= (offsets[:, 0] < e) & (offsets[:, 1] > s)
-    answer = np.asarray(tokenizer(task["answer"], add_special_tokens=False)["input_ids"], dtype=np.int64)
+    answer = np.asarray(
+        tokenizer(task["answer"], add_special_tokens=False)["input_ids"], dtype=np.int64
+    )
     if answer.size == 0:
         raise TaskError(f"task {task.get('id')!r}: the answer tokenises to nothing")
     q_start = int(np.searchsorted(offsets[:, 0], len(task["context"])))
@@ -127,23 +139,40 @@ def query_tokens(n_tokens: int, question_tokens: int, tail_tokens: int) -> slice
     return slice(n_tokens - (question_tokens or min(tail_tokens, n_tokens)), n_tokens)
 
 
-def prepare_task(task: dict, oracle: LMOracle, tokenizer, config: TaskWorldConfig,
-                 gister: Gister = mean_gister, features: bool = True, stream_every: int = 0) -> PreparedTask:
+def prepare_task(
+    task: dict,
+    oracle: LMOracle,
+    tokenizer,
+    config: TaskWorldConfig,
+    gister: Gister = mean_gister,
+    features: bool = True,
+    stream_every: int = 0,
+) -> PreparedTask:
     """Tokenise, build the tree, stream the cursor to question time (recency restores), and (with
     ``features``) compute the block-alone hidden states and surprisal the heuristic baselines use.
-    ``stream_every`` > 0 keeps a copy of the cover every that many stream steps (stream-time labels)."""
+    ``stream_every`` > 0 keeps a copy of the cover every that many stream steps (stream-time
+    labels)."""
     ids, answer, needle, q_len, offsets = tokenize_task(task, tokenizer)
     n = len(ids)
     if n + len(answer) > oracle.max_positions:
-        raise TaskError(f"task {task.get('id')!r}: {n} + {len(answer)} tokens exceed the LM's "
-                        f"{oracle.max_positions} positions")
+        raise TaskError(
+            f"task {task.get('id')!r}: {n} + {len(answer)} tokens exceed the LM's "
+            f"{oracle.max_positions} positions"
+        )
     if q_len > config.tail_tokens:
-        raise TaskError(f"task {task.get('id')!r}: the question ({q_len} tokens) is longer than the "
-                        f"L0 tail ({config.tail_tokens}); raise --world.tail_tokens-tokens")
+        raise TaskError(
+            f"task {task.get('id')!r}: the question ({q_len} tokens) is longer than the "
+            f"L0 tail ({config.tail_tokens}); raise --world.tail_tokens-tokens"
+        )
     b = config.block_size
-    tree = MegaContextTree(TreeConfig(block_size=b, max_level=config.max_level, d_model=oracle.d_model),
-                           gister=gister, reserve_tokens=n)
-    tree.ingest(ids, oracle.token_embeddings(ids))  # append-only: the same gists as streaming K at a time
+    tree = MegaContextTree(
+        TreeConfig(block_size=b, max_level=config.max_level, d_model=oracle.d_model),
+        gister=gister,
+        reserve_tokens=n,
+    )
+    tree.ingest(
+        ids, oracle.token_embeddings(ids)
+    )  # append-only: the same gists as streaming K at a time
     wc = WorkingContext(tree, ContextConfig(w_max=config.w_max, tail_tokens=config.tail_tokens))
     restore = FocusAllocator(config.allocator)
     snapshots: list[WorkingContext] = []
@@ -159,7 +188,9 @@ def prepare_task(task: dict, oracle: LMOracle, tokenizer, config: TaskWorldConfi
     text = task["context"] + task["question"]
     n_l1, query = n // b, query_tokens(n, q_len, config.tail_tokens)
     blocks = [text[offsets[j * b, 0] : offsets[(j + 1) * b - 1, 1]] for j in range(n_l1)]
-    pt = PreparedTask(task, ids, answer, needle, q_len, wc, snapshots, blocks, text[offsets[query.start, 0] :])
+    pt = PreparedTask(
+        task, ids, answer, needle, q_len, wc, snapshots, blocks, text[offsets[query.start, 0] :]
+    )
     if features:
         layer = round(config.retrieval_depth * oracle.model.config.num_hidden_layers)
         hidden, pt.block_surprisal, q_hidden = block_features(oracle, ids, b, ids[query], layer)
@@ -167,8 +198,9 @@ def prepare_task(task: dict, oracle: LMOracle, tokenizer, config: TaskWorldConfi
     return pt
 
 
-def zoom(policy: FocusPolicy, pt: PreparedTask, config: TaskWorldConfig, oracle: LMOracle
-         ) -> tuple[WorkingContext, dict]:
+def zoom(
+    policy: FocusPolicy, pt: PreparedTask, config: TaskWorldConfig, oracle: LMOracle
+) -> tuple[WorkingContext, dict]:
     """Up to ``config.rounds`` refocus rounds from the question-time cover, each on ``policy``'s
     fresh scores of the current context; stops early when a round changes nothing. Returns the
     final context and counts (rounds, actions, seconds)."""
@@ -189,5 +221,10 @@ def zoom(policy: FocusPolicy, pt: PreparedTask, config: TaskWorldConfig, oracle:
         if not chosen:
             break
     wc.check_invariants()
-    return wc, {"rounds": rounds, "expands": n_expand, "collapses": n_collapse,
-                "policy_s": time.perf_counter() - t0, "slots": len(wc)}
+    return wc, {
+        "rounds": rounds,
+        "expands": n_expand,
+        "collapses": n_collapse,
+        "policy_s": time.perf_counter() - t0,
+        "slots": len(wc),
+    }

@@ -1,4 +1,5 @@
-"""One focus episode: a document streamed through tree, working context and allocator, K tokens a step.
+"""One focus episode: a document streamed through tree, working context and allocator, K tokens a
+step.
 
 ``WorldConfig`` gathers every size of the loop (tree, context budget, allocator, K, H, tail gists,
 the synthetic world). ``Episode`` owns one document's tree/context/allocator and exposes the step
@@ -39,7 +40,9 @@ class WorldConfig:
     env: Literal["synthetic", "lm"] = "synthetic"
     """Oracle: the exact synthetic world, or the real LM."""
     gister: Literal["auto", "gistnet", "mean"] = "auto"
-    """LM world's gists: 'auto' = the committed GistNet checkpoint when it fits the LM and b (SmolLM2, b=32), else mean pooling; 'gistnet' insists; 'mean' = the baseline. The synthetic world always uses means."""
+    """LM world's gists: 'auto' = the committed GistNet checkpoint when it fits the LM and b
+    (SmolLM2, b=32), else mean pooling; 'gistnet' insists; 'mean' = the baseline. The synthetic
+    world always uses means."""
     step_tokens: int = 32
     """K: tokens ingested per refocus step."""
     horizon: int = 64
@@ -48,8 +51,12 @@ class WorldConfig:
     """Tail gists given to LensNet."""
     warmup_tokens: int = 256
     """No refocus (or label) until this many tokens are in."""
-    tree: TreeConfig = field(default_factory=lambda: TreeConfig(block_size=32, max_level=2, d_model=128))
-    context: ContextConfig = field(default_factory=lambda: ContextConfig(w_max=256, tail_tokens=128))
+    tree: TreeConfig = field(
+        default_factory=lambda: TreeConfig(block_size=32, max_level=2, d_model=128)
+    )
+    context: ContextConfig = field(
+        default_factory=lambda: ContextConfig(w_max=256, tail_tokens=128)
+    )
     allocator: AllocatorConfig = field(default_factory=AllocatorConfig)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
@@ -62,14 +69,19 @@ class WorldConfig:
             s = self.synthetic
             if (s.block_size, s.d_model) != (self.tree.block_size, self.tree.d_model):
                 raise ConfigError(
-                    f"synthetic block_size/d_model ({s.block_size}, {s.d_model}) must equal the tree's "
+                    f"synthetic block_size/d_model ({s.block_size}, {s.d_model}) must equal the "
+                    "tree's "
                     f"({self.tree.block_size}, {self.tree.d_model})"
                 )
             if len(s.info) < self.tree.max_level + 1:
-                raise ConfigError(f"synthetic.info needs {self.tree.max_level + 1} levels, has {len(s.info)}")
+                raise ConfigError(
+                    f"synthetic.info needs {self.tree.max_level + 1} levels, has {len(s.info)}"
+                )
         doc_tokens = self.synthetic.n_blocks * self.tree.block_size  # document length, either world
-        need = max(min_slots(t, self.tree.block_size, self.tree.max_level, self.context.tail_tokens)
-                   for t in range(self.step_tokens, doc_tokens + 1, self.step_tokens))
+        need = max(
+            min_slots(t, self.tree.block_size, self.tree.max_level, self.context.tail_tokens)
+            for t in range(self.step_tokens, doc_tokens + 1, self.step_tokens)
+        )
         if need > self.context.w_max:
             raise ConfigError(
                 f"w_max={self.context.w_max} cannot hold a {doc_tokens}-token document even fully "
@@ -80,8 +92,15 @@ class WorldConfig:
 class Episode:
     """One document through the focus loop."""
 
-    def __init__(self, config: WorldConfig, token_ids: np.ndarray, embeddings: np.ndarray,
-                 oracle: NLLOracle, gister: Gister = mean_gister, doc_id: int = 0) -> None:
+    def __init__(
+        self,
+        config: WorldConfig,
+        token_ids: np.ndarray,
+        embeddings: np.ndarray,
+        oracle: NLLOracle,
+        gister: Gister = mean_gister,
+        doc_id: int = 0,
+    ) -> None:
         self.config = config
         self.token_ids, self.embeddings = token_ids, embeddings
         self.oracle = oracle
@@ -104,7 +123,11 @@ class Episode:
         The budget is not restored here: the step's ``refocus`` does it with the policy's scores
         (or ``restore`` does it alone)."""
         t = self.wc.n_tokens
-        k = max(self.config.warmup_tokens - t, self.config.step_tokens) if t < self.config.warmup_tokens else self.config.step_tokens
+        k = (
+            max(self.config.warmup_tokens - t, self.config.step_tokens)
+            if t < self.config.warmup_tokens
+            else self.config.step_tokens
+        )
         k = min(k, self.n_doc_tokens - t)
         if k <= 0:
             raise ValueError("the document is exhausted")
@@ -138,15 +161,26 @@ class Episode:
         return float(self.oracle.nll([self.arrays()], ids, start)[0])
 
 
-def synthetic_episode(config: WorldConfig, doc_id: int, seed: int) -> tuple[Episode, SyntheticDocument]:
-    """An episode over synthetic document ``doc_id`` of run ``seed`` (documents are reproducible)."""
+def synthetic_episode(
+    config: WorldConfig, doc_id: int, seed: int
+) -> tuple[Episode, SyntheticDocument]:
+    """An episode over synthetic document ``doc_id`` of run ``seed`` (documents are reproducible).
+    """
     doc = generate_document(config.synthetic, np.random.default_rng([seed, doc_id]))
     return Episode(config, doc.token_ids, doc.embeddings, SyntheticOracle(doc), doc_id=doc_id), doc
 
 
-def lm_episode(config: WorldConfig, doc_id: int, seed: int, oracle, tokenizer=None, gister: Gister = mean_gister) -> Episode:
+def lm_episode(
+    config: WorldConfig,
+    doc_id: int,
+    seed: int,
+    oracle,
+    tokenizer=None,
+    gister: Gister = mean_gister,
+) -> Episode:
     """An episode over a real-text document for the LM oracle: a window of the pydoc topics at an
-    offset drawn from (seed, doc_id) (random ids when the LM has no tokenizer, e.g. the tiny test LM).
+    offset drawn from (seed, doc_id) (random ids when the LM has no tokenizer, e.g. the tiny test
+    LM).
     Documents with ``doc_id >= HELD_OUT_FIRST_DOC`` come from the held-out topics, others from the
     training topics, so held-out evaluation never sees training text."""
     from megacontext.lm import pydoc_token_ids
@@ -156,7 +190,9 @@ def lm_episode(config: WorldConfig, doc_id: int, seed: int, oracle, tokenizer=No
     if tokenizer is not None:
         text = pydoc_token_ids(tokenizer, "heldout" if doc_id >= HELD_OUT_FIRST_DOC else "train")
         if len(text) <= n:
-            raise ConfigError(f"documents of {n} tokens do not fit the pydoc split ({len(text)} tokens)")
+            raise ConfigError(
+                f"documents of {n} tokens do not fit the pydoc split ({len(text)} tokens)"
+            )
         start = int(rng.integers(0, len(text) - n))
         ids = text[start : start + n]
     else:
@@ -217,4 +253,6 @@ def nll_gap_recovered(results: dict[str, dict]) -> dict[str, float | None]:
     """NGR = (NLL_recency - NLL_policy) / (NLL_recency - NLL_oracle) for every policy."""
     rec, orc = results["recency"]["nll"], results["oracle"]["nll"]
     gap = rec - orc
-    return {name: ((rec - r["nll"]) / gap if abs(gap) > 1e-12 else None) for name, r in results.items()}
+    return {
+        name: ((rec - r["nll"]) / gap if abs(gap) > 1e-12 else None) for name, r in results.items()
+    }

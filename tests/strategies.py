@@ -9,7 +9,9 @@ from megacontext.tree import MegaContextTree, TreeConfig
 from megacontext.working_context import ContextConfig, WorkingContext, min_slots
 
 
-def build_tree(block_size: int, max_level: int, n_tokens: int, d_model: int = 4, seed: int = 0) -> MegaContextTree:
+def build_tree(
+    block_size: int, max_level: int, n_tokens: int, d_model: int = 4, seed: int = 0
+) -> MegaContextTree:
     """A tree holding ``n_tokens`` random tokens (embeddings ~ N(0, 1))."""
     rng = np.random.default_rng(seed)
     tree = MegaContextTree(TreeConfig(block_size=block_size, max_level=max_level, d_model=d_model))
@@ -20,7 +22,11 @@ def build_tree(block_size: int, max_level: int, n_tokens: int, d_model: int = 4,
 @st.composite
 def tree_shapes(draw, *, max_block: int = 4, allow_b32: bool = True) -> tuple[int, int]:
     """(block_size, max_level): small b (2..max_block) mostly, b = 32 sometimes."""
-    b = draw(st.sampled_from([*range(2, max_block + 1), 32] if allow_b32 else list(range(2, max_block + 1))))
+    b = draw(
+        st.sampled_from(
+            [*range(2, max_block + 1), 32] if allow_b32 else list(range(2, max_block + 1))
+        )
+    )
     max_level = draw(st.integers(1, 2 if b == 32 else 3))
     return b, max_level
 
@@ -33,7 +39,9 @@ def working_contexts(draw, *, max_tokens: int = 200, n_moves: int = 30) -> Worki
     n_tokens = draw(st.integers(1, cap))
     tail = draw(st.integers(0, min(n_tokens, 3 * b)))
     tree = build_tree(b, max_level, n_tokens, seed=draw(st.integers(0, 2**16)))
-    roomy = WorkingContext(tree, ContextConfig(w_max=n_tokens + tail + b * max_level + 1, tail_tokens=tail))
+    roomy = WorkingContext(
+        tree, ContextConfig(w_max=n_tokens + tail + b * max_level + 1, tail_tokens=tail)
+    )
     roomy.append_tokens(n_tokens)
     for _ in range(draw(st.integers(0, n_moves))):
         starts = roomy.group_starts()
@@ -47,7 +55,10 @@ def working_contexts(draw, *, max_tokens: int = 200, n_moves: int = 30) -> Worki
     floor = tail + (b - 1) * max_level + 1
     slack = draw(st.integers(0, 2 * b))
     mode = draw(st.sampled_from(["slot", "centre"]))
-    wc = WorkingContext(tree, ContextConfig(w_max=max(len(roomy), floor) + slack, tail_tokens=tail, position_mode=mode))
+    wc = WorkingContext(
+        tree,
+        ContextConfig(w_max=max(len(roomy), floor) + slack, tail_tokens=tail, position_mode=mode),
+    )
     wc.levels, wc.indices, wc.n_tokens = roomy.levels.copy(), roomy.indices.copy(), roomy.n_tokens
     assert min_slots(n_tokens, b, max_level, tail) <= len(wc)
     return wc
@@ -74,8 +85,16 @@ def seeded_score_vectors(draw, n: int, *, scale: float = 3.0) -> np.ndarray:
     return u
 
 
-def random_snapshot(rng: np.random.Generator, *, n: int, d_model: int, n_tail_gists: int = 3, max_level: int = 2,
-                    block_size: int = 4, learnable: bool = True) -> dict[str, np.ndarray]:
+def random_snapshot(
+    rng: np.random.Generator,
+    *,
+    n: int,
+    d_model: int,
+    n_tail_gists: int = 3,
+    max_level: int = 2,
+    block_size: int = 4,
+    learnable: bool = True,
+) -> dict[str, np.ndarray]:
     """A trace snapshot with random features; with ``learnable`` the target is a function of the
     embedding (so a model can fit it), else noise."""
     levels = rng.integers(0, max_level + 1, n)
@@ -86,29 +105,61 @@ def random_snapshot(rng: np.random.Generator, *, n: int, d_model: int, n_tail_gi
     target = 2.0 * emb[:, 0] if learnable else rng.normal(size=n)
     target = np.where(action, target, 0.0)
     return {
-        "embeddings": emb, "levels": levels, "node_index": np.arange(n), "span_start": np.arange(n) * 4,
-        "span_width": block_size**levels, "distance_to_cursor": np.arange(n)[::-1] * 4,
-        "position_ids": np.arange(n), "can_expand": can_expand, "can_collapse": can_collapse,
-        "group_id": np.where(can_collapse, 0, -1), "expand_cost": np.where(can_expand, block_size - 1, 0.0),
+        "embeddings": emb,
+        "levels": levels,
+        "node_index": np.arange(n),
+        "span_start": np.arange(n) * 4,
+        "span_width": block_size**levels,
+        "distance_to_cursor": np.arange(n)[::-1] * 4,
+        "position_ids": np.arange(n),
+        "can_expand": can_expand,
+        "can_collapse": can_collapse,
+        "group_id": np.where(can_collapse, 0, -1),
+        "expand_cost": np.where(can_expand, block_size - 1, 0.0),
         "collapse_refund": np.where(can_collapse, (block_size - 1) / block_size, 0.0),
-        "expand_gain": np.clip(target, 0, None), "collapse_cost": np.clip(-target, 0, None),
-        "target_utilities": target, "action_mask": action,
-        "tail_gists": rng.normal(size=(n_tail_gists, d_model)), "tail_levels": np.array([2, 1, -1][:n_tail_gists]),
-        "tail_mask": np.array([True, True, False][:n_tail_gists]), "n_tokens": np.int64(4 * n),
-        "baseline_nll": np.float32(3.0), "doc_id": np.int64(0),
+        "expand_gain": np.clip(target, 0, None),
+        "collapse_cost": np.clip(-target, 0, None),
+        "target_utilities": target,
+        "action_mask": action,
+        "tail_gists": rng.normal(size=(n_tail_gists, d_model)),
+        "tail_levels": np.array([2, 1, -1][:n_tail_gists]),
+        "tail_mask": np.array([True, True, False][:n_tail_gists]),
+        "n_tokens": np.int64(4 * n),
+        "baseline_nll": np.float32(3.0),
+        "doc_id": np.int64(0),
     }
 
 
-def write_random_traces(path, *, n_snapshots: int, d_model: int = 8, shard_size: int = 4, seed: int = 0,
-                        min_n: int = 3, max_n: int = 12, learnable: bool = True):
+def write_random_traces(
+    path,
+    *,
+    n_snapshots: int,
+    d_model: int = 8,
+    shard_size: int = 4,
+    seed: int = 0,
+    min_n: int = 3,
+    max_n: int = 12,
+    learnable: bool = True,
+):
     """A trace directory of random snapshots; returns the list written."""
     from megacontext.traces import TraceWriter
 
     rng = np.random.default_rng(seed)
-    meta = {"d_model": d_model, "n_tail": 3, "block_size": 4, "max_level": 2, "seed": seed, "oracle": "random"}
+    meta = {
+        "d_model": d_model,
+        "n_tail": 3,
+        "block_size": 4,
+        "max_level": 2,
+        "seed": seed,
+        "oracle": "random",
+    }
     w = TraceWriter(path, meta, shard_size=shard_size)
-    snaps = [random_snapshot(rng, n=int(rng.integers(min_n, max_n + 1)), d_model=d_model, learnable=learnable)
-             for _ in range(n_snapshots)]
+    snaps = [
+        random_snapshot(
+            rng, n=int(rng.integers(min_n, max_n + 1)), d_model=d_model, learnable=learnable
+        )
+        for _ in range(n_snapshots)
+    ]
     for s in snaps:
         w.add(s)
     w.close()

@@ -51,11 +51,34 @@ from sim.tasks.jsonl import TaskFileError, read_tasks, scan_tasks, write_jsonl
 from sim.tasks.kinds import CONSONANTS, KEY_WORDS, TASK_KINDS, NeedleKind, TaskKind, Template
 
 __all__ = [
-    "ALL_KINDS", "CHARS_PER_TOKEN", "CONSONANTS", "KEY_WORDS", "KINDS", "MAX_GAP", "SHARED_RUN",
-    "SPLITS", "TASK_KINDS", "TEMPLATES", "NeedleKind", "TaskConfig", "TaskFileError", "TaskKind",
-    "Template", "approx_tokens", "code_documents", "filler_sources", "generate_tasks", "main",
-    "make_code_task", "make_task", "module_split", "read_tasks", "scan_tasks", "shares_seen_text",
-    "token_counter", "write_jsonl",
+    "ALL_KINDS",
+    "CHARS_PER_TOKEN",
+    "CONSONANTS",
+    "KEY_WORDS",
+    "KINDS",
+    "MAX_GAP",
+    "SHARED_RUN",
+    "SPLITS",
+    "TASK_KINDS",
+    "TEMPLATES",
+    "NeedleKind",
+    "TaskConfig",
+    "TaskFileError",
+    "TaskKind",
+    "Template",
+    "approx_tokens",
+    "code_documents",
+    "filler_sources",
+    "generate_tasks",
+    "main",
+    "make_code_task",
+    "make_task",
+    "module_split",
+    "read_tasks",
+    "scan_tasks",
+    "shares_seen_text",
+    "token_counter",
+    "write_jsonl",
 ]
 
 KINDS = tuple(name for name, kind in TASK_KINDS.items() if isinstance(kind, NeedleKind))
@@ -111,22 +134,32 @@ class TaskConfig:
         if self.kind not in TASK_KINDS:
             raise ConfigError(f"kind must be one of {tuple(TASK_KINDS)}, got {self.kind!r}")
         if self.answer_tokens < 1 or self.near_chars < 0:
-            raise ConfigError(f"need answer_tokens >= 1 and near_chars >= 0, got "
-                              f"{self.answer_tokens}, {self.near_chars}")
+            raise ConfigError(
+                f"need answer_tokens >= 1 and near_chars >= 0, got "
+                f"{self.answer_tokens}, {self.near_chars}"
+            )
         _check_split(self.split)
         if self.n_tasks < 1 or self.seed < 0 or not self.length or min(self.length) < 64:
-            raise ConfigError(f"need n_tasks >= 1, seed >= 0, lengths >= 64 tokens; got "
-                              f"{self.n_tasks}, {self.seed}, {self.length}")
+            raise ConfigError(
+                f"need n_tasks >= 1, seed >= 0, lengths >= 64 tokens; got "
+                f"{self.n_tasks}, {self.seed}, {self.length}"
+            )
         if any(not 0.0 <= d <= 1.0 for d in self.depths):
             raise ConfigError(f"depths must lie in [0, 1], got {self.depths}")
-        if (self.n_keys < 1 or self.n_keys > len(KEY_WORDS) or self.n_chains < 1
-                or self.chain_length < 2):
+        if (
+            self.n_keys < 1
+            or self.n_keys > len(KEY_WORDS)
+            or self.n_chains < 1
+            or self.chain_length < 2
+        ):
             raise ConfigError(
-                f"need 1 <= n_keys <= {len(KEY_WORDS)}, n_chains >= 1, chain_length >= 2")
+                f"need 1 <= n_keys <= {len(KEY_WORDS)}, n_chains >= 1, chain_length >= 2"
+            )
 
 
-def make_task(config: TaskConfig, i: int, count_tokens: Callable[[str], int],
-              counter: str = "chars") -> dict[str, Any]:
+def make_task(
+    config: TaskConfig, i: int, count_tokens: Callable[[str], int], counter: str = "chars"
+) -> dict[str, Any]:
     """Task ``i`` of ``config``; it depends only on the config and i (``counter`` names
     ``count_tokens`` in the task's meta). The seed's kind is its position in ``TASK_KINDS``."""
     c = config
@@ -139,8 +172,11 @@ def make_task(config: TaskConfig, i: int, count_tokens: Callable[[str], int],
 def generate_tasks(config: TaskConfig, count_tokens: Any = None) -> list[dict[str, Any]]:
     """``config.n_tasks`` tasks; ``count_tokens`` (a tokenizer or callable) overrides
     ``config.tokenizer``."""
-    name = config.tokenizer if count_tokens is None else getattr(count_tokens, "name_or_path",
-                                                                 "custom")
+    name = (
+        config.tokenizer
+        if count_tokens is None
+        else getattr(count_tokens, "name_or_path", "custom")
+    )
     if count_tokens is None and name != "chars":
         from transformers import AutoTokenizer
 
@@ -158,8 +194,9 @@ def _command_line_config() -> type[TaskConfig]:
     kinds = Literal[tuple(TASK_KINDS)]  # type: ignore[valid-type]
     kind = ("kind", kinds, dataclasses.field(default=TaskConfig.kind))
     namespace = {"__doc__": TaskConfig.__doc__, "__module__": TaskConfig.__module__}
-    return dataclasses.make_dataclass("TaskConfig", [kind], bases=(TaskConfig,),
-                                      namespace=namespace)
+    return dataclasses.make_dataclass(
+        "TaskConfig", [kind], bases=(TaskConfig,), namespace=namespace
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -35,14 +35,24 @@ def _code_modules(split: str, min_chars: int) -> tuple[str, ...]:
 def _definition(name: str, text: str) -> re.Match | None:
     """The first line of ``text`` that binds ``name``: def/class, assignment, import, for target."""
     n = re.escape(name)
-    return re.search(rf"^[ \t]*(?:(?:async[ \t]+)?def[ \t]+{n}\b|class[ \t]+{n}\b"
-                     rf"|{n}[ \t]*(?::[^=\n]*)?=[^=]"
-                     rf"|(?:from[ \t]+\S+[ \t]+)?import[ \t][^\n]*\b{n}\b"
-                     rf"|for[ \t]+{n}[ \t]+in\b).*$", text, re.M)
+    return re.search(
+        rf"^[ \t]*(?:(?:async[ \t]+)?def[ \t]+{n}\b|class[ \t]+{n}\b"
+        rf"|{n}[ \t]*(?::[^=\n]*)?=[^=]"
+        rf"|(?:from[ \t]+\S+[ \t]+)?import[ \t][^\n]*\b{n}\b"
+        rf"|for[ \t]+{n}[ \t]+in\b).*$",
+        text,
+        re.M,
+    )
 
 
-def make_code_task(c: TaskConfig, i: int, n: int, rng: np.random.Generator,
-                   count_tokens: Callable[[str], int], counter: str) -> dict[str, Any]:
+def make_code_task(
+    c: TaskConfig,
+    i: int,
+    n: int,
+    rng: np.random.Generator,
+    count_tokens: Callable[[str], int],
+    counter: str,
+) -> dict[str, Any]:
     """A code-continuation task: ``context`` = the lines of a module of the split before a cut (at
     most ``n`` tokens with the answer), ``question`` = '' and ``answer`` = the next lines (about
     ``answer_tokens`` tokens). The cut is drawn until the answer uses a name (4+ characters, not a
@@ -67,8 +77,12 @@ def make_code_task(c: TaskConfig, i: int, n: int, rng: np.random.Generator,
                 if n_answer >= c.answer_tokens:
                     break
             if n_answer > 2 * c.answer_tokens:
-                answer = _longest_prefix(answer, [x.start() for x in re.finditer(r"\s+", answer)],
-                                         c.answer_tokens, count_tokens)
+                answer = _longest_prefix(
+                    answer,
+                    [x.start() for x in re.finditer(r"\s+", answer)],
+                    c.answer_tokens,
+                    count_tokens,
+                )
                 n_answer = count_tokens(answer)
             if not c.answer_tokens // 2 <= n_answer < n // 4:
                 continue
@@ -89,21 +103,37 @@ def make_code_task(c: TaskConfig, i: int, n: int, rng: np.random.Generator,
             split_at = max(0, len(context) - c.near_chars)
             far, near = context[:split_at], context[split_at:]
             for word in dict.fromkeys(_USE.findall(_STRING_OR_COMMENT.sub(" ", answer))):
-                if (word in _COMMON or re.search(rf"\b{re.escape(word)}\b", near)
-                        or _definition(word, answer)):
+                if (
+                    word in _COMMON
+                    or re.search(rf"\b{re.escape(word)}\b", near)
+                    or _definition(word, answer)
+                ):
                     continue  # common, seen near the cut, or bound by the answer itself
                 found = _definition(word, far)
                 if found is None:
                     continue
                 span = [found.start(), found.end()]
-                return {"id": f"{c.kind}-{c.split}-s{c.seed}-{i:05d}", "context": context,
-                        "question": "", "answer": answer, "needle_spans": [span],
-                        "meta": {"kind": c.kind, "split": c.split, "length": n,
-                                 "depth": round(span[0] / len(context), 2), "module": name,
-                                 "name": word, "cut_char": cut, "tokenizer": counter,
-                                 "seed": c.seed}}
+                return {
+                    "id": f"{c.kind}-{c.split}-s{c.seed}-{i:05d}",
+                    "context": context,
+                    "question": "",
+                    "answer": answer,
+                    "needle_spans": [span],
+                    "meta": {
+                        "kind": c.kind,
+                        "split": c.split,
+                        "length": n,
+                        "depth": round(span[0] / len(context), 2),
+                        "module": name,
+                        "name": word,
+                        "cut_char": cut,
+                        "tokenizer": counter,
+                        "seed": c.seed,
+                    },
+                }
     raise ConfigError(
-        f"no cut with a far-defined name in the {c.split} modules for task {i} (length {n})")
+        f"no cut with a far-defined name in the {c.split} modules for task {i} (length {n})"
+    )
 
 
 class CodeContinuation:
@@ -112,7 +142,14 @@ class CodeContinuation:
 
     name = "code"
 
-    def make_task(self, c: TaskConfig, i: int, n: int, rng: np.random.Generator,
-                  count_tokens: Callable[[str], int], counter: str) -> dict[str, Any]:
+    def make_task(
+        self,
+        c: TaskConfig,
+        i: int,
+        n: int,
+        rng: np.random.Generator,
+        count_tokens: Callable[[str], int],
+        counter: str,
+    ) -> dict[str, Any]:
         """Task ``i`` of ``c``, ``n`` tokens long, drawn from ``rng``."""
         return make_code_task(c, i, n, rng, count_tokens, counter)

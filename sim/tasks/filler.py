@@ -143,7 +143,8 @@ def token_counter(tokenizer: Any = None) -> Callable[[str], int]:
     if callable(tokenizer):
         return tokenizer
     raise TypeError(
-        f"count_tokens must be a tokenizer or a callable, got {type(tokenizer).__name__}")
+        f"count_tokens must be a tokenizer or a callable, got {type(tokenizer).__name__}"
+    )
 
 
 # ----------------------------------------------------------------------------- filler and needles
@@ -181,7 +182,8 @@ def _filler(sources: list[str], budget: int, count: Callable[[str], int], slack:
             if budget - used <= slack:
                 return "\n\n".join(paras)
     raise ConfigError(
-        f"the filler text ({len(sources)} documents) holds fewer than {budget} tokens")
+        f"the filler text ({len(sources)} documents) holds fewer than {budget} tokens"
+    )
 
 
 def _place(filler: str, needles: list[tuple[str, float]]) -> tuple[str, list[list[int]]]:

@@ -45,8 +45,10 @@ def _problem(task: Any, seen: dict[str, int], max_chars: int | None) -> str | No
         return "empty answer"
     n = len(task["context"])
     if max_chars is not None and n + len(task["question"]) > max_chars:
-        return (f"context + question hold {n + len(task['question'])} characters"
-                f" > max_chars={max_chars}")
+        return (
+            f"context + question hold {n + len(task['question'])} characters"
+            f" > max_chars={max_chars}"
+        )
     spans = task.get("needle_spans", [])
     if not isinstance(spans, list):
         return "field 'needle_spans' is not a list"
@@ -58,9 +60,9 @@ def _problem(task: Any, seen: dict[str, int], max_chars: int | None) -> str | No
     return None
 
 
-def scan_tasks(path: str | os.PathLike, max_chars: int | None = None,
-               lines: dict[str, int] | None = None
-               ) -> tuple[list[dict[str, Any]], list[TaskFileError]]:
+def scan_tasks(
+    path: str | os.PathLike, max_chars: int | None = None, lines: dict[str, int] | None = None
+) -> tuple[list[dict[str, Any]], list[TaskFileError]]:
     """(valid tasks, one ``TaskFileError`` per bad line), so an evaluator can skip bad lines.
     Blank lines are skipped; a missing ``needle_spans`` reads as []; ``max_chars`` caps context +
     question. ``lines``, when given, receives id -> line number of every valid task (for later

@@ -23,10 +23,12 @@ Template = tuple[str, str, str]
 Needles = list[tuple[str, float]]
 """(needle text, depth) pairs."""
 CONSONANTS = "BCDFGHJKLMNPQRSTVWXZ"
-KEY_WORDS = tuple("""apple badger candle dolphin emerald falcon garnet harbor iris jasmine kettle
+KEY_WORDS = tuple(
+    """apple badger candle dolphin emerald falcon garnet harbor iris jasmine kettle
 lantern maple nectar otter pepper quartz raven saddle tulip urchin violet walrus yarrow zephyr
 anchor bramble cobalt dune feather glacier hazel ivory juniper kiwi lotus meadow nutmeg orchid
-pebble quill ribbon sparrow thistle velvet willow""".split())
+pebble quill ribbon sparrow thistle velvet willow""".split()
+)
 """Multi-key keys (the same for both splits: keys are neither filler nor phrasing)."""
 
 
@@ -35,8 +37,15 @@ class TaskKind(Protocol):
 
     name: str
 
-    def make_task(self, c: TaskConfig, i: int, n: int, rng: np.random.Generator,
-                  count_tokens: Callable[[str], int], counter: str) -> dict[str, Any]:
+    def make_task(
+        self,
+        c: TaskConfig,
+        i: int,
+        n: int,
+        rng: np.random.Generator,
+        count_tokens: Callable[[str], int],
+        counter: str,
+    ) -> dict[str, Any]:
         """Task ``i`` of ``c``, at most ``n`` tokens under ``count_tokens`` (``counter`` names it
         in the task's meta), every draw from ``rng``."""
         ...
@@ -50,14 +59,22 @@ class NeedleKind:
     templates: dict[str, tuple[Template, ...]]
     """split -> the phrasings (a task draws one); no phrase is shared by the two splits."""
 
-    def needles(self, c: TaskConfig, rng: np.random.Generator, template: Template, depth: float
-                ) -> tuple[Needles, list[int], str, str]:
+    def needles(
+        self, c: TaskConfig, rng: np.random.Generator, template: Template, depth: float
+    ) -> tuple[Needles, list[int], str, str]:
         """(needles with depths, indices of the asked ones, question, answer) of one task phrased
         by ``template``, the asked needle at ``depth``."""
         raise NotImplementedError
 
-    def make_task(self, c: TaskConfig, i: int, n: int, rng: np.random.Generator,
-                  count_tokens: Callable[[str], int], counter: str) -> dict[str, Any]:
+    def make_task(
+        self,
+        c: TaskConfig,
+        i: int,
+        n: int,
+        rng: np.random.Generator,
+        count_tokens: Callable[[str], int],
+        counter: str,
+    ) -> dict[str, Any]:
         """Task ``i`` of ``c``: the asked needle at depth ``depths[(i // len(length)) %
         len(depths)]`` (uniform when there are none), filler up to ``n`` tokens for the whole
         stream (context, question and answer), refilled until the stream lands within 1%."""
@@ -76,7 +93,8 @@ class NeedleKind:
         for _ in range(6):  # the sum of parts misses a few tokens at joins: correct and refill
             if budget < 1:
                 raise ConfigError(
-                    f"length {n} leaves no room for filler around the needles and question")
+                    f"length {n} leaves no room for filler around the needles and question"
+                )
             context, spans = _place(_filler(sources, budget, count_tokens, tol // 4), needles)
             total = count_tokens(context + question) + count_tokens(answer)
             if total <= n and (best is None or total > best[0]):
@@ -86,12 +104,25 @@ class NeedleKind:
             budget += n - tol // 2 - total
         if best is None or best[0] < n - 3 * tol:
             raise ConfigError(
-                f"could not fit task {i} into [{n - 3 * tol}, {n}] tokens (last try {total})")
+                f"could not fit task {i} into [{n - 3 * tol}, {n}] tokens (last try {total})"
+            )
         _, context, spans = best
-        return {"id": f"{c.kind}-{c.split}-s{c.seed}-{i:05d}", "context": context,
-                "question": question, "answer": answer, "needle_spans": [spans[j] for j in asked],
-                "meta": {"kind": c.kind, "split": c.split, "length": n, "depth": depth,
-                         "template": t, "tokenizer": counter, "seed": c.seed}}
+        return {
+            "id": f"{c.kind}-{c.split}-s{c.seed}-{i:05d}",
+            "context": context,
+            "question": question,
+            "answer": answer,
+            "needle_spans": [spans[j] for j in asked],
+            "meta": {
+                "kind": c.kind,
+                "split": c.split,
+                "length": n,
+                "depth": depth,
+                "template": t,
+                "tokenizer": counter,
+                "seed": c.seed,
+            },
+        }
 
 
 class PassKey(NeedleKind):
@@ -100,21 +131,36 @@ class PassKey(NeedleKind):
     name = "passkey"
     templates = {
         "train": (
-            ("The pass key is {v}. Remember it. {v} is the pass key.", "",
-             "What is the pass key? The pass key is"),
-            ("Keep this number in mind: the secret number is {v}. Once more, the secret number is "
-             "{v}.", "", "Recall the secret number from the text. The secret number is"),
+            (
+                "The pass key is {v}. Remember it. {v} is the pass key.",
+                "",
+                "What is the pass key? The pass key is",
+            ),
+            (
+                "Keep this number in mind: the secret number is {v}. Once more, the secret number "
+                "is "
+                "{v}.",
+                "",
+                "Recall the secret number from the text. The secret number is",
+            ),
         ),
         "heldout": (
-            ("The secret access code is {v}. Do not forget it: {v} is the secret access code.", "",
-             "What is the secret access code? The secret access code is"),
-            ("Note well that the hidden PIN equals {v}. Again, the hidden PIN equals {v}.", "",
-             "Which value does the hidden PIN equal? The hidden PIN equals"),
+            (
+                "The secret access code is {v}. Do not forget it: {v} is the secret access code.",
+                "",
+                "What is the secret access code? The secret access code is",
+            ),
+            (
+                "Note well that the hidden PIN equals {v}. Again, the hidden PIN equals {v}.",
+                "",
+                "Which value does the hidden PIN equal? The hidden PIN equals",
+            ),
         ),
     }
 
-    def needles(self, c: TaskConfig, rng: np.random.Generator, template: Template, depth: float
-                ) -> tuple[Needles, list[int], str, str]:
+    def needles(
+        self, c: TaskConfig, rng: np.random.Generator, template: Template, depth: float
+    ) -> tuple[Needles, list[int], str, str]:
         first, _, question = template
         v = str(rng.integers(10_000, 100_000))
         return [(first.format(v=v), depth)], [0], question, f" {v}"
@@ -130,27 +176,41 @@ class MultiKey(NeedleKind):
     name = "multikey"
     templates = {
         "train": (
-            ("One of the special magic numbers for {k} is: {v}.", "",
-             f"What is {_MAGIC}? {_MAGIC.capitalize()} is"),
-            ("The registered number of the {k} is {v}.", "",
-             "What is the registered number of the {k}? The registered number of the {k} is"),
+            (
+                "One of the special magic numbers for {k} is: {v}.",
+                "",
+                f"What is {_MAGIC}? {_MAGIC.capitalize()} is",
+            ),
+            (
+                "The registered number of the {k} is {v}.",
+                "",
+                "What is the registered number of the {k}? The registered number of the {k} is",
+            ),
         ),
         "heldout": (
-            ("Among the catalogue entries, the reference code for {k} reads {v}.", "",
-             "Which reference code was listed for {k} above? The reference code for {k} reads"),
-            ("Record: {k} has serial {v}.", "",
-             "What serial does {k} have? Per the record, {k} has serial"),
+            (
+                "Among the catalogue entries, the reference code for {k} reads {v}.",
+                "",
+                "Which reference code was listed for {k} above? The reference code for {k} reads",
+            ),
+            (
+                "Record: {k} has serial {v}.",
+                "",
+                "What serial does {k} have? Per the record, {k} has serial",
+            ),
         ),
     }
 
-    def needles(self, c: TaskConfig, rng: np.random.Generator, template: Template, depth: float
-                ) -> tuple[Needles, list[int], str, str]:
+    def needles(
+        self, c: TaskConfig, rng: np.random.Generator, template: Template, depth: float
+    ) -> tuple[Needles, list[int], str, str]:
         first, _, question = template
         keys = [KEY_WORDS[i] for i in rng.choice(len(KEY_WORDS), c.n_keys, replace=False)]
         values = (rng.choice(9_000_000, c.n_keys, replace=False) + 1_000_000).astype(str)
         depths = [depth, *rng.uniform(0.0, 1.0, c.n_keys - 1)]  # key 0 is asked, the rest distract
-        needles = [(first.format(k=k, v=v), d)
-                   for k, v, d in zip(keys, values, depths, strict=True)]
+        needles = [
+            (first.format(k=k, v=v), d) for k, v, d in zip(keys, values, depths, strict=True)
+        ]
         return needles, [0], question.format(k=keys[0]), f" {values[0]}"
 
 
@@ -161,23 +221,37 @@ class VariableTracking(NeedleKind):
     name = "vt"
     templates = {
         "train": (
-            ("VAR {a} = {v}.", "VAR {b} = VAR {a}.",
-             "Find all variables that are assigned the value {v} in the text above. Answer: in "
-             "order, the variables assigned the value {v} are"),
-            ("The variable {a} is set to {v}.", "The variable {b} is set to the value of {a}.",
-             "Which variables hold the value {v}? In order of assignment, they are"),
+            (
+                "VAR {a} = {v}.",
+                "VAR {b} = VAR {a}.",
+                "Find all variables that are assigned the value {v} in the text above. Answer: in "
+                "order, the variables assigned the value {v} are",
+            ),
+            (
+                "The variable {a} is set to {v}.",
+                "The variable {b} is set to the value of {a}.",
+                "Which variables hold the value {v}? In order of assignment, they are",
+            ),
         ),
         "heldout": (
-            ("Let {a} equal {v}.", "Let {b} equal {a}.",
-             "Trace the number {v} through the passage. Listed in sequence, the names equal to {v} "
-             "are"),
-            ("Assign {v} to {a}.", "Copy {a} into {b}.",
-             "Which names receive the number {v}? Following each copy, they are"),
+            (
+                "Let {a} equal {v}.",
+                "Let {b} equal {a}.",
+                "Trace the number {v} through the passage. Listed in sequence, the names equal to "
+                "{v} "
+                "are",
+            ),
+            (
+                "Assign {v} to {a}.",
+                "Copy {a} into {b}.",
+                "Which names receive the number {v}? Following each copy, they are",
+            ),
         ),
     }
 
-    def needles(self, c: TaskConfig, rng: np.random.Generator, template: Template, depth: float
-                ) -> tuple[Needles, list[int], str, str]:
+    def needles(
+        self, c: TaskConfig, rng: np.random.Generator, template: Template, depth: float
+    ) -> tuple[Needles, list[int], str, str]:
         first, later, question = template
         n_chains, chain_length = c.n_chains, c.chain_length
         names: list[str] = []
@@ -192,8 +266,10 @@ class VariableTracking(NeedleKind):
             d = np.sort(rng.uniform(depth if i == 0 else 0.0, 1.0, chain_length))
             d[0] = depth if i == 0 else d[0]
             needles.append((first.format(a=chain[0], v=values[i]), float(d[0])))
-            needles += [(later.format(a=a, b=b), float(x))
-                        for a, b, x in zip(chain, chain[1:], d[1:], strict=False)]
+            needles += [
+                (later.format(a=a, b=b), float(x))
+                for a, b, x in zip(chain, chain[1:], d[1:], strict=False)
+            ]
         answer = " " + " ".join(names[:chain_length])
         return needles, list(range(chain_length)), question.format(v=values[0]), answer
 

@@ -16,14 +16,28 @@ from envs.megafocus_env import MegaFocusEnv
 from megacontext.tree import MegaContextTree
 from megacontext.working_context import WorkingContext
 
-SMALL = dict(block_size=4, max_level=2, w_max=40, step_tokens=4, horizon=8, tail_tokens=8, n_tail_gists=3, doc_blocks=60, d_model=8)
+SMALL = dict(
+    block_size=4,
+    max_level=2,
+    w_max=40,
+    step_tokens=4,
+    horizon=8,
+    tail_tokens=8,
+    n_tail_gists=3,
+    doc_blocks=60,
+    d_model=8,
+)
 
 
-def check_obs_invariants(obs: dict, *, w_max: int, b: int, max_level: int, tail_tokens: int) -> None:
+def check_obs_invariants(
+    obs: dict, *, w_max: int, b: int, max_level: int, tail_tokens: int
+) -> None:
     """Every invariant of DESIGN §2 that the observation can show, re-derived from its arrays."""
     valid = obs["valid_mask"].astype(bool)
     n = int(valid.sum())
-    assert n <= w_max and np.all(valid[:n]) and not np.any(valid[n:]), "valid entries must be a prefix"  # budget
+    assert n <= w_max and np.all(valid[:n]) and not np.any(valid[n:]), (
+        "valid entries must be a prefix"
+    )  # budget
     lv, start, width = obs["levels"][:n], obs["span_start"][:n], obs["span_width"][:n]
     end = start + width
     t = int(end[-1])
@@ -42,7 +56,11 @@ def check_obs_invariants(obs: dict, *, w_max: int, b: int, max_level: int, tail_
     i = 0
     while i < n:
         if cc[i]:
-            assert np.all(cc[i : i + b]) and np.all(lv[i : i + b] == lv[i]) and (start[i] // width[i]) % b == 0
+            assert (
+                np.all(cc[i : i + b])
+                and np.all(lv[i : i + b] == lv[i])
+                and (start[i] // width[i]) % b == 0
+            )
             i += b
         else:
             i += 1
@@ -51,7 +69,9 @@ def check_obs_invariants(obs: dict, *, w_max: int, b: int, max_level: int, tail_
 
 
 def test_check_env_passes_without_warnings():
-    env = gymnasium.make("MegaFocus-v0", **SMALL).unwrapped  # made: carries a spec for the render check
+    env = gymnasium.make(
+        "MegaFocus-v0", **SMALL
+    ).unwrapped  # made: carries a spec for the render check
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         check_env(env)
@@ -71,16 +91,27 @@ def test_make_registered_id_and_time_limit():
 def test_make_without_importing_envs(tmp_path):
     """The installed megafocus-gym.pth registers MegaFocus-v0 on ``import gymnasium`` alone (a fresh
     interpreter outside the repository, so nothing but the installed package can register it)."""
-    code = ("import sys, gymnasium; env = gymnasium.make('MegaFocus-v0', block_size=4, max_level=2, w_max=40, "
-            "step_tokens=4, horizon=8, tail_tokens=8, n_tail_gists=3, doc_blocks=60, d_model=8); env.reset(seed=0); "
-            "print(type(env.unwrapped).__name__)")
+    code = (
+        "import sys, gymnasium; env = gymnasium.make('MegaFocus-v0', block_size=4, max_level=2, "
+        "w_max=40, "
+        "step_tokens=4, horizon=8, tail_tokens=8, n_tail_gists=3, doc_blocks=60, d_model=8); "
+        "env.reset(seed=0); "
+        "print(type(env.unwrapped).__name__)"
+    )
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "MEGAFOCUS_NO_GYM_HOOK")}
-    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "MegaFocusEnv"
     # and the switch really switches it off (so the test above cannot pass by accident)
-    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env={**env, "MEGAFOCUS_NO_GYM_HOOK": "1"},
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=tmp_path,
+        env={**env, "MEGAFOCUS_NO_GYM_HOOK": "1"},
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode != 0 and "NameNotFound" in out.stderr
 
 
@@ -113,7 +144,13 @@ def test_long_random_action_run_keeps_every_invariant():
     rng = np.random.default_rng(0)
     n_expand = n_collapse = 0
     for s in range(steps):
-        check_obs_invariants(obs, w_max=SMALL["w_max"], b=SMALL["block_size"], max_level=SMALL["max_level"], tail_tokens=SMALL["tail_tokens"])
+        check_obs_invariants(
+            obs,
+            w_max=SMALL["w_max"],
+            b=SMALL["block_size"],
+            max_level=SMALL["max_level"],
+            tail_tokens=SMALL["tail_tokens"],
+        )
         scale = [0.05, 0.5, 100.0][s % 3]  # mild, strong and saturating scores
         act = np.clip(rng.normal(scale=scale, size=SMALL["w_max"]), -1, 1).astype(np.float32)
         obs, reward, terminated, truncated, info = env.step(act)
@@ -126,7 +163,8 @@ def test_long_random_action_run_keeps_every_invariant():
 
 
 def _oracle_nll(env: MegaFocusEnv, levels: np.ndarray, indices: np.ndarray, n_tokens: int) -> float:
-    """The oracle's NLL of the H tokens after ``n_tokens``, with a context rebuilt from its entries."""
+    """The oracle's NLL of the H tokens after ``n_tokens``, with a context rebuilt from its entries.
+    """
     ep = env.episode
     wc = WorkingContext(ep.tree, env.world.context)
     wc.levels, wc.indices, wc.n_tokens = levels.copy(), indices.copy(), n_tokens
@@ -138,14 +176,27 @@ def _oracle_nll(env: MegaFocusEnv, levels: np.ndarray, indices: np.ndarray, n_to
 
 @pytest.mark.parametrize("oracle", ["synthetic", "lm"])
 def test_reward_is_the_oracle_nll_of_the_refocused_context(oracle, monkeypatch):
-    """reward = -(oracle NLL of the next H tokens after the refocused context, before the next ingest),
+    """reward = -(oracle NLL of the next H tokens after the refocused context, before the next
+    ingest),
     recomputed here from the agent's context captured just before its tree ingests the next tokens
     (nothing else changes the context between the refocus and that ingest)."""
     if oracle == "synthetic":
         env, n_steps, min_moved = MegaFocusEnv(**SMALL, score_scale=5.0), 60, 15
     else:  # the tiny LM is slow on a busy CPU: fewer steps
-        env = MegaFocusEnv(oracle="lm", lm="tiny", gister="mean", block_size=4, max_level=2, w_max=20, step_tokens=4,
-                           horizon=8, tail_tokens=8, n_tail_gists=3, doc_blocks=20, score_scale=5.0)
+        env = MegaFocusEnv(
+            oracle="lm",
+            lm="tiny",
+            gister="mean",
+            block_size=4,
+            max_level=2,
+            w_max=20,
+            step_tokens=4,
+            horizon=8,
+            tail_tokens=8,
+            n_tail_gists=3,
+            doc_blocks=20,
+            score_scale=5.0,
+        )
         n_steps, min_moved = 8, 2
     captured: list[tuple[int, float]] = []  # (T, oracle NLL) of the context about to ingest
     ingest = MegaContextTree.ingest
@@ -153,7 +204,9 @@ def test_reward_is_the_oracle_nll_of_the_refocused_context(oracle, monkeypatch):
     def capturing_ingest(tree, token_ids, embeddings):
         ep = env.episode
         if ep is not None and tree is ep.tree and ep.wc.n_tokens > 0:  # not the reset's warm-up
-            captured.append((ep.wc.n_tokens, _oracle_nll(env, ep.wc.levels, ep.wc.indices, ep.wc.n_tokens)))
+            captured.append(
+                (ep.wc.n_tokens, _oracle_nll(env, ep.wc.levels, ep.wc.indices, ep.wc.n_tokens))
+            )
         return ingest(tree, token_ids, embeddings)
 
     monkeypatch.setattr(MegaContextTree, "ingest", capturing_ingest)
@@ -166,7 +219,9 @@ def test_reward_is_the_oracle_nll_of_the_refocused_context(oracle, monkeypatch):
         n_before = len(captured)
         act = np.clip(rng.normal(scale=1.0, size=env.w_max), -1, 1).astype(np.float32)
         _, reward, terminated, truncated, info = env.step(act)
-        if len(captured) == n_before:  # no ingest after the refocus: the context now is the refocused one
+        if (
+            len(captured) == n_before
+        ):  # no ingest after the refocus: the context now is the refocused one
             t, nll = ep.wc.n_tokens, _oracle_nll(env, ep.wc.levels, ep.wc.indices, ep.wc.n_tokens)
         else:
             assert len(captured) == n_before + 1, "one ingest per step"
@@ -174,7 +229,8 @@ def test_reward_is_the_oracle_nll_of_the_refocused_context(oracle, monkeypatch):
         assert t == seen.n_tokens, "the reward's query starts at the cursor the agent saw"
         assert reward == pytest.approx(-nll, rel=1e-6, abs=1e-6)
         assert info["nll"] == pytest.approx(-reward, rel=1e-6, abs=1e-6)
-        # how often the refocus changed the score: the check above tells the refocused context from the seen one
+        # how often the refocus changed the score: the check above tells the refocused context from
+        # the seen one
         n_moved += not np.isclose(nll, _oracle_nll(env, seen.levels, seen.indices, seen.n_tokens))
         if terminated or truncated:
             env.reset()
@@ -211,8 +267,18 @@ def test_render_modes():
 
 
 def test_lm_oracle_variant_runs_with_tiny_lm():
-    env = MegaFocusEnv(oracle="lm", lm="tiny", block_size=4, max_level=2, w_max=40, step_tokens=4, horizon=8,
-                       tail_tokens=8, n_tail_gists=3, doc_blocks=20)
+    env = MegaFocusEnv(
+        oracle="lm",
+        lm="tiny",
+        block_size=4,
+        max_level=2,
+        w_max=40,
+        step_tokens=4,
+        horizon=8,
+        tail_tokens=8,
+        n_tail_gists=3,
+        doc_blocks=20,
+    )
     obs, _ = env.reset(seed=0)
     assert obs["embeddings"].shape == (40, 64)
     for _ in range(5):

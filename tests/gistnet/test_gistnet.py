@@ -1,5 +1,6 @@
 """GistNet: shapes and errors, the untrained output formula, the tree's gister interface, LM block
-features against a reference, checkpoint round trip, and that training reduces the substitution loss."""
+features against a reference, checkpoint round trip, and that training reduces the substitution
+loss."""
 
 from dataclasses import replace
 
@@ -64,9 +65,15 @@ def test_lm_prefix_equals_the_truncated_lm(lm):
     prefix = LMPrefix(lm, 2)
     x = torch.randn(3, B, D) * 0.1
     got = prefix(x)
-    out = lm.base_model(inputs_embeds=x, position_ids=torch.arange(B)[None].expand(3, -1),
-                        attention_mask=torch.ones(3, B, dtype=torch.long), output_hidden_states=True)
-    ref = lm.base_model.norm(out.hidden_states[2])  # hidden state after 2 layers, final norm applied
+    out = lm.base_model(
+        inputs_embeds=x,
+        position_ids=torch.arange(B)[None].expand(3, -1),
+        attention_mask=torch.ones(3, B, dtype=torch.long),
+        output_hidden_states=True,
+    )
+    ref = lm.base_model.norm(
+        out.hidden_states[2]
+    )  # hidden state after 2 layers, final norm applied
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
     assert len(lm.base_model.layers) == 4 and lm.config.num_hidden_layers == 4  # restored
     with pytest.raises(ValueError):
@@ -86,7 +93,9 @@ def test_tree_uses_gistnet_through_the_gister_interface(lm):
     children = torch.as_tensor(emb.reshape(2 * B, B, D))
     with torch.no_grad():
         expect1 = net(LMPrefix(lm, 2)(children), children, 1).numpy()
-        expect2 = net(torch.as_tensor(expect1.reshape(2, B, D)), torch.as_tensor(expect1.reshape(2, B, D)), 2).numpy()
+        expect2 = net(
+            torch.as_tensor(expect1.reshape(2, B, D)), torch.as_tensor(expect1.reshape(2, B, D)), 2
+        ).numpy()
     np.testing.assert_allclose(l1, expect1, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(tree.embeddings(2, np.arange(2)), expect2, rtol=1e-4, atol=1e-5)
     assert not np.allclose(l1, mean_gister(emb.reshape(2 * B, B, D), 1))
@@ -124,17 +133,36 @@ def test_resolve_gister_auto_falls_back_for_an_lm_without_a_checkpoint(lm):
 
 
 def tiny_args(tmp_path, **kw) -> GistTrainArgs:
-    return GistTrainArgs(out=str(tmp_path), lm="tiny", ctx_blocks=4, no_tail_steps=0, horizons=(8,), val_windows=4,
-                         progress=False, p_l2=0.5, model=small_config(),
-                         train=LoopConfig(lr=3e-3, warmup_steps=1, total_steps=40, eval_every=40, ckpt_every=40,
-                                           batch_size=4, weight_decay=0.0), **kw)
+    return GistTrainArgs(
+        out=str(tmp_path),
+        lm="tiny",
+        ctx_blocks=4,
+        no_tail_steps=0,
+        horizons=(8,),
+        val_windows=4,
+        progress=False,
+        p_l2=0.5,
+        model=small_config(),
+        train=LoopConfig(
+            lr=3e-3,
+            warmup_steps=1,
+            total_steps=40,
+            eval_every=40,
+            ckpt_every=40,
+            batch_size=4,
+            weight_decay=0.0,
+        ),
+        **kw,
+    )
 
 
 @pytest.mark.parametrize("kind", ["gistnet", "softprompt"])
 def test_training_steps_reduce_the_substitution_loss_on_a_fixed_batch(tmp_path, lm, kind):
     lm_before = {k: v.detach().clone() for k, v in lm.state_dict().items()}
     trainer = GistTrainer(tiny_args(tmp_path, kind=kind), lm, None)
-    assert trainer.sub.lm is lm  # the LM compared below is the one the substitution loss runs through
+    assert (
+        trainer.sub.lm is lm
+    )  # the LM compared below is the one the substitution loss runs through
     fixed = trainer.batch(0)
     assert any(ex.l2 for ex in fixed) and all(ex.layout[-1] == "L0" for ex in fixed)
     trainer.batch = lambda step: fixed  # the same batch every step

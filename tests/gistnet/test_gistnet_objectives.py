@@ -48,7 +48,8 @@ def lm():
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
-    """The tiny LM's matrices are too small to share out: on a busy machine, threads only contend."""
+    """The tiny LM's matrices are too small to share out: on a busy machine, threads only contend.
+    """
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -60,10 +61,28 @@ def small_config() -> GistNetConfig:
 
 
 def tiny_args(tmp_path, objective: ObjectiveConfig | None = None, **kw) -> GistTrainArgs:
-    return GistTrainArgs(out=str(tmp_path), lm="tiny", ctx_blocks=4, no_tail_steps=0, horizons=(8,), val_windows=4,
-                         progress=False, p_l2=0.5, model=small_config(), objective=objective or ObjectiveConfig(),
-                         train=LoopConfig(lr=3e-3, warmup_steps=1, total_steps=40, eval_every=40, ckpt_every=40,
-                                           batch_size=4, weight_decay=0.0), **kw)
+    return GistTrainArgs(
+        out=str(tmp_path),
+        lm="tiny",
+        ctx_blocks=4,
+        no_tail_steps=0,
+        horizons=(8,),
+        val_windows=4,
+        progress=False,
+        p_l2=0.5,
+        model=small_config(),
+        objective=objective or ObjectiveConfig(),
+        train=LoopConfig(
+            lr=3e-3,
+            warmup_steps=1,
+            total_steps=40,
+            eval_every=40,
+            ckpt_every=40,
+            batch_size=4,
+            weight_decay=0.0,
+        ),
+        **kw,
+    )
 
 
 def term_value(trainer: GistTrainer, batch: list[Example], term: str) -> float:
@@ -121,8 +140,16 @@ def reference_nll(sub: Substitution, ex: Example, swap: int | None = None) -> fl
     parts = []
     with torch.no_grad():
         if ex.l2:
-            kids = torch.cat([sub.gistnet(LMPrefix(sub.lm, 2)(sub.blocks.embeddings(src - b + k, 1)),
-                                          sub.blocks.embeddings(src - b + k, 1), 1) for k in range(b)])
+            kids = torch.cat(
+                [
+                    sub.gistnet(
+                        LMPrefix(sub.lm, 2)(sub.blocks.embeddings(src - b + k, 1)),
+                        sub.blocks.embeddings(src - b + k, 1),
+                        1,
+                    )
+                    for k in range(b)
+                ]
+            )
             parts.append(sub.gistnet(kids[None], kids[None], 2))
         for j, kind in enumerate(ex.layout):
             if kind == "L0":
@@ -133,7 +160,9 @@ def reference_nll(sub: Substitution, ex: Example, swap: int | None = None) -> fl
         ctx = torch.cat(parts)
         query = sub.blocks.tokens(ex.start_block + len(ex.layout), ex.horizon)
         x = torch.cat([ctx, sub.blocks.embed(query)])[None]
-        hidden = sub.decoder(inputs_embeds=x, position_ids=torch.arange(x.shape[1])[None]).last_hidden_state
+        hidden = sub.decoder(
+            inputs_embeds=x, position_ids=torch.arange(x.shape[1])[None]
+        ).last_hidden_state
         logits = sub.head(hidden[0, len(ctx) - 1 : len(ctx) - 1 + len(query)])
         return float(torch.nn.functional.cross_entropy(logits, query))
 
@@ -147,8 +176,12 @@ def test_batched_substitution_equals_the_one_example_reference(lm):
     with torch.no_grad():
         net.out[-1].weight.normal_(0, 0.1)
     sub = Substitution(lm, blocks, gistnet=net.eval())
-    exs = [Example(10, ["L1", "L0", "L1"], 8), Example(40, ["L0", "L1", "L1", "L0"], 8, l2=True),
-           Example(160, ["L0"], 5), Example(200, ["L1", "L1"], 8, l2=True)]
+    exs = [
+        Example(10, ["L1", "L0", "L1"], 8),
+        Example(40, ["L0", "L1", "L1", "L0"], 8, l2=True),
+        Example(160, ["L0"], 5),
+        Example(200, ["L1", "L1"], 8, l2=True),
+    ]
     swaps = [60, 90, 170, 120]
     with torch.no_grad():
         got, got_swapped = sub.nll(exs), sub.nll(exs, swaps)
@@ -156,7 +189,8 @@ def test_batched_substitution_equals_the_one_example_reference(lm):
     want_swapped = [reference_nll(sub, ex, s) for ex, s in zip(exs, swaps, strict=True)]
     np.testing.assert_allclose(got.numpy(), want, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(got_swapped.numpy(), want_swapped, rtol=1e-4, atol=1e-4)
-    # the teacher is the all-L0 context; KL of a distribution to itself is 0 and the KL matches torch's
+    # the teacher is the all-L0 context; KL of a distribution to itself is 0 and the KL matches
+    # torch's
     full = [Example(ex.start_block, ["L0"] * len(ex.layout), ex.horizon) for ex in exs]
     with torch.no_grad():
         teacher, targets = sub.teacher_logits(exs)
@@ -164,9 +198,15 @@ def test_batched_substitution_equals_the_one_example_reference(lm):
         torch.testing.assert_close(teacher, sub.logits(full)[0])
         assert token_kl(teacher, teacher, targets).abs().max() < 1e-5
         valid = targets[2] != -100
-        ref = torch.nn.functional.kl_div(student[2][valid].log_softmax(-1), teacher[2][valid].log_softmax(-1),
-                                         log_target=True, reduction="batchmean")
-        torch.testing.assert_close(token_kl(teacher, student, targets)[2], ref, rtol=1e-4, atol=1e-5)
+        ref = torch.nn.functional.kl_div(
+            student[2][valid].log_softmax(-1),
+            teacher[2][valid].log_softmax(-1),
+            log_target=True,
+            reduction="batchmean",
+        )
+        torch.testing.assert_close(
+            token_kl(teacher, student, targets)[2], ref, rtol=1e-4, atol=1e-5
+        )
         torch.testing.assert_close(token_nll(student, targets), got, rtol=1e-5, atol=1e-5)
 
 
@@ -175,7 +215,9 @@ def test_batches_draw_negatives_apart_and_honour_the_layout_options(tmp_path, lm
     lo, hi = trainer.train_text.segments["stdlib"]
     for step in range(5):
         for ex in trainer.batch(step):
-            assert lo + B <= ex.negative_start and ex.negative_start + 4 + 2 <= hi  # same corpus, room for L2
+            assert (
+                lo + B <= ex.negative_start and ex.negative_start + 4 + 2 <= hi
+            )  # same corpus, room for L2
             assert lo <= ex.start_block - (B if ex.l2 else 0) and ex.start_block + 4 + 2 <= hi
             assert abs(ex.negative_start - ex.start_block) >= trainer.min_gap
             assert ex.layout == ["L1"] * 4  # p_no_tail = 1: every block a gist
@@ -190,19 +232,27 @@ def test_validation_reports_each_corpus_and_the_far_window_gap(tmp_path, lm):
     for corpus in ("pydoc", "stdlib"):
         for k in ("nll_gist", "nll_far_window", "far_minus_own", "nll_full", "nll_dropped"):
             assert np.isfinite(val[f"val/{corpus}/{k}"]), (corpus, k)
-    assert val["val/far_minus_own"] == pytest.approx(val["val/nll_far_window"] - val["val/nll_gist"])
+    assert val["val/far_minus_own"] == pytest.approx(
+        val["val/nll_far_window"] - val["val/nll_gist"]
+    )
 
 
 def test_corpus_splits_are_disjoint_and_deterministic():
     topics = [set(pydoc_split(s)) for s in SPLITS]
     assert set().union(*topics) == set(pydoc_topics("all"))
     assert sum(map(len, topics)) == len(pydoc_topics("all"))  # disjoint
-    assert topics[2] == set(pydoc_topics("heldout")) and topics[1]  # the benchmark's held-out, a validation set
+    assert (
+        topics[2] == set(pydoc_topics("heldout")) and topics[1]
+    )  # the benchmark's held-out, a validation set
     mods = [stdlib_split(s) for s in SPLITS]
     assert sum(map(len, mods)) == len(stdlib_modules()) and all(mods)
     tops = [{m.split(".")[0] for m in ms} for ms in mods]
-    assert not (tops[0] & tops[1] or tops[0] & tops[2] or tops[1] & tops[2])  # no package on two sides
-    assert not any(m.startswith(("test.", "pydoc_data", "encodings")) or m == "test" for m in stdlib_modules())
+    assert not (
+        tops[0] & tops[1] or tops[0] & tops[2] or tops[1] & tops[2]
+    )  # no package on two sides
+    assert not any(
+        m.startswith(("test.", "pydoc_data", "encodings")) or m == "test" for m in stdlib_modules()
+    )
     assert stdlib_split_of("asyncio.tasks") == stdlib_split_of("asyncio")
 
 
@@ -211,8 +261,14 @@ def test_auto_with_a_non_fitting_lm_warns_and_names_mean(lm):
     with pytest.warns(GistNetFallbackWarning, match="mean pooling"):
         gister, name = resolve_gister("auto", lm, B)
     assert gister is mean_gister
-    assert name.startswith("mean (no GistNet checkpoint fits") and f"b={B}" in name and "d_model=576" in name
-    with warnings.catch_warnings():  # callers pass the recorded name on (sim.run -> labels): no new warning
+    assert (
+        name.startswith("mean (no GistNet checkpoint fits")
+        and f"b={B}" in name
+        and "d_model=576" in name
+    )
+    with (
+        warnings.catch_warnings()
+    ):  # callers pass the recorded name on (sim.run -> labels): no new warning
         warnings.simplefilter("error")
         assert resolve_gister(name, lm, B) == (mean_gister, name)
         assert resolve_gister("mean", lm, B) == (mean_gister, "mean")
@@ -226,7 +282,11 @@ def test_auto_uses_a_fitting_checkpoint_and_refuses_a_corrupt_one(tmp_path, lm):
         gister, name = resolve_gister("auto", lm, B, path=good)
     assert name == "gistnet" and isinstance(gister, GistNetGister)
     # same width and b, another LM (its card says so): means, with a warning naming why
-    other = save_gistnet(net, tmp_path / "other.safetensors", {"lm_fingerprint": {**lm_fingerprint(lm), "vocab_size": 7}})
+    other = save_gistnet(
+        net,
+        tmp_path / "other.safetensors",
+        {"lm_fingerprint": {**lm_fingerprint(lm), "vocab_size": 7}},
+    )
     with pytest.warns(GistNetFallbackWarning):
         assert "trained on an LM" in resolve_gister("auto", lm, B, path=other)[1]
     with pytest.warns(GistNetFallbackWarning, match="no checkpoint file"):
@@ -243,12 +303,53 @@ def test_auto_uses_a_fitting_checkpoint_and_refuses_a_corrupt_one(tmp_path, lm):
 
 def test_cli_trains_with_every_term_and_exports_a_checkpoint_auto_picks_up(tmp_path, lm):
     out, export = tmp_path / "run", tmp_path / "g.safetensors"
-    main(["--lm", "tiny", "--out", str(out), "--export", str(export), "--no-progress", "--ctx-blocks", "4",
-          "--horizons", "8", "--val-windows", "4", "--no-tail-steps", "2", "--p-no-tail", "0.3",
-          "--objective.kl-weight", "1", "--objective.contrast-weight", "1", "--objective.recon-weight", "0.5",
-          "--model.d", "32", "--model.n-layers", "1", "--model.n-heads", "2", "--model.block-size", str(B),
-          "--model.lm-layer", "2", "--train.total-steps", "6", "--train.eval-every", "3", "--train.batch-size", "2",
-          "--train.warmup-steps", "1", "--train.device", "cpu"])
+    main(
+        [
+            "--lm",
+            "tiny",
+            "--out",
+            str(out),
+            "--export",
+            str(export),
+            "--no-progress",
+            "--ctx-blocks",
+            "4",
+            "--horizons",
+            "8",
+            "--val-windows",
+            "4",
+            "--no-tail-steps",
+            "2",
+            "--p-no-tail",
+            "0.3",
+            "--objective.kl-weight",
+            "1",
+            "--objective.contrast-weight",
+            "1",
+            "--objective.recon-weight",
+            "0.5",
+            "--model.d",
+            "32",
+            "--model.n-layers",
+            "1",
+            "--model.n-heads",
+            "2",
+            "--model.block-size",
+            str(B),
+            "--model.lm-layer",
+            "2",
+            "--train.total-steps",
+            "6",
+            "--train.eval-every",
+            "3",
+            "--train.batch-size",
+            "2",
+            "--train.warmup-steps",
+            "1",
+            "--train.device",
+            "cpu",
+        ]
+    )
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     for k in ("loss/nll", "loss/kl", "loss/contrast", "loss/recon", "loss/total"):
         assert all(np.isfinite(r[k]) for r in records), k
@@ -260,4 +361,6 @@ def test_cli_trains_with_every_term_and_exports_a_checkpoint_auto_picks_up(tmp_p
     # --init starts a new run from the exported weights (and their running-text statistics)
     again = GistTrainer(tiny_args(tmp_path / "again", init=str(export)), lm, None)
     exported = load_gistnet(export)
-    assert all(torch.equal(v, exported.state_dict()[k]) for k, v in again.model.state_dict().items())
+    assert all(
+        torch.equal(v, exported.state_dict()[k]) for k, v in again.model.state_dict().items()
+    )

@@ -1,4 +1,5 @@
-"""Vectorised losses against the loop reference: values and gradients to 1e-5; empty masks give 0."""
+"""Vectorised losses against the loop reference: values and gradients to 1e-5; empty masks give 0.
+"""
 
 import math
 
@@ -33,7 +34,9 @@ def test_lensnet_loss_matches_loop_reference(args):
         assert math.isfinite(out[k])
         assert out[k] == pytest.approx(want[k], abs=1e-5, rel=1e-5), k
     assert out["loss"].item() == pytest.approx(want["loss"], abs=1e-5, rel=1e-5)
-    torch.testing.assert_close(pred.grad, torch.tensor(want_grad, dtype=pred.dtype), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        pred.grad, torch.tensor(want_grad, dtype=pred.dtype), atol=1e-5, rtol=1e-5
+    )
 
 
 @given(loss_batches(max_b=3, max_n=8))
@@ -44,12 +47,24 @@ def test_each_term_matches_reference(args):
     cases = [
         (regression_loss, (y, mask), ref.regression, (y.tolist(), mask.tolist())),
         (ranking_loss, (y, mask), ref.ranking, (y.tolist(), mask.tolist())),
-        (lambda p, t, m, lv: level_balanced_regression_loss(p, t, m, lv, 3), (y, mask, batch["levels"]),
-         ref.regression_by_level, (y.tolist(), mask.tolist(), batch["levels"].tolist())),
-        (budget_loss, (batch["expand_cost"], batch["collapse_refund"]), ref.budget,
-         (batch["expand_cost"].tolist(), batch["collapse_refund"].tolist())),
-        (lambda p, lv, v: illegality_loss(p, lv, v, max_level=2), (batch["levels"], batch["valid_mask"]),
-         lambda p, lv, v: ref.illegality(p, lv, v, 2), (batch["levels"].tolist(), batch["valid_mask"].tolist())),
+        (
+            lambda p, t, m, lv: level_balanced_regression_loss(p, t, m, lv, 3),
+            (y, mask, batch["levels"]),
+            ref.regression_by_level,
+            (y.tolist(), mask.tolist(), batch["levels"].tolist()),
+        ),
+        (
+            budget_loss,
+            (batch["expand_cost"], batch["collapse_refund"]),
+            ref.budget,
+            (batch["expand_cost"].tolist(), batch["collapse_refund"].tolist()),
+        ),
+        (
+            lambda p, lv, v: illegality_loss(p, lv, v, max_level=2),
+            (batch["levels"], batch["valid_mask"]),
+            lambda p, lv, v: ref.illegality(p, lv, v, 2),
+            (batch["levels"].tolist(), batch["valid_mask"].tolist()),
+        ),
     ]
     for fast, fast_args, slow, slow_args in cases:
         p = pred.clone().requires_grad_(True)
@@ -57,19 +72,28 @@ def test_each_term_matches_reference(args):
         value.backward()
         want, want_grad = slow(pred.tolist(), *slow_args)
         assert value.item() == pytest.approx(want, abs=1e-5, rel=1e-5)
-        torch.testing.assert_close(p.grad, torch.tensor(want_grad, dtype=p.dtype), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            p.grad, torch.tensor(want_grad, dtype=p.dtype), atol=1e-5, rtol=1e-5
+        )
 
 
 @given(loss_batches(max_b=3, max_n=8))
 def test_level_balanced_loss_uses_the_balanced_regression(args):
     pred, batch = args
-    plain, balanced = LensNetLoss(max_level=2)(pred, batch), LensNetLoss(max_level=2, reg_balance="levels")(pred, batch)
+    plain, balanced = (
+        LensNetLoss(max_level=2)(pred, batch),
+        LensNetLoss(max_level=2, reg_balance="levels")(pred, batch),
+    )
     mask = (batch["action_mask"] & batch["valid_mask"]).tolist()
-    want, _ = ref.regression_by_level(pred.tolist(), batch["target_utilities"].tolist(), mask, batch["levels"].tolist())
+    want, _ = ref.regression_by_level(
+        pred.tolist(), batch["target_utilities"].tolist(), mask, batch["levels"].tolist()
+    )
     assert balanced["L_reg"] == pytest.approx(want, abs=1e-5, rel=1e-5)
     for k in ("L_rank", "L_budget", "L_illegal"):  # the other terms are untouched
         assert balanced[k] == plain[k]
-    assert balanced["loss"].item() == pytest.approx(plain["loss"].item() - plain["L_reg"] + want, abs=1e-5, rel=1e-5)
+    assert balanced["loss"].item() == pytest.approx(
+        plain["loss"].item() - plain["L_reg"] + want, abs=1e-5, rel=1e-5
+    )
 
 
 def test_level_balance_weights_each_level_alike():
@@ -88,8 +112,15 @@ def test_empty_masks_give_zero_not_nan():
     nan = torch.full((2, 5), float("nan"))
     none = torch.zeros(2, 5, dtype=torch.bool)
     zeros = torch.zeros(2, 5)
-    batch = {"target_utilities": nan, "action_mask": none, "valid_mask": none, "levels": torch.zeros(2, 5, dtype=torch.long),
-             "span_width": zeros, "expand_cost": zeros, "collapse_refund": zeros}
+    batch = {
+        "target_utilities": nan,
+        "action_mask": none,
+        "valid_mask": none,
+        "levels": torch.zeros(2, 5, dtype=torch.long),
+        "span_width": zeros,
+        "expand_cost": zeros,
+        "collapse_refund": zeros,
+    }
     out = LensNetLoss()(pred, batch)
     assert out["L_reg"] == out["L_rank"] == out["L_budget"] == out["L_illegal"] == 0.0
     out["loss"].backward()
@@ -111,7 +142,17 @@ def test_shape_and_key_errors_are_clear():
     pred = torch.zeros(2, 3)
     with pytest.raises(KeyError, match="lacks keys"):
         LensNetLoss()(pred, {})
-    bad = {k: torch.zeros(2, 4) for k in ("target_utilities", "action_mask", "valid_mask", "levels", "span_width",
-                                          "expand_cost", "collapse_refund")}
+    bad = {
+        k: torch.zeros(2, 4)
+        for k in (
+            "target_utilities",
+            "action_mask",
+            "valid_mask",
+            "levels",
+            "span_width",
+            "expand_cost",
+            "collapse_refund",
+        )
+    }
     with pytest.raises(ValueError, match="shape"):
         LensNetLoss()(pred, bad)

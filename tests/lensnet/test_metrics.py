@@ -12,10 +12,15 @@ from tests.lensnet.strategies import loss_batches
 def _batch(y, u, mask=None, valid=None, ec=None, cr=None):
     y, u = torch.tensor([y], dtype=torch.float64), torch.tensor([u], dtype=torch.float64)
     ones = torch.ones_like(y, dtype=torch.bool)
-    return u, {"target_utilities": y, "action_mask": ones if mask is None else torch.tensor([mask]),
-               "valid_mask": ones if valid is None else torch.tensor([valid]),
-               "expand_cost": torch.tensor([ec or [1.0] * y.shape[1]]), "collapse_refund": torch.tensor([cr or [1.0] * y.shape[1]]),
-               "levels": torch.zeros_like(y, dtype=torch.long), "span_width": torch.ones_like(y)}
+    return u, {
+        "target_utilities": y,
+        "action_mask": ones if mask is None else torch.tensor([mask]),
+        "valid_mask": ones if valid is None else torch.tensor([valid]),
+        "expand_cost": torch.tensor([ec or [1.0] * y.shape[1]]),
+        "collapse_refund": torch.tensor([cr or [1.0] * y.shape[1]]),
+        "levels": torch.zeros_like(y, dtype=torch.long),
+        "span_width": torch.ones_like(y),
+    }
 
 
 def test_perfect_and_reversed_ranking():
@@ -64,8 +69,13 @@ def test_precision_at_n_diff_against_brute_force(args):
     got.update(pred, batch)
     hits = total = 0
     for s in range(pred.shape[0]):
-        ok = [i for i in range(pred.shape[1]) if batch["valid_mask"][s, i] and batch["action_mask"][s, i]
-              and batch["expand_cost"][s, i] > 0]
+        ok = [
+            i
+            for i in range(pred.shape[1])
+            if batch["valid_mask"][s, i]
+            and batch["action_mask"][s, i]
+            and batch["expand_cost"][s, i] > 0
+        ]
         y = {i: float(batch["target_utilities"][s, i]) for i in ok}
         k = min(n_diff, sum(v > tau for v in y.values()))
         by_y = sorted(ok, key=lambda i: (-y[i], i))[:k]
@@ -78,7 +88,9 @@ def test_precision_at_n_diff_against_brute_force(args):
 
 def test_precision_at_n_diff_counts_the_right_expands():
     # expandable entries 0..3 with labels 0.5, 0.3, 0.0, 0.25; k = min(2, three above 0.2) = 2
-    u, b = _batch([0.5, 0.3, 0.0, 0.25, -1.0], [0.1, 0.0, 0.9, 0.05, 5.0], ec=[1.0, 1.0, 1.0, 1.0, 0.0])
+    u, b = _batch(
+        [0.5, 0.3, 0.0, 0.25, -1.0], [0.1, 0.0, 0.9, 0.05, 5.0], ec=[1.0, 1.0, 1.0, 1.0, 0.0]
+    )
     acc = MetricAccumulator(n_diff=2, tau_expand=0.2)
     acc.update(u, b)
     assert acc.compute()["precision_at_n_diff"] == pytest.approx(0.5)  # picks {2, 0}; right: {0, 1}

@@ -88,7 +88,9 @@ def test_group_mean_matches_a_loop():
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(3, 7, 4, generator=g)
-    gid = torch.tensor([[0, 0, 2, 2, -1, 5, 5], [-1, -1, -1, -1, -1, -1, -1], [1, 1, 1, 3, 3, 3, -1]])
+    gid = torch.tensor(
+        [[0, 0, 2, 2, -1, 5, 5], [-1, -1, -1, -1, -1, -1, -1], [1, 1, 1, 3, 3, 3, -1]]
+    )
     got = group_mean(x, gid)
     for b in range(3):
         for i in range(7):
@@ -113,24 +115,38 @@ def test_group_members_share_information():
 
 def test_lensnet_learns_a_tail_match():
     """The task LensNet exists for: score an entry by whether the newest tail gist cues it
-    (a bilinear key-cue match). The direct match features make it learnable in a few hundred steps."""
+    (a bilinear key-cue match). The direct match features make it learnable in a few hundred steps.
+    """
     torch.manual_seed(0)
     b, n, t, k = 16, 24, 3, 16
-    model = LensNet(LensNetConfig(d_model=2 * k, d_lens=32, n_heads=2, n_stacks=1, dropout=0.0, block_size=4))
+    model = LensNet(
+        LensNetConfig(d_model=2 * k, d_lens=32, n_heads=2, n_stacks=1, dropout=0.0, block_size=4)
+    )
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
 
     def batch(gen):
-        keys = torch.linalg.qr(torch.randn(b, k, k, generator=gen))[0].transpose(1, 2)  # orthonormal rows
+        keys = torch.linalg.qr(torch.randn(b, k, k, generator=gen))[0].transpose(
+            1, 2
+        )  # orthonormal rows
         idx = torch.randint(0, k, (b, n), generator=gen)
         emb = torch.zeros(b, n, 2 * k)
         emb[..., :k] = torch.gather(keys, 1, idx[..., None].expand(-1, -1, k))
         tail = 0.1 * torch.randn(b, t, 2 * k, generator=gen)
-        tail[:, -1, k:] = torch.gather(keys, 1, torch.randint(0, k, (b, 2), generator=gen)[..., None].expand(-1, -1, k)).sum(1)
+        tail[:, -1, k:] = torch.gather(
+            keys, 1, torch.randint(0, k, (b, 2), generator=gen)[..., None].expand(-1, -1, k)
+        ).sum(1)
         y = (emb[..., :k] * tail[:, -1:, k:]).sum(-1)
         ones = torch.ones(b, n, dtype=torch.bool)
-        return {"embeddings": emb, "levels": torch.ones(b, n, dtype=torch.long), "span_width": torch.full((b, n), 4.0),
-                "distance_to_cursor": torch.ones(b, n), "valid_mask": ones, "tail_gists": tail,
-                "tail_levels": torch.ones(b, t, dtype=torch.long), "tail_mask": torch.ones(b, t, dtype=torch.bool)}, y
+        return {
+            "embeddings": emb,
+            "levels": torch.ones(b, n, dtype=torch.long),
+            "span_width": torch.full((b, n), 4.0),
+            "distance_to_cursor": torch.ones(b, n),
+            "valid_mask": ones,
+            "tail_gists": tail,
+            "tail_levels": torch.ones(b, t, dtype=torch.long),
+            "tail_mask": torch.ones(b, t, dtype=torch.bool),
+        }, y
 
     gen = torch.Generator().manual_seed(1)
     for _ in range(300):
@@ -159,15 +175,30 @@ def _assert_fast_matches_reference(model, batch):
         torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-8, msg=name)
 
 
-@given(st.lists(context_items(n_tail_gists=3, max_entries=200), min_size=1, max_size=3), st.sampled_from([1, 2, 4]),
-       st.booleans(), st.sampled_from(["factored", "full"]))
+@given(
+    st.lists(context_items(n_tail_gists=3, max_entries=200), min_size=1, max_size=3),
+    st.sampled_from([1, 2, 4]),
+    st.booleans(),
+    st.sampled_from(["factored", "full"]),
+)
 def test_fast_forward_matches_the_reference(items, n_heads, match_skip, match_form):
     """``forward`` (folded attention, packed entries) = ``reference_forward`` (nn.MultiheadAttention
     over padded entries), values and every parameter's gradient, on real working contexts."""
     batch = collate(items)
     torch.manual_seed(0)
-    model = LensNet(LensNetConfig(d_model=4, d_lens=16, n_heads=n_heads, n_stacks=2, dropout=0.0, max_level=3,
-                                  block_size=4, match_skip=match_skip, match_form=match_form))
+    model = LensNet(
+        LensNetConfig(
+            d_model=4,
+            d_lens=16,
+            n_heads=n_heads,
+            n_stacks=2,
+            dropout=0.0,
+            max_level=3,
+            block_size=4,
+            match_skip=match_skip,
+            match_form=match_form,
+        )
+    )
     torch.nn.init.normal_(model.head.weight)
     if match_skip:  # it starts at 0; give it weights so the path is compared too
         torch.nn.init.normal_(model.match_skip)
@@ -197,7 +228,10 @@ def test_calibrated_score_scales_the_raw_scores_and_survives_a_checkpoint(tmp_pa
     b = _batch()
     model = _model()
     raw = model.score(b)
-    torch.save({"model": model.state_dict(), "model_config": vars(model.config) | {}, "step": 1}, tmp_path / "c.pt")
+    torch.save(
+        {"model": model.state_dict(), "model_config": vars(model.config) | {}, "step": 1},
+        tmp_path / "c.pt",
+    )
     assert load_model(tmp_path / "c.pt").score_scale == 1.0  # no calibration stored: unchanged
     save_calibration(tmp_path / "c.pt", {"score_scale": 2.5})
     loaded = load_model(tmp_path / "c.pt")

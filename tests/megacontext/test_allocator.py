@@ -1,4 +1,5 @@
-"""Focus allocator (DESIGN §4): legality, budget neutrality, swap rule, n_diff, cooldown, budget restore."""
+"""Focus allocator (DESIGN §4): legality, budget neutrality, swap rule, n_diff, cooldown, budget
+restore."""
 
 import numpy as np
 import pytest
@@ -21,14 +22,20 @@ def test_step_is_legal_and_budget_neutral(data):
     before = len(wc)
     groups = {(int(wc.levels[s]) + 1, int(wc.indices[s]) // b) for s in wc.group_starts()}
     masked = mask_illegal(scores, wc.can_expand(), wc.group_ids() >= 0)
-    score_of = {(int(lv), int(ix)): u for lv, ix, u in zip(wc.levels, wc.indices, masked, strict=True)}
+    score_of = {
+        (int(lv), int(ix)): u for lv, ix, u in zip(wc.levels, wc.indices, masked, strict=True)
+    }
     actions = FocusAllocator(cfg).step(wc, scores)
     wc.check_invariants()
     assert len(actions) <= cfg.n_diff
     n_exp = sum(a.kind == "expand" for a in actions)
     n_col = sum(a.kind == "collapse" for a in actions)
     # accounting identity: slots after = before + sum c+ (expands) - sum (b-1) (collapses)
-    assert len(wc) == before + n_exp * (b - 1) - n_col * (b - 1) == before + sum(a.slot_delta for a in actions)
+    assert (
+        len(wc)
+        == before + n_exp * (b - 1) - n_col * (b - 1)
+        == before + sum(a.slot_delta for a in actions)
+    )
     assert len(wc) <= wc.config.w_max
     for a in actions:
         if a.kind == "expand":
@@ -106,7 +113,9 @@ def test_cheapest_group_pays_first():
     scores[gists[0]] = 5.0
     actions = FocusAllocator(AllocatorConfig(n_diff=2)).step(wc, scores)
     assert actions[0].kind == "collapse"
-    assert actions[0].index * 2 ** actions[0].level == 0  # the group at slot starts[0] covers from token 0
+    assert (
+        actions[0].index * 2 ** actions[0].level == 0
+    )  # the group at slot starts[0] covers from token 0
 
 
 def test_cooldown_blocks_reversal_then_expires():
@@ -128,7 +137,11 @@ def test_nan_inf_and_bad_shapes_raise_and_leave_state_intact():
     wc = _coarse_context(extra_slots=3)
     before = (wc.levels.copy(), wc.indices.copy())
     alloc = FocusAllocator()
-    for bad in [np.full(len(wc), np.nan), np.r_[np.inf, np.zeros(len(wc) - 1)], np.zeros(len(wc) + 1)]:
+    for bad in [
+        np.full(len(wc), np.nan),
+        np.r_[np.inf, np.zeros(len(wc) - 1)],
+        np.zeros(len(wc) + 1),
+    ]:
         with pytest.raises(ValueError, match="finite|shape"):
             alloc.step(wc, bad)
     np.testing.assert_array_equal(wc.levels, before[0])
@@ -143,7 +156,10 @@ def test_enforce_budget_restores_or_raises():
     wc.append_tokens(10)  # 10 L0 > 8: two collapses, the oldest groups first (no scores)
     actions = alloc.enforce_budget(wc)
     wc.check_invariants()
-    assert len(wc) == 8 and sorted((a.kind, a.index) for a in actions) == [("collapse", 0), ("collapse", 1)]
+    assert len(wc) == 8 and sorted((a.kind, a.index) for a in actions) == [
+        ("collapse", 0),
+        ("collapse", 1),
+    ]
     wc.append_tokens(2)
     assert sorted(a.index for a in alloc.enforce_budget(wc)) == [2, 3]
     with pytest.raises(BudgetExhausted, match="at least 11 slots"):
@@ -151,7 +167,9 @@ def test_enforce_budget_restores_or_raises():
     assert wc.n_tokens == 12  # refused whole: nothing appended, nothing dropped
     wc.append_tokens(2)
     alloc.enforce_budget(wc)  # now the coarsest cover: 6 L1 + 2 L0 = 8
-    wc.config = ContextConfig(w_max=7, tail_tokens=2)  # shrink the budget under it behind the API's back
+    wc.config = ContextConfig(
+        w_max=7, tail_tokens=2
+    )  # shrink the budget under it behind the API's back
     with pytest.raises(BudgetExhausted, match="no legal collapse"):
         alloc.enforce_budget(wc)
 
@@ -185,8 +203,11 @@ def test_allocator_config_validation():
 
 
 # ------------------------------------------------------------------ one pass: restore + refocus
-def _over_budget(b: int = 2, n: int = 12, extra: int = 2, w_max: int = 8, tail: int = 2) -> WorkingContext:
-    """A context restored to ``w_max`` (oldest first) that then ingests ``extra`` tokens: over budget."""
+def _over_budget(
+    b: int = 2, n: int = 12, extra: int = 2, w_max: int = 8, tail: int = 2
+) -> WorkingContext:
+    """A context restored to ``w_max`` (oldest first) that then ingests ``extra`` tokens: over
+    budget."""
     tree = build_tree(b, 2, n + extra)
     wc = WorkingContext(tree, ContextConfig(w_max=w_max, tail_tokens=tail))
     wc.append_tokens(n)
@@ -197,7 +218,8 @@ def _over_budget(b: int = 2, n: int = 12, extra: int = 2, w_max: int = 8, tail: 
 
 
 def test_step_restores_the_budget_with_the_scores():
-    # Score-blind restore collapses the oldest group; the one pass collapses the group its scores value least.
+    # Score-blind restore collapses the oldest group; the one pass collapses the group its scores
+    # value least.
     wc = _over_budget(extra=1)  # one slot over: one forced collapse (b - 1 = 1)
     starts = wc.group_starts()
     assert starts.size >= 2
@@ -208,7 +230,9 @@ def test_step_restores_the_budget_with_the_scores():
     wc.check_invariants()
     forced = [a for a in actions if a.forced]
     assert len(wc) <= wc.config.w_max and len(forced) == 1
-    assert forced[0].index * 2 ** forced[0].level == int(wc.starts[young])  # parent covers that group's span
+    assert forced[0].index * 2 ** forced[0].level == int(
+        wc.starts[young]
+    )  # parent covers that group's span
     assert all(a.kind == "collapse" for a in forced)
 
 
@@ -220,16 +244,22 @@ def test_forced_restore_starts_no_cooldown():
     scores = recency_scores(wc)  # restore the oldest group, expand nothing
     [restore] = [a for a in alloc.step(wc, scores) if a.forced]
     assert len(wc) <= wc.config.w_max
-    wc.config = ContextConfig(w_max=len(wc) + 1, tail_tokens=2)  # room for one expand (b - 1 = 1 slot)
+    wc.config = ContextConfig(
+        w_max=len(wc) + 1, tail_tokens=2
+    )  # room for one expand (b - 1 = 1 slot)
     scores = np.where((wc.levels == restore.level) & (wc.indices == restore.index), 1.0, 0.0)
     actions = alloc.step(wc, scores)
-    assert [(a.kind, a.level, a.index) for a in actions] == [("expand", restore.level, restore.index)]
+    assert [(a.kind, a.level, a.index) for a in actions] == [
+        ("expand", restore.level, restore.index)
+    ]
 
 
 def test_restore_never_reexpands_its_own_collapse_in_the_same_pass():
     wc = _over_budget()
     alloc = FocusAllocator()
-    scores = np.where(wc.levels >= 1, 5.0, -0.01)  # the members' mean would make the parent an expand candidate
+    scores = np.where(
+        wc.levels >= 1, 5.0, -0.01
+    )  # the members' mean would make the parent an expand candidate
     actions = alloc.step(wc, scores)
     wc.check_invariants()
     forced = {(a.level, a.index) for a in actions if a.forced}
@@ -252,7 +282,9 @@ def test_step_over_budget_is_legal(data):
     actions = FocusAllocator(cfg).step(wc, scores)
     wc.check_invariants()  # budget included
     forced = [a for a in actions if a.forced]
-    assert all(a.kind == "collapse" for a in forced) and actions[: len(forced)] == forced  # restore first
+    assert (
+        all(a.kind == "collapse" for a in forced) and actions[: len(forced)] == forced
+    )  # restore first
     assert len(actions) - len(forced) <= cfg.n_diff
     assert len(wc) == before + sum(a.slot_delta for a in actions)
     if before <= wc.config.w_max:

@@ -1,4 +1,5 @@
-"""Real-LM oracle: next-token alignment against a plain forward, and fast path == naive recompute."""
+"""Real-LM oracle: next-token alignment against a plain forward, and fast path == naive recompute.
+"""
 
 import numpy as np
 import pytest
@@ -13,7 +14,8 @@ from megacontext.working_context import ContextConfig, WorkingContext
 
 
 def plain_nll(model, ids: np.ndarray, t: int, h: int) -> float:
-    """Reference: the LM on raw input ids; mean CE of tokens t..t+h-1 from the logits before them."""
+    """Reference: the LM on raw input ids; mean CE of tokens t..t+h-1 from the logits before them.
+    """
     x = torch.as_tensor(ids[: t + h])[None]
     with torch.no_grad():
         logits = model(input_ids=x).logits[0].float()
@@ -23,7 +25,9 @@ def plain_nll(model, ids: np.ndarray, t: int, h: int) -> float:
 def focused_context(oracle, ids, t, b=4, w_max=40, tail_tokens=8, mode="slot", seed=0, moves=6):
     tree = MegaContextTree(TreeConfig(block_size=b, max_level=2, d_model=oracle.d_model))
     tree.ingest(ids[:t], oracle.token_embeddings(ids[:t]))
-    wc = WorkingContext(tree, ContextConfig(w_max=w_max, tail_tokens=tail_tokens, position_mode=mode))
+    wc = WorkingContext(
+        tree, ContextConfig(w_max=w_max, tail_tokens=tail_tokens, position_mode=mode)
+    )
     wc.append_tokens(t)
     alloc = FocusAllocator()
     alloc.enforce_budget(wc)
@@ -47,7 +51,9 @@ def test_all_l0_context_equals_plain_forward(mode):
     got = oracle.nll([wc.arrays()], ids[t : t + h], t)[0]
     assert got == pytest.approx(plain_nll(model, ids, t, h), abs=1e-5)
     oracle.fast = False
-    assert oracle.nll([wc.arrays()], ids[t : t + h], t)[0] == pytest.approx(plain_nll(model, ids, t, h), abs=1e-5)
+    assert oracle.nll([wc.arrays()], ids[t : t + h], t)[0] == pytest.approx(
+        plain_nll(model, ids, t, h), abs=1e-5
+    )
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -65,8 +71,12 @@ def test_fast_path_equals_naive_recompute(seed, mode):
     b = naive.nll(ctxs, ids[t : t + h], t)
     np.testing.assert_allclose(a, b, atol=1e-4)
     assert fast.positions_recomputed < naive.positions_recomputed
-    snap = label_snapshot(wc, fast, ids[t : t + h], t, 3)  # the labeller over the LM runs end to end
-    assert np.isfinite(snap["target_utilities"]).all() and snap["baseline_nll"] == pytest.approx(a[0], abs=1e-5)
+    snap = label_snapshot(
+        wc, fast, ids[t : t + h], t, 3
+    )  # the labeller over the LM runs end to end
+    assert np.isfinite(snap["target_utilities"]).all() and snap["baseline_nll"] == pytest.approx(
+        a[0], abs=1e-5
+    )
 
 
 def test_bad_contexts_raise():
@@ -95,7 +105,8 @@ def pydoc_ids(tok, n: int) -> np.ndarray:
 
 @pytest.mark.real_lm
 def test_smollm2_alignment_and_fast_path(smollm2):
-    """The real LM (kept small for CI): all-L0 == plain forward; fast == naive on counterfactuals."""
+    """The real LM (kept small for CI): all-L0 == plain forward; fast == naive on counterfactuals.
+    """
     model, tok = smollm2
     oracle = LMOracle(model)
     assert oracle.d_model == 576
@@ -104,9 +115,13 @@ def test_smollm2_alignment_and_fast_path(smollm2):
     wc = focused_context(oracle, ids, t, b=8, w_max=64, tail_tokens=16, moves=0)
     roomy = WorkingContext(wc.tree, ContextConfig(w_max=t, tail_tokens=16))
     roomy.append_tokens(t)
-    # 1e-4 here (1e-5 with the tiny LM): the oracle runs the 49k-wide output head on the H query rows
-    # only, and fp32 GEMM over 16 rows vs 112 rows accumulates in a different order (differences just under 1e-4).
-    assert oracle.nll([roomy.arrays()], ids[t : t + h], t)[0] == pytest.approx(plain_nll(model, ids, t, h), abs=1e-4)
+    # 1e-4 here (1e-5 with the tiny LM): the oracle runs the 49k-wide output head on the H query
+    # rows
+    # only, and fp32 GEMM over 16 rows vs 112 rows accumulates in a different order (differences
+    # just under 1e-4).
+    assert oracle.nll([roomy.arrays()], ids[t : t + h], t)[0] == pytest.approx(
+        plain_nll(model, ids, t, h), abs=1e-4
+    )
     base, variants = counterfactual_contexts(wc, 3)
     ctxs = [base, *(v for _, _, v in variants)][:12]
     fast = oracle.nll(ctxs, ids[t : t + h], t)

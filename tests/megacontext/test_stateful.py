@@ -27,8 +27,12 @@ STEPS = {"rules": 0, "machines": 0}
 
 
 class FocusMachine(RuleBasedStateMachine):
-    @initialize(shape=tree_shapes(max_block=4), tail_blocks=st.integers(0, 2), slack=st.integers(0, 6),
-                seed=st.integers(0, 2**16))
+    @initialize(
+        shape=tree_shapes(max_block=4),
+        tail_blocks=st.integers(0, 2),
+        slack=st.integers(0, 6),
+        seed=st.integers(0, 2**16),
+    )
     def setup(self, shape, tail_blocks, slack, seed):
         b, max_level = shape
         self.b, self.max_level = b, max_level
@@ -55,7 +59,9 @@ class FocusMachine(RuleBasedStateMachine):
         i = self.model.index((index * w, index * w + cw, level - 1))
         kids = [(index * w + k * cw, index * w + (k + 1) * cw, level - 1) for k in range(self.b)]
         assert self.model[i : i + self.b] == kids, "collapse of a non-consecutive sibling group"
-        assert (index + 1) * w <= self.wc.n_tokens - self.wc.config.tail_tokens, "collapse inside the tail"
+        assert (index + 1) * w <= self.wc.n_tokens - self.wc.config.tail_tokens, (
+            "collapse inside the tail"
+        )
         self.model[i : i + self.b] = [(index * w, (index + 1) * w, level)]
 
     def _apply_to_model(self, actions):
@@ -145,7 +151,11 @@ class FocusMachine(RuleBasedStateMachine):
     @invariant()
     def matches_model_and_invariants(self):
         self.wc.check_invariants()
-        spans = list(zip(self.wc.starts.tolist(), self.wc.ends.tolist(), self.wc.levels.tolist(), strict=True))
+        spans = list(
+            zip(
+                self.wc.starts.tolist(), self.wc.ends.tolist(), self.wc.levels.tolist(), strict=True
+            )
+        )
         assert spans == self.model
         assert len(self.wc) <= self.wc.config.w_max
 
@@ -157,4 +167,3 @@ FocusMachine.TestCase.settings = settings(
     stateful_step_count=100 if _CI else 50,
 )
 TestFocusMachine = FocusMachine.TestCase
-

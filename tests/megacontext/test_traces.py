@@ -1,4 +1,5 @@
-"""Trace shards + manifest: round trip, atomic resume, and a clear error for every kind of damage."""
+"""Trace shards + manifest: round trip, atomic resume, and a clear error for every kind of damage.
+"""
 
 import json
 
@@ -52,7 +53,9 @@ def test_resume_after_crash_keeps_completed_shards(tmp_path):
         TraceWriter(tmp_path, {**meta, "seed": 2})
 
 
-@pytest.mark.parametrize("damage", ["truncate", "flip", "delete", "manifest_json", "schema", "no_manifest"])
+@pytest.mark.parametrize(
+    "damage", ["truncate", "flip", "delete", "manifest_json", "schema", "no_manifest"]
+)
 def test_damage_is_reported_with_the_file(tmp_path, damage):
     write_random_traces(tmp_path, n_snapshots=6, shard_size=3)
     shard = tmp_path / "shard-00001.safetensors"

@@ -15,15 +15,21 @@ def naive_gists(emb: np.ndarray, b: int, max_level: int) -> list[np.ndarray]:
     for _ in range(max_level):
         below = levels[-1]
         n = below.shape[0] // b
-        levels.append(np.stack([below[i * b : (i + 1) * b].mean(0) for i in range(n)]) if n else below[:0])
+        levels.append(
+            np.stack([below[i * b : (i + 1) * b].mean(0) for i in range(n)]) if n else below[:0]
+        )
     return levels
 
 
-@given(shape=tree_shapes(allow_b32=False), chunks=st.lists(st.integers(0, 40), min_size=1, max_size=12))
+@given(
+    shape=tree_shapes(allow_b32=False), chunks=st.lists(st.integers(0, 40), min_size=1, max_size=12)
+)
 def test_chunked_ingest_matches_naive_build(shape, chunks):
     b, max_level = shape
     rng = np.random.default_rng(0)
-    tree = MegaContextTree(TreeConfig(block_size=b, max_level=max_level, d_model=3), dtype=np.float64)
+    tree = MegaContextTree(
+        TreeConfig(block_size=b, max_level=max_level, d_model=3), dtype=np.float64
+    )
     total = sum(chunks)
     emb = rng.normal(size=(total, 3))
     ids = rng.integers(0, 50, total)
@@ -77,7 +83,9 @@ def test_bad_inputs_raise_clear_errors():
         tree.ingest(np.arange(4), np.zeros((4, 2)))
     with pytest.raises(ValueError, match="NaN"):
         tree.ingest(np.arange(2), np.full((2, 3), np.nan))
-    bad = MegaContextTree(TreeConfig(block_size=2, max_level=1, d_model=3), gister=lambda c, lv: c[:, 0, :2])
+    bad = MegaContextTree(
+        TreeConfig(block_size=2, max_level=1, d_model=3), gister=lambda c, lv: c[:, 0, :2]
+    )
     with pytest.raises(ValueError, match="gister returned shape"):
         bad.ingest(np.arange(2), np.zeros((2, 3)))
 
@@ -89,7 +97,9 @@ def test_pluggable_gister_gets_level_and_children():
         seen.append((children.shape, level))
         return mean_gister(children, level) + level
 
-    tree = MegaContextTree(TreeConfig(block_size=2, max_level=2, d_model=1), gister=gister, dtype=np.float64)
+    tree = MegaContextTree(
+        TreeConfig(block_size=2, max_level=2, d_model=1), gister=gister, dtype=np.float64
+    )
     tree.ingest(np.arange(4), np.arange(4, dtype=float)[:, None])
     assert seen == [((2, 2, 1), 1), ((1, 2, 1), 2)]
     np.testing.assert_allclose(tree.embeddings(1)[:, 0], [1.5, 3.5])

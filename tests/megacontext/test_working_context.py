@@ -21,7 +21,9 @@ def test_generated_contexts_hold_every_invariant(wc):
     wc.check_invariants()
     starts, ends, b = wc.starts, wc.ends, wc.block_size
     assert len(wc) <= wc.config.w_max  # budget
-    assert starts[0] == 0 and ends[-1] == wc.n_tokens and np.all(ends[:-1] == starts[1:])  # contiguity
+    assert (
+        starts[0] == 0 and ends[-1] == wc.n_tokens and np.all(ends[:-1] == starts[1:])
+    )  # contiguity
     assert np.all(starts % b**wc.levels == 0)  # block alignment
     assert np.all(ends - starts == b**wc.levels)  # level consistency
     assert np.all(np.diff(starts) > 0)  # monotonic timeline
@@ -34,7 +36,9 @@ def test_arrays_agree_with_tree_and_legality(wc):
     a = wc.arrays(n_tail_gists=4)
     b = wc.block_size
     for i in range(len(wc)):  # tree consistency: embedding is the node's own
-        np.testing.assert_array_equal(a.embeddings[i], wc.tree.embeddings(int(a.levels[i]))[a.node_index[i]])
+        np.testing.assert_array_equal(
+            a.embeddings[i], wc.tree.embeddings(int(a.levels[i]))[a.node_index[i]]
+        )
     assert np.all(a.can_expand == (a.levels >= 1))
     np.testing.assert_array_equal(a.expand_cost, np.where(a.levels >= 1, b - 1, 0))
     np.testing.assert_allclose(a.collapse_refund, np.where(a.can_collapse, (b - 1) / b, 0))
@@ -45,9 +49,14 @@ def test_arrays_agree_with_tree_and_legality(wc):
         assert members.tolist() == list(range(g, g + b))
         assert len(set(a.levels[members].tolist())) == 1 and a.levels[g] < wc.max_level
         assert a.node_index[g] % b == 0 and np.all(np.diff(a.node_index[members]) == 1)
-        assert a.span_start[members[-1]] + a.span_width[members[-1]] <= wc.n_tokens - wc.config.tail_tokens
+        assert (
+            a.span_start[members[-1]] + a.span_width[members[-1]]
+            <= wc.n_tokens - wc.config.tail_tokens
+        )
     # refunds sum to what the collapses would free
-    assert np.isclose(a.collapse_refund.sum(), (b - 1) * len(np.unique(a.group_id[a.group_id >= 0])))
+    assert np.isclose(
+        a.collapse_refund.sum(), (b - 1) * len(np.unique(a.group_id[a.group_id >= 0]))
+    )
     n_upper = sum(wc.tree.n_nodes(lv) > 0 for lv in range(2, wc.max_level + 1))
     assert a.tail_mask.sum() == min(4, n_upper + wc.tree.n_nodes(1))
     assert np.all(a.tail_levels[a.tail_mask] >= 1) and np.all(a.tail_gists[~a.tail_mask] == 0)
@@ -63,7 +72,12 @@ def test_expand_then_collapse_is_identity(wc, data):
     i = int(gists[data.draw(st.integers(0, gists.size - 1))])
     level, index = int(wc.levels[i]), int(wc.indices[i])
     before = (wc.levels.copy(), wc.indices.copy())
-    roomy = WorkingContext(wc.tree, ContextConfig(w_max=max(len(wc), wc.config.w_max) + wc.block_size, tail_tokens=wc.config.tail_tokens))
+    roomy = WorkingContext(
+        wc.tree,
+        ContextConfig(
+            w_max=max(len(wc), wc.config.w_max) + wc.block_size, tail_tokens=wc.config.tail_tokens
+        ),
+    )
     roomy.levels, roomy.indices, roomy.n_tokens = before[0].copy(), before[1].copy(), wc.n_tokens
     assert roomy.expand(level, index) == wc.block_size - 1
     roomy.check_invariants()
@@ -93,8 +107,20 @@ def _ctx(b=2, max_level=2, n=16, tail_tokens=2, w_max=32):
 @pytest.mark.parametrize(
     ("corrupt", "invariant"),
     [
-        (lambda wc: setattr(wc, "indices", np.delete(wc.indices, 3)) or setattr(wc, "levels", np.delete(wc.levels, 3)), "contiguity"),
-        (lambda wc: setattr(wc, "indices", np.r_[wc.indices[:4], wc.indices[3:]]) or setattr(wc, "levels", np.r_[wc.levels[:4], wc.levels[3:]]), "contiguity"),
+        (
+            lambda wc: (
+                setattr(wc, "indices", np.delete(wc.indices, 3))
+                or setattr(wc, "levels", np.delete(wc.levels, 3))
+            ),
+            "contiguity",
+        ),
+        (
+            lambda wc: (
+                setattr(wc, "indices", np.r_[wc.indices[:4], wc.indices[3:]])
+                or setattr(wc, "levels", np.r_[wc.levels[:4], wc.levels[3:]])
+            ),
+            "contiguity",
+        ),
         (lambda wc: setattr(wc, "n_tokens", wc.n_tokens + 1), "contiguity"),
         (lambda wc: setattr(wc, "levels", np.r_[5, wc.levels[1:]]), "tree_consistency"),
         (lambda wc: setattr(wc, "config", ContextConfig(w_max=3, tail_tokens=2)), "budget"),
@@ -145,9 +171,12 @@ class _LateGists(WorkingContext):
         return super().starts + (self.levels > 0)
 
 
-@pytest.mark.parametrize(("broken", "invariant"), [(_WideGists, "level_consistency"), (_LateGists, "block_alignment")])
+@pytest.mark.parametrize(
+    ("broken", "invariant"), [(_WideGists, "level_consistency"), (_LateGists, "block_alignment")]
+)
 def test_a_wrong_span_derivation_is_caught_by_name(broken, invariant):
-    """Entries are node names, so no (levels, indices) arrays can misalign a span or give it the wrong
+    """Entries are node names, so no (levels, indices) arrays can misalign a span or give it the
+    wrong
     width (a misplaced gist breaks contiguity, see above); what can is the derivation of the spans
     every consumer reads, and check_invariants checks those."""
     wc = _ctx(b=2, n=16, tail_tokens=2)

@@ -1,4 +1,5 @@
-"""Score-scale calibration on a case whose answer is known: the exact oracle's own labels, shrunk."""
+"""Score-scale calibration on a case whose answer is known: the exact oracle's own labels, shrunk.
+"""
 
 import numpy as np
 import pytest
@@ -29,17 +30,28 @@ def test_fit_undoes_a_known_shrink():
     like the oracle: x4 is the oracle itself), and nothing on the grid beats the picked value."""
     world = small_world()
     docs, shrink = [0, 1, 2], 0.25
-    fit = fit_score_scale(lambda s: ShrunkOracle(shrink * s), world, docs, seed=5, grid=(0.5, 1.0, 2.0, 4.0, 8.0))
+    fit = fit_score_scale(
+        lambda s: ShrunkOracle(shrink * s), world, docs, seed=5, grid=(0.5, 1.0, 2.0, 4.0, 8.0)
+    )
     oracle = evaluate_policy(GreedyOracle(), world, docs, 5, progress=False)["nll"]
     shrunk = evaluate_policy(ShrunkOracle(shrink), world, docs, 5, progress=False)["nll"]
     assert shrunk > oracle + 1e-3  # the shrink does cost something here
     assert fit["score_scale"] >= 4.0
     at_unshrunk = fit["val_nll"][fit["grid"].index(4.0)]
     assert at_unshrunk == pytest.approx(oracle, abs=1e-9)  # x4 undoes the shrink: the oracle itself
-    assert fit["val_nll"][fit["grid"].index(fit["score_scale"])] == min(fit["val_nll"]) <= at_unshrunk
-    assert fit["tau_expand_equivalent"] == pytest.approx(world.allocator.tau_expand / fit["score_scale"])
+    assert (
+        fit["val_nll"][fit["grid"].index(fit["score_scale"])] == min(fit["val_nll"]) <= at_unshrunk
+    )
+    assert fit["tau_expand_equivalent"] == pytest.approx(
+        world.allocator.tau_expand / fit["score_scale"]
+    )
     # a scorer the scale cannot change is left alone (ties go to the value closest to 1)
-    assert fit_score_scale(lambda s: Recency(), world, docs, seed=5, grid=(0.5, 0.8, 2.0))["score_scale"] == 0.8
+    assert (
+        fit_score_scale(lambda s: Recency(), world, docs, seed=5, grid=(0.5, 0.8, 2.0))[
+            "score_scale"
+        ]
+        == 0.8
+    )
 
 
 def test_fit_rejects_bad_input():

@@ -1,4 +1,5 @@
-"""Counterfactual labels: the synthetic world's exact utilities, label semantics, trace generation."""
+"""Counterfactual labels: the synthetic world's exact utilities, label semantics, trace generation.
+"""
 
 import numpy as np
 import pytest
@@ -19,10 +20,15 @@ from tests.strategies import random_walk
 def small_world(**kw) -> WorldConfig:
     b = 4
     return WorldConfig(
-        step_tokens=4, horizon=8, n_tail_gists=3, warmup_tokens=16,
+        step_tokens=4,
+        horizon=8,
+        n_tail_gists=3,
+        warmup_tokens=16,
         tree=TreeConfig(block_size=b, max_level=2, d_model=8),
         context=ContextConfig(w_max=40, tail_tokens=8),
-        synthetic=SyntheticConfig(d_model=8, block_size=b, n_blocks=40, recent_window=6, n_recent=3),
+        synthetic=SyntheticConfig(
+            d_model=8, block_size=b, n_blocks=40, recent_window=6, n_recent=3
+        ),
         **kw,
     )
 
@@ -45,7 +51,9 @@ def test_labels_equal_closed_form_synthetic_utilities(doc, steps, scale):
     assert np.all(snap["expand_gain"] >= 0) and np.all(snap["collapse_cost"] >= 0)
     b = world.tree.block_size
     np.testing.assert_array_equal(snap["expand_cost"], np.where(snap["levels"] >= 1, b - 1, 0))
-    np.testing.assert_allclose(snap["collapse_refund"], np.where(snap["can_collapse"], (b - 1) / b, 0))
+    np.testing.assert_allclose(
+        snap["collapse_refund"], np.where(snap["can_collapse"], (b - 1) / b, 0)
+    )
     assert snap["baseline_nll"] == pytest.approx(ep.nll())
 
 
@@ -77,7 +85,9 @@ def test_referenced_blocks_gain_by_level():
     referenced = set(np.concatenate([doc.ref_blocks[q] for q in np.unique(q_blocks)]).tolist())
     recent = set(range(start // b - doc.config.n_recent, start // b))
     for i in np.flatnonzero(snap["levels"] >= 1):
-        blocks = set(range(snap["span_start"][i] // b, (snap["span_start"][i] + snap["span_width"][i]) // b))
+        blocks = set(
+            range(snap["span_start"][i] // b, (snap["span_start"][i] + snap["span_width"][i]) // b)
+        )
         if not blocks & (referenced | recent):
             assert snap["expand_gain"][i] == 0
         elif blocks & referenced:
@@ -87,7 +97,9 @@ def test_referenced_blocks_gain_by_level():
 def test_trace_generation_resumes_after_a_crash(tmp_path, monkeypatch):
     world = small_world()
     args = dict(n_docs=3, world=world, shard_size=5, progress=False, seed=2)
-    clean = TraceReader(generate_traces(TraceArgs(out=str(tmp_path / "clean"), **args)), require_complete=True)
+    clean = TraceReader(
+        generate_traces(TraceArgs(out=str(tmp_path / "clean"), **args)), require_complete=True
+    )
     real = labels_mod.label_snapshot
     calls = {"n": 0}
 
@@ -102,7 +114,9 @@ def test_trace_generation_resumes_after_a_crash(tmp_path, monkeypatch):
         generate_traces(TraceArgs(out=str(tmp_path / "crashy"), **args))
     monkeypatch.setattr(labels_mod, "label_snapshot", real)
     assert len(TraceReader(tmp_path / "crashy")) == 10  # two complete shards survived
-    resumed = TraceReader(generate_traces(TraceArgs(out=str(tmp_path / "crashy"), **args)), require_complete=True)
+    resumed = TraceReader(
+        generate_traces(TraceArgs(out=str(tmp_path / "crashy"), **args)), require_complete=True
+    )
     assert len(resumed) == len(clean)
     for k in ("target_utilities", "embeddings", "levels"):
         np.testing.assert_array_equal(resumed.entries[k], clean.entries[k])
@@ -126,15 +140,23 @@ def test_world_config_is_validated():
         WorldConfig(tree=TreeConfig(block_size=4, d_model=8))
     with pytest.raises(ConfigError, match="cannot hold"):
         small_world().__class__(
-            step_tokens=4, horizon=8, n_tail_gists=3, warmup_tokens=16, tree=TreeConfig(block_size=4, max_level=1, d_model=8),
-            context=ContextConfig(w_max=20, tail_tokens=8), synthetic=SyntheticConfig(d_model=8, block_size=4, n_blocks=40))
+            step_tokens=4,
+            horizon=8,
+            n_tail_gists=3,
+            warmup_tokens=16,
+            tree=TreeConfig(block_size=4, max_level=1, d_model=8),
+            context=ContextConfig(w_max=20, tail_tokens=8),
+            synthetic=SyntheticConfig(d_model=8, block_size=4, n_blocks=40),
+        )
 
 
 def test_lm_traces_with_the_tiny_lm(tmp_path):
     from dataclasses import replace
 
     world = replace(small_world(), env="lm")
-    out = generate_traces(TraceArgs(out=str(tmp_path), n_docs=1, world=world, progress=False, lm="tiny"))
+    out = generate_traces(
+        TraceArgs(out=str(tmp_path), n_docs=1, world=world, progress=False, lm="tiny")
+    )
     r = TraceReader(out, require_complete=True)
     assert len(r) > 5 and r.d_model == 64 and r.meta["oracle"]["kind"] == "lm"
     assert np.isfinite(r.entries["target_utilities"]).all()

@@ -1,4 +1,5 @@
-"""The main job: dataclass CLI (help from field docstrings, validation) and a small end-to-end study."""
+"""The main job: dataclass CLI (help from field docstrings, validation) and a small end-to-end
+study."""
 
 import json
 import subprocess
@@ -18,33 +19,107 @@ from sim.world import HELD_OUT_FIRST_DOC
 
 def test_help_comes_from_field_docstrings():
     assert field_docs(TreeConfig)["block_size"].startswith("b: children per node")
-    out = subprocess.run([sys.executable, "-m", "sim.run", "--help"], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "sim.run", "--help"], capture_output=True, text=True, check=True
+    )
     assert "W_max: maximum number of entries" in out.stdout
-    for flag in ("--seed", "--out", "--world.tree.block-size", "--world.context.w-max", "--world.allocator.n-diff",
-                 "--train.lr", "--train.betas", "--train-docs", "--eval-docs"):
+    for flag in (
+        "--seed",
+        "--out",
+        "--world.tree.block-size",
+        "--world.context.w-max",
+        "--world.allocator.n-diff",
+        "--train.lr",
+        "--train.betas",
+        "--train-docs",
+        "--eval-docs",
+    ):
         assert flag in out.stdout, flag
-    assert "(validation = 10% of the training documents" in " ".join(out.stdout.split())  # a literal % survives
+    assert "(validation = 10% of the training documents" in " ".join(
+        out.stdout.split()
+    )  # a literal % survives
 
 
 def test_nested_defaults_and_overrides():
     args = parse(RunArgs, [])
-    assert args.world.context.w_max == 256 and args.world.tree.block_size == 32 and args.train.total_steps == 1500
-    args = parse(RunArgs, ["--world.tree.block-size", "4", "--world.synthetic.block-size", "4", "--world.context.w-max",
-                           "400", "--train.betas", "0.8", "0.9", "--world.allocator.n-diff", "2"])
-    assert (args.world.tree.block_size, args.train.betas, args.world.allocator.n_diff) == (4, (0.8, 0.9), 2)
+    assert (
+        args.world.context.w_max == 256
+        and args.world.tree.block_size == 32
+        and args.train.total_steps == 1500
+    )
+    args = parse(
+        RunArgs,
+        [
+            "--world.tree.block-size",
+            "4",
+            "--world.synthetic.block-size",
+            "4",
+            "--world.context.w-max",
+            "400",
+            "--train.betas",
+            "0.8",
+            "0.9",
+            "--world.allocator.n-diff",
+            "2",
+        ],
+    )
+    assert (args.world.tree.block_size, args.train.betas, args.world.allocator.n_diff) == (
+        4,
+        (0.8, 0.9),
+        2,
+    )
     with pytest.raises(SystemExit):
         parse(RunArgs, ["--world.tree.block-size", "1"])  # refused by TreeConfig.__post_init__
 
 
 def small_study_argv(out) -> list[str]:
     s = SyntheticConfig()
-    return ["--out", str(out), "--train-docs", "3", "--eval-docs", "2", "--preset", "tiny", "--no-progress",
-            "--world.tree.block-size", "4", "--world.tree.d-model", "8", "--world.synthetic.block-size", "4",
-            "--world.synthetic.d-model", "8", "--world.synthetic.n-blocks", "40", "--world.synthetic.recent-window", "6",
-            "--world.synthetic.n-recent", "3", "--world.step-tokens", "4", "--world.horizon", "8", "--world.n-tail-gists", "3",
-            "--world.warmup-tokens", "16", "--world.context.w-max", "40", "--world.context.tail-tokens", "8",
-            "--train.total-steps", "40", "--train.eval-every", "20", "--train.warmup-steps", "5",
-            "--train.ckpt-every", "40", f"--world.synthetic.base-nll={s.base_nll}"]
+    return [
+        "--out",
+        str(out),
+        "--train-docs",
+        "3",
+        "--eval-docs",
+        "2",
+        "--preset",
+        "tiny",
+        "--no-progress",
+        "--world.tree.block-size",
+        "4",
+        "--world.tree.d-model",
+        "8",
+        "--world.synthetic.block-size",
+        "4",
+        "--world.synthetic.d-model",
+        "8",
+        "--world.synthetic.n-blocks",
+        "40",
+        "--world.synthetic.recent-window",
+        "6",
+        "--world.synthetic.n-recent",
+        "3",
+        "--world.step-tokens",
+        "4",
+        "--world.horizon",
+        "8",
+        "--world.n-tail-gists",
+        "3",
+        "--world.warmup-tokens",
+        "16",
+        "--world.context.w-max",
+        "40",
+        "--world.context.tail-tokens",
+        "8",
+        "--train.total-steps",
+        "40",
+        "--train.eval-every",
+        "20",
+        "--train.warmup-steps",
+        "5",
+        "--train.ckpt-every",
+        "40",
+        f"--world.synthetic.base-nll={s.base_nll}",
+    ]
 
 
 def test_small_study_end_to_end(tmp_path, capsys):
@@ -52,9 +127,19 @@ def test_small_study_end_to_end(tmp_path, capsys):
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved == json.loads(json.dumps(results))
     pol = saved["policies"]
-    assert set(pol) == {"lensnet", "lensnet_raw", "cue", "recency", "random", "all_coarse", "oracle"}
+    assert set(pol) == {
+        "lensnet",
+        "lensnet_raw",
+        "cue",
+        "recency",
+        "random",
+        "all_coarse",
+        "oracle",
+    }
     assert pol["oracle"]["ngr"] == 1.0 and pol["recency"]["ngr"] == 0.0
-    assert pol["oracle"]["nll"] <= pol["recency"]["nll"] <= pol["all_coarse"]["nll"]  # exact greedy beats doing nothing
+    assert (
+        pol["oracle"]["nll"] <= pol["recency"]["nll"] <= pol["all_coarse"]["nll"]
+    )  # exact greedy beats doing nothing
     for r in pol.values():
         assert r["max_slots"] <= 40 and r["steps"] > 0
     assert saved["lensnet_metrics"]["legality_compliance"] == 1.0
@@ -63,13 +148,28 @@ def test_small_study_end_to_end(tmp_path, capsys):
     evals = [r for r in evals if "val/loss" in r]
     assert saved["lensnet_select"] == "best" and len(evals) == 2
     assert saved["lensnet_step"] == min(evals, key=lambda r: r["val/loss"])["step"]
-    for f in ("config.json", "command.txt", "versions.json", "metrics.jsonl", "latest.pt", "focus.jsonl",
-              "plots/policy_nll.png", "plots/training_curves.png", "plots/focus_heatmap.png", "plots/validation_metrics.png",
-              "plots/budget_sweep.png", "plots/score_distribution.png", "scores.npz"):
+    for f in (
+        "config.json",
+        "command.txt",
+        "versions.json",
+        "metrics.jsonl",
+        "latest.pt",
+        "focus.jsonl",
+        "plots/policy_nll.png",
+        "plots/training_curves.png",
+        "plots/focus_heatmap.png",
+        "plots/validation_metrics.png",
+        "plots/budget_sweep.png",
+        "plots/score_distribution.png",
+        "scores.npz",
+    ):
         assert (tmp_path / f).exists(), f
-    # the scale fitted on validation documents is reported, stored with the evaluated weights, applied
+    # the scale fitted on validation documents is reported, stored with the evaluated weights,
+    # applied
     cal = saved["lensnet_calibration"]
-    assert cal["score_scale"] in cal["grid"] and cal["val_nll"][cal["grid"].index(cal["score_scale"])] == min(cal["val_nll"])
+    assert cal["score_scale"] in cal["grid"] and cal["val_nll"][
+        cal["grid"].index(cal["score_scale"])
+    ] == min(cal["val_nll"])
     assert all(d < HELD_OUT_FIRST_DOC for d in cal["val_docs"])  # never the held-out documents
     assert load_model(tmp_path / "best.pt").score_scale == cal["score_scale"]
     # budget sweep: the run's own W_max plus the feasible multiples, each with every policy
@@ -82,7 +182,9 @@ def test_small_study_end_to_end(tmp_path, capsys):
     assert len(sweep) + len(saved["budget_notes"]) == 5  # every scale either ran or says why not
     # the focus log marks the referenced blocks (synthetic world)
     rec = json.loads((tmp_path / "focus.jsonl").read_text().splitlines()[0])
-    assert rec["block_size"] == 4 and all(isinstance(r, int) and 0 <= r * 4 < rec["T"] for r in rec["referenced"])
+    assert rec["block_size"] == 4 and all(
+        isinstance(r, int) and 0 <= r * 4 < rec["T"] for r in rec["referenced"]
+    )
     printed = capsys.readouterr().out
     assert "lensnet" in printed and "NGR" in printed
 
@@ -90,13 +192,54 @@ def test_small_study_end_to_end(tmp_path, capsys):
 def test_small_study_learns_to_beat_recency(tmp_path):
     """A small world LensNet can learn in seconds (orthonormal keys: d/2 = 16 >= 16 blocks): trained
     on 24 documents it must recover a clear share of the oracle's gap on held-out documents."""
-    argv = ["--out", str(tmp_path), "--train-docs", "48", "--eval-docs", "8", "--preset", "tiny", "--no-progress",
-            "--no-plots", "--budget-scales", "1.25", "--world.tree.block-size", "4", "--world.tree.d-model", "32",
-            "--world.synthetic.block-size", "4", "--world.synthetic.d-model", "32", "--world.synthetic.n-blocks", "16",
-            "--world.synthetic.recent-window", "6", "--world.synthetic.n-recent", "3", "--world.step-tokens", "4",
-            "--world.horizon", "8", "--world.n-tail-gists", "3", "--world.warmup-tokens", "16", "--world.context.w-max",
-            "20", "--world.context.tail-tokens", "8", "--train.total-steps", "400", "--train.eval-every", "100",
-            "--train.warmup-steps", "20", "--train.ckpt-every", "400"]
+    argv = [
+        "--out",
+        str(tmp_path),
+        "--train-docs",
+        "48",
+        "--eval-docs",
+        "8",
+        "--preset",
+        "tiny",
+        "--no-progress",
+        "--no-plots",
+        "--budget-scales",
+        "1.25",
+        "--world.tree.block-size",
+        "4",
+        "--world.tree.d-model",
+        "32",
+        "--world.synthetic.block-size",
+        "4",
+        "--world.synthetic.d-model",
+        "32",
+        "--world.synthetic.n-blocks",
+        "16",
+        "--world.synthetic.recent-window",
+        "6",
+        "--world.synthetic.n-recent",
+        "3",
+        "--world.step-tokens",
+        "4",
+        "--world.horizon",
+        "8",
+        "--world.n-tail-gists",
+        "3",
+        "--world.warmup-tokens",
+        "16",
+        "--world.context.w-max",
+        "20",
+        "--world.context.tail-tokens",
+        "8",
+        "--train.total-steps",
+        "400",
+        "--train.eval-every",
+        "100",
+        "--train.warmup-steps",
+        "20",
+        "--train.ckpt-every",
+        "400",
+    ]
     results = run(parse(RunArgs, argv))
     pol = results["policies"]
     assert pol["lensnet"]["ngr"] > 0.3, {k: v["ngr"] for k, v in pol.items()}  # 0.60 when written
@@ -105,16 +248,54 @@ def test_small_study_learns_to_beat_recency(tmp_path):
 
 
 def test_lm_study_end_to_end_with_the_tiny_lm(tmp_path):
-    argv = ["--env", "lm", "--lm", "tiny", "--out", str(tmp_path), "--train-docs", "2", "--eval-docs", "1",
-            "--preset", "tiny", "--no-progress", "--no-plots", "--world.tree.block-size", "4", "--world.tree.max-level", "2",
-            "--world.synthetic.n-blocks", "24", "--world.step-tokens", "4", "--world.horizon", "8",
-            "--world.n-tail-gists", "3", "--world.warmup-tokens", "16", "--world.context.w-max", "24",
-            "--world.context.tail-tokens", "8", "--train.total-steps", "10", "--train.eval-every", "5",
-            "--train.warmup-steps", "2", "--budget-scales", "1.5"]
+    argv = [
+        "--env",
+        "lm",
+        "--lm",
+        "tiny",
+        "--out",
+        str(tmp_path),
+        "--train-docs",
+        "2",
+        "--eval-docs",
+        "1",
+        "--preset",
+        "tiny",
+        "--no-progress",
+        "--no-plots",
+        "--world.tree.block-size",
+        "4",
+        "--world.tree.max-level",
+        "2",
+        "--world.synthetic.n-blocks",
+        "24",
+        "--world.step-tokens",
+        "4",
+        "--world.horizon",
+        "8",
+        "--world.n-tail-gists",
+        "3",
+        "--world.warmup-tokens",
+        "16",
+        "--world.context.w-max",
+        "24",
+        "--world.context.tail-tokens",
+        "8",
+        "--train.total-steps",
+        "10",
+        "--train.eval-every",
+        "5",
+        "--train.warmup-steps",
+        "2",
+        "--budget-scales",
+        "1.5",
+    ]
     args = parse(RunArgs, argv, defaults=lm_defaults())
     assert args.env == "lm" and args.world.env == "lm"
     results = run(args)
-    assert results["env"] == "lm"  # the tiny LM has no GistNet checkpoint: means, and the name says why
+    assert (
+        results["env"] == "lm"
+    )  # the tiny LM has no GistNet checkpoint: means, and the name says why
     assert results["gister"].startswith("mean (no GistNet checkpoint fits")
     assert set(results["budget_sweep"]) == {"24", "36"}
     for r in results["policies"].values():
@@ -135,7 +316,8 @@ def test_budget_sweep_skips_budgets_the_context_cannot_hold():
 
 
 def test_budgets_without_room_to_expand_are_flagged():
-    """A budget where no expansion ever fits makes every policy the recency cover: said, not hidden."""
+    """A budget where no expansion ever fits makes every policy the recency cover: said, not hidden.
+    """
     from megacontext.working_context import min_slots
     from sim.run import _budgets, expansion_room
 
@@ -143,7 +325,13 @@ def test_budgets_without_room_to_expand_are_flagged():
     w = lm.world
     b, n_doc = w.tree.block_size, w.synthetic.n_blocks * w.tree.block_size
     cursors = range(w.warmup_tokens, n_doc - w.horizon + 1, w.step_tokens)
-    for w_max in (48, 64, 72, 73, 96):  # brute force: the coarsest cover + one block vs W_max, per step
+    for w_max in (
+        48,
+        64,
+        72,
+        73,
+        96,
+    ):  # brute force: the coarsest cover + one block vs W_max, per step
         wb = replace(w, context=replace(w.context, w_max=w_max))
         want = sum(min_slots(t, b, 1, w.context.tail_tokens) + b - 1 <= w_max for t in cursors)
         assert expansion_room(wb) == (want, len(cursors))
@@ -156,9 +344,17 @@ def test_budgets_without_room_to_expand_are_flagged():
 
 
 def test_env_lm_brings_its_own_defaults():
-    out = subprocess.run([sys.executable, "-m", "sim.run", "--env", "lm", "--help"], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "sim.run", "--env", "lm", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     default = lm_defaults()
-    assert f"(default: {default.world.context.w_max})" in out.stdout and "(default: runs/lm)" in out.stdout
+    assert (
+        f"(default: {default.world.context.w_max})" in out.stdout
+        and "(default: runs/lm)" in out.stdout
+    )
     assert parse(RunArgs, []).world.context.w_max == 256
     from megacontext.tree import MegaContextTree
     from megacontext.working_context import WorkingContext
@@ -171,49 +367,96 @@ def test_env_lm_brings_its_own_defaults():
 
 
 def test_bad_budget_exits_with_clear_message(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "sim.run", "--world.context.w-max", "150", "--out", str(tmp_path)],
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "sim.run", "--world.context.w-max", "150", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 2 and "w_max=150" in out.stderr and "Traceback" not in out.stderr
 
 
 def test_t_quantile_matches_the_tables():
     from sim.run import t_quantile
 
-    for df, q in ((1, 12.7062), (2, 4.3027), (4, 2.7764), (9, 2.2622), (30, 2.0423), (1000, 1.9623)):
+    for df, q in (
+        (1, 12.7062),
+        (2, 4.3027),
+        (4, 2.7764),
+        (9, 2.2622),
+        (30, 2.0423),
+        (1000, 1.9623),
+    ):
         assert t_quantile(0.975, df) == pytest.approx(q, abs=2e-4), df
 
 
 def test_train_seeds_report_every_lensnet_and_a_t_interval(tmp_path, capsys):
-    """--train-seeds 2: two LensNets on one set of traces and baselines; each reported, with the mean
+    """--train-seeds 2: two LensNets on one set of traces and baselines; each reported, with the
+    mean
     and the 95% t half-width (t_0.975 with 1 degree of freedom = 12.706)."""
-    results = run(parse(RunArgs, [*small_study_argv(tmp_path), "--train-seeds", "2", "--no-plots",
-                                  "--budget-scales", "1.25"]))
+    results = run(
+        parse(
+            RunArgs,
+            [
+                *small_study_argv(tmp_path),
+                "--train-seeds",
+                "2",
+                "--no-plots",
+                "--budget-scales",
+                "1.25",
+            ],
+        )
+    )
     s = results["lensnet_seeds"]
     assert s["seeds"] == [0, 1] and [r["seed"] for r in s["per_seed"]] == [0, 1]
-    assert s["per_seed"][0]["nll"] == results["policies"]["lensnet"]["nll"]  # policies.lensnet: the first seed
+    assert (
+        s["per_seed"][0]["nll"] == results["policies"]["lensnet"]["nll"]
+    )  # policies.lensnet: the first seed
     assert s["per_seed"][0]["ranking_accuracy"] == results["lensnet_metrics"]["ranking_accuracy"]
     assert s["per_seed"][0]["pearson"] != s["per_seed"][1]["pearson"]  # two different trainings
     for key in ("nll", "ngr", "ranking_accuracy", "pearson"):
         vals = np.array([r[key] for r in s["per_seed"]])
         summary = s["summary"][key]
         assert summary["n"] == 2 and summary["mean"] == pytest.approx(vals.mean())
-        assert summary["half_width"] == pytest.approx(12.7062 * vals.std(ddof=1) / np.sqrt(2), rel=1e-4)
+        assert summary["half_width"] == pytest.approx(
+            12.7062 * vals.std(ddof=1) / np.sqrt(2), rel=1e-4
+        )
         assert summary["low"] <= summary["mean"] <= summary["high"]
     for r in s["per_seed"]:  # each seed's NGR against the shared baselines
         pol = results["policies"]
-        assert r["ngr"] == pytest.approx((pol["recency"]["nll"] - r["nll"]) / (pol["recency"]["nll"] - pol["oracle"]["nll"]))
+        assert r["ngr"] == pytest.approx(
+            (pol["recency"]["nll"] - r["nll"]) / (pol["recency"]["nll"] - pol["oracle"]["nll"])
+        )
         assert set(r["budget_sweep"]) == set(results["budget_sweep"])
-    assert (tmp_path / "train-seeds" / "seed-1" / "metrics.jsonl").exists() and (tmp_path / "metrics.jsonl").exists()
+    assert (tmp_path / "train-seeds" / "seed-1" / "metrics.jsonl").exists() and (
+        tmp_path / "metrics.jsonl"
+    ).exists()
     printed = capsys.readouterr().out
     assert "lensnet *" in printed and "over 2 training seeds [0, 1]" in printed
 
 
-@pytest.mark.parametrize("cls, argv", [
-    ("EvaluateArgs", ["--tasks", "a b.jsonl", "--no-progress", "--world.w-max", "128", "--no-world.lookahead",
-                      "--world.allocator.tau-expand", "0.1"]),
-    ("TaskStudyArgs", ["--task", "code", "--train-lengths", "512", "1024", "--train.total-steps", "10"]),
-    ("RunArgs", ["--seed", "3", "--budget-scales", "1.0", "--world.context.w-max", "200"]),
-])
+@pytest.mark.parametrize(
+    "cls, argv",
+    [
+        (
+            "EvaluateArgs",
+            [
+                "--tasks",
+                "a b.jsonl",
+                "--no-progress",
+                "--world.w-max",
+                "128",
+                "--no-world.lookahead",
+                "--world.allocator.tau-expand",
+                "0.1",
+            ],
+        ),
+        (
+            "TaskStudyArgs",
+            ["--task", "code", "--train-lengths", "512", "1024", "--train.total-steps", "10"],
+        ),
+        ("RunArgs", ["--seed", "3", "--budget-scales", "1.0", "--world.context.w-max", "200"]),
+    ],
+)
 def test_to_argv_parses_back_to_the_same_arguments(cls, argv):
     """The command a run writes (command.txt) reproduces its arguments, also when another entry
     point built them (sim.taskstudy calling sim.evaluate)."""

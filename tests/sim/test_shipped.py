@@ -20,8 +20,12 @@ def test_shipped_lensnet_loads_and_fits_only_its_lm():
     smollm2 = _lm(**fp)
     kind = card["task"]
     assert lm_fingerprint(smollm2) == fp and default_lensnet_path(smollm2, kind) == TASKS_CHECKPOINT
-    assert default_lensnet_path(_lm(**{**fp, "hidden_size": 64}), kind) is None  # e.g. the tiny test LM
-    for other in ({"passkey", "multikey", "vt", "code"} - {kind}) | {None}:  # never silently another kind
+    assert (
+        default_lensnet_path(_lm(**{**fp, "hidden_size": 64}), kind) is None
+    )  # e.g. the tiny test LM
+    for other in ({"passkey", "multikey", "vt", "code"} - {kind}) | {
+        None
+    }:  # never silently another kind
         assert default_lensnet_path(smollm2, other) is None, other
     model = load_model(TASKS_CHECKPOINT)
     assert model.config.d_model == fp["hidden_size"]

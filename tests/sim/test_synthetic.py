@@ -25,11 +25,20 @@ def clean_world(**synthetic) -> WorldConfig:
     block just before the cursor)."""
     b, d = 4, 64
     return WorldConfig(
-        step_tokens=b, horizon=2 * b, n_tail_gists=3, warmup_tokens=16,
+        step_tokens=b,
+        horizon=2 * b,
+        n_tail_gists=3,
+        warmup_tokens=16,
         tree=TreeConfig(block_size=b, max_level=2, d_model=d),
         context=ContextConfig(w_max=24, tail_tokens=8),
-        synthetic=SyntheticConfig(d_model=d, block_size=b, n_blocks=30, recent_window=6, n_recent=3,
-                                  **{"noise": 0.0, "weight_min": 1.5, "weight_max": 1.5, **synthetic}),
+        synthetic=SyntheticConfig(
+            d_model=d,
+            block_size=b,
+            n_blocks=30,
+            recent_window=6,
+            n_recent=3,
+            **{"noise": 0.0, "weight_min": 1.5, "weight_max": 1.5, **synthetic},
+        ),
     )
 
 
@@ -80,10 +89,14 @@ def test_cue_reads_no_future():
 
 
 def test_cue_recovers_most_of_the_oracle_gap_on_the_default_world():
-    """End to end at the default sizes (4 held-out documents): far above recency, below the oracle."""
+    """End to end at the default sizes (4 held-out documents): far above recency, below the oracle.
+    """
     world = WorldConfig()
     docs = list(range(HELD_OUT_FIRST_DOC, HELD_OUT_FIRST_DOC + 4))
-    r = {p.name: evaluate_policy(p, world, docs, 11, progress=False) for p in (Recency(), GreedyOracle(), CueReference())}
+    r = {
+        p.name: evaluate_policy(p, world, docs, 11, progress=False)
+        for p in (Recency(), GreedyOracle(), CueReference())
+    }
     ngr = nll_gap_recovered(r)["cue"]
     assert 0.8 < ngr <= 1.0 + 1e-9
 

@@ -39,10 +39,13 @@ def words(text: str) -> int:
     return len(text.split())
 
 
-def one_task(kind: str, seed: int, depth: float, length: int, split: str = "train",
-             count=None) -> dict:
-    return generate_tasks(TaskConfig(kind=kind, n_tasks=1, length=(length,), depths=(depth,),
-                                     split=split, seed=seed), count)[0]
+def one_task(
+    kind: str, seed: int, depth: float, length: int, split: str = "train", count=None
+) -> dict:
+    return generate_tasks(
+        TaskConfig(kind=kind, n_tasks=1, length=(length,), depths=(depth,), split=split, seed=seed),
+        count,
+    )[0]
 
 
 def needle_pattern(task: dict) -> re.Pattern:
@@ -63,13 +66,21 @@ def filler_of(task: dict) -> str:
     return needle_pattern(task).sub("", task["context"])
 
 
-@given(kind=st.sampled_from(KINDS), seed=st.integers(0, 2**32 - 1), depth=st.floats(0.0, 1.0),
-       length=st.sampled_from([1024, 2048]), split=st.sampled_from(["train", "heldout"]))
+@given(
+    kind=st.sampled_from(KINDS),
+    seed=st.integers(0, 2**32 - 1),
+    depth=st.floats(0.0, 1.0),
+    length=st.sampled_from([1024, 2048]),
+    split=st.sampled_from(["train", "heldout"]),
+)
 def test_answer_lies_in_the_needles_at_the_claimed_depth(kind, seed, depth, length, split):
     task = one_task(kind, seed, depth, length, split)
     context, answer, spans = task["context"], task["answer"], task["needle_spans"]
-    assert (answer.startswith(" ") and answer == " " + answer.strip()
-            and not task["question"].endswith(" "))
+    assert (
+        answer.startswith(" ")
+        and answer == " " + answer.strip()
+        and not task["question"].endswith(" ")
+    )
     assert spans and all(0 <= a < b <= len(context) for a, b in spans)
     needles = [context[a:b] for a, b in spans]
     if kind == "vt":  # the chain: value then each hop, each span naming the variables in order
@@ -111,17 +122,25 @@ def test_same_seed_same_file(tmp_path_factory, seed, kind):
     write_jsonl(generate_tasks(config), a)
     write_jsonl(generate_tasks(config), b)
     assert a.read_bytes() == b.read_bytes()
-    other = generate_tasks(TaskConfig(kind=kind, n_tasks=3, length=(1024,), depths=(),
-                                      seed=seed + 1))
+    other = generate_tasks(
+        TaskConfig(kind=kind, n_tasks=3, length=(1024,), depths=(), seed=seed + 1)
+    )
     assert [t["context"] for t in other] != [t["context"] for t in read_tasks(a)]
     assert read_tasks(a) == generate_tasks(config)  # the file round-trips
 
 
 def test_depth_and_length_grid():
-    tasks = generate_tasks(TaskConfig(kind="passkey", n_tasks=6, length=(1024, 2048),
-                                      depths=(0.0, 0.5, 1.0)))
+    tasks = generate_tasks(
+        TaskConfig(kind="passkey", n_tasks=6, length=(1024, 2048), depths=(0.0, 0.5, 1.0))
+    )
     assert [(t["meta"]["length"], t["meta"]["depth"]) for t in tasks] == [
-        (1024, 0.0), (2048, 0.0), (1024, 0.5), (2048, 0.5), (1024, 1.0), (2048, 1.0)]
+        (1024, 0.0),
+        (2048, 0.0),
+        (1024, 0.5),
+        (2048, 0.5),
+        (1024, 1.0),
+        (2048, 1.0),
+    ]
     assert len({t["id"] for t in tasks}) == 6
 
 
@@ -135,11 +154,14 @@ def ngrams(text: str, n: int = 4) -> set[tuple[str, ...]]:
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_train_and_heldout_phrasings_are_disjoint(kind):
-    grams = {s: set().union(*(ngrams(x) for t in TEMPLATES[kind][s] for x in t))
-             for s in ("train", "heldout")}
+    grams = {
+        s: set().union(*(ngrams(x) for t in TEMPLATES[kind][s] for x in t))
+        for s in ("train", "heldout")
+    }
     assert grams["train"] and grams["heldout"] and not grams["train"] & grams["heldout"]
-    heldout = generate_tasks(TaskConfig(kind=kind, n_tasks=8, length=(1024,), split="heldout",
-                                        seed=3))
+    heldout = generate_tasks(
+        TaskConfig(kind=kind, n_tasks=8, length=(1024,), split="heldout", seed=3)
+    )
     for task in heldout:  # no train phrase in a held-out needle or question
         text = " ".join(task["context"][a:b] for a, b in task["needle_spans"]) + task["question"]
         assert not ngrams(text) & grams["train"]
@@ -150,10 +172,14 @@ def test_train_and_heldout_filler_share_no_200_characters():
     train = set(filler_sources("train"))
     assert train.isdisjoint(filler_sources("heldout"))
     kw = dict(n_tasks=4, length=(4096,), depths=(0.5,), seed=11)
-    train_text = "\n".join(filler_of(t) for k in KINDS
-                           for t in generate_tasks(TaskConfig(kind=k, **kw)))
-    held_text = "\n".join(filler_of(t) for k in KINDS
-                          for t in generate_tasks(TaskConfig(kind=k, split="heldout", **kw)))
+    train_text = "\n".join(
+        filler_of(t) for k in KINDS for t in generate_tasks(TaskConfig(kind=k, **kw))
+    )
+    held_text = "\n".join(
+        filler_of(t)
+        for k in KINDS
+        for t in generate_tasks(TaskConfig(kind=k, split="heldout", **kw))
+    )
     assert len(train_text) > 150_000 and len(held_text) > 150_000
     # any common substring of 200 characters holds a train window of 100 starting at a multiple
     # of 100
@@ -161,8 +187,9 @@ def test_train_and_heldout_filler_share_no_200_characters():
     shared = [i for i in range(len(held_text) - 99) if held_text[i : i + 100] in windows]
     assert not shared, held_text[shared[0] : shared[0] + 200]
     # the check can fail: the same split does share text across tasks
-    again = "\n".join(filler_of(t)
-                      for t in generate_tasks(TaskConfig(kind="passkey", **{**kw, "seed": 12})))
+    again = "\n".join(
+        filler_of(t) for t in generate_tasks(TaskConfig(kind="passkey", **{**kw, "seed": 12}))
+    )
     assert any(again[i : i + 100] in windows for i in range(len(again) - 99))
 
 
@@ -193,8 +220,9 @@ def test_heldout_tasks_read_only_text_gistnet_never_trains_on():
     seen = " ".join(corpus_text(c, s) for c in ("pydoc", "stdlib") for s in ("train", "validation"))
     seen = re.sub(r"\s+", " ", seen)  # docstrings stand indented in the source, dedented as filler
     windows = {seen[i : i + 100] for i in range(0, len(seen) - 99, 100)}
-    paragraphs = [re.sub(r"\s+", " ", p)
-                  for source in filler_sources("heldout") for p in _paragraphs(source)]
+    paragraphs = [
+        re.sub(r"\s+", " ", p) for source in filler_sources("heldout") for p in _paragraphs(source)
+    ]
     assert len(paragraphs) > 300
     # any common run of 200 characters holds a window of 100 that starts at a multiple of 100
     shared = [p for p in paragraphs if any(p[i : i + 100] in windows for i in range(len(p) - 99))]
@@ -214,8 +242,9 @@ def test_code_task_far_part_never_wraps_around():
     is bound far enough above, so there is no task (a negative slice would wrap around and call
     the context's first ~1 000 characters 'far')."""
     with pytest.raises(ConfigError, match="no cut with a far-defined name"):
-        generate_tasks(TaskConfig(kind="code", n_tasks=1, length=(512,), split="heldout",
-                                  near_chars=3000))
+        generate_tasks(
+            TaskConfig(kind="code", n_tasks=1, length=(512,), split="heldout", near_chars=3000)
+        )
 
 
 BAD_LINES = {
@@ -232,16 +261,24 @@ BAD_LINES = {
     '"needle_spans": [[1.5, 2]]}': "pair of integers",
     '{"id": "x", "context": "abc", "question": "q", "answer": " 1", '
     '"needle_spans": 3}': "not a list",
-    '{"id": "a", "context": "abc", "question": "q", "answer": " 1"}':
-        "duplicate id 'a' (first on line 1)",
+    '{"id": "a", "context": "abc", "question": "q", "answer": " 1"}': (
+        "duplicate id 'a' (first on line 1)"
+    ),
 }
 
 
 @pytest.mark.parametrize("bad, problem", BAD_LINES.items())
 def test_reader_errors_name_file_and_line(tmp_path, bad, problem):
-    good = [{"id": "a", "context": "abcdef", "question": " q", "answer": " 1",
-             "needle_spans": [[0, 3]]},
-            {"id": "b", "context": "xyz", "question": " q", "answer": " 2"}]
+    good = [
+        {
+            "id": "a",
+            "context": "abcdef",
+            "question": " q",
+            "answer": " 1",
+            "needle_spans": [[0, 3]],
+        },
+        {"id": "b", "context": "xyz", "question": " q", "answer": " 2"},
+    ]
     path = tmp_path / "tasks.jsonl"
     path.write_text(json.dumps(good[0]) + "\n\n" + bad + "\n" + json.dumps(good[1]) + "\n")
     match = rf"tasks\.jsonl: line 3: .*{re.escape(problem)}"
@@ -270,9 +307,18 @@ def test_reader_limits_and_empty_files(tmp_path):
         read_tasks(path)
 
 
-@pytest.mark.parametrize("bad", [dict(depths=(1.5,)), dict(split="test"), dict(kind="nope"),
-                                 dict(length=(10,)), dict(n_keys=0), dict(chain_length=1),
-                                 dict(seed=-1)])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        dict(depths=(1.5,)),
+        dict(split="test"),
+        dict(kind="nope"),
+        dict(length=(10,)),
+        dict(n_keys=0),
+        dict(chain_length=1),
+        dict(seed=-1),
+    ],
+)
 def test_bad_config_is_refused(bad):
     with pytest.raises(ConfigError):
         TaskConfig(**bad)
@@ -294,10 +340,12 @@ class Colour(NeedleKind):
 
     name = "colour"
     templates = {
-        "train": (("The colour of the day is {v}.", "",
-                   "Which colour is the colour of the day? It is"),),
-        "heldout": (("Today's hue reads {v}.", "",
-                     "Name the hue that today's reading gave. It reads"),),
+        "train": (
+            ("The colour of the day is {v}.", "", "Which colour is the colour of the day? It is"),
+        ),
+        "heldout": (
+            ("Today's hue reads {v}.", "", "Name the hue that today's reading gave. It reads"),
+        ),
     }
 
     def needles(self, c, rng, template, depth):
@@ -318,7 +366,7 @@ def test_a_kind_is_added_in_the_registry_alone(monkeypatch, tmp_path, capsys):
         config = TaskConfig(kind="colour", split=split, n_tasks=3, length=(1024,), depths=(0.5,))
         first, _, question = Colour.templates[split][0]
         for task in generate_tasks(config):
-            (a, b), = task["needle_spans"]
+            ((a, b),) = task["needle_spans"]
             context, answer = task["context"], task["answer"]
             assert task["meta"]["kind"] == "colour" and task["id"].startswith(f"colour-{split}-")
             assert context[a:b] == first.format(v=answer.strip())
@@ -335,8 +383,20 @@ def test_a_kind_is_added_in_the_registry_alone(monkeypatch, tmp_path, capsys):
 
 def test_cli_writes_a_readable_task_file(tmp_path, capsys):
     out = tmp_path / "sub" / "tasks.jsonl"
-    main(["--kind", "vt", "--n-tasks", "3", "--length", "1024", "--split", "heldout",
-          "--out", str(out)])
+    main(
+        [
+            "--kind",
+            "vt",
+            "--n-tasks",
+            "3",
+            "--length",
+            "1024",
+            "--split",
+            "heldout",
+            "--out",
+            str(out),
+        ]
+    )
     tasks = read_tasks(out)
     assert [t["meta"]["split"] for t in tasks] == ["heldout"] * 3
     assert "wrote 3 vt tasks" in capsys.readouterr().out
@@ -345,8 +405,11 @@ def test_cli_writes_a_readable_task_file(tmp_path, capsys):
 
 
 @settings(max_examples=8, deadline=None)
-@given(seed=st.integers(0, 2**32 - 1), length=st.sampled_from([1024, 2048]),
-       split=st.sampled_from(["train", "heldout"]))
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    length=st.sampled_from([1024, 2048]),
+    split=st.sampled_from(["train", "heldout"]),
+)
 def test_code_task_uses_a_name_bound_far_above(seed, length, split):
     """The continuation is the module's next lines; it uses a name that the needle line binds
     before the context's last near_chars characters, and that nowhere appears within them."""
@@ -358,7 +421,7 @@ def test_code_task_uses_a_name_bound_far_above(seed, length, split):
     start, end = meta["cut_char"] - len(task["context"]), meta["cut_char"] + len(task["answer"])
     assert source[start:end] == task["context"] + task["answer"]
     assert module_split(meta["module"]) == split
-    (s, e), = task["needle_spans"]
+    ((s, e),) = task["needle_spans"]
     name, near = meta["name"], task["context"][-config.near_chars :]
     assert re.search(rf"\b{name}\b", task["context"][s:e])
     assert e <= len(task["context"]) - config.near_chars + len(name)

@@ -20,15 +20,22 @@ from sim.taskworld import CharTokenizer, TaskError, TaskWorldConfig, prepare_tas
 from tests.strategies import working_contexts
 
 # b = 4, max_level 2: an L2 gist covers 16 characters (CharTokenizer: a token a character)
-WORLD = TaskWorldConfig(block_size=4, max_level=2, w_max=64, tail_tokens=24, step_tokens=4, n_tail_gists=3)
+WORLD = TaskWorldConfig(
+    block_size=4, max_level=2, w_max=64, tail_tokens=24, step_tokens=4, n_tail_gists=3
+)
 
 
 def _task(n_filler: int = 200, at: int = 20, tid: str = "t0") -> dict:
     filler = "".join(chr(97 + (i * 7) % 26) for i in range(n_filler))
     needle = "K=4821;"  # 7 tokens: two L1 blocks (b = 4) from a block-aligned start
     context = filler[:at] + needle + filler[at:]
-    return {"id": tid, "context": context, "question": "\nK?", "answer": " 4821",
-            "needle_spans": [[at, at + len(needle)]]}
+    return {
+        "id": tid,
+        "context": context,
+        "question": "\nK?",
+        "answer": " 4821",
+        "needle_spans": [[at, at + len(needle)]],
+    }
 
 
 @pytest.fixture(scope="module")
@@ -52,14 +59,20 @@ class NeedleFinder(FocusPolicy):
 def test_zoom_needs_a_round_per_level(oracle):
     pt = prepare_task(_task(), oracle, CharTokenizer(512), WORLD, features=False)
     assert pt.wc.levels[0] == 2 and not focus_recall(pt, pt.wc)  # the needle sits under an L2 gist
-    wc1, info1 = zoom(NeedleFinder(), pt, TaskWorldConfig(**{**WORLD.__dict__, "zoom_rounds": 1}), oracle)
+    wc1, info1 = zoom(
+        NeedleFinder(), pt, TaskWorldConfig(**{**WORLD.__dict__, "zoom_rounds": 1}), oracle
+    )
     wc2, info2 = zoom(NeedleFinder(), pt, WORLD, oracle)  # rounds = max_level = 2
     assert info1["rounds"] == 1 and not focus_recall(pt, wc1)  # L2 -> L1 only: still a gist
     assert info2["rounds"] == 2 and focus_recall(pt, wc2)  # L2 -> L1 -> L0
     # needle_level: the highest level of an entry holding a needle token, by brute force
     for wc in (pt.wc, wc1, wc2):
-        want = max(int(wc.levels[i]) for t in np.flatnonzero(pt.needle) for i in range(len(wc))
-                   if wc.starts[i] <= t < wc.ends[i])
+        want = max(
+            int(wc.levels[i])
+            for t in np.flatnonzero(pt.needle)
+            for i in range(len(wc))
+            if wc.starts[i] <= t < wc.ends[i]
+        )
         assert needle_level(pt, wc) == want
     assert (needle_level(pt), needle_level(pt, wc1), needle_level(pt, wc2)) == (2, 1, 0)
     assert len(wc2) <= WORLD.w_max and info2["expands"] >= 3
@@ -77,7 +90,9 @@ def test_needle_mask_and_answer_ids(oracle):
     assert np.flatnonzero(pt.needle).tolist() == list(range(s, e))
     assert pt.question_tokens == len(task["question"]) and len(pt.answer_ids) == len(task["answer"])
     n_blocks = pt.n_tokens // WORLD.block_size
-    assert pt.block_hidden.shape == (n_blocks, oracle.d_model) and pt.block_surprisal.shape == (n_blocks,)
+    assert pt.block_hidden.shape == (n_blocks, oracle.d_model) and pt.block_surprisal.shape == (
+        n_blocks,
+    )
     assert np.all(np.isfinite(pt.block_surprisal))
 
 
@@ -99,9 +114,16 @@ def test_dense_retrieval_ranks_a_planted_needle_first(oracle):
         filler = "".join("abcdefghiklmnoprstu ."[i] for i in letters)
         at = 4 * int(rng.integers(5, 60))
         context = filler[:at] + "QXZJWVQXZJWV" + filler[at:]
-        task = {"id": f"p{seed}", "context": context, "question": "\nQXZJWV", "answer": " 1",
-                "needle_spans": [[at, at + 12]]}
-        pt = prepare_task(task, oracle, CharTokenizer(512), replace(WORLD, tail_tokens=32), features=True)
+        task = {
+            "id": f"p{seed}",
+            "context": context,
+            "question": "\nQXZJWV",
+            "answer": " 1",
+            "needle_spans": [[at, at + 12]],
+        }
+        pt = prepare_task(
+            task, oracle, CharTokenizer(512), replace(WORLD, tail_tokens=32), features=True
+        )
         assert pt.query_text == "\nQXZJWV" and pt.query_hidden.shape == (oracle.d_model,)
         assert _needle_rank(DenseRetrieval().relevance(pt), pt) == 1, seed
 
@@ -111,9 +133,19 @@ def test_bm25_ranks_the_needle_first_on_real_text(oracle):
     BM25 over the blocks' text ranks a needle block first."""
     from sim.tasks import TaskConfig, generate_tasks
 
-    world = TaskWorldConfig(block_size=32, max_level=2, w_max=200, tail_tokens=96, step_tokens=32, n_tail_gists=3)
-    tasks = generate_tasks(TaskConfig(kind="passkey", n_tasks=4, length=(800,), depths=(0.2, 0.5, 0.8),
-                                      split="heldout", seed=1))
+    world = TaskWorldConfig(
+        block_size=32, max_level=2, w_max=200, tail_tokens=96, step_tokens=32, n_tail_gists=3
+    )
+    tasks = generate_tasks(
+        TaskConfig(
+            kind="passkey",
+            n_tasks=4,
+            length=(800,),
+            depths=(0.2, 0.5, 0.8),
+            split="heldout",
+            seed=1,
+        )
+    )
     for task in tasks:
         pt = prepare_task(task, oracle, CharTokenizer(512), world, features=False)
         assert pt.query_text == task["question"]
@@ -137,7 +169,9 @@ def test_relevance_scores_rank_gists_by_their_best_block(wc, data):
     u = relevance_scores(wc, rel)
     for i in range(len(wc)):
         lo, hi = int(wc.starts[i]) // b, (int(wc.ends[i]) - 1) // b
-        want = max([*rel[lo : min(hi, n_blocks - 1) + 1].tolist(), *([1.0] if hi >= n_blocks else [])])
+        want = max(
+            [*rel[lo : min(hi, n_blocks - 1) + 1].tolist(), *([1.0] if hi >= n_blocks else [])]
+        )
         assert u[i] == pytest.approx(want if wc.levels[i] >= 1 else -want, abs=1e-5)
 
 
@@ -157,21 +191,50 @@ def test_evaluate_contract_and_bad_lines(tmp_path):
     from sim.evaluate import format_results, main
 
     path = tmp_path / "tasks.jsonl"
-    lines = [json.dumps(_task(tid="a")), "{not json", json.dumps(_task(n_filler=5000, tid="long")),
-             json.dumps({**_task(tid="b"), "needle_spans": [[0, 10_000]]}), json.dumps(_task(at=90, tid="c"))]
+    lines = [
+        json.dumps(_task(tid="a")),
+        "{not json",
+        json.dumps(_task(n_filler=5000, tid="long")),
+        json.dumps({**_task(tid="b"), "needle_spans": [[0, 10_000]]}),
+        json.dumps(_task(at=90, tid="c")),
+    ]
     path.write_text("\n".join(lines) + "\n")
     out = tmp_path / "run"
     with pytest.raises(SystemExit) as exit_info:
-        main(["--tasks", str(path), "--out", str(out), "--lm", "tiny", "--policies", "recency,retrieval,full",
-              "--no-progress", "--world.block-size", "4", "--world.w-max", "64", "--world.tail-tokens", "24",
-              "--world.step-tokens", "4"])
+        main(
+            [
+                "--tasks",
+                str(path),
+                "--out",
+                str(out),
+                "--lm",
+                "tiny",
+                "--policies",
+                "recency,retrieval,full",
+                "--no-progress",
+                "--world.block-size",
+                "4",
+                "--world.w-max",
+                "64",
+                "--world.tail-tokens",
+                "24",
+                "--world.step-tokens",
+                "4",
+            ]
+        )
     assert exit_info.value.code == 1  # lines were skipped
     assert torch.is_grad_enabled()  # the evaluator turns gradients off only inside
     res = json.loads((out / "results.json").read_text())
     command = (out / "command.txt").read_text().split()
-    assert command[:3] == ["python", "-m", "sim.evaluate"] and "--tasks" in command and "--no-progress" in command
+    assert (
+        command[:3] == ["python", "-m", "sim.evaluate"]
+        and "--tasks" in command
+        and "--no-progress" in command
+    )
     assert res["config"]["w_max"] == 64
-    assert res["n_tasks"] == 2  # evaluated: the too-long task failed preparation and is an error, not a task
+    assert (
+        res["n_tasks"] == 2
+    )  # evaluated: the too-long task failed preparation and is an error, not a task
     assert format_results(res).startswith("W_max 64, 2 tasks")
     assert sorted(e["line"] for e in res["errors"]) == [2, 3, 4]  # bad JSON, too long, span outside
     assert any("positions" in e["error"] and "line 3" in e["error"] for e in res["errors"])
@@ -179,13 +242,18 @@ def test_evaluate_contract_and_bad_lines(tmp_path):
         r = res["policies"][name]
         assert r["n"] == 2 and 0.0 <= r["exact_match"] <= 1.0 and np.isfinite(r["answer_nll"])
         assert r["focus_recall"] is None or 0.0 <= r["focus_recall"] <= 1.0
-    assert res["policies"]["full"]["focus_recall"] == 1.0 and res["policies"]["recency"]["focus_recall"] == 0.0
+    assert (
+        res["policies"]["full"]["focus_recall"] == 1.0
+        and res["policies"]["recency"]["focus_recall"] == 0.0
+    )
     assert set(res["grid"]) == {"recency", "retrieval", "full"}
     from analysis.plots import draw_all
 
     assert [p.name for p in draw_all(out)] == ["exact_match_grid.png"]
     rows = [json.loads(x) for x in (out / "tasks.jsonl").read_text().splitlines()]
-    assert {(r["id"], r["policy"]) for r in rows} == {(t, p) for t in "ac" for p in ("recency", "retrieval", "full")}
+    assert {(r["id"], r["policy"]) for r in rows} == {
+        (t, p) for t in "ac" for p in ("recency", "retrieval", "full")
+    }
 
 
 def test_tiny_study_labels_train_evaluate(tmp_path):
@@ -193,14 +261,52 @@ def test_tiny_study_labels_train_evaluate(tmp_path):
     from sim.taskstudy import main
 
     out = tmp_path / "study"
-    main(["--lm", "tiny", "--out", str(out), "--train-tasks", "2", "--eval-tasks", "1", "--train-lengths", "300",
-          "--eval-lengths", "300", "--policies", "lensnet,recency,oracle", "--world.block-size", "4",
-          "--world.w-max", "110", "--world.tail-tokens", "72", "--world.step-tokens", "4", "--train.total-steps", "4",
-          "--train.eval-every", "2", "--train.ckpt-every", "2", "--train.warmup-steps", "1", "--preset", "tiny",
-          "--stream-every", "30", "--horizon", "8", "--no-progress"])
+    main(
+        [
+            "--lm",
+            "tiny",
+            "--out",
+            str(out),
+            "--train-tasks",
+            "2",
+            "--eval-tasks",
+            "1",
+            "--train-lengths",
+            "300",
+            "--eval-lengths",
+            "300",
+            "--policies",
+            "lensnet,recency,oracle",
+            "--world.block-size",
+            "4",
+            "--world.w-max",
+            "110",
+            "--world.tail-tokens",
+            "72",
+            "--world.step-tokens",
+            "4",
+            "--train.total-steps",
+            "4",
+            "--train.eval-every",
+            "2",
+            "--train.ckpt-every",
+            "2",
+            "--train.warmup-steps",
+            "1",
+            "--preset",
+            "tiny",
+            "--stream-every",
+            "30",
+            "--horizon",
+            "8",
+            "--no-progress",
+        ]
+    )
     reader = TraceReader(out / "traces", require_complete=True)
     cursors = [int(reader[i]["n_tokens"]) for i in range(len(reader))]
-    stream = [c for c in cursors if c == 120]  # every 30 steps of K = 4, before the last tail's worth
+    stream = [
+        c for c in cursors if c == 120
+    ]  # every 30 steps of K = 4, before the last tail's worth
     # + each task's zoom rounds, up to the first that changes nothing
     assert len(stream) == 2 and 2 + 2 <= len(reader) <= 2 + 2 * WORLD.rounds
     snap = reader[0]
@@ -230,7 +336,15 @@ class DecoyThenNeedle(FocusPolicy):
 def test_zoom_rounds_may_give_back_an_earlier_rounds_detail(oracle):
     # All L1 blocks, one free expansion's worth of slots: round 2 can open the needle only by
     # collapsing round 1's decoy again, which a stream-step cooldown would forbid.
-    world = TaskWorldConfig(block_size=4, max_level=1, w_max=38, tail_tokens=8, step_tokens=4, n_tail_gists=3, zoom_rounds=2)
+    world = TaskWorldConfig(
+        block_size=4,
+        max_level=1,
+        w_max=38,
+        tail_tokens=8,
+        step_tokens=4,
+        n_tail_gists=3,
+        zoom_rounds=2,
+    )
     pt = prepare_task(_task(n_filler=100, at=40), oracle, CharTokenizer(512), world, features=False)
     assert pt.wc.free_slots() < 3  # no expand without a payer
     needle = int(np.flatnonzero(pt.needle)[0]) // 4
@@ -243,20 +357,38 @@ def test_zoom_rounds_may_give_back_an_earlier_rounds_detail(oracle):
 def test_gap_recovered_matches_the_formula_and_resamples_documents():
     from sim.evaluate import gap_recovered
 
-    nll = {"recency": [3.0, 2.0, 4.0, 3.0], "oracle": [1.0, 1.5, 2.0, 1.0], "p": [2.0, 2.0, 2.0, 2.0]}
+    nll = {
+        "recency": [3.0, 2.0, 4.0, 3.0],
+        "oracle": [1.0, 1.5, 2.0, 1.0],
+        "p": [2.0, 2.0, 2.0, 2.0],
+    }
     groups = ["a", "a", "b", "b"]
-    rows = [{"id": f"t{i}", "policy": name, "answer_nll": v[i], "group": groups[i]}
-            for name, v in nll.items() for i in range(4)]
+    rows = [
+        {"id": f"t{i}", "policy": name, "answer_nll": v[i], "group": groups[i]}
+        for name, v in nll.items()
+        for i in range(4)
+    ]
     out = gap_recovered(rows, ["recency", "oracle", "p"])
     mean = {k: np.mean(v) for k, v in nll.items()}
-    assert out["p"]["ngr"] == pytest.approx((mean["recency"] - mean["p"]) / (mean["recency"] - mean["oracle"]))
+    assert out["p"]["ngr"] == pytest.approx(
+        (mean["recency"] - mean["p"]) / (mean["recency"] - mean["oracle"])
+    )
     assert out["recency"]["ngr"] == 0.0 and out["oracle"]["ngr"] == 1.0 and out["p"]["ngr_n"] == 4
-    # two documents: the bootstrap's extremes are each document alone (tasks of a document move together)
-    alone = sorted((np.mean(nll["recency"][s]) - 2.0) / (np.mean(nll["recency"][s]) - np.mean(nll["oracle"][s]))
-                   for s in (slice(0, 2), slice(2, 4)))
+    # two documents: the bootstrap's extremes are each document alone (tasks of a document move
+    # together)
+    alone = sorted(
+        (np.mean(nll["recency"][s]) - 2.0)
+        / (np.mean(nll["recency"][s]) - np.mean(nll["oracle"][s]))
+        for s in (slice(0, 2), slice(2, 4))
+    )
     assert out["p"]["ngr_ci95"] == pytest.approx(alone)
     # rows of a policy the oracle did not score are left out; no oracle at all: no NGR
-    assert gap_recovered([r for r in rows if not (r["policy"] == "oracle" and r["id"] == "t0")], ["p"])["p"]["ngr_n"] == 3
+    assert (
+        gap_recovered(
+            [r for r in rows if not (r["policy"] == "oracle" and r["id"] == "t0")], ["p"]
+        )["p"]["ngr_n"]
+        == 3
+    )
     assert gap_recovered([r for r in rows if r["policy"] != "oracle"], ["p"]) == {}
 
 
@@ -268,16 +400,21 @@ def test_rank_scores_keep_each_kinds_order_on_the_heuristics_scale(wc, data):
     u = np.asarray(data.draw(st.lists(st.floats(-5, 5), min_size=len(wc), max_size=len(wc))))
     r = rank_scores(wc, u)
     gist = wc.levels >= 1
-    assert np.all((r[gist] > -1e-5) & (r[gist] < 1 + 1e-5)) and np.all((r[~gist] > -1 - 1e-5) & (r[~gist] < 1e-5))
+    assert np.all((r[gist] > -1e-5) & (r[gist] < 1 + 1e-5)) and np.all(
+        (r[~gist] > -1 - 1e-5) & (r[~gist] < 1e-5)
+    )
     for kind in (gist, ~gist):
         a, b = u[kind], r[kind]
-        assert np.all(np.sign(np.subtract.outer(a, a)) * np.sign(np.subtract.outer(b, b)) >= 0)  # same order
+        assert np.all(
+            np.sign(np.subtract.outer(a, a)) * np.sign(np.subtract.outer(b, b)) >= 0
+        )  # same order
     if gist.sum() > 1:
         assert r[gist].max() == pytest.approx(1.0, abs=1e-5)
 
 
 def test_prepare_task_names_budget_errors_and_lets_bugs_through(oracle, monkeypatch):
-    """Only the expected task-data error (no collapse restores the budget) becomes a TaskError, which
+    """Only the expected task-data error (no collapse restores the budget) becomes a TaskError,
+    which
     sim.evaluate skips as a bad line; any other exception is a bug and must propagate."""
     import sim.taskworld as taskworld
     from megacontext.working_context import BudgetExhausted
@@ -304,12 +441,26 @@ def test_label_rounds_stop_when_a_round_changes_nothing(tmp_path, oracle):
     from megacontext.tree import mean_gister
     from sim.taskstudy import label_tasks
 
-    world = replace(WORLD, allocator=AllocatorConfig(tau_expand=1e9))  # no expand clears the threshold
+    world = replace(
+        WORLD, allocator=AllocatorConfig(tau_expand=1e9)
+    )  # no expand clears the threshold
     assert world.rounds == 2
-    meta = {"d_model": oracle.d_model, "n_tail": world.n_tail_gists, "block_size": world.block_size,
-            "max_level": world.max_level}
-    part = label_tasks([_task()], tmp_path / "traces", oracle, CharTokenizer(512), world, mean_gister, meta,
-                       progress=False)
+    meta = {
+        "d_model": oracle.d_model,
+        "n_tail": world.n_tail_gists,
+        "block_size": world.block_size,
+        "max_level": world.max_level,
+    }
+    part = label_tasks(
+        [_task()],
+        tmp_path / "traces",
+        oracle,
+        CharTokenizer(512),
+        world,
+        mean_gister,
+        meta,
+        progress=False,
+    )
     assert len(TraceReader(part, require_complete=True)) == 1
 
 
@@ -323,9 +474,17 @@ def test_taskstudy_restores_grad_mode_and_records_its_own_arguments(tmp_path, mo
     from sim.taskstudy import TaskStudyArgs, run
 
     monkeypatch.setattr("sys.argv", ["some-other-program", "--flag"])
-    args = TaskStudyArgs(lm="tiny", out=str(tmp_path / "s"), train_tasks=1, eval_tasks=1, train_lengths=(300,),
-                         eval_lengths=(300,), label_only=True, progress=False,
-                         world=TaskWorldConfig(block_size=4, w_max=110, tail_tokens=72, step_tokens=4))
+    args = TaskStudyArgs(
+        lm="tiny",
+        out=str(tmp_path / "s"),
+        train_tasks=1,
+        eval_tasks=1,
+        train_lengths=(300,),
+        eval_lengths=(300,),
+        label_only=True,
+        progress=False,
+        world=TaskWorldConfig(block_size=4, w_max=110, tail_tokens=72, step_tokens=4),
+    )
     run(args)
     assert torch.is_grad_enabled()
     command = shlex.split((tmp_path / "s" / "command.txt").read_text())
@@ -367,7 +526,9 @@ def test_results_name_no_machine_folders():
     shipped = PROJECT_ROOT / "lensnet" / "checkpoints" / "lensnet-smollm2-tasks.pt"
     assert portable_path(shipped) == "lensnet/checkpoints/lensnet-smollm2-tasks.pt"
     assert portable_path("runs/x/lensnet.pt") == "runs/x/lensnet.pt" and portable_path(None) is None
-    files = sorted((Path(__file__).resolve().parents[2] / "results").glob("*/heldout*/results.json"))
+    files = sorted(
+        (Path(__file__).resolve().parents[2] / "results").glob("*/heldout*/results.json")
+    )
     assert len(files) >= 4
     for f in files:
         absolute = [x for x in _strings(json.loads(f.read_text())) if x.startswith("/")]
