@@ -16,6 +16,7 @@ from lensnet.losses import (
     ranking_loss,
     regression_loss,
 )
+from megacontext.tree import ConfigError
 from tests.lensnet.strategies import loss_batches
 
 
@@ -156,3 +157,22 @@ def test_shape_and_key_errors_are_clear():
     }
     with pytest.raises(ValueError, match="shape"):
         LensNetLoss()(pred, bad)
+
+
+@given(loss_batches())
+def test_loss_config_weights_reach_the_loss(args):
+    """The weights live in the training config (``LossConfig``): the loss built from a config with
+    other weights equals the loop reference with those weights."""
+    from lensnet.losses import LossConfig
+    from lensnet.train import TrainConfig
+
+    pred, batch = args
+    cfg = LossConfig(lambda_rank=2.0, lambda_budget=0.7, reg_balance="entries")
+    out = LensNetLoss.from_config(cfg, max_level=2)(pred, batch)
+    want, _ = ref.lensnet_loss(pred.tolist(), _lists(batch), lambda_rank=2.0, lambda_budget=0.7,
+                               max_level=2)
+    assert tuple(k for k in out if k != "loss") == LensNetLoss.TERMS
+    assert out["loss"].item() == pytest.approx(want["loss"], abs=1e-5, rel=1e-5)
+    assert TrainConfig(loss=cfg).loss.lambda_rank == 2.0
+    with pytest.raises(ConfigError, match="lambda_rank"):
+        LossConfig(lambda_rank=-1.0)
