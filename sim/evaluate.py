@@ -47,7 +47,9 @@ from sim.scoring import answer_task, needle_level
 from sim.taskworld import TaskError, TaskWorldConfig, prepare_task
 
 POLICIES = policy_names("tasks")
-DEFAULT_POLICIES = "lensnet,lensnet_rank,recency,sinks,random,retrieval,bm25,surprisal,full"
+DEFAULT_POLICIES = (
+    "lensnet,lensnet_rank,recency,sinks,random,retrieval,bm25,attention,surprisal,full"
+)
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -75,9 +77,9 @@ class EvaluateArgs:
     """Output directory: results.json, tasks.jsonl, command.txt."""
     policies: str = DEFAULT_POLICIES
     """Comma-separated policies among lensnet, lensnet_rank (LensNet's order on the heuristics' rank
-    scale), recency, sinks, random, retrieval (dense: LM hidden states), bm25 (lexical), surprisal,
-    oracle, full ('oracle' labels every action of every round: about a minute per 2k-token task on a
-    2-core CPU)."""
+    scale), recency, sinks, random, retrieval (dense: LM hidden states), bm25 (lexical), attention
+    (the last token's attention per block), surprisal, oracle, full ('oracle' labels every action
+    of every round: about a minute per 2k-token task on a 2-core CPU)."""
     lm: str = "smollm2"
     """'smollm2', 'tiny' (random-init test LM, character tokenizer) or a local model folder."""
     lensnet: str = "auto"
@@ -275,6 +277,7 @@ def _evaluate(args: EvaluateArgs) -> dict:
     kind = next(iter(kinds)) if len(kinds) == 1 else None
     policies, lens_path = _policy_objects(names, args, model, oracle.device, kind)
     needs_features = any(p.needs_features for p in policies)
+    needs_attention = any(p.needs_attention for p in policies)
     rows: list[dict] = []
     t_start = time.perf_counter()
     spent: dict[
@@ -290,7 +293,13 @@ def _evaluate(args: EvaluateArgs) -> dict:
             try:
                 t0 = time.perf_counter()
                 pt = prepare_task(
-                    task, oracle, tokenizer, args.world, gister, features=needs_features
+                    task,
+                    oracle,
+                    tokenizer,
+                    args.world,
+                    gister,
+                    features=needs_features,
+                    attention=needs_attention,
                 )
                 spent["prepare"] = spent.get("prepare", 0.0) + time.perf_counter() - t0
             except TaskError as err:

@@ -1,6 +1,7 @@
 """Per-block features of a task stream and the heuristic scales built on them: the block-alone
-hidden states and surprisal the dense-retrieval and surprisal baselines read, BM25 over block text,
-and the two ways a per-block relevance (or any scorer's order) becomes the allocator's signed scores
+hidden states and surprisal the dense-retrieval and surprisal baselines read, the last token's
+attention mass per block the attention baseline reads, BM25 over block text, and the two ways a
+per-block relevance (or any scorer's order) becomes the allocator's signed scores
 (``relevance_scores``, ``rank_scores``).
 """
 
@@ -20,6 +21,10 @@ its figures are in ``results/retrieval-layer-seed0``)."""
 RETRIEVAL_CENTRE = False
 """Whether dense retrieval centres both sides on the mean block vector: chosen on the same training
 tasks (``results/retrieval-layer-seed0``)."""
+ATTENTION_LAYERS = (21 / 30, 26 / 30)
+"""The attention baseline's window of layers as fractions of the LM's depth, [lo, hi) (layers
+21-25 of SmolLM2's 30): late layers, where the last token's attention picks out the text the
+question asks about; fractions, so the same rule applies to an LM of any depth."""
 
 
 @torch.no_grad()
@@ -65,6 +70,68 @@ def block_features(
         torch.cat(surprisal).numpy() if surprisal else np.zeros(0, np.float32),
         q_hidden.numpy(),
     )
+
+
+def attention_layer_range(window: tuple[float, float], n_layers: int) -> range:
+    """The layer indices of a ``window`` [lo, hi) given as fractions of an ``n_layers``-deep LM:
+    ``range(round(lo * n), round(hi * n))``, widened to at least one layer (clipped to the LM)."""
+    lo, hi = window
+    start = min(round(lo * n_layers), n_layers - 1)
+    return range(start, min(max(round(hi * n_layers), start + 1), n_layers))
+
+
+@torch.no_grad()
+def block_attention(oracle: LMOracle, ids: np.ndarray, b: int, layers) -> np.ndarray:
+    """(n_l1,) the softmax attention mass the last token of the stream ``ids`` puts on each complete
+    L1 block: its attention probabilities summed over the block's key positions, averaged over
+    every head of each of ``layers`` (layer indices). Keys in the trailing partial block are left
+    out (their mass is not renormalised away). Every block is returned, block 0 (where the LM puts
+    its attention sink) included: ``attention_relevance`` ranks it last.
+
+    The LM's own attention probabilities of the last position, at the cost of one forward: the
+    stream but its last token runs through the LM's usual (fused) attention into a KV cache, then
+    the last token alone runs on that cache with eager attention and ``output_attentions``, so only
+    one (heads, n) row per layer is ever materialised, never an (n, n) matrix. The model is put back
+    to its own attention implementation afterwards, also on error."""
+    ids = np.asarray(ids, dtype=np.int64)
+    n, n_l1 = len(ids), len(ids) // b
+    layers = list(layers)
+    if n_l1 == 0:
+        return np.zeros(0)
+    x = torch.as_tensor(ids, device=oracle.device)[None]
+    cache = {}
+    if n > 1:
+        out = oracle.decoder(
+            input_ids=x[:, :-1],
+            use_cache=True,
+            attention_mask=torch.ones_like(x[:, :-1]),
+        )
+        cache = {oracle._cache_kw: out.cache if hasattr(out, "cache") else out.past_key_values}
+    model = oracle.model
+    own = model.config._attn_implementation
+    model.set_attn_implementation("eager")
+    try:
+        out = oracle.decoder(
+            input_ids=x[:, -1:],
+            use_cache=False,
+            attention_mask=torch.ones_like(x),
+            output_attentions=True,
+            **cache,
+        )
+    finally:
+        model.set_attn_implementation(own)
+    row = torch.stack([out.attentions[k][0, :, -1].float() for k in layers])  # (L, H, n)
+    mass = row.mean(dim=(0, 1))[: n_l1 * b].reshape(n_l1, b).sum(dim=1)
+    return mass.double().cpu().numpy()
+
+
+def attention_relevance(mass: np.ndarray, n_sink_blocks: int = 1) -> np.ndarray:
+    """The attention baseline's relevance (rank it with ``rank01``): the attention mass per block,
+    with the first ``n_sink_blocks`` (the attention sink, whose mass says nothing about the
+    question) set below every other block, so they rank last."""
+    rel = np.asarray(mass, dtype=np.float64).copy()
+    rel[:n_sink_blocks] = -np.inf
+    return rel
 
 
 def dense_relevance(

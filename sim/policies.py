@@ -23,6 +23,10 @@ synthetic world's past-only reference, ``sim.synthetic.cue_scores``). Question t
   training tasks only (``benchmarks/retrieval_layer.py``);
 - ``bm25``: lexical retrieval, Okapi BM25 (``bm25s``, English stop words) of each L1 block's text
   against the question's (or the tail's), rank-normalised;
+- ``attention``: the LM's own attention, training-free: the softmax attention mass the stream's last
+  token (the question's last, or with no question the stream's) puts on each L1 block's keys,
+  averaged over every head of a window of late layers (``attention_layers``, fractions of depth),
+  from one forward over the whole stream; block 0 (the attention sink) ranks last; rank-normalised;
 - ``surprisal``: LLMLingua-style: the block's mean token NLL when read alone, rank-normalised;
 - ``full``: the whole stream as tokens (the LM's ceiling, where it fits the LM's positions).
 
@@ -45,6 +49,7 @@ from megacontext.tree import ConfigError
 from megacontext.working_context import ContextArrays
 from sim.features import (
     RETRIEVAL_CENTRE,
+    attention_relevance,
     bm25_relevance,
     dense_relevance,
     rank01,
@@ -268,6 +273,30 @@ class BM25(FocusPolicy):
     def relevance(self, pt) -> np.ndarray:
         """(n_l1,) each block's BM25 score against the query of prepared task ``pt``."""
         return bm25_relevance(pt.block_text, pt.query_text)
+
+    def scores(self, view: FocusView) -> np.ndarray:
+        return relevance_scores(view.wc, rank01(self.relevance(view.task)))
+
+
+@register
+class Attention(FocusPolicy):
+    """Training-free question-time focus from the LM's own attention: the blocks the last stream
+    token attends to most (``sim.features.block_attention``) expand first; the attention sink
+    (block 0) is ranked last, since its mass is there whatever the question."""
+
+    name = "attention"
+    worlds = ("tasks",)
+    needs_attention = True
+
+    def relevance(self, pt) -> np.ndarray:
+        """(n_l1,) each block's attention mass from the last token of prepared task ``pt``, the
+        sink block set below every other."""
+        if pt.block_attention is None:
+            raise ValueError(
+                "the attention policy needs PreparedTask.block_attention "
+                "(prepare_task(..., attention=True))"
+            )
+        return attention_relevance(pt.block_attention)
 
     def scores(self, view: FocusView) -> np.ndarray:
         return relevance_scores(view.wc, rank01(self.relevance(view.task)))

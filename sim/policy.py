@@ -65,6 +65,10 @@ class FocusPolicy:
     needs_features: ClassVar[bool] = False
     """Question time: the policy reads the block-alone hidden states or surprisal (computed once
     per task when any chosen policy needs them)."""
+    needs_attention: ClassVar[bool] = False
+    """Question time: the policy reads the last token's attention mass per block
+    (``PreparedTask.block_attention``: one more LM forward over the stream, computed once per task
+    when any chosen policy needs it)."""
     reads_everything: ClassVar[bool] = False
     """The policy is the full stream as tokens (no working context): scored as the LM's ceiling."""
 

@@ -8,8 +8,9 @@ every policy starts question time from the same recency cover (``PreparedTask.wc
 question stands in the L0 tail). At question time a policy (``sim.policies``) may refocus for up
 to ``zoom_rounds`` rounds (rescore the current context, one allocator pass): an L2 gist needs two
 rounds to reach L0, since its L1 children have no scores until they exist in the context. The
-answer is then scored by ``sim.scoring``; the per-block features the heuristic baselines read come
-from ``sim.features``.
+answer is then scored by ``sim.scoring``; the per-block features the heuristic baselines read
+(block-alone hidden states and surprisal, the last token's attention per block) come from
+``sim.features``.
 """
 
 from __future__ import annotations
@@ -23,7 +24,13 @@ from megacontext.allocator import AllocatorConfig, FocusAllocator
 from megacontext.lm_oracle import LMOracle
 from megacontext.tree import ConfigError, Gister, MegaContextTree, TreeConfig, mean_gister
 from megacontext.working_context import BudgetExhausted, ContextConfig, WorkingContext
-from sim.features import RETRIEVAL_DEPTH, block_features
+from sim.features import (
+    ATTENTION_LAYERS,
+    RETRIEVAL_DEPTH,
+    attention_layer_range,
+    block_attention,
+    block_features,
+)
 from sim.policy import FocusPolicy, FocusView
 
 
@@ -51,6 +58,10 @@ class TaskWorldConfig:
     retrieval_depth: float = RETRIEVAL_DEPTH
     """Dense retrieval baseline: hidden states at layer round(depth * n_layers) (0 = the embeddings;
     the default was chosen on training tasks, benchmarks/retrieval_layer.py)."""
+    attention_layers: tuple[float, float] = ATTENTION_LAYERS
+    """Attention baseline: the last token's attention is averaged over the layers
+    range(round(lo * n_layers), round(hi * n_layers)) (at least one), [lo, hi] fractions of depth.
+    """
     allocator: AllocatorConfig = field(default_factory=AllocatorConfig)
 
     @property
@@ -60,6 +71,12 @@ class TaskWorldConfig:
     def __post_init__(self) -> None:
         if not 0.0 <= self.retrieval_depth <= 1.0:
             raise ConfigError(f"retrieval_depth must lie in [0, 1], got {self.retrieval_depth}")
+        lo, hi = self.attention_layers
+        if not 0.0 <= lo <= hi <= 1.0:
+            raise ConfigError(
+                "attention_layers must be fractions 0 <= lo <= hi <= 1, "
+                f"got {self.attention_layers}"
+            )
         if self.zoom_rounds < 0:
             raise ConfigError(f"zoom_rounds must be >= 0, got {self.zoom_rounds}")
         if self.step_tokens < 1:
@@ -90,6 +107,7 @@ class PreparedTask:
     block_hidden: np.ndarray | None = None  # (n_l1, d) pooled hidden state of each block read alone
     block_surprisal: np.ndarray | None = None  # (n_l1,) mean token NLL of each block read alone
     query_hidden: np.ndarray | None = None  # (d,) pooled hidden state of the query read alone
+    block_attention: np.ndarray | None = None  # (n_l1,) the last token's attention mass per block
 
     @property
     def n_tokens(self) -> int:
@@ -147,9 +165,12 @@ def prepare_task(
     gister: Gister = mean_gister,
     features: bool = True,
     stream_every: int = 0,
+    attention: bool = False,
 ) -> PreparedTask:
     """Tokenise, build the tree, stream the cursor to question time (recency restores), and (with
-    ``features``) compute the block-alone hidden states and surprisal the heuristic baselines use.
+    ``features``) compute the block-alone hidden states and surprisal the heuristic baselines use;
+    with ``attention``, the last token's attention mass per block over the whole stream (one more
+    forward of the stream, ``sim.features.block_attention``) the attention baseline uses.
     ``stream_every`` > 0 keeps a copy of the cover every that many stream steps (stream-time
     labels)."""
     ids, answer, needle, q_len, offsets = tokenize_task(task, tokenizer)
@@ -195,6 +216,11 @@ def prepare_task(
         layer = round(config.retrieval_depth * oracle.model.config.num_hidden_layers)
         hidden, pt.block_surprisal, q_hidden = block_features(oracle, ids, b, ids[query], layer)
         pt.block_hidden, pt.query_hidden = hidden[0], q_hidden[0]
+    if attention:
+        layers = attention_layer_range(
+            config.attention_layers, oracle.model.config.num_hidden_layers
+        )
+        pt.block_attention = block_attention(oracle, ids, b, layers)
     return pt
 
 
