@@ -231,6 +231,20 @@ class CueReference(FocusPolicy):
 
 
 # ---------------------------------------------------------------------------- question time only
+class BlockRelevance(FocusPolicy):
+    """A question-time baseline from a relevance per L1 block: a subclass gives ``relevance(pt)``
+    ((n_l1,) for prepared task ``pt``); its ranks become the allocator's scores
+    (``relevance_scores`` of ``rank01``)."""
+
+    worlds = ("tasks",)
+
+    def relevance(self, pt) -> np.ndarray:
+        raise NotImplementedError
+
+    def scores(self, view: FocusView) -> np.ndarray:
+        return relevance_scores(view.wc, rank01(self.relevance(view.task)))
+
+
 @register
 class Sinks(FocusPolicy):
     """StreamingLLM: the first ``n_sink_blocks`` blocks (the attention sinks) expand to L0."""
@@ -248,44 +262,35 @@ class Sinks(FocusPolicy):
 
 
 @register
-class DenseRetrieval(FocusPolicy):
+class DenseRetrieval(BlockRelevance):
     """Dense retrieval: the cosine of the query's and each block's pooled hidden state."""
 
     name = "retrieval"
-    worlds = ("tasks",)
     needs_features = True
 
     def relevance(self, pt) -> np.ndarray:
         """(n_l1,) the query's cosine with each block of prepared task ``pt``."""
         return dense_relevance(pt.block_hidden, pt.query_hidden, RETRIEVAL_CENTRE)
 
-    def scores(self, view: FocusView) -> np.ndarray:
-        return relevance_scores(view.wc, rank01(self.relevance(view.task)))
-
 
 @register
-class BM25(FocusPolicy):
+class BM25(BlockRelevance):
     """Lexical retrieval: BM25 of each block's text against the question (``bm25_relevance``)."""
 
     name = "bm25"
-    worlds = ("tasks",)
 
     def relevance(self, pt) -> np.ndarray:
         """(n_l1,) each block's BM25 score against the query of prepared task ``pt``."""
         return bm25_relevance(pt.block_text, pt.query_text)
 
-    def scores(self, view: FocusView) -> np.ndarray:
-        return relevance_scores(view.wc, rank01(self.relevance(view.task)))
-
 
 @register
-class Attention(FocusPolicy):
+class Attention(BlockRelevance):
     """Training-free question-time focus from the LM's own attention: the blocks the last stream
     token attends to most (``sim.features.block_attention``) expand first; the attention sink
     (block 0) is ranked last, since its mass is there whatever the question."""
 
     name = "attention"
-    worlds = ("tasks",)
     needs_attention = True
 
     def relevance(self, pt) -> np.ndarray:
@@ -298,20 +303,17 @@ class Attention(FocusPolicy):
             )
         return attention_relevance(pt.block_attention)
 
-    def scores(self, view: FocusView) -> np.ndarray:
-        return relevance_scores(view.wc, rank01(self.relevance(view.task)))
-
 
 @register
-class Surprisal(FocusPolicy):
+class Surprisal(BlockRelevance):
     """LLMLingua-style: the most surprising blocks (read alone) expand first."""
 
     name = "surprisal"
-    worlds = ("tasks",)
     needs_features = True
 
-    def scores(self, view: FocusView) -> np.ndarray:
-        return relevance_scores(view.wc, rank01(view.task.block_surprisal))
+    def relevance(self, pt) -> np.ndarray:
+        """(n_l1,) each block's mean token NLL when read alone."""
+        return pt.block_surprisal
 
 
 @register
