@@ -1,7 +1,8 @@
 """A dataclass-driven command line (cleanrl's ``Args`` style, without a third-party parser).
 
 ``parse(Args)`` builds an ``argparse`` parser from a (possibly nested) dataclass: each field becomes
-``--name`` (nested ones ``--group.name``), its type gives the conversion, a ``Literal`` gives the
+``--name`` (nested ones ``--group.name``), its type gives the conversion, a ``Literal`` (or a
+callable under ``field(metadata={"choices": ...})``, for choices a registry holds) gives the
 choices, and the string literal written under the field (its docstring) becomes the ``--help``
 text, so the help can never drift from the config. Values are validated by the dataclasses'
 own ``__post_init__``.
@@ -84,6 +85,8 @@ def _add_fields(
             kwargs["type"] = type(kwargs["choices"][0])
         else:
             kwargs["type"] = tp
+        if "choices" in f.metadata:  # choices known only at run time (a registry): a callable
+            kwargs["choices"] = list(f.metadata["choices"]())
         flag = f"--{prefix}{f.name}".replace("_", "-")
         parser.add_argument(flag, help=f"{help_text} (default: {default})", **kwargs)
 

@@ -58,7 +58,7 @@ def _default_train() -> TrainConfig:
 class TaskStudyArgs:
     """Real-LM task study: tasks -> question-time labels -> LensNet -> held-out evaluation."""
 
-    task: str = "passkey"
+    task: str = field(default="passkey", metadata={"choices": lambda: tuple(TASK_KINDS)})
     """Task kind, one of sim.tasks.TASK_KINDS (passkey, multikey, vt, code); 'code' = module
     continuation (answer NLL and NGR; depths do not apply)."""
     out: str = "runs/tasks"

@@ -25,9 +25,8 @@ the command line (``python -m sim.tasks``), and re-exports the names the other m
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
@@ -97,7 +96,7 @@ import: {v} value, {k} key, {a} -> {b} a vt hop."""
 class TaskConfig:
     """Generate long-context tasks (pass key, multi-key needle, variable tracking) as JSONL."""
 
-    kind: str = "passkey"
+    kind: str = field(default="passkey", metadata={"choices": lambda: tuple(TASK_KINDS)})
     """Task kind, a name of the registry sim.tasks.kinds.TASK_KINDS, such as 'passkey' (5 digits),
     'multikey' (7-digit magic numbers, one asked), 'vt' (variable tracking), 'code' (module
     continuation; depths do not apply)."""
@@ -188,21 +187,10 @@ def generate_tasks(config: TaskConfig, count_tokens: Any = None) -> list[dict[st
     return [make_task(config, i, count, name) for i in range(config.n_tasks)]
 
 
-def _command_line_config() -> type[TaskConfig]:
-    """``TaskConfig`` with ``kind`` typed as a ``Literal`` of the kinds registered now, so that
-    ``--kind`` lists them in ``--help`` and the parser refuses any other."""
-    kinds = Literal[tuple(TASK_KINDS)]  # type: ignore[valid-type]
-    kind = ("kind", kinds, dataclasses.field(default=TaskConfig.kind))
-    namespace = {"__doc__": TaskConfig.__doc__, "__module__": TaskConfig.__module__}
-    return dataclasses.make_dataclass(
-        "TaskConfig", [kind], bases=(TaskConfig,), namespace=namespace
-    )
-
-
 def main(argv: list[str] | None = None) -> None:
     from megacontext.cli import parse
 
-    config = parse(_command_line_config(), argv)
+    config = parse(TaskConfig, argv)
     try:
         tasks = generate_tasks(config)
     except ConfigError as err:
