@@ -7,8 +7,9 @@ over budget (the cursor has just ingested K tokens), so it first restores W_max 
 groups the scores value least (forced collapses: no cooldown, not counted in ``n_diff``), then
 hard-masks illegal directions (``mask_illegal``, shared with LensNet so there is one copy),
 expands the best candidates above ``tau_expand``, pays for expands that do not fit with the
-cheapest non-overlapping sibling groups when the swap is worth it, applies at most ``n_diff``
-chosen actions and refuses to reverse a node a chosen action touched within ``cooldown`` steps.
+cheapest non-overlapping sibling groups that hold no expand candidate when the swap is worth it,
+applies at most ``n_diff`` chosen actions and refuses to reverse a node a chosen action touched
+within ``cooldown`` steps.
 No restore ever drops history: with no legal collapse left it raises ``BudgetExhausted``.
 """
 
@@ -124,6 +125,11 @@ class FocusAllocator:
         )
         g_parent = [(int(levels[s]) + 1, int(indices[s]) // b) for s in group_starts]
         g_ok = np.array([not self._cooling(p, "expand", step) for p in g_parent], dtype=bool)
+        # A group holding an expand candidate never pays: its positive member raises the mean, yet
+        # collapsing it gives up the very detail the scores ask for (a zoom would collapse the
+        # needle's own L1 group to pay for its neighbour's expand).
+        if group_starts.size:
+            g_ok &= ~np.any(u[group_starts[:, None] + np.arange(b)] > cfg.tau_expand, axis=1)
         g_order = [int(g) for g in np.argsort(-g_mean, kind="stable") if g_ok[g]]
 
         expand_order = np.flatnonzero(u > cfg.tau_expand)
@@ -202,7 +208,11 @@ class FocusAllocator:
             mean = u[group_starts[:, None] + np.arange(b)].mean(axis=1)
             parents = [(int(wc.levels[s]) + 1, int(wc.indices[s]) // b) for s in group_starts]
             cooling = np.array([self._cooling(p, "expand", step) for p in parents])
-            order = np.lexsort((group_starts, -mean, cooling))  # last key is primary
+            members = u[group_starts[:, None] + np.arange(b)]
+            wanted = np.any(members > self.config.tau_expand, axis=1)
+            # last key is primary: groups reversing a recent expand, then groups holding an expand
+            # candidate (their positive member raises the mean), go last
+            order = np.lexsort((group_starts, -mean, wanted, cooling))
             n_need = -(-(len(wc) - wc.config.w_max) // (b - 1))
             # apply right to left so earlier slots (and the ``u`` rows) keep their positions
             for g in sorted(order[:n_need].tolist(), key=lambda g: -group_starts[g]):

@@ -9,7 +9,7 @@ the one that broke. ``arrays`` returns what LensNet, the LM oracle and the envir
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import numpy as np
@@ -199,6 +199,18 @@ class WorkingContext:
         return pos
 
     # ------------------------------------------------------------------------------ mutations
+    def shrink_tail(self, tail_tokens: int) -> None:
+        """Protect only the last ``tail_tokens`` tokens from now on (at most the current tail, so
+        the tail is already at L0 and every invariant keeps holding): the tokens that leave the
+        tail may now collapse. The task world's question time keeps only the question at L0
+        (``TaskWorldConfig.question_tail``). Copies made before keep their tail."""
+        if not 0 <= tail_tokens <= self.config.tail_tokens:
+            raise ValueError(
+                f"tail_tokens must lie in [0, {self.config.tail_tokens}] (the tail can only "
+                f"shrink), got {tail_tokens}"
+            )
+        self.config = replace(self.config, tail_tokens=tail_tokens)
+
     def append_tokens(self, n: int) -> None:
         """Advance the cursor: the next ``n`` tokens (already in the tree) join at L0 at the end.
 

@@ -45,7 +45,12 @@ class TaskWorldConfig:
     w_max: int = 192
     """W_max: slots of the working context."""
     tail_tokens: int = 64
-    """R: the last R tokens stay at L0 (the question must fit in it)."""
+    """R: the last R tokens stay at L0 while the stream runs (the question must fit in it)."""
+    question_tail: bool = True
+    """At question time only the question's own tokens stay protected at L0 (the tail shrinks
+    from R to the question; tasks without a question keep R): the context blocks before it may
+    then pay for the zoom's expands. False: R stays protected (then at W_max 192 a needle that
+    straddles two blocks under an L2 gist cannot be fully opened: too few legal payers)."""
     step_tokens: int = 32
     """K: tokens ingested per stream step."""
     n_tail_gists: int = 6
@@ -183,7 +188,7 @@ def prepare_task(
     if q_len > config.tail_tokens:
         raise TaskError(
             f"task {task.get('id')!r}: the question ({q_len} tokens) is longer than the "
-            f"L0 tail ({config.tail_tokens}); raise --world.tail_tokens-tokens"
+            f"L0 tail ({config.tail_tokens}); raise --world.tail-tokens"
         )
     b = config.block_size
     tree = MegaContextTree(
@@ -206,6 +211,8 @@ def prepare_task(
                 snapshots.append(wc.copy())
     except BudgetExhausted as err:  # name the task; any other exception is a bug and propagates
         raise TaskError(f"task {task.get('id')!r} ({n} tokens): {err}") from err
+    if config.question_tail and q_len:
+        wc.shrink_tail(q_len)
     text = task["context"] + task["question"]
     n_l1, query = n // b, query_tokens(n, q_len, config.tail_tokens)
     blocks = [text[offsets[j * b, 0] : offsets[(j + 1) * b - 1, 1]] for j in range(n_l1)]

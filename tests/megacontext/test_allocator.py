@@ -118,6 +118,36 @@ def test_cheapest_group_pays_first():
     )  # the group at slot starts[0] covers from token 0
 
 
+def _two_payable_groups() -> tuple[WorkingContext, np.ndarray, np.ndarray]:
+    """A full context with two payable L1 groups (b = 2): the first holds an expand candidate (so
+    its mean is the highest), the second is merely cheap; plus scores naming a gist to expand."""
+    wc = _coarse_context(extra_slots=0, b=2, n=32, tail=2)
+    wc.expand(2, 0)
+    wc.expand(2, 1)
+    wc.config = ContextConfig(w_max=len(wc), tail_tokens=2)
+    starts = wc.group_starts()[:2]
+    scores = np.zeros(len(wc))
+    scores[starts[0] : starts[0] + 2] = [1.0, -0.2]  # a candidate (1.0 > tau_expand): mean 0.4
+    scores[starts[1] : starts[1] + 2] = -0.1  # mean -0.1: cheaper than any other group
+    others = np.flatnonzero(wc.group_ids() < 0)
+    scores[others[wc.levels[others] >= 1][0]] = 5.0
+    return wc, scores, starts
+
+
+def test_a_group_holding_an_expand_candidate_never_pays():
+    wc, scores, starts = _two_payable_groups()
+    payer = (int(wc.levels[starts[1]]) + 1, int(wc.indices[starts[1]]) // 2)
+    actions = FocusAllocator(AllocatorConfig(n_diff=2)).step(wc, scores)
+    assert [(a.kind, a.level, a.index) for a in actions][0] == ("collapse", *payer)
+    assert [a.kind for a in actions] == ["collapse", "expand"]
+    # the budget restore likewise takes it last
+    wc, scores, starts = _two_payable_groups()
+    payer = (int(wc.levels[starts[1]]) + 1, int(wc.indices[starts[1]]) // 2)
+    wc.config = ContextConfig(w_max=len(wc) - 1, tail_tokens=2)
+    (a,) = FocusAllocator().enforce_budget(wc, scores)
+    assert (a.level, a.index) == payer
+
+
 def test_cooldown_blocks_reversal_then_expires():
     tree = build_tree(2, 2, 16)
     wc = WorkingContext(tree, ContextConfig(w_max=32, tail_tokens=2))

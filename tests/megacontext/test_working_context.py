@@ -225,3 +225,17 @@ def test_centre_positions_refuse_long_documents():
     assert wc.position_ids(max_positions=16).tolist() == list(range(10))
     with pytest.raises(ValueError, match="centre"):
         wc.position_ids(max_positions=8)
+
+
+def test_shrink_tail_only_shrinks_and_frees_the_tokens_it_releases():
+    tree = build_tree(4, 2, 64)
+    wc = WorkingContext(tree, ContextConfig(w_max=80, tail_tokens=16))
+    wc.append_tokens(64)
+    before = set(wc.group_starts().tolist())
+    copy = wc.copy()
+    with pytest.raises(ValueError, match="only\\s+shrink"):
+        wc.shrink_tail(17)
+    wc.shrink_tail(4)
+    wc.check_invariants()
+    assert wc.tail_start == 60 and copy.config.tail_tokens == 16  # copies keep their tail
+    assert before < set(wc.group_starts().tolist())  # the released L0 blocks may now collapse

@@ -533,3 +533,48 @@ def test_results_name_no_machine_folders():
     for f in files:
         absolute = [x for x in _strings(json.loads(f.read_text())) if x.startswith("/")]
         assert not absolute, (f, absolute)
+
+
+# The real task world's budget (W_max 192, b 32, L2, R 64) on 2k and 4k streams: a needle that
+# straddles two blocks, anywhere in the stream, must be fully openable within the zoom's rounds.
+REAL = TaskWorldConfig()
+
+
+def _real_task(n_tokens: int, at: int) -> dict:
+    question = "\nWhat is the key?"  # 17 tokens (a character each), as SmolLM2's questions run
+    filler = "".join(chr(97 + (i * 7) % 26) for i in range(n_tokens - len(question)))
+    needle = "key=48213570;"  # 13 tokens starting 6 before a block boundary: two blocks
+    return {
+        "id": f"real-{n_tokens}-{at}",
+        "context": filler[:at] + needle + filler[at + len(needle) :],
+        "question": question,
+        "answer": " 48213570",
+        "needle_spans": [[at, at + len(needle)]],
+    }
+
+
+@pytest.mark.parametrize("n_tokens", [2008, 2040, 4001])
+def test_a_straddling_needle_opens_fully_at_the_real_budget(oracle, n_tokens):
+    """A perfect retriever's scores (relevance 1 on both needle blocks) must bring every needle
+    token to L0 within W_max 192, wherever the needle lies: under an L2 gist (two levels to
+    descend) or under an L1 gist of the newest, incomplete L2 node (whose L1 gists cannot
+    collapse)."""
+    b = REAL.block_size
+    for at in range(b - 6, n_tokens - 3 * b, 7 * b):
+        task = _real_task(n_tokens, at)
+        pt = prepare_task(task, oracle, CharTokenizer(512), REAL, features=False)
+        assert np.unique(np.flatnonzero(pt.needle) // b).size == 2
+        wc, info = zoom(NeedleFinder(), pt, REAL, oracle)
+        assert len(wc) <= REAL.w_max
+        assert focus_recall(pt, wc), (n_tokens, at, needle_level(pt), info)
+        assert pt.wc.config.tail_tokens == pt.question_tokens  # only the question is protected
+
+
+def test_the_stream_tail_at_question_time_leaves_too_few_payers(oracle):
+    """The ablation: keeping the stream's R = 64 protected at question time, the same perfect
+    scores cannot open a needle that straddles two blocks under the first L2 gist of a 2k stream."""
+    world = replace(REAL, question_tail=False)
+    pt = prepare_task(_real_task(2008, 26), oracle, CharTokenizer(512), world, features=False)
+    assert pt.wc.config.tail_tokens == world.tail_tokens
+    wc, _ = zoom(NeedleFinder(), pt, world, oracle)
+    assert needle_level(pt) == 2 and not focus_recall(pt, wc)
