@@ -7,7 +7,9 @@ to the oracle and NGR against the budget W_max (when ``results.json`` holds a bu
 focus heat map (token positions x steps, coloured by the level covering them; in the synthetic world
 the blocks that the next H tokens refer to are marked) per policy; for a ``sim.evaluate`` task run,
 exact match by needle depth x task length per policy; with ``scores.npz``, LensNet's calibrated
-held-out scores per action kind against the allocator's thresholds.
+held-out scores per action kind against the allocator's thresholds. ``--sweep OUT RUN...`` draws
+exact match and answer NLL against the compression ratio from ``sim.evaluate`` runs at
+several W_max.
 """
 
 from __future__ import annotations
@@ -255,6 +257,52 @@ def score_distribution(scores: dict, results: dict, out: Path) -> Path:
     return _save(fig, out / "score_distribution.png")
 
 
+def compression_sweep(run_dirs: list[str | Path], out: Path) -> Path:
+    """Exact match and answer NLL against the compression ratio (stream tokens / W_max), one curve
+    per policy, from several ``sim.evaluate`` runs of the same tasks at different W_max (the plot
+    KV-compression studies read first). Full context, which reads every token, is a level line.
+    Also writes the numbers as ``compression_sweep.json`` beside the PNG."""
+    runs = []
+    for d in run_dirs:
+        res = json.loads((Path(d) / "results.json").read_text())
+        runs.append(res)
+    runs.sort(key=lambda r: r["config"]["w_max"], reverse=True)
+    names = [n for n in runs[0]["policies"] if all(n in r["policies"] for r in runs)]
+    table = {
+        name: [
+            {
+                "w_max": r["config"]["w_max"],
+                "compression": r["policies"][name]["compression"],
+                "exact_match": r["policies"][name]["exact_match"],
+                "exact_match_ci95": r["policies"][name].get("exact_match_ci95"),
+                "answer_nll": r["policies"][name]["answer_nll"],
+                "n": r["policies"][name]["n"],
+            }
+            for r in runs
+        ]
+        for name in names
+    }
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for name, pts in table.items():
+        x = [p["compression"] for p in pts]
+        style = {"ls": "--", "color": "k"} if name == "full" else {"marker": "o"}
+        if name == "full":  # reads all tokens: the same at every W_max
+            x = [min(min(q["compression"] for q in v) for v in table.values()),
+                 max(max(q["compression"] for q in v) for v in table.values())]
+            pts = [pts[0], pts[0]]
+        axes[0].plot(x, [p["exact_match"] for p in pts], label=name, **style)
+        axes[1].plot(x, [p["answer_nll"] for p in pts], label=name, **style)
+    for ax, label in zip(axes, ("exact match", "answer NLL (nats / token)"), strict=True):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("compression (stream tokens / W_max)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "compression_sweep.json").write_text(json.dumps(table, indent=1))
+    return _save(fig, out / "compression_sweep.png")
+
+
 def draw_all(run_dir: str | Path) -> list[Path]:
     run = Path(run_dir)
     out = run / "plots"
@@ -284,8 +332,13 @@ def draw_all(run_dir: str | Path) -> list[Path]:
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
+    if len(argv) >= 3 and argv[0] == "--sweep":  # --sweep OUT RUN_DIR...
+        print(compression_sweep(argv[2:], Path(argv[1])))
+        return
     if len(argv) != 1:
-        raise SystemExit("usage: python -m analysis.plots RUN_DIR")
+        raise SystemExit(
+            "usage: python -m analysis.plots RUN_DIR | python -m analysis.plots --sweep OUT RUN..."
+        )
     for p in draw_all(argv[0]):
         print(p)
 

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from megacontext.traces import ENTRY_KEYS, SNAPSHOT_KEYS, TraceReader
+from megacontext.traces import ENTRY_KEYS, FEATURE_KEY, SNAPSHOT_KEYS, TraceReader
 from megacontext.working_context import ContextArrays
 
 # Per-entry keys the model and the loss read (others stay on disk for analysis).
@@ -114,13 +114,15 @@ class TraceDataset(Dataset):
     def __getitem__(self, i: int) -> dict[str, np.ndarray]:
         snap = self.reader[int(self.indices[i])]
         item = {k: snap[k] for k in (*MODEL_ENTRY_KEYS, *TAIL_KEYS)}
+        if FEATURE_KEY in snap:
+            item[FEATURE_KEY] = snap[FEATURE_KEY]
         if self.augment is None:
             return item
         rng = np.random.default_rng([self.seed, self.epoch, int(self.indices[i])])
         n_units = int(jitter_units(item["group_id"]).max()) + 1 if item["levels"].shape[0] else 0
         if n_units > 1 and rng.random() < self.augment.jitter_p:
             keep, gid = temporal_jitter(item["group_id"], int(rng.integers(0, 2)))
-            item = {k: (v[keep] if k in MODEL_ENTRY_KEYS else v) for k, v in item.items()}
+            item = {k: (v[keep] if k not in TAIL_KEYS else v) for k, v in item.items()}
             item["group_id"] = gid
         if rng.random() < self.augment.noise_p:
             noise = rng.normal(0.0, self.augment.noise_std, item["target_utilities"].shape)
@@ -136,9 +138,10 @@ def collate(items: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
     b = len(items)
     n = max(it["levels"].shape[0] for it in items)
     out: dict[str, torch.Tensor] = {}
-    for k in MODEL_ENTRY_KEYS:
+    keys = (*MODEL_ENTRY_KEYS, FEATURE_KEY) if FEATURE_KEY in items[0] else MODEL_ENTRY_KEYS
+    for k in keys:
         first = items[0][k]
-        dtype = ENTRY_KEYS[k][0]
+        dtype = np.float32 if k == FEATURE_KEY else ENTRY_KEYS[k][0]
         arr = np.full(
             (b, n, *first.shape[1:]), -1 if k == "group_id" else 0, dtype=dtype
         )  # -1: no group
@@ -160,8 +163,9 @@ def to_device(
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def arrays_to_item(arr: ContextArrays) -> dict:
-    """A ``ContextArrays`` as one unlabelled dataset item (targets zero, mask off)."""
+def arrays_to_item(arr: ContextArrays, entry_features: np.ndarray | None = None) -> dict:
+    """A ``ContextArrays`` as one unlabelled dataset item (targets zero, mask off), with the extra
+    per-entry features when given."""
     n = arr.levels.shape[0]
     item = {
         "embeddings": arr.embeddings,
@@ -178,4 +182,6 @@ def arrays_to_item(arr: ContextArrays) -> dict:
         "tail_mask": arr.tail_mask,
     }
     assert set(MODEL_ENTRY_KEYS) <= set(item), "item lacks a model key"
+    if entry_features is not None:
+        item[FEATURE_KEY] = np.asarray(entry_features, dtype=np.float32)
     return item

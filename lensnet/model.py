@@ -218,7 +218,24 @@ class LensNetConfig:
     <= d_lens) or 'full' (e M g with one d_model x d_model matrix per match: a product of two
     factors fewer between the score and the data, so it learns faster)."""
 
+    n_entry_features: int = 0
+    """Extra per-entry features read from the batch's ``entry_features`` (B, N, f) (the task world's
+    attention features, ``sim.keystore``): projected into every entry's representation and read
+    out linearly per entry kind straight to the score. 0 = off (the seed's inputs only)."""
+
+    n_query_tokens: int = 0
+    """Tail latents after the tail gists: the embeddings of the newest this many tokens (the task
+    world's question at question time), so the query reaches every score. 0 = tail gists only. The
+    batch's ``tail_gists`` then holds n_tail_gists + n_query_tokens rows (``sim.features.
+    lensnet_item`` builds them)."""
+
     def __post_init__(self) -> None:
+        if self.n_query_tokens < 0 or self.n_query_tokens >= MAX_TAIL:
+            raise ConfigError(
+                f"n_query_tokens must lie in [0, {MAX_TAIL}), got {self.n_query_tokens}"
+            )
+        if self.n_entry_features < 0:
+            raise ConfigError(f"n_entry_features must be >= 0, got {self.n_entry_features}")
         if self.match_form not in ("factored", "full"):
             raise ConfigError(f"match_form must be 'factored' or 'full', got {self.match_form!r}")
         for name in ("d_model", "d_lens", "n_heads", "n_stacks"):
@@ -303,6 +320,12 @@ class LensNet(nn.Module):
             self.match_skip = nn.Parameter(
                 torch.zeros(2 * (config.max_level + 1), 2 * (MAX_TAIL + 1))
             )
+        if config.n_entry_features:  # extra per-entry inputs: into the representation, and a
+            # linear read-out per entry kind (level x grouped) straight to the score
+            self.entry_in = nn.Linear(config.n_entry_features, d)
+            self.entry_skip = nn.Parameter(
+                torch.zeros(2 * (config.max_level + 1), config.n_entry_features + 1)
+            )
         self.ln_f = nn.LayerNorm(d)
         self.head = nn.Linear(d, 1)
         # Calibration: ``score`` multiplies the raw scores by this (fitted on validation episodes so
@@ -325,6 +348,13 @@ class LensNet(nn.Module):
             )
         if tail.shape[1] > MAX_TAIL:
             raise ValueError(f"at most {MAX_TAIL} tail gists, got {tail.shape[1]}")
+        f = self.config.n_entry_features
+        if f and (
+            "entry_features" not in batch
+            or tuple(batch["entry_features"].shape) != (*emb.shape[:2], f)
+        ):
+            got = tuple(batch["entry_features"].shape) if "entry_features" in batch else "nothing"
+            raise ValueError(f"entry_features must be (B, N, {f}) for this LensNet, got {got}")
         if batch["levels"].numel() and int(batch["levels"].max()) > self.config.max_level:
             raise ValueError(f"levels exceed max_level={self.config.max_level}")
         gid = batch.get("group_id")
@@ -356,6 +386,15 @@ class LensNet(nn.Module):
         )
         dist = torch.log1p(distance.to(self.proj.weight.dtype).clamp_min(0)) / 10
         return self.proj(emb) + self.level_emb(levels) + self.feat(torch.stack([span, dist], -1))
+
+    def _feature_terms(
+        self, feats: Tensor, levels: Tensor, grouped: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """The extra features' (``n_entry_features``) share of the representation (..., d) and of
+        the score (...,): a linear read-out (with a bias) per entry kind."""
+        w = self.entry_skip[2 * levels + grouped.long()]  # (..., f + 1)
+        direct = (w[..., :-1] * feats).sum(-1) + w[..., -1]
+        return self.entry_in(feats), direct
 
     def _match_keys(self, tail_gists: Tensor) -> tuple[Tensor, Tensor]:
         """(B, T, d_model) twice: each tail gist mapped through the own and the group bilinear form,
@@ -390,6 +429,16 @@ class LensNet(nn.Module):
         x = self._entry_features(
             emb, levels, pack.unpad(batch["span_width"]), pack.unpad(batch["distance_to_cursor"])
         )  # (R, d)
+        if cfg.n_entry_features:
+            grouped_r = (
+                pack.unpad(batch["group_id"]) >= 0
+                if "group_id" in batch
+                else torch.zeros_like(levels, dtype=torch.bool)
+            )
+            into, direct = self._feature_terms(
+                pack.unpad(batch["entry_features"]).to(x.dtype), levels, grouped_r
+            )
+            x = x + into
         tail = self._tail_latents(batch)  # (B, 1+T, d)
         if (
             pack.group is not None
@@ -432,6 +481,8 @@ class LensNet(nn.Module):
             )
             w = self.match_skip[2 * levels + grouped.long(), : match.shape[1]]  # (R, 2T)
             scores = scores + (w * match).sum(-1)
+        if cfg.n_entry_features:
+            scores = scores + direct
         return pack.pad(scores)
 
     def reference_forward(self, batch: dict[str, Tensor]) -> Tensor:
@@ -445,8 +496,13 @@ class LensNet(nn.Module):
         x = self._entry_features(
             batch["embeddings"], levels, batch["span_width"], batch["distance_to_cursor"]
         )  # (B, N, d)
-        tail = self._tail_latents(batch)  # (B, 1+T, d)
         gid = self._group_id(batch)
+        if cfg.n_entry_features:
+            grouped_f = gid >= 0 if gid is not None else torch.zeros_like(levels, dtype=torch.bool)
+            feats = batch["entry_features"].to(x.dtype)
+            into, direct = self._feature_terms(feats, levels, grouped_f)
+            x = x + into
+        tail = self._tail_latents(batch)  # (B, 1+T, d)
         if gid is not None:
             x = x + self.group_proj(group_mean(x, gid))
         tail_mask = batch["tail_mask"].bool()
@@ -482,6 +538,8 @@ class LensNet(nn.Module):
             scores = scores + (self.match_skip[2 * levels + grouped.long()] * match).sum(
                 -1
             )  # (B, N)
+        if cfg.n_entry_features:
+            scores = scores + direct
         return torch.where(valid, scores, torch.zeros_like(scores))
 
     @torch.no_grad()

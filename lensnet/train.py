@@ -159,6 +159,12 @@ class Trainer(TrainLoop):
                 f"trace {train.reader.path} has d_model={d} but the LensNet config expects "
                 f"d_model={model_config.d_model}"
             )
+        for ds in (train, val):
+            if ds is not None and ds.reader.n_entry_features != model_config.n_entry_features:
+                raise ConfigError(
+                    f"trace {ds.reader.path} has n_entry_features={ds.reader.n_entry_features} "
+                    f"but the LensNet config expects {model_config.n_entry_features}"
+                )
         if len(train) == 0:
             raise ConfigError(f"trace {train.reader.path} has no training snapshots")
         rank, world = 0, 1
@@ -300,8 +306,20 @@ class TrainArgs:
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
-def model_config_for(preset: str, d_model: int, max_level: int, block_size: int) -> LensNetConfig:
-    kw = {"max_level": max_level, "block_size": block_size}
+def model_config_for(
+    preset: str,
+    d_model: int,
+    max_level: int,
+    block_size: int,
+    n_entry_features: int = 0,
+    n_query_tokens: int = 0,
+) -> LensNetConfig:
+    kw = {
+        "max_level": max_level,
+        "block_size": block_size,
+        "n_entry_features": n_entry_features,
+        "n_query_tokens": n_query_tokens,
+    }
     if preset == "tiny":
         return LensNetConfig.tiny(d_model, **kw)
     if preset == "small":
@@ -336,6 +354,8 @@ def main(argv: list[str] | None = None) -> None:
             reader.d_model,
             int(meta.get("max_level", 2)),
             int(meta.get("block_size", 32)),
+            reader.n_entry_features,
+            int(meta.get("n_query_tokens", 0)),
         )
         trainer = Trainer(mcfg, args.train, train, val, args.out, distributed=distributed)
         if args.resume:

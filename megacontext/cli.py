@@ -127,6 +127,22 @@ def to_dict(obj: Any) -> dict[str, Any]:
     return dataclasses.asdict(obj)
 
 
+def from_dict(cls: type[T], values: dict[str, Any]) -> T:
+    """The instance of dataclass ``cls`` that ``to_dict`` wrote as ``values`` (nested dataclasses
+    from nested dicts, lists back to tuples); a field missing from ``values`` takes its default."""
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in values:
+            continue
+        tp, value = hints[f.name], values[f.name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[f.name] = from_dict(tp, value)
+        else:
+            kwargs[f.name] = tuple(value) if typing.get_origin(tp) is tuple else value
+    return cls(**kwargs)
+
+
 def to_argv(obj: Any, prefix: str = "", default: Any = None) -> list[str]:
     """The command-line options that ``parse`` turns back into ``obj``: one per leaf field whose
     value differs from its default (``default``, else the class's; nested dataclasses compared field

@@ -49,6 +49,9 @@ ENTRY_KEYS: dict[str, tuple[type, tuple[str, ...]]] = {
     "target_utilities": (np.float32, ()),
     "action_mask": (np.bool_, ()),
 }
+FEATURE_KEY = "entry_features"
+"""Optional per-entry array (N, f): extra features a LensNet may read (``LensNetConfig.
+n_entry_features``); present exactly when the manifest's meta has ``n_entry_features`` f > 0."""
 SNAPSHOT_KEYS: dict[str, tuple[type, tuple[str, ...]]] = {
     "tail_gists": (np.float32, ("t", "d")),
     "tail_levels": (np.int64, ("t",)),
@@ -77,8 +80,18 @@ def _atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _shape(spec: tuple[str, ...], d_model: int, n_tail_gists: int) -> tuple[int, ...]:
-    return tuple(d_model if s == "d" else n_tail_gists for s in spec)
+def _shape(
+    spec: tuple[str, ...], d_model: int, n_tail_gists: int, n_features: int = 0
+) -> tuple[int, ...]:
+    return tuple({"d": d_model, "t": n_tail_gists, "f": n_features}[s] for s in spec)
+
+
+def entry_keys(meta: dict[str, Any]) -> dict[str, tuple[type, tuple[str, ...]]]:
+    """The per-entry arrays of a trace with this ``meta``: ``ENTRY_KEYS``, plus ``FEATURE_KEY``
+    (N, f) when ``meta['n_entry_features']`` f > 0."""
+    if int(meta.get("n_entry_features", 0)) > 0:
+        return {**ENTRY_KEYS, FEATURE_KEY: (np.float32, ("f",))}
+    return ENTRY_KEYS
 
 
 class TraceWriter:
@@ -128,15 +141,17 @@ class TraceWriter:
         """Buffer one snapshot (keys ``ENTRY_KEYS`` (N, ...) and ``SNAPSHOT_KEYS``); flush when
         full."""
         d, t = self.meta["d_model"], self.meta["n_tail"]
-        missing = [k for k in (*ENTRY_KEYS, *SNAPSHOT_KEYS) if k not in snapshot]
+        f = int(self.meta.get("n_entry_features", 0))
+        keys = entry_keys(self.meta)
+        missing = [k for k in (*keys, *SNAPSHOT_KEYS) if k not in snapshot]
         if missing:
             raise ValueError(f"snapshot lacks keys {missing}")
         n = np.asarray(snapshot["levels"]).shape[0]
-        for k, (_, spec) in ENTRY_KEYS.items():
-            if np.asarray(snapshot[k]).shape != (n, *_shape(spec, d, t)):
+        for k, (_, spec) in keys.items():
+            if np.asarray(snapshot[k]).shape != (n, *_shape(spec, d, t, f)):
                 raise ValueError(
                     f"snapshot[{k!r}] has shape {np.shape(snapshot[k])}, expected "
-                    f"{(n, *_shape(spec, d, t))}"
+                    f"{(n, *_shape(spec, d, t, f))}"
                 )
         for k, (_, spec) in SNAPSHOT_KEYS.items():
             if np.asarray(snapshot[k]).shape != _shape(spec, d, t):
@@ -156,7 +171,7 @@ class TraceWriter:
         tensors: dict[str, np.ndarray] = {}
         lengths = [np.asarray(s["levels"]).shape[0] for s in snaps]
         tensors["offsets"] = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-        for k, (dtype, _) in ENTRY_KEYS.items():
+        for k, (dtype, _) in entry_keys(self.meta).items():
             arr = np.concatenate([np.asarray(s[k]) for s in snaps]).astype(dtype)
             tensors[k] = arr.astype(np.uint8) if dtype is np.bool_ else arr
         for k, (dtype, _) in SNAPSHOT_KEYS.items():
@@ -208,15 +223,19 @@ class TraceReader:
                 )
         self.meta = manifests[0]["meta"]
         self.d_model, self.n_tail_gists = int(self.meta["d_model"]), int(self.meta["n_tail"])
+        self.n_entry_features = int(self.meta.get("n_entry_features", 0))
         for d, m in zip(dirs[1:], manifests[1:], strict=True):
-            if (int(m["meta"]["d_model"]), int(m["meta"]["n_tail"])) != (
-                self.d_model,
-                self.n_tail_gists,
-            ):
+            if (
+                int(m["meta"]["d_model"]),
+                int(m["meta"]["n_tail"]),
+                int(m["meta"].get("n_entry_features", 0)),
+            ) != (self.d_model, self.n_tail_gists, self.n_entry_features):
                 raise TraceFormatError(
-                    f"{d / MANIFEST}: d_model/n_tail_gists differ from {dirs[0] / MANIFEST}"
+                    f"{d / MANIFEST}: d_model/n_tail_gists/n_entry_features differ from "
+                    f"{dirs[0] / MANIFEST}"
                 )
-        self._entries: dict[str, list[np.ndarray]] = {k: [] for k in ENTRY_KEYS}
+        self.entry_keys = entry_keys(self.meta)
+        self._entries: dict[str, list[np.ndarray]] = {k: [] for k in self.entry_keys}
         self._snap: dict[str, list[np.ndarray]] = {k: [] for k in SNAPSHOT_KEYS}
         self._offsets: list[int] = [0]
         for d, m in zip(dirs, manifests, strict=True):
@@ -225,7 +244,9 @@ class TraceReader:
         self.entries = {
             k: np.concatenate(v)
             if v
-            else np.zeros((0, *_shape(ENTRY_KEYS[k][1], self.d_model, self.n_tail_gists)))
+            else np.zeros(
+                (0, *_shape(self.entry_keys[k][1], *self._dims)), self.entry_keys[k][0]
+            )
             for k, v in self._entries.items()
         }
         self.snapshots = {
@@ -267,7 +288,7 @@ class TraceReader:
             t = load_file(str(file))
         except (SafetensorError, OSError, ValueError) as err:
             raise TraceFormatError(f"{file}: unreadable safetensors ({err})") from err
-        missing = [k for k in ("offsets", *ENTRY_KEYS, *SNAPSHOT_KEYS) if k not in t]
+        missing = [k for k in ("offsets", *self.entry_keys, *SNAPSHOT_KEYS) if k not in t]
         if missing:
             raise TraceFormatError(f"{file}: missing arrays {missing}")
         off = t["offsets"]
@@ -278,8 +299,8 @@ class TraceReader:
                 "0)"
             )
         n = int(off[-1])
-        for k, (dtype, spec) in ENTRY_KEYS.items():
-            want = (n, *_shape(spec, self.d_model, self.n_tail_gists))
+        for k, (dtype, spec) in self.entry_keys.items():
+            want = (n, *_shape(spec, *self._dims))
             if t[k].shape != want:
                 raise TraceFormatError(
                     f"{file}: {k} has shape {t[k].shape}, expected {want} (d_model={self.d_model})"
@@ -292,6 +313,10 @@ class TraceReader:
             self._snap[k].append(t[k].astype(dtype))
         base = self._offsets[-1]
         self._offsets.extend((base + off[1:]).tolist())
+
+    @property
+    def _dims(self) -> tuple[int, int, int]:
+        return self.d_model, self.n_tail_gists, self.n_entry_features
 
     def __len__(self) -> int:
         return len(self.offsets) - 1

@@ -56,6 +56,10 @@ class LoopConfig:
     """Seed of initialisation, data order and augmentation."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where to train ('auto': CUDA when present)."""
+    select: str = "loss"
+    """The validation metric that picks best.pt: 'loss' (lower is better) or the name of a metric
+    the validation reports where higher is better (e.g. 'ranking_accuracy': when the validation
+    labels are on another scale than the training labels, their loss says little)."""
 
     def __post_init__(self) -> None:
         if not (self.lr > 0 and math.isfinite(self.lr)):
@@ -254,9 +258,12 @@ class TrainLoop:
                 last_eval = self.validate() if self.is_main else {}
                 self.model.train()
                 record.update(last_eval)
-                if last_eval.get("val/loss") is not None and last_eval["val/loss"] < self.best:
-                    self.best = last_eval["val/loss"]
-                    self.save("best.pt")
+                value = last_eval.get(f"val/{cfg.select}")
+                if value is not None:
+                    value = value if cfg.select == "loss" else -value  # lower is better
+                    if value < self.best:
+                        self.best = value
+                        self.save("best.pt")
                 self.save("latest.pt")
                 bar.set_postfix(
                     loss=f"{loss.item():.4f}", val=f"{last_eval.get('val/loss', float('nan')):.4f}"

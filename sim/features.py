@@ -10,9 +10,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from lensnet.data import arrays_to_item
 from megacontext.allocator import recency_scores
 from megacontext.lm_oracle import LMOracle
 from megacontext.working_context import WorkingContext
+from sim import keystore
 
 RETRIEVAL_DEPTH = 1 / 30
 """Dense retrieval's layer as a fraction of the LM's depth (layer 1 of SmolLM2's 30): chosen by
@@ -80,49 +82,67 @@ def attention_layer_range(window: tuple[float, float], n_layers: int) -> range:
     return range(start, min(max(round(hi * n_layers), start + 1), n_layers))
 
 
-@torch.no_grad()
 def block_attention(oracle: LMOracle, ids: np.ndarray, b: int, layers) -> np.ndarray:
     """(n_l1,) the softmax attention mass the last token of the stream ``ids`` puts on each complete
     L1 block: its attention probabilities summed over the block's key positions, averaged over
     every head of each of ``layers`` (layer indices). Keys in the trailing partial block are left
     out (their mass is not renormalised away). Every block is returned, block 0 (where the LM puts
-    its attention sink) included: ``attention_relevance`` ranks it last.
+    its attention sink) included: ``attention_relevance`` ranks it last. One forward of the stream
+    (``sim.keystore.read``: the LM's keys and the last token's queries)."""
+    probs = keystore.read(oracle, ids, b).probs(-1)
+    return block_mass(probs[list(layers)], b)
 
-    The LM's own attention probabilities of the last position, at the cost of one forward: the
-    stream but its last token runs through the LM's usual (fused) attention into a KV cache, then
-    the last token alone runs on that cache with eager attention and ``output_attentions``, so only
-    one (heads, n) row per layer is ever materialised, never an (n, n) matrix. The model is put back
-    to its own attention implementation afterwards, also on error."""
-    ids = np.asarray(ids, dtype=np.int64)
-    n, n_l1 = len(ids), len(ids) // b
-    layers = list(layers)
-    if n_l1 == 0:
-        return np.zeros(0)
-    x = torch.as_tensor(ids, device=oracle.device)[None]
-    cache = {}
-    if n > 1:
-        out = oracle.decoder(
-            input_ids=x[:, :-1],
-            use_cache=True,
-            attention_mask=torch.ones_like(x[:, :-1]),
+
+def block_mass(probs: np.ndarray, b: int) -> np.ndarray:
+    """(n_l1,) per complete L1 block the attention mass of (..., n) probabilities over stream
+    tokens, averaged over every leading axis (rows, layers, heads)."""
+    p = np.asarray(probs, dtype=np.float64)
+    p = p.reshape(-1, p.shape[-1]).mean(axis=0)
+    n_l1 = p.shape[0] // b
+    return p[: n_l1 * b].reshape(n_l1, b).sum(axis=1)
+
+
+def answer_relevance(store: keystore.KeyStore, n_stream: int, b: int) -> np.ndarray:
+    """The cheap label's per-block relevance (n_l1,): the attention the positions that predict the
+    answer (the stream's last token, then every answer token but the last, teacher-forced: the
+    store's queries) put on each complete L1 block of the stream: per position and layer the
+    largest mass any head puts on the block, averaged over positions and layers. Block 0 (the
+    attention sink) gets 0. The max over heads was chosen on the committed *train* task files
+    (``benchmarks/cheap_label_rule.py``): the mean over heads lets the many heads that attend by
+    position drown the few that retrieve."""
+    n_l1 = n_stream // b
+    rel = np.zeros(n_l1)
+    for r in range(store.queries.shape[2]):
+        p = store.probs(r, n_keys=n_stream)[..., : n_l1 * b]  # (L, H, n)
+        rel += p.reshape(*p.shape[:2], n_l1, b).sum(-1).max(axis=1).mean(axis=0)
+    rel /= store.queries.shape[2]
+    rel[:1] = 0.0
+    return rel
+
+
+def lensnet_item(
+    wc: WorkingContext,
+    n_tail_gists: int,
+    n_query_tokens: int = 0,
+    probs: np.ndarray | None = None,
+) -> dict:
+    """LensNet's input for one working context of a task stream: ``wc.arrays``, with the embeddings
+    of the newest ``n_query_tokens`` tokens (at question time: the question; zero padded when the
+    stream is shorter) appended to the tail latents (level 0), and, with ``probs`` (L, H, n: the
+    newest token's attention over the stream, ``PreparedTask.attention_probs``), each entry's
+    attention features (``sim.keystore.span_features``)."""
+    arr = wc.arrays(n_tail_gists)
+    if n_query_tokens:
+        q = min(n_query_tokens, wc.n_tokens)
+        emb = np.zeros((n_query_tokens, arr.tail_gists.shape[1]), dtype=arr.tail_gists.dtype)
+        emb[:q] = wc.tree.embeddings(0, np.arange(wc.n_tokens - q, wc.n_tokens))
+        arr.tail_gists = np.concatenate([arr.tail_gists, emb])
+        arr.tail_levels = np.concatenate(
+            [arr.tail_levels, np.where(np.arange(n_query_tokens) < q, 0, -1)]
         )
-        cache = {oracle._cache_kw: out.cache if hasattr(out, "cache") else out.past_key_values}
-    model = oracle.model
-    own = model.config._attn_implementation
-    model.set_attn_implementation("eager")
-    try:
-        out = oracle.decoder(
-            input_ids=x[:, -1:],
-            use_cache=False,
-            attention_mask=torch.ones_like(x),
-            output_attentions=True,
-            **cache,
-        )
-    finally:
-        model.set_attn_implementation(own)
-    row = torch.stack([out.attentions[k][0, :, -1].float() for k in layers])  # (L, H, n)
-    mass = row.mean(dim=(0, 1))[: n_l1 * b].reshape(n_l1, b).sum(dim=1)
-    return mass.double().cpu().numpy()
+        arr.tail_mask = np.concatenate([arr.tail_mask, np.arange(n_query_tokens) < q])
+    feats = None if probs is None else keystore.span_features(probs, wc.starts, wc.ends)
+    return arrays_to_item(arr, feats)
 
 
 def attention_relevance(mass: np.ndarray, n_sink_blocks: int = 1) -> np.ndarray:

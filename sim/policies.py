@@ -52,6 +52,7 @@ from sim.features import (
     attention_relevance,
     bm25_relevance,
     dense_relevance,
+    lensnet_item,
     rank01,
     rank_scores,
     relevance_scores,
@@ -174,14 +175,36 @@ class LensNetPolicy(FocusPolicy):
             raise ConfigError(f"policy {cls.name!r} needs a trained LensNet")
         return cls(ctx.lensnet, ctx.device)
 
-    def entry_scores(self, arr: ContextArrays) -> np.ndarray:
-        """(N,) LensNet's scores of one context's entries, on the allocator's scale."""
-        batch = {k: v.to(self.device) for k, v in collate([arrays_to_item(arr)]).items()}
+    @property
+    def needs_attention(self) -> bool:  # type: ignore[override]
+        """A LensNet with attention features needs the task's attention (``prepare_task``)."""
+        return self.model.config.n_entry_features > 0
+
+    def entry_scores(self, arr: ContextArrays | dict) -> np.ndarray:
+        """(N,) LensNet's scores of one context's entries (its arrays, or a whole dataset item),
+        on the allocator's scale."""
+        item = arr if isinstance(arr, dict) else arrays_to_item(arr)
+        batch = {k: v.to(self.device) for k, v in collate([item]).items()}
         u = self.model.score(batch)[0].double().cpu().numpy()
         return u if self.scale is None else u * (self.scale / self.model.score_scale)
 
     def scores(self, view: FocusView) -> np.ndarray:
-        u = self.entry_scores(view.wc.arrays(view.n_tail_gists))
+        cfg = self.model.config
+        if view.task is None:  # a stream step: the seed's inputs
+            if cfg.n_entry_features or cfg.n_query_tokens:
+                raise ConfigError(
+                    "this LensNet reads task-world inputs (attention features / query tokens): "
+                    "it scores question-time task contexts only"
+                )
+            u = self.entry_scores(view.wc.arrays(view.n_tail_gists))
+        else:
+            probs = view.task.attention_probs if cfg.n_entry_features else None
+            if cfg.n_entry_features and probs is None:
+                raise ValueError(
+                    "this LensNet reads attention features: prepare_task(..., attention=True)"
+                )
+            item = lensnet_item(view.wc, view.n_tail_gists, cfg.n_query_tokens, probs)
+            u = self.entry_scores(item)
         return rank_scores(view.wc, u) if self.rank else u
 
 

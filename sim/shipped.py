@@ -27,17 +27,18 @@ def read_card(path: str | Path) -> dict:
 
 
 def default_lensnet_path(lm, kind: str | None) -> Path | None:
-    """The shipped task-world LensNet when its card's LM fingerprint matches ``lm`` and its card's
-    task kind is ``kind`` (a LensNet trained on pass keys is not the default for variable
-    tracking), else None; ``kind`` None (tasks of mixed or unnamed kinds) never matches."""
-    if not TASKS_CHECKPOINT.exists() or kind is None:
+    """The shipped task-world LensNet when its card's LM fingerprint matches ``lm`` and it fits the
+    tasks: a LensNet trained across every kind (card ``task`` 'all', ``sim.tasktrain``) fits any
+    task file, of any or unnamed kind (the JSONL contract has no kind field); one trained for a
+    single kind fits only tasks of that kind (a LensNet trained on pass keys is not the default for
+    variable tracking, nor for a file whose kind is unknown). Else None."""
+    if not TASKS_CHECKPOINT.exists():
         return None
     card = read_card(TASKS_CHECKPOINT)
-    return (
-        TASKS_CHECKPOINT
-        if card.get("lm_fingerprint") == lm_fingerprint(lm) and card.get("task") == kind
-        else None
-    )
+    if card.get("lm_fingerprint") != lm_fingerprint(lm):
+        return None
+    fits = card.get("task") == "all" or (kind is not None and card.get("task") == kind)
+    return TASKS_CHECKPOINT if fits else None
 
 
 def shipped_lensnet_task() -> str | None:

@@ -24,12 +24,14 @@ from megacontext.allocator import AllocatorConfig, FocusAllocator
 from megacontext.lm_oracle import LMOracle
 from megacontext.tree import ConfigError, Gister, MegaContextTree, TreeConfig, mean_gister
 from megacontext.working_context import BudgetExhausted, ContextConfig, WorkingContext
+from sim import keystore
 from sim.features import (
     ATTENTION_LAYERS,
     RETRIEVAL_DEPTH,
+    answer_relevance,
     attention_layer_range,
-    block_attention,
     block_features,
+    block_mass,
 )
 from sim.policy import FocusPolicy, FocusView
 
@@ -113,6 +115,9 @@ class PreparedTask:
     block_surprisal: np.ndarray | None = None  # (n_l1,) mean token NLL of each block read alone
     query_hidden: np.ndarray | None = None  # (d,) pooled hidden state of the query read alone
     block_attention: np.ndarray | None = None  # (n_l1,) the last token's attention mass per block
+    attention_probs: np.ndarray | None = None  # (L, H, n) the last token's attention per token
+    answer_relevance: np.ndarray | None = None  # (n_l1,) the answer's attention per block (labels)
+    attention_s: float = 0.0  # seconds the attention forward (and the cheap label) took
 
     @property
     def n_tokens(self) -> int:
@@ -171,11 +176,15 @@ def prepare_task(
     features: bool = True,
     stream_every: int = 0,
     attention: bool = False,
+    answer_attention: bool = False,
 ) -> PreparedTask:
     """Tokenise, build the tree, stream the cursor to question time (recency restores), and (with
     ``features``) compute the block-alone hidden states and surprisal the heuristic baselines use;
-    with ``attention``, the last token's attention mass per block over the whole stream (one more
-    forward of the stream, ``sim.features.block_attention``) the attention baseline uses.
+    with ``attention``, the last token's attention over the whole stream (one more forward of the
+    stream, ``sim.keystore``): per token (``attention_probs``, LensNet's attention features) and per
+    block (``block_attention``, the attention baseline's); with ``answer_attention`` that forward
+    also reads the answer teacher-forced after the stream and gives the cheap label's per-block
+    relevance (``answer_relevance``, ``sim.features.answer_relevance``).
     ``stream_every`` > 0 keeps a copy of the cover every that many stream steps (stream-time
     labels)."""
     ids, answer, needle, q_len, offsets = tokenize_task(task, tokenizer)
@@ -223,11 +232,20 @@ def prepare_task(
         layer = round(config.retrieval_depth * oracle.model.config.num_hidden_layers)
         hidden, pt.block_surprisal, q_hidden = block_features(oracle, ids, b, ids[query], layer)
         pt.block_hidden, pt.query_hidden = hidden[0], q_hidden[0]
-    if attention:
+    if attention or answer_attention:
         layers = attention_layer_range(
             config.attention_layers, oracle.model.config.num_hidden_layers
         )
-        pt.block_attention = block_attention(oracle, ids, b, layers)
+        # one forward: the stream (and, for the cheap label, the answer teacher-forced after it)
+        t0 = time.perf_counter()
+        read_ids = np.concatenate([ids, answer[:-1]]) if answer_attention else ids
+        store = keystore.read(oracle, read_ids, b, n_queries=len(answer) if answer_attention else 1)
+        probs = store.probs(0 if answer_attention else -1, n_keys=n)  # the last stream token's
+        pt.attention_probs = probs.astype(np.float32)
+        pt.block_attention = block_mass(probs[list(layers)], b)
+        if answer_attention:
+            pt.answer_relevance = answer_relevance(store, n, b)
+        pt.attention_s = time.perf_counter() - t0
     return pt
 
 

@@ -215,6 +215,28 @@ def test_fast_forward_matches_the_reference_without_tail_or_entries():
     _assert_fast_matches_reference(model, b)
 
 
+@given(st.lists(context_items(n_tail_gists=3, max_entries=120), min_size=1, max_size=3))
+def test_fast_forward_matches_the_reference_with_entry_features(items):
+    """The extra per-entry features (``n_entry_features``) enter both paths alike, and a LensNet
+    that reads them refuses a batch without them."""
+    rng = np.random.default_rng(len(items))
+    for it in items:
+        it["entry_features"] = rng.normal(size=(it["levels"].shape[0], 5)).astype(np.float32)
+    batch = collate(items)
+    torch.manual_seed(0)
+    model = LensNet(
+        LensNetConfig(
+            d_model=4, d_lens=16, n_heads=2, dropout=0.0, max_level=3, block_size=4,
+            match_skip=True, n_entry_features=5,
+        )
+    )
+    torch.nn.init.normal_(model.head.weight)
+    torch.nn.init.normal_(model.entry_skip)
+    _assert_fast_matches_reference(model, batch)
+    with pytest.raises(ValueError, match="entry_features must be"):
+        model({k: v for k, v in batch.items() if k != "entry_features"})
+
+
 def test_group_ids_outside_the_snapshot_are_refused():
     b = _batch(ns=(5, 9))
     b["group_id"][0, :2] = 9  # N = 9: id 9 would be the next snapshot's key

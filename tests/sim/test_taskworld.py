@@ -578,3 +578,29 @@ def test_the_stream_tail_at_question_time_leaves_too_few_payers(oracle):
     assert pt.wc.config.tail_tokens == world.tail_tokens
     wc, _ = zoom(NeedleFinder(), pt, world, oracle)
     assert needle_level(pt) == 2 and not focus_recall(pt, wc)
+
+
+def test_compression_sweep_plots_the_runs_it_is_given(tmp_path):
+    """Two sim.evaluate runs of the same tasks at two W_max: the sweep's table holds each run's
+    numbers at its compression, full context included, and the PNG is written."""
+    from analysis.plots import main as plots_main
+    from sim.evaluate import main
+
+    path = tmp_path / "tasks.jsonl"
+    path.write_text("".join(json.dumps(_task(at=at, tid=f"t{at}")) + "\n" for at in (20, 90)))
+    world = ["--world.block-size", "4", "--world.tail-tokens", "24", "--world.step-tokens", "4"]
+    world += ["--no-progress", "--lm", "tiny", "--tasks", str(path), "--policies", "recency,full"]
+    runs = []
+    for w_max in (64, 48):
+        runs.append(tmp_path / f"w{w_max}")
+        with pytest.raises(SystemExit):
+            main([*world, "--world.w-max", str(w_max), "--out", str(runs[-1])])
+    plots_main(["--sweep", str(tmp_path / "sweep"), *map(str, runs)])
+    table = json.loads((tmp_path / "sweep" / "compression_sweep.json").read_text())
+    assert (tmp_path / "sweep" / "compression_sweep.png").exists()
+    for run in runs:
+        res = json.loads((run / "results.json").read_text())
+        (pt,) = [p for p in table["recency"] if p["w_max"] == res["config"]["w_max"]]
+        assert pt["exact_match"] == res["policies"]["recency"]["exact_match"]
+        assert pt["compression"] == pytest.approx(210 / res["config"]["w_max"], rel=0.05)
+    assert set(table) == {"recency", "full"}

@@ -1,0 +1,186 @@
+"""The key store: the frozen LM's attention keys of the stream, kept per tree node as the stream is
+read, and the attention features they give every working-context entry.
+
+A block is read at L0 while it sits in the recency tail, so the LM's keys of its tokens are a
+by-product of reading it: the store keeps them, at every layer, either whole (``mode='full'``:
+per token, the LM's own softmax is reproduced exactly) or compressed to one mean key per L1 block
+and KV head (``mode='mean'``: 1/b of the bytes, Landmark/MoBA-style block keys; a block's logit is
+its mean key's logit plus log b, the mass b equal keys would get). Tokens after the last complete
+block stay whole in both modes. ``bytes_per_token`` reports what a mode stores (fp16).
+
+At a refocus the newest token's queries (the last stream token: at question time the question's
+last) score every stored key; per layer and head the softmax over all of them is the attention
+mass each token (or block) receives, and an entry's mass is the sum over its span. Token 0 holds
+the LM's attention sink, whose mass says nothing about content: it is left out and the rest
+renormalised, and a separate feature flags the entry that holds it. ``entry_features`` returns,
+per entry, the log mass per layer (mean over heads), its max over heads per layer, and the sink
+flag: what LensNet reads as extra per-entry inputs (``LensNetConfig.n_entry_features``).
+
+In this simulation the stream is read once, whole (the keys and the query then equal those of a
+full-context read; in a deployment they come from the working context the LM actually read). One
+forward gives the keys of every position and the queries of the last ``n_queries`` positions
+(``read``): with the task's answer appended (teacher forcing), the same forward yields the cheap
+labels' attention rows (``sim.cheaplabels``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+
+from megacontext.lm_oracle import LMOracle
+from megacontext.working_context import WorkingContext
+
+StoreMode = Literal["full", "mean"]
+SINK_TOKENS = 1
+"""Leading tokens whose attention is the LM's sink (left out of every mass, renormalised)."""
+LOG_SCALE = 10.0
+"""Log masses are divided by this, so features lie in about [-1.4, 0]."""
+
+
+@dataclass
+class KeyStore:
+    """Per-layer keys of a stream (post-RoPE, one row per KV head) and the queries of its last
+    positions, as ``read`` captured them."""
+
+    keys: list[torch.Tensor]  # per layer (KVH, n, hd) float32: the stream's keys
+    queries: torch.Tensor  # (L, H, q, hd) float32: the last q positions' queries
+    n_tokens: int  # n: stream positions (keys)
+    block_size: int
+    scale: float  # attention logit scale (1/sqrt(hd))
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.keys)
+
+    def bytes_per_token(self, mode: StoreMode) -> float:
+        """Bytes the store keeps per stream token in ``mode`` (fp16 keys, all layers)."""
+        kvh, _, hd = self.keys[0].shape
+        per_key = 2 * kvh * hd * self.n_layers
+        return per_key / (self.block_size if mode == "mean" else 1)
+
+    # ---------------------------------------------------------------------------- attention
+    def probs(
+        self, row: int = -1, mode: StoreMode = "full", n_keys: int | None = None
+    ) -> np.ndarray:
+        """(L, H, n_keys) the attention probabilities the query of position ``row`` (an index into
+        the captured queries; -1 = the last) puts on each stream token 0..n_keys-1: the softmax
+        runs over every key up to that position (causal), then only the first ``n_keys`` are
+        returned (default: all of them). In 'mean' mode every token of a complete L1 block gets 1/b
+        of its block's mass; tokens after the last complete block keep their own."""
+        n_q = self.queries.shape[2]
+        pos = self.n_tokens - n_q + (row % n_q)  # the query's stream position
+        n_causal = pos + 1
+        n_keys = n_causal if n_keys is None else min(n_keys, n_causal)
+        out = []
+        for layer, keys in enumerate(self.keys):
+            q = self.queries[layer, :, row]  # (H, hd)
+            k = keys[:, :n_causal].repeat_interleave(q.shape[0] // keys.shape[0], dim=0)  # H,n,hd
+            if mode == "full":
+                logits = torch.einsum("hd,hnd->hn", q, k) * self.scale
+                out.append(torch.softmax(logits.double(), dim=-1))
+                continue
+            b = self.block_size
+            n_full = (n_causal // b) * b
+            mean_k = k[:, :n_full].reshape(k.shape[0], -1, b, k.shape[-1]).mean(dim=2)
+            logits = torch.cat(
+                [
+                    torch.einsum("hd,hnd->hn", q, mean_k) * self.scale + np.log(b),
+                    torch.einsum("hd,hnd->hn", q, k[:, n_full:]) * self.scale,
+                ],
+                dim=1,
+            )
+            p = torch.softmax(logits.double(), dim=-1)
+            n_blocks = n_full // b
+            per_token = p[:, :n_blocks].repeat_interleave(b, dim=1) / b
+            out.append(torch.cat([per_token, p[:, n_blocks:]], dim=1))
+        return torch.stack(out)[..., :n_keys].cpu().numpy()
+
+    # ----------------------------------------------------------------------------- features
+    def entry_features(
+        self, wc: WorkingContext, mode: StoreMode = "full", probs: np.ndarray | None = None
+    ) -> np.ndarray:
+        """(N, 2L + 1) float32 features of each entry of ``wc`` (which must cover this stream or a
+        prefix of it) from the last query's attention (``probs`` if given, else
+        ``probs(-1, mode)``): per layer log(1e-6 + mean-over-heads mass of the entry's span), then
+        per layer log(1e-6 + max-over-heads mass) (both / ``LOG_SCALE``), then 1.0 on the entry
+        holding the sink token. Masses leave out the sink token and are renormalised over the
+        rest."""
+        p = self.probs(-1, mode, n_keys=wc.n_tokens) if probs is None else probs
+        return span_features(p, wc.starts, wc.ends)
+
+
+def span_features(probs: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """The ``KeyStore.entry_features`` of spans [starts, ends) from per-token probabilities
+    (L, H, n)."""
+    p = np.asarray(probs, dtype=np.float64)[..., : int(ends[-1])].copy()
+    rest = 1.0 - p[..., :SINK_TOKENS].sum(axis=-1, keepdims=True)
+    p[..., :SINK_TOKENS] = 0.0
+    p /= np.maximum(rest, 1e-12)
+    cum = np.concatenate([np.zeros(p.shape[:-1] + (1,)), np.cumsum(p, axis=-1)], axis=-1)
+    mass = cum[..., ends] - cum[..., starts]  # (L, H, N)
+    feats = np.concatenate(
+        [
+            np.log(1e-6 + mass.mean(axis=1)) / LOG_SCALE,  # (L, N)
+            np.log(1e-6 + mass.max(axis=1)) / LOG_SCALE,
+            (starts < SINK_TOKENS)[None].astype(np.float64),
+        ]
+    )
+    return feats.T.astype(np.float32)
+
+
+def n_entry_features(n_layers: int) -> int:
+    """Width of ``span_features`` for an LM of ``n_layers`` layers."""
+    return 2 * n_layers + 1
+
+
+@torch.no_grad()
+def read(oracle: LMOracle, ids: np.ndarray, block_size: int, n_queries: int = 1) -> KeyStore:
+    """One forward of ``ids`` through the LM, keeping every layer's keys of every position and the
+    queries of the last ``n_queries`` positions (both post-RoPE, as the LM's attention uses them).
+    Llama-family attention (``q_proj``/``k_proj`` and a shared rotary embedding) only."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    model = oracle.model
+    base = model.base_model
+    cfg = model.config
+    layers = getattr(base, "layers", None)
+    if layers is None or not hasattr(layers[0].self_attn, "q_proj"):
+        raise TypeError(f"the key store reads Llama-style attention; {type(model).__name__} is not")
+    n_heads, n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
+    hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_heads
+    ids = np.asarray(ids, dtype=np.int64)
+    n = len(ids)
+    n_queries = max(1, min(n_queries, n))
+    qs: list[torch.Tensor] = []
+    ks: list[torch.Tensor] = []
+
+    def keep_q(_m, _i, out):
+        qs.append(out[0, n - n_queries :].float().view(n_queries, n_heads, hd).transpose(0, 1))
+
+    def keep_k(_m, _i, out):
+        ks.append(out[0].float().view(n, n_kv, hd).transpose(0, 1))
+
+    hooks = []
+    try:
+        for layer in layers:
+            hooks.append(layer.self_attn.q_proj.register_forward_hook(keep_q))
+            hooks.append(layer.self_attn.k_proj.register_forward_hook(keep_k))
+        x = torch.as_tensor(ids, device=oracle.device)[None]
+        oracle.decoder(input_ids=x, use_cache=False, attention_mask=torch.ones_like(x))
+    finally:
+        for h in hooks:
+            h.remove()
+    pos = torch.arange(n, device=oracle.device)[None]
+    cos, sin = base.rotary_emb(ks[0][None], pos)
+    keys, queries = [], []
+    for q, k in zip(qs, ks, strict=True):
+        last = slice(n - n_queries, n)
+        qr, _ = apply_rotary_pos_emb(q[None], q[None], cos[:, last], sin[:, last])
+        _, kr = apply_rotary_pos_emb(k[None], k[None], cos, sin)
+        queries.append(qr[0])
+        keys.append(kr[0])
+    return KeyStore(keys, torch.stack(queries), n, block_size, hd**-0.5)

@@ -1,0 +1,288 @@
+"""Question-time traces of the task worlds for LensNet: ``python -m sim.tasklabels``.
+
+Each task (generated from the registered kinds on the *train* split, or read from a JSONL file) is
+streamed to question time once; ``covers`` snapshots are labelled per task: the question-time
+recency cover, then covers reached from it by one or two allocator rounds on random block
+relevances (so LensNet also sees L2 gists opened, blocks already at L0, 4k streams' three L2 gists).
+Every snapshot carries LensNet's task inputs (``sim.features.lensnet_item``): the question's token
+embeddings as extra tail latents and each entry's attention features (``sim.keystore``).
+
+Labels (``--labels``):
+- ``cheap``: one LM forward per task (the stream with the answer teacher-forced after it, the same
+  forward that gives the attention features): a block's relevance is the attention the positions
+  that predict the answer put on it (``sim.features.answer_relevance``); a gist's target is the best
+  relevance among its blocks, a sibling group's collapse cost the best relevance under it, in
+  relevance units (the scale is fitted afterwards: ``sim.tasklabels calibrate``... see
+  ``fit_task_scale``).
+- ``exact``: the counterfactual labels (``megacontext.labels.label_snapshot`` with the two-level
+  lookahead: every legal action, one LM call each). In this mode every snapshot's cheap targets are
+  computed too and ``agreement.jsonl`` records, per snapshot, whether the best exact action is the
+  cheap labels' top 1 / in their top 3, the Spearman correlation over the candidates, and the
+  seconds each labeller spent on it.
+
+Sharded (``--shard i/n`` takes tasks with index % n == i) and resumable: a rerun skips the
+snapshots already on disk (``megacontext.traces.TraceWriter``).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from megacontext.allocator import FocusAllocator
+from megacontext.cli import parse, to_dict
+from megacontext.labels import label_snapshot
+from megacontext.traces import FEATURE_KEY, TraceReader, TraceWriter
+from megacontext.tree import ConfigError
+from megacontext.working_context import WorkingContext
+from sim.features import lensnet_item, relevance_scores
+from sim.keystore import n_entry_features
+from sim.labels import parse_shard
+from sim.taskworld import CharTokenizer, PreparedTask, TaskError, TaskWorldConfig, prepare_task
+
+
+@dataclass
+class TaskLabelArgs:
+    """Label question-time snapshots of task worlds (cheap attention labels or exact ones)."""
+
+    out: str = "runs/task-traces"
+    """Output trace directory (with --shard i/n and n > 1: OUT/part-i-of-n)."""
+    tasks: str | None = None
+    """A task JSONL file; unset: generate --n-tasks tasks of each of --kinds (train split)."""
+    kinds: tuple[str, ...] = ("passkey", "multikey", "vt", "code")
+    """Task kinds to generate (``sim.tasks.kinds.TASK_KINDS``)."""
+    n_tasks: int = 64
+    """Generated tasks per kind."""
+    first_task: int = 0
+    """Index of the first generated task of each kind (validation sets take a disjoint range)."""
+    length: tuple[int, ...] = (2048, 4096)
+    """Generated tasks' lengths in tokens (task i takes length[i % len])."""
+    seed: int = 0
+    """Task generation seed; also the random covers' (with the task index)."""
+    covers: int = 4
+    """Snapshots per task: the question-time cover, then covers-1 reached by random zoom rounds."""
+    labels: Literal["cheap", "exact"] = "cheap"
+    """Label source (see the module doc)."""
+    query_tokens: int = 32
+    """Newest tokens whose embeddings join LensNet's tail latents (must cover the question)."""
+    shard: str = "0/1"
+    """i/n: this process takes the tasks with index % n == i."""
+    shard_size: int = 64
+    """Snapshots per safetensors shard."""
+    lm: str = "smollm2"
+    """'smollm2', 'tiny' (random-init test LM) or a local model folder."""
+    gister: str = "auto"
+    """'auto' (GistNet when a checkpoint fits, else mean pooling), 'gistnet' or 'mean'."""
+    progress: bool = True
+    """Show a progress bar."""
+    world: TaskWorldConfig = field(default_factory=TaskWorldConfig)
+
+
+def cheap_targets(wc: WorkingContext, block_rel: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(expand gain, collapse cost) per entry from a relevance per L1 block: a gist's gain is the
+    best relevance among its blocks (``relevance_scores``' gist side), every member of a legal
+    sibling group carries the best relevance under the group (what collapsing it gives up)."""
+    rel = relevance_scores(wc, np.clip(block_rel, 0.0, None))
+    gain = np.where(wc.levels >= 1, np.clip(rel, 0.0, None), 0.0)
+    detail = np.abs(rel)  # the best relevance each entry covers (L0: its block's)
+    gid = wc.group_ids()
+    cost = np.zeros(len(wc))
+    for s in np.unique(gid[gid >= 0]):
+        cost[gid == s] = detail[s : s + wc.block_size].max()
+    return gain, cost
+
+
+def _record(item: dict, wc: WorkingContext, gain, cost, doc_id: int, baseline_nll=np.nan) -> dict:
+    """A trace snapshot from a LensNet item and its labels (the ``label_snapshot`` format)."""
+    arr_can_expand = wc.can_expand()
+    gid = wc.group_ids()
+    target = np.where(arr_can_expand, gain, 0.0) - np.where(gid >= 0, cost, 0.0)
+    return {
+        **{k: item[k] for k in ("embeddings", "levels", "span_width", "distance_to_cursor")},
+        "node_index": wc.indices.copy(),
+        "span_start": wc.starts,
+        "position_ids": wc.position_ids(),
+        "can_expand": arr_can_expand,
+        "can_collapse": gid >= 0,
+        "group_id": gid,
+        "expand_cost": item["expand_cost"],
+        "collapse_refund": item["collapse_refund"],
+        "expand_gain": np.asarray(gain, np.float32),
+        "collapse_cost": np.asarray(cost, np.float32),
+        "target_utilities": target.astype(np.float32),
+        "action_mask": arr_can_expand | (gid >= 0),
+        "tail_gists": item["tail_gists"],
+        "tail_levels": item["tail_levels"],
+        "tail_mask": item["tail_mask"],
+        "n_tokens": np.int64(wc.n_tokens),
+        "baseline_nll": np.float32(baseline_nll),
+        "doc_id": np.int64(doc_id),
+        FEATURE_KEY: item[FEATURE_KEY],
+    }
+
+
+def random_covers(pt: PreparedTask, config: TaskWorldConfig, n: int, seed: int) -> list:
+    """The question-time cover, then ``n``-1 covers reached from it by one or two allocator rounds
+    on random block relevances (every other one with the cheap label's best block ranked first, so
+    that covers with the answer's block already open are seen too)."""
+    covers = [pt.wc.copy()]
+    b = config.block_size
+    n_l1 = pt.n_tokens // b
+    alloc = FocusAllocator(replace(config.allocator, cooldown=0))
+    for c in range(1, n):
+        rng = np.random.default_rng([seed, c])
+        wc = pt.wc.copy()
+        rel = rng.random(n_l1)
+        if c % 2 == 0 and pt.answer_relevance is not None and n_l1:
+            rel[int(np.argmax(pt.answer_relevance))] = 1.0
+        for _ in range(1 + (c % 2)):
+            alloc.step(wc, relevance_scores(wc, rel))
+        covers.append(wc)
+    return covers
+
+
+def agreement(exact: np.ndarray, cheap: np.ndarray, mask: np.ndarray, can_expand) -> dict:
+    """Whether the best exact expand is the cheap labels' top 1 / in their top 3 (among expandable
+    entries), and the Spearman correlation of the two over every labelled candidate."""
+    cand = np.flatnonzero(can_expand)
+    out: dict = {"top1": None, "top3": None, "spearman": None}
+    if cand.size and exact[cand].max() > 0:
+        best = cand[int(np.argmax(exact[cand]))]
+        order = cand[np.argsort(-cheap[cand], kind="stable")]
+        out["top1"] = bool(order[0] == best)
+        out["top3"] = bool(best in order[:3])
+    lab = np.flatnonzero(mask)
+    if lab.size > 2 and np.ptp(exact[lab]) > 0 and np.ptp(cheap[lab]) > 0:
+        out["spearman"] = spearman(exact[lab], cheap[lab])
+    return out
+
+
+def _ranks(x: np.ndarray) -> np.ndarray:
+    """Ranks 0..n-1 with ties given their mean rank."""
+    order = np.argsort(x, kind="stable")
+    ranks = np.empty(len(x))
+    ranks[order] = np.arange(len(x))
+    _, inv = np.unique(x, return_inverse=True)
+    sums = np.bincount(inv, ranks)
+    return (sums / np.bincount(inv))[inv]
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    """Spearman's rank correlation (ties take their mean rank)."""
+    return float(np.corrcoef(_ranks(np.asarray(a)), _ranks(np.asarray(b)))[0, 1])
+
+
+def _tasks(args: TaskLabelArgs, tokenizer) -> list[dict]:
+    if args.tasks:
+        from sim.tasks.jsonl import read_tasks
+
+        return read_tasks(args.tasks)
+    from sim.tasks import TaskConfig, make_task
+    from sim.tasks.filler import token_counter
+
+    count = token_counter(tokenizer) if tokenizer is not None else (lambda s: len(s))
+    name = "smollm2" if tokenizer is not None else "chars"
+    tasks = []
+    for kind in args.kinds:
+        cfg = TaskConfig(kind=kind, length=args.length, split="train", seed=args.seed)
+        tasks += [make_task(cfg, i, count, name) for i in range(args.first_task,
+                                                                  args.first_task + args.n_tasks)]
+    return tasks
+
+
+def generate(args: TaskLabelArgs) -> Path:
+    """Label every task's covers into the trace directory (resuming); returns it."""
+    from gistnet.gister import resolve_gister
+    from megacontext.lm import load_lm
+    from megacontext.lm_oracle import LMOracle
+
+    i_shard, n_shard = parse_shard(args.shard)
+    out = Path(args.out) if n_shard == 1 else Path(args.out) / f"part-{i_shard}-of-{n_shard}"
+    if args.covers < 1 or args.query_tokens < 1:
+        raise ConfigError(f"need covers >= 1 and query_tokens >= 1, got {args.covers}, "
+                          f"{args.query_tokens}")
+    model, tokenizer = load_lm(args.lm)
+    oracle = LMOracle(model)
+    tok = tokenizer or CharTokenizer(model.config.vocab_size)
+    gister, gister_name = resolve_gister(args.gister, model, args.world.block_size)
+    w = args.world
+    meta = {
+        "d_model": oracle.d_model,
+        "n_tail": w.n_tail_gists + args.query_tokens,
+        "n_tail_gists": w.n_tail_gists,
+        "n_query_tokens": args.query_tokens,
+        "n_entry_features": n_entry_features(model.config.num_hidden_layers),
+        "block_size": w.block_size,
+        "max_level": w.max_level,
+        "world": to_dict(w),
+        "labels": args.labels,
+        "oracle": {"kind": "lm", "lm": args.lm, "gister": gister_name},
+        "tasks": args.tasks or {"kinds": list(args.kinds), "first": args.first_task,
+                                "n": args.n_tasks, "length": list(args.length), "seed": args.seed},
+        "covers": args.covers,
+        "shard": args.shard,
+    }
+    writer = TraceWriter(out, meta, shard_size=args.shard_size)
+    skip, seen = writer.n_done, 0
+    tasks = [(i, t) for i, t in enumerate(_tasks(args, tokenizer)) if i % n_shard == i_shard]
+    log = (out / "agreement.jsonl").open("a") if args.labels == "exact" else None
+    for doc_id, task in tqdm(tasks, desc=f"label {out.name}", disable=not args.progress):
+        if seen + args.covers <= skip:  # whole task already on disk
+            seen += args.covers
+            continue
+        try:
+            pt = prepare_task(task, oracle, tok, w, gister, features=False, answer_attention=True)
+        except TaskError as err:
+            print(f"skipped: {err}")
+            continue
+        t_forward = pt.attention_s  # the cheap label's own cost: its one forward
+        for c, wc in enumerate(random_covers(pt, w, args.covers, args.seed * 100003 + doc_id)):
+            if seen < skip:
+                seen += 1
+                continue
+            t1 = time.perf_counter()
+            item = lensnet_item(wc, w.n_tail_gists, args.query_tokens, pt.attention_probs)
+            gain, cost = cheap_targets(wc, pt.answer_relevance)
+            t_cheap = time.perf_counter() - t1 + t_forward / args.covers
+            if args.labels == "cheap":
+                writer.add(_record(item, wc, gain, cost, doc_id))
+            else:
+                t2 = time.perf_counter()
+                lab = label_snapshot(wc, oracle, pt.answer_ids, wc.n_tokens, w.n_tail_gists,
+                                     doc_id, lookahead=w.lookahead)
+                t_exact = time.perf_counter() - t2
+                writer.add(_record(item, wc, lab["expand_gain"], lab["collapse_cost"], doc_id,
+                                   lab["baseline_nll"]))
+                cheap = np.where(wc.can_expand(), gain, 0.0) - np.where(wc.group_ids() >= 0,
+                                                                         cost, 0.0)
+                row = {"task": task["id"], "cover": c, "kind": (task.get("meta") or {}).get("kind"),
+                       "n_tokens": pt.n_tokens, "entries": len(wc),
+                       **agreement(lab["target_utilities"], cheap, lab["action_mask"],
+                                   wc.can_expand()),
+                       "exact_s": t_exact, "cheap_s": t_cheap}
+                log.write(json.dumps(row) + "\n")
+                log.flush()
+            seen += 1
+    writer.close()
+    if log is not None:
+        log.close()
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse(TaskLabelArgs, argv)
+    try:
+        out = generate(args)
+    except (ValueError, ConfigError) as err:
+        raise SystemExit(f"error: {err}") from err
+    print(f"wrote {len(TraceReader(out))} snapshots to {out}")
+
+
+if __name__ == "__main__":
+    main()

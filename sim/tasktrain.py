@@ -1,0 +1,207 @@
+"""``python -m sim.tasktrain``: the task-world LensNet across every task kind (issue 18, items 3-4).
+
+1. train on cheap-label traces (``python -m sim.tasklabels``: attention labels, train split, every
+   kind, 2k and 4k streams) with the attention features and the question tokens as inputs;
+2. select the checkpoint on *exact*-label validation traces (``sim.tasklabels --labels exact`` on
+   disjoint train-split tasks) by ranking accuracy (the two label sources are on different scales,
+   so the validation loss would measure the scale, not the order);
+3. calibrate (``sim.calibrate.fit_task_scale``): the score scale with the lowest mean answer NLL
+   after the zoom on the validation tasks themselves (regenerated from the validation traces'
+   manifest), stored in the checkpoint;
+4. write ``OUT/lensnet.pt`` (weights + calibration) and its card ``OUT/lensnet.json``; ``--ship``
+   copies both to ``lensnet/checkpoints`` as the task-world default (``--lensnet auto`` for any task
+   file: the JSONL contract has no kind field).
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Literal
+
+from lensnet.data import AugmentConfig
+from lensnet.train import TrainConfig
+from megacontext.cli import from_dict, parse, to_argv, to_dict
+from megacontext.tree import ConfigError
+
+
+def _default_train() -> TrainConfig:
+    return TrainConfig(
+        lr=1e-3,
+        warmup_steps=100,
+        total_steps=1500,
+        eval_every=100,
+        ckpt_every=1500,
+        batch_size=16,
+        select="ranking_accuracy",
+        augment=AugmentConfig(jitter_p=0.0),
+    )
+
+
+@dataclass
+class TaskTrainArgs:
+    """Train, select, calibrate (and ship) the cross-kind task-world LensNet."""
+
+    traces: str = "runs/task-traces/train"
+    """Cheap-label training traces (sim.tasklabels)."""
+    val_traces: str = "runs/task-traces/val-exact"
+    """Exact-label validation traces (sim.tasklabels --labels exact), on disjoint tasks."""
+    out: str = "runs/task-lensnet"
+    """Run directory."""
+    preset: Literal["tiny", "small", "seed"] = "small"
+    """LensNet size."""
+    calibrate: bool = True
+    """Fit the score scale on the validation tasks (else 1)."""
+    lm: str = "smollm2"
+    """'smollm2', 'tiny' (random-init test LM) or a local model folder."""
+    ship: bool = False
+    """Copy the LensNet and its card into lensnet/checkpoints (the sim.evaluate default)."""
+    progress: bool = True
+    """Progress bars."""
+    train: TrainConfig = field(default_factory=_default_train)
+
+
+def run(args: TaskTrainArgs) -> dict:
+    import torch
+
+    from gistnet.gister import resolve_gister
+    from lensnet.data import TraceDataset
+    from lensnet.train import (
+        Trainer,
+        load_checkpoint,
+        load_model,
+        model_config_for,
+        save_calibration,
+        snapshot_metrics,
+    )
+    from megacontext.lm import load_lm
+    from megacontext.lm_oracle import LMOracle
+    from megacontext.traces import TraceReader
+    from sim.calibrate import fit_task_scale
+    from sim.policies import LensNetPolicy
+    from sim.run import versions
+    from sim.shipped import CHECKPOINT_DIR, TASKS_CHECKPOINT, lm_fingerprint
+    from sim.tasklabels import TaskLabelArgs, _tasks
+    from sim.taskworld import CharTokenizer, TaskError, TaskWorldConfig, prepare_task
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "command.txt").write_text(
+        " ".join(["python -m sim.tasktrain", *map(shlex.quote, to_argv(args))]) + "\n"
+    )
+    timings: dict[str, float] = {}
+    reader = TraceReader(args.traces, require_complete=True)
+    val_reader = TraceReader(args.val_traces, require_complete=True)
+    meta, vmeta = reader.meta, val_reader.meta
+    for key in ("n_query_tokens", "n_entry_features", "n_tail", "d_model", "world"):
+        if meta.get(key) != vmeta.get(key):
+            raise ConfigError(
+                f"{args.traces} and {args.val_traces} differ in {key!r}: "
+                f"{meta.get(key)!r} vs {vmeta.get(key)!r}"
+            )
+    world = from_dict(TaskWorldConfig, meta["world"])
+    mcfg = model_config_for(
+        args.preset,
+        reader.d_model,
+        world.max_level,
+        world.block_size,
+        reader.n_entry_features,
+        int(meta["n_query_tokens"]),
+    )
+    train_ds = TraceDataset(reader, augment=args.train.augment, seed=args.train.seed)
+    val_ds = TraceDataset(val_reader)
+    t0 = time.perf_counter()
+    trainer = Trainer(mcfg, args.train, train_ds, val_ds, out, progress=args.progress)
+    with torch.enable_grad():
+        trainer.train()
+    timings["train_s"] = time.perf_counter() - t0
+    best = out / "best.pt" if (out / "best.pt").exists() else trainer.save("final.pt")
+    ckpt = load_checkpoint(best, trainer.device)
+    trainer.model.load_state_dict(ckpt["model"])
+    val = {
+        k.removeprefix("val/"): v
+        for k, v in snapshot_metrics(
+            trainer.model.eval(), trainer.loss_fn, val_ds, 16, trainer.device
+        ).items()
+    }
+    torch.save({k: ckpt[k] for k in ("model", "model_config", "step")}, out / "lensnet.pt")
+
+    model, tokenizer = load_lm(args.lm)
+    calibration: dict = {"score_scale": 1.0, "fitted": False}
+    if args.calibrate:
+        t0 = time.perf_counter()
+        oracle = LMOracle(model)
+        tok = tokenizer or CharTokenizer(model.config.vocab_size)
+        gister, _ = resolve_gister(meta["oracle"].get("gister", "auto"), model, world.block_size)
+        spec = vmeta["tasks"]
+        if isinstance(spec, str):
+            vargs = TaskLabelArgs(tasks=spec)
+        else:
+            vargs = TaskLabelArgs(
+                kinds=tuple(spec["kinds"]),
+                first_task=spec["first"],
+                n_tasks=spec["n"],
+                length=tuple(spec["length"]),
+                seed=spec["seed"],
+            )
+        prepared = []
+        with torch.no_grad():
+            for task in _tasks(vargs, tokenizer):
+                try:
+                    prepared.append(
+                        prepare_task(task, oracle, tok, world, gister, False, attention=True)
+                    )
+                except TaskError as err:
+                    print(f"validation task skipped: {err}", file=sys.stderr)
+            lens = load_model(out / "lensnet.pt", trainer.device)
+            calibration = fit_task_scale(
+                lambda g: LensNetPolicy(lens, trainer.device, scale=g), prepared, world, oracle
+            )
+        calibration["fitted"] = True
+        save_calibration(out / "lensnet.pt", calibration)
+        timings["calibrate_s"] = time.perf_counter() - t0
+    card = {
+        "task": "all",
+        "kinds": (meta["tasks"] or {}).get("kinds") if isinstance(meta["tasks"], dict) else None,
+        "command": (out / "command.txt").read_text().strip(),
+        "seed": args.train.seed,
+        "step": int(ckpt["step"]),
+        "lm": args.lm,
+        "lm_fingerprint": lm_fingerprint(model),
+        "gister": meta["oracle"].get("gister"),
+        "train_traces": {"labels": meta.get("labels"), "tasks": meta.get("tasks"),
+                         "covers": meta.get("covers"), "snapshots": len(reader)},
+        "validation_traces": {"labels": vmeta.get("labels"), "tasks": vmeta.get("tasks"),
+                              "covers": vmeta.get("covers"), "snapshots": len(val_reader)},
+        "validation": val,
+        "calibration": calibration,
+        "inputs": {"n_query_tokens": mcfg.n_query_tokens,
+                   "n_entry_features": mcfg.n_entry_features},
+        "world": to_dict(world),
+        "timings": timings,
+        "python": versions()["python"],
+    }
+    (out / "lensnet.json").write_text(json.dumps(card, indent=1) + "\n")
+    if args.ship:
+        CHECKPOINT_DIR.mkdir(exist_ok=True)
+        shutil.copyfile(out / "lensnet.pt", TASKS_CHECKPOINT)
+        TASKS_CHECKPOINT.with_suffix(".json").write_text(json.dumps(card, indent=1) + "\n")
+    return card
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse(TaskTrainArgs, argv)
+    try:
+        card = run(replace(args))
+    except (ConfigError, ValueError) as err:
+        sys.exit(f"error: {err}")
+    print(json.dumps({k: card[k] for k in ("step", "validation", "calibration")}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

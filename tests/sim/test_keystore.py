@@ -1,0 +1,247 @@
+"""The key store and LensNet's task inputs (issue 18, items 1-3): attention features against the
+LM's own attention, the cheap label against a direct computation, the question reaching LensNet,
+and the task labeller end to end on the tiny LM."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from lensnet.data import collate
+from lensnet.model import LensNet, LensNetConfig
+from megacontext.lm import tiny_llama
+from megacontext.lm_oracle import LMOracle
+from megacontext.traces import TraceReader
+from sim import keystore
+from sim.features import lensnet_item
+from sim.tasklabels import TaskLabelArgs, cheap_targets, generate, spearman
+from sim.taskworld import CharTokenizer, TaskWorldConfig, prepare_task, zoom
+from tests.sim.test_taskworld import WORLD, NeedleFinder, _task
+
+
+@pytest.fixture(scope="module")
+def oracle():
+    return LMOracle(tiny_llama())
+
+
+def _eager_attentions(oracle, ids: np.ndarray) -> list[torch.Tensor]:
+    """The LM's own attention probabilities, every layer, from one full eager forward."""
+    model = oracle.model
+    own = model.config._attn_implementation
+    model.set_attn_implementation("eager")
+    try:
+        x = torch.as_tensor(ids)[None]
+        out = oracle.decoder(
+            input_ids=x, output_attentions=True, use_cache=False, attention_mask=torch.ones_like(x)
+        )
+    finally:
+        model.set_attn_implementation(own)
+    return [a[0].double() for a in out.attentions]  # per layer (H, n, n)
+
+
+def test_full_store_reproduces_the_lms_own_attention(oracle):
+    ids = np.random.default_rng(0).integers(0, 512, 300)
+    store = keystore.read(oracle, ids, 4, n_queries=5)
+    ref = _eager_attentions(oracle, ids)
+    for r in range(5):
+        pos = 300 - 5 + r
+        want = torch.stack([a[:, pos, : pos + 1] for a in ref]).numpy()  # (L, H, pos+1)
+        np.testing.assert_allclose(store.probs(r), want, atol=1e-6)
+    assert store.bytes_per_token("full") == 2 * 2 * 16 * 4  # fp16 x KV heads x head dim x layers
+    assert store.bytes_per_token("mean") == store.bytes_per_token("full") / 4
+
+
+def test_mean_store_is_a_distribution_and_equals_full_at_block_size_one(oracle):
+    ids = np.random.default_rng(1).integers(0, 512, 203)
+    mean = keystore.read(oracle, ids, 4).probs(-1, "mean")
+    np.testing.assert_allclose(mean.sum(-1), 1.0, atol=1e-9)
+    assert np.all(mean[..., :200].reshape(*mean.shape[:2], 50, 4).std(-1) < 1e-12)  # per block
+    one = keystore.read(oracle, ids, 1)
+    np.testing.assert_allclose(one.probs(-1, "mean"), one.probs(-1, "full"), atol=1e-9)
+
+
+def test_span_features_against_a_loop(oracle):
+    pt = prepare_task(_task(), oracle, CharTokenizer(512), WORLD, features=False, attention=True)
+    wc, _ = zoom(NeedleFinder(), pt, WORLD, oracle)  # a cover with gists of both levels and tokens
+    feats = keystore.span_features(pt.attention_probs, wc.starts, wc.ends)
+    p = pt.attention_probs.astype(np.float64)
+    n_layers = p.shape[0]
+    assert feats.shape == (len(wc), keystore.n_entry_features(n_layers))
+    for i in range(len(wc)):
+        lo, hi = int(wc.starts[i]), int(wc.ends[i])
+        mass = p[:, :, max(lo, 1) : hi].sum(-1) / (1 - p[:, :, :1].sum(-1))  # sink left out
+        want = np.concatenate(
+            [
+                np.log(1e-6 + mass.mean(1)) / keystore.LOG_SCALE,
+                np.log(1e-6 + mass.max(1)) / keystore.LOG_SCALE,
+                [float(lo == 0)],
+            ]
+        )
+        np.testing.assert_allclose(feats[i], want, atol=1e-5)
+
+
+def test_cheap_label_against_a_direct_attention_computation(oracle):
+    task = _task(at=40)
+    tok = CharTokenizer(512)
+    pt = prepare_task(task, oracle, tok, WORLD, features=False, answer_attention=True)
+    ids = np.concatenate([pt.ids, pt.answer_ids[:-1]])
+    ref = _eager_attentions(oracle, ids)
+    n, b, h = pt.n_tokens, WORLD.block_size, len(pt.answer_ids)
+    n_l1 = n // b
+    want = np.zeros(n_l1)
+    for pos in range(n - 1, n - 1 + h):  # the positions that predict the answer tokens
+        for a in ref:  # per layer: the best head's mass on each block
+            per_block = a[:, pos, : n_l1 * b].reshape(a.shape[0], n_l1, b).sum(-1)
+            want += per_block.max(0).values.numpy()
+    want /= h * len(ref)
+    want[0] = 0.0
+    np.testing.assert_allclose(pt.answer_relevance, want, atol=1e-6)
+    # the same forward's first row is the last stream token's attention (the features' input)
+    last = torch.stack([a[:, n - 1, :n] for a in ref]).numpy()
+    np.testing.assert_allclose(pt.attention_probs, last, atol=1e-6)
+
+
+def test_cheap_targets_against_a_loop(oracle):
+    pt = prepare_task(_task(), oracle, CharTokenizer(512), WORLD, features=False)
+    wc, _ = zoom(NeedleFinder(), pt, WORLD, oracle)
+    b = wc.block_size
+    rel = np.random.default_rng(3).random(pt.n_tokens // b)
+    gain, cost = cheap_targets(wc, rel)
+    padded = np.concatenate([rel, [1.0]])  # the trailing partial block counts as relevant
+    gid = wc.group_ids()
+    for i in range(len(wc)):
+        blocks = padded[min(wc.starts[i] // b, len(rel)) : min((wc.ends[i] - 1) // b, len(rel)) + 1]
+        assert gain[i] == pytest.approx(blocks.max() if wc.levels[i] >= 1 else 0.0)
+        if gid[i] >= 0:
+            s = gid[i]
+            lo, hi = wc.starts[s] // b, (wc.ends[s + b - 1] - 1) // b
+            assert cost[i] == pytest.approx(rel[lo : hi + 1].max())
+        else:
+            assert cost[i] == 0.0
+
+
+def test_spearman_matches_a_direct_rank_correlation():
+    a = np.array([3.0, 1.0, 2.0, 2.0, 5.0])
+    b = np.array([1.0, 0.0, 0.5, 0.7, 2.0])
+    ra = np.array([3, 0, 1.5, 1.5, 4])
+    rb = np.array([3, 0, 1, 2, 4])
+    assert spearman(a, b) == pytest.approx(np.corrcoef(ra, rb)[0, 1])
+
+
+def test_the_question_reaches_lensnet(oracle):
+    """At question time, changing only the question changes LensNet's scores of the context before
+    it, and every question token is among its inputs (the question sits in the trailing partial
+    block, which has no gist: before, it reached the scores only through the stacks' mixing)."""
+    world = TaskWorldConfig(**{**WORLD.__dict__, "question_tail": True})
+    tok = CharTokenizer(512)
+    a, b = _task(n_filler=201), _task(n_filler=201)  # the context ends on a block boundary
+    b["question"] = "\nQ?"
+    pa, pb = (prepare_task(t, oracle, tok, world, features=False, attention=True) for t in (a, b))
+    q = pa.question_tokens
+    assert pa.n_tokens % world.block_size == q  # the question is the partial block
+    n_layers = oracle.model.config.num_hidden_layers
+    torch.manual_seed(0)
+    cfg = LensNetConfig.tiny(
+        oracle.d_model, max_level=2, block_size=4, n_query_tokens=8,
+        n_entry_features=keystore.n_entry_features(n_layers),
+    )
+    lens = LensNet(cfg).eval()
+    torch.nn.init.normal_(lens.head.weight)
+
+    def scores(pt, model, n_query, probs):
+        item = lensnet_item(pt.wc, world.n_tail_gists, n_query, probs)
+        return model(collate([item]))[0].detach().numpy(), item
+
+    sa, item = scores(pa, lens, 8, pa.attention_probs)
+    sb, _ = scores(pb, lens, 8, pb.attention_probs)
+    context = pa.wc.ends <= pa.n_tokens - q  # entries wholly before the question
+    assert np.abs(sa[context] - sb[context]).max() > 1e-4
+    emb = pa.wc.tree.embeddings(0, np.arange(pa.n_tokens - q, pa.n_tokens))
+    tail = item["tail_gists"][item["tail_mask"]]
+    assert all(np.any(np.all(np.isclose(tail, e), axis=1)) for e in emb)  # every question token
+
+
+def _write_tasks(path, n=2):
+    lines = [json.dumps(_task(at=20 + 30 * i, tid=f"t{i}")) + "\n" for i in range(n)]
+    path.write_text("".join(lines))
+
+
+def test_task_labeller_cheap_and_exact_end_to_end(tmp_path, oracle):
+    tasks = tmp_path / "tasks.jsonl"
+    _write_tasks(tasks)
+    world = ["--world.block-size", "4", "--world.w-max", "64", "--world.tail-tokens", "24"]
+    world += ["--world.step-tokens", "4", "--world.n-tail-gists", "3"]
+    base = ["--lm", "tiny", "--tasks", str(tasks), "--covers", "3", "--query-tokens", "8"]
+    base += ["--no-progress", "--gister", "mean", *world]
+    from megacontext.cli import parse
+
+    cheap = generate(parse(TaskLabelArgs, [*base, "--out", str(tmp_path / "cheap")]))
+    r = TraceReader(cheap)
+    assert len(r) == 6 and r.n_entry_features == keystore.n_entry_features(4)
+    assert r.n_tail_gists == 3 + 8 and r.meta["labels"] == "cheap"
+    s = r[0]
+    assert s["entry_features"].shape == (len(s["levels"]), r.n_entry_features)
+    assert np.all(s["target_utilities"][~s["action_mask"]] == 0)
+    # exact: the first cover's targets are label_snapshot's, and the agreement log is complete
+    args = parse(TaskLabelArgs, [*base, "--out", str(tmp_path / "exact"), "--labels", "exact"])
+    exact = generate(args)
+    r = TraceReader(exact)
+    rows = [json.loads(x) for x in (exact / "agreement.jsonl").read_text().splitlines()]
+    assert len(r) == len(rows) == 6
+    assert all(x["exact_s"] > 0 and x["cheap_s"] > 0 for x in rows)
+    from megacontext.labels import label_snapshot
+
+    pt = prepare_task(_task(at=20, tid="t0"), oracle, CharTokenizer(512), args.world,
+                      features=False)
+    want = label_snapshot(pt.wc, oracle, pt.answer_ids, pt.n_tokens, 3, 0, lookahead=True)
+    np.testing.assert_allclose(r[0]["target_utilities"], want["target_utilities"], atol=1e-5)
+    # a rerun resumes: nothing is labelled twice
+    generate(args)
+    assert len(TraceReader(exact)) == 6
+
+
+
+TINY_WORLD = ["--world.block-size", "4", "--world.w-max", "64", "--world.tail-tokens", "24"]
+TINY_WORLD += ["--world.step-tokens", "4", "--world.n-tail-gists", "3"]
+
+
+def test_tasktrain_trains_selects_calibrates_and_evaluate_reads_it(tmp_path, oracle):
+    """Cheap traces -> exact validation -> a calibrated LensNet with the task inputs, which
+    ``sim.evaluate`` then runs (its attention features computed because it needs them)."""
+    from megacontext.cli import parse
+    from sim.evaluate import main as evaluate_main
+    from sim.tasktrain import TaskTrainArgs, run
+
+    tasks = tmp_path / "tasks.jsonl"
+    _write_tasks(tasks, 3)
+    base = ["--lm", "tiny", "--tasks", str(tasks), "--covers", "2", "--query-tokens", "8"]
+    base += ["--no-progress", "--gister", "mean", *TINY_WORLD]
+    generate(parse(TaskLabelArgs, [*base, "--out", str(tmp_path / "train")]))
+    generate(parse(TaskLabelArgs, [*base, "--out", str(tmp_path / "val"), "--labels", "exact"]))
+    args = parse(
+        TaskTrainArgs,
+        ["--traces", str(tmp_path / "train"), "--val-traces", str(tmp_path / "val"),
+         "--out", str(tmp_path / "lens"), "--lm", "tiny", "--preset", "tiny", "--no-progress",
+         "--train.total-steps", "20", "--train.eval-every", "10", "--train.batch-size", "4",
+         "--train.warmup-steps", "2", "--train.device", "cpu"],
+    )
+    card = run(args)
+    assert card["calibration"]["fitted"] and card["calibration"]["score_scale"] > 0
+    assert card["inputs"] == {"n_query_tokens": 8, "n_entry_features": 9}
+    assert card["train_traces"]["snapshots"] == 6 and card["task"] == "all"
+    assert len(card["calibration"]["val_tasks"]) == 3
+    from lensnet.train import load_model
+
+    lens = load_model(tmp_path / "lens" / "lensnet.pt")
+    assert lens.score_scale == card["calibration"]["score_scale"]
+    out = tmp_path / "eval"
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate_main(
+            [*TINY_WORLD, "--lm", "tiny", "--tasks", str(tasks), "--out", str(out),
+             "--policies", "lensnet,recency", "--lensnet", str(tmp_path / "lens" / "lensnet.pt"),
+             "--no-progress", "--gister", "mean"]
+        )
+    assert exit_info.value.code == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["policies"]["lensnet"]["n"] == 3
