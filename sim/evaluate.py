@@ -89,6 +89,10 @@ class EvaluateArgs:
     """'auto' (the shipped GistNet when it fits the LM), 'gistnet' or 'mean'."""
     seed: int = 0
     """Seed of the random baseline."""
+    w_max_sweep: tuple[int, ...] = ()
+    """Also evaluate every task at each of these W_max (each task's features computed once, only
+    its cover streamed again): OUT/w-W/results.json per W_max, and exact match and answer NLL
+    against the compression ratio in OUT/sweep/ (compression_sweep.png and .json)."""
     progress: bool = True
     """Progress bars."""
     world: TaskWorldConfig = field(default_factory=TaskWorldConfig)
@@ -279,6 +283,7 @@ def _evaluate(args: EvaluateArgs) -> dict:
     needs_features = any(p.needs_features for p in policies)
     needs_attention = any(p.needs_attention for p in policies)
     rows: list[dict] = []
+    sweep_rows: dict[int, list[dict]] = {}
     t_start = time.perf_counter()
     spent: dict[
         str, float
@@ -310,6 +315,7 @@ def _evaluate(args: EvaluateArgs) -> dict:
             n_evaluated += 1
             meta = task.get("meta") or {}
             level = needle_level(pt)
+            main_rows = len(rows)
             for p in tqdm(policies, desc=str(task["id"]), disable=not args.progress, leave=False):
                 name = p.name
                 t0 = time.perf_counter()
@@ -335,6 +341,10 @@ def _evaluate(args: EvaluateArgs) -> dict:
                 rows.append(row)
                 log.write(json.dumps(row) + "\n")
                 log.flush()
+            for w_max in (w for w in args.w_max_sweep if w != args.world.w_max):
+                sweep_rows.setdefault(w_max, []).extend(
+                    _at_budget(w_max, pt, rows[main_rows:], policies, oracle, args.world)
+                )
     summary, grid = summarise(rows, [p.name for p in policies])
     fwd = float(np.mean(lm_forward_s)) if lm_forward_s else None
     for name in (
@@ -374,7 +384,43 @@ def _evaluate(args: EvaluateArgs) -> dict:
     }
     (out / "results.json").write_text(json.dumps(results, indent=1))
     print(format_results(results))
+    if args.w_max_sweep:
+        from analysis.plots import compression_sweep
+
+        dirs = [out]
+        for w_max, w_rows in sweep_rows.items():
+            dirs.append(out / f"w-{w_max}")
+            dirs[-1].mkdir(exist_ok=True)
+            (dirs[-1] / "tasks.jsonl").write_text("".join(json.dumps(r) + "\n" for r in w_rows))
+            w_summary, w_grid = summarise(w_rows, [p.name for p in policies])
+            w_results = {
+                "config": {**results["config"], "w_max": w_max},
+                "policies": w_summary,
+                "grid": w_grid,
+                "n_tasks": n_evaluated,
+                "errors": error_rows,
+            }
+            (dirs[-1] / "results.json").write_text(json.dumps(w_results, indent=1))
+        compression_sweep(dirs, out / "sweep")
     return results
+
+
+def _at_budget(
+    w_max: int, pt, main_rows: list[dict], policies: list, oracle, world: TaskWorldConfig
+) -> list[dict]:
+    """One task's rows at another W_max (``with_budget``: the same features, the cover streamed
+    again); a policy that reads every token keeps its row (the budget does not touch it)."""
+    from dataclasses import replace
+
+    from sim.taskworld import with_budget
+
+    config = replace(world, w_max=w_max)
+    pt_w = with_budget(pt, config)
+    out = []
+    for p, row in zip(policies, main_rows, strict=True):
+        r = {} if p.reads_everything else answer_task(p, pt_w, oracle, config)
+        out.append({**row, **r, "w_max": w_max})
+    return out
 
 
 def format_results(results: dict) -> str:

@@ -12,8 +12,8 @@ Labels (``--labels``):
   forward that gives the attention features): a block's relevance is the attention the positions
   that predict the answer put on it (``sim.features.answer_relevance``); a gist's target is the best
   relevance among its blocks, a sibling group's collapse cost the best relevance under it, in
-  relevance units (the scale is fitted afterwards: ``sim.tasklabels calibrate``... see
-  ``fit_task_scale``).
+  relevance units (the scale is fitted afterwards: ``sim.calibrate.fit_task_scale``).
+  ``cost.jsonl`` records each task's forward (the cheap label's whole cost) in seconds.
 - ``exact``: the counterfactual labels (``megacontext.labels.label_snapshot`` with the two-level
   lookahead: every legal action, one LM call each). In this mode every snapshot's cheap targets are
   computed too and ``agreement.jsonl`` records, per snapshot, whether the best exact action is the
@@ -54,7 +54,8 @@ class TaskLabelArgs:
     out: str = "runs/task-traces"
     """Output trace directory (with --shard i/n and n > 1: OUT/part-i-of-n)."""
     tasks: str | None = None
-    """A task JSONL file; unset: generate --n-tasks tasks of each of --kinds (train split)."""
+    """A task JSONL file; unset: generate --n-tasks tasks of each of --kinds (train split), kinds
+    interleaved (so every shard mixes them)."""
     kinds: tuple[str, ...] = ("passkey", "multikey", "vt", "code")
     """Task kinds to generate (``sim.tasks.kinds.TASK_KINDS``)."""
     n_tasks: int = 64
@@ -188,12 +189,15 @@ def _tasks(args: TaskLabelArgs, tokenizer) -> list[dict]:
 
     count = token_counter(tokenizer) if tokenizer is not None else (lambda s: len(s))
     name = "smollm2" if tokenizer is not None else "chars"
-    tasks = []
-    for kind in args.kinds:
-        cfg = TaskConfig(kind=kind, length=args.length, split="train", seed=args.seed)
-        tasks += [make_task(cfg, i, count, name) for i in range(args.first_task,
-                                                                  args.first_task + args.n_tasks)]
-    return tasks
+    per_kind = [
+        [
+            make_task(TaskConfig(kind=kind, length=args.length, split="train", seed=args.seed),
+                      i, count, name)
+            for i in range(args.first_task, args.first_task + args.n_tasks)
+        ]
+        for kind in args.kinds
+    ]
+    return [t for group in zip(*per_kind, strict=True) for t in group]  # kinds interleaved
 
 
 def generate(args: TaskLabelArgs) -> Path:
@@ -232,6 +236,7 @@ def generate(args: TaskLabelArgs) -> Path:
     skip, seen = writer.n_done, 0
     tasks = [(i, t) for i, t in enumerate(_tasks(args, tokenizer)) if i % n_shard == i_shard]
     log = (out / "agreement.jsonl").open("a") if args.labels == "exact" else None
+    cost_log = (out / "cost.jsonl").open("a")  # per task: the cheap label's forward, in seconds
     for doc_id, task in tqdm(tasks, desc=f"label {out.name}", disable=not args.progress):
         if seen + args.covers <= skip:  # whole task already on disk
             seen += args.covers
@@ -242,6 +247,9 @@ def generate(args: TaskLabelArgs) -> Path:
             print(f"skipped: {err}")
             continue
         t_forward = pt.attention_s  # the cheap label's own cost: its one forward
+        cost_log.write(json.dumps({"task": task["id"], "n_tokens": pt.n_tokens,
+                                   "forward_s": t_forward, "covers": args.covers}) + "\n")
+        cost_log.flush()
         for c, wc in enumerate(random_covers(pt, w, args.covers, args.seed * 100003 + doc_id)):
             if seen < skip:
                 seen += 1
@@ -270,6 +278,7 @@ def generate(args: TaskLabelArgs) -> Path:
                 log.flush()
             seen += 1
     writer.close()
+    cost_log.close()
     if log is not None:
         log.close()
     return out

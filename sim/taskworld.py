@@ -208,20 +208,7 @@ def prepare_task(
     tree.ingest(
         ids, oracle.token_embeddings(ids)
     )  # append-only: the same gists as streaming K at a time
-    wc = WorkingContext(tree, ContextConfig(w_max=config.w_max, tail_tokens=config.tail_tokens))
-    restore = FocusAllocator(config.allocator)
-    snapshots: list[WorkingContext] = []
-    try:
-        while wc.n_tokens < n:
-            wc.append_tokens(min(config.step_tokens, n - wc.n_tokens))
-            restore.enforce_budget(wc)
-            step = wc.n_tokens // config.step_tokens
-            if stream_every and step % stream_every == 0 and wc.n_tokens < n - config.tail_tokens:
-                snapshots.append(wc.copy())
-    except BudgetExhausted as err:  # name the task; any other exception is a bug and propagates
-        raise TaskError(f"task {task.get('id')!r} ({n} tokens): {err}") from err
-    if config.question_tail and q_len:
-        wc.shrink_tail(q_len)
+    wc, snapshots = stream_cover(tree, n, q_len, config, stream_every, task.get("id"))
     text = task["context"] + task["question"]
     n_l1, query = n // b, query_tokens(n, q_len, config.tail_tokens)
     blocks = [text[offsets[j * b, 0] : offsets[(j + 1) * b - 1, 1]] for j in range(n_l1)]
@@ -247,6 +234,43 @@ def prepare_task(
             pt.answer_relevance = answer_relevance(store, n, b)
         pt.attention_s = time.perf_counter() - t0
     return pt
+
+
+def stream_cover(
+    tree: MegaContextTree,
+    n: int,
+    question_tokens: int,
+    config: TaskWorldConfig,
+    stream_every: int = 0,
+    task_id=None,
+) -> tuple[WorkingContext, list[WorkingContext]]:
+    """The question-time recency cover of the tree's first ``n`` tokens under ``config``'s budget:
+    the cursor advances K tokens a step, each step's budget restored oldest first; then (with
+    ``question_tail``) only the question stays protected. Also the covers every ``stream_every``
+    steps (0: none). ``TaskError`` when the budget cannot hold the stream."""
+    wc = WorkingContext(tree, ContextConfig(w_max=config.w_max, tail_tokens=config.tail_tokens))
+    restore = FocusAllocator(config.allocator)
+    snapshots: list[WorkingContext] = []
+    try:
+        while wc.n_tokens < n:
+            wc.append_tokens(min(config.step_tokens, n - wc.n_tokens))
+            restore.enforce_budget(wc)
+            step = wc.n_tokens // config.step_tokens
+            if stream_every and step % stream_every == 0 and wc.n_tokens < n - config.tail_tokens:
+                snapshots.append(wc.copy())
+    except BudgetExhausted as err:  # name the task; any other exception is a bug and propagates
+        raise TaskError(f"task {task_id!r} ({n} tokens): {err}") from err
+    if config.question_tail and question_tokens:
+        wc.shrink_tail(question_tokens)
+    return wc, snapshots
+
+
+def with_budget(pt: PreparedTask, config: TaskWorldConfig) -> PreparedTask:
+    """``pt`` at another budget (``config``'s W_max and tail; the same tree and per-block features):
+    only the question-time cover is streamed again, so a W_max sweep computes each task's features
+    once."""
+    wc, _ = stream_cover(pt.wc.tree, pt.n_tokens, pt.question_tokens, config, 0, pt.task.get("id"))
+    return replace(pt, wc=wc, stream_snapshots=[])
 
 
 def zoom(

@@ -604,3 +604,17 @@ def test_compression_sweep_plots_the_runs_it_is_given(tmp_path):
         assert pt["exact_match"] == res["policies"]["recency"]["exact_match"]
         assert pt["compression"] == pytest.approx(210 / res["config"]["w_max"], rel=0.05)
     assert set(table) == {"recency", "full"}
+    # the same sweep from one run (--w-max-sweep): features once, the same numbers per W_max
+    with pytest.raises(SystemExit):
+        main([*world, "--world.w-max", "64", "--w-max-sweep", "48", "64", "--out",
+              str(tmp_path / "one")])
+    one = json.loads((tmp_path / "one" / "sweep" / "compression_sweep.json").read_text())
+    assert sorted(p["w_max"] for p in one["recency"]) == [48, 64]
+    for w_max, run in ((64, tmp_path / "one"), (48, tmp_path / "one" / "w-48")):
+        res = json.loads((run / "results.json").read_text())
+        alone = json.loads((tmp_path / f"w{w_max}" / "results.json").read_text())
+        assert res["config"]["w_max"] == w_max
+        for key in ("exact_match", "answer_nll"):
+            assert res["policies"]["recency"][key] == pytest.approx(
+                alone["policies"]["recency"][key], abs=1e-5
+            )

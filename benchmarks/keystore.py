@@ -1,0 +1,138 @@
+"""The key store's bytes, accuracy and cost (issue 18, items 2 and 6).
+
+    python -m benchmarks.keystore [--n-tasks 8] [--lensnet CKPT]
+
+On the committed *train* task files (pass key and multi-key; held-out files are never read), per
+store mode ('full': every token's keys; 'mean': one mean key per L1 block and KV head):
+- bytes stored per stream token (fp16 keys at every layer);
+- accuracy: how often the needle block ranks first (and in the top 3) among the context's blocks
+  by the attention baseline's rule (the last token's mass, layers 21-25, mean over heads; block 0
+  last) computed from that store;
+and per round of a LensNet with the task inputs, as a fraction of one LM forward at W_max (the
+answer's forward over the working context, ``megacontext.lm_oracle.answer_scores``): the newest
+token's queries scoring every stored key (``KeyStore.probs``), the entries' features
+(``span_features``) and LensNet's forward, at 2k and 4k tokens. Writes
+``benchmarks/results/keystore.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+
+from benchmarks.common import write_results
+
+TRAIN_FILES = (
+    "results/tasks-passkey-seed0/tasks-train.jsonl",
+    "results/tasks-multikey-seed0/tasks-train.jsonl",
+)
+
+
+def _best(fn, repeats: int = 5) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    import torch
+
+    from lensnet.data import collate
+    from lensnet.model import LensNet, LensNetConfig
+    from lensnet.train import load_model
+    from megacontext.lm import load_lm
+    from megacontext.lm_oracle import LMOracle, answer_scores
+    from sim import keystore
+    from sim.features import attention_layer_range, block_mass, lensnet_item
+    from sim.tasks import TaskConfig, generate_tasks
+    from sim.tasks.jsonl import read_tasks
+    from sim.taskworld import ATTENTION_LAYERS, TaskWorldConfig, prepare_task, tokenize_task
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--n-tasks", type=int, default=8, help="tasks read from each train file")
+    ap.add_argument("--lensnet", default=None, help="a task LensNet (default: a random one)")
+    args = ap.parse_args(argv)
+    torch.set_grad_enabled(False)
+    model, tok = load_lm("smollm2")
+    oracle = LMOracle(model)
+    n_layers = model.config.num_hidden_layers
+    layers = list(attention_layer_range(ATTENTION_LAYERS, n_layers))
+    b = 32
+    ranks: dict[str, list[int]] = {"full": [], "mean": []}
+    bytes_per_token = {}
+    for path in TRAIN_FILES:
+        for task in read_tasks(path)[: args.n_tasks]:
+            ids, _, needle, q_len, _ = tokenize_task(task, tok)
+            store = keystore.read(oracle, ids, b)
+            n_blocks = (len(ids) - q_len) // b
+            needle_blocks = [j for j in np.unique(np.flatnonzero(needle) // b) if j < n_blocks]
+            for mode in ranks:
+                bytes_per_token[mode] = store.bytes_per_token(mode)
+                rel = block_mass(store.probs(-1, mode)[layers], b)[:n_blocks]
+                rel[0] = -np.inf
+                best = max(rel[j] for j in needle_blocks)
+                ranks[mode].append(int((rel > best).sum()) + 1)
+    accuracy = {
+        mode: {
+            "bytes_per_token": bytes_per_token[mode],
+            "hit1": float(np.mean([r == 1 for r in rk])),
+            "hit3": float(np.mean([r <= 3 for r in rk])),
+            "ranks": rk,
+        }
+        for mode, rk in ranks.items()
+    }
+    world = TaskWorldConfig()
+    if args.lensnet:
+        lens = load_model(args.lensnet)
+    else:
+        torch.manual_seed(0)
+        lens = LensNet(
+            LensNetConfig.small(
+                oracle.d_model,
+                n_query_tokens=32,
+                n_entry_features=keystore.n_entry_features(n_layers),
+            )
+        ).eval()
+    cost = {}
+    for length in (2048, 4096):
+        (task,) = generate_tasks(TaskConfig(kind="passkey", n_tasks=1, length=(length,)), tok)
+        pt = prepare_task(task, oracle, tok, world, features=False, attention=True)
+        store = keystore.read(oracle, pt.ids, b)
+        wc = pt.wc
+        t_keys = _best(lambda store=store: store.probs(-1))
+        t_mean = _best(lambda store=store: store.probs(-1, "mean"))
+
+        def lens_round(pt=pt, wc=wc):
+            item = lensnet_item(wc, world.n_tail_gists, lens.config.n_query_tokens,
+                                pt.attention_probs)
+            lens.score(collate([item]))
+
+        t_lens = _best(lens_round)
+        arrays = wc.arrays(world.n_tail_gists)
+        t_lm = _best(lambda pt=pt, arrays=arrays: answer_scores(oracle, arrays, pt.answer_ids))
+        cost[str(length)] = {
+            "n_tokens": pt.n_tokens,
+            "entries": len(wc),
+            "key_scoring_full_ms": 1e3 * t_keys,
+            "key_scoring_mean_ms": 1e3 * t_mean,
+            "features_and_lensnet_ms": 1e3 * t_lens,
+            "lm_forward_at_w_max_ms": 1e3 * t_lm,
+            "round_vs_lm_forward_full": (t_keys + t_lens) / t_lm,
+            "round_vs_lm_forward_mean": (t_mean + t_lens) / t_lm,
+        }
+    results = {"accuracy": accuracy, "cost_per_round": cost}
+    config = {"train_files": list(TRAIN_FILES), "n_tasks": args.n_tasks, "w_max": world.w_max,
+              "attention_layers": layers, "lensnet": args.lensnet or "random small LensNet"}
+    write_results("keystore", config, results)
+    print({m: (a["bytes_per_token"], a["hit1"], a["hit3"]) for m, a in accuracy.items()})
+    print(cost)
+    return results
+
+
+if __name__ == "__main__":
+    main()
