@@ -179,6 +179,56 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.corrcoef(_ranks(np.asarray(a)), _ranks(np.asarray(b)))[0, 1])
 
 
+def agreement_summary(exact_dir: str | Path, cheap_dir: str | Path | None = None) -> dict:
+    """The cheap labels against the exact ones over the snapshots of an exact-label run
+    (``agreement.jsonl``; a resumed run's repeated rows count once): top-1 / top-3 hit rates of the
+    best exact expand, mean Spearman, and the throughput of both labellers on the same tasks in the
+    same run: exact seconds per snapshot, the cheap label's seconds per task forward
+    (``cost.jsonl``), and the speed-up in snapshots per second at one snapshot per forward and at
+    the covers per forward of the cheap training run ``cheap_dir`` (each forward labels that many
+    snapshots)."""
+    rows = {}
+    for line in (Path(exact_dir) / "agreement.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        rows[(r["task"], r["cover"])] = r
+    rs = list(rows.values())
+    hit1 = [r["top1"] for r in rs if r["top1"] is not None]
+    hit3 = [r["top3"] for r in rs if r["top3"] is not None]
+    rho = [r["spearman"] for r in rs if r["spearman"] is not None]
+    exact_s = float(np.mean([r["exact_s"] for r in rs]))
+    def costs(d) -> list[dict]:
+        lines = (Path(d) / "cost.jsonl").read_text().splitlines()
+        return list({c["task"]: c for c in map(json.loads, lines)}.values())
+
+    cost = [c for c in costs(exact_dir) if any(r["task"] == c["task"] for r in rs)]
+    forward_s = float(np.mean([c["forward_s"] for c in cost]))
+    covers = int(costs(cheap_dir or exact_dir)[0]["covers"])
+    by_kind: dict[str, list] = {}
+    for r in rs:
+        by_kind.setdefault(r.get("kind") or "?", []).append(r)
+    return {
+        "snapshots": len(rs),
+        "top1": float(np.mean(hit1)) if hit1 else None,
+        "top3": float(np.mean(hit3)) if hit3 else None,
+        "n_with_a_gain": len(hit1),
+        "spearman_mean": float(np.mean(rho)) if rho else None,
+        "per_kind": {
+            k: {
+                "snapshots": len(v),
+                "top1": float(np.mean([r["top1"] for r in v if r["top1"] is not None] or [np.nan])),
+                "top3": float(np.mean([r["top3"] for r in v if r["top3"] is not None] or [np.nan])),
+            }
+            for k, v in sorted(by_kind.items())
+        },
+        "exact_s_per_snapshot": exact_s,
+        "cheap_forward_s_per_task": forward_s,
+        "cheap_tasks": len(cost),
+        "covers_per_forward": covers,
+        "speedup_one_snapshot_per_forward": exact_s / forward_s,
+        "speedup_at_covers": exact_s * covers / forward_s,
+    }
+
+
 def _tasks(args: TaskLabelArgs, tokenizer) -> list[dict]:
     if args.tasks:
         from sim.tasks.jsonl import read_tasks

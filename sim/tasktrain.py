@@ -87,7 +87,7 @@ def run(args: TaskTrainArgs) -> dict:
     from sim.policies import LensNetPolicy
     from sim.run import versions
     from sim.shipped import CHECKPOINT_DIR, TASKS_CHECKPOINT, lm_fingerprint
-    from sim.tasklabels import TaskLabelArgs, _tasks
+    from sim.tasklabels import TaskLabelArgs, _tasks, agreement_summary
     from sim.taskworld import CharTokenizer, TaskError, TaskWorldConfig, prepare_task
 
     out = Path(args.out)
@@ -180,6 +180,7 @@ def run(args: TaskTrainArgs) -> dict:
         "validation_traces": {"labels": vmeta.get("labels"), "tasks": vmeta.get("tasks"),
                               "covers": vmeta.get("covers"), "snapshots": len(val_reader)},
         "validation": val,
+        "labels_agreement": agreement_summary(args.val_traces, args.traces),
         "calibration": calibration,
         "inputs": {"n_query_tokens": mcfg.n_query_tokens,
                    "n_entry_features": mcfg.n_entry_features},

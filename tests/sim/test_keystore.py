@@ -196,9 +196,18 @@ def test_task_labeller_cheap_and_exact_end_to_end(tmp_path, oracle):
                       features=False)
     want = label_snapshot(pt.wc, oracle, pt.answer_ids, pt.n_tokens, 3, 0, lookahead=True)
     np.testing.assert_allclose(r[0]["target_utilities"], want["target_utilities"], atol=1e-5)
-    # a rerun resumes: nothing is labelled twice
+    # a rerun resumes: nothing is labelled twice, and the summary counts each snapshot once
     generate(args)
     assert len(TraceReader(exact)) == 6
+    from sim.tasklabels import agreement_summary
+
+    summary = agreement_summary(exact, cheap)
+    assert summary["snapshots"] == 6 and summary["covers_per_forward"] == 3
+    hits = [x["top1"] for x in rows if x["top1"] is not None]
+    assert summary["top1"] == (pytest.approx(np.mean(hits)) if hits else None)
+    assert summary["speedup_at_covers"] == pytest.approx(
+        3 * summary["speedup_one_snapshot_per_forward"]
+    )
 
 
 
