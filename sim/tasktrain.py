@@ -6,8 +6,8 @@
    disjoint train-split tasks) by ranking accuracy (the two label sources are on different scales,
    so the validation loss would measure the scale, not the order);
 3. calibrate (``sim.calibrate.fit_task_scale``): the score scale with the lowest mean answer NLL
-   after the zoom on the validation tasks themselves (regenerated from the validation traces'
-   manifest), stored in the checkpoint;
+   after the zoom on calibration tasks (train split, disjoint from the training and validation
+   tasks, at the lengths the LensNet is used at), stored in the checkpoint;
 4. write ``OUT/lensnet.pt`` (weights + calibration) and its card ``OUT/lensnet.json``; ``--ship``
    copies both to ``lensnet/checkpoints`` as the task-world default (``--lensnet auto`` for any task
    file: the JSONL contract has no kind field).
@@ -57,7 +57,16 @@ class TaskTrainArgs:
     preset: Literal["tiny", "small", "seed"] = "small"
     """LensNet size."""
     calibrate: bool = True
-    """Fit the score scale on the validation tasks (else 1)."""
+    """Fit the score scale on calibration tasks (else 1)."""
+    cal_tasks: str | None = None
+    """A JSONL file of calibration tasks (instead of the generated ones below)."""
+    cal_first_task: int = 2000
+    """First index of the calibration tasks: train-split tasks of the training traces' kinds,
+    disjoint from the training and validation tasks."""
+    cal_n_tasks: int = 3
+    """Calibration tasks per kind."""
+    cal_length: tuple[int, ...] = (2048, 2048, 4096)
+    """Their lengths in tokens (task i takes length[i % len]): the lengths it is used at."""
     lm: str = "smollm2"
     """'smollm2', 'tiny' (random-init test LM) or a local model folder."""
     ship: bool = False
@@ -139,17 +148,15 @@ def run(args: TaskTrainArgs) -> dict:
         oracle = LMOracle(model)
         tok = tokenizer or CharTokenizer(model.config.vocab_size)
         gister, _ = resolve_gister(meta["oracle"].get("gister", "auto"), model, world.block_size)
-        spec = vmeta["tasks"]
-        if isinstance(spec, str):
-            vargs = TaskLabelArgs(tasks=spec)
-        else:
-            vargs = TaskLabelArgs(
-                kinds=tuple(spec["kinds"]),
-                first_task=spec["first"],
-                n_tasks=spec["n"],
-                length=tuple(spec["length"]),
-                seed=spec["seed"],
-            )
+        spec = meta["tasks"] if isinstance(meta["tasks"], dict) else {}
+        vargs = TaskLabelArgs(
+            kinds=tuple(spec.get("kinds", TaskLabelArgs.kinds)),
+            first_task=args.cal_first_task,
+            n_tasks=args.cal_n_tasks,
+            length=args.cal_length,
+            seed=spec.get("seed", 0),
+            tasks=args.cal_tasks,
+        )
         prepared = []
         with torch.no_grad():
             for task in _tasks(vargs, tokenizer):

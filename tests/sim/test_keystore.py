@@ -232,6 +232,7 @@ def test_tasktrain_trains_selects_calibrates_and_evaluate_reads_it(tmp_path, ora
         TaskTrainArgs,
         ["--traces", str(tmp_path / "train"), "--val-traces", str(tmp_path / "val"),
          "--out", str(tmp_path / "lens"), "--lm", "tiny", "--preset", "tiny", "--no-progress",
+         "--cal-tasks", str(tasks),
          "--train.total-steps", "20", "--train.eval-every", "10", "--train.batch-size", "4",
          "--train.warmup-steps", "2", "--train.device", "cpu"],
     )
