@@ -349,6 +349,13 @@ def main(argv: list[str] | None = None) -> None:
             val = TraceDataset(reader, val_idx)
         train = TraceDataset(reader, train_idx, augment=args.train.augment, seed=args.train.seed)
         meta = reader.meta
+        if args.val_traces and val_reader.meta.get("n_query_tokens", 0) != meta.get(
+            "n_query_tokens", 0
+        ):
+            raise ConfigError(
+                f"{args.val_traces}: n_query_tokens differs from {args.traces}'s "
+                f"({val_reader.meta.get('n_query_tokens', 0)} vs {meta.get('n_query_tokens', 0)})"
+            )
         mcfg = model_config_for(
             args.preset,
             reader.d_model,

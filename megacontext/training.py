@@ -258,6 +258,11 @@ class TrainLoop:
                 last_eval = self.validate() if self.is_main else {}
                 self.model.train()
                 record.update(last_eval)
+                if last_eval and f"val/{cfg.select}" not in last_eval:
+                    raise ConfigError(
+                        f"select={cfg.select!r}: the validation reports no such metric "
+                        f"(choose from {sorted(k.removeprefix('val/') for k in last_eval)})"
+                    )
                 value = last_eval.get(f"val/{cfg.select}")
                 if value is not None:
                     value = value if cfg.select == "loss" else -value  # lower is better

@@ -284,6 +284,7 @@ def _evaluate(args: EvaluateArgs) -> dict:
     needs_attention = any(p.needs_attention for p in policies)
     rows: list[dict] = []
     sweep_rows: dict[int, list[dict]] = {}
+    sweep_errors: dict[int, list[dict]] = {}
     t_start = time.perf_counter()
     spent: dict[
         str, float
@@ -341,10 +342,15 @@ def _evaluate(args: EvaluateArgs) -> dict:
                 rows.append(row)
                 log.write(json.dumps(row) + "\n")
                 log.flush()
-            for w_max in (w for w in args.w_max_sweep if w != args.world.w_max):
-                sweep_rows.setdefault(w_max, []).extend(
-                    _at_budget(w_max, pt, rows[main_rows:], policies, oracle, args.world)
-                )
+            for w_max in dict.fromkeys(w for w in args.w_max_sweep if w != args.world.w_max):
+                try:
+                    sweep_rows.setdefault(w_max, []).extend(
+                        _at_budget(w_max, pt, rows[main_rows:], policies, oracle, args.world)
+                    )
+                except TaskError as err:  # this budget cannot hold the stream: that W_max only
+                    msg = f"{args.tasks}: line {line}: W_max {w_max}: {err}"
+                    print(f"error: {msg} (skipped at this W_max)", file=sys.stderr)
+                    sweep_errors.setdefault(w_max, []).append({"line": line, "error": msg})
     summary, grid = summarise(rows, [p.name for p in policies])
     fwd = float(np.mean(lm_forward_s)) if lm_forward_s else None
     for name in (
@@ -397,8 +403,8 @@ def _evaluate(args: EvaluateArgs) -> dict:
                 "config": {**results["config"], "w_max": w_max},
                 "policies": w_summary,
                 "grid": w_grid,
-                "n_tasks": n_evaluated,
-                "errors": error_rows,
+                "n_tasks": len({r["id"] for r in w_rows}),
+                "errors": error_rows + sweep_errors.get(w_max, []),
             }
             (dirs[-1] / "results.json").write_text(json.dumps(w_results, indent=1))
         compression_sweep(dirs, out / "sweep")
@@ -416,10 +422,11 @@ def _at_budget(
 
     config = replace(world, w_max=w_max)
     pt_w = with_budget(pt, config)
+    level = needle_level(pt_w)
     out = []
     for p, row in zip(policies, main_rows, strict=True):
         r = {} if p.reads_everything else answer_task(p, pt_w, oracle, config)
-        out.append({**row, **r, "w_max": w_max})
+        out.append({**row, **r, "w_max": w_max, "needle_level": level})
     return out
 
 

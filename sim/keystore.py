@@ -5,7 +5,8 @@ A block is read at L0 while it sits in the recency tail, so the LM's keys of its
 by-product of reading it: the store keeps them, at every layer, either whole (``mode='full'``:
 per token, the LM's own softmax is reproduced exactly) or compressed to one mean key per L1 block
 and KV head (``mode='mean'``: 1/b of the bytes, Landmark/MoBA-style block keys; a block's logit is
-its mean key's logit plus log b, the mass b equal keys would get). Tokens after the last complete
+its mean key's logit plus log b, the mass b equal keys would get; block 0's mean includes the sink
+token's key). Tokens after the last complete
 block stay whole in both modes. ``bytes_per_token`` reports what a mode stores (fp16).
 
 At a refocus the newest token's queries (the last stream token: at question time the question's
@@ -20,7 +21,7 @@ In this simulation the stream is read once, whole (the keys and the query then e
 full-context read; in a deployment they come from the working context the LM actually read). One
 forward gives the keys of every position and the queries of the last ``n_queries`` positions
 (``read``): with the task's answer appended (teacher forcing), the same forward yields the cheap
-labels' attention rows (``sim.cheaplabels``).
+labels' attention rows (``sim.features.answer_relevance``, ``sim.tasklabels``).
 """
 
 from __future__ import annotations
@@ -117,9 +118,8 @@ def span_features(probs: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np
     """The ``KeyStore.entry_features`` of spans [starts, ends) from per-token probabilities
     (L, H, n)."""
     p = np.asarray(probs, dtype=np.float64)[..., : int(ends[-1])].copy()
-    rest = 1.0 - p[..., :SINK_TOKENS].sum(axis=-1, keepdims=True)
     p[..., :SINK_TOKENS] = 0.0
-    p /= np.maximum(rest, 1e-12)
+    p /= np.maximum(p.sum(axis=-1, keepdims=True), 1e-12)  # over the spans' tokens, sink left out
     cum = np.concatenate([np.zeros(p.shape[:-1] + (1,)), np.cumsum(p, axis=-1)], axis=-1)
     mass = cum[..., ends] - cum[..., starts]  # (L, H, N)
     feats = np.concatenate(

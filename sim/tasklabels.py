@@ -11,8 +11,9 @@ Labels (``--labels``):
 - ``cheap``: one LM forward per task (the stream with the answer teacher-forced after it, the same
   forward that gives the attention features): a block's relevance is the attention the positions
   that predict the answer put on it (``sim.features.answer_relevance``); a gist's target is the best
-  relevance among its blocks, a sibling group's collapse cost the best relevance under it, in
-  relevance units (the scale is fitted afterwards: ``sim.calibrate.fit_task_scale``).
+  relevance among its blocks, a sibling group's collapse cost the best relevance under it
+  (discounted for groups of gists: ``GROUP_DISCOUNT``), in relevance units (the scale is fitted
+  afterwards: ``sim.calibrate.fit_task_scale``).
   ``cost.jsonl`` records each task's forward (the cheap label's whole cost) in seconds.
 - ``exact``: the counterfactual labels (``megacontext.labels.label_snapshot`` with the two-level
   lookahead: every legal action, one LM call each). In this mode every snapshot's cheap targets are
@@ -20,14 +21,15 @@ Labels (``--labels``):
   cheap labels' top 1 / in their top 3, the Spearman correlation over the candidates, and the
   seconds each labeller spent on it.
 
-Sharded (``--shard i/n`` takes tasks with index % n == i) and resumable: a rerun skips the
-snapshots already on disk (``megacontext.traces.TraceWriter``).
+Sharded (``--shard i/n`` takes tasks with index % n == i) and resumable: a rerun skips, per task,
+the covers already on disk (``megacontext.traces.TraceWriter``; a task that failed wrote none).
 """
 
 from __future__ import annotations
 
 import json
 import time
+from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
@@ -74,6 +76,9 @@ class TaskLabelArgs:
     """Newest tokens whose embeddings join LensNet's tail latents (must cover the question)."""
     shard: str = "0/1"
     """i/n: this process takes the tasks with index % n == i."""
+    retarget_from: str | None = None
+    """Only copy these cheap-label traces (written before the group discount) to --out with the
+    discount applied (``retarget``), then stop."""
     shard_size: int = 64
     """Snapshots per safetensors shard."""
     lm: str = "smollm2"
@@ -85,18 +90,52 @@ class TaskLabelArgs:
     world: TaskWorldConfig = field(default_factory=TaskWorldConfig)
 
 
+GROUP_DISCOUNT = 0.5
+"""A sibling group of level-l entries costs GROUP_DISCOUNT**l times the best relevance under it:
+collapsing tokens into their L1 gist gives up all of a block's token detail, collapsing L1 gists
+into an L2 gist less (the gists keep part of it). Without the discount a gist in a legal group would
+carry gain - cost <= 0 whatever it holds (its own relevance is in both), so after a zoom round opens
+an L2 gist the needle's L1 child would be labelled 0 and never opened."""
+
+
 def cheap_targets(wc: WorkingContext, block_rel: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(expand gain, collapse cost) per entry from a relevance per L1 block: a gist's gain is the
-    best relevance among its blocks (``relevance_scores``' gist side), every member of a legal
-    sibling group carries the best relevance under the group (what collapsing it gives up)."""
+    best relevance among its blocks (``relevance_scores``' gist side); every member of a legal
+    sibling group of level-l entries carries ``GROUP_DISCOUNT``**l times the best relevance under
+    the group (what collapsing it gives up)."""
     rel = relevance_scores(wc, np.clip(block_rel, 0.0, None))
     gain = np.where(wc.levels >= 1, np.clip(rel, 0.0, None), 0.0)
     detail = np.abs(rel)  # the best relevance each entry covers (L0: its block's)
     gid = wc.group_ids()
     cost = np.zeros(len(wc))
     for s in np.unique(gid[gid >= 0]):
-        cost[gid == s] = detail[s : s + wc.block_size].max()
+        cost[gid == s] = detail[s : s + wc.block_size].max() * GROUP_DISCOUNT ** wc.levels[s]
     return gain, cost
+
+
+def retarget(src: str | Path, dst: str | Path) -> Path:
+    """Copy cheap-label traces written before ``GROUP_DISCOUNT`` (their manifest lacks
+    ``group_discount``) with each group's collapse cost discounted and the targets recomputed:
+    exactly what ``cheap_targets`` now writes for the same snapshots (each stored cost is the best
+    relevance under the group, the stored gains are unchanged)."""
+    reader = TraceReader(src, require_complete=True)
+    if reader.meta.get("labels") != "cheap" or "group_discount" in reader.meta:
+        raise ConfigError(f"{src}: not cheap-label traces from before the group discount")
+    writer = TraceWriter(dst, {**reader.meta, "group_discount": GROUP_DISCOUNT,
+                               "retargeted_from": str(src)})
+    if writer.n_done:
+        raise ConfigError(f"{dst}: already holds snapshots; use a new directory")
+    for i in range(len(reader)):
+        snap = dict(reader[i])
+        cost = snap["collapse_cost"] * GROUP_DISCOUNT ** snap["levels"].astype(np.float64)
+        snap["collapse_cost"] = cost.astype(np.float32)
+        snap["target_utilities"] = (
+            np.where(snap["can_expand"], snap["expand_gain"], 0.0)
+            - np.where(snap["can_collapse"], cost, 0.0)
+        ).astype(np.float32)
+        writer.add(snap)
+    writer.close()
+    return Path(dst)
 
 
 def _record(item: dict, wc: WorkingContext, gain, cost, doc_id: int, baseline_nll=np.nan) -> dict:
@@ -187,8 +226,14 @@ def agreement_summary(exact_dir: str | Path, cheap_dir: str | Path | None = None
     (``cost.jsonl``), and the speed-up in snapshots per second at one snapshot per forward and at
     the covers per forward of the cheap training run ``cheap_dir`` (each forward labels that many
     snapshots)."""
+    def lines(d, name: str) -> list[str]:  # one run directory, or its --shard parts
+        files = [Path(d) / name] if (Path(d) / name).exists() else sorted(
+            Path(d).glob(f"part-*-of-*/{name}")
+        )
+        return [x for f in files for x in f.read_text().splitlines()]
+
     rows = {}
-    for line in (Path(exact_dir) / "agreement.jsonl").read_text().splitlines():
+    for line in lines(exact_dir, "agreement.jsonl"):
         r = json.loads(line)
         rows[(r["task"], r["cover"])] = r
     rs = list(rows.values())
@@ -197,8 +242,7 @@ def agreement_summary(exact_dir: str | Path, cheap_dir: str | Path | None = None
     rho = [r["spearman"] for r in rs if r["spearman"] is not None]
     exact_s = float(np.mean([r["exact_s"] for r in rs]))
     def costs(d) -> list[dict]:
-        lines = (Path(d) / "cost.jsonl").read_text().splitlines()
-        return list({c["task"]: c for c in map(json.loads, lines)}.values())
+        return list({c["task"]: c for c in map(json.loads, lines(d, "cost.jsonl"))}.values())
 
     cost = [c for c in costs(exact_dir) if any(r["task"] == c["task"] for r in rs)]
     forward_s = float(np.mean([c["forward_s"] for c in cost]))
@@ -276,6 +320,7 @@ def generate(args: TaskLabelArgs) -> Path:
         "max_level": w.max_level,
         "world": to_dict(w),
         "labels": args.labels,
+        **({"group_discount": GROUP_DISCOUNT} if args.labels == "cheap" else {}),
         "oracle": {"kind": "lm", "lm": args.lm, "gister": gister_name},
         "tasks": args.tasks or {"kinds": list(args.kinds), "first": args.first_task,
                                 "n": args.n_tasks, "length": list(args.length), "seed": args.seed},
@@ -283,16 +328,22 @@ def generate(args: TaskLabelArgs) -> Path:
         "shard": args.shard,
     }
     writer = TraceWriter(out, meta, shard_size=args.shard_size)
-    skip, seen = writer.n_done, 0
+    # resume: per task (doc id) the covers already on disk; a task that failed wrote none
+    on_disk = Counter(TraceReader(out).snapshots["doc_id"].tolist()) if writer.n_done else Counter()
     tasks = [(i, t) for i, t in enumerate(_tasks(args, tokenizer)) if i % n_shard == i_shard]
     log = (out / "agreement.jsonl").open("a") if args.labels == "exact" else None
     cost_log = (out / "cost.jsonl").open("a")  # per task: the cheap label's forward, in seconds
     for doc_id, task in tqdm(tasks, desc=f"label {out.name}", disable=not args.progress):
-        if seen + args.covers <= skip:  # whole task already on disk
-            seen += args.covers
+        done = on_disk[doc_id]
+        if done >= args.covers:  # whole task already on disk
             continue
         try:
             pt = prepare_task(task, oracle, tok, w, gister, features=False, answer_attention=True)
+            if pt.question_tokens > args.query_tokens:
+                raise TaskError(
+                    f"task {task['id']!r}: the question ({pt.question_tokens} tokens) does not "
+                    f"fit --query-tokens {args.query_tokens}"
+                )
         except TaskError as err:
             print(f"skipped: {err}")
             continue
@@ -301,8 +352,7 @@ def generate(args: TaskLabelArgs) -> Path:
                                    "forward_s": t_forward, "covers": args.covers}) + "\n")
         cost_log.flush()
         for c, wc in enumerate(random_covers(pt, w, args.covers, args.seed * 100003 + doc_id)):
-            if seen < skip:
-                seen += 1
+            if c < done:
                 continue
             t1 = time.perf_counter()
             item = lensnet_item(wc, w.n_tail_gists, args.query_tokens, pt.attention_probs)
@@ -326,7 +376,6 @@ def generate(args: TaskLabelArgs) -> Path:
                        "exact_s": t_exact, "cheap_s": t_cheap}
                 log.write(json.dumps(row) + "\n")
                 log.flush()
-            seen += 1
     writer.close()
     cost_log.close()
     if log is not None:
@@ -337,7 +386,7 @@ def generate(args: TaskLabelArgs) -> Path:
 def main(argv: list[str] | None = None) -> None:
     args = parse(TaskLabelArgs, argv)
     try:
-        out = generate(args)
+        out = retarget(args.retarget_from, args.out) if args.retarget_from else generate(args)
     except (ValueError, ConfigError) as err:
         raise SystemExit(f"error: {err}") from err
     print(f"wrote {len(TraceReader(out))} snapshots to {out}")

@@ -13,9 +13,10 @@ from lensnet.model import LensNet, LensNetConfig
 from megacontext.lm import tiny_llama
 from megacontext.lm_oracle import LMOracle
 from megacontext.traces import TraceReader
+from megacontext.tree import ConfigError
 from sim import keystore
 from sim.features import lensnet_item
-from sim.tasklabels import TaskLabelArgs, cheap_targets, generate, spearman
+from sim.tasklabels import GROUP_DISCOUNT, TaskLabelArgs, cheap_targets, generate, spearman
 from sim.taskworld import CharTokenizer, TaskWorldConfig, prepare_task, zoom
 from tests.sim.test_taskworld import WORLD, NeedleFinder, _task
 
@@ -116,9 +117,15 @@ def test_cheap_targets_against_a_loop(oracle):
         if gid[i] >= 0:
             s = gid[i]
             lo, hi = wc.starts[s] // b, (wc.ends[s + b - 1] - 1) // b
-            assert cost[i] == pytest.approx(rel[lo : hi + 1].max())
+            discount = GROUP_DISCOUNT ** wc.levels[s]  # groups of gists give up less than tokens
+            assert cost[i] == pytest.approx(rel[lo : hi + 1].max() * discount)
         else:
             assert cost[i] == 0.0
+    # the best L1 gist of a legal group of L1 gists (an opened L2 gist) keeps a positive target
+    l1 = np.flatnonzero((wc.levels == 1) & (gid >= 0))
+    if l1.size:
+        best = l1[np.argmax(gain[l1])]
+        assert gain[best] - cost[best] > 0
 
 
 def test_spearman_matches_a_direct_rank_correlation():
@@ -196,6 +203,28 @@ def test_task_labeller_cheap_and_exact_end_to_end(tmp_path, oracle):
                       features=False)
     want = label_snapshot(pt.wc, oracle, pt.answer_ids, pt.n_tokens, 3, 0, lookahead=True)
     np.testing.assert_allclose(r[0]["target_utilities"], want["target_utilities"], atol=1e-5)
+    # traces written before the group discount, retargeted, equal what the labeller now writes
+    from megacontext.traces import TraceWriter
+    from sim.tasklabels import retarget
+
+    new = TraceReader(cheap)
+    old_meta = {k: v for k, v in new.meta.items() if k != "group_discount"}
+    old = TraceWriter(tmp_path / "old", old_meta)
+    for i in range(len(new)):
+        snap = dict(new[i])
+        snap["collapse_cost"] = snap["collapse_cost"] / GROUP_DISCOUNT ** snap["levels"]
+        snap["target_utilities"] = (
+            np.where(snap["can_expand"], snap["expand_gain"], 0)
+            - np.where(snap["can_collapse"], snap["collapse_cost"], 0)
+        ).astype(np.float32)
+        old.add(snap)
+    old.close()
+    again = TraceReader(retarget(tmp_path / "old", tmp_path / "again"))
+    for i in range(len(new)):
+        np.testing.assert_allclose(again[i]["target_utilities"], new[i]["target_utilities"],
+                                   atol=1e-7)
+    with pytest.raises(ConfigError, match="before the group discount"):
+        retarget(cheap, tmp_path / "twice")
     # a rerun resumes: nothing is labelled twice, and the summary counts each snapshot once
     generate(args)
     assert len(TraceReader(exact)) == 6
@@ -255,3 +284,39 @@ def test_tasktrain_trains_selects_calibrates_and_evaluate_reads_it(tmp_path, ora
     assert exit_info.value.code == 0
     res = json.loads((out / "results.json").read_text())
     assert res["policies"]["lensnet"]["n"] == 3
+
+
+def test_task_labeller_resumes_per_task_past_a_task_that_failed(tmp_path, oracle):
+    """A task that cannot run writes nothing; a resumed run still labels every other task's covers
+    exactly once (resume counts what is on disk per task, not snapshots)."""
+    from megacontext.cli import parse
+
+    tasks = tmp_path / "tasks.jsonl"
+    bad = {**_task(tid="bad"), "question": "\n" + "Q" * 40}  # longer than the 24-token tail
+    lines = [json.dumps(bad)] + [json.dumps(_task(at=20 + 30 * i, tid=f"t{i}")) for i in range(3)]
+    tasks.write_text("\n".join(lines) + "\n")
+    base = ["--lm", "tiny", "--tasks", str(tasks), "--covers", "3", "--query-tokens", "8"]
+    base += ["--no-progress", "--gister", "mean", "--shard-size", "2", *TINY_WORLD]
+    out = tmp_path / "tr"
+    args = parse(TaskLabelArgs, [*base, "--out", str(out)])
+    import sim.tasklabels as tl
+
+    real, calls = tl.lensnet_item, []
+
+    def crash_after_five(*a, **k):  # the labeller dies mid-task (after 2 full shards)
+        calls.append(1)
+        if len(calls) > 5:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    tl.lensnet_item = crash_after_five
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            generate(args)
+    finally:
+        tl.lensnet_item = real
+    assert len(TraceReader(out)) == 4  # two shards of two; the fifth snapshot was lost
+    generate(args)
+    r = TraceReader(out)
+    ids = r.snapshots["doc_id"].tolist()
+    assert sorted(ids) == [1, 1, 1, 2, 2, 2, 3, 3, 3]  # doc 0 failed; the rest exactly once
