@@ -363,3 +363,18 @@ def test_match_parameters_get_their_own_learning_rate(tmp_path):
     assert match["lr"] == pytest.approx(10 * base["lr"]) and base["lr"] > 0
     with pytest.raises(ConfigError, match="match_lr_scale"):
         TrainConfig(match_lr_scale=0.0)
+
+
+def test_best_checkpoint_by_a_named_metric_and_unknown_names_refused(tmp_path):
+    """``select``: best.pt follows the highest ranking accuracy (not the lowest loss) when asked;
+    a metric the validation does not report is an error, not a silent fallback to final.pt."""
+    traces = tmp_path / "traces"
+    write_random_traces(traces, n_snapshots=16, d_model=8)
+    trainer = _trainer(tmp_path, traces, "acc", select="ranking_accuracy")
+    trainer.train()
+    log = [json.loads(x) for x in (tmp_path / "acc" / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in log if "val/ranking_accuracy" in r]
+    best = max(evals, key=lambda r: r["val/ranking_accuracy"])  # first of the maxima wins
+    assert torch.load(tmp_path / "acc" / "best.pt", weights_only=False)["step"] == best["step"]
+    with pytest.raises(ConfigError, match="no such metric"):
+        _trainer(tmp_path, traces, "bad", select="ranking_acc").train()
