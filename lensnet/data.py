@@ -93,7 +93,9 @@ def temporal_jitter(group_id: np.ndarray, phase: int) -> tuple[np.ndarray, np.nd
 
 
 class TraceDataset(Dataset):
-    """Snapshots of a trace (optionally a subset of indices), augmented when ``augment`` is set."""
+    """Snapshots of a trace (optionally a subset of indices), augmented when ``augment`` is set.
+    Ablations: ``tail_rows`` keeps only the first rows of the tail latents (the tail gists without
+    a task trace's query tokens), ``entry_features=False`` leaves the extra features out."""
 
     def __init__(
         self,
@@ -101,12 +103,16 @@ class TraceDataset(Dataset):
         indices: np.ndarray | None = None,
         augment: AugmentConfig | None = None,
         seed: int = 0,
+        tail_rows: int | None = None,
+        entry_features: bool = True,
     ) -> None:
         self.reader = reader
         self.indices = np.arange(len(reader)) if indices is None else np.asarray(indices)
         self.augment = augment
         self.seed = seed
         self.epoch = 0
+        self.tail_rows = tail_rows  # keep only the first rows of the tail latents (ablations)
+        self.entry_features = entry_features  # serve the traces' extra features, if any
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -114,7 +120,9 @@ class TraceDataset(Dataset):
     def __getitem__(self, i: int) -> dict[str, np.ndarray]:
         snap = self.reader[int(self.indices[i])]
         item = {k: snap[k] for k in (*MODEL_ENTRY_KEYS, *TAIL_KEYS)}
-        if FEATURE_KEY in snap:
+        if self.tail_rows is not None:
+            item.update({k: item[k][: self.tail_rows] for k in TAIL_KEYS})
+        if FEATURE_KEY in snap and self.entry_features:
             item[FEATURE_KEY] = snap[FEATURE_KEY]
         if self.augment is None:
             return item

@@ -160,9 +160,10 @@ class Trainer(TrainLoop):
                 f"d_model={model_config.d_model}"
             )
         for ds in (train, val):
-            if ds is not None and ds.reader.n_entry_features != model_config.n_entry_features:
+            served = ds.reader.n_entry_features if ds is not None and ds.entry_features else 0
+            if ds is not None and served != model_config.n_entry_features:
                 raise ConfigError(
-                    f"trace {ds.reader.path} has n_entry_features={ds.reader.n_entry_features} "
+                    f"trace {ds.reader.path} serves n_entry_features={served} "
                     f"but the LensNet config expects {model_config.n_entry_features}"
                 )
         if len(train) == 0:

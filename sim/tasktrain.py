@@ -56,6 +56,10 @@ class TaskTrainArgs:
     """Run directory."""
     preset: Literal["tiny", "small", "seed"] = "small"
     """LensNet size."""
+    features: bool = True
+    """Read the attention features (off: the ablation without them)."""
+    query: bool = True
+    """Read the question's tokens as tail latents (off: the ablation with the tail gists only)."""
     calibrate: bool = True
     """Fit the score scale on calibration tasks (else 1)."""
     cal_tasks: str | None = None
@@ -120,11 +124,15 @@ def run(args: TaskTrainArgs) -> dict:
         reader.d_model,
         world.max_level,
         world.block_size,
-        reader.n_entry_features,
-        int(meta["n_query_tokens"]),
+        reader.n_entry_features if args.features else 0,
+        int(meta["n_query_tokens"]) if args.query else 0,
     )
-    train_ds = TraceDataset(reader, augment=args.train.augment, seed=args.train.seed)
-    val_ds = TraceDataset(val_reader)
+    inputs = {
+        "tail_rows": None if args.query else int(meta["n_tail_gists"]),
+        "entry_features": args.features,
+    }
+    train_ds = TraceDataset(reader, augment=args.train.augment, seed=args.train.seed, **inputs)
+    val_ds = TraceDataset(val_reader, **inputs)
     t0 = time.perf_counter()
     trainer = Trainer(mcfg, args.train, train_ds, val_ds, out, progress=args.progress)
     with torch.enable_grad():

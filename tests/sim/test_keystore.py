@@ -3,6 +3,7 @@ LM's own attention, the cheap label against a direct computation, the question r
 and the task labeller end to end on the tiny LM."""
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -284,6 +285,12 @@ def test_tasktrain_trains_selects_calibrates_and_evaluate_reads_it(tmp_path, ora
     assert exit_info.value.code == 0
     res = json.loads((out / "results.json").read_text())
     assert res["policies"]["lensnet"]["n"] == 3
+    # the ablation without either task input trains on the same traces and reads neither
+    plain = replace(args, out=str(tmp_path / "plain"), features=False, query=False,
+                    calibrate=False)
+    card = run(plain)
+    assert card["inputs"] == {"n_query_tokens": 0, "n_entry_features": 0}
+    assert load_model(tmp_path / "plain" / "lensnet.pt").config.n_entry_features == 0
 
 
 def test_task_labeller_resumes_per_task_past_a_task_that_failed(tmp_path, oracle):
