@@ -135,6 +135,9 @@ def retarget(src: str | Path, dst: str | Path) -> Path:
         ).astype(np.float32)
         writer.add(snap)
     writer.close()
+    for log in ("cost.jsonl", "agreement.jsonl"):  # the labelling run's logs travel with it
+        if (Path(src) / log).exists():
+            (Path(dst) / log).write_text((Path(src) / log).read_text())
     return Path(dst)
 
 
