@@ -618,3 +618,22 @@ def test_compression_sweep_plots_the_runs_it_is_given(tmp_path):
             assert res["policies"]["recency"][key] == pytest.approx(
                 alone["policies"]["recency"][key], abs=1e-5
             )
+
+
+def test_markdown_table_holds_each_runs_numbers(tmp_path):
+    from analysis.tables import table
+
+    res = {
+        "policies": {
+            "attention": {"n": 4, "exact_match": 0.75, "exact_match_ci95": [0.25, 1.0],
+                          "answer_nll": 0.5, "focus_recall": 0.5},
+            "recency": {"n": 4, "exact_match": 0.0, "answer_nll": 2.25, "focus_recall": None,
+                        "ngr": 0.0, "ngr_ci95": [0.0, 0.0]},
+        }
+    }
+    (tmp_path / "run-a").mkdir()
+    (tmp_path / "run-a" / "results.json").write_text(json.dumps(res))
+    lines = table([tmp_path / "run-a"]).splitlines()
+    assert lines[0] == "| policy | run-a |"
+    assert lines[2] == "| attention | 3/4 [0.25, 1.00], 0.500, 0.50 |"
+    assert lines[3] == "| recency | 0/4, 2.250, NGR 0.00 [0.00, 0.00] |"
