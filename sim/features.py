@@ -141,8 +141,9 @@ def lensnet_item(
             [arr.tail_levels, np.where(np.arange(n_query_tokens) < q, 0, -1)]
         )
         arr.tail_mask = np.concatenate([arr.tail_mask, np.arange(n_query_tokens) < q])
-    feats = None if probs is None else keystore.span_features(probs, wc.starts, wc.ends)
-    return arrays_to_item(arr, feats)
+    if probs is None:
+        return arrays_to_item(arr)
+    return arrays_to_item(arr, keystore.span_features(probs, wc.starts, wc.ends, wc.block_size))
 
 
 def attention_relevance(mass: np.ndarray, n_sink_blocks: int = 1) -> np.ndarray:

@@ -14,8 +14,9 @@ last) score every stored key; per layer and head the softmax over all of them is
 mass each token (or block) receives, and an entry's mass is the sum over its span. Token 0 holds
 the LM's attention sink, whose mass says nothing about content: it is left out and the rest
 renormalised, and a separate feature flags the entry that holds it. ``entry_features`` returns,
-per entry, the log mass per layer (mean over heads), its max over heads per layer, and the sink
-flag: what LensNet reads as extra per-entry inputs (``LensNetConfig.n_entry_features``).
+per entry and layer, the log mass (mean over heads), its largest head's, and its best L1 block's,
+then the sink flag: what LensNet reads as extra per-entry inputs
+(``LensNetConfig.n_entry_features``).
 
 In this simulation the stream is read once, whole (the keys and the query then equal those of a
 full-context read; in a deployment they come from the working context the LM actually read). One
@@ -104,28 +105,40 @@ class KeyStore:
     def entry_features(
         self, wc: WorkingContext, mode: StoreMode = "full", probs: np.ndarray | None = None
     ) -> np.ndarray:
-        """(N, 2L + 1) float32 features of each entry of ``wc`` (which must cover this stream or a
+        """(N, 3L + 1) float32 features of each entry of ``wc`` (which must cover this stream or a
         prefix of it) from the last query's attention (``probs`` if given, else
-        ``probs(-1, mode)``): per layer log(1e-6 + mean-over-heads mass of the entry's span), then
-        per layer log(1e-6 + max-over-heads mass) (both / ``LOG_SCALE``), then 1.0 on the entry
-        holding the sink token. Masses leave out the sink token and are renormalised over the
-        rest."""
+        ``probs(-1, mode)``): ``span_features``. Masses leave out the sink token and are
+        renormalised over the rest."""
         p = self.probs(-1, mode, n_keys=wc.n_tokens) if probs is None else probs
-        return span_features(p, wc.starts, wc.ends)
+        return span_features(p, wc.starts, wc.ends, wc.block_size)
 
 
-def span_features(probs: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+def span_features(
+    probs: np.ndarray, starts: np.ndarray, ends: np.ndarray, block_size: int
+) -> np.ndarray:
     """The ``KeyStore.entry_features`` of spans [starts, ends) from per-token probabilities
-    (L, H, n)."""
-    p = np.asarray(probs, dtype=np.float64)[..., : int(ends[-1])].copy()
+    (L, H, n): per layer the span's mass (mean over heads), its largest head's mass, and the mass
+    of the span's best L1 block (mean over heads; the trailing partial block counts as one block),
+    each as log(1e-6 + mass) / ``LOG_SCALE``; then the sink flag. The best block is what the
+    expand decision needs: a gist is worth opening when one of its blocks is attended to, which a
+    span's total (spread over 1024 tokens for an L2 gist) does not show."""
+    b = block_size
+    n = int(ends[-1])
+    p = np.asarray(probs, dtype=np.float64)[..., :n].copy()
     p[..., :SINK_TOKENS] = 0.0
     p /= np.maximum(p.sum(axis=-1, keepdims=True), 1e-12)  # over the spans' tokens, sink left out
     cum = np.concatenate([np.zeros(p.shape[:-1] + (1,)), np.cumsum(p, axis=-1)], axis=-1)
     mass = cum[..., ends] - cum[..., starts]  # (L, H, N)
+    edges = np.minimum(np.arange(0, n + b, b), n)
+    block = np.diff(cum.mean(axis=1)[:, np.unique(edges)], axis=-1)  # (L, blocks) mean over heads
+    first, last = starts // b, (ends - 1) // b
+    best = np.maximum.reduceat(block, first, axis=1)  # over [first, next entry's first)
+    best = np.where(last > first, best, block[:, first])  # an L0 entry: its own block
     feats = np.concatenate(
         [
             np.log(1e-6 + mass.mean(axis=1)) / LOG_SCALE,  # (L, N)
             np.log(1e-6 + mass.max(axis=1)) / LOG_SCALE,
+            np.log(1e-6 + best) / LOG_SCALE,
             (starts < SINK_TOKENS)[None].astype(np.float64),
         ]
     )
@@ -134,7 +147,7 @@ def span_features(probs: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np
 
 def n_entry_features(n_layers: int) -> int:
     """Width of ``span_features`` for an LM of ``n_layers`` layers."""
-    return 2 * n_layers + 1
+    return 3 * n_layers + 1
 
 
 @torch.no_grad()

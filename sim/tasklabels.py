@@ -76,6 +76,9 @@ class TaskLabelArgs:
     """Newest tokens whose embeddings join LensNet's tail latents (must cover the question)."""
     shard: str = "0/1"
     """i/n: this process takes the tasks with index % n == i."""
+    refeature_from: str | None = None
+    """Only copy these traces to --out with LensNet's inputs recomputed and the labels kept
+    (``refeature``), then stop."""
     retarget_from: str | None = None
     """Only copy these cheap-label traces (written before the group discount) to --out with the
     discount applied (``retarget``), then stop."""
@@ -276,6 +279,61 @@ def agreement_summary(exact_dir: str | Path, cheap_dir: str | Path | None = None
     }
 
 
+def refeature(src: str | Path, dst: str | Path, lm: str = "smollm2") -> Path:
+    """Copy a task trace with LensNet's inputs (tail latents, attention features) recomputed by
+    the current code and the labels kept: the same tasks and covers are rebuilt from ``src``'s
+    manifest (one attention forward per task, no labelling) and each cover is checked to equal the
+    stored one. For exact-label traces, whose labels cost minutes a snapshot, when the features
+    change."""
+    from gistnet.gister import resolve_gister
+    from megacontext.cli import from_dict
+    from megacontext.lm import load_lm
+    from megacontext.lm_oracle import LMOracle
+
+    reader = TraceReader(src, require_complete=True)
+    meta = reader.meta
+    spec = meta["tasks"]
+    args = TaskLabelArgs(
+        **({"tasks": spec} if isinstance(spec, str) else {
+            "kinds": tuple(spec["kinds"]), "first_task": spec["first"], "n_tasks": spec["n"],
+            "length": tuple(spec["length"]), "seed": spec["seed"]}),
+        covers=int(meta["covers"]), world=from_dict(TaskWorldConfig, meta["world"]),
+    )
+    model, tokenizer = load_lm(lm)
+    oracle = LMOracle(model)
+    tok = tokenizer or CharTokenizer(model.config.vocab_size)
+    gister, _ = resolve_gister(meta["oracle"].get("gister", "auto"), model, args.world.block_size)
+    n_query = int(meta["n_query_tokens"])
+    new_meta = {**meta, "n_entry_features": n_entry_features(model.config.num_hidden_layers),
+                "refeatured_from": str(src)}
+    writer = TraceWriter(dst, new_meta)
+    if writer.n_done:
+        raise ConfigError(f"{dst}: already holds snapshots; use a new directory")
+    where, seen = {}, Counter()  # (doc id, cover) -> snapshot: a task's covers are in order
+    for i, d in enumerate(reader.snapshots["doc_id"].tolist()):
+        where[(d, seen[d])] = i
+        seen[d] += 1
+    w = args.world
+    for doc_id, task in enumerate(_tasks(args, tokenizer)):
+        if (doc_id, 0) not in where:
+            continue  # the labelling run skipped this task
+        pt = prepare_task(task, oracle, tok, w, gister, features=False, answer_attention=True)
+        for c, wc in enumerate(random_covers(pt, w, args.covers, args.seed * 100003 + doc_id)):
+            snap = dict(reader[where[(doc_id, c)]])
+            if not (np.array_equal(snap["levels"], wc.levels)
+                    and np.array_equal(snap["node_index"], wc.indices)):
+                raise ConfigError(f"{src}: task {task['id']} cover {c} is not the stored one")
+            item = lensnet_item(wc, w.n_tail_gists, n_query, pt.attention_probs)
+            snap.update({k: item[k] for k in ("tail_gists", "tail_levels", "tail_mask")})
+            snap[FEATURE_KEY] = item[FEATURE_KEY]
+            writer.add(snap)
+    writer.close()
+    for log in ("cost.jsonl", "agreement.jsonl"):
+        if (Path(src) / log).exists():
+            (Path(dst) / log).write_text((Path(src) / log).read_text())
+    return Path(dst)
+
+
 def _tasks(args: TaskLabelArgs, tokenizer) -> list[dict]:
     if args.tasks:
         from sim.tasks.jsonl import read_tasks
@@ -389,7 +447,12 @@ def generate(args: TaskLabelArgs) -> Path:
 def main(argv: list[str] | None = None) -> None:
     args = parse(TaskLabelArgs, argv)
     try:
-        out = retarget(args.retarget_from, args.out) if args.retarget_from else generate(args)
+        if args.refeature_from:
+            out = refeature(args.refeature_from, args.out, args.lm)
+        elif args.retarget_from:
+            out = retarget(args.retarget_from, args.out)
+        else:
+            out = generate(args)
     except (ValueError, ConfigError) as err:
         raise SystemExit(f"error: {err}") from err
     print(f"wrote {len(TraceReader(out))} snapshots to {out}")

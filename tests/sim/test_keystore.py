@@ -66,17 +66,24 @@ def test_mean_store_is_a_distribution_and_equals_full_at_block_size_one(oracle):
 def test_span_features_against_a_loop(oracle):
     pt = prepare_task(_task(), oracle, CharTokenizer(512), WORLD, features=False, attention=True)
     wc, _ = zoom(NeedleFinder(), pt, WORLD, oracle)  # a cover with gists of both levels and tokens
-    feats = keystore.span_features(pt.attention_probs, wc.starts, wc.ends)
+    b = wc.block_size
+    feats = keystore.span_features(pt.attention_probs, wc.starts, wc.ends, b)
     p = pt.attention_probs.astype(np.float64)
-    n_layers = p.shape[0]
+    n_layers, n = p.shape[0], pt.n_tokens
     assert feats.shape == (len(wc), keystore.n_entry_features(n_layers))
+    rest = 1 - p[:, :, :1].sum(-1)  # the sink left out, the rest renormalised
     for i in range(len(wc)):
         lo, hi = int(wc.starts[i]), int(wc.ends[i])
-        mass = p[:, :, max(lo, 1) : hi].sum(-1) / (1 - p[:, :, :1].sum(-1))  # sink left out
+        mass = p[:, :, max(lo, 1) : hi].sum(-1) / rest
+        blocks = [
+            p[:, :, max(j, 1) : min(j + b, n)].sum(-1) / rest for j in range(lo - lo % b, hi, b)
+        ]
+        best = np.max([m.mean(1) for m in blocks], axis=0)
         want = np.concatenate(
             [
                 np.log(1e-6 + mass.mean(1)) / keystore.LOG_SCALE,
                 np.log(1e-6 + mass.max(1)) / keystore.LOG_SCALE,
+                np.log(1e-6 + best) / keystore.LOG_SCALE,
                 [float(lo == 0)],
             ]
         )
@@ -226,6 +233,14 @@ def test_task_labeller_cheap_and_exact_end_to_end(tmp_path, oracle):
                                    atol=1e-7)
     with pytest.raises(ConfigError, match="before the group discount"):
         retarget(cheap, tmp_path / "twice")
+    # refeature: the same covers rebuilt, labels kept, inputs recomputed (here: unchanged)
+    from sim.tasklabels import refeature
+
+    re = TraceReader(refeature(exact, tmp_path / "re", lm="tiny"))
+    assert len(re) == len(r)
+    for i in range(len(r)):
+        for key in ("target_utilities", "levels", "entry_features", "tail_gists"):
+            np.testing.assert_allclose(re[i][key], r[i][key], atol=1e-6)
     # a rerun resumes: nothing is labelled twice, and the summary counts each snapshot once
     generate(args)
     assert len(TraceReader(exact)) == 6
@@ -268,7 +283,7 @@ def test_tasktrain_trains_selects_calibrates_and_evaluate_reads_it(tmp_path, ora
     )
     card = run(args)
     assert card["calibration"]["fitted"] and card["calibration"]["score_scale"] > 0
-    assert card["inputs"] == {"n_query_tokens": 8, "n_entry_features": 9}
+    assert card["inputs"] == {"n_query_tokens": 8, "n_entry_features": 13}
     assert card["train_traces"]["snapshots"] == 6 and card["task"] == "all"
     assert len(card["calibration"]["val_tasks"]) == 3
     from lensnet.train import load_model
