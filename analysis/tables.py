@@ -1,4 +1,5 @@
-"""Markdown tables from ``sim.evaluate`` run folders: ``python -m analysis.tables RUN...``.
+"""Markdown tables from ``sim.evaluate`` run folders: ``python -m analysis.tables RUN...``
+(a column may merge runs of the same tasks: ``NAME=RUN1+RUN2``).
 
 One row per policy, one column group per run (its folder name): exact match with its 95 %
 bootstrap interval, answer NLL, focus recall and, where the run has the oracle, NGR. Reads each
@@ -27,9 +28,21 @@ def _cell(r: dict) -> str:
     return out
 
 
+def _load(spec: str | Path) -> tuple[str, dict]:
+    """A column: a run folder (named after it), or ``NAME=RUN1+RUN2...``: the policies of several
+    runs of the same tasks side by side in one column (e.g. the baselines' run and LensNet's)."""
+    spec = str(spec)
+    name, _, dirs = spec.rpartition("=") if "=" in spec else (Path(spec).name, "", spec)
+    merged: dict = {"policies": {}}
+    for d in dirs.split("+"):
+        res = json.loads((Path(d) / "results.json").read_text())
+        merged["policies"].update(res["policies"])
+    return name, merged
+
+
 def table(run_dirs: list[str | Path]) -> str:
     """The markdown table of ``run_dirs`` (policies in the first run's order, then any others)."""
-    runs = [(Path(d).name, json.loads((Path(d) / "results.json").read_text())) for d in run_dirs]
+    runs = [_load(d) for d in run_dirs]
     names: list[str] = []
     for _, res in runs:
         names += [n for n in res["policies"] if n not in names]

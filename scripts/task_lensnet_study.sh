@@ -1,48 +1,59 @@
 #!/usr/bin/env bash
 # The cross-kind task-world LensNet study (issue 18), end to end on a 2-core CPU:
-#   1. cheap-label training traces and exact-label validation traces (in parallel),
-#   2. train + select + calibrate, ship as the task-world default,
-#   3. held-out evaluation, 24 tasks per world, every policy beside the attention baseline, and the
-#      W_max sweep at 4k.
-# Each step writes its own command.txt; results land in results/heldout-24/. Steps can be run one
-# at a time: ./scripts/task_lensnet_study.sh labels|train|eval
-set -euo pipefail
+#   labels: cheap-label training traces (2 shards) and exact-label validation traces, in parallel;
+#   train:  train + select (exact labels) + calibrate, ship as the task-world default; the ablation
+#           without the attention features on the same traces;
+#   eval:   LensNet on the held-out task files of results/heldout-24 (the baselines:
+#           scripts/heldout_baselines.sh), the oracle on 8 code tasks (NGR), the W_max sweep at 4k.
+# Each run writes its own command.txt. Steps one at a time: $0 labels|train|eval
+set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 export OMP_WAIT_POLICY=PASSIVE
 step=${1:-all}
+T=runs/task-traces
 
 if [[ $step == labels || $step == all ]]; then
-  OMP_NUM_THREADS=1 $PY -m sim.tasklabels --out runs/task-traces/train --n-tasks 24 \
-    --length 2048 2048 4096 --covers 11 --no-progress &
-  OMP_NUM_THREADS=1 $PY -m sim.tasklabels --out runs/task-traces/val-exact --first-task 1000 \
-    --n-tasks 7 --length 1024 --covers 2 --labels exact --no-progress &
+  for i in 0 1; do
+    OMP_NUM_THREADS=1 $PY -m sim.tasklabels --out $T/train2 --n-tasks 20 --length 2048 \
+      --covers 13 --shard $i/2 --no-progress &
+  done
+  OMP_NUM_THREADS=1 $PY -m sim.tasklabels --out $T/val-exact2 --first-task 1000 --n-tasks 7 \
+    --length 1024 --covers 2 --labels exact --no-progress &
   wait
 fi
 
 if [[ $step == train || $step == all ]]; then
-  $PY -m sim.tasktrain --traces runs/task-traces/train --val-traces runs/task-traces/val-exact \
-    --out runs/task-lensnet-seed0 --no-progress --ship
-  mkdir -p results/task-lensnet-seed0
-  cp runs/task-lensnet-seed0/{command.txt,metrics.jsonl,lensnet.json} results/task-lensnet-seed0/
-  cp runs/task-traces/val-exact/agreement.jsonl runs/task-traces/train/cost.jsonl \
-    results/task-lensnet-seed0/
+  train() { $PY -m sim.tasktrain --traces $T/train2 --val-traces $T/val-exact2 --no-progress "$@"; }
+  train --out runs/task-lensnet-seed0 --ship &
+  OMP_NUM_THREADS=1 train --out runs/task-lensnet-seed0-nofeatures --no-features &
+  wait
+  for run in task-lensnet-seed0 task-lensnet-seed0-nofeatures; do
+    mkdir -p results/$run
+    cp runs/$run/{command.txt,metrics.jsonl,lensnet.json} results/$run/
+  done
+  cp $T/val-exact2/agreement.jsonl $T/val-exact2/cost.jsonl results/task-lensnet-seed0/
 fi
 
 if [[ $step == eval || $step == all ]]; then
   H=results/heldout-24
-  ev() { $PY -m sim.evaluate --no-progress "$@" || true; }  # exit 1 = some task line skipped
+  ev() { $PY -m sim.evaluate --no-progress "$@"; }  # exit 1 = some task line skipped
+  NOF=runs/task-lensnet-seed0-nofeatures/lensnet.pt
   (
-    ev --tasks $H/passkey-2k.jsonl --out $H/passkey-2k
-    ev --tasks $H/multikey-2k.jsonl --out $H/multikey-2k
-    ev --tasks $H/code-2k.jsonl --out $H/code-2k
+    for w in passkey-2k multikey-2k code-2k; do
+      ev --tasks $H/$w.jsonl --out $H/$w-lensnet --policies lensnet,lensnet_rank
+      ev --tasks $H/$w.jsonl --out $H/$w-lensnet-nofeatures --policies lensnet --lensnet $NOF
+    done
     head -8 $H/code-2k.jsonl > $H/code-2k-first8.jsonl  # NGR needs the oracle: ~2 min a task
     ev --tasks $H/code-2k-first8.jsonl --out $H/code-2k-oracle \
-      --policies lensnet,recency,retrieval,bm25,attention,oracle,full
+      --policies lensnet,recency,bm25,attention,oracle,full
   ) &
   (
-    ev --tasks $H/passkey-4k.jsonl --out $H/passkey-4k --w-max-sweep 128 256 384 512
-    ev --tasks $H/passkey-8k.jsonl --out $H/passkey-8k
+    ev --tasks $H/passkey-4k.jsonl --out $H/passkey-4k-lensnet --policies lensnet,lensnet_rank
+    ev --tasks $H/passkey-8k.jsonl --out $H/passkey-8k-lensnet --policies lensnet,lensnet_rank
+    head -12 $H/passkey-4k.jsonl > $H/passkey-4k-first12.jsonl
+    ev --tasks $H/passkey-4k-first12.jsonl --out $H/passkey-4k-sweep \
+      --policies lensnet,attention,bm25,recency,full --w-max-sweep 128 256 384 512
   ) &
   wait
 fi

@@ -637,3 +637,8 @@ def test_markdown_table_holds_each_runs_numbers(tmp_path):
     assert lines[0] == "| policy | run-a |"
     assert lines[2] == "| attention | 3/4 [0.25, 1.00], 0.500, 0.50 |"
     assert lines[3] == "| recency | 0/4, 2.250, NGR 0.00 [0.00, 0.00] |"
+    other = {"policies": {"lensnet": {**res["policies"]["attention"], "exact_match": 1.0}}}
+    (tmp_path / "run-b").mkdir()
+    (tmp_path / "run-b" / "results.json").write_text(json.dumps(other))
+    merged = table([f"both={tmp_path / 'run-a'}+{tmp_path / 'run-b'}"]).splitlines()
+    assert merged[0] == "| policy | both |" and merged[4].startswith("| lensnet | 4/4 ")
