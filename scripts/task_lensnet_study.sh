@@ -15,7 +15,9 @@ T=runs/task-traces
 
 if [[ $step == labels || $step == all ]]; then
   for i in 0 1; do
-    OMP_NUM_THREADS=1 $PY -m sim.tasklabels --out $T/train2 --n-tasks 20 --length 2048 \
+    # (the committed run labelled tasks 0-19 of each kind in these two shards, then 20-23 in two
+    # more parts: the same tasks and covers; vt tasks whose question exceeds 32 tokens are skipped)
+    OMP_NUM_THREADS=1 $PY -m sim.tasklabels --out $T/train2 --n-tasks 24 --length 2048 \
       --covers 13 --shard $i/2 --no-progress &
   done
   OMP_NUM_THREADS=1 $PY -m sim.tasklabels --out $T/val-exact2 --first-task 1000 --n-tasks 7 \
@@ -44,15 +46,17 @@ if [[ $step == eval || $step == all ]]; then
       ev --tasks $H/$w.jsonl --out $H/$w-lensnet --policies lensnet,lensnet_rank
       ev --tasks $H/$w.jsonl --out $H/$w-lensnet-nofeatures --policies lensnet --lensnet $NOF
     done
-    head -8 $H/code-2k.jsonl > $H/code-2k-first8.jsonl  # NGR needs the oracle: ~2 min a task
-    ev --tasks $H/code-2k-first8.jsonl --out $H/code-2k-oracle \
+    head -4 $H/code-2k.jsonl > $H/code-2k-first4.jsonl  # NGR needs the oracle: ~2 min a task
+    ev --tasks $H/code-2k-first4.jsonl --out $H/code-2k-oracle \
       --policies lensnet,recency,bm25,attention,oracle,full
   ) &
   (
     ev --tasks $H/passkey-4k.jsonl --out $H/passkey-4k-lensnet --policies lensnet,lensnet_rank
-    ev --tasks $H/passkey-8k.jsonl --out $H/passkey-8k-lensnet --policies lensnet,lensnet_rank
-    head -12 $H/passkey-4k.jsonl > $H/passkey-4k-first12.jsonl
-    ev --tasks $H/passkey-4k-first12.jsonl --out $H/passkey-4k-sweep \
+    head -4 $H/passkey-8k.jsonl > $H/passkey-8k-first4.jsonl  # 42:1, a few tasks only
+    ev --tasks $H/passkey-8k-first4.jsonl --out $H/passkey-8k-first4 \
+      --policies lensnet,attention,bm25,recency,full
+    head -8 $H/passkey-4k.jsonl > $H/passkey-4k-first8.jsonl
+    ev --tasks $H/passkey-4k-first8.jsonl --out $H/passkey-4k-sweep \
       --policies lensnet,attention,bm25,recency,full --w-max-sweep 128 256 384 512
   ) &
   wait
