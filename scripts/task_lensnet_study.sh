@@ -3,9 +3,9 @@
 #   labels: cheap-label training traces (2 shards) and exact-label validation traces, in parallel;
 #   train:  train + select (exact labels) + calibrate, ship as the task-world default; the ablation
 #           without the attention features on the same traces;
-#   eval:   LensNet on the held-out task files of results/heldout-24 (the baselines:
-#           scripts/heldout_baselines.sh), the oracle on 8 code tasks (NGR), the W_max sweep at 4k.
-# Each run writes its own command.txt. Steps one at a time: $0 labels|train|eval
+#   eval:   every policy on the held-out task files of results/heldout-24 (24 tasks per world;
+#           passkey 8k and the code oracle, for NGR, on 4 tasks), the W_max sweep at 4k (8 tasks).
+# Each run writes its own command.txt. Steps one at a time: $0 labels|train|eval (or eval-a, eval-b: one stream each)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -37,27 +37,35 @@ if [[ $step == train || $step == all ]]; then
   cp $T/val-exact2/agreement.jsonl $T/val-exact2/cost.jsonl results/task-lensnet-seed0/
 fi
 
-if [[ $step == eval || $step == all ]]; then
-  H=results/heldout-24
-  ev() { $PY -m sim.evaluate --no-progress "$@"; }  # exit 1 = some task line skipped
-  NOF=runs/task-lensnet-seed0-nofeatures/lensnet.pt
+# Sized to the 2-core CPU: passkey and multi-key 2k on 24 tasks, code 2k and passkey 4k (with the
+# W_max sweep) on 12, passkey 8k and the code oracle (for NGR) on 4; two streams, one per core.
+H=results/heldout-24
+ev() { OMP_NUM_THREADS=1 $PY -m sim.evaluate --no-progress "$@"; }  # exit 1: a line skipped
+NOF=runs/task-lensnet-seed0-nofeatures/lensnet.pt
+# retrieval and surprisal read every block alone (11 s a 2k task on this CPU): multi-key only
+P=lensnet,lensnet_rank,recency,sinks,random,bm25,attention,full
+first() { head -"$1" $H/$2.jsonl > $H/$2-first$1.jsonl; }
+
+if [[ $step == eval-a || $step == eval || $step == all ]]; then
   (
-    for w in passkey-2k multikey-2k code-2k; do
-      ev --tasks $H/$w.jsonl --out $H/$w-lensnet --policies lensnet,lensnet_rank
-      ev --tasks $H/$w.jsonl --out $H/$w-lensnet-nofeatures --policies lensnet --lensnet $NOF
+    first 12 code-2k
+    ev --tasks $H/passkey-2k.jsonl --out $H/passkey-2k --policies $P
+    ev --tasks $H/multikey-2k.jsonl --out $H/multikey-2k --policies $P,retrieval,surprisal
+    ev --tasks $H/code-2k-first12.jsonl --out $H/code-2k --policies $P
+    for w in passkey-2k multikey-2k; do  # the ablation reads no attention: cheap
+      ev --tasks $H/$w.jsonl --out $H/$w-nofeatures --policies lensnet --lensnet $NOF
     done
-    head -4 $H/code-2k.jsonl > $H/code-2k-first4.jsonl  # NGR needs the oracle: ~2 min a task
+  ) &
+fi
+if [[ $step == eval-b || $step == eval || $step == all ]]; then
+  (
+    first 12 passkey-4k; first 4 passkey-8k; first 4 code-2k
+    ev --tasks $H/passkey-4k-first12.jsonl --out $H/passkey-4k --policies $P \
+      --w-max-sweep 128 256 384 512
+    ev --tasks $H/passkey-8k-first4.jsonl --out $H/passkey-8k \
+      --policies lensnet,attention,bm25,recency,full
     ev --tasks $H/code-2k-first4.jsonl --out $H/code-2k-oracle \
       --policies lensnet,recency,bm25,attention,oracle,full
   ) &
-  (
-    ev --tasks $H/passkey-4k.jsonl --out $H/passkey-4k-lensnet --policies lensnet,lensnet_rank
-    head -4 $H/passkey-8k.jsonl > $H/passkey-8k-first4.jsonl  # 42:1, a few tasks only
-    ev --tasks $H/passkey-8k-first4.jsonl --out $H/passkey-8k-first4 \
-      --policies lensnet,attention,bm25,recency,full
-    head -8 $H/passkey-4k.jsonl > $H/passkey-4k-first8.jsonl
-    ev --tasks $H/passkey-4k-first8.jsonl --out $H/passkey-4k-sweep \
-      --policies lensnet,attention,bm25,recency,full --w-max-sweep 128 256 384 512
-  ) &
-  wait
 fi
+wait
