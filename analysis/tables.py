@@ -1,5 +1,6 @@
 """Markdown tables from ``sim.evaluate`` run folders: ``python -m analysis.tables RUN...``
-(a column may merge runs of the same tasks: ``NAME=RUN1+RUN2``).
+(a column may merge runs of the same tasks: ``NAME=RUN1+RUN2``, and ``RUN#SUFFIX`` renames that
+run's policies, e.g. an ablation's ``lensnet``).
 
 One row per policy, one column group per run (its folder name): exact match with its 95 %
 bootstrap interval, answer NLL, focus recall and, where the run has the oracle, NGR. Reads each
@@ -35,8 +36,9 @@ def _load(spec: str | Path) -> tuple[str, dict]:
     name, _, dirs = spec.rpartition("=") if "=" in spec else (Path(spec).name, "", spec)
     merged: dict = {"policies": {}}
     for d in dirs.split("+"):
+        d, _, suffix = d.partition("#")  # RUN#SUFFIX: that run's policies renamed name+SUFFIX
         res = json.loads((Path(d) / "results.json").read_text())
-        merged["policies"].update(res["policies"])
+        merged["policies"].update({k + suffix: v for k, v in res["policies"].items()})
     return name, merged
 
 

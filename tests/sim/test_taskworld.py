@@ -642,3 +642,5 @@ def test_markdown_table_holds_each_runs_numbers(tmp_path):
     (tmp_path / "run-b" / "results.json").write_text(json.dumps(other))
     merged = table([f"both={tmp_path / 'run-a'}+{tmp_path / 'run-b'}"]).splitlines()
     assert merged[0] == "| policy | both |" and merged[4].startswith("| lensnet | 4/4 ")
+    renamed = table([f"x={tmp_path / 'run-a'}+{tmp_path / 'run-b'}#-abl"]).splitlines()
+    assert renamed[4].startswith("| lensnet-abl | 4/4 ")
