@@ -21,6 +21,20 @@ from sim.world import Episode, WorldConfig, evaluate_policy
 DEFAULT_GRID: tuple[float, ...] = (0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0, 8.0)
 
 
+def _grid(grid: Sequence[float]) -> list[float]:
+    """The grid as floats; every value must be a positive finite scale."""
+    grid = [float(g) for g in grid]
+    if not grid or any(not (math.isfinite(g) and g > 0) for g in grid):
+        raise ValueError(f"grid must hold positive finite scales, got {grid}")
+    return grid
+
+
+def _pick(grid: list[float], nll: np.ndarray) -> int:
+    """Index of the lowest NLL; ties (within 1e-9 nats) go to the scale closest to 1."""
+    tied = [i for i in range(len(grid)) if nll[i] <= nll.min() + 1e-9]
+    return min(tied, key=lambda i: abs(math.log(grid[i])))
+
+
 def fit_score_scale(
     make_policy: Callable[[float], object],
     world: WorldConfig,
@@ -35,9 +49,7 @@ def fit_score_scale(
     1e-9 nats) go to the value closest to 1 (no change unless it helps). Returns ``score_scale``,
     ``tau_expand_equivalent`` (the allocator's ``tau_expand`` / scale), and per grid value the mean
     NLL and expands per step, with the documents used."""
-    grid = [float(g) for g in grid]
-    if not grid or any(not (math.isfinite(g) and g > 0) for g in grid):
-        raise ValueError(f"grid must hold positive finite scales, got {grid}")
+    grid = _grid(grid)
     if not doc_ids:
         raise ValueError("calibration needs at least one validation document")
     runs = [
@@ -47,9 +59,7 @@ def fit_score_scale(
         for g in grid
     ]
     nll = np.array([r["nll"] for r in runs])
-    best = nll.min()
-    tied = [i for i in range(len(grid)) if nll[i] <= best + 1e-9]
-    pick = min(tied, key=lambda i: abs(math.log(grid[i])))
+    pick = _pick(grid, nll)
     return {
         "score_scale": grid[pick],
         "tau_expand_equivalent": world.allocator.tau_expand / grid[pick],
@@ -79,16 +89,12 @@ def fit_task_scale(
     and expands per task."""
     from sim.scoring import answer_task
 
-    grid = [float(g) for g in grid]
-    if not grid or any(not (math.isfinite(g) and g > 0) for g in grid):
-        raise ValueError(f"grid must hold positive finite scales, got {grid}")
+    grid = _grid(grid)
     if not tasks:
         raise ValueError("calibration needs at least one validation task")
     rows = [[answer_task(make_policy(g), pt, oracle, config) for pt in tasks] for g in grid]
     nll = np.array([np.mean([r["answer_nll"] for r in rs]) for rs in rows])
-    best = nll.min()
-    tied = [i for i in range(len(grid)) if nll[i] <= best + 1e-9]
-    pick = min(tied, key=lambda i: abs(math.log(grid[i])))
+    pick = _pick(grid, nll)
     return {
         "score_scale": grid[pick],
         "tau_expand_equivalent": config.allocator.tau_expand / grid[pick],
