@@ -27,13 +27,22 @@ def environment() -> dict:
     }
 
 
+def _command() -> str:
+    """The command line as it would be typed from the project's root (``python -m benchmarks.X``
+    for a benchmark script), naming no machine's folders."""
+    script = Path(sys.argv[0]).resolve()
+    here = Path(__file__).resolve().parent
+    head = f"python -m benchmarks.{script.stem}" if script.parent == here else Path(sys.argv[0]).name
+    return " ".join([head, *sys.argv[1:]])
+
+
 def write_results(name: str, config: dict, results: dict, out_dir: str | None = None) -> Path:
     """Write ``benchmarks/results/<name>.json`` with the command, config, machine and results."""
     out = Path(out_dir or Path(__file__).parent / "results")
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{name}.json"
     payload = {
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "command": _command(),
         "config": config,
         "environment": environment(),
         "results": results,
