@@ -32,7 +32,8 @@ def _command() -> str:
     for a benchmark script), naming no machine's folders."""
     script = Path(sys.argv[0]).resolve()
     here = Path(__file__).resolve().parent
-    head = f"python -m benchmarks.{script.stem}" if script.parent == here else Path(sys.argv[0]).name
+    inside = script.parent == here
+    head = f"python -m benchmarks.{script.stem}" if inside else Path(sys.argv[0]).name
     return " ".join([head, *sys.argv[1:]])
 
 
