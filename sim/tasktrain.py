@@ -20,7 +20,7 @@ import shlex
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -214,7 +214,7 @@ def run(args: TaskTrainArgs) -> dict:
 def main(argv: list[str] | None = None) -> None:
     args = parse(TaskTrainArgs, argv)
     try:
-        card = run(replace(args))
+        card = run(args)
     except (ConfigError, ValueError) as err:
         sys.exit(f"error: {err}")
     print(json.dumps({k: card[k] for k in ("step", "validation", "calibration")}, indent=1))
