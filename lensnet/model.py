@@ -223,6 +223,11 @@ class LensNetConfig:
     attention features, ``sim.keystore``): projected into every entry's representation and read
     out linearly per entry kind straight to the score. 0 = off (the seed's inputs only)."""
 
+    feature_set: str = "attention"
+    """Which per-entry features ``n_entry_features`` counts (``sim.keystore.FEATURE_SETS``: the
+    task world builds them to match, ``sim.features.lensnet_item``); recorded so a checkpoint is
+    never fed another set of the same width."""
+
     n_query_tokens: int = 0
     """Tail latents after the tail gists: the embeddings of the newest this many tokens (the task
     world's question at question time), so the query reaches every score. 0 = tail gists only. The

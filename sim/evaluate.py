@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 
 from megacontext.cli import parse, to_argv, to_dict
 from megacontext.tree import ConfigError
-from sim.policies import build_policy, policy_names
+from sim.policies import LensNetPolicy, LensNetRank, build_policy, policy_names
 from sim.policy import PolicyContext
 from sim.scoring import answer_task, needle_level
 from sim.taskworld import TaskError, TaskWorldConfig, prepare_task
@@ -85,6 +85,10 @@ class EvaluateArgs:
     lensnet: str = "auto"
     """LensNet checkpoint; 'auto' = the shipped one (lensnet/checkpoints) when it was trained for
     this LM and for the task kind of every task in the file, else none."""
+    lensnets: tuple[str, ...] = ()
+    """Further LensNet checkpoints, each NAME=CKPT: policy NAME (its calibrated scores) and
+    NAME_rank (its order), run beside --policies on the same prepared tasks (other training seeds,
+    ablations); NAME must not clash with a policy name."""
     gister: str = "auto"
     """'auto' (the shipped GistNet when it fits the LM), 'gistnet' or 'mean'."""
     seed: int = 0
@@ -121,7 +125,29 @@ def _policy_objects(
         else:
             lens = load_model(lens_path, device)
     ctx = PolicyContext(seed=args.seed, lensnet=lens, device=str(device))
-    return [build_policy(name, ctx, "tasks") for name in names], portable_path(lens_path)
+    return [build_policy(name, ctx, "tasks") for name in names] + _extra_lensnets(
+        args.lensnets, names, device
+    ), portable_path(lens_path)
+
+
+def _extra_lensnets(specs: tuple[str, ...], names: list[str], device) -> list:
+    """The policies of ``--lensnets`` NAME=CKPT: NAME (calibrated) and NAME_rank (its order)."""
+    from lensnet.train import load_model
+
+    out, taken = [], set(names) | set(POLICIES)
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise ConfigError(f"--lensnets: expected NAME=CKPT, got {spec!r}")
+        if {name, f"{name}_rank"} & taken:
+            raise ConfigError(f"--lensnets: name {name!r} clashes with a policy name")
+        if not Path(path).exists():
+            raise ConfigError(f"--lensnets: {name}: no checkpoint at {path}")
+        taken |= {name, f"{name}_rank"}
+        model = load_model(path, device)
+        out += [LensNetPolicy(model, device, name=name),
+                LensNetRank(model, device, name=f"{name}_rank")]
+    return out
 
 
 def summarise(rows: list[dict], names: list[str]) -> tuple[dict, dict]:
@@ -353,10 +379,8 @@ def _evaluate(args: EvaluateArgs) -> dict:
                     sweep_errors.setdefault(w_max, []).append({"line": line, "error": msg})
     summary, grid = summarise(rows, [p.name for p in policies])
     fwd = float(np.mean(lm_forward_s)) if lm_forward_s else None
-    for name in (
-        "lensnet",
-        "lensnet_rank",
-    ):  # per round: LensNet + allocator vs one LM forward at W_max
+    lens_names = [p.name for p in policies if isinstance(p, LensNetPolicy)]
+    for name in lens_names:  # per round: LensNet + allocator vs one LM forward at W_max
         if fwd and name in summary:
             summary[name]["cost_vs_lm_forward"] = (
                 summary[name]["policy_ms"] / 1e3 / max(summary[name]["rounds"], 1) / fwd
@@ -373,6 +397,8 @@ def _evaluate(args: EvaluateArgs) -> dict:
             "lm": args.lm,
             "gister": gister_name,
             "lensnet": lens_path,
+            "lensnets": {s.partition("=")[0]: portable_path(s.partition("=")[2])
+                         for s in args.lensnets},
             "policies": [p.name for p in policies],
             "seed": args.seed,
             "args": to_dict(args),

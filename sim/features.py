@@ -125,12 +125,17 @@ def lensnet_item(
     n_tail_gists: int,
     n_query_tokens: int = 0,
     probs: np.ndarray | None = None,
+    feature_set: str = "attention",
+    block_lexical: np.ndarray | None = None,
 ) -> dict:
     """LensNet's input for one working context of a task stream: ``wc.arrays``, with the embeddings
     of the newest ``n_query_tokens`` tokens (at question time: the question; zero padded when the
     stream is shorter) appended to the tail latents (level 0), and, with ``probs`` (L, H, n: the
     newest token's attention over the stream, ``PreparedTask.attention_probs``), each entry's
-    attention features (``sim.keystore.span_features``)."""
+    features of ``feature_set`` (``sim.keystore.FEATURE_SETS``): the attention features
+    (``sim.keystore.span_features``), for 'relative-lexical' relative to the context and followed
+    by the lexical ones from ``block_lexical`` (``PreparedTask.block_lexical``,
+    ``sim.keystore.lexical_features``)."""
     arr = wc.arrays(n_tail_gists)
     if n_query_tokens:
         q = min(n_query_tokens, wc.n_tokens)
@@ -143,7 +148,15 @@ def lensnet_item(
         arr.tail_mask = np.concatenate([arr.tail_mask, np.arange(n_query_tokens) < q])
     if probs is None:
         return arrays_to_item(arr)
-    return arrays_to_item(arr, keystore.span_features(probs, wc.starts, wc.ends, wc.block_size))
+    keystore.n_entry_features(1, feature_set)  # an unknown set fails here
+    relative = feature_set == "relative-lexical"
+    feats = keystore.span_features(probs, wc.starts, wc.ends, wc.block_size, relative=relative)
+    if relative:
+        if block_lexical is None:
+            raise ValueError(f"feature set {feature_set!r} needs the blocks' lexical relevance")
+        lex = keystore.lexical_features(block_lexical, wc.starts, wc.ends, wc.block_size)
+        feats = np.concatenate([feats, lex], axis=1)
+    return arrays_to_item(arr, feats)
 
 
 def attention_relevance(mass: np.ndarray, n_sink_blocks: int = 1) -> np.ndarray:

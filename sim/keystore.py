@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from megacontext.lm_oracle import LMOracle
+from megacontext.tree import ConfigError
 from megacontext.working_context import WorkingContext
 
 StoreMode = Literal["full", "mean"]
@@ -114,14 +115,23 @@ class KeyStore:
 
 
 def span_features(
-    probs: np.ndarray, starts: np.ndarray, ends: np.ndarray, block_size: int
+    probs: np.ndarray,
+    starts: np.ndarray,
+    ends: np.ndarray,
+    block_size: int,
+    relative: bool = False,
 ) -> np.ndarray:
     """The ``KeyStore.entry_features`` of spans [starts, ends) from per-token probabilities
     (L, H, n): per layer the span's mass (mean over heads), its largest head's mass, and the mass
     of the span's best L1 block (mean over heads; the trailing partial block counts as one block),
     each as log(1e-6 + mass) / ``LOG_SCALE``; then the sink flag. The best block is what the
     expand decision needs: a gist is worth opening when one of its blocks is attended to, which a
-    span's total (spread over 1024 tokens for an L2 gist) does not show."""
+    span's total (spread over 1024 tokens for an L2 gist) does not show.
+
+    ``relative``: each log mass less its largest value over the spans (per layer and kind), so a
+    feature says how an entry compares with the rest of its context (0: the most attended), not
+    how much mass there is to share: a 4k stream spreads its attention over twice the blocks of a
+    2k one, and a scorer trained on absolute masses at one length misreads the other."""
     b = block_size
     n = int(ends[-1])
     p = np.asarray(probs, dtype=np.float64)[..., :n].copy()
@@ -134,20 +144,45 @@ def span_features(
     first, last = starts // b, (ends - 1) // b
     best = np.maximum.reduceat(block, first, axis=1)  # over [first, next entry's first)
     best = np.where(last > first, best, block[:, first])  # an L0 entry: its own block
-    feats = np.concatenate(
-        [
-            np.log(1e-6 + mass.mean(axis=1)) / LOG_SCALE,  # (L, N)
-            np.log(1e-6 + mass.max(axis=1)) / LOG_SCALE,
-            np.log(1e-6 + best) / LOG_SCALE,
-            (starts < SINK_TOKENS)[None].astype(np.float64),
-        ]
-    )
+    logs = [np.log(1e-6 + m) / LOG_SCALE for m in (mass.mean(axis=1), mass.max(axis=1), best)]
+    if relative:
+        logs = [x - x.max(axis=1, keepdims=True) for x in logs]  # (L, N) each
+    feats = np.concatenate([*logs, (starts < SINK_TOKENS)[None].astype(np.float64)])
     return feats.T.astype(np.float32)
 
 
-def n_entry_features(n_layers: int) -> int:
-    """Width of ``span_features`` for an LM of ``n_layers`` layers."""
-    return 3 * n_layers + 1
+def lexical_features(
+    block_lex: np.ndarray, starts: np.ndarray, ends: np.ndarray, block_size: int
+) -> np.ndarray:
+    """(N, 2) lexical features of spans [starts, ends) from a lexical relevance per complete L1
+    block (``block_lex`` (n_l1,) >= 0, e.g. BM25 against the question): the best of the span's
+    blocks divided by the best of all blocks, and whether the span holds that best block. Spans in
+    the trailing partial block get 0 (it has no score); all zeros when no block matches."""
+    b = block_size
+    lex = np.clip(np.asarray(block_lex, dtype=np.float64), 0.0, None)
+    top = lex.max() if lex.size else 0.0
+    out = np.zeros((len(starts), 2), dtype=np.float32)
+    if top <= 0:
+        return out
+    norm = np.append(lex / top, 0.0)  # index n_l1: the trailing partial block
+    first = np.minimum(np.asarray(starts) // b, lex.size)
+    last = np.minimum((np.asarray(ends) - 1) // b, lex.size)
+    best = np.array([norm[f : max(e, f) + 1].max() for f, e in zip(first, last, strict=True)])
+    out[:, 0] = best
+    out[:, 1] = best >= 1.0
+    return out
+
+
+FEATURE_SETS = ("attention", "relative-lexical")
+"""LensNet's per-entry feature sets: 'attention' (``span_features``, absolute log masses) and
+'relative-lexical' (``span_features`` relative to the context, then ``lexical_features``)."""
+
+
+def n_entry_features(n_layers: int, feature_set: str = "attention") -> int:
+    """Width of a feature set's per-entry features for an LM of ``n_layers`` layers."""
+    if feature_set not in FEATURE_SETS:
+        raise ConfigError(f"unknown feature set {feature_set!r}; known: {', '.join(FEATURE_SETS)}")
+    return 3 * n_layers + 1 + (2 if feature_set == "relative-lexical" else 0)
 
 
 @torch.no_grad()

@@ -203,7 +203,8 @@ class LensNetPolicy(FocusPolicy):
                 raise ValueError(
                     "this LensNet reads attention features: prepare_task(..., attention=True)"
                 )
-            item = lensnet_item(view.wc, view.n_tail_gists, cfg.n_query_tokens, probs)
+            item = lensnet_item(view.wc, view.n_tail_gists, cfg.n_query_tokens, probs,
+                                cfg.feature_set, view.task.block_lexical)
             u = self.entry_scores(item)
         return rank_scores(view.wc, u) if self.rank else u
 
@@ -304,6 +305,8 @@ class BM25(BlockRelevance):
 
     def relevance(self, pt) -> np.ndarray:
         """(n_l1,) each block's BM25 score against the query of prepared task ``pt``."""
+        if pt.block_lexical is not None:
+            return pt.block_lexical  # prepare_task's bm25_relevance of the same texts
         return bm25_relevance(pt.block_text, pt.query_text)
 
 

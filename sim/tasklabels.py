@@ -72,6 +72,10 @@ class TaskLabelArgs:
     """Snapshots per task: the question-time cover, then covers-1 reached by random zoom rounds."""
     labels: Literal["cheap", "exact"] = "cheap"
     """Label source (see the module doc)."""
+    feature_set: str = "relative-lexical"
+    """LensNet's per-entry features (``sim.keystore.FEATURE_SETS``): 'attention' (absolute log
+    attention masses) or 'relative-lexical' (the masses relative to the context, plus BM25 against
+    the question)."""
     query_tokens: int = 32
     """Newest tokens whose embeddings join LensNet's tail latents (must cover the question)."""
     shard: str = "0/1"
@@ -279,12 +283,14 @@ def agreement_summary(exact_dir: str | Path, cheap_dir: str | Path | None = None
     }
 
 
-def refeature(src: str | Path, dst: str | Path, lm: str = "smollm2") -> Path:
+def refeature(
+    src: str | Path, dst: str | Path, lm: str = "smollm2", feature_set: str | None = None
+) -> Path:
     """Copy a task trace with LensNet's inputs (tail latents, attention features) recomputed by
     the current code and the labels kept: the same tasks and covers are rebuilt from ``src``'s
     manifest (one attention forward per task, no labelling) and each cover is checked to equal the
     stored one. For exact-label traces, whose labels cost minutes a snapshot, when the features
-    change."""
+    change. ``feature_set`` (default: the source's) picks the recomputed features."""
     from gistnet.gister import resolve_gister
     from megacontext.cli import from_dict
     from megacontext.lm import load_lm
@@ -292,6 +298,7 @@ def refeature(src: str | Path, dst: str | Path, lm: str = "smollm2") -> Path:
 
     reader = TraceReader(src, require_complete=True)
     meta = reader.meta
+    feature_set = feature_set or meta.get("feature_set", "attention")
     spec = meta["tasks"]
     args = TaskLabelArgs(
         **({"tasks": spec} if isinstance(spec, str) else {
@@ -304,8 +311,8 @@ def refeature(src: str | Path, dst: str | Path, lm: str = "smollm2") -> Path:
     tok = tokenizer or CharTokenizer(model.config.vocab_size)
     gister, _ = resolve_gister(meta["oracle"].get("gister", "auto"), model, args.world.block_size)
     n_query = int(meta["n_query_tokens"])
-    new_meta = {**meta, "n_entry_features": n_entry_features(model.config.num_hidden_layers),
-                "refeatured_from": str(src)}
+    new_meta = {**meta, "feature_set": feature_set, "refeatured_from": str(src),
+                "n_entry_features": n_entry_features(model.config.num_hidden_layers, feature_set)}
     writer = TraceWriter(dst, new_meta)
     if writer.n_done:
         raise ConfigError(f"{dst}: already holds snapshots; use a new directory")
@@ -323,7 +330,8 @@ def refeature(src: str | Path, dst: str | Path, lm: str = "smollm2") -> Path:
             if not (np.array_equal(snap["levels"], wc.levels)
                     and np.array_equal(snap["node_index"], wc.indices)):
                 raise ConfigError(f"{src}: task {task['id']} cover {c} is not the stored one")
-            item = lensnet_item(wc, w.n_tail_gists, n_query, pt.attention_probs)
+            item = lensnet_item(wc, w.n_tail_gists, n_query, pt.attention_probs, feature_set,
+                                pt.block_lexical)
             snap.update({k: item[k] for k in ("tail_gists", "tail_levels", "tail_mask")})
             snap[FEATURE_KEY] = item[FEATURE_KEY]
             writer.add(snap)
@@ -376,7 +384,8 @@ def generate(args: TaskLabelArgs) -> Path:
         "n_tail": w.n_tail_gists + args.query_tokens,
         "n_tail_gists": w.n_tail_gists,
         "n_query_tokens": args.query_tokens,
-        "n_entry_features": n_entry_features(model.config.num_hidden_layers),
+        "n_entry_features": n_entry_features(model.config.num_hidden_layers, args.feature_set),
+        "feature_set": args.feature_set,
         "block_size": w.block_size,
         "max_level": w.max_level,
         "world": to_dict(w),
@@ -416,7 +425,8 @@ def generate(args: TaskLabelArgs) -> Path:
             if c < done:
                 continue
             t1 = time.perf_counter()
-            item = lensnet_item(wc, w.n_tail_gists, args.query_tokens, pt.attention_probs)
+            item = lensnet_item(wc, w.n_tail_gists, args.query_tokens, pt.attention_probs,
+                                args.feature_set, pt.block_lexical)
             gain, cost = cheap_targets(wc, pt.answer_relevance)
             t_cheap = time.perf_counter() - t1 + t_forward / args.covers
             if args.labels == "cheap":
@@ -448,7 +458,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse(TaskLabelArgs, argv)
     try:
         if args.refeature_from:
-            out = refeature(args.refeature_from, args.out, args.lm)
+            out = refeature(args.refeature_from, args.out, args.lm, args.feature_set)
         elif args.retarget_from:
             out = retarget(args.retarget_from, args.out)
         else:

@@ -20,7 +20,7 @@ import shlex
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -112,7 +112,8 @@ def run(args: TaskTrainArgs) -> dict:
     reader = TraceReader(args.traces, require_complete=True)
     val_reader = TraceReader(args.val_traces, require_complete=True)
     meta, vmeta = reader.meta, val_reader.meta
-    for key in ("n_query_tokens", "n_entry_features", "n_tail", "d_model", "world"):
+    for key in ("n_query_tokens", "n_entry_features", "feature_set", "n_tail", "d_model",
+                "world"):
         if meta.get(key) != vmeta.get(key):
             raise ConfigError(
                 f"{args.traces} and {args.val_traces} differ in {key!r}: "
@@ -127,6 +128,8 @@ def run(args: TaskTrainArgs) -> dict:
         reader.n_entry_features if args.features else 0,
         int(meta["n_query_tokens"]) if args.query else 0,
     )
+    # traces written before feature sets hold the absolute masses ('attention')
+    mcfg = replace(mcfg, feature_set=meta.get("feature_set", "attention"))
     inputs = {
         "tail_rows": None if args.query else int(meta["n_tail_gists"]),
         "entry_features": args.features,
@@ -198,7 +201,8 @@ def run(args: TaskTrainArgs) -> dict:
         "labels_agreement": agreement_summary(args.val_traces, args.traces),
         "calibration": calibration,
         "inputs": {"n_query_tokens": mcfg.n_query_tokens,
-                   "n_entry_features": mcfg.n_entry_features},
+                   "n_entry_features": mcfg.n_entry_features,
+                   "feature_set": mcfg.feature_set if mcfg.n_entry_features else None},
         "world": to_dict(world),
         "timings": timings,
         "python": versions()["python"],

@@ -32,6 +32,7 @@ from sim.features import (
     attention_layer_range,
     block_features,
     block_mass,
+    bm25_relevance,
 )
 from sim.policy import FocusPolicy, FocusView
 
@@ -118,6 +119,7 @@ class PreparedTask:
     attention_probs: np.ndarray | None = None  # (L, H, n) the last token's attention per token
     answer_relevance: np.ndarray | None = None  # (n_l1,) the answer's attention per block (labels)
     attention_s: float = 0.0  # seconds the attention forward (and the cheap label) took
+    block_lexical: np.ndarray | None = None  # (n_l1,) BM25 of each block against the query
 
     @property
     def n_tokens(self) -> int:
@@ -215,6 +217,7 @@ def prepare_task(
     pt = PreparedTask(
         task, ids, answer, needle, q_len, wc, snapshots, blocks, text[offsets[query.start, 0] :]
     )
+    pt.block_lexical = bm25_relevance(blocks, pt.query_text)
     if features:
         layer = round(config.retrieval_depth * oracle.model.config.num_hidden_layers)
         hidden, pt.block_surprisal, q_hidden = block_features(oracle, ids, b, ids[query], layer)

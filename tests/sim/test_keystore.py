@@ -90,6 +90,51 @@ def test_span_features_against_a_loop(oracle):
         np.testing.assert_allclose(feats[i], want, atol=1e-5)
 
 
+def test_relative_and_lexical_features_against_a_loop(oracle):
+    """'relative-lexical': each log-mass column less its largest value over the context, then the
+    best block's BM25 over the best of all blocks and whether the entry holds that block."""
+    pt = prepare_task(_task(), oracle, CharTokenizer(512), WORLD, features=False, attention=True)
+    wc, _ = zoom(NeedleFinder(), pt, WORLD, oracle)
+    b, n_layers = wc.block_size, pt.attention_probs.shape[0]
+    lex = np.random.default_rng(3).random(pt.n_tokens // b)
+    item = lensnet_item(wc, WORLD.n_tail_gists, 0, pt.attention_probs, "relative-lexical", lex)
+    feats = item["entry_features"]
+    assert feats.shape == (len(wc), keystore.n_entry_features(n_layers, "relative-lexical"))
+    absolute = keystore.span_features(pt.attention_probs, wc.starts, wc.ends, b)
+    want = absolute[:, :-1] - absolute[:, :-1].max(axis=0)
+    np.testing.assert_allclose(feats[:, : 3 * n_layers], want, atol=1e-6)
+    np.testing.assert_array_equal(feats[:, 3 * n_layers], absolute[:, -1])  # the sink flag
+    for i in range(len(wc)):
+        blocks = [j // b for j in range(int(wc.starts[i]), int(wc.ends[i]))
+                  if (j // b + 1) * b <= pt.n_tokens]
+        best = max((lex[j] for j in blocks), default=0.0) / lex.max()
+        assert feats[i, -2] == pytest.approx(best, abs=1e-6)
+        assert feats[i, -1] == float(int(np.argmax(lex)) in blocks)
+    # no block matches the question: the lexical features are all zero
+    zero = lensnet_item(wc, WORLD.n_tail_gists, 0, pt.attention_probs, "relative-lexical",
+                        np.zeros_like(lex))["entry_features"]
+    assert np.all(zero[:, -2:] == 0)
+    with pytest.raises(ValueError, match="lexical"):
+        lensnet_item(wc, WORLD.n_tail_gists, 0, pt.attention_probs, "relative-lexical")
+    with pytest.raises(ConfigError, match="unknown feature set"):
+        lensnet_item(wc, WORLD.n_tail_gists, 0, pt.attention_probs, "bogus", lex)
+
+
+def test_relative_features_do_not_change_when_every_mass_scales(oracle):
+    """A stream twice as long spreads the same attention over twice the blocks: relative features
+    of the same entries are unchanged when every mass is scaled by a constant, absolute ones are
+    not."""
+    pt = prepare_task(_task(), oracle, CharTokenizer(512), WORLD, features=False, attention=True)
+    wc = pt.wc
+    p = pt.attention_probs.astype(np.float64)
+    q = p.copy()
+    q[..., 1:] *= 0.5  # every non-sink mass halves; the sink takes the rest
+    q[..., 0] = 1 - q[..., 1:].sum(-1)
+    args = (wc.starts, wc.ends, wc.block_size)
+    rel = [keystore.span_features(x, *args, relative=True) for x in (p, q)]
+    np.testing.assert_allclose(rel[0], rel[1], atol=1e-5)
+
+
 def test_cheap_label_against_a_direct_attention_computation(oracle):
     task = _task(at=40)
     tok = CharTokenizer(512)
@@ -193,7 +238,8 @@ def test_task_labeller_cheap_and_exact_end_to_end(tmp_path, oracle):
 
     cheap = generate(parse(TaskLabelArgs, [*base, "--out", str(tmp_path / "cheap")]))
     r = TraceReader(cheap)
-    assert len(r) == 6 and r.n_entry_features == keystore.n_entry_features(4)
+    assert len(r) == 6 and r.n_entry_features == keystore.n_entry_features(4, "relative-lexical")
+    assert r.meta["feature_set"] == "relative-lexical"
     assert r.n_tail_gists == 3 + 8 and r.meta["labels"] == "cheap"
     s = r[0]
     assert s["entry_features"].shape == (len(s["levels"]), r.n_entry_features)
@@ -283,7 +329,8 @@ def test_tasktrain_trains_selects_calibrates_and_evaluate_reads_it(tmp_path, ora
     )
     card = run(args)
     assert card["calibration"]["fitted"] and card["calibration"]["score_scale"] > 0
-    assert card["inputs"] == {"n_query_tokens": 8, "n_entry_features": 13}
+    assert card["inputs"] == {"n_query_tokens": 8, "n_entry_features": 15,
+                              "feature_set": "relative-lexical"}
     assert card["train_traces"]["snapshots"] == 6 and card["task"] == "all"
     assert len(card["calibration"]["val_tasks"]) == 3
     from lensnet.train import load_model
@@ -295,16 +342,28 @@ def test_tasktrain_trains_selects_calibrates_and_evaluate_reads_it(tmp_path, ora
         evaluate_main(
             [*TINY_WORLD, "--lm", "tiny", "--tasks", str(tasks), "--out", str(out),
              "--policies", "lensnet,recency", "--lensnet", str(tmp_path / "lens" / "lensnet.pt"),
+             "--lensnets", f"again={tmp_path / 'lens' / 'lensnet.pt'}",
              "--no-progress", "--gister", "mean"]
         )
     assert exit_info.value.code == 0
     res = json.loads((out / "results.json").read_text())
     assert res["policies"]["lensnet"]["n"] == 3
+    # --lensnets: the same checkpoint under another name acts exactly alike, rank variant too
+    rows = [json.loads(x) for x in (out / "tasks.jsonl").read_text().splitlines()]
+    by = {(r["policy"], r["id"]): r for r in rows}
+    assert {r["policy"] for r in rows} == {"lensnet", "recency", "again", "again_rank"}
+    for (p, i), r in by.items():
+        if p == "again":
+            assert r["answer_nll"] == by[("lensnet", i)]["answer_nll"]
+    for bad in ("recency=x.pt", "nameonly", f"again_rank={tmp_path / 'missing.pt'}"):
+        with pytest.raises(SystemExit, match="--lensnets"):
+            evaluate_main([*TINY_WORLD, "--lm", "tiny", "--tasks", str(tasks), "--out",
+                           str(tmp_path / "bad"), "--policies", "recency", "--lensnets", bad])
     # the ablation without either task input trains on the same traces and reads neither
     plain = replace(args, out=str(tmp_path / "plain"), features=False, query=False,
                     calibrate=False)
     card = run(plain)
-    assert card["inputs"] == {"n_query_tokens": 0, "n_entry_features": 0}
+    assert card["inputs"] == {"n_query_tokens": 0, "n_entry_features": 0, "feature_set": None}
     assert load_model(tmp_path / "plain" / "lensnet.pt").config.n_entry_features == 0
 
 
