@@ -102,6 +102,20 @@ def label_snapshot(
             cost[slot : slot + b] = max(0.0, value - nll[0])
     for (slot, _), value in zip(deep, nll[1 + len(variants) :], strict=True):
         gain[slot] = max(gain[slot], nll[0] - value)
+    return snapshot_record(base, wc.n_tokens, gain, cost, doc_id, nll[0])
+
+
+def snapshot_record(
+    base: ContextArrays,
+    n_tokens: int,
+    gain: np.ndarray,
+    cost: np.ndarray,
+    doc_id: int = 0,
+    baseline_nll: float = np.nan,
+) -> dict[str, np.ndarray]:
+    """A trace snapshot (``megacontext.traces.ENTRY_KEYS`` + ``SNAPSHOT_KEYS``) from a context's
+    arrays and its labels: per entry the expand gain and collapse cost, the target utility
+    gain x can_expand - cost x can_collapse, the action mask."""
     target = np.where(base.can_expand, gain, 0.0) - np.where(base.can_collapse, cost, 0.0)
     return {
         "embeddings": base.embeddings.astype(np.float32),
@@ -116,14 +130,14 @@ def label_snapshot(
         "group_id": base.group_id,
         "expand_cost": base.expand_cost,
         "collapse_refund": base.collapse_refund,
-        "expand_gain": gain.astype(np.float32),
-        "collapse_cost": cost.astype(np.float32),
+        "expand_gain": np.asarray(gain, np.float32),
+        "collapse_cost": np.asarray(cost, np.float32),
         "target_utilities": target.astype(np.float32),
         "action_mask": base.can_expand | base.can_collapse,
         "tail_gists": base.tail_gists.astype(np.float32),
         "tail_levels": base.tail_levels,
         "tail_mask": base.tail_mask,
-        "n_tokens": np.int64(wc.n_tokens),
-        "baseline_nll": np.float32(nll[0]),
+        "n_tokens": np.int64(n_tokens),
+        "baseline_nll": np.float32(baseline_nll),
         "doc_id": np.int64(doc_id),
     }

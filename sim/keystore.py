@@ -59,6 +59,12 @@ class KeyStore:
     def n_layers(self) -> int:
         return len(self.keys)
 
+    def _stacked(self) -> torch.Tensor:
+        """(L, KVH, n, hd) every layer's keys in one tensor (built once)."""
+        if getattr(self, "_stack", None) is None:
+            self._stack = torch.stack(self.keys)
+        return self._stack
+
     def bytes_per_token(self, mode: StoreMode) -> float:
         """Bytes the store keeps per stream token in ``mode`` (fp16 keys, all layers)."""
         kvh, _, hd = self.keys[0].shape
@@ -78,6 +84,14 @@ class KeyStore:
         pos = self.n_tokens - n_q + (row % n_q)  # the query's stream position
         n_causal = pos + 1
         n_keys = n_causal if n_keys is None else min(n_keys, n_causal)
+        if mode == "full":  # every layer in one product: heads grouped onto their KV head
+            q = self.queries[:, :, row]  # (L, H, hd)
+            k = self._stacked()[:, :, :n_causal]  # (L, KVH, n, hd)
+            n_layers, kvh = k.shape[:2]
+            qg = q.view(n_layers, kvh, q.shape[1] // kvh, q.shape[-1])  # (L, KVH, G, hd)
+            logits = torch.einsum("lkgd,lknd->lkgn", qg, k) * self.scale
+            p = torch.softmax(logits.double(), dim=-1).reshape(n_layers, q.shape[1], n_causal)
+            return p[..., :n_keys].cpu().numpy()
         out = []
         for layer, keys in enumerate(self.keys):
             q = self.queries[layer, :, row]  # (H, hd)

@@ -38,8 +38,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from megacontext.allocator import FocusAllocator
-from megacontext.cli import parse, to_dict
-from megacontext.labels import label_snapshot
+from megacontext.cli import from_dict, parse, to_dict
+from megacontext.labels import label_snapshot, snapshot_record
 from megacontext.traces import FEATURE_KEY, TraceReader, TraceWriter
 from megacontext.tree import ConfigError
 from megacontext.working_context import WorkingContext
@@ -96,6 +96,18 @@ class TaskLabelArgs:
     """Show a progress bar."""
     world: TaskWorldConfig = field(default_factory=TaskWorldConfig)
 
+    @classmethod
+    def from_meta(cls, meta: dict, **overrides) -> TaskLabelArgs:
+        """The arguments whose run wrote traces with manifest ``meta``: the same tasks (file or
+        generation spec), covers and world; ``overrides`` replace fields (e.g. another task
+        range)."""
+        spec = meta["tasks"]
+        kw: dict = {"tasks": spec} if isinstance(spec, str) else {
+            "kinds": tuple(spec["kinds"]), "first_task": spec["first"], "n_tasks": spec["n"],
+            "length": tuple(spec["length"]), "seed": spec["seed"]}
+        kw.update(covers=int(meta["covers"]), world=from_dict(TaskWorldConfig, meta["world"]))
+        return cls(**{**kw, **overrides})
+
 
 GROUP_DISCOUNT = 0.5
 """A sibling group of level-l entries costs GROUP_DISCOUNT**l times the best relevance under it:
@@ -149,32 +161,12 @@ def retarget(src: str | Path, dst: str | Path) -> Path:
 
 
 def _record(item: dict, wc: WorkingContext, gain, cost, doc_id: int, baseline_nll=np.nan) -> dict:
-    """A trace snapshot from a LensNet item and its labels (the ``label_snapshot`` format)."""
-    arr_can_expand = wc.can_expand()
-    gid = wc.group_ids()
-    target = np.where(arr_can_expand, gain, 0.0) - np.where(gid >= 0, cost, 0.0)
-    return {
-        **{k: item[k] for k in ("embeddings", "levels", "span_width", "distance_to_cursor")},
-        "node_index": wc.indices.copy(),
-        "span_start": wc.starts,
-        "position_ids": wc.position_ids(),
-        "can_expand": arr_can_expand,
-        "can_collapse": gid >= 0,
-        "group_id": gid,
-        "expand_cost": item["expand_cost"],
-        "collapse_refund": item["collapse_refund"],
-        "expand_gain": np.asarray(gain, np.float32),
-        "collapse_cost": np.asarray(cost, np.float32),
-        "target_utilities": target.astype(np.float32),
-        "action_mask": arr_can_expand | (gid >= 0),
-        "tail_gists": item["tail_gists"],
-        "tail_levels": item["tail_levels"],
-        "tail_mask": item["tail_mask"],
-        "n_tokens": np.int64(wc.n_tokens),
-        "baseline_nll": np.float32(baseline_nll),
-        "doc_id": np.int64(doc_id),
-        FEATURE_KEY: item[FEATURE_KEY],
-    }
+    """A trace snapshot from a LensNet item and its labels (``megacontext.labels.snapshot_record``,
+    the ``label_snapshot`` format) with the item's tail latents (tail gists, then the query's
+    tokens) and entry features."""
+    rec = snapshot_record(wc.arrays(1), wc.n_tokens, gain, cost, doc_id, baseline_nll)
+    rec.update({k: item[k] for k in ("tail_gists", "tail_levels", "tail_mask", FEATURE_KEY)})
+    return rec
 
 
 def random_covers(pt: PreparedTask, config: TaskWorldConfig, n: int, seed: int) -> list:
@@ -292,20 +284,13 @@ def refeature(
     stored one. For exact-label traces, whose labels cost minutes a snapshot, when the features
     change. ``feature_set`` (default: the source's) picks the recomputed features."""
     from gistnet.gister import resolve_gister
-    from megacontext.cli import from_dict
     from megacontext.lm import load_lm
     from megacontext.lm_oracle import LMOracle
 
     reader = TraceReader(src, require_complete=True)
     meta = reader.meta
     feature_set = feature_set or meta.get("feature_set", "attention")
-    spec = meta["tasks"]
-    args = TaskLabelArgs(
-        **({"tasks": spec} if isinstance(spec, str) else {
-            "kinds": tuple(spec["kinds"]), "first_task": spec["first"], "n_tasks": spec["n"],
-            "length": tuple(spec["length"]), "seed": spec["seed"]}),
-        covers=int(meta["covers"]), world=from_dict(TaskWorldConfig, meta["world"]),
-    )
+    args = TaskLabelArgs.from_meta(meta)
     model, tokenizer = load_lm(lm)
     oracle = LMOracle(model)
     tok = tokenizer or CharTokenizer(model.config.vocab_size)

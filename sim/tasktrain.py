@@ -159,15 +159,10 @@ def run(args: TaskTrainArgs) -> dict:
         oracle = LMOracle(model)
         tok = tokenizer or CharTokenizer(model.config.vocab_size)
         gister, _ = resolve_gister(meta["oracle"].get("gister", "auto"), model, world.block_size)
-        spec = meta["tasks"] if isinstance(meta["tasks"], dict) else {}
-        vargs = TaskLabelArgs(
-            kinds=tuple(spec.get("kinds", TaskLabelArgs.kinds)),
-            first_task=args.cal_first_task,
-            n_tasks=args.cal_n_tasks,
-            length=args.cal_length,
-            seed=spec.get("seed", 0),
-            tasks=args.cal_tasks,
-        )
+        # the training traces' kinds and seed, a disjoint task range (or a given task file)
+        vargs = TaskLabelArgs.from_meta(meta, first_task=args.cal_first_task,
+                                        n_tasks=args.cal_n_tasks, length=args.cal_length,
+                                        tasks=args.cal_tasks)
         prepared = []
         with torch.no_grad():
             for task in _tasks(vargs, tokenizer):
