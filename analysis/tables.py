@@ -1,6 +1,8 @@
 """Markdown tables from ``sim.evaluate`` run folders: ``python -m analysis.tables RUN...``
 (a column may merge runs of the same tasks: ``NAME=RUN1+RUN2``, and ``RUN#SUFFIX`` renames that
-run's policies, e.g. an ablation's ``lensnet``).
+run's policies, e.g. an ablation's ``lensnet``). ``--seeds ROW=P1,P2,...`` adds a row pooling
+policies that are training seeds of one scorer (``sim.evaluate --lensnets``): the mean exact match
+over the seeds, each seed's count, the mean answer NLL and focus recall.
 
 One row per policy, one column group per run (its folder name): exact match with its 95 %
 bootstrap interval, answer NLL, focus recall and, where the run has the oracle, NGR. Reads each
@@ -9,8 +11,8 @@ run's ``results.json`` only, so a table in the docs is rebuilt from the committe
 
 from __future__ import annotations
 
+import argparse
 import json
-import sys
 from pathlib import Path
 
 
@@ -37,13 +39,30 @@ def _load(spec: str | Path) -> tuple[str, dict]:
     merged: dict = {"policies": {}}
     for d in dirs.split("+"):
         d, _, suffix = d.partition("#")  # RUN#SUFFIX: that run's policies renamed name+SUFFIX
-        res = json.loads((Path(d) / "results.json").read_text())
+        path = Path(d) / "results.json"
+        if not path.is_file():
+            raise SystemExit(f"{spec}: no {path} (a sim.evaluate run folder was expected)")
+        res = json.loads(path.read_text())
         merged["policies"].update({k + suffix: v for k, v in res["policies"].items()})
     return name, merged
 
 
-def table(run_dirs: list[str | Path]) -> str:
-    """The markdown table of ``run_dirs`` (policies in the first run's order, then any others)."""
+def _seed_cell(rs: list[dict]) -> str:
+    """Several training seeds of one scorer on the same tasks: mean exact match (each seed's
+    count), mean answer NLL, mean focus recall."""
+    n = rs[0]["n"]
+    counts = [round(r["exact_match"] * n) for r in rs]
+    out = (f"{sum(counts) / len(rs) / n:.2f} ({', '.join(map(str, counts))} /{n}), "
+           f"{sum(r['answer_nll'] for r in rs) / len(rs):.3f}")
+    recall = [r["focus_recall"] for r in rs if r.get("focus_recall") is not None]
+    if recall:
+        out += f", {sum(recall) / len(recall):.2f}"
+    return out
+
+
+def table(run_dirs: list[str | Path], seeds: dict[str, list[str]] | None = None) -> str:
+    """The markdown table of ``run_dirs`` (policies in the first run's order, then any others),
+    then a row per ``seeds`` entry (row name -> the policies that are its training seeds)."""
     runs = [_load(d) for d in run_dirs]
     names: list[str] = []
     for _, res in runs:
@@ -54,15 +73,34 @@ def table(run_dirs: list[str | Path]) -> str:
         cells = [_cell(res["policies"][policy]) if policy in res["policies"] else "–"
                  for _, res in runs]
         rows.append(f"| {policy} | " + " | ".join(cells) + " |")
+    for row, members in (seeds or {}).items():
+        cells = []
+        for _, res in runs:
+            found = [res["policies"][m] for m in members if m in res["policies"]]
+            cells.append(_seed_cell(found) if len(found) == len(members) else "–")
+        rows.append(f"| {row} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
 
+def _seed_spec(text: str) -> tuple[str, list[str]]:
+    row, sep, members = text.partition("=")
+    names = [m for m in members.split(",") if m]
+    if not sep or not row or not names:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected ROW=POLICY1,POLICY2,...")
+    return row, names
+
+
 def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    if not argv:
-        raise SystemExit("usage: python -m analysis.tables RUN_DIR...")
-    print("cells: exact match [95 % CI], answer NLL, focus recall (, NGR [95 % CI])")
-    print(table(argv))
+    ap = argparse.ArgumentParser(prog="python -m analysis.tables", description=__doc__.split(
+        "\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("runs", nargs="+", metavar="RUN",
+                    help="a sim.evaluate run folder, NAME=RUN1+RUN2 or RUN#SUFFIX")
+    ap.add_argument("--seeds", type=_seed_spec, action="append", default=[],
+                    metavar="ROW=P1,P2,...", help="a row pooling the training seeds of one scorer")
+    args = ap.parse_args(argv)
+    print("cells: exact match [95 % CI], answer NLL, focus recall (, NGR [95 % CI]); seed rows: "
+          "mean exact match (each seed's count), mean answer NLL, mean focus recall")
+    print(table(args.runs, dict(args.seeds)))
 
 
 if __name__ == "__main__":

@@ -4,8 +4,9 @@
 #           validation traces, in parallel;
 #   train:  three training seeds (seed 0 shipped as the task-world default), each trained, selected
 #           on the exact labels and calibrated; the ablation without the per-entry features;
-#   eval:   every policy and the three seeds on the held-out task files of results/heldout-24
-#           (24 tasks per world, passkey 8k 8), the W_max sweep at 4k; the code oracle (for NGR).
+#   eval:   the three seeds, the ablation and the baselines on the held-out task files of
+#           results/heldout-24 (24 tasks per world, passkey 8k 8), the W_max sweep at 4k, the code
+#           oracle (for NGR), into results/heldout-v2.
 # Each run writes its own command.txt. Steps one at a time: $0 labels|train|eval (or eval-a, eval-b,
 # eval-c: one stream each).
 set -uo pipefail
@@ -42,35 +43,39 @@ if [[ $step == train || $step == all ]]; then
   cp $T/val-exact3/agreement.jsonl $T/val-exact3/cost.jsonl results/task-lensnet-v2-seed0/
 fi
 
-# Sized to the 2-core CPU: 24 held-out tasks per world at 2k and 4k, 8 at 8k, the code oracle (for
-# NGR) on 8; two streams, one per core.
+# Sized to the 2-core CPU, into results/heldout-v2 (the deterministic baselines that need no
+# rerun, e.g. sinks, random, retrieval and full context at 2k, stay in results/heldout-24's runs of
+# the same task files): 24 held-out tasks per world at 2k and 4k, the W_max sweep at 4k on the
+# first 12, passkey 8k and the code oracle (for NGR) on the first 8; three streams on two cores.
 H=results/heldout-24
+V=results/heldout-v2
 ev() { OMP_NUM_THREADS=1 $PY -m sim.evaluate --no-progress "$@"; }  # exit 1: a line skipped
 SEEDS="--lensnets seed1=runs/task-lensnet-v2-seed1/lensnet.pt \
   seed2=runs/task-lensnet-v2-seed2/lensnet.pt nofeatures=runs/task-lensnet-v2-nofeatures/lensnet.pt"
-P=lensnet,lensnet_rank,recency,sinks,random,bm25,attention,full
-first() { head -"$1" $H/$2.jsonl > $H/$2-first$1.jsonl; }
+P=lensnet,lensnet_rank,recency,bm25,attention
+first() { head -"$1" $H/$2.jsonl > $V/$2-first$1.jsonl; }
+mkdir -p $V
 
 if [[ $step == eval-a || $step == eval || $step == all ]]; then
   (
-    ev --tasks $H/passkey-2k.jsonl --out $H/passkey-2k --policies $P $SEEDS
-    ev --tasks $H/multikey-2k.jsonl --out $H/multikey-2k --policies $P $SEEDS
-    ev --tasks $H/code-2k.jsonl --out $H/code-2k --policies $P $SEEDS
+    for w in passkey-2k multikey-2k code-2k; do
+      ev --tasks $H/$w.jsonl --out $V/$w --policies $P $SEEDS
+    done
   ) &
 fi
 if [[ $step == eval-b || $step == eval || $step == all ]]; then
   (
-    ev --tasks $H/passkey-4k.jsonl --out $H/passkey-4k --policies $P $SEEDS \
+    first 12 passkey-4k
+    ev --tasks $H/passkey-4k.jsonl --out $V/passkey-4k --policies $P,full $SEEDS
+    ev --tasks $V/passkey-4k-first12.jsonl --out $V/passkey-4k-sweep --policies $P,full \
       --w-max-sweep 128 256 384 512
   ) &
 fi
 if [[ $step == eval-c || $step == eval || $step == all ]]; then
   (
     first 8 passkey-8k; first 8 code-2k
-    ev --tasks $H/passkey-8k-first8.jsonl --out $H/passkey-8k \
-      --policies lensnet,lensnet_rank,attention,bm25,recency,full $SEEDS
-    ev --tasks $H/code-2k-first8.jsonl --out $H/code-2k-oracle \
-      --policies lensnet,lensnet_rank,recency,bm25,attention,oracle $SEEDS
+    ev --tasks $V/passkey-8k-first8.jsonl --out $V/passkey-8k --policies $P $SEEDS
+    ev --tasks $V/code-2k-first8.jsonl --out $V/code-2k-oracle --policies $P,oracle $SEEDS
   ) &
 fi
 wait

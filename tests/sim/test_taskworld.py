@@ -620,7 +620,7 @@ def test_compression_sweep_plots_the_runs_it_is_given(tmp_path):
             )
 
 
-def test_markdown_table_holds_each_runs_numbers(tmp_path):
+def test_markdown_table_holds_each_runs_numbers(tmp_path, capsys):
     from analysis.tables import table
 
     res = {
@@ -644,3 +644,22 @@ def test_markdown_table_holds_each_runs_numbers(tmp_path):
     assert merged[0] == "| policy | both |" and merged[4].startswith("| lensnet | 4/4 ")
     renamed = table([f"x={tmp_path / 'run-a'}+{tmp_path / 'run-b'}#-abl"]).splitlines()
     assert renamed[4].startswith("| lensnet-abl | 4/4 ")
+    # a seed row pools training seeds: mean exact match, each seed's count, mean NLL and recall
+    seeds = {"policies": {
+        "lensnet": {"n": 4, "exact_match": 0.75, "answer_nll": 0.5, "focus_recall": 0.5},
+        "seed1": {"n": 4, "exact_match": 0.25, "answer_nll": 1.5, "focus_recall": 0.25},
+    }}
+    (tmp_path / "run-s").mkdir()
+    (tmp_path / "run-s" / "results.json").write_text(json.dumps(seeds))
+    rows = table([tmp_path / "run-s", tmp_path / "run-a"],
+                 {"lensnet (2 seeds)": ["lensnet", "seed1"]}).splitlines()
+    assert rows[-1] == "| lensnet (2 seeds) | 0.50 (3, 1 /4), 1.000, 0.38 | – |"
+    # the command line: seed rows parsed, a bad seed spec or a folder without results named
+    from analysis.tables import main
+
+    main([str(tmp_path / "run-s"), "--seeds", "pooled=lensnet,seed1"])
+    assert capsys.readouterr().out.splitlines()[-1].startswith("| pooled | 0.50 (3, 1 /4)")
+    with pytest.raises(SystemExit):
+        main([str(tmp_path / "run-s"), "--seeds", "no-members"])
+    with pytest.raises(SystemExit, match="no-such-run"):
+        main([str(tmp_path / "no-such-run")])
