@@ -337,6 +337,7 @@ class LensNet(nn.Module):
         # that the allocator's nat thresholds act on a shrunk scorer; the same as tau_expand / it).
         # Not a parameter: it lives in the checkpoint's ``calibration`` and ``load_model`` sets it.
         self.score_scale = 1.0
+        self.score_gate = "scale"  # or 'rank': how policies gate the scores (lensnet.train.GATES)
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
 

@@ -76,9 +76,15 @@ class TrainConfig(LoopConfig):
             )
 
 
+GATES = ("scale", "rank")
+"""How a calibrated LensNet's scores meet the allocator's thresholds: 'scale' (raw x
+``score_scale`` against ``tau_expand``) or 'rank' (its order on the heuristics' rank scale,
+``sim.features.rank_scores``), whichever realised more gain on the calibration tasks."""
+
+
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> LensNet:
     """A trained LensNet from a checkpoint, in eval mode, with its calibration (``score_scale``,
-    1 when the checkpoint has none)."""
+    1 when the checkpoint has none; ``gate``, 'scale' when it has none)."""
     ckpt = load_checkpoint(path, device)
     model = LensNet(LensNetConfig(**ckpt["model_config"])).to(device)
     model.load_state_dict(ckpt["model"])
@@ -88,14 +94,21 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> LensNet:
             f"{path}: calibration score_scale must be a positive number, got {scale}"
         )
     model.score_scale = scale
+    gate = (ckpt.get("calibration") or {}).get("gate", "scale")
+    if gate not in GATES:
+        raise CheckpointError(f"{path}: calibration gate must be one of {GATES}, got {gate!r}")
+    model.score_gate = gate
     return model.eval()
 
 
 def save_calibration(path: str | Path, calibration: dict) -> None:
-    """Store ``calibration`` (at least ``score_scale``) in an existing checkpoint, atomically."""
+    """Store ``calibration`` (at least ``score_scale``; ``gate`` optional) in an existing
+    checkpoint, atomically."""
     scale = calibration.get("score_scale")
     if not (isinstance(scale, int | float) and math.isfinite(scale) and scale > 0):
         raise ValueError(f"calibration needs a positive finite score_scale, got {scale!r}")
+    if calibration.get("gate", "scale") not in GATES:
+        raise ValueError(f"calibration gate must be one of {GATES}, got {calibration['gate']!r}")
     ckpt = load_checkpoint(path)
     ckpt["calibration"] = calibration
     atomic_save(ckpt, Path(path))

@@ -81,12 +81,16 @@ def fit_task_scale(
     config,
     oracle,
     grid: Sequence[float] = TASK_GRID,
+    rank_policy: object | None = None,
 ) -> dict:
     """The task world's calibration: the grid value whose policy (``make_policy(scale)``) has the
     lowest mean answer NLL over the prepared *validation* tasks ``tasks`` after the question-time
-    zoom (the realised gain: recency's NLL minus it; ties go to the value closest to 1). Returns
-    ``score_scale``, ``tau_expand_equivalent`` and per grid value the mean answer NLL, exact match
-    and expands per task."""
+    zoom (the realised gain: recency's NLL minus it; ties go to the value closest to 1).
+
+    With ``rank_policy`` (the same scorer's order on the rank scale) the gate is chosen too:
+    ``gate`` = 'rank' where that policy's mean answer NLL is lower than every grid value's, else
+    'scale' (ties keep the scale). Returns ``gate``, ``score_scale``, ``tau_expand_equivalent``,
+    per grid value the mean answer NLL, exact match and expands per task, and the rank gate's."""
     from sim.scoring import answer_task
 
     grid = _grid(grid)
@@ -95,7 +99,8 @@ def fit_task_scale(
     rows = [[answer_task(make_policy(g), pt, oracle, config) for pt in tasks] for g in grid]
     nll = np.array([np.mean([r["answer_nll"] for r in rs]) for rs in rows])
     pick = _pick(grid, nll)
-    return {
+    out = {
+        "gate": "scale",
         "score_scale": grid[pick],
         "tau_expand_equivalent": config.allocator.tau_expand / grid[pick],
         "grid": grid,
@@ -105,3 +110,14 @@ def fit_task_scale(
         "val_tasks": [str(pt.task.get("id")) for pt in tasks],
         "w_max": config.w_max,
     }
+    if rank_policy is not None:
+        rs = [answer_task(rank_policy, pt, oracle, config) for pt in tasks]
+        rank_nll = float(np.mean([r["answer_nll"] for r in rs]))
+        out.update(
+            rank_answer_nll=rank_nll,
+            rank_exact_match=float(np.mean([r["exact_match"] for r in rs])),
+            rank_expands_per_task=float(np.mean([r["expands"] for r in rs])),
+        )
+        if rank_nll < nll.min() - 1e-9:
+            out["gate"] = "rank"
+    return out

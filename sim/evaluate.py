@@ -76,17 +76,18 @@ class EvaluateArgs:
     out: str = "runs/evaluate"
     """Output directory: results.json, tasks.jsonl, command.txt."""
     policies: str = DEFAULT_POLICIES
-    """Comma-separated policies among lensnet, lensnet_rank (LensNet's order on the heuristics' rank
-    scale), recency, sinks, random, retrieval (dense: LM hidden states), bm25 (lexical), attention
-    (the last token's attention per block), surprisal, oracle, full ('oracle' labels every action
-    of every round: about a minute per 2k-token task on a 2-core CPU)."""
+    """Comma-separated policies among lensnet (as its calibration gates it), lensnet_rank (LensNet's
+    order on the heuristics' rank scale), recency, sinks, random, retrieval (dense: LM hidden
+    states), bm25 (lexical), attention (the last token's attention per block), surprisal, oracle,
+    full ('oracle' labels every action of every round: about a minute per 2k-token task on a 2-core
+    CPU)."""
     lm: str = "smollm2"
     """'smollm2', 'tiny' (random-init test LM, character tokenizer) or a local model folder."""
     lensnet: str = "auto"
     """LensNet checkpoint; 'auto' = the shipped one (lensnet/checkpoints) when it was trained for
     this LM and for the task kind of every task in the file, else none."""
     lensnets: tuple[str, ...] = ()
-    """Further LensNet checkpoints, each NAME=CKPT: policy NAME (its calibrated scores) and
+    """Further LensNet checkpoints, each NAME=CKPT: policy NAME (as its calibration gates it) and
     NAME_rank (its order), run beside --policies on the same prepared tasks (other training seeds,
     ablations); NAME must not clash with a policy name."""
     gister: str = "auto"

@@ -150,11 +150,12 @@ class GreedyOracle(FocusPolicy):
 
 @register
 class LensNetPolicy(FocusPolicy):
-    """LensNet's calibrated scores (``LensNet.score``: raw x ``score_scale``); ``scale`` overrides
-    the model's calibration (``scale=1``: the raw scores, to show what calibration adds)."""
+    """LensNet's calibrated scores: raw x ``score_scale`` (``LensNet.score``), or its order on the
+    heuristics' rank scale where its calibration's gate is 'rank'. ``scale`` overrides the model's
+    calibration, gate included (``scale=1``: the raw scores, to show what calibration adds)."""
 
     name = "lensnet"
-    rank: ClassVar[bool] = False
+    rank: ClassVar[bool | None] = None  # None: the model's calibrated gate
 
     def __init__(
         self,
@@ -206,7 +207,15 @@ class LensNetPolicy(FocusPolicy):
             item = lensnet_item(view.wc, view.n_tail_gists, cfg.n_query_tokens, probs,
                                 cfg.feature_set, view.task.block_lexical)
             u = self.entry_scores(item)
-        return rank_scores(view.wc, u) if self.rank else u
+        return rank_scores(view.wc, u) if self.gated_by_rank else u
+
+    @property
+    def gated_by_rank(self) -> bool:
+        """Scores on the rank scale: ``lensnet_rank``, or ``lensnet`` whose calibration chose the
+        rank gate (unless ``scale`` overrides the calibration)."""
+        if self.rank is not None:
+            return self.rank
+        return self.scale is None and getattr(self.model, "score_gate", "scale") == "rank"
 
 
 @register

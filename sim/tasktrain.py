@@ -5,9 +5,10 @@
 2. select the checkpoint on *exact*-label validation traces (``sim.tasklabels --labels exact`` on
    disjoint train-split tasks) by ranking accuracy (the two label sources are on different scales,
    so the validation loss would measure the scale, not the order);
-3. calibrate (``sim.calibrate.fit_task_scale``): the score scale with the lowest mean answer NLL
-   after the zoom on calibration tasks (train split, disjoint from the training and validation
-   tasks, at the lengths the LensNet is used at), stored in the checkpoint;
+3. calibrate (``sim.calibrate.fit_task_scale``): the gate (its scores x a scale, or its order on
+   the rank scale) and the score scale with the lowest mean answer NLL after the zoom on
+   calibration tasks (train split, disjoint from the training and validation tasks, at the lengths
+   the LensNet is used at), stored in the checkpoint;
 4. write ``OUT/lensnet.pt`` (weights + calibration) and its card ``OUT/lensnet.json``; ``--ship``
    copies both to ``lensnet/checkpoints`` as the task-world default (``--lensnet auto`` for any task
    file: the JSONL contract has no kind field).
@@ -61,13 +62,13 @@ class TaskTrainArgs:
     query: bool = True
     """Read the question's tokens as tail latents (off: the ablation with the tail gists only)."""
     calibrate: bool = True
-    """Fit the score scale on calibration tasks (else 1)."""
+    """Fit the gate and score scale on calibration tasks (else: the scale gate, scale 1)."""
     cal_tasks: str | None = None
     """A JSONL file of calibration tasks (instead of the generated ones below)."""
     cal_first_task: int = 2000
     """First index of the calibration tasks: train-split tasks of the training traces' kinds,
     disjoint from the training and validation tasks."""
-    cal_n_tasks: int = 3
+    cal_n_tasks: int = 6
     """Calibration tasks per kind."""
     cal_length: tuple[int, ...] = (2048, 2048, 4096)
     """Their lengths in tokens (task i takes length[i % len]): the lengths it is used at."""
@@ -97,7 +98,7 @@ def run(args: TaskTrainArgs) -> dict:
     from megacontext.lm_oracle import LMOracle
     from megacontext.traces import TraceReader
     from sim.calibrate import fit_task_scale
-    from sim.policies import LensNetPolicy
+    from sim.policies import LensNetPolicy, LensNetRank
     from sim.run import versions
     from sim.shipped import CHECKPOINT_DIR, TASKS_CHECKPOINT, lm_fingerprint
     from sim.tasklabels import TaskLabelArgs, _tasks, agreement_summary
@@ -174,7 +175,8 @@ def run(args: TaskTrainArgs) -> dict:
                     print(f"validation task skipped: {err}", file=sys.stderr)
             lens = load_model(out / "lensnet.pt", trainer.device)
             calibration = fit_task_scale(
-                lambda g: LensNetPolicy(lens, trainer.device, scale=g), prepared, world, oracle
+                lambda g: LensNetPolicy(lens, trainer.device, scale=g), prepared, world, oracle,
+                rank_policy=LensNetRank(lens, trainer.device),
             )
         calibration["fitted"] = True
         save_calibration(out / "lensnet.pt", calibration)

@@ -266,3 +266,14 @@ def test_calibrated_score_scales_the_raw_scores_and_survives_a_checkpoint(tmp_pa
     torch.save(ckpt, tmp_path / "c.pt")
     with pytest.raises(CheckpointError, match="score_scale"):
         load_model(tmp_path / "c.pt")
+    # the gate: 'scale' unless the calibration chose 'rank'; anything else named
+    assert loaded.score_gate == "scale"
+    save_calibration(tmp_path / "c.pt", {"score_scale": 2.0, "gate": "rank"})
+    assert load_model(tmp_path / "c.pt").score_gate == "rank"
+    with pytest.raises(ValueError, match="gate"):
+        save_calibration(tmp_path / "c.pt", {"score_scale": 2.0, "gate": "sigmoid"})
+    ckpt = torch.load(tmp_path / "c.pt", weights_only=False)
+    ckpt["calibration"] = {"score_scale": 1.0, "gate": "ranked"}
+    torch.save(ckpt, tmp_path / "c.pt")
+    with pytest.raises(CheckpointError, match="gate"):
+        load_model(tmp_path / "c.pt")

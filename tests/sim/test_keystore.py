@@ -3,6 +3,7 @@ LM's own attention, the cheap label against a direct computation, the question r
 and the task labeller end to end on the tiny LM."""
 
 import json
+import shutil
 from dataclasses import replace
 
 import numpy as np
@@ -337,6 +338,10 @@ def test_tasktrain_trains_selects_calibrates_and_evaluate_reads_it(tmp_path, ora
 
     lens = load_model(tmp_path / "lens" / "lensnet.pt")
     assert lens.score_scale == card["calibration"]["score_scale"]
+    cal = card["calibration"]
+    assert lens.score_gate == cal["gate"]
+    assert cal["gate"] == ("rank" if cal["rank_answer_nll"] < min(cal["val_answer_nll"]) - 1e-9
+                           else "scale")
     out = tmp_path / "eval"
     with pytest.raises(SystemExit) as exit_info:
         evaluate_main(
@@ -355,6 +360,24 @@ def test_tasktrain_trains_selects_calibrates_and_evaluate_reads_it(tmp_path, ora
     for (p, i), r in by.items():
         if p == "again":
             assert r["answer_nll"] == by[("lensnet", i)]["answer_nll"]
+    # a checkpoint whose calibration chose the rank gate: `lensnet` acts as its `_rank` policy
+    from lensnet.train import save_calibration
+
+    shutil.copy(tmp_path / "lens" / "lensnet.pt", tmp_path / "ranked.pt")
+    save_calibration(tmp_path / "ranked.pt", {**cal, "gate": "rank"})
+    with pytest.raises(SystemExit):
+        evaluate_main(
+            [*TINY_WORLD, "--lm", "tiny", "--tasks", str(tasks), "--out", str(tmp_path / "ranked"),
+             "--policies", "lensnet", "--lensnet", str(tmp_path / "ranked.pt"),
+             "--lensnets", f"again={tmp_path / 'lens' / 'lensnet.pt'}", "--no-progress",
+             "--gister", "mean"]
+        )
+    ranked = [json.loads(x) for x in (tmp_path / "ranked" / "tasks.jsonl").read_text().splitlines()]
+    by = {(r["policy"], r["id"]): r for r in ranked}
+    for (p, i), r in by.items():
+        if p == "lensnet":
+            assert (r["answer_nll"], r["expands"]) == (
+                by[("again_rank", i)]["answer_nll"], by[("again_rank", i)]["expands"])
     for bad in ("recency=x.pt", "nameonly", f"again_rank={tmp_path / 'missing.pt'}"):
         with pytest.raises(SystemExit, match="--lensnets"):
             evaluate_main([*TINY_WORLD, "--lm", "tiny", "--tasks", str(tasks), "--out",
