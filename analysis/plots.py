@@ -261,10 +261,16 @@ def compression_sweep(run_dirs: list[str | Path], out: Path) -> Path:
     """Exact match and answer NLL against the compression ratio (stream tokens / W_max), one curve
     per policy, from several ``sim.evaluate`` runs of the same tasks at different W_max (the plot
     KV-compression studies read first). Full context, which reads every token, is a level line.
-    Also writes the numbers as ``compression_sweep.json`` beside the PNG."""
+    Also writes the numbers as ``compression_sweep.json`` beside the PNG. ``RUN1+RUN2`` merges the
+    policies of runs of the same tasks at the same W_max (e.g. baselines from an earlier run)."""
     runs = []
     for d in run_dirs:
-        res = json.loads((Path(d) / "results.json").read_text())
+        parts = [json.loads((Path(p) / "results.json").read_text()) for p in str(d).split("+")]
+        if len({r["config"]["w_max"] for r in parts}) > 1:
+            raise ValueError(f"{d}: the merged runs differ in W_max")
+        res = {**parts[0], "policies": {}}
+        for r in parts:
+            res["policies"].update(r["policies"])
         runs.append(res)
     runs.sort(key=lambda r: r["config"]["w_max"], reverse=True)
     names = [n for n in runs[0]["policies"] if all(n in r["policies"] for r in runs)]
@@ -337,7 +343,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     if len(argv) != 1:
         raise SystemExit(
-            "usage: python -m analysis.plots RUN_DIR | python -m analysis.plots --sweep OUT RUN..."
+            "usage: python -m analysis.plots RUN_DIR | "
+            "python -m analysis.plots --sweep OUT RUN[+RUN]..."
         )
     for p in draw_all(argv[0]):
         print(p)

@@ -618,6 +618,18 @@ def test_compression_sweep_plots_the_runs_it_is_given(tmp_path):
             assert res["policies"]["recency"][key] == pytest.approx(
                 alone["policies"]["recency"][key], abs=1e-5
             )
+    # RUN1+RUN2: another run's policies of the same tasks at the same W_max join the curves
+    for w_max in (64, 48):
+        res = json.loads((tmp_path / f"w{w_max}" / "results.json").read_text())
+        res["policies"] = {"later": res["policies"]["recency"]}
+        (tmp_path / f"later{w_max}").mkdir()
+        (tmp_path / f"later{w_max}" / "results.json").write_text(json.dumps(res))
+    plots_main(["--sweep", str(tmp_path / "merged"),
+                *(f"{tmp_path / f'w{w}'}+{tmp_path / f'later{w}'}" for w in (64, 48))])
+    merged = json.loads((tmp_path / "merged" / "compression_sweep.json").read_text())
+    assert set(merged) == {"recency", "full", "later"} and merged["later"] == merged["recency"]
+    with pytest.raises(ValueError, match="W_max"):
+        plots_main(["--sweep", str(tmp_path / "bad"), f"{tmp_path / 'w64'}+{tmp_path / 'w48'}"])
 
 
 def test_markdown_table_holds_each_runs_numbers(tmp_path, capsys):
