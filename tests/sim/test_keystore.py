@@ -372,6 +372,9 @@ def test_tasktrain_trains_selects_calibrates_and_evaluate_reads_it(tmp_path, ora
              "--lensnets", f"again={tmp_path / 'lens' / 'lensnet.pt'}", "--no-progress",
              "--gister", "mean"]
         )
+    # the cost per round is reported without recency in the run (any answer forward at W_max)
+    summary = json.loads((tmp_path / "ranked" / "results.json").read_text())["policies"]
+    assert summary["lensnet"]["cost_vs_lm_forward"] > 0
     ranked = [json.loads(x) for x in (tmp_path / "ranked" / "tasks.jsonl").read_text().splitlines()]
     by = {(r["policy"], r["id"]): r for r in ranked}
     for (p, i), r in by.items():
