@@ -262,16 +262,16 @@ def compression_sweep(run_dirs: list[str | Path], out: Path) -> Path:
     per policy, from several ``sim.evaluate`` runs of the same tasks at different W_max (the plot
     KV-compression studies read first). Full context, which reads every token, is a level line.
     Also writes the numbers as ``compression_sweep.json`` beside the PNG. ``RUN1+RUN2`` merges the
-    policies of runs of the same tasks at the same W_max (e.g. baselines from an earlier run)."""
+    policies of runs of the same tasks at the same W_max (e.g. baselines from an earlier run;
+    ``analysis.tables.load_merged``)."""
+    from analysis.tables import load_merged
+
     runs = []
     for d in run_dirs:
-        parts = [json.loads((Path(p) / "results.json").read_text()) for p in str(d).split("+")]
-        if len({r["config"]["w_max"] for r in parts}) > 1:
+        res = load_merged(str(d))
+        if len({c["w_max"] for c in res["configs"]}) > 1:
             raise ValueError(f"{d}: the merged runs differ in W_max")
-        res = {**parts[0], "policies": {}}
-        for r in parts:
-            res["policies"].update(r["policies"])
-        runs.append(res)
+        runs.append({"config": res["configs"][0], "policies": res["policies"]})
     runs.sort(key=lambda r: r["config"]["w_max"], reverse=True)
     names = [n for n in runs[0]["policies"] if all(n in r["policies"] for r in runs)]
     table = {

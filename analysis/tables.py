@@ -31,20 +31,28 @@ def _cell(r: dict) -> str:
     return out
 
 
+def load_merged(dirs: str) -> dict:
+    """Runs of the same tasks side by side, ``RUN1+RUN2...`` (``RUN#SUFFIX``: that run's policies
+    renamed name+SUFFIX): ``policies`` merged (a later run's policy replaces an earlier one of the
+    same name) and ``configs``, each run's config in order."""
+    merged: dict = {"policies": {}, "configs": []}
+    for d in dirs.split("+"):
+        d, _, suffix = d.partition("#")
+        path = Path(d) / "results.json"
+        if not path.is_file():
+            raise SystemExit(f"{dirs}: no {path} (a sim.evaluate run folder was expected)")
+        res = json.loads(path.read_text())
+        merged["configs"].append(res.get("config", {}))
+        merged["policies"].update({k + suffix: v for k, v in res["policies"].items()})
+    return merged
+
+
 def _load(spec: str | Path) -> tuple[str, dict]:
     """A column: a run folder (named after it), or ``NAME=RUN1+RUN2...``: the policies of several
     runs of the same tasks side by side in one column (e.g. the baselines' run and LensNet's)."""
     spec = str(spec)
     name, _, dirs = spec.rpartition("=") if "=" in spec else (Path(spec).name, "", spec)
-    merged: dict = {"policies": {}}
-    for d in dirs.split("+"):
-        d, _, suffix = d.partition("#")  # RUN#SUFFIX: that run's policies renamed name+SUFFIX
-        path = Path(d) / "results.json"
-        if not path.is_file():
-            raise SystemExit(f"{spec}: no {path} (a sim.evaluate run folder was expected)")
-        res = json.loads(path.read_text())
-        merged["policies"].update({k + suffix: v for k, v in res["policies"].items()})
-    return name, merged
+    return name, load_merged(dirs)
 
 
 def _seed_cell(rs: list[dict]) -> str:

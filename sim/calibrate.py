@@ -96,28 +96,29 @@ def fit_task_scale(
     grid = _grid(grid)
     if not tasks:
         raise ValueError("calibration needs at least one validation task")
-    rows = [[answer_task(make_policy(g), pt, oracle, config) for pt in tasks] for g in grid]
-    nll = np.array([np.mean([r["answer_nll"] for r in rs]) for rs in rows])
-    pick = _pick(grid, nll)
+    def means(policy) -> tuple[float, float, float]:  # mean answer NLL, exact match, expands
+        rs = [answer_task(policy, pt, oracle, config) for pt in tasks]
+        return tuple(float(np.mean([r[k] for r in rs]))
+                     for k in ("answer_nll", "exact_match", "expands"))
+
+    nll, em, expands = (list(col) for col in zip(*(means(make_policy(g)) for g in grid),
+                                                  strict=True))
+    pick = _pick(grid, np.array(nll))
     out = {
         "gate": "scale",
         "score_scale": grid[pick],
         "tau_expand_equivalent": config.allocator.tau_expand / grid[pick],
         "grid": grid,
-        "val_answer_nll": nll.tolist(),
-        "val_exact_match": [float(np.mean([r["exact_match"] for r in rs])) for rs in rows],
-        "val_expands_per_task": [float(np.mean([r["expands"] for r in rs])) for rs in rows],
+        "val_answer_nll": nll,
+        "val_exact_match": em,
+        "val_expands_per_task": expands,
         "val_tasks": [str(pt.task.get("id")) for pt in tasks],
         "w_max": config.w_max,
     }
     if rank_policy is not None:
-        rs = [answer_task(rank_policy, pt, oracle, config) for pt in tasks]
-        rank_nll = float(np.mean([r["answer_nll"] for r in rs]))
-        out.update(
-            rank_answer_nll=rank_nll,
-            rank_exact_match=float(np.mean([r["exact_match"] for r in rs])),
-            rank_expands_per_task=float(np.mean([r["expands"] for r in rs])),
-        )
-        if rank_nll < nll.min() - 1e-9:
+        rank_nll, rank_em, rank_expands = means(rank_policy)
+        out.update(rank_answer_nll=rank_nll, rank_exact_match=rank_em,
+                   rank_expands_per_task=rank_expands)
+        if rank_nll < min(nll) - 1e-9:
             out["gate"] = "rank"
     return out

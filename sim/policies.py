@@ -215,7 +215,7 @@ class LensNetPolicy(FocusPolicy):
         rank gate (unless ``scale`` overrides the calibration)."""
         if self.rank is not None:
             return self.rank
-        return self.scale is None and getattr(self.model, "score_gate", "scale") == "rank"
+        return self.scale is None and self.model.score_gate == "rank"
 
 
 @register
