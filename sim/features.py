@@ -23,10 +23,15 @@ its figures are in ``results/retrieval-layer-seed0``)."""
 RETRIEVAL_CENTRE = False
 """Whether dense retrieval centres both sides on the mean block vector: chosen on the same training
 tasks (``results/retrieval-layer-seed0``)."""
-ATTENTION_LAYERS = (21 / 30, 26 / 30)
-"""The attention baseline's window of layers as fractions of the LM's depth, [lo, hi) (layers
-21-25 of SmolLM2's 30): late layers, where the last token's attention picks out the text the
-question asks about; fractions, so the same rule applies to an LM of any depth."""
+ATTENTION_LAYERS: dict[str, tuple[float, float]] = {
+    "full-read": (21 / 30, 26 / 30),
+    "faithful": (18 / 30, 19 / 30),
+}
+"""The attention baseline's window of layers as fractions of the LM's depth, [lo, hi), per read
+mode, each chosen on *training* tasks in that mode: full read, layers 21-25 of SmolLM2's 30 (late
+layers, where a query that has read the whole stream points at the text asked about); faithful,
+``benchmarks/attention_window.py`` (``results/attention-window-faithful/``), where the question's
+query has not seen the needle. Fractions, so the same rule applies to an LM of any depth."""
 
 
 @torch.no_grad()
@@ -82,17 +87,6 @@ def attention_layer_range(window: tuple[float, float], n_layers: int) -> range:
     return range(start, min(max(round(hi * n_layers), start + 1), n_layers))
 
 
-def block_attention(oracle: LMOracle, ids: np.ndarray, b: int, layers) -> np.ndarray:
-    """(n_l1,) the softmax attention mass the last token of the stream ``ids`` puts on each complete
-    L1 block: its attention probabilities summed over the block's key positions, averaged over
-    every head of each of ``layers`` (layer indices). Keys in the trailing partial block are left
-    out (their mass is not renormalised away). Every block is returned, block 0 (where the LM puts
-    its attention sink) included: ``attention_relevance`` ranks it last. One forward of the stream
-    (``sim.keystore.read``: the LM's keys and the last token's queries)."""
-    probs = keystore.read(oracle, ids, b).probs(-1)
-    return block_mass(probs[list(layers)], b)
-
-
 def block_mass(probs: np.ndarray, b: int) -> np.ndarray:
     """(n_l1,) per complete L1 block the attention mass of (..., n) probabilities over stream
     tokens, averaged over every leading axis (rows, layers, heads)."""
@@ -106,18 +100,17 @@ def answer_relevance(store: keystore.KeyStore, n_stream: int, b: int) -> np.ndar
     """The cheap label's per-block relevance (n_l1,): the attention the positions that predict the
     answer (the stream's last token, then every answer token but the last, teacher-forced: the
     store's queries) put on each complete L1 block of the stream: per position and layer the
-    largest mass any head puts on the block, averaged over positions and layers. Block 0 (the
-    attention sink) gets 0. The max over heads was chosen on the committed *train* task files
+    largest mass any head puts on the block, averaged over positions and layers, the sink token
+    left out and each row renormalised (``sim.keystore.drop_sink``: block 0 is labelled on its
+    content like any other). The max over heads was chosen on the committed *train* task files
     (``benchmarks/cheap_label_rule.py``): the mean over heads lets the many heads that attend by
     position drown the few that retrieve."""
     n_l1 = n_stream // b
     rel = np.zeros(n_l1)
     for r in range(store.queries.shape[2]):
-        p = store.probs(r, n_keys=n_stream)[..., : n_l1 * b]  # (L, H, n)
+        p = keystore.drop_sink(store.probs(r, n_keys=n_stream))[..., : n_l1 * b]  # (L, H, n)
         rel += p.reshape(*p.shape[:2], n_l1, b).sum(-1).max(axis=1).mean(axis=0)
-    rel /= store.queries.shape[2]
-    rel[:1] = 0.0
-    return rel
+    return rel / store.queries.shape[2]
 
 
 def lensnet_item(
@@ -127,20 +120,29 @@ def lensnet_item(
     probs: np.ndarray | None = None,
     feature_set: str = "attention",
     block_lexical: np.ndarray | None = None,
+    query: slice | None = None,
 ) -> dict:
     """LensNet's input for one working context of a task stream: ``wc.arrays``, with the embeddings
-    of the newest ``n_query_tokens`` tokens (at question time: the question; zero padded when the
-    stream is shorter) appended to the tail latents (level 0), and, with ``probs`` (L, H, n: the
-    newest token's attention over the stream, ``PreparedTask.attention_probs``), each entry's
-    features of ``feature_set`` (``sim.keystore.FEATURE_SETS``): the attention features
-    (``sim.keystore.span_features``), for 'relative-lexical' relative to the context and followed
-    by the lexical ones from ``block_lexical`` (``PreparedTask.block_lexical``,
-    ``sim.keystore.lexical_features``)."""
+    of the query's tokens (``query``: stream positions, at question time exactly the task's question,
+    ``sim.taskworld.query_span``; zero padded to ``n_query_tokens``) appended to the tail latents
+    (level 0), and, with ``probs`` (L, H, n: the question's attention over the stream,
+    ``PreparedTask.question_attention``), each entry's features of ``feature_set``
+    (``sim.keystore.FEATURE_SETS``): the attention features (``sim.keystore.span_features``), for
+    'relative-lexical' relative to the context and followed by the lexical ones from
+    ``block_lexical`` (``PreparedTask.block_lexical``, ``sim.keystore.lexical_features``). A query
+    longer than ``n_query_tokens`` is a ``QueryTooLong`` error: never cut."""
     arr = wc.arrays(n_tail_gists)
     if n_query_tokens:
-        q = min(n_query_tokens, wc.n_tokens)
+        if query is None:
+            raise ValueError("LensNet reads the query's tokens: pass query (its stream positions)")
+        q = query.stop - query.start
+        if q > n_query_tokens:
+            raise QueryTooLong(
+                f"the question ({q} tokens) is longer than LensNet's {n_query_tokens} query "
+                "inputs"
+            )
         emb = np.zeros((n_query_tokens, arr.tail_gists.shape[1]), dtype=arr.tail_gists.dtype)
-        emb[:q] = wc.tree.embeddings(0, np.arange(wc.n_tokens - q, wc.n_tokens))
+        emb[:q] = wc.tree.embeddings(0, np.arange(query.start, query.stop))
         arr.tail_gists = np.concatenate([arr.tail_gists, emb])
         arr.tail_levels = np.concatenate(
             [arr.tail_levels, np.where(np.arange(n_query_tokens) < q, 0, -1)]
@@ -159,13 +161,9 @@ def lensnet_item(
     return arrays_to_item(arr, feats)
 
 
-def attention_relevance(mass: np.ndarray, n_sink_blocks: int = 1) -> np.ndarray:
-    """The attention baseline's relevance (rank it with ``rank01``): the attention mass per block,
-    with the first ``n_sink_blocks`` (the attention sink, whose mass says nothing about the
-    question) set below every other block, so they rank last."""
-    rel = np.asarray(mass, dtype=np.float64).copy()
-    rel[:n_sink_blocks] = -np.inf
-    return rel
+class QueryTooLong(ValueError):
+    """A task's question is longer than a LensNet's query inputs: an error in every entry point
+    (the question is read whole or not at all)."""
 
 
 def dense_relevance(

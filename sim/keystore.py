@@ -18,15 +18,23 @@ per entry and layer, the log mass (mean over heads), its largest head's, and its
 then the sink flag: what LensNet reads as extra per-entry inputs
 (``LensNetConfig.n_entry_features``).
 
-In this simulation the stream is read once, whole (the keys and the query then equal those of a
-full-context read; in a deployment they come from the working context the LM actually read). One
-forward gives the keys of every position and the queries of the last ``n_queries`` positions
-(``read``): with the task's answer appended (teacher forcing), the same forward yields the cheap
-labels' attention rows (``sim.features.answer_relevance``, ``sim.tasklabels``).
+Two read modes (DESIGN §11; ``READ_MODES``):
+- ``faithful`` (the default everywhere): what a deployed system computed while it ran. Each block's
+  keys come from the forward in which the LM read it at L0, in the tail of the working context, with
+  that context (gists included, at the context's own positions) as prefix (``stream_read``); the
+  question's query from the LM's forward over the question-time working context
+  (``question_query``), again at each zoom round over the refocused context.
+- ``full-read`` (privileged, "what a full prefill would know"): one forward over the whole stream
+  gives every key and the question's query (``read``); its query has already attended to the needle
+  at full resolution. Reported only beside the faithful figures, and used for labels (supervision
+  may read privileged information): with the task's answer appended (teacher forcing) the same
+  forward yields the cheap labels' attention rows (``sim.features.answer_relevance``).
+With an unbounded working context the two are the same store (tested).
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Literal
 
@@ -38,8 +46,29 @@ from megacontext.tree import ConfigError
 from megacontext.working_context import WorkingContext
 
 StoreMode = Literal["full", "mean"]
+ReadMode = Literal["faithful", "full-read"]
+READ_MODES: tuple[str, ...] = ("faithful", "full-read")
+"""How question-time decisions read the LM: 'faithful' (only what the deployed system computed;
+the default) or 'full-read' (privileged: one forward over the whole stream)."""
 SINK_TOKENS = 1
-"""Leading tokens whose attention is the LM's sink (left out of every mass, renormalised)."""
+"""Leading tokens whose attention is the LM's sink: token 0, and only it. Every attention mass the
+project reads (the ``attention`` baseline, the cheap labels, LensNet's features) leaves it out and
+renormalises the rest (``drop_sink``); the block that holds it is scored like any other."""
+
+
+def drop_sink(probs: np.ndarray) -> np.ndarray:
+    """(..., n) attention probabilities over stream tokens with the sink token(s) set to 0 and each
+    row renormalised over the rest (float64)."""
+    p = np.asarray(probs, dtype=np.float64).copy()
+    p[..., :SINK_TOKENS] = 0.0
+    return p / np.maximum(p.sum(axis=-1, keepdims=True), 1e-12)
+
+
+def check_read_mode(mode: str) -> str:
+    """``mode`` if it is a read mode, else a ``ConfigError`` naming the choices."""
+    if mode not in READ_MODES:
+        raise ConfigError(f"unknown read mode {mode!r}; choose from {', '.join(READ_MODES)}")
+    return mode
 LOG_SCALE = 10.0
 """Log masses are divided by this, so features lie in about [-1.4, 0]."""
 
@@ -96,10 +125,6 @@ class KeyStore:
         for layer, keys in enumerate(self.keys):
             q = self.queries[layer, :, row]  # (H, hd)
             k = keys[:, :n_causal].repeat_interleave(q.shape[0] // keys.shape[0], dim=0)  # H,n,hd
-            if mode == "full":
-                logits = torch.einsum("hd,hnd->hn", q, k) * self.scale
-                out.append(torch.softmax(logits.double(), dim=-1))
-                continue
             b = self.block_size
             n_full = (n_causal // b) * b
             mean_k = k[:, :n_full].reshape(k.shape[0], -1, b, k.shape[-1]).mean(dim=2)
@@ -148,9 +173,7 @@ def span_features(
     2k one, and a scorer trained on absolute masses at one length misreads the other."""
     b = block_size
     n = int(ends[-1])
-    p = np.asarray(probs, dtype=np.float64)[..., :n].copy()
-    p[..., :SINK_TOKENS] = 0.0
-    p /= np.maximum(p.sum(axis=-1, keepdims=True), 1e-12)  # over the spans' tokens, sink left out
+    p = drop_sink(np.asarray(probs)[..., :n])  # over the spans' tokens, sink left out
     cum = np.concatenate([np.zeros(p.shape[:-1] + (1,)), np.cumsum(p, axis=-1)], axis=-1)
     mass = cum[..., ends] - cum[..., starts]  # (L, H, N)
     edges = np.minimum(np.arange(0, n + b, b), n)
@@ -200,10 +223,19 @@ def n_entry_features(n_layers: int, feature_set: str = "attention") -> int:
 
 
 @torch.no_grad()
-def read(oracle: LMOracle, ids: np.ndarray, block_size: int, n_queries: int = 1) -> KeyStore:
-    """One forward of ``ids`` through the LM, keeping every layer's keys of every position and the
-    queries of the last ``n_queries`` positions (both post-RoPE, as the LM's attention uses them).
-    Llama-family attention (``q_proj``/``k_proj`` and a shared rotary embedding) only."""
+def _attention_inputs(
+    oracle: LMOracle,
+    embeds: torch.Tensor,
+    positions: torch.Tensor,
+    lengths: list[int],
+    n_queries: int = 0,
+) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    """One forward of right-padded rows ``embeds`` (B, S, d) at ``positions`` (B, S) whose first
+    ``lengths[r]`` slots are real: per layer the post-RoPE keys of every slot (B, KVH, S, hd), and
+    (``n_queries`` > 0) the post-RoPE queries of row 0's last ``n_queries`` real slots (L, H, q, hd),
+    as the LM's attention uses them. Llama-family attention (``q_proj``/``k_proj`` and a shared
+    rotary embedding) only. Causal attention never lets a real slot see the padding to its right,
+    so a row's keys do not depend on the other rows."""
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
     model = oracle.model
@@ -214,35 +246,144 @@ def read(oracle: LMOracle, ids: np.ndarray, block_size: int, n_queries: int = 1)
         raise TypeError(f"the key store reads Llama-style attention; {type(model).__name__} is not")
     n_heads, n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
     hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_heads
-    ids = np.asarray(ids, dtype=np.int64)
-    n = len(ids)
-    n_queries = max(1, min(n_queries, n))
+    n_rows, n_slots = embeds.shape[:2]
+    last = slice(lengths[0] - n_queries, lengths[0])
     qs: list[torch.Tensor] = []
     ks: list[torch.Tensor] = []
 
     def keep_q(_m, _i, out):
-        qs.append(out[0, n - n_queries :].float().view(n_queries, n_heads, hd).transpose(0, 1))
+        qs.append(out[0, last].float().view(n_queries, n_heads, hd).transpose(0, 1))
 
     def keep_k(_m, _i, out):
-        ks.append(out[0].float().view(n, n_kv, hd).transpose(0, 1))
+        ks.append(out.float().view(n_rows, n_slots, n_kv, hd).transpose(1, 2))
 
+    mask = torch.zeros(n_rows, n_slots, dtype=torch.long, device=embeds.device)
+    for r, n in enumerate(lengths):
+        mask[r, :n] = 1
     hooks = []
     try:
         for layer in layers:
-            hooks.append(layer.self_attn.q_proj.register_forward_hook(keep_q))
+            if n_queries:
+                hooks.append(layer.self_attn.q_proj.register_forward_hook(keep_q))
             hooks.append(layer.self_attn.k_proj.register_forward_hook(keep_k))
-        x = torch.as_tensor(ids, device=oracle.device)[None]
-        oracle.decoder(input_ids=x, use_cache=False, attention_mask=torch.ones_like(x))
+        oracle.decoder(inputs_embeds=embeds, position_ids=positions, use_cache=False,
+                       attention_mask=mask)
     finally:
         for h in hooks:
             h.remove()
+    cos, sin = base.rotary_emb(ks[0], positions)  # (B, S, hd)
+    keys = [apply_rotary_pos_emb(k, k, cos, sin)[1] for k in ks]
+    if not n_queries:
+        return keys, None
+    queries = [apply_rotary_pos_emb(q[None], q[None], cos[:1, last], sin[:1, last])[0][0]
+               for q in qs]
+    return keys, torch.stack(queries)
+
+
+def _scale(oracle: LMOracle) -> float:
+    cfg = oracle.model.config
+    hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    return hd**-0.5
+
+
+@torch.no_grad()
+def read(oracle: LMOracle, ids: np.ndarray, block_size: int, n_queries: int = 1) -> KeyStore:
+    """The *full read* (privileged: what a full prefill would know, DESIGN §11): one forward of
+    the whole of ``ids`` through the LM, keeping every layer's keys of every position and the
+    queries of the last ``n_queries`` positions (both post-RoPE). A deployed MegaContext system
+    never runs it; the faithful store is ``stream_read`` + ``question_query``. Labels may use it
+    (supervision, not decisions)."""
+    ids = np.asarray(ids, dtype=np.int64)
+    n = len(ids)
+    n_queries = max(1, min(n_queries, n))
+    x = oracle.embed(torch.as_tensor(ids, device=oracle.device)).to(oracle.dtype)[None]
     pos = torch.arange(n, device=oracle.device)[None]
-    cos, sin = base.rotary_emb(ks[0][None], pos)
-    keys, queries = [], []
-    for q, k in zip(qs, ks, strict=True):
-        last = slice(n - n_queries, n)
-        qr, _ = apply_rotary_pos_emb(q[None], q[None], cos[:, last], sin[:, last])
-        _, kr = apply_rotary_pos_emb(k[None], k[None], cos, sin)
-        queries.append(qr[0])
-        keys.append(kr[0])
-    return KeyStore(keys, torch.stack(queries), n, block_size, hd**-0.5)
+    keys, queries = _attention_inputs(oracle, x, pos, [n], n_queries)
+    return KeyStore([k[0] for k in keys], queries, n, block_size, _scale(oracle))
+
+
+@dataclass(frozen=True)
+class StreamRead:
+    """One forward of the faithful stream read: the working context ``wc`` as the LM read it, whose
+    last entries are the tokens [start, end) at L0 (the recency tail): their keys are kept."""
+
+    wc: WorkingContext
+    start: int
+    end: int
+
+
+@torch.no_grad()
+def stream_read(
+    oracle: LMOracle, reads: list[StreamRead], batch_size: int = 8
+) -> tuple[list[torch.Tensor], dict]:
+    """The faithful key store of a stream (DESIGN §11): each token's keys come from the forward in
+    which the LM read it at L0 in the tail of the working context, with that context (gists
+    included, at its own positions) as prefix. ``reads`` must tile [0, n) in order. Returns per
+    layer the keys (KVH, n, hd) and the cost (``positions``: positions run through the LM;
+    ``forwards``; ``seconds``). A block's keys depend only on the context before it: the tree is
+    append-only and each forward reads nothing after its ``end``."""
+    t0 = time.perf_counter()
+    if not reads or reads[0].start != 0:
+        raise ValueError("stream reads must start at token 0")
+    for a, b in zip(reads, reads[1:], strict=False):
+        if a.end != b.start:
+            raise ValueError(f"stream reads must tile the stream: [{a.start}, {a.end}) then "
+                             f"[{b.start}, {b.end})")
+    arrays = []
+    for r in reads:
+        wc = r.wc
+        width = r.end - r.start
+        if wc.n_tokens != r.end or width < 1 or not (
+            np.all(wc.levels[-width:] == 0)
+            and np.array_equal(wc.indices[-width:], np.arange(r.start, r.end))
+        ):
+            raise ValueError(f"tokens [{r.start}, {r.end}) are not the L0 end of their context")
+        arrays.append(wc.arrays(0))
+    order = sorted(range(len(reads)), key=lambda i: len(arrays[i].levels))  # similar lengths
+    per_read: dict[int, list[torch.Tensor]] = {}
+    positions = 0
+    for s in range(0, len(order), batch_size):
+        part = order[s : s + batch_size]
+        lengths = [len(arrays[i].levels) for i in part]
+        n_slots = max(lengths)
+        embeds = torch.zeros(len(part), n_slots, oracle.d_model, dtype=oracle.dtype,
+                             device=oracle.device)
+        pos = torch.zeros(len(part), n_slots, dtype=torch.long, device=oracle.device)
+        for row, i in enumerate(part):
+            a = arrays[i]
+            embeds[row, : lengths[row]] = torch.as_tensor(a.embeddings, device=oracle.device)
+            p = torch.as_tensor(a.position_ids, device=oracle.device)
+            pos[row, : lengths[row]] = p
+            pos[row, lengths[row] :] = p[-1] + 1 + torch.arange(n_slots - lengths[row])
+        keys, _ = _attention_inputs(oracle, embeds, pos, lengths)
+        positions += len(part) * n_slots
+        for row, i in enumerate(part):
+            width = reads[i].end - reads[i].start
+            per_read[i] = [k[row, :, lengths[row] - width : lengths[row]] for k in keys]
+    keys = [torch.cat([per_read[i][layer] for i in range(len(reads))], dim=1)
+            for layer in range(len(per_read[0]))]
+    cost = {"positions": positions, "forwards": len(reads), "seconds": time.perf_counter() - t0}
+    return keys, cost
+
+
+@torch.no_grad()
+def question_query(oracle: LMOracle, wc: WorkingContext) -> torch.Tensor:
+    """(L, H, 1, hd) the post-RoPE queries of the newest entry of ``wc`` (at question time: the
+    question's last token) from one forward of the working context as the LM reads it: the
+    question's query as a deployed system computes it, having read only ``wc``."""
+    a = wc.arrays(0)
+    x = torch.as_tensor(a.embeddings, device=oracle.device).to(oracle.dtype)[None]
+    pos = torch.as_tensor(a.position_ids, device=oracle.device)[None]
+    _, queries = _attention_inputs(oracle, x, pos, [len(a.levels)], n_queries=1)
+    return queries
+
+
+def faithful_store(
+    oracle: LMOracle, keys: list[torch.Tensor], wc: WorkingContext, block_size: int
+) -> KeyStore:
+    """The store a deployed system holds at question time: the stream's keys (``stream_read``)
+    and the question's query from its forward over ``wc`` (``question_query``)."""
+    n = int(keys[0].shape[1])
+    if wc.n_tokens != n:
+        raise ValueError(f"the context covers {wc.n_tokens} tokens, the keys {n}")
+    return KeyStore(keys, question_query(oracle, wc), n, block_size, _scale(oracle))

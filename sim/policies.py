@@ -25,8 +25,10 @@ synthetic world's past-only reference, ``sim.synthetic.cue_scores``). Question t
   against the question's (or the tail's), rank-normalised;
 - ``attention``: the LM's own attention, training-free: the softmax attention mass the stream's last
   token (the question's last, or with no question the stream's) puts on each L1 block's keys,
-  averaged over every head of a window of late layers (``attention_layers``, fractions of depth),
-  from one forward over the whole stream; block 0 (the attention sink) ranks last; rank-normalised;
+  averaged over every head of a window of layers (``attention_layers``, fractions of depth, chosen
+  per read mode on training tasks), the sink token (token 0) left out; in the faithful mode (the
+  default) the keys are the stream's as the working context read them and each round's query
+  comes from the LM's forward over that round's context; rank-normalised;
 - ``surprisal``: LLMLingua-style: the block's mean token NLL when read alone, rank-normalised;
 - ``full``: the whole stream as tokens (the LM's ceiling, where it fits the LM's positions).
 
@@ -49,7 +51,7 @@ from megacontext.tree import ConfigError
 from megacontext.working_context import ContextArrays
 from sim.features import (
     RETRIEVAL_CENTRE,
-    attention_relevance,
+    attention_layer_range,
     bm25_relevance,
     dense_relevance,
     lensnet_item,
@@ -59,6 +61,7 @@ from sim.features import (
 )
 from sim.policy import FocusPolicy, FocusView, PolicyContext
 from sim.synthetic import SyntheticConfig, cue_scores
+from sim.taskworld import TaskError
 from sim.world import Episode
 
 REGISTRY: dict[str, type[FocusPolicy]] = {}
@@ -74,6 +77,20 @@ def register(cls: type[FocusPolicy]) -> type[FocusPolicy]:
 def policy_names(world: str) -> tuple[str, ...]:
     """The registered policies that apply in ``world`` ('stream' or 'tasks')."""
     return tuple(name for name, cls in REGISTRY.items() if world in cls.worlds)
+
+
+def check_query_fits(pt, policies: list[FocusPolicy]) -> None:
+    """A ``TaskError`` when prepared task ``pt``'s query (its question, exactly) is longer than
+    some policy reads (a LensNet's query inputs): the same error in every entry point, never a
+    question cut to fit."""
+    width = pt.query.stop - pt.query.start
+    for p in policies:
+        limit = getattr(p, "query_limit", None)
+        if limit is not None and width > limit:
+            raise TaskError(
+                f"task {pt.task.get('id')!r}: the question ({width} tokens) is longer than "
+                f"{p.name}'s {limit} query inputs"
+            )
 
 
 def build_policy(name: str, ctx: PolicyContext, world: str | None = None) -> FocusPolicy:
@@ -199,15 +216,17 @@ class LensNetPolicy(FocusPolicy):
                 )
             u = self.entry_scores(view.wc.arrays(view.n_tail_gists))
         else:
-            probs = view.task.attention_probs if cfg.n_entry_features else None
-            if cfg.n_entry_features and probs is None:
-                raise ValueError(
-                    "this LensNet reads attention features: prepare_task(..., attention=True)"
-                )
+            probs = (view.task.question_attention(view.wc, view.oracle)
+                     if cfg.n_entry_features else None)
             item = lensnet_item(view.wc, view.n_tail_gists, cfg.n_query_tokens, probs,
-                                cfg.feature_set, view.task.block_lexical)
+                                cfg.feature_set, view.task.block_lexical, view.task.query)
             u = self.entry_scores(item)
         return rank_scores(view.wc, u) if self.gated_by_rank else u
+
+    @property
+    def query_limit(self) -> int | None:
+        """The most question tokens this LensNet reads (None: it reads no query)."""
+        return self.model.config.n_query_tokens or None
 
     @property
     def gated_by_rank(self) -> bool:
@@ -320,23 +339,24 @@ class BM25(BlockRelevance):
 
 
 @register
-class Attention(BlockRelevance):
-    """Training-free question-time focus from the LM's own attention: the blocks the last stream
-    token attends to most (``sim.features.block_attention``) expand first; the attention sink
-    (block 0) is ranked last, since its mass is there whatever the question."""
+class Attention(FocusPolicy):
+    """Training-free question-time focus from the LM's own attention: the blocks the question's
+    last token attends to most (``PreparedTask.block_attention``: averaged over the heads of the
+    read mode's layer window, the sink token left out) expand first. In the faithful mode each
+    round's query comes from the LM's forward over that round's working context."""
 
     name = "attention"
+    worlds = ("tasks",)
     needs_attention = True
 
-    def relevance(self, pt) -> np.ndarray:
-        """(n_l1,) each block's attention mass from the last token of prepared task ``pt``, the
-        sink block set below every other."""
-        if pt.block_attention is None:
-            raise ValueError(
-                "the attention policy needs PreparedTask.block_attention "
-                "(prepare_task(..., attention=True))"
-            )
-        return attention_relevance(pt.block_attention)
+    def __init__(self, window: tuple[float, float] | None = None) -> None:
+        self.window = window  # None: the world's (TaskWorldConfig.attention_window)
+
+    def scores(self, view: FocusView) -> np.ndarray:
+        n_layers = view.oracle.model.config.num_hidden_layers
+        layers = attention_layer_range(self.window or view.attention_window, n_layers)
+        rel = view.task.block_attention(view.wc, view.oracle, layers)
+        return relevance_scores(view.wc, rank01(rel))
 
 
 @register

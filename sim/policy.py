@@ -41,6 +41,8 @@ class FocusView:
     """The oracle's expand gain of a level >= 2 gist sees two levels down."""
     task: PreparedTask | None = None
     """At question time: the task with its block text and features (None in a stream)."""
+    attention_window: tuple[float, float] = (0.0, 1.0)
+    """At question time: the world's attention-baseline layer window (fractions of depth)."""
 
 
 @dataclass(frozen=True)
@@ -66,9 +68,9 @@ class FocusPolicy:
     """Question time: the policy reads the block-alone hidden states or surprisal (computed once
     per task when any chosen policy needs them)."""
     needs_attention: ClassVar[bool] = False
-    """Question time: the policy reads the last token's attention mass per block
-    (``PreparedTask.block_attention``: one more LM forward over the stream, computed once per task
-    when any chosen policy needs it)."""
+    """Question time: the policy reads the question's attention over the stream's keys
+    (``PreparedTask.question_attention``, in the world's read mode: computed once per task when any
+    chosen policy needs it, and in the faithful mode once per refocused context)."""
     reads_everything: ClassVar[bool] = False
     """The policy is the full stream as tokens (no working context): scored as the LM's ceiling."""
 

@@ -29,7 +29,6 @@ from sim.features import (
     ATTENTION_LAYERS,
     RETRIEVAL_DEPTH,
     answer_relevance,
-    attention_layer_range,
     block_features,
     block_mass,
     bm25_relevance,
@@ -66,20 +65,58 @@ class TaskWorldConfig:
     retrieval_depth: float = RETRIEVAL_DEPTH
     """Dense retrieval baseline: hidden states at layer round(depth * n_layers) (0 = the embeddings;
     the default was chosen on training tasks, benchmarks/retrieval_layer.py)."""
-    attention_layers: tuple[float, float] = ATTENTION_LAYERS
+    attention_layers: tuple[float, float] | None = None
     """Attention baseline: the last token's attention is averaged over the layers
-    range(round(lo * n_layers), round(hi * n_layers)) (at least one), [lo, hi] fractions of depth.
-    """
+    range(round(lo * n_layers), round(hi * n_layers)) (at least one), [lo, hi] fractions of depth;
+    unset: the window chosen on training tasks for the read mode (``ATTENTION_LAYERS``)."""
+    read_mode: str = "faithful"
+    """What question-time decisions may read (DESIGN §11, ``sim.keystore.READ_MODES``): 'faithful'
+    (keys from the stream as the working context read it, the question's query from the
+    question-time context; the default) or 'full-read' (privileged: one forward over the whole
+    stream, what a full prefill would know; report it only beside the faithful figures)."""
+    read_tokens: int = 0
+    """Faithful mode: tokens each stream forward reads at the end of the working context (their
+    keys are kept); 0 = the L0 tail (R). At most R, so the read tokens stand at L0."""
+    context_query_tokens: int = 32
+    """A task without a question (code continuation): its query is the stream's last this many
+    tokens (the text being continued), for every policy that reads a query."""
     allocator: AllocatorConfig = field(default_factory=AllocatorConfig)
 
     @property
     def rounds(self) -> int:
         return self.zoom_rounds or self.max_level
 
+    @property
+    def attention_window(self) -> tuple[float, float]:
+        """The attention baseline's layer window: ``attention_layers``, or the read mode's."""
+        return self.attention_layers or ATTENTION_LAYERS[self.read_mode]
+
+    @property
+    def stream_read_tokens(self) -> int:
+        return self.read_tokens or self.tail_tokens
+
     def __post_init__(self) -> None:
         if not 0.0 <= self.retrieval_depth <= 1.0:
             raise ConfigError(f"retrieval_depth must lie in [0, 1], got {self.retrieval_depth}")
-        lo, hi = self.attention_layers
+        keystore.check_read_mode(self.read_mode)
+        if not 0 <= self.read_tokens <= self.tail_tokens or not (
+            self.read_tokens or self.tail_tokens
+        ):
+            raise ConfigError(
+                f"read_tokens must lie in [0, tail_tokens={self.tail_tokens}] (0 = the tail, "
+                f"which must then be >= 1), got {self.read_tokens}"
+            )
+        if self.read_mode == "faithful" and self.step_tokens > self.stream_read_tokens:
+            raise ConfigError(
+                f"the faithful read needs step_tokens ({self.step_tokens}) <= read_tokens "
+                f"({self.stream_read_tokens}; 0 = tail_tokens): each stream forward reads the "
+                "tokens that arrived since the last one, all in the L0 tail"
+            )
+        if self.context_query_tokens < 1:
+            raise ConfigError(
+                f"context_query_tokens must be >= 1, got {self.context_query_tokens}"
+            )
+        lo, hi = self.attention_window
         if not 0.0 <= lo <= hi <= 1.0:
             raise ConfigError(
                 "attention_layers must be fractions 0 <= lo <= hi <= 1, "
@@ -105,25 +142,62 @@ class PreparedTask:
     needle: np.ndarray  # (n,) bool: token overlaps a needle span
     question_tokens: int
     wc: WorkingContext  # the recency cover at question time (copy it before refocusing)
+    query: slice = field(default_factory=lambda: slice(0, 0))  # the question, exactly
     stream_snapshots: list[WorkingContext] = field(
         default_factory=list
     )  # covers at earlier cursors, if asked
     block_text: list[str] = field(
         default_factory=list
-    )  # (n_l1,) the text of each complete L1 block
-    query_text: str = ""  # the retrieval query: the question, or (no question) the L0 tail's text
+    )  # (n_l1,) the text of each complete L1 block, the query's own tokens left out
+    query_text: str = ""  # the retrieval query's text (``query``)
     block_hidden: np.ndarray | None = None  # (n_l1, d) pooled hidden state of each block read alone
     block_surprisal: np.ndarray | None = None  # (n_l1,) mean token NLL of each block read alone
     query_hidden: np.ndarray | None = None  # (d,) pooled hidden state of the query read alone
-    block_attention: np.ndarray | None = None  # (n_l1,) the last token's attention mass per block
-    attention_probs: np.ndarray | None = None  # (L, H, n) the last token's attention per token
+    read_mode: str = "faithful"  # what the attention inputs read (``sim.keystore.READ_MODES``)
+    attention_probs: np.ndarray | None = None  # (L, H, n) the question's attention, question time
+    stream_keys: list | None = None  # faithful: per layer (KVH, n, hd) keys of the stream read
+    read_cost: dict = field(default_factory=dict)  # the attention read's positions and seconds
     answer_relevance: np.ndarray | None = None  # (n_l1,) the answer's attention per block (labels)
-    attention_s: float = 0.0  # seconds the attention forward (and the cheap label) took
+    attention_s: float = 0.0  # seconds the attention forwards (and the cheap label) took
     block_lexical: np.ndarray | None = None  # (n_l1,) BM25 of each block against the query
+    _attention: dict = field(default_factory=dict, repr=False)  # cover -> question attention
 
     @property
     def n_tokens(self) -> int:
         return int(self.ids.shape[0])
+
+    def question_attention(self, wc: WorkingContext, oracle: LMOracle) -> np.ndarray:
+        """(L, H, n) the attention of the question's last token over the stream's keys when the
+        LM reads the working context ``wc`` (a cover of this task at question time). Faithful: the
+        query from one forward over ``wc`` (each zoom round reads its own context; cached per
+        cover), the keys from the stream read. Full read: the one forward over the whole stream,
+        whatever ``wc`` is."""
+        if self.attention_probs is None:
+            raise ValueError("this task was prepared without attention: "
+                             "prepare_task(..., attention=True)")
+        if self.read_mode == "full-read" or _same_cover(wc, self.wc):
+            return self.attention_probs
+        key = (wc.levels.tobytes(), wc.indices.tobytes())
+        if key not in self._attention:
+            t0 = time.perf_counter()
+            store = keystore.faithful_store(oracle, self.stream_keys, wc, wc.block_size)
+            self._attention[key] = store.probs(-1).astype(np.float32)
+            self.attention_s += time.perf_counter() - t0
+        return self._attention[key]
+
+    def block_attention(
+        self, wc: WorkingContext, oracle: LMOracle, layers: range | list[int]
+    ) -> np.ndarray:
+        """(n_l1,) the attention baseline's relevance: the question's attention mass
+        (``question_attention``) on each complete L1 block, averaged over every head of
+        ``layers``, with the sink token left out (``sim.keystore.drop_sink``): a block is scored
+        on its content, block 0 included."""
+        probs = self.question_attention(wc, oracle)[list(layers)]
+        return block_mass(keystore.drop_sink(probs), wc.block_size)
+
+
+def _same_cover(a: WorkingContext, b: WorkingContext) -> bool:
+    return np.array_equal(a.levels, b.levels) and np.array_equal(a.indices, b.indices)
 
 
 class CharTokenizer:
@@ -163,10 +237,12 @@ def tokenize_task(
     return ids, answer, needle, len(ids) - q_start, offsets
 
 
-def query_tokens(n_tokens: int, question_tokens: int, tail_tokens: int) -> slice:
-    """The retrieval query's stream positions: the question, or the last ``tail`` tokens when the
-    task has none (code continuation: the text being continued)."""
-    return slice(n_tokens - (question_tokens or min(tail_tokens, n_tokens)), n_tokens)
+def query_span(n_tokens: int, question_tokens: int, config: TaskWorldConfig) -> slice:
+    """The query's stream positions, the same for every reader (BM25, dense retrieval, LensNet):
+    exactly the task's question, or, for a task without one (code continuation), the stream's last
+    ``config.context_query_tokens`` tokens (the text being continued)."""
+    width = question_tokens or min(config.context_query_tokens, n_tokens)
+    return slice(n_tokens - width, n_tokens)
 
 
 def prepare_task(
@@ -182,13 +258,15 @@ def prepare_task(
 ) -> PreparedTask:
     """Tokenise, build the tree, stream the cursor to question time (recency restores), and (with
     ``features``) compute the block-alone hidden states and surprisal the heuristic baselines use;
-    with ``attention``, the last token's attention over the whole stream (one more forward of the
-    stream, ``sim.keystore``): per token (``attention_probs``, LensNet's attention features) and per
-    block (``block_attention``, the attention baseline's); with ``answer_attention`` that forward
-    also reads the answer teacher-forced after the stream and gives the cheap label's per-block
-    relevance (``answer_relevance``, ``sim.features.answer_relevance``).
-    ``stream_every`` > 0 keeps a copy of the cover every that many stream steps (stream-time
-    labels)."""
+    with ``attention``, the question's attention over the stream in ``config.read_mode``
+    (``attention_probs``; later covers through ``PreparedTask.question_attention``): faithful, the
+    stream's keys as the working context read them (one forward per ``read_tokens``, kept in
+    ``stream_keys``) and the question's query from the question-time cover; full read, one forward
+    of the whole stream. ``answer_attention`` (labels: privileged by design) also runs the full
+    read with the answer teacher-forced after the stream and gives the cheap label's per-block
+    relevance (``answer_relevance``, ``sim.features.answer_relevance``); in full-read mode that one
+    forward serves both. ``stream_every`` > 0 keeps a copy of the cover every that many stream
+    steps (stream-time labels)."""
     ids, answer, needle, q_len, offsets = tokenize_task(task, tokenizer)
     n = len(ids)
     if n + len(answer) > oracle.max_positions:
@@ -210,32 +288,40 @@ def prepare_task(
     tree.ingest(
         ids, oracle.token_embeddings(ids)
     )  # append-only: the same gists as streaming K at a time
-    wc, snapshots = stream_cover(tree, n, q_len, config, stream_every, task.get("id"))
+    faithful = attention and config.read_mode == "faithful"
+    wc, snapshots, reads = stream_cover(tree, n, q_len, config, stream_every, task.get("id"),
+                                        record_reads=faithful)
     text = task["context"] + task["question"]
-    n_l1, query = n // b, query_tokens(n, q_len, config.tail_tokens)
-    blocks = [text[offsets[j * b, 0] : offsets[(j + 1) * b - 1, 1]] for j in range(n_l1)]
-    pt = PreparedTask(
-        task, ids, answer, needle, q_len, wc, snapshots, blocks, text[offsets[query.start, 0] :]
-    )
+    n_l1, query = n // b, query_span(n, q_len, config)
+    q_char = int(offsets[query.start, 0])  # the query's own text never scores a block
+    blocks = [text[offsets[j * b, 0] : min(offsets[(j + 1) * b - 1, 1], q_char)]
+              if j * b < query.start else "" for j in range(n_l1)]
+    pt = PreparedTask(task, ids, answer, needle, q_len, wc, query, snapshots, blocks,
+                      text[q_char:], read_mode=config.read_mode)
     pt.block_lexical = bm25_relevance(blocks, pt.query_text)
     if features:
         layer = round(config.retrieval_depth * oracle.model.config.num_hidden_layers)
         hidden, pt.block_surprisal, q_hidden = block_features(oracle, ids, b, ids[query], layer)
         pt.block_hidden, pt.query_hidden = hidden[0], q_hidden[0]
-    if attention or answer_attention:
-        layers = attention_layer_range(
-            config.attention_layers, oracle.model.config.num_hidden_layers
-        )
-        # one forward: the stream (and, for the cheap label, the answer teacher-forced after it)
-        t0 = time.perf_counter()
+    t0 = time.perf_counter()
+    if answer_attention or (attention and not faithful):
+        # the full read: the stream (and, for the cheap label, the answer teacher-forced after it)
         read_ids = np.concatenate([ids, answer[:-1]]) if answer_attention else ids
         store = keystore.read(oracle, read_ids, b, n_queries=len(answer) if answer_attention else 1)
-        probs = store.probs(0 if answer_attention else -1, n_keys=n)  # the last stream token's
-        pt.attention_probs = probs.astype(np.float32)
-        pt.block_attention = block_mass(probs[list(layers)], b)
+        if attention and not faithful:
+            pt.attention_probs = store.probs(0 if answer_attention else -1, n_keys=n).astype(
+                np.float32)  # the last stream token's
+            pt.read_cost = {"positions": len(read_ids), "forwards": 1}
         if answer_attention:
             pt.answer_relevance = answer_relevance(store, n, b)
-        pt.attention_s = time.perf_counter() - t0
+    if faithful:
+        pt.stream_keys, pt.read_cost = keystore.stream_read(oracle, reads)
+        store = keystore.faithful_store(oracle, pt.stream_keys, wc, b)
+        pt.attention_probs = store.probs(-1).astype(np.float32)
+        pt.read_cost["positions"] += len(wc)  # the question-time forward
+    pt.attention_s = time.perf_counter() - t0
+    if pt.read_cost:
+        pt.read_cost.setdefault("seconds", pt.attention_s)
     return pt
 
 
@@ -246,14 +332,19 @@ def stream_cover(
     config: TaskWorldConfig,
     stream_every: int = 0,
     task_id=None,
-) -> tuple[WorkingContext, list[WorkingContext]]:
+    record_reads: bool = False,
+) -> tuple[WorkingContext, list[WorkingContext], list[keystore.StreamRead]]:
     """The question-time recency cover of the tree's first ``n`` tokens under ``config``'s budget:
     the cursor advances K tokens a step, each step's budget restored oldest first; then (with
     ``question_tail``) only the question stays protected. Also the covers every ``stream_every``
-    steps (0: none). ``TaskError`` when the budget cannot hold the stream."""
+    steps (0: none), and (``record_reads``) the faithful stream reads: once ``read_tokens`` new
+    tokens have arrived (and at the end), the restored cover with those tokens at L0 at its end
+    (``sim.keystore.stream_read``). ``TaskError`` when the budget cannot hold the stream."""
     wc = WorkingContext(tree, ContextConfig(w_max=config.w_max, tail_tokens=config.tail_tokens))
     restore = FocusAllocator(config.allocator)
     snapshots: list[WorkingContext] = []
+    reads: list[keystore.StreamRead] = []
+    read_from = 0
     try:
         while wc.n_tokens < n:
             wc.append_tokens(min(config.step_tokens, n - wc.n_tokens))
@@ -261,19 +352,37 @@ def stream_cover(
             step = wc.n_tokens // config.step_tokens
             if stream_every and step % stream_every == 0 and wc.n_tokens < n - config.tail_tokens:
                 snapshots.append(wc.copy())
+            # read before the next step would take the unread tokens past read_tokens (<= R: the
+            # newest R tokens are the protected tail, so every unread token stands at L0)
+            fresh = wc.n_tokens - read_from
+            if record_reads and (fresh + config.step_tokens > config.stream_read_tokens
+                                 or wc.n_tokens == n):
+                reads.append(keystore.StreamRead(wc.copy(), read_from, wc.n_tokens))
+                read_from = wc.n_tokens
     except BudgetExhausted as err:  # name the task; any other exception is a bug and propagates
         raise TaskError(f"task {task_id!r} ({n} tokens): {err}") from err
     if config.question_tail and question_tokens:
         wc.shrink_tail(question_tokens)
-    return wc, snapshots
+    return wc, snapshots, reads
 
 
-def with_budget(pt: PreparedTask, config: TaskWorldConfig) -> PreparedTask:
-    """``pt`` at another budget (``config``'s W_max and tail; the same tree and per-block features):
-    only the question-time cover is streamed again, so a W_max sweep computes each task's features
-    once."""
-    wc, _ = stream_cover(pt.wc.tree, pt.n_tokens, pt.question_tokens, config, 0, pt.task.get("id"))
-    return replace(pt, wc=wc, stream_snapshots=[])
+def with_budget(pt: PreparedTask, config: TaskWorldConfig, oracle: LMOracle) -> PreparedTask:
+    """``pt`` at another budget (``config``'s W_max and tail; the same tree and per-block
+    features): the question-time cover is streamed again, so a W_max sweep computes each task's
+    block features once. In the faithful mode the stream's keys depend on the budget (each block
+    was read with the working context before it), so the stream is read again too."""
+    faithful = pt.read_mode == "faithful" and pt.attention_probs is not None
+    wc, _, reads = stream_cover(pt.wc.tree, pt.n_tokens, pt.question_tokens, config, 0,
+                                pt.task.get("id"), record_reads=faithful)
+    out = replace(pt, wc=wc, stream_snapshots=[], _attention={})
+    if faithful:
+        t0 = time.perf_counter()
+        out.stream_keys, out.read_cost = keystore.stream_read(oracle, reads)
+        store = keystore.faithful_store(oracle, out.stream_keys, wc, wc.block_size)
+        out.attention_probs = store.probs(-1).astype(np.float32)
+        out.read_cost["positions"] += len(wc)
+        out.attention_s = time.perf_counter() - t0
+    return out
 
 
 def zoom(
@@ -290,7 +399,8 @@ def zoom(
     rounds = n_expand = n_collapse = 0
     t0 = time.perf_counter()
     for _ in range(config.rounds):
-        view = FocusView(wc, config.n_tail_gists, oracle, pt.answer_ids, config.lookahead, pt)
+        view = FocusView(wc, config.n_tail_gists, oracle, pt.answer_ids, config.lookahead, pt,
+                         config.attention_window)
         acts = alloc.step(wc, policy.scores(view))
         rounds += 1
         chosen = [a for a in acts if not a.forced]
