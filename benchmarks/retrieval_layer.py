@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> dict:
     from sim.features import block_features, dense_relevance
     from sim.run import versions
     from sim.tasks import ALL_KINDS, TaskConfig, generate_tasks
-    from sim.taskworld import CharTokenizer, TaskError, TaskWorldConfig, prepare_task, query_tokens
+    from sim.taskworld import CharTokenizer, TaskError, TaskWorldConfig, prepare_task
 
     args = parse(RetrievalLayerArgs, argv)
     out = Path(args.out)
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> dict:
                     TaskError
                 ):  # e.g. a question longer than the tail under a character tokenizer
                     continue
-                q = query_tokens(pt.n_tokens, pt.question_tokens, world.tail_tokens)
+                q = pt.query
                 hidden, _, q_hidden = block_features(
                     oracle, pt.ids, world.block_size, pt.ids[q], layers
                 )

@@ -1,6 +1,7 @@
 """Task files: one task a JSON line (UTF-8), written atomically and read back with every bad line
 named by file and line (``TaskFileError``), so an evaluator can skip bad lines or stop at the
-first one.
+first one; and the guard that keeps a sealed test split (``sim.tasks.sealed``) out of every command
+that trains, calibrates or selects (``refuse_sealed``).
 """
 
 from __future__ import annotations
@@ -9,6 +10,11 @@ import json
 import os
 from pathlib import Path
 from typing import Any
+
+from megacontext.tree import ConfigError
+
+SEALED_MANIFEST = "SEALED.json"
+"""The file ``sim.tasks.sealed`` writes beside a sealed split's task files."""
 
 
 class TaskFileError(ValueError):
@@ -98,3 +104,38 @@ def read_tasks(path: str | os.PathLike, max_chars: int | None = None) -> list[di
     if errors or not tasks:
         raise errors[0] if errors else TaskFileError(path, 0, "no tasks in the file")
     return tasks
+
+
+def is_sealed(path: str | os.PathLike) -> bool:
+    """Whether a task file belongs to a sealed test split: a ``SEALED.json`` in its folder, or any
+    line whose ``meta.sealed`` is true (so a copy or a slice of a sealed file stays sealed). A
+    missing file is not sealed (its reader names it); a line that is not JSON is the reader's
+    error, not this guard's."""
+    path = Path(path)
+    if (path.parent / SEALED_MANIFEST).exists():
+        return True
+    if not path.is_file():
+        return False
+    with open(path, "rb") as f:
+        for raw in f:
+            if b'"sealed"' not in raw:  # most lines: no JSON decode
+                continue
+            try:
+                task = json.loads(raw)
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                continue
+            meta = task.get("meta") if isinstance(task, dict) else None
+            if isinstance(meta, dict) and meta.get("sealed") is True:
+                return True
+    return False
+
+
+def refuse_sealed(path: str | os.PathLike, command: str) -> None:
+    """Raise ``ConfigError`` when ``path`` is a sealed test-split file (``is_sealed``): ``command``
+    trains, calibrates or selects, and the sealed split is evaluated once, by ``sim.evaluate
+    --open-sealed`` in the committed script, never read before."""
+    if is_sealed(path):
+        raise ConfigError(
+            f"{path} is a sealed test-split file (meta.sealed); {command} trains/calibrates/"
+            f"selects and may not read it; use a dev file"
+        )
