@@ -4,9 +4,12 @@ run's policies, e.g. an ablation's ``lensnet``). ``--seeds ROW=P1,P2,...`` adds 
 policies that are training seeds of one scorer (``sim.evaluate --lensnets``): the mean exact match
 over the seeds, each seed's count, the mean answer NLL and focus recall.
 
-One row per policy, one column group per run (its folder name): exact match with its 95 %
-bootstrap interval, answer NLL, focus recall and, where the run has the oracle, NGR. Reads each
-run's ``results.json`` only, so a table in the docs is rebuilt from the committed folders.
+One row per policy, one column group per run (its folder name and read mode, DESIGN §11: a run
+without one predates the faithful mode and read the whole stream, 'full-read'): exact match with
+its 95 % bootstrap interval, answer NLL, focus recall, LensNet's cost per round against one LM
+forward at W_max and, where the run has the oracle, NGR. ``--edges`` prints a second table: exact
+match at the edges of the needle depth range and in its interior (``by_depth``). Reads each run's
+``results.json`` only, so a table in the docs is rebuilt from the committed folders.
 """
 
 from __future__ import annotations
@@ -25,10 +28,33 @@ def _cell(r: dict) -> str:
     out = f"{em}, {r['answer_nll']:.3f}"
     if r.get("focus_recall") is not None:
         out += f", {r['focus_recall']:.2f}"
+    if r.get("cost_vs_lm_forward") is not None:
+        out += f", cost {r['cost_vs_lm_forward']:.3f}"
     if r.get("ngr") is not None:
         lo, hi = r.get("ngr_ci95") or (float("nan"), float("nan"))
         out += f", NGR {r['ngr']:.2f} [{lo:.2f}, {hi:.2f}]"
     return out
+
+
+def _edge_cell(r: dict) -> str:
+    """Exact match at the depth range's edges and in its interior (``by_depth``)."""
+    parts = r.get("by_depth")
+    if not parts:
+        return "–"
+    return " / ".join(
+        "–" if p["exact_match"] is None else f"{round(p['exact_match'] * p['n'])}/{p['n']}"
+        for p in (parts["edge"], parts["interior"])
+    )
+
+
+def read_mode(config: dict) -> str:
+    """A run's read mode; runs from before the faithful mode read the whole stream."""
+    return config.get("read_mode", "full-read")
+
+
+def _header(name: str, res: dict) -> str:
+    modes = list(dict.fromkeys(read_mode(c) for c in res["configs"]))
+    return f"{name} ({' + '.join(modes)})"
 
 
 def load_merged(dirs: str) -> dict:
@@ -68,20 +94,24 @@ def _seed_cell(rs: list[dict]) -> str:
     return out
 
 
-def table(run_dirs: list[str | Path], seeds: dict[str, list[str]] | None = None) -> str:
+def table(
+    run_dirs: list[str | Path], seeds: dict[str, list[str]] | None = None, edges: bool = False
+) -> str:
     """The markdown table of ``run_dirs`` (policies in the first run's order, then any others),
-    then a row per ``seeds`` entry (row name -> the policies that are its training seeds)."""
+    then a row per ``seeds`` entry (row name -> the policies that are its training seeds).
+    ``edges``: each cell is exact match at the depth range's edges / in its interior instead."""
     runs = [_load(d) for d in run_dirs]
     names: list[str] = []
     for _, res in runs:
         names += [n for n in res["policies"] if n not in names]
-    head = "| policy | " + " | ".join(name for name, _ in runs) + " |"
+    head = "| policy | " + " | ".join(_header(name, res) for name, res in runs) + " |"
     rows = [head, "| --- |" + " --- |" * len(runs)]
+    show = _edge_cell if edges else _cell
     for policy in names:
-        cells = [_cell(res["policies"][policy]) if policy in res["policies"] else "–"
+        cells = [show(res["policies"][policy]) if policy in res["policies"] else "–"
                  for _, res in runs]
         rows.append(f"| {policy} | " + " | ".join(cells) + " |")
-    for row, members in (seeds or {}).items():
+    for row, members in ({} if edges else seeds or {}).items():
         cells = []
         for _, res in runs:
             found = [res["policies"][m] for m in members if m in res["policies"]]
@@ -105,10 +135,16 @@ def main(argv: list[str] | None = None) -> None:
                     help="a sim.evaluate run folder, NAME=RUN1+RUN2 or RUN#SUFFIX")
     ap.add_argument("--seeds", type=_seed_spec, action="append", default=[],
                     metavar="ROW=P1,P2,...", help="a row pooling the training seeds of one scorer")
+    ap.add_argument("--edges", action="store_true",
+                    help="exact match at the needle depth's edges / in its interior instead")
     args = ap.parse_args(argv)
-    print("cells: exact match [95 % CI], answer NLL, focus recall (, NGR [95 % CI]); seed rows: "
-          "mean exact match (each seed's count), mean answer NLL, mean focus recall")
-    print(table(args.runs, dict(args.seeds)))
+    if args.edges:
+        print("cells: exact match with the needle at depth < 0.1 or > 0.9 (edges) / in between")
+    else:
+        print("cells: exact match [95 % CI], answer NLL, focus recall (, LensNet's cost per round "
+              "/ one LM forward at W_max) (, NGR [95 % CI]); seed rows: mean exact match (each "
+              "seed's count), mean answer NLL, mean focus recall")
+    print(table(args.runs, dict(args.seeds), args.edges))
 
 
 if __name__ == "__main__":

@@ -64,10 +64,12 @@ def main(argv: list[str] | None = None) -> dict:
     from megacontext.lm_oracle import LMOracle
     from sim import keystore
     from sim.run import versions
-    from sim.tasks.jsonl import read_tasks
+    from sim.tasks.jsonl import read_tasks, refuse_sealed
     from sim.taskworld import CharTokenizer, tokenize_task
 
     args = parse(CheapLabelRuleArgs, argv)
+    for path in args.tasks:  # a rule chosen here is a design choice: never on the sealed split
+        refuse_sealed(path, "benchmarks.cheap_label_rule")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "command.txt").write_text(

@@ -64,18 +64,20 @@ def main(argv: list[str] | None = None) -> dict:
     from sim import keystore
     from sim.features import attention_layer_range, block_mass, bm25_relevance, lensnet_item
     from sim.tasks import TaskConfig, generate_tasks
-    from sim.tasks.jsonl import read_tasks
+    from sim.tasks.jsonl import read_tasks, refuse_sealed
     from sim.taskworld import ATTENTION_LAYERS, TaskWorldConfig, prepare_task, tokenize_task
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--n-tasks", type=int, default=8, help="tasks read from each train file")
     ap.add_argument("--lensnet", default=None, help="a task LensNet (default: a random one)")
     args = ap.parse_args(argv)
+    for path in TRAIN_FILES:  # this benchmark informs design choices: never the sealed split
+        refuse_sealed(path, "benchmarks.keystore")
     torch.set_grad_enabled(False)
     model, tok = load_lm("smollm2")
     oracle = LMOracle(model)
     n_layers = model.config.num_hidden_layers
-    layers = list(attention_layer_range(ATTENTION_LAYERS, n_layers))
+    layers = list(attention_layer_range(ATTENTION_LAYERS["full-read"], n_layers))
     b = 32
     ranks: dict[str, list[int]] = {"full": [], "mean": []}
     bytes_per_token = {}
@@ -87,8 +89,7 @@ def main(argv: list[str] | None = None) -> dict:
             needle_blocks = [j for j in np.unique(np.flatnonzero(needle) // b) if j < n_blocks]
             for mode in ranks:
                 bytes_per_token[mode] = store.bytes_per_token(mode)
-                rel = block_mass(store.probs(-1, mode)[layers], b)[:n_blocks]
-                rel[0] = -np.inf
+                rel = block_mass(keystore.drop_sink(store.probs(-1, mode)[layers]), b)[:n_blocks]
                 best = max(rel[j] for j in needle_blocks)
                 ranks[mode].append(int((rel > best).sum()) + 1)
     accuracy = {
@@ -126,7 +127,8 @@ def main(argv: list[str] | None = None) -> dict:
 
         def lens_round(pt=pt, wc=wc):
             item = lensnet_item(wc, world.n_tail_gists, lens.config.n_query_tokens,
-                                pt.attention_probs, lens.config.feature_set, pt.block_lexical)
+                                pt.question_attention(wc, oracle), lens.config.feature_set,
+                                pt.block_lexical, pt.query)
             lens.score(collate([item]))
 
         t_lens = _best(lens_round)

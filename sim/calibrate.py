@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from megacontext.tree import ConfigError
 from sim.world import Episode, WorldConfig, evaluate_policy
 
 DEFAULT_GRID: tuple[float, ...] = (0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0, 8.0)
@@ -96,6 +97,12 @@ def fit_task_scale(
     grid = _grid(grid)
     if not tasks:
         raise ValueError("calibration needs at least one validation task")
+    sealed = [str(pt.task.get("id")) for pt in tasks if (pt.task.get("meta") or {}).get("sealed")]
+    if sealed:  # the tasks arrive prepared: their meta is what is left of a sealed file
+        raise ConfigError(
+            f"tasks {sealed[:3]} are sealed test-split tasks (meta.sealed); sim.calibrate "
+            f"trains/calibrates/selects and may not read them; use dev tasks"
+        )
     def means(policy) -> tuple[float, float, float]:  # mean answer NLL, exact match, expands
         rs = [answer_task(policy, pt, oracle, config) for pt in tasks]
         return tuple(float(np.mean([r[k] for r in rs]))

@@ -6,16 +6,20 @@
 
 Every task streams ``context + question`` through the tree to question time (``sim.taskworld``);
 each policy then zooms for up to ``--world.zoom-rounds`` rounds through the same allocator at the
-same W_max, and the answer is scored. Writes ``DIR/tasks.jsonl`` (one row per task and policy,
-flushed
-as it goes, so an interrupted run keeps what it measured) and ``DIR/results.json``::
+same W_max, and the answer is scored. Decisions read the LM in ``--world.read-mode`` (DESIGN §11):
+``faithful`` (the default: keys from the stream as its working context read it, the question's
+query from each round's working context) or ``full-read`` (privileged: one forward over the whole
+stream; report it only beside a faithful run). ``--resume`` continues an interrupted run. Writes
+``DIR/tasks.jsonl`` (one row per task and policy, flushed as it goes, so an interrupted run keeps
+what it measured) and ``DIR/results.json``::
 
-    {"config": {"w_max": ..., ...},
+    {"config": {"read_mode": "faithful" | "full-read", "w_max": ..., ...},
      "policies": {"<name>": {"exact_match": float, "answer_nll": float,
                              "focus_recall": float | null, "n": int,
                              "ngr": float, "ngr_ci95": [lo, hi], ...}},  # ngr: when recency and
                              oracle ran
      "grid": {"<name>": {"<length>": {"<depth>": exact_match}}},
+     "read_cost": {"positions_per_token": ..., ...},  # the attention read (None: none ran)
      "n_tasks": int,  # tasks evaluated (a skipped line is in "errors", not here)
      "errors": [...], ...}
 
@@ -33,7 +37,7 @@ import json
 import shlex
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -41,7 +45,7 @@ from tqdm.auto import tqdm
 
 from megacontext.cli import parse, to_argv, to_dict
 from megacontext.tree import ConfigError
-from sim.policies import LensNetPolicy, LensNetRank, build_policy, policy_names
+from sim.policies import LensNetPolicy, LensNetRank, build_policy, check_query_fits, policy_names
 from sim.policy import PolicyContext
 from sim.scoring import answer_task, needle_level
 from sim.taskworld import TaskError, TaskWorldConfig, prepare_task
@@ -51,6 +55,10 @@ DEFAULT_POLICIES = (
     "lensnet,lensnet_rank,recency,sinks,random,retrieval,bm25,attention,surprisal,full"
 )
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
+EDGE_DEPTH = 0.1
+"""Needle depths below this or above 1 - this are the edges, reported apart from the interior
+(``by_depth`` in results.json): at depth 0 the needle shares block 0 with the sink token, at depth
+1 it stands next to the question."""
 
 
 def portable_path(path: str | Path | None) -> str | None:
@@ -85,7 +93,8 @@ class EvaluateArgs:
     """'smollm2', 'tiny' (random-init test LM, character tokenizer) or a local model folder."""
     lensnet: str = "auto"
     """LensNet checkpoint; 'auto' = the shipped one (lensnet/checkpoints) when it was trained for
-    this LM and for the task kind of every task in the file, else none."""
+    this LM and for the task kind of every task in the file, else an error when --policies names
+    lensnet or lensnet_rank."""
     lensnets: tuple[str, ...] = ()
     """Further LensNet checkpoints, each NAME=CKPT: policy NAME (as its calibration gates it) and
     NAME_rank (its order), run beside --policies on the same prepared tasks (other training seeds,
@@ -100,6 +109,14 @@ class EvaluateArgs:
     against the compression ratio in OUT/sweep/ (compression_sweep.png and .json)."""
     progress: bool = True
     """Progress bars."""
+    resume: bool = False
+    """Continue an interrupted run in --out: tasks whose rows (every policy) are in its
+    tasks.jsonl are kept and not run again; the run's command (command.txt) must be the same.
+    results.json then summarises every row. Not with --w-max-sweep."""
+    open_sealed: bool = False
+    """Read a sealed test-split file (python -m sim.tasks.sealed; refused without this flag).
+    Evaluating the sealed split is done once, by the committed script (scripts/sealed_test.sh), at
+    the end of a study; the flag is recorded in results.json's config."""
     world: TaskWorldConfig = field(default_factory=TaskWorldConfig)
 
 
@@ -115,16 +132,14 @@ def _policy_objects(
 
         lens_path = default_lensnet_path(model, kind) if args.lensnet == "auto" else args.lensnet
         if lens_path is None:
-            skipped = [n for n in names if n in ("lensnet", "lensnet_rank")]
-            print(
-                f"note: no shipped LensNet fits this LM and these tasks (shipped: trained on "
-                f"{shipped_lensnet_task()} tasks; these: {kind or 'mixed or unnamed kinds'}); "
-                f"{skipped} skipped (pass --lensnet CKPT to use a checkpoint anyway)",
-                file=sys.stderr,
+            asked = [n for n in names if n in ("lensnet", "lensnet_rank")]
+            raise ConfigError(
+                f"--policies names {', '.join(asked)} but no shipped LensNet fits this LM and "
+                f"these tasks (shipped: trained on {shipped_lensnet_task()} tasks; these: "
+                f"{kind or 'mixed or unnamed kinds'}): pass --lensnet CKPT, or leave "
+                f"lensnet/lensnet_rank out of --policies"
             )
-            names = [n for n in names if n not in skipped]
-        else:
-            lens = load_model(lens_path, device)
+        lens = load_model(lens_path, device)
     ctx = PolicyContext(seed=args.seed, lensnet=lens, device=str(device))
     return [build_policy(name, ctx, "tasks") for name in names] + _extra_lensnets(
         args.lensnets, names, device
@@ -173,6 +188,15 @@ def summarise(rows: list[dict], names: list[str]) -> tuple[dict, dict]:
             "policy_ms": 1e3 * float(np.mean([r["policy_s"] for r in rs])),
             "compression": float(np.mean([r["n_tokens"] / r["w_max"] for r in rs])),
         }
+        depths = [(r["depth"], r["exact_match"]) for r in rs if r.get("depth") is not None]
+        if depths:  # the edges of the depth range (the sink's block, the question's) apart
+            d, em_d = np.array(depths).T
+            edge = (d < EDGE_DEPTH) | (d > 1 - EDGE_DEPTH)
+            policies[name]["by_depth"] = {
+                part: {"n": int(sel.sum()),
+                       "exact_match": float(em_d[sel].mean()) if sel.any() else None}
+                for part, sel in (("edge", edge), ("interior", ~edge))
+            }
         levels = [r["needle_level"] for r in rs if r.get("needle_level") is not None]
         if (
             levels
@@ -278,6 +302,7 @@ def _evaluate(args: EvaluateArgs) -> dict:
     from megacontext.lm_oracle import LMOracle
     from sim.run import versions
     from sim.tasks import scan_tasks
+    from sim.tasks.jsonl import is_sealed
     from sim.taskworld import CharTokenizer
 
     if not args.tasks:
@@ -286,6 +311,11 @@ def _evaluate(args: EvaluateArgs) -> dict:
     bad = [n for n in names if n not in POLICIES]
     if bad or not names:
         raise ConfigError(f"--policies: unknown {bad} (choose from {', '.join(POLICIES)})")
+    if not args.open_sealed and is_sealed(args.tasks):
+        raise ConfigError(
+            f"{args.tasks} is a sealed test-split file (meta.sealed): it is evaluated once, by the "
+            f"committed script (scripts/sealed_test.sh, with --open-sealed); use a dev file"
+        )
     lines: dict[str, int] = {}
     tasks, errors = scan_tasks(args.tasks, lines=lines)
     error_rows = [{"line": e.line, "error": str(e)} for e in errors]
@@ -293,9 +323,12 @@ def _evaluate(args: EvaluateArgs) -> dict:
         print(f"error: {e} (skipped)", file=sys.stderr)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "command.txt").write_text(
-        " ".join(["python -m sim.evaluate", *map(shlex.quote, to_argv(args))]) + "\n"
-    )
+    command = " ".join(["python -m sim.evaluate",
+                        *map(shlex.quote, to_argv(replace(args, resume=False)))]) + "\n"
+    done_rows = _resumed_rows(out, command) if args.resume else []
+    if args.resume and args.w_max_sweep:
+        raise ConfigError("--resume does not combine with --w-max-sweep")
+    (out / "command.txt").write_text(command)
     if not args.progress:
         from transformers.utils import logging as hf_logging
 
@@ -309,7 +342,8 @@ def _evaluate(args: EvaluateArgs) -> dict:
     policies, lens_path = _policy_objects(names, args, model, oracle.device, kind)
     needs_features = any(p.needs_features for p in policies)
     needs_attention = any(p.needs_attention for p in policies)
-    rows: list[dict] = []
+    rows: list[dict] = list(done_rows)
+    done = {r["id"] for r in done_rows}
     sweep_rows: dict[int, list[dict]] = {}
     sweep_errors: dict[int, list[dict]] = {}
     t_start = time.perf_counter()
@@ -317,12 +351,12 @@ def _evaluate(args: EvaluateArgs) -> dict:
         str, float
     ] = {}  # seconds: streaming + features of every task, and each policy (zoom + answer)
     lm_forward_s: list[float] = []
-    n_evaluated = (
-        0  # tasks that streamed to question time (a skipped line counts under errors only)
-    )
-    with (out / "tasks.jsonl").open("w") as log:
+    n_evaluated = len(done)  # tasks that streamed to question time (a skipped line: errors)
+    with (out / "tasks.jsonl").open("a" if args.resume else "w") as log:
         for task in tqdm(tasks, desc="tasks", disable=not args.progress):
             line = lines.get(str(task["id"]))
+            if task["id"] in done:
+                continue
             try:
                 t0 = time.perf_counter()
                 pt = prepare_task(
@@ -335,12 +369,14 @@ def _evaluate(args: EvaluateArgs) -> dict:
                     attention=needs_attention,
                 )
                 spent["prepare"] = spent.get("prepare", 0.0) + time.perf_counter() - t0
+                check_query_fits(pt, policies)
             except TaskError as err:
                 msg = f"{args.tasks}: line {line}: {err}"
                 print(f"error: {msg} (skipped)", file=sys.stderr)
                 error_rows.append({"line": line, "error": msg})
                 continue
             n_evaluated += 1
+            read = {f"read_{k}": v for k, v in pt.read_cost.items()}  # the task's attention read
             meta = task.get("meta") or {}
             level = needle_level(pt)
             main_rows = len(rows)
@@ -362,6 +398,7 @@ def _evaluate(args: EvaluateArgs) -> dict:
                     "kind": meta.get("kind"),
                     "group": str(meta.get("module", task["id"])),
                     "needle_level": level,
+                    **read,
                     **r,
                 }
                 rows.append(row)
@@ -386,6 +423,7 @@ def _evaluate(args: EvaluateArgs) -> dict:
             )
     results = {
         "config": {
+            "read_mode": args.world.read_mode,
             "w_max": args.world.w_max,
             "tail_tokens": args.world.tail_tokens,
             "zoom_rounds": args.world.rounds,
@@ -407,6 +445,7 @@ def _evaluate(args: EvaluateArgs) -> dict:
         "errors": error_rows,
         "n_tasks": n_evaluated,
         "lm_forward_ms_at_w_max": None if fwd is None else 1e3 * fwd,
+        "read_cost": read_cost_summary(rows, args.world.read_mode),
         "timings": {
             "total_s": time.perf_counter() - t_start,
             **{f"{k}_s": v for k, v in spent.items()},
@@ -436,17 +475,57 @@ def _evaluate(args: EvaluateArgs) -> dict:
     return results
 
 
+def read_cost_summary(rows: list[dict], mode: str) -> dict | None:
+    """What the attention inputs cost to read, over the tasks of ``rows`` that read them: positions
+    the LM ran per stream token (a full read runs 1; the faithful read runs each stream forward
+    over its working context, plus one question-time forward), forwards and seconds per task.
+    Zoom rounds' re-reads are in each policy's ``policy_s``. None when no policy read attention."""
+    costs = {r["id"]: r for r in rows if "read_positions" in r}  # one per task
+    if not costs:
+        return None
+    tokens = sum(c["n_tokens"] for c in costs.values())
+    return {
+        "mode": mode,
+        "tasks": len(costs),
+        "positions_per_token": sum(c["read_positions"] for c in costs.values()) / tokens,
+        "forwards_per_task": float(np.mean([c["read_forwards"] for c in costs.values()])),
+        "seconds_per_task": float(np.mean([c["read_seconds"] for c in costs.values()])),
+    }
+
+
+def _resumed_rows(out: Path, command: str) -> list[dict]:
+    """The rows of an interrupted run in ``out`` to keep (``--resume``): every row of each task
+    whose rows are all there (a task cut off mid-policies runs again). A ``ConfigError`` when the
+    folder holds another command's run."""
+    if not (out / "tasks.jsonl").exists():
+        return []
+    before = (out / "command.txt").read_text() if (out / "command.txt").exists() else None
+    if before != command:
+        raise ConfigError(
+            f"--resume: {out} holds another run (command.txt: {before!r}); resume with the same "
+            "arguments or use a new --out"
+        )
+    rows = [json.loads(x) for x in (out / "tasks.jsonl").read_text().splitlines() if x.strip()]
+    per_task: dict[str, list[dict]] = {}
+    for r in rows:
+        per_task.setdefault(r["id"], []).append(r)
+    n_policies = max((len({r["policy"] for r in rs}) for rs in per_task.values()), default=0)
+    keep = [r for rs in per_task.values() if len({x["policy"] for x in rs}) == n_policies
+            for r in rs]
+    (out / "tasks.jsonl").write_text("".join(json.dumps(r) + "\n" for r in keep))
+    return keep
+
+
 def _at_budget(
     w_max: int, pt, main_rows: list[dict], policies: list, oracle, world: TaskWorldConfig
 ) -> list[dict]:
-    """One task's rows at another W_max (``with_budget``: the same features, the cover streamed
-    again); a policy that reads every token keeps its row (the budget does not touch it)."""
-    from dataclasses import replace
-
+    """One task's rows at another W_max (``with_budget``: the same block features, the cover (and
+    in the faithful mode the stream's keys) read again); a policy that reads every token keeps its
+    row (the budget does not touch it)."""
     from sim.taskworld import with_budget
 
     config = replace(world, w_max=w_max)
-    pt_w = with_budget(pt, config)
+    pt_w = with_budget(pt, config, oracle)
     level = needle_level(pt_w)
     out = []
     for p, row in zip(policies, main_rows, strict=True):

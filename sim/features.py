@@ -123,9 +123,9 @@ def lensnet_item(
     query: slice | None = None,
 ) -> dict:
     """LensNet's input for one working context of a task stream: ``wc.arrays``, with the embeddings
-    of the query's tokens (``query``: stream positions, at question time exactly the task's question,
-    ``sim.taskworld.query_span``; zero padded to ``n_query_tokens``) appended to the tail latents
-    (level 0), and, with ``probs`` (L, H, n: the question's attention over the stream,
+    of the query's tokens (``query``: stream positions, at question time exactly the task's
+    question, ``sim.taskworld.query_span``; zero padded to ``n_query_tokens``) appended to the
+    tail latents (level 0), and, with ``probs`` (L, H, n: the question's attention over the stream,
     ``PreparedTask.question_attention``), each entry's features of ``feature_set``
     (``sim.keystore.FEATURE_SETS``): the attention features (``sim.keystore.span_features``), for
     'relative-lexical' relative to the context and followed by the lexical ones from

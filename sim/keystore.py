@@ -231,11 +231,11 @@ def _attention_inputs(
     n_queries: int = 0,
 ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
     """One forward of right-padded rows ``embeds`` (B, S, d) at ``positions`` (B, S) whose first
-    ``lengths[r]`` slots are real: per layer the post-RoPE keys of every slot (B, KVH, S, hd), and
-    (``n_queries`` > 0) the post-RoPE queries of row 0's last ``n_queries`` real slots (L, H, q, hd),
-    as the LM's attention uses them. Llama-family attention (``q_proj``/``k_proj`` and a shared
-    rotary embedding) only. Causal attention never lets a real slot see the padding to its right,
-    so a row's keys do not depend on the other rows."""
+    ``lengths[r]`` slots are real: per layer the post-RoPE keys of every slot (B, KVH, S, hd),
+    and (``n_queries`` > 0) the post-RoPE queries of row 0's last ``n_queries`` real slots
+    (L, H, q, hd), as the LM's attention uses them. Llama-family attention (``q_proj``/``k_proj``
+    and a shared rotary embedding) only. Causal attention never lets a real slot see the padding
+    to its right, so a row's keys do not depend on the other rows."""
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
     model = oracle.model

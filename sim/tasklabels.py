@@ -275,6 +275,19 @@ def agreement_summary(exact_dir: str | Path, cheap_dir: str | Path | None = None
     }
 
 
+def trace_feature_set(meta: dict, path: str | Path) -> str:
+    """The per-entry feature set (``sim.keystore.FEATURE_SETS``) named by the manifest ``meta`` of
+    the trace at ``path``. A manifest without ``feature_set`` is an error, never a guess: two sets
+    can have the same width, so a LensNet would silently read features it was not built for."""
+    if not meta.get("feature_set"):
+        raise ConfigError(
+            f"{path}: the trace manifest's meta has no 'feature_set' (its entry features: "
+            f"{meta.get('n_entry_features', 0)} per entry, of an unnamed set); recompute them "
+            f"with python -m sim.tasklabels --refeature-from {path} --out DIR --feature-set SET"
+        )
+    return str(meta["feature_set"])
+
+
 def refeature(
     src: str | Path, dst: str | Path, lm: str = "smollm2", feature_set: str | None = None
 ) -> Path:
@@ -282,14 +295,15 @@ def refeature(
     the current code and the labels kept: the same tasks and covers are rebuilt from ``src``'s
     manifest (one attention forward per task, no labelling) and each cover is checked to equal the
     stored one. For exact-label traces, whose labels cost minutes a snapshot, when the features
-    change. ``feature_set`` (default: the source's) picks the recomputed features."""
+    change. ``feature_set`` (default: the one the source's manifest names, ``trace_feature_set``)
+    picks the recomputed features."""
     from gistnet.gister import resolve_gister
     from megacontext.lm import load_lm
     from megacontext.lm_oracle import LMOracle
 
     reader = TraceReader(src, require_complete=True)
     meta = reader.meta
-    feature_set = feature_set or meta.get("feature_set", "attention")
+    feature_set = feature_set or trace_feature_set(meta, src)
     args = TaskLabelArgs.from_meta(meta)
     model, tokenizer = load_lm(lm)
     oracle = LMOracle(model)
@@ -309,14 +323,15 @@ def refeature(
     for doc_id, task in enumerate(_tasks(args, tokenizer)):
         if (doc_id, 0) not in where:
             continue  # the labelling run skipped this task
-        pt = prepare_task(task, oracle, tok, w, gister, features=False, answer_attention=True)
+        pt = prepare_task(task, oracle, tok, w, gister, features=False, attention=True,
+                          answer_attention=True)
         for c, wc in enumerate(random_covers(pt, w, args.covers, args.seed * 100003 + doc_id)):
             snap = dict(reader[where[(doc_id, c)]])
             if not (np.array_equal(snap["levels"], wc.levels)
                     and np.array_equal(snap["node_index"], wc.indices)):
                 raise ConfigError(f"{src}: task {task['id']} cover {c} is not the stored one")
-            item = lensnet_item(wc, w.n_tail_gists, n_query, pt.attention_probs, feature_set,
-                                pt.block_lexical)
+            item = lensnet_item(wc, w.n_tail_gists, n_query, pt.question_attention(wc, oracle),
+                                feature_set, pt.block_lexical, pt.query)
             snap.update({k: item[k] for k in ("tail_gists", "tail_levels", "tail_mask")})
             snap[FEATURE_KEY] = item[FEATURE_KEY]
             writer.add(snap)
@@ -353,7 +368,10 @@ def generate(args: TaskLabelArgs) -> Path:
     from gistnet.gister import resolve_gister
     from megacontext.lm import load_lm
     from megacontext.lm_oracle import LMOracle
+    from sim.tasks.jsonl import refuse_sealed
 
+    if args.tasks:  # labels are training data: never from the sealed test split
+        refuse_sealed(args.tasks, "sim.tasklabels")
     i_shard, n_shard = parse_shard(args.shard)
     out = Path(args.out) if n_shard == 1 else Path(args.out) / f"part-{i_shard}-of-{n_shard}"
     if args.covers < 1 or args.query_tokens < 1:
@@ -393,11 +411,12 @@ def generate(args: TaskLabelArgs) -> Path:
         if done >= args.covers:  # whole task already on disk
             continue
         try:
-            pt = prepare_task(task, oracle, tok, w, gister, features=False, answer_attention=True)
-            if pt.question_tokens > args.query_tokens:
+            pt = prepare_task(task, oracle, tok, w, gister, features=False, attention=True,
+                              answer_attention=True)
+            if pt.query.stop - pt.query.start > args.query_tokens:
                 raise TaskError(
-                    f"task {task['id']!r}: the question ({pt.question_tokens} tokens) does not "
-                    f"fit --query-tokens {args.query_tokens}"
+                    f"task {task['id']!r}: the question ({pt.query.stop - pt.query.start} tokens)"
+                    f" is longer than --query-tokens {args.query_tokens}"
                 )
         except TaskError as err:
             print(f"skipped: {err}")
@@ -410,8 +429,9 @@ def generate(args: TaskLabelArgs) -> Path:
             if c < done:
                 continue
             t1 = time.perf_counter()
-            item = lensnet_item(wc, w.n_tail_gists, args.query_tokens, pt.attention_probs,
-                                args.feature_set, pt.block_lexical)
+            item = lensnet_item(wc, w.n_tail_gists, args.query_tokens,
+                                pt.question_attention(wc, oracle), args.feature_set,
+                                pt.block_lexical, pt.query)
             gain, cost = cheap_targets(wc, pt.answer_relevance)
             t_cheap = time.perf_counter() - t1 + t_forward / args.covers
             if args.labels == "cheap":

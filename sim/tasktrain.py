@@ -64,7 +64,8 @@ class TaskTrainArgs:
     calibrate: bool = True
     """Fit the gate and score scale on calibration tasks (else: the scale gate, scale 1)."""
     cal_tasks: str | None = None
-    """A JSONL file of calibration tasks (instead of the generated ones below)."""
+    """A JSONL file of calibration tasks (instead of the generated ones below); required when the
+    training traces were labelled from a task file (the generated ones would be other tasks)."""
     cal_first_task: int = 2000
     """First index of the calibration tasks: train-split tasks of the training traces' kinds,
     disjoint from the training and validation tasks."""
@@ -101,9 +102,12 @@ def run(args: TaskTrainArgs) -> dict:
     from sim.policies import LensNetPolicy, LensNetRank
     from sim.run import versions
     from sim.shipped import CHECKPOINT_DIR, TASKS_CHECKPOINT, lm_fingerprint
-    from sim.tasklabels import TaskLabelArgs, _tasks, agreement_summary
+    from sim.tasklabels import TaskLabelArgs, _tasks, agreement_summary, trace_feature_set
+    from sim.tasks.jsonl import refuse_sealed
     from sim.taskworld import CharTokenizer, TaskError, TaskWorldConfig, prepare_task
 
+    if args.cal_tasks:  # calibration is selection: never on the sealed test split
+        refuse_sealed(args.cal_tasks, "sim.tasktrain")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "command.txt").write_text(
@@ -113,6 +117,9 @@ def run(args: TaskTrainArgs) -> dict:
     reader = TraceReader(args.traces, require_complete=True)
     val_reader = TraceReader(args.val_traces, require_complete=True)
     meta, vmeta = reader.meta, val_reader.meta
+    for m in (meta, vmeta):  # traces labelled from a task file: that file (never a sealed one)
+        if isinstance(m.get("tasks"), str):
+            refuse_sealed(m["tasks"], "sim.tasktrain")
     for key in ("n_query_tokens", "n_entry_features", "feature_set", "n_tail", "d_model",
                 "world"):
         if meta.get(key) != vmeta.get(key):
@@ -120,6 +127,12 @@ def run(args: TaskTrainArgs) -> dict:
                 f"{args.traces} and {args.val_traces} differ in {key!r}: "
                 f"{meta.get(key)!r} vs {vmeta.get(key)!r}"
             )
+    if args.calibrate and isinstance(meta["tasks"], str) and not args.cal_tasks:
+        raise ConfigError(
+            f"{args.traces}: labelled from the task file {meta['tasks']}, so calibration cannot "
+            f"generate tasks like them: pass --cal-tasks FILE.jsonl (tasks disjoint from the "
+            f"training and validation ones), or --no-calibrate"
+        )
     world = from_dict(TaskWorldConfig, meta["world"])
     mcfg = model_config_for(
         args.preset,
@@ -129,8 +142,8 @@ def run(args: TaskTrainArgs) -> dict:
         reader.n_entry_features if args.features else 0,
         int(meta["n_query_tokens"]) if args.query else 0,
     )
-    # traces written before feature sets hold the absolute masses ('attention')
-    mcfg = replace(mcfg, feature_set=meta.get("feature_set", "attention"))
+    if mcfg.n_entry_features:  # the manifest must say which features it holds: never guess
+        mcfg = replace(mcfg, feature_set=trace_feature_set(meta, args.traces))
     inputs = {
         "tail_rows": None if args.query else int(meta["n_tail_gists"]),
         "entry_features": args.features,

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 
-from lensnet.data import collate
 from lensnet.model import LensNet, LensNetConfig
 from megacontext.lm import tiny_llama
 from megacontext.lm_oracle import LMOracle

@@ -1,6 +1,7 @@
-"""The attention baseline (``sim.features.block_attention``, the ``attention`` policy): its feature
-against the LM's own attention probabilities, its layer window, the sink block ranked last, and
-``sim.evaluate`` computing the feature only when a chosen policy needs it."""
+"""The attention baseline (``PreparedTask.block_attention``, the ``attention`` policy): its feature
+against the LM's own attention probabilities, its layer window per read mode, the sink token (not
+its block) left out, and ``sim.evaluate`` computing the attention only when a chosen policy needs
+it."""
 
 import json
 from dataclasses import replace
@@ -12,14 +13,10 @@ import torch
 from megacontext.lm import tiny_llama
 from megacontext.lm_oracle import LMOracle
 from megacontext.tree import ConfigError
-from sim.features import (
-    ATTENTION_LAYERS,
-    attention_layer_range,
-    attention_relevance,
-    block_attention,
-    rank01,
-)
+from sim import keystore
+from sim.features import ATTENTION_LAYERS, attention_layer_range, rank01
 from sim.policies import Attention
+from sim.policy import FocusView
 from sim.scoring import focus_recall
 from sim.taskworld import CharTokenizer, TaskWorldConfig, prepare_task, zoom
 from tests.sim.test_taskworld import WORLD, _task
@@ -32,8 +29,9 @@ def oracle():
 
 def reference_mass(ids: np.ndarray, b: int, layers: list[int]) -> np.ndarray:
     """The attention mass per complete block by hand: a fresh copy of the tiny LM loaded with eager
-    attention, one full forward with every layer's (n, n) attention, the last row summed block by
-    block and averaged over the window's layers and heads."""
+    attention, one full forward with every layer's (n, n) attention, the last row without the sink
+    token (renormalised over the rest) summed block by block and averaged over the window's layers
+    and heads."""
     model = tiny_llama()
     model.set_attn_implementation("eager")
     with torch.no_grad():
@@ -43,6 +41,8 @@ def reference_mass(ids: np.ndarray, b: int, layers: list[int]) -> np.ndarray:
     for k in layers:
         for h in range(heads):
             row = att[k][0, h, -1].double().numpy()
+            row[0] = 0.0
+            row /= row.sum()
             for j in range(n_l1):
                 out[j] += row[j * b : (j + 1) * b].sum()
     return out / (len(layers) * heads)
@@ -50,26 +50,35 @@ def reference_mass(ids: np.ndarray, b: int, layers: list[int]) -> np.ndarray:
 
 @pytest.mark.parametrize("window", [(0.25, 0.75), (1.0, 1.0), (0.0, 0.1)])
 def test_block_attention_is_the_models_own_last_row_per_block(oracle, window):
-    """A task whose stream ends in a partial block (its keys are left out, not renormalised): one
-    value per complete block, equal to the eager attention of a full forward; the model is left on
-    its own attention implementation."""
-    world = replace(WORLD, attention_layers=window)
+    """Full read, a task whose stream ends in a partial block (its keys are left out, not
+    renormalised): one value per complete block, equal to the eager attention of a full forward
+    without the sink token; the model is left on its own attention implementation. The faithful
+    store with a working context that never compresses gives the same values."""
+    world = replace(WORLD, attention_layers=window, read_mode="full-read")
     task = _task(n_filler=201)  # 201 + 7 + 3 = 211 tokens: 52 blocks of 4 and 3 tokens over
     pt = prepare_task(task, oracle, CharTokenizer(512), world, features=False, attention=True)
     assert pt.n_tokens % WORLD.block_size == 3
     layers = list(attention_layer_range(window, oracle.model.config.num_hidden_layers))
     assert layers == {(0.25, 0.75): [1, 2], (1.0, 1.0): [3], (0.0, 0.1): [0]}[window]
     want = reference_mass(pt.ids, WORLD.block_size, layers)
-    assert pt.block_attention.shape == (pt.n_tokens // WORLD.block_size,)
-    np.testing.assert_allclose(pt.block_attention, want, rtol=1e-5, atol=1e-8)
-    assert pt.block_attention.sum() < 1.0  # the partial block's mass is not spread over the others
+    got = pt.block_attention(pt.wc, oracle, layers)
+    assert got.shape == (pt.n_tokens // WORLD.block_size,)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-8)
+    assert got.sum() < 1.0  # the partial block's mass is not spread over the others
     assert oracle.model.config._attn_implementation == "sdpa"
     # another window reads other layers: the values differ (the window is not ignored)
-    other = block_attention(oracle, pt.ids, WORLD.block_size, [(layers[0] + 1) % 4])
-    assert not np.allclose(other, pt.block_attention)
+    other = pt.block_attention(pt.wc, oracle, [(layers[0] + 1) % 4])
+    assert not np.allclose(other, got)
+    unbounded = replace(world, read_mode="faithful", w_max=pt.n_tokens + 64)
+    faithful = prepare_task(task, oracle, CharTokenizer(512), unbounded, features=False,
+                            attention=True)
+    np.testing.assert_allclose(faithful.block_attention(faithful.wc, oracle, layers), want,
+                               rtol=1e-4, atol=1e-7)
     # without attention=True nothing is computed
     plain = prepare_task(task, oracle, CharTokenizer(512), world, features=False)
-    assert plain.block_attention is None
+    assert plain.attention_probs is None
+    with pytest.raises(ValueError, match="attention=True"):
+        plain.block_attention(plain.wc, oracle, layers)
 
 
 def test_the_key_store_leaves_no_hook_on_the_lm_on_error(oracle, monkeypatch):
@@ -79,12 +88,16 @@ def test_the_key_store_leaves_no_hook_on_the_lm_on_error(oracle, monkeypatch):
     attn = oracle.model.base_model.layers[0].self_attn
     monkeypatch.setattr(oracle, "decoder", broken)
     with pytest.raises(RuntimeError, match="boom"):
-        block_attention(oracle, np.arange(20) % 512, 4, [0])
+        keystore.read(oracle, np.arange(20) % 512, 4)
     assert not attn.q_proj._forward_hooks and not attn.k_proj._forward_hooks
 
 
 def test_attention_layer_window_as_fractions_of_depth():
-    assert attention_layer_range(ATTENTION_LAYERS, 30) == range(21, 26)  # SmolLM2: layers 21-25
+    full = attention_layer_range(ATTENTION_LAYERS["full-read"], 30)
+    assert full == range(21, 26)  # SmolLM2: layers 21-25, chosen on full reads
+    assert TaskWorldConfig(read_mode="full-read").attention_window == ATTENTION_LAYERS["full-read"]
+    assert TaskWorldConfig().attention_window == ATTENTION_LAYERS["faithful"]  # the default mode
+    assert TaskWorldConfig(attention_layers=(0.1, 0.2)).attention_window == (0.1, 0.2)
     assert attention_layer_range((0.5, 0.5), 30) == range(15, 16)  # at least one layer
     assert attention_layer_range((1.0, 1.0), 30) == range(29, 30)  # clipped to the LM
     assert attention_layer_range((0.0, 1.0), 4) == range(0, 4)
@@ -94,29 +107,28 @@ def test_attention_layer_window_as_fractions_of_depth():
         TaskWorldConfig(attention_layers=(0.5, 1.5))
 
 
-def test_attention_policy_ranks_the_sink_last_and_zooms_to_the_top_block(oracle):
-    """Planted masses: block 0 (the sink) holds the most, the needle's blocks the next most. The
-    relevance ranks the sink last (below even the least attended block) and the needle's blocks
-    first; a zoom with the policy brings the needle to L0 and leaves block 0 a gist."""
+def test_attention_policy_leaves_the_sink_token_out_and_zooms_to_the_top_block(oracle):
+    """Planted probabilities: token 0 (the sink) holds the most, the needle's tokens the next
+    most. The sink's mass is left out, so the needle's blocks rank first and block 0 ranks among
+    the others by its content; a zoom brings the needle to L0 and leaves block 0 a gist."""
     pt = prepare_task(_task(), oracle, CharTokenizer(512), WORLD, features=False, attention=True)
-    n_l1, b = pt.n_tokens // WORLD.block_size, WORLD.block_size
+    pt.read_mode = "full-read"  # the planted probabilities stand for every round's
+    b = WORLD.block_size
     needle = np.unique(np.flatnonzero(pt.needle) // b)
-    mass = np.random.default_rng(0).uniform(0.001, 0.01, n_l1)
-    mass[0], mass[needle] = 0.5, 0.2
-    pt.block_attention = mass
-    rank = rank01(Attention().relevance(pt))
-    assert rank[0] == 0.0 and set(np.argsort(rank)[-len(needle) :]) == set(needle)
-    order = [np.argsort(x[1:], kind="stable") for x in (rank, mass)]
-    np.testing.assert_array_equal(*order)  # the other blocks keep their order
+    probs = np.random.default_rng(0).uniform(0.001, 0.01, (4, 2, pt.n_tokens))
+    probs[..., 0] = 5.0
+    probs[..., 1:b] = 0.0065  # block 0's content: a middling block (others hold 4 x U(.001, .01))
+    probs[..., pt.needle] = 0.5
+    pt.attention_probs = probs / probs.sum(axis=-1, keepdims=True)
+    view = FocusView(pt.wc, 3, oracle, pt.answer_ids, True, pt, (0.0, 1.0))
+    rel = pt.block_attention(pt.wc, oracle, range(4))
+    rank = rank01(rel)
+    assert set(np.argsort(rank)[-len(needle) :]) == set(needle)
+    assert 0 < rank[0] < 1  # block 0: scored on its three content tokens, not first, not last
+    np.testing.assert_allclose(Attention().scores(view), Attention((0.0, 1.0)).scores(view))
     wc, _ = zoom(Attention(), pt, WORLD, oracle)
     assert focus_recall(pt, wc)
-    assert not np.any((wc.starts == 0) & (wc.levels == 0))  # the sink's block stays under a gist
-    # below every other block whatever their masses (a zero would tie with empty blocks)
-    rel = attention_relevance(np.array([0.3, 0.0, 0.0]))
-    assert rel[0] < rel[1:].min() and rank01(rel)[0] == 0.0
-    pt.block_attention = None
-    with pytest.raises(ValueError, match="attention=True"):
-        Attention().relevance(pt)
+    assert not np.any((wc.starts == 0) & (wc.levels == 0))  # block 0 stays under a gist
 
 
 def test_evaluate_runs_attention_and_computes_it_only_when_needed(tmp_path, monkeypatch):
@@ -150,20 +162,31 @@ def test_evaluate_runs_attention_and_computes_it_only_when_needed(tmp_path, monk
             + ["--world.attention-layers", "0.5", "1.0"]
         )
     assert exit_info.value.code == 0
-    assert calls == [2, 2]  # once per task, the window's layers (2, 3) of the tiny LM's 4
+    # once per zoom round and task, each time the window's layers (2, 3) of the tiny LM's 4
+    rounds = [x["rounds"] for x in rows_of(out) if x["policy"] == "attention"]
+    assert calls == [2] * sum(rounds) and sum(rounds) >= 2
     res = json.loads((out / "results.json").read_text())
-    r = res["policies"]["attention"]
-    assert r["n"] == 2 and 0.0 <= r["exact_match"] <= 1.0 and np.isfinite(r["answer_nll"])
     assert res["config"]["args"]["world"]["attention_layers"] == [0.5, 1.0]
-    assert "--world.attention-layers 0.5 1.0" in (out / "command.txt").read_text()
+    assert "--world.attention-layers '[0.5, 1.0]'" in (out / "command.txt").read_text()
     rows = [json.loads(x) for x in (out / "tasks.jsonl").read_text().splitlines()]
     assert {(x["id"], x["policy"]) for x in rows} == {
         (t, p) for t in ("t20", "t90") for p in ("attention", "recency")
     }
+    for name in ("attention", "recency"):  # each summary is the mean of that policy's own rows
+        own = [x for x in rows if x["policy"] == name]
+        r = res["policies"][name]
+        assert r["n"] == 2
+        assert r["exact_match"] == pytest.approx(np.mean([x["exact_match"] for x in own]))
+        assert r["answer_nll"] == pytest.approx(np.mean([x["answer_nll"] for x in own]))
     calls.clear()
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as exit_info:
         main([*world, "--out", str(tmp_path / "run2"), "--policies", "recency,bm25"])
+    assert exit_info.value.code == 0
     assert calls == []
+
+
+def rows_of(out) -> list[dict]:
+    return [json.loads(x) for x in (out / "tasks.jsonl").read_text().splitlines()]
 
 
 @pytest.mark.real_lm
@@ -175,7 +198,7 @@ def test_attention_ranks_a_planted_passkey_first_on_smollm2():
 
     model, tok = load_lm("smollm2", device="cpu")
     oracle = LMOracle(model)
-    world = TaskWorldConfig(w_max=128)
+    world = TaskWorldConfig(w_max=128, read_mode="full-read")
     tasks = generate_tasks(
         TaskConfig(kind="passkey", n_tasks=2, length=(512,), depths=(0.3, 0.7), split="heldout"),
         tok,
@@ -183,7 +206,8 @@ def test_attention_ranks_a_planted_passkey_first_on_smollm2():
     for task in tasks:
         pt = prepare_task(task, oracle, tok, world, features=False, attention=True)
         b = world.block_size
-        rel = Attention().relevance(pt)[: (pt.n_tokens - pt.question_tokens) // b]
+        layers = attention_layer_range(world.attention_window, model.config.num_hidden_layers)
+        rel = pt.block_attention(pt.wc, oracle, layers)[: pt.query.start // b]
         blocks = np.unique(np.flatnonzero(pt.needle) // b)
         best = rel[blocks[blocks < len(rel)]].max()
         assert int((rel > best).sum()) == 0, task["id"]

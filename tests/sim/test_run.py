@@ -40,7 +40,7 @@ def test_help_comes_from_field_docstrings():
     )  # a literal % survives
 
 
-def test_nested_defaults_and_overrides():
+def test_nested_defaults_and_overrides(capsys):
     args = parse(RunArgs, [])
     assert (
         args.world.context.w_max == 256
@@ -68,8 +68,10 @@ def test_nested_defaults_and_overrides():
         (0.8, 0.9),
         2,
     )
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as exit_info:
         parse(RunArgs, ["--world.tree.block-size", "1"])  # refused by TreeConfig.__post_init__
+    assert exit_info.value.code == 2  # argparse: a usage error naming the refused value
+    assert "block_size must be >= 2, got 1" in capsys.readouterr().err
 
 
 def small_study_argv(out) -> list[str]:

@@ -329,8 +329,9 @@ def test_an_unknown_kind_is_refused_naming_the_choices(capsys):
         TaskConfig(kind="nope")
     assert "'nope'" in str(err.value) and all(repr(k) in str(err.value) for k in TASK_KINDS)
     assert tuple(TASK_KINDS) == (*KINDS, "code") == ("passkey", "multikey", "vt", "code")
-    with pytest.raises(SystemExit):  # the command line lists the registered kinds too
+    with pytest.raises(SystemExit) as exit_info:  # the command line lists the kinds too
         main(["--kind", "nope"])
+    assert exit_info.value.code == 2  # argparse: a usage error
     usage = capsys.readouterr().err
     assert "invalid choice: 'nope'" in usage and all(repr(k) in usage for k in TASK_KINDS)
 
@@ -400,8 +401,10 @@ def test_cli_writes_a_readable_task_file(tmp_path, capsys):
     tasks = read_tasks(out)
     assert [t["meta"]["split"] for t in tasks] == ["heldout"] * 3
     assert "wrote 3 vt tasks" in capsys.readouterr().out
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as exit_info:
         main(["--kind", "passkey", "--depths", "2.0", "--out", str(out)])
+    assert exit_info.value.code == 2  # refused by TaskConfig: a usage error naming the field
+    assert "depths must lie in [0, 1]" in capsys.readouterr().err
 
 
 @settings(max_examples=8, deadline=None)

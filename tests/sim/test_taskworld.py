@@ -187,8 +187,9 @@ def test_answer_scores_match_a_plain_forward(oracle):
     assert em == bool(torch.equal(logits[29:39].argmax(-1), torch.as_tensor(ids[30:])))
 
 
-def test_evaluate_contract_and_bad_lines(tmp_path):
+def test_evaluate_contract_and_bad_lines(tmp_path, oracle):
     from sim.evaluate import format_results, main
+    from sim.scoring import answer_task
 
     path = tmp_path / "tasks.jsonl"
     lines = [
@@ -238,10 +239,30 @@ def test_evaluate_contract_and_bad_lines(tmp_path):
     assert format_results(res).startswith("W_max 64, 2 tasks")
     assert sorted(e["line"] for e in res["errors"]) == [2, 3, 4]  # bad JSON, too long, span outside
     assert any("positions" in e["error"] and "line 3" in e["error"] for e in res["errors"])
-    for name in ("recency", "retrieval", "full"):
+    rows = [json.loads(x) for x in (out / "tasks.jsonl").read_text().splitlines()]
+    for name in ("recency", "retrieval", "full"):  # each summary: the mean of its policy's rows
+        own = [r for r in rows if r["policy"] == name]
         r = res["policies"][name]
-        assert r["n"] == 2 and 0.0 <= r["exact_match"] <= 1.0 and np.isfinite(r["answer_nll"])
-        assert r["focus_recall"] is None or 0.0 <= r["focus_recall"] <= 1.0
+        assert r["n"] == len(own) == 2
+        for key in ("exact_match", "answer_nll", "focus_recall"):
+            assert r[key] == pytest.approx(np.mean([x[key] for x in own])), (name, key)
+    # each row against a computation of its own on the same task: recency's zoom and answer
+    # (sim.scoring.answer_task), and the full context's NLL from one plain forward over it
+    world = TaskWorldConfig(block_size=4, w_max=64, tail_tokens=24, step_tokens=4)
+    by = {(r["policy"], r["id"]): r for r in rows}
+    for task in (_task(tid="a"), _task(at=90, tid="c")):
+        pt = prepare_task(task, oracle, CharTokenizer(512), world, features=False)
+        want = answer_task(Recency(), pt, oracle, world)
+        got = by[("recency", task["id"])]
+        assert got["answer_nll"] == pytest.approx(want["answer_nll"], abs=1e-5)
+        assert (got["exact_match"], got["expands"]) == (want["exact_match"], want["expands"])
+        n, h = len(pt.ids), len(pt.answer_ids)
+        with torch.no_grad():
+            ids = torch.as_tensor(np.concatenate([pt.ids, pt.answer_ids]))[None]
+            logits = oracle.model(input_ids=ids).logits[0].float()
+        ref = torch.nn.functional.cross_entropy(logits[n - 1 : n - 1 + h],
+                                                torch.as_tensor(pt.answer_ids))
+        assert by[("full", task["id"])]["answer_nll"] == pytest.approx(ref.item(), abs=1e-4)
     assert (
         res["policies"]["full"]["focus_recall"] == 1.0
         and res["policies"]["recency"]["focus_recall"] == 0.0
@@ -250,10 +271,26 @@ def test_evaluate_contract_and_bad_lines(tmp_path):
     from analysis.plots import draw_all
 
     assert [p.name for p in draw_all(out)] == ["exact_match_grid.png"]
-    rows = [json.loads(x) for x in (out / "tasks.jsonl").read_text().splitlines()]
     assert {(r["id"], r["policy"]) for r in rows} == {
         (t, p) for t in "ac" for p in ("recency", "retrieval", "full")
     }
+
+
+def test_evaluate_refuses_lensnet_policies_without_a_lensnet(tmp_path):
+    """No shipped LensNet fits the tiny LM: the default policies (lensnet, lensnet_rank among
+    them) are an error naming both ways out, not a run with those policies silently dropped."""
+    from sim.evaluate import DEFAULT_POLICIES, main
+
+    assert {"lensnet", "lensnet_rank"} <= set(DEFAULT_POLICIES.split(","))
+    path = tmp_path / "tasks.jsonl"
+    path.write_text(json.dumps(_task()) + "\n")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--tasks", str(path), "--out", str(tmp_path / "run"), "--lm", "tiny",
+              "--no-progress", "--world.block-size", "4", "--world.w-max", "64"])
+    msg = str(exit_info.value.code)
+    assert msg.startswith("error: --policies names lensnet, lensnet_rank")
+    assert "pass --lensnet CKPT" in msg and "leave lensnet/lensnet_rank out of --policies" in msg
+    assert not (tmp_path / "run" / "results.json").exists()
 
 
 def test_tiny_study_labels_train_evaluate(tmp_path):
@@ -498,8 +535,9 @@ def test_evaluate_docstring_shows_only_options_it_takes(capsys):
     import sim.evaluate
     from megacontext.cli import parse
 
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as exit_info:
         parse(sim.evaluate.EvaluateArgs, ["--help"])
+    assert exit_info.value.code == 0
     taken = set(re.findall(r"--[a-z][a-z0-9.-]*", capsys.readouterr().out))
     shown = set(re.findall(r"--[a-z][a-z0-9.-]*[a-z0-9]", sim.evaluate.__doc__))
     assert {"--world.w-max", "--tasks"} <= shown and shown <= taken, shown - taken
@@ -593,8 +631,9 @@ def test_compression_sweep_plots_the_runs_it_is_given(tmp_path):
     runs = []
     for w_max in (64, 48):
         runs.append(tmp_path / f"w{w_max}")
-        with pytest.raises(SystemExit):
+        with pytest.raises(SystemExit) as exit_info:
             main([*world, "--world.w-max", str(w_max), "--out", str(runs[-1])])
+        assert exit_info.value.code == 0
     plots_main(["--sweep", str(tmp_path / "sweep"), *map(str, runs)])
     table = json.loads((tmp_path / "sweep" / "compression_sweep.json").read_text())
     assert (tmp_path / "sweep" / "compression_sweep.png").exists()
@@ -605,9 +644,10 @@ def test_compression_sweep_plots_the_runs_it_is_given(tmp_path):
         assert pt["compression"] == pytest.approx(210 / res["config"]["w_max"], rel=0.05)
     assert set(table) == {"recency", "full"}
     # the same sweep from one run (--w-max-sweep): features once, the same numbers per W_max
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as exit_info:
         main([*world, "--world.w-max", "64", "--w-max-sweep", "48", "64", "--out",
               str(tmp_path / "one")])
+    assert exit_info.value.code == 0
     one = json.loads((tmp_path / "one" / "sweep" / "compression_sweep.json").read_text())
     assert sorted(p["w_max"] for p in one["recency"]) == [48, 64]
     for w_max, run in ((64, tmp_path / "one"), (48, tmp_path / "one" / "w-48")):
@@ -646,14 +686,21 @@ def test_markdown_table_holds_each_runs_numbers(tmp_path, capsys):
     (tmp_path / "run-a").mkdir()
     (tmp_path / "run-a" / "results.json").write_text(json.dumps(res))
     lines = table([tmp_path / "run-a"]).splitlines()
-    assert lines[0] == "| policy | run-a |"
+    assert lines[0] == "| policy | run-a (full-read) |"  # a run from before the faithful mode
     assert lines[2] == "| attention | 3/4 [0.25, 1.00], 0.500, 0.50 |"
     assert lines[3] == "| recency | 0/4, 2.250, NGR 0.00 [0.00, 0.00] |"
-    other = {"policies": {"lensnet": {**res["policies"]["attention"], "exact_match": 1.0}}}
+    other = {"config": {"read_mode": "faithful"},
+             "policies": {"lensnet": {**res["policies"]["attention"], "exact_match": 1.0,
+                                      "cost_vs_lm_forward": 0.0431,
+                                      "by_depth": {"edge": {"n": 1, "exact_match": 0.0},
+                                                   "interior": {"n": 3, "exact_match": 1.0}}}}}
     (tmp_path / "run-b").mkdir()
     (tmp_path / "run-b" / "results.json").write_text(json.dumps(other))
     merged = table([f"both={tmp_path / 'run-a'}+{tmp_path / 'run-b'}"]).splitlines()
-    assert merged[0] == "| policy | both |" and merged[4].startswith("| lensnet | 4/4 ")
+    assert merged[0] == "| policy | both (full-read + faithful) |"  # every figure names its mode
+    assert merged[4] == "| lensnet | 4/4 [0.25, 1.00], 0.500, 0.50, cost 0.043 |"
+    edges = table([f"both={tmp_path / 'run-a'}+{tmp_path / 'run-b'}"], edges=True).splitlines()
+    assert edges[2] == "| attention | – |" and edges[4] == "| lensnet | 0/1 / 3/3 |"
     renamed = table([f"x={tmp_path / 'run-a'}+{tmp_path / 'run-b'}#-abl"]).splitlines()
     assert renamed[4].startswith("| lensnet-abl | 4/4 ")
     # a seed row pools training seeds: mean exact match, each seed's count, mean NLL and recall
@@ -671,7 +718,9 @@ def test_markdown_table_holds_each_runs_numbers(tmp_path, capsys):
 
     main([str(tmp_path / "run-s"), "--seeds", "pooled=lensnet,seed1"])
     assert capsys.readouterr().out.splitlines()[-1].startswith("| pooled | 0.50 (3, 1 /4)")
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as exit_info:
         main([str(tmp_path / "run-s"), "--seeds", "no-members"])
+    assert exit_info.value.code == 2  # argparse: a usage error
+    assert "expected ROW=POLICY1,POLICY2" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="no-such-run"):
         main([str(tmp_path / "no-such-run")])

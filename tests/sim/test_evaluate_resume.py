@@ -1,0 +1,64 @@
+"""``sim.evaluate --resume``: an interrupted run continues where it stopped, keeps what it measured,
+reruns a task cut off between policies, and refuses a folder that holds another command's run;
+results.json names the read mode and the attention read's cost."""
+
+import json
+
+import pytest
+
+from sim.evaluate import main
+from tests.sim.test_taskworld import _task
+
+WORLD = ["--world.block-size", "4", "--world.w-max", "64", "--world.tail-tokens", "24",
+         "--world.step-tokens", "4", "--no-progress", "--lm", "tiny"]
+
+
+def _run(args: list[str]) -> int:
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    return exit_info.value.code
+
+
+def _rows(out) -> list[dict]:
+    return [json.loads(x) for x in (out / "tasks.jsonl").read_text().splitlines()]
+
+
+def test_resume_continues_an_interrupted_run(tmp_path):
+    path = tmp_path / "tasks.jsonl"
+    path.write_text("".join(json.dumps(_task(at=at, tid=f"t{at}")) + "\n" for at in (20, 60, 90)))
+    args = [*WORLD, "--tasks", str(path), "--policies", "recency,attention"]
+    full, part = tmp_path / "full", tmp_path / "part"
+    assert _run([*args, "--out", str(full)]) == 0
+    assert _run([*args, "--out", str(part)]) == 0
+    rows = _rows(part)
+    # interrupted: the first task whole, the second cut off after its first policy
+    (part / "tasks.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:3]))
+    (part / "results.json").unlink()
+    assert _run([*args, "--out", str(part), "--resume"]) == 0
+    again = _rows(part)
+    assert [(r["id"], r["policy"]) for r in again] == [(r["id"], r["policy"]) for r in rows]
+    assert again[:2] == rows[:2]  # the finished task is kept as measured, not rerun
+    res, ref = (json.loads((d / "results.json").read_text()) for d in (part, full))
+    assert res["n_tasks"] == ref["n_tasks"] == 3
+    for name in ("recency", "attention"):
+        for key in ("exact_match", "answer_nll", "n"):
+            assert res["policies"][name][key] == pytest.approx(ref["policies"][name][key])
+    assert res["config"]["read_mode"] == "faithful"
+    cost = res["read_cost"]
+    assert cost["mode"] == "faithful" and cost["tasks"] == 3
+    assert cost["positions_per_token"] > 1.0  # each stream forward reads its working context
+    assert "--resume" not in (part / "command.txt").read_text()
+    # another command's folder is refused, naming what to do
+    with pytest.raises(SystemExit, match="holds another run"):
+        main([*args, "--out", str(part), "--resume", "--world.w-max", "60"])
+
+
+def test_full_read_costs_one_position_per_token(tmp_path):
+    path = tmp_path / "tasks.jsonl"
+    path.write_text(json.dumps(_task()) + "\n")
+    out = tmp_path / "run"
+    assert _run([*WORLD, "--tasks", str(path), "--policies", "attention", "--out", str(out),
+                 "--world.read-mode", "full-read"]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["config"]["read_mode"] == "full-read"
+    assert res["read_cost"]["positions_per_token"] == 1.0
