@@ -51,7 +51,9 @@ def answer_task(
             "slots": pt.n_tokens,
             "policy_s": 0.0,
         }
+    read_before = pt.attention_s
     wc, info = zoom(policy, pt, config, oracle)
+    info["reread_s"] = pt.attention_s - read_before  # faithful: the rounds' forwards over the wc
     t0 = time.perf_counter()
     nll, em = answer_scores(oracle, wc.arrays(config.n_tail_gists), pt.answer_ids)
     return {

@@ -94,7 +94,8 @@ def test_the_key_store_leaves_no_hook_on_the_lm_on_error(oracle, monkeypatch):
 
 def test_attention_layer_window_as_fractions_of_depth():
     full = attention_layer_range(ATTENTION_LAYERS["full-read"], 30)
-    assert full == range(21, 26)  # SmolLM2: layers 21-25, chosen on full reads
+    assert full == range(18, 22)  # SmolLM2: layers 18-21, chosen on full reads of train tasks
+    assert attention_layer_range(ATTENTION_LAYERS["faithful"], 30) == range(18, 19)
     assert TaskWorldConfig(read_mode="full-read").attention_window == ATTENTION_LAYERS["full-read"]
     assert TaskWorldConfig().attention_window == ATTENTION_LAYERS["faithful"]  # the default mode
     assert TaskWorldConfig(attention_layers=(0.1, 0.2)).attention_window == (0.1, 0.2)
