@@ -61,7 +61,7 @@ from sim.features import (
 )
 from sim.policy import FocusPolicy, FocusView, PolicyContext
 from sim.synthetic import SyntheticConfig, cue_scores
-from sim.taskworld import TaskError
+from sim.taskworld import check_query_fits as query_fits
 from sim.world import Episode
 
 REGISTRY: dict[str, type[FocusPolicy]] = {}
@@ -80,17 +80,11 @@ def policy_names(world: str) -> tuple[str, ...]:
 
 
 def check_query_fits(pt, policies: list[FocusPolicy]) -> None:
-    """A ``TaskError`` when prepared task ``pt``'s query (its question, exactly) is longer than
-    some policy reads (a LensNet's query inputs): the same error in every entry point, never a
-    question cut to fit."""
-    width = pt.query.stop - pt.query.start
+    """``sim.taskworld.check_query_fits`` for every policy that reads the query (a LensNet)."""
     for p in policies:
         limit = getattr(p, "query_limit", None)
-        if limit is not None and width > limit:
-            raise TaskError(
-                f"task {pt.task.get('id')!r}: the question ({width} tokens) is longer than "
-                f"{p.name}'s {limit} query inputs"
-            )
+        if limit is not None:
+            query_fits(pt, limit, p.name)
 
 
 def build_policy(name: str, ctx: PolicyContext, world: str | None = None) -> FocusPolicy:

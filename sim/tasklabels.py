@@ -46,7 +46,14 @@ from megacontext.working_context import WorkingContext
 from sim.features import lensnet_item, relevance_scores
 from sim.keystore import n_entry_features
 from sim.labels import parse_shard
-from sim.taskworld import CharTokenizer, PreparedTask, TaskError, TaskWorldConfig, prepare_task
+from sim.taskworld import (
+    CharTokenizer,
+    PreparedTask,
+    TaskError,
+    TaskWorldConfig,
+    check_query_fits,
+    prepare_task,
+)
 
 
 @dataclass
@@ -413,11 +420,7 @@ def generate(args: TaskLabelArgs) -> Path:
         try:
             pt = prepare_task(task, oracle, tok, w, gister, features=False, attention=True,
                               answer_attention=True)
-            if pt.query.stop - pt.query.start > args.query_tokens:
-                raise TaskError(
-                    f"task {task['id']!r}: the question ({pt.query.stop - pt.query.start} tokens)"
-                    f" is longer than --query-tokens {args.query_tokens}"
-                )
+            check_query_fits(pt, args.query_tokens, "--query-tokens")
         except TaskError as err:
             print(f"skipped: {err}")
             continue

@@ -104,7 +104,13 @@ def run(args: TaskTrainArgs) -> dict:
     from sim.shipped import CHECKPOINT_DIR, TASKS_CHECKPOINT, lm_fingerprint
     from sim.tasklabels import TaskLabelArgs, _tasks, agreement_summary, trace_feature_set
     from sim.tasks.jsonl import refuse_sealed
-    from sim.taskworld import CharTokenizer, TaskError, TaskWorldConfig, prepare_task
+    from sim.taskworld import (
+        CharTokenizer,
+        TaskError,
+        TaskWorldConfig,
+        check_query_fits,
+        prepare_task,
+    )
 
     if args.cal_tasks:  # calibration is selection: never on the sealed test split
         refuse_sealed(args.cal_tasks, "sim.tasktrain")
@@ -181,9 +187,10 @@ def run(args: TaskTrainArgs) -> dict:
         with torch.no_grad():
             for task in _tasks(vargs, tokenizer):
                 try:
-                    prepared.append(
-                        prepare_task(task, oracle, tok, world, gister, False, attention=True)
-                    )
+                    pt = prepare_task(task, oracle, tok, world, gister, False, attention=True)
+                    if mcfg.n_query_tokens:  # the question whole, or the task is skipped
+                        check_query_fits(pt, mcfg.n_query_tokens)
+                    prepared.append(pt)
                 except TaskError as err:
                     print(f"validation task skipped: {err}", file=sys.stderr)
             lens = load_model(out / "lensnet.pt", trainer.device)

@@ -245,6 +245,18 @@ def query_span(n_tokens: int, question_tokens: int, config: TaskWorldConfig) -> 
     return slice(n_tokens - width, n_tokens)
 
 
+def check_query_fits(pt: PreparedTask, limit: int, reader: str = "LensNet") -> None:
+    """A ``TaskError`` when ``pt``'s query (its question, exactly) is longer than the ``limit``
+    query inputs of ``reader``: the one check of every entry point (``sim.evaluate``,
+    ``sim.tasklabels``, ``sim.tasktrain``'s calibration), never a question cut to fit."""
+    width = pt.query.stop - pt.query.start
+    if width > limit:
+        raise TaskError(
+            f"task {pt.task.get('id')!r}: the question ({width} tokens) is longer than "
+            f"{reader}'s {limit} query inputs"
+        )
+
+
 def prepare_task(
     task: dict,
     oracle: LMOracle,

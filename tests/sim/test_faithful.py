@@ -230,3 +230,22 @@ def test_bm25_leaves_the_question_out_of_every_block(oracle):
     if q_block < len(pt.block_text):
         assert "K=" not in pt.block_text[q_block]
     assert pt.block_lexical[q_block:].max(initial=0.0) == 0.0
+
+
+def test_a_question_longer_than_the_query_inputs_is_one_error_everywhere(oracle):
+    """``check_query_fits`` is the one check of sim.evaluate, sim.tasklabels and sim.tasktrain: a
+    TaskError naming the task, the question's length and the reader's limit (never a cut)."""
+    from sim.policies import check_query_fits as policies_fit
+    from sim.taskworld import TaskError, check_query_fits
+
+    pt = prepare_task(_task(), oracle, TOK, FAITHFUL, features=False, attention=True)
+    width = pt.query.stop - pt.query.start
+    check_query_fits(pt, width)  # exactly as long: fine
+    with pytest.raises(TaskError, match=rf"'t0'.*\({width} tokens\).*--query-tokens's 2 query"):
+        check_query_fits(pt, 2, "--query-tokens")
+    lens = _lens(oracle, oracle.model.config.num_hidden_layers)
+    lens.config = replace(lens.config, n_query_tokens=2)
+    small = LensNetPolicy(lens)
+    with pytest.raises(TaskError, match="lensnet's 2 query inputs"):
+        policies_fit(pt, [Attention(), small])
+    policies_fit(pt, [Attention()])  # a policy that reads no query never refuses
