@@ -424,7 +424,7 @@ def generate(args: TaskLabelArgs) -> Path:
         except TaskError as err:
             print(f"skipped: {err}")
             continue
-        t_forward = pt.attention_s  # the cheap label's own cost: its one forward
+        t_forward = pt.label_s  # the cheap label's own cost: its one forward
         cost_log.write(json.dumps({"task": task["id"], "n_tokens": pt.n_tokens,
                                    "forward_s": t_forward, "covers": args.covers}) + "\n")
         cost_log.flush()

@@ -159,6 +159,7 @@ class PreparedTask:
     read_cost: dict = field(default_factory=dict)  # the attention read's positions and seconds
     answer_relevance: np.ndarray | None = None  # (n_l1,) the answer's attention per block (labels)
     attention_s: float = 0.0  # seconds the attention forwards (and the cheap label) took
+    label_s: float = 0.0  # of which the cheap label's full read (``answer_attention``)
     block_lexical: np.ndarray | None = None  # (n_l1,) BM25 of each block against the query
     _attention: dict = field(default_factory=dict, repr=False)  # cover -> question attention
 
@@ -326,6 +327,7 @@ def prepare_task(
             pt.read_cost = {"positions": len(read_ids), "forwards": 1}
         if answer_attention:
             pt.answer_relevance = answer_relevance(store, n, b)
+    pt.label_s = time.perf_counter() - t0
     if faithful:
         pt.stream_keys, pt.read_cost = keystore.stream_read(oracle, reads)
         store = keystore.faithful_store(oracle, pt.stream_keys, wc, b)
