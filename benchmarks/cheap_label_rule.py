@@ -5,8 +5,9 @@
 Reads the committed train task files (``results/tasks-{passkey,multikey}-seed0/tasks-train.jsonl``;
 held-out files are never read), runs each stream with its answer teacher-forced after it through
 the LM once (``sim.keystore.read``), and ranks the context's L1 blocks (those wholly before the
-question; block 0, the attention sink, last) by several rules over the answer-predicting
-positions' attention. A task's rank is that of its best needle block. Writes ``OUT/results.json``
+question) by several rules over the answer-predicting positions' attention, the sink token left
+out (``sim.keystore.drop_sink``; the committed results predate that and ranked block 0 last).
+A task's rank is that of its best needle block. Writes ``OUT/results.json``
 (per rule: hit@1, hit@3, the ranks) and ``OUT/command.txt``; ``sim.features.answer_relevance``
 implements the choice.
 """
@@ -86,12 +87,12 @@ def main(argv: list[str] | None = None) -> dict:
             ids, answer, needle, q_len, _ = tokenize_task(task, tok)
             n = len(ids)
             store = keystore.read(oracle, np.concatenate([ids, answer[:-1]]), b, len(answer))
-            rows = np.stack([store.probs(r, n_keys=n) for r in range(len(answer))])
+            # the sink is token 0 (sim.keystore.drop_sink), as in sim.features.answer_relevance
+            rows = np.stack([keystore.drop_sink(store.probs(r, n_keys=n))
+                             for r in range(len(answer))])
             n_blocks = (n - q_len) // b  # blocks wholly before the question
             needle_blocks = [j for j in np.unique(np.flatnonzero(needle) // b) if j < n_blocks]
             for name, rel in rule_masses(rows, n_blocks, b).items():
-                rel = rel.copy()
-                rel[0] = -np.inf  # the sink ranks last
                 best = max(rel[j] for j in needle_blocks)
                 ranks.setdefault(name, []).append(int((rel > best).sum()) + 1)
             ids_seen.append(task["id"])

@@ -326,9 +326,10 @@ def _evaluate(args: EvaluateArgs) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     command = " ".join(["python -m sim.evaluate",
                         *map(shlex.quote, to_argv(replace(args, resume=False)))]) + "\n"
-    done_rows = _resumed_rows(out, command) if args.resume else []
     if args.resume and args.w_max_sweep:
         raise ConfigError("--resume does not combine with --w-max-sweep")
+    if args.resume:
+        _check_resumable(out, command)
     (out / "command.txt").write_text(command)
     if not args.progress:
         from transformers.utils import logging as hf_logging
@@ -343,6 +344,7 @@ def _evaluate(args: EvaluateArgs) -> dict:
     policies, lens_path = _policy_objects(names, args, model, oracle.device, kind)
     needs_features = any(p.needs_features for p in policies)
     needs_attention = any(p.needs_attention for p in policies)
+    done_rows = _resumed_rows(out, [p.name for p in policies]) if args.resume else []
     rows: list[dict] = list(done_rows)
     done = {r["id"] for r in done_rows}
     sweep_rows: dict[int, list[dict]] = {}
@@ -494,26 +496,40 @@ def read_cost_summary(rows: list[dict], mode: str) -> dict | None:
     }
 
 
-def _resumed_rows(out: Path, command: str) -> list[dict]:
-    """The rows of an interrupted run in ``out`` to keep (``--resume``): every row of each task
-    whose rows are all there (a task cut off mid-policies runs again). A ``ConfigError`` when the
-    folder holds another command's run."""
+def _check_resumable(out: Path, command: str) -> None:
+    """``--resume``: a ``ConfigError`` when ``out`` holds another command's run."""
     if not (out / "tasks.jsonl").exists():
-        return []
+        return
     before = (out / "command.txt").read_text() if (out / "command.txt").exists() else None
     if before != command:
         raise ConfigError(
             f"--resume: {out} holds another run (command.txt: {before!r}); resume with the same "
             "arguments or use a new --out"
         )
-    rows = [json.loads(x) for x in (out / "tasks.jsonl").read_text().splitlines() if x.strip()]
+
+
+def _resumed_rows(out: Path, policies: list[str]) -> list[dict]:
+    """The rows of an interrupted run in ``out`` to keep (``--resume``): every row of each task
+    that has a row for every one of ``policies``; a task cut off between policies runs again, and
+    a last line cut off mid-write (the run was killed) is dropped. ``tasks.jsonl`` is rewritten
+    with the kept rows."""
+    path = out / "tasks.jsonl"
+    if not path.exists():
+        return []
+    lines = [x for x in path.read_text().splitlines() if x.strip()]
+    rows = []
+    for k, x in enumerate(lines):
+        try:
+            rows.append(json.loads(x))
+        except json.JSONDecodeError:
+            if k < len(lines) - 1:  # only the last line can be cut off by a kill
+                raise ConfigError(f"--resume: {path}: line {k + 1} is not JSON") from None
     per_task: dict[str, list[dict]] = {}
     for r in rows:
         per_task.setdefault(r["id"], []).append(r)
-    n_policies = max((len({r["policy"] for r in rs}) for rs in per_task.values()), default=0)
-    keep = [r for rs in per_task.values() if len({x["policy"] for x in rs}) == n_policies
+    keep = [r for rs in per_task.values() if {x["policy"] for x in rs} == set(policies)
             for r in rs]
-    (out / "tasks.jsonl").write_text("".join(json.dumps(r) + "\n" for r in keep))
+    path.write_text("".join(json.dumps(r) + "\n" for r in keep))
     return keep
 
 

@@ -354,12 +354,14 @@ def stream_read(
             embeds[row, : lengths[row]] = torch.as_tensor(a.embeddings, device=oracle.device)
             p = torch.as_tensor(a.position_ids, device=oracle.device)
             pos[row, : lengths[row]] = p
-            pos[row, lengths[row] :] = p[-1] + 1 + torch.arange(n_slots - lengths[row])
+            pos[row, lengths[row] :] = p[-1] + 1 + torch.arange(
+                n_slots - lengths[row], device=oracle.device)
         keys, _ = _attention_inputs(oracle, embeds, pos, lengths)
-        positions += len(part) * n_slots
+        positions += sum(lengths)  # real positions (padding is the batching's, not the read's)
         for row, i in enumerate(part):
             width = reads[i].end - reads[i].start
-            per_read[i] = [k[row, :, lengths[row] - width : lengths[row]] for k in keys]
+            # a copy: a view would hold the whole batch's keys until the final concatenation
+            per_read[i] = [k[row, :, lengths[row] - width : lengths[row]].clone() for k in keys]
     keys = [torch.cat([per_read[i][layer] for i in range(len(reads))], dim=1)
             for layer in range(len(per_read[0]))]
     cost = {"positions": positions, "forwards": len(reads), "seconds": time.perf_counter() - t0}

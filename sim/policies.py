@@ -18,11 +18,13 @@ synthetic world's past-only reference, ``sim.synthetic.cue_scores``). Question t
 - ``retrieval``: dense query-aware block retrieval from LM hidden states (MoBA's mean-pooled block
   key, on hidden states): every L1 block is read by the LM alone and its hidden states at layer
   ``round(retrieval_depth * n_layers)`` are mean-pooled without position 0 (where the LM puts its
-  attention-sink activations); the query (the question's tokens, or with no question the L0 tail's)
-  is pooled the same way; relevance = cosine, rank-normalised. Layer and centring were chosen on
+  attention-sink activations); the query (exactly the question's tokens, or with no question the
+  stream's last ``context_query_tokens``) is pooled the same way; relevance = cosine,
+  rank-normalised. Layer and centring were chosen on
   training tasks only (``benchmarks/retrieval_layer.py``);
 - ``bm25``: lexical retrieval, Okapi BM25 (``bm25s``, English stop words) of each L1 block's text
-  against the question's (or the tail's), rank-normalised;
+  (the query's own tokens left out) against the question's (or the last 32 tokens'),
+  rank-normalised;
 - ``attention``: the LM's own attention, training-free: the softmax attention mass the stream's last
   token (the question's last, or with no question the stream's) puts on each L1 block's keys,
   averaged over every head of a window of layers (``attention_layers``, fractions of depth, chosen

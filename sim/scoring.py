@@ -53,7 +53,8 @@ def answer_task(
         }
     read_before = pt.attention_s
     wc, info = zoom(policy, pt, config, oracle)
-    info["reread_s"] = pt.attention_s - read_before  # faithful: the rounds' forwards over the wc
+    # faithful: the rounds' forwards over their refocused contexts (each policy pays its own)
+    info["reread_s"] = pt.attention_s - read_before
     t0 = time.perf_counter()
     nll, em = answer_scores(oracle, wc.arrays(config.n_tail_gists), pt.answer_ids)
     return {

@@ -431,10 +431,10 @@ def generate(args: TaskLabelArgs) -> Path:
         for c, wc in enumerate(random_covers(pt, w, args.covers, args.seed * 100003 + doc_id)):
             if c < done:
                 continue
-            t1 = time.perf_counter()
             item = lensnet_item(wc, w.n_tail_gists, args.query_tokens,
                                 pt.question_attention(wc, oracle), args.feature_set,
                                 pt.block_lexical, pt.query)
+            t1 = time.perf_counter()  # the cheap label's cost: targets, plus its share of the read
             gain, cost = cheap_targets(wc, pt.answer_relevance)
             t_cheap = time.perf_counter() - t1 + t_forward / args.covers
             if args.labels == "cheap":

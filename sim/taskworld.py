@@ -161,7 +161,7 @@ class PreparedTask:
     attention_s: float = 0.0  # seconds the attention forwards (and the cheap label) took
     label_s: float = 0.0  # of which the cheap label's full read (``answer_attention``)
     block_lexical: np.ndarray | None = None  # (n_l1,) BM25 of each block against the query
-    _attention: dict = field(default_factory=dict, repr=False)  # cover -> question attention
+    _attention: dict = field(default_factory=dict, repr=False)  # cover -> (attention, seconds)
 
     @property
     def n_tokens(self) -> int:
@@ -173,18 +173,20 @@ class PreparedTask:
         query from one forward over ``wc`` (each zoom round reads its own context; cached per
         cover), the keys from the stream read. Full read: the one forward over the whole stream,
         whatever ``wc`` is."""
-        if self.attention_probs is None:
+        faithful = self.read_mode == "faithful"
+        if (self.stream_keys if faithful else self.attention_probs) is None:
             raise ValueError("this task was prepared without attention: "
                              "prepare_task(..., attention=True)")
-        if self.read_mode == "full-read" or _same_cover(wc, self.wc):
+        if not faithful or (self.attention_probs is not None and _same_cover(wc, self.wc)):
             return self.attention_probs
         key = (wc.levels.tobytes(), wc.indices.tobytes())
         if key not in self._attention:
             t0 = time.perf_counter()
             store = keystore.faithful_store(oracle, self.stream_keys, wc, wc.block_size)
-            self._attention[key] = store.probs(-1).astype(np.float32)
-            self.attention_s += time.perf_counter() - t0
-        return self._attention[key]
+            self._attention[key] = (store.probs(-1).astype(np.float32), time.perf_counter() - t0)
+        probs, seconds = self._attention[key]
+        self.attention_s += seconds  # each reader pays for the forward, cached or not
+        return probs
 
     def block_attention(
         self, wc: WorkingContext, oracle: LMOracle, layers: range | list[int]
@@ -329,13 +331,15 @@ def prepare_task(
             pt.answer_relevance = answer_relevance(store, n, b)
     pt.label_s = time.perf_counter() - t0
     if faithful:
+        t1 = time.perf_counter()
         pt.stream_keys, pt.read_cost = keystore.stream_read(oracle, reads)
         store = keystore.faithful_store(oracle, pt.stream_keys, wc, b)
         pt.attention_probs = store.probs(-1).astype(np.float32)
         pt.read_cost["positions"] += len(wc)  # the question-time forward
+        pt.read_cost["seconds"] = time.perf_counter() - t1
+    elif attention:
+        pt.read_cost["seconds"] = pt.label_s  # the one full read
     pt.attention_s = time.perf_counter() - t0
-    if pt.read_cost:
-        pt.read_cost.setdefault("seconds", pt.attention_s)
     return pt
 
 
@@ -385,7 +389,7 @@ def with_budget(pt: PreparedTask, config: TaskWorldConfig, oracle: LMOracle) -> 
     features): the question-time cover is streamed again, so a W_max sweep computes each task's
     block features once. In the faithful mode the stream's keys depend on the budget (each block
     was read with the working context before it), so the stream is read again too."""
-    faithful = pt.read_mode == "faithful" and pt.attention_probs is not None
+    faithful = config.read_mode == "faithful" and pt.stream_keys is not None
     wc, _, reads = stream_cover(pt.wc.tree, pt.n_tokens, pt.question_tokens, config, 0,
                                 pt.task.get("id"), record_reads=faithful)
     out = replace(pt, wc=wc, stream_snapshots=[], _attention={})

@@ -48,6 +48,12 @@ def test_resume_continues_an_interrupted_run(tmp_path):
     assert cost["mode"] == "faithful" and cost["tasks"] == 3
     assert cost["positions_per_token"] > 1.0  # each stream forward reads its working context
     assert "--resume" not in (part / "command.txt").read_text()
+    # killed inside the first task: no task finished, the last line cut off mid-write; the
+    # partial task runs again (it is not taken as finished with fewer policies)
+    (part / "tasks.jsonl").write_text(json.dumps(rows[0]) + "\n" + json.dumps(rows[1])[:20])
+    assert _run([*args, "--out", str(part), "--resume"]) == 0
+    again = _rows(part)
+    assert [(r["id"], r["policy"]) for r in again] == [(r["id"], r["policy"]) for r in rows]
     # another command's folder is refused, naming what to do
     with pytest.raises(SystemExit, match="holds another run"):
         main([*args, "--out", str(part), "--resume", "--world.w-max", "60"])

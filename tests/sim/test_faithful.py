@@ -1,20 +1,22 @@
 """The faithful read (DESIGN §11, issue 28 item 1): question-time decisions read only what the
-deployed system computed while it ran. Three properties, each of which the full read breaks:
-(a) the raw tokens of a block that is a gist at question time reach no decision input; (b) a block's
-stored keys do not depend on later tokens; (c) with an unbounded working context the faithful
-store is the full read. Plus: the sink is token 0 everywhere (a needle in block 0 is found and
-labelled), and the query is exactly the question."""
+deployed system computed while it ran. Three properties: (a) the raw tokens of a block that is a
+gist at question time reach no decision input (the full read breaks it: its query reads them);
+(b) a block's stored keys do not depend on later tokens; (c) with an unbounded working context the
+faithful store is the full read (and with a compressing one it is not). Plus: the sink is token 0
+everywhere (a needle in block 0 is found and labelled), and the query is exactly the question."""
 
 from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from lensnet.model import LensNet, LensNetConfig
 from megacontext.lm import tiny_llama
 from megacontext.lm_oracle import LMOracle
-from megacontext.tree import ConfigError
+from megacontext.tree import ConfigError, MegaContextTree, TreeConfig
 from sim import keystore
 from sim.features import QueryTooLong, answer_relevance, lensnet_item
 from sim.policies import Attention, LensNetPolicy
@@ -25,6 +27,7 @@ from sim.taskworld import (
     TaskWorldConfig,
     prepare_task,
     query_span,
+    stream_cover,
     zoom,
 )
 from tests.sim.test_taskworld import WORLD, _task
@@ -52,10 +55,13 @@ def _gist_block(pt) -> tuple[int, int]:
 def _with_tokens_replaced(pt, start: int, end: int):
     """``pt``'s tree with the raw tokens [start, end) replaced (other L0 embeddings), its gists
     and everything else kept: what the LM never reads again once the block is a gist."""
-    rows = pt.wc.tree._levels[0].view  # (n, d) L0 embeddings, the tree's own storage
+    tree = pt.wc.tree
+    rows = tree._levels[0].view  # (n, d) L0 embeddings, the tree's own storage
     rows[start:end] = np.roll(rows[start:end], 1, axis=1) + 0.5
+    ids = tree._token_ids.view
+    ids[start:end] = (ids[start:end] + 1) % 512
     pt.ids = pt.ids.copy()
-    pt.ids[start:end] = (pt.ids[start:end] + 1) % 512
+    pt.ids[start:end] = ids[start:end]
 
 
 def _lens(oracle, n_layers: int) -> LensNet:
@@ -81,6 +87,7 @@ def test_a_gist_blocks_raw_tokens_reach_no_decision_input(oracle):
         view = FocusView(task.wc, FAITHFUL.n_tail_gists, oracle, task.answer_ids, True, task,
                          FAITHFUL.attention_window)
         wc, _ = zoom(attention, task, FAITHFUL, oracle)  # a second round's context too
+        assert not np.array_equal(wc.levels, task.wc.levels)  # the zoom did open something
         return (
             task.question_attention(task.wc, oracle).copy(),
             attention.scores(view),
@@ -90,18 +97,20 @@ def test_a_gist_blocks_raw_tokens_reach_no_decision_input(oracle):
 
     before = decisions(pt)
     start, end = _gist_block(pt)
-    fresh = replace(pt, _attention={})  # same stored keys, no cached queries
+    # the same stored keys and gists; every question-time input recomputed from them (no stored
+    # probabilities, no cached queries)
+    fresh = replace(pt, _attention={}, attention_probs=None)
+    assert fresh.stream_keys is pt.stream_keys
     _with_tokens_replaced(fresh, start, end)
     after = decisions(fresh)
     for x, y in zip(before, after, strict=True):
         np.testing.assert_allclose(x, y, rtol=0, atol=1e-6)
 
-    # the full read reads those tokens: its query moves when they change
-    ids = pt.ids.copy()
-    full = keystore.read(oracle, ids, 4).probs(-1)
-    ids[start:end] = (ids[start:end] + 1) % 512
-    moved = keystore.read(oracle, ids, 4).probs(-1)
-    assert np.abs(full - moved)[..., end:].max() > 1e-5  # 10x the tolerance above
+    # the full read reads those tokens: the question's query moves with them, so its attention
+    # moves even on the tokens before the block, whose keys are the same causal function
+    full = keystore.read(oracle, pt.ids, 4).probs(-1)
+    moved = keystore.read(oracle, fresh.ids, 4).probs(-1)
+    assert np.abs(full - moved)[..., :start].max() > 1e-5  # 10x the tolerance above
 
 
 def test_a_blocks_stored_keys_do_not_depend_on_later_tokens(oracle):
@@ -211,9 +220,11 @@ def test_the_query_is_exactly_the_question(oracle):
     item = lensnet_item(pt.wc, 3, 8, None, query=pt.query)
     q_rows = item["tail_mask"][3:]
     assert q_rows.sum() == len(task["question"])  # no more (no context pulled in), no less
-    # no block's text holds the question: BM25 never scores the query against itself
-    assert all(task["question"].strip() not in t for t in pt.block_text[-3:])
-    assert pt.block_text[-1] == "" or not pt.block_text[-1].endswith(task["question"])
+    emb = pt.wc.tree.embeddings(0, np.arange(pt.query.start, pt.query.stop))
+    np.testing.assert_array_equal(item["tail_gists"][3 : 3 + len(emb)], emb)
+    # the block the question starts in keeps only its context text (307 = 76 * 4 + 3)
+    q0, ctx = pt.query.start, task["context"]
+    assert q0 == len(ctx) == 307 and pt.block_text[q0 // 4] == ctx[304:307]
     with pytest.raises(QueryTooLong, match="longer than LensNet's 2 query inputs"):
         lensnet_item(pt.wc, 3, 2, None, query=pt.query)
     # a task with no question: the stream's last context_query_tokens tokens
@@ -221,15 +232,20 @@ def test_the_query_is_exactly_the_question(oracle):
 
 
 def test_bm25_leaves_the_question_out_of_every_block(oracle):
-    """A block that holds the question's words only because the question stands in it scores 0;
-    the needle's block, which shares them, scores highest."""
-    task = _task(n_filler=301)  # the question starts inside a block
-    task["question"] = "\nK=4821?"
+    """The block the question starts in scores on its context text alone: the question's own
+    word in it ("zq", found nowhere in the context) does not score it against the question."""
+    from sim.features import bm25_relevance
+
+    task = _task(n_filler=302)  # 302 + 7 = 309 context tokens: the question starts mid-block
+    task["question"] = " zq zq?"
     pt = prepare_task(task, oracle, TOK, FAITHFUL, features=False)
     q_block = pt.query.start // 4
-    if q_block < len(pt.block_text):
-        assert "K=" not in pt.block_text[q_block]
-    assert pt.block_lexical[q_block:].max(initial=0.0) == 0.0
+    assert pt.query.start % 4 == 1 and q_block < len(pt.block_text)
+    assert pt.block_text[q_block] == task["context"][308:309]
+    assert pt.block_lexical[q_block] == 0.0
+    # with the question's own tokens in its block, BM25 would score it against itself
+    whole = [*pt.block_text[:q_block], task["context"][308:] + task["question"][:3]]
+    assert bm25_relevance(whole, pt.query_text)[q_block] > 0
 
 
 def test_a_question_longer_than_the_query_inputs_is_one_error_everywhere(oracle):
@@ -249,3 +265,44 @@ def test_a_question_longer_than_the_query_inputs_is_one_error_everywhere(oracle)
     with pytest.raises(TaskError, match="lensnet's 2 query inputs"):
         policies_fit(pt, [Attention(), small])
     policies_fit(pt, [Attention()])  # a policy that reads no query never refuses
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    step=st.integers(1, 8), extra=st.integers(0, 8), tail_extra=st.integers(0, 8),
+    n=st.integers(1, 400),
+)
+def test_stream_reads_tile_the_stream_with_their_tokens_at_l0(step, extra, tail_extra, n):
+    """For any step <= read_tokens <= tail and any stream length (the last read partial or not),
+    the recorded reads tile [0, n) in order, each at most read_tokens wide, and each read's tokens
+    are the L0 end of the cover it was read with (what ``stream_read`` requires)."""
+    read = step + extra
+    world = replace(FAITHFUL, step_tokens=step, read_tokens=read, tail_tokens=read + tail_extra,
+                    w_max=read + tail_extra + 3 * 4 + 1 + 40)
+    tree = MegaContextTree(TreeConfig(block_size=4, max_level=2, d_model=2), reserve_tokens=n)
+    tree.ingest(np.arange(n) % 7, np.zeros((n, 2), np.float32))
+    _, _, reads = stream_cover(tree, n, 0, world, record_reads=True)
+    assert reads[0].start == 0 and reads[-1].end == n
+    for a, b in zip(reads, reads[1:], strict=False):
+        assert a.end == b.start
+    for r in reads:
+        width = r.end - r.start
+        assert 1 <= width <= read and r.wc.n_tokens == r.end
+        assert np.all(r.wc.levels[-width:] == 0)
+        np.testing.assert_array_equal(r.wc.indices[-width:], np.arange(r.start, r.end))
+
+
+def test_a_budget_sweep_reads_the_stream_again(oracle):
+    """``with_budget`` in the faithful mode: the keys depend on the budget (each block was read
+    with the context before it), so they are read again and no cached query survives."""
+    from sim.taskworld import with_budget
+
+    pt = prepare_task(_task(n_filler=300), oracle, TOK, FAITHFUL, features=False, attention=True)
+    pt.question_attention(zoom(Attention(), pt, FAITHFUL, oracle)[0], oracle)
+    assert pt._attention
+    wider = replace(FAITHFUL, w_max=96)
+    other = with_budget(pt, wider, oracle)
+    assert not other._attention and other.stream_keys is not pt.stream_keys
+    direct = prepare_task(_task(n_filler=300), oracle, TOK, wider, features=False, attention=True)
+    np.testing.assert_allclose(other.attention_probs, direct.attention_probs, atol=1e-6)
+    assert np.abs(other.attention_probs - pt.attention_probs).max() > 1e-4
