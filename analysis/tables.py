@@ -5,11 +5,13 @@ policies that are training seeds of one scorer (``sim.evaluate --lensnets``): th
 over the seeds, each seed's count, the mean answer NLL and focus recall.
 
 One row per policy, one column group per run (its folder name and read mode, DESIGN §11: a run
-without one predates the faithful mode and read the whole stream, 'full-read'): exact match with
-its 95 % bootstrap interval, answer NLL, focus recall, LensNet's cost per round against one LM
-forward at W_max and, where the run has the oracle, NGR. ``--edges`` prints a second table: exact
-match at the edges of the needle depth range and in its interior (``by_depth``). Reads each run's
-``results.json`` only, so a table in the docs is rebuilt from the committed folders.
+without one predates the faithful mode and read the whole stream, 'full-read, pre-faithful'; the
+runs merged into one column must share their mode): exact match with its 95 % bootstrap interval,
+answer NLL, focus recall, LensNet's cost per round against one LM forward at W_max (and, in the
+faithful mode, its re-read of the refocused context) and, where the run has the oracle, NGR.
+``--edges`` prints a second table: exact match at the edges of the needle depth range and in its
+interior (``by_depth``). Reads each run's ``results.json`` only, so a table in the docs is rebuilt
+from the committed folders.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ def _cell(r: dict) -> str:
         out += f", {r['focus_recall']:.2f}"
     if r.get("cost_vs_lm_forward") is not None:
         out += f", cost {r['cost_vs_lm_forward']:.3f}"
+        if r.get("reread_vs_lm_forward"):
+            out += f" + re-read {r['reread_vs_lm_forward']:.2f}"
     if r.get("ngr") is not None:
         lo, hi = r.get("ngr_ci95") or (float("nan"), float("nan"))
         out += f", NGR {r['ngr']:.2f} [{lo:.2f}, {hi:.2f}]"
@@ -48,13 +52,13 @@ def _edge_cell(r: dict) -> str:
 
 
 def read_mode(config: dict) -> str:
-    """A run's read mode; runs from before the faithful mode read the whole stream."""
-    return config.get("read_mode", "full-read")
+    """A run's read mode; runs from before the faithful mode read the whole stream (with block 0
+    as the sink and the newest 32 tokens as the query)."""
+    return config.get("read_mode", "full-read, pre-faithful")
 
 
 def _header(name: str, res: dict) -> str:
-    modes = list(dict.fromkeys(read_mode(c) for c in res["configs"]))
-    return f"{name} ({' + '.join(modes)})"
+    return f"{name} ({read_mode(res['configs'][0])})"
 
 
 def load_merged(dirs: str) -> dict:
@@ -68,7 +72,13 @@ def load_merged(dirs: str) -> dict:
         if not path.is_file():
             raise SystemExit(f"{dirs}: no {path} (a sim.evaluate run folder was expected)")
         res = json.loads(path.read_text())
-        merged["configs"].append(res.get("config", {}))
+        config = res.get("config", {})
+        if merged["configs"] and read_mode(config) != read_mode(merged["configs"][0]):
+            raise SystemExit(
+                f"{dirs}: {d} read the LM in mode {read_mode(config)!r}, the column's first run "
+                f"in {read_mode(merged['configs'][0])!r}: put them in columns of their own"
+            )
+        merged["configs"].append(config)
         merged["policies"].update({k + suffix: v for k, v in res["policies"].items()})
     return merged
 

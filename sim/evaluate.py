@@ -146,6 +146,19 @@ def _policy_objects(
     ), portable_path(lens_path)
 
 
+def trained_read_mode(path: str | None) -> str | None:
+    """The read mode a LensNet checkpoint's features were computed in, from its card (the .json
+    beside it; ``world.read_mode``): cards from before the faithful mode name none, and their
+    features came from a full read. None without a checkpoint or a card."""
+    if path is None:
+        return None
+    cards = [Path(path).with_suffix(".json"), (PROJECT_ROOT / path).with_suffix(".json")]
+    card = next((c for c in cards if c.is_file()), None)  # as given, or inside the project
+    if card is None:
+        return None
+    return json.loads(card.read_text()).get("world", {}).get("read_mode", "full-read")
+
+
 def _extra_lensnets(specs: tuple[str, ...], names: list[str], device) -> list:
     """The policies of ``--lensnets`` NAME=CKPT: NAME (calibrated) and NAME_rank (its order)."""
     from lensnet.train import load_model
@@ -437,6 +450,7 @@ def _evaluate(args: EvaluateArgs) -> dict:
             "lm": args.lm,
             "gister": gister_name,
             "lensnet": lens_path,
+            "lensnet_trained_read_mode": trained_read_mode(lens_path),
             "lensnets": {s.partition("=")[0]: portable_path(s.partition("=")[2])
                          for s in args.lensnets},
             "policies": [p.name for p in policies],

@@ -68,3 +68,14 @@ def test_full_read_costs_one_position_per_token(tmp_path):
     res = json.loads((out / "results.json").read_text())
     assert res["config"]["read_mode"] == "full-read"
     assert res["read_cost"]["positions_per_token"] == 1.0
+
+
+def test_the_lensnets_training_read_mode_comes_from_its_card(tmp_path):
+    """The shipped checkpoint's features were read in full (its card predates the faithful mode);
+    a card that names its mode is taken at its word; no card, no claim."""
+    from sim.evaluate import trained_read_mode
+
+    assert trained_read_mode("lensnet/checkpoints/lensnet-smollm2-tasks.pt") == "full-read"
+    (tmp_path / "new.json").write_text(json.dumps({"world": {"read_mode": "faithful"}}))
+    assert trained_read_mode(str(tmp_path / "new.pt")) == "faithful"
+    assert trained_read_mode(str(tmp_path / "none.pt")) is None

@@ -686,19 +686,28 @@ def test_markdown_table_holds_each_runs_numbers(tmp_path, capsys):
     (tmp_path / "run-a").mkdir()
     (tmp_path / "run-a" / "results.json").write_text(json.dumps(res))
     lines = table([tmp_path / "run-a"]).splitlines()
-    assert lines[0] == "| policy | run-a (full-read) |"  # a run from before the faithful mode
+    assert lines[0] == "| policy | run-a (full-read, pre-faithful) |"  # from before the mode
     assert lines[2] == "| attention | 3/4 [0.25, 1.00], 0.500, 0.50 |"
     assert lines[3] == "| recency | 0/4, 2.250, NGR 0.00 [0.00, 0.00] |"
-    other = {"config": {"read_mode": "faithful"},
+    other = {"config": {"read_mode": "full-read"},
              "policies": {"lensnet": {**res["policies"]["attention"], "exact_match": 1.0,
                                       "cost_vs_lm_forward": 0.0431,
+                                      "reread_vs_lm_forward": 0.5,
                                       "by_depth": {"edge": {"n": 1, "exact_match": 0.0},
                                                    "interior": {"n": 3, "exact_match": 1.0}}}}}
     (tmp_path / "run-b").mkdir()
     (tmp_path / "run-b" / "results.json").write_text(json.dumps(other))
+    res["config"] = {"read_mode": "full-read"}  # run-a, as a full-read run of this code
+    (tmp_path / "run-a" / "results.json").write_text(json.dumps(res))
     merged = table([f"both={tmp_path / 'run-a'}+{tmp_path / 'run-b'}"]).splitlines()
-    assert merged[0] == "| policy | both (full-read + faithful) |"  # every figure names its mode
-    assert merged[4] == "| lensnet | 4/4 [0.25, 1.00], 0.500, 0.50, cost 0.043 |"
+    assert merged[0] == "| policy | both (full-read) |"  # every figure names its read mode
+    assert merged[4] == "| lensnet | 4/4 [0.25, 1.00], 0.500, 0.50, cost 0.043 + re-read 0.50 |"
+    # runs of different read modes never share a column
+    (tmp_path / "run-f").mkdir()
+    (tmp_path / "run-f" / "results.json").write_text(
+        json.dumps({**other, "config": {"read_mode": "faithful"}}))
+    with pytest.raises(SystemExit, match="columns of their own"):
+        table([f"x={tmp_path / 'run-f'}+{tmp_path / 'run-b'}"])
     edges = table([f"both={tmp_path / 'run-a'}+{tmp_path / 'run-b'}"], edges=True).splitlines()
     assert edges[2] == "| attention | – |" and edges[4] == "| lensnet | 0/1 / 3/3 |"
     renamed = table([f"x={tmp_path / 'run-a'}+{tmp_path / 'run-b'}#-abl"]).splitlines()
