@@ -31,14 +31,15 @@ from megacontext.tree import ConfigError
 from sim.tasks import TaskConfig, generate_tasks
 from sim.tasks.jsonl import SEALED_MANIFEST, write_jsonl
 
-USED_SEEDS: tuple[int, ...] = (0,)
+USED_SEEDS: tuple[int, ...] = (0, 20261203)
 """``sim.tasks`` seeds of the task files drawn so far, which a sealed split may not reuse (the same
 seed redraws the same held-out tasks). From results/*/command*.txt and results/*/README.md (and
 each committed file's meta.seed): results/heldout-24 (the dev files of every task-world study so
 far), results/tasks-{passkey,multikey,code}-seed0 (``python -m sim.taskstudy``, seed 0) and
 results/tasks-vt-heldout all use the default seed 0, as do the train-split tasks of
 ``sim.tasklabels`` in scripts/task_lensnet_study.sh (``--train.seed 1, 2`` there are LensNet
-training seeds, not task seeds). A spent sealed split's seed joins this list."""
+training seeds, not task seeds). A spent sealed split's seed joins this list: 20261203 drew
+results/sealed-1, published in README.md and docs/results.md (spent)."""
 
 CELLS: dict[str, tuple[str, int]] = {
     "passkey-2k": ("passkey", 2048),
