@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.retrieval_layer import needle_rank
+
 
 @dataclass
 class AttentionWindowArgs:
@@ -45,11 +47,6 @@ class AttentionWindowArgs:
     """Task seed (train split)."""
     lm: str = "smollm2"
     """'smollm2', 'tiny' or a local model folder."""
-
-
-def needle_rank(relevance: np.ndarray, needle_blocks: np.ndarray) -> int:
-    """1 + the number of blocks scoring above the best needle block."""
-    return int((relevance > relevance[needle_blocks].max()).sum()) + 1
 
 
 def window_table(masses: list[np.ndarray], needles: list[np.ndarray], max_width: int) -> dict:

@@ -212,3 +212,18 @@ def test_attention_ranks_a_planted_passkey_first_on_smollm2():
         blocks = np.unique(np.flatnonzero(pt.needle) // b)
         best = rel[blocks[blocks < len(rel)]].max()
         assert int((rel > best).sum()) == 0, task["id"]
+
+
+def test_the_attention_window_benchmark_picks_the_layers_that_rank_the_needle_first():
+    """``benchmarks.attention_window``: per window the needle block's rank over tasks; the best MRR
+    wins, ties go to the narrower, then the earlier window."""
+    from benchmarks.attention_window import best_window, window_table
+
+    # 3 layers, 3 blocks, the needle is block 0: only layer 1 ranks it first
+    masses = [np.array([[0.1, 0.5, 0.4], [0.8, 0.1, 0.1], [0.2, 0.7, 0.1]])]
+    table = window_table(masses, [np.array([0])], max_width=3)
+    assert set(table) == {"0-1", "1-2", "2-3", "0-2", "1-3", "0-3"}
+    assert table["1-2"]["hit1"] == 1.0 and table["0-1"]["mrr"] == pytest.approx(1 / 3)
+    assert best_window(table)["lo"] == 1 and best_window(table)["hi"] == 2
+    # 0-2 ranks it first too (mean 0.45 > 0.3): the narrower window wins the tie
+    assert table["0-2"]["mrr"] == 1.0
