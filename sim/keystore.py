@@ -69,6 +69,8 @@ def check_read_mode(mode: str) -> str:
     if mode not in READ_MODES:
         raise ConfigError(f"unknown read mode {mode!r}; choose from {', '.join(READ_MODES)}")
     return mode
+
+
 LOG_SCALE = 10.0
 """Log masses are divided by this, so features lie in about [-1.4, 0]."""
 

@@ -167,6 +167,18 @@ class PreparedTask:
     def n_tokens(self) -> int:
         return int(self.ids.shape[0])
 
+    def read_faithfully(self, oracle: LMOracle, reads: list[keystore.StreamRead]) -> float:
+        """The faithful read of this task: the stream's keys from ``reads`` (``stream_cover``'s,
+        for ``self.wc``'s budget) and the question's attention over them from the question-time
+        cover (``stream_keys``, ``attention_probs``, ``read_cost``). Returns its seconds."""
+        t0 = time.perf_counter()
+        self.stream_keys, self.read_cost = keystore.stream_read(oracle, reads)
+        store = keystore.faithful_store(oracle, self.stream_keys, self.wc, self.wc.block_size)
+        self.attention_probs = store.probs(-1).astype(np.float32)
+        self.read_cost["positions"] += len(self.wc)  # the question-time forward
+        self.read_cost["seconds"] = time.perf_counter() - t0
+        return self.read_cost["seconds"]
+
     def question_attention(self, wc: WorkingContext, oracle: LMOracle) -> np.ndarray:
         """(L, H, n) the attention of the question's last token over the stream's keys when the
         LM reads the working context ``wc`` (a cover of this task at question time). Faithful: the
@@ -331,12 +343,7 @@ def prepare_task(
             pt.answer_relevance = answer_relevance(store, n, b)
     pt.label_s = time.perf_counter() - t0
     if faithful:
-        t1 = time.perf_counter()
-        pt.stream_keys, pt.read_cost = keystore.stream_read(oracle, reads)
-        store = keystore.faithful_store(oracle, pt.stream_keys, wc, b)
-        pt.attention_probs = store.probs(-1).astype(np.float32)
-        pt.read_cost["positions"] += len(wc)  # the question-time forward
-        pt.read_cost["seconds"] = time.perf_counter() - t1
+        pt.read_faithfully(oracle, reads)
     elif attention:
         pt.read_cost["seconds"] = pt.label_s  # the one full read
     pt.attention_s = time.perf_counter() - t0
@@ -394,12 +401,7 @@ def with_budget(pt: PreparedTask, config: TaskWorldConfig, oracle: LMOracle) -> 
                                 pt.task.get("id"), record_reads=faithful)
     out = replace(pt, wc=wc, stream_snapshots=[], _attention={})
     if faithful:
-        t0 = time.perf_counter()
-        out.stream_keys, out.read_cost = keystore.stream_read(oracle, reads)
-        store = keystore.faithful_store(oracle, out.stream_keys, wc, wc.block_size)
-        out.attention_probs = store.probs(-1).astype(np.float32)
-        out.read_cost["positions"] += len(wc)
-        out.attention_s = time.perf_counter() - t0
+        out.attention_s = out.read_faithfully(oracle, reads)
     return out
 
 
