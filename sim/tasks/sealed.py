@@ -95,14 +95,8 @@ class SealedConfig:
             raise ConfigError(f"every cell needs at least 1 task, got {bad}")
 
     def sizes(self) -> dict[str, int]:
-        """Cell name -> number of tasks."""
-        return {
-            "passkey-2k": self.passkey_2k,
-            "passkey-4k": self.passkey_4k,
-            "multikey-2k": self.multikey_2k,
-            "passkey-8k": self.passkey_8k,
-            "code-2k": self.code_2k,
-        }
+        """Cell name (``CELLS``) -> number of tasks (the field of the same name)."""
+        return {cell: getattr(self, cell.replace("-", "_")) for cell in CELLS}
 
 
 def cell_seed(seed: int, cell: str) -> int:

@@ -7,10 +7,8 @@ import json
 import pytest
 
 from sim.evaluate import main
+from tests.sim.test_taskworld import WORLD_ARGS as WORLD
 from tests.sim.test_taskworld import _task
-
-WORLD = ["--world.block-size", "4", "--world.w-max", "64", "--world.tail-tokens", "24",
-         "--world.step-tokens", "4", "--no-progress", "--lm", "tiny"]
 
 
 def _run(args: list[str]) -> int:

@@ -226,33 +226,11 @@ def test_tasktrain_refuses_traces_labelled_from_a_sealed_file(split, tmp_path, m
 def test_evaluate_reads_a_sealed_file_with_open_sealed_and_records_it(tmp_path):
     """--open-sealed lets the evaluation run, and results.json's config records the flag."""
     from sim.evaluate import main as run
+    from tests.sim.test_taskworld import WORLD_ARGS, _task
 
     path = tmp_path / "sealed.jsonl"
-    filler = "".join(chr(97 + (i * 7) % 26) for i in range(200))
-    task = {
-        "id": "t0",
-        "context": filler[:20] + "K=4821;" + filler[20:],
-        "question": "\nK?",
-        "answer": " 4821",
-        "needle_spans": [[20, 27]],
-        "meta": {"sealed": True},
-    }
-    write_jsonl([task], path)
-    world = [
-        "--world.block-size",
-        "4",
-        "--world.w-max",
-        "64",
-        "--world.tail-tokens",
-        "24",
-        "--world.step-tokens",
-        "4",
-        "--lm",
-        "tiny",
-        "--policies",
-        "recency",
-        "--no-progress",
-    ]
+    write_jsonl([{**_task(), "meta": {"sealed": True}}], path)
+    world = [*WORLD_ARGS, "--policies", "recency"]
     with pytest.raises(SystemExit, match="sealed test-split"):
         run([*world, "--tasks", str(path), "--out", str(tmp_path / "closed")])
     with pytest.raises(SystemExit) as done:

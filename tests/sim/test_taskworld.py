@@ -23,6 +23,9 @@ from tests.strategies import working_contexts
 WORLD = TaskWorldConfig(
     block_size=4, max_level=2, w_max=64, tail_tokens=24, step_tokens=4, n_tail_gists=3
 )
+WORLD_ARGS = ["--world.block-size", "4", "--world.w-max", "64", "--world.tail-tokens", "24",
+              "--world.step-tokens", "4", "--no-progress", "--lm", "tiny"]
+"""``sim.evaluate``'s arguments for the tiny LM in WORLD's sizes (its default n_tail_gists)."""
 
 
 def _task(n_filler: int = 200, at: int = 20, tid: str = "t0") -> dict:
@@ -208,19 +211,9 @@ def test_evaluate_contract_and_bad_lines(tmp_path, oracle):
                 str(path),
                 "--out",
                 str(out),
-                "--lm",
-                "tiny",
                 "--policies",
                 "recency,retrieval,full",
-                "--no-progress",
-                "--world.block-size",
-                "4",
-                "--world.w-max",
-                "64",
-                "--world.tail-tokens",
-                "24",
-                "--world.step-tokens",
-                "4",
+                *WORLD_ARGS,
             ]
         )
     assert exit_info.value.code == 1  # lines were skipped
