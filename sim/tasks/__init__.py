@@ -33,6 +33,7 @@ import numpy as np
 
 from megacontext.tree import ConfigError
 from sim.tasks.code import make_code_task
+from sim.tasks.families import FACTORS, FAMILY_KINDS, FamilyKind, check_family_config
 from sim.tasks.filler import (
     CHARS_PER_TOKEN,
     MAX_GAP,
@@ -51,6 +52,10 @@ from sim.tasks.kinds import CONSONANTS, KEY_WORDS, TASK_KINDS, NeedleKind, TaskK
 
 __all__ = [
     "ALL_KINDS",
+    "FACTORS",
+    "FAMILIES",
+    "FAMILY_KINDS",
+    "FamilyKind",
     "CHARS_PER_TOKEN",
     "CONSONANTS",
     "KEY_WORDS",
@@ -82,11 +87,15 @@ __all__ = [
 
 KINDS = tuple(name for name, kind in TASK_KINDS.items() if isinstance(kind, NeedleKind))
 """The needle kinds (RULER-style: filler + needles + a question), as registered at import."""
+FAMILIES = tuple(name for name, kind in TASK_KINDS.items() if isinstance(kind, FamilyKind))
+"""The needle families (``sim.tasks.families``: every factor split train / dev / heldout)."""
 ALL_KINDS = tuple(TASK_KINDS)
 """Every kind as registered at import (``code``: continuation of a standard-library module where
 the next lines use a name defined far above)."""
 TEMPLATES: dict[str, dict[str, tuple[Template, ...]]] = {
-    name: kind.templates for name, kind in TASK_KINDS.items() if isinstance(kind, NeedleKind)
+    name: kind.templates
+    for name, kind in TASK_KINDS.items()
+    if isinstance(kind, NeedleKind) and not isinstance(kind, FamilyKind)
 }
 """kind -> split -> [(needle, hop (vt only), question)] of the needle kinds, as registered at
 import: {v} value, {k} key, {a} -> {b} a vt hop."""
@@ -108,10 +117,21 @@ class TaskConfig:
     depths: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
     """Depth of the asked needle as a fraction of the context; task i takes
     depths[(i // len(length)) % len(depths)]; empty = uniform per task."""
-    split: Literal["train", "heldout"] = "train"
-    """Filler text, modules and phrasings: 'train' or 'heldout' (disjoint)."""
+    split: Literal["train", "dev", "heldout"] = "train"
+    """Filler text, modules and phrasings: 'train', 'dev' (the niah-* families and code only) or
+    'heldout' (test), disjoint."""
     n_keys: int = 4
-    """multikey: magic-number statements per task (one asked, the others distractors)."""
+    """multikey, niah-multikey, niah-multiquery: keyed needles per task (niah-multikey: one asked,
+    the others distract); niah-multivalue: keys per task (one asked, stated n_values times)."""
+    n_values: int = 3
+    """niah-multivalue: values of the asked key (all asked)."""
+    n_queries: int = 2
+    """niah-multiquery: keys asked in the one question (<= n_keys)."""
+    decoys: int = 0
+    """niah-*: decoy sentences (the question's subject, no value) at uniform depths."""
+    value_type: str = "any"
+    """niah-*: the value type, 'any' (drawn per task from the split's types) or one of the split's
+    sim.tasks.families.VALUE_TYPES, e.g. 'digits5' or 'code:LL-DDDD' for heldout."""
     n_chains: int = 2
     """vt: assignment chains per task (one asked, the others distractors)."""
     chain_length: int = 3
@@ -138,6 +158,14 @@ class TaskConfig:
                 f"{self.answer_tokens}, {self.near_chars}"
             )
         _check_split(self.split)
+        splits = getattr(TASK_KINDS[self.kind], "splits", SPLITS)
+        if self.split not in splits:
+            raise ConfigError(
+                f"kind {self.kind!r} has no {self.split!r} split (its splits: {splits}); the "
+                f"niah-* families have train, dev and heldout"
+            )
+        if isinstance(TASK_KINDS[self.kind], FamilyKind):
+            check_family_config(self)
         if self.n_tasks < 1 or self.seed < 0 or not self.length or min(self.length) < 64:
             raise ConfigError(
                 f"need n_tasks >= 1, seed >= 0, lengths >= 64 tokens; got "

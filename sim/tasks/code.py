@@ -141,6 +141,7 @@ class CodeContinuation:
     far above (``make_code_task``; depths do not apply)."""
 
     name = "code"
+    splits = ("train", "dev", "heldout")
 
     def make_task(
         self,

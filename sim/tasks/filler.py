@@ -18,7 +18,16 @@ import numpy as np
 from gistnet.corpus import pydoc_split, stdlib_modules, stdlib_split_of
 from megacontext.tree import ConfigError
 
-SPLITS = ("train", "heldout")
+SPLITS = ("train", "heldout", "dev")
+"""The task splits, in seed order (a task's seed holds its split's index, so a new split is
+appended): 'train' (training), 'dev' (selection and calibration: the task families only) and
+'heldout' (test: the sealed splits draw from it)."""
+GIST_SPLIT = {"train": "train", "dev": "validation", "heldout": "heldout"}
+"""Task split -> GistNet's corpus split (``gistnet.corpus``) whose text it reads: dev tasks read
+the text GistNet selects on, never the text it trains on."""
+SEEN_BY = {"train": (), "dev": ("train",), "heldout": ("train", "validation")}
+_TASK_SPLIT = {gist: task for task, gist in GIST_SPLIT.items()}
+"""Task split -> the GistNet splits whose text its filler may not share (``shares_seen_text``)."""
 MAX_GAP = 400
 """Filler paragraphs with a longer stretch without a sentence start (tables, long code) are left
 out, so a needle always finds a sentence or paragraph start within MAX_GAP / 2 characters."""
@@ -33,15 +42,16 @@ def _check_split(split: str) -> None:
 
 # ----------------------------------------------------------------------------- real text
 def module_split(name: str) -> str:
-    """The split of a standard-library module: GistNet's (``gistnet.corpus.stdlib_split_of``, by
-    top-level package), or 'none' for a pure-Python twin (``_py_abc`` of ``abc``) whose public twin
-    lies in another split: its docstrings are copies of the twin's, so it serves neither split."""
+    """The task split of a standard-library module: GistNet's (``gistnet.corpus.stdlib_split_of``,
+    by top-level package; its 'validation' is the tasks' 'dev'), or 'none' for a pure-Python twin
+    (``_py_abc`` of ``abc``) whose public twin lies in another split: its docstrings are copies of
+    the twin's, so it serves neither split."""
     top = name.split(".")[0]
     split = stdlib_split_of(name)
     public = top[3:].lstrip("_") if top.startswith("_py") else top.lstrip("_")
     if public != top and public in stdlib_modules() and stdlib_split_of(public) != split:
         return "none"
-    return split
+    return _TASK_SPLIT[split]
 
 
 def code_documents(split: str, min_chars: int = 4096) -> Iterator[tuple[str, str]]:
@@ -61,37 +71,38 @@ def filler_sources(split: str) -> tuple[str, ...]:
     and ``module:NAME`` (the docstrings of a module of that split)."""
     _check_split(split)
     mods = [f"module:{m}" for m in sorted(stdlib_modules()) if module_split(m) == split]
-    return (*(f"pydoc:{t}" for t in pydoc_split(split)), *mods)
+    return (*(f"pydoc:{t}" for t in pydoc_split(GIST_SPLIT[split])), *mods)
 
 
 SHARED_RUN = 200
-"""A held-out filler paragraph that shares a run of this many characters (whitespace collapsed) with
-GistNet's train or validation text is left out (pydoc topics repeat one another's paragraphs)."""
+"""A held-out (dev) filler paragraph that shares a run of this many characters (whitespace
+collapsed) with GistNet's train or validation (train) text is left out (pydoc topics repeat one
+another's paragraphs)."""
 
 
 @functools.cache
-def _seen_windows() -> frozenset[str]:
-    """Windows of SHARED_RUN / 2 characters at every multiple of SHARED_RUN / 2 of GistNet's train
-    and validation text (whitespace collapsed): a run of SHARED_RUN characters shared with that text
-    holds one of them."""
+def _seen_windows(splits: tuple[str, ...] = ("train", "validation")) -> frozenset[str]:
+    """Windows of SHARED_RUN / 2 characters at every multiple of SHARED_RUN / 2 of GistNet's text
+    of ``splits`` (whitespace collapsed): a run of SHARED_RUN characters shared with that text holds
+    one of them."""
     from gistnet.corpus import corpus_text
 
-    seen = " ".join(corpus_text(c, s) for c in ("pydoc", "stdlib") for s in ("train", "validation"))
+    seen = " ".join(corpus_text(c, s) for c in ("pydoc", "stdlib") for s in splits)
     seen, w = re.sub(r"\s+", " ", seen), SHARED_RUN // 2
     return frozenset(seen[i : i + w] for i in range(0, len(seen) - w + 1, w))
 
 
-def shares_seen_text(paragraph: str) -> bool:
-    """Whether ``paragraph`` shares SHARED_RUN characters (whitespace collapsed) with GistNet's
-    train or validation text."""
-    p, w, seen = re.sub(r"\s+", " ", paragraph), SHARED_RUN // 2, _seen_windows()
+def shares_seen_text(paragraph: str, splits: tuple[str, ...] = ("train", "validation")) -> bool:
+    """Whether ``paragraph`` shares SHARED_RUN characters (whitespace collapsed) with GistNet's text
+    of ``splits`` (by default its train and validation text)."""
+    p, w, seen = re.sub(r"\s+", " ", paragraph), SHARED_RUN // 2, _seen_windows(splits)
     return any(p[i : i + w] in seen for i in range(len(p) - w + 1))
 
 
 def _source_split(source: str) -> str:
     kind, name = source.split(":", 1)
     if kind == "pydoc":
-        return "heldout" if name in pydoc_split("heldout") else "train"
+        return next(t for t, g in GIST_SPLIT.items() if name in pydoc_split(g))
     return module_split(name)
 
 
@@ -99,7 +110,8 @@ def _source_split(source: str) -> str:
 def _paragraphs(source: str) -> tuple[str, ...]:
     """A filler document's paragraphs (blank-line separated); a module gives its docstrings of at
     least 200 characters (module, classes, functions, methods). A held-out document leaves out the
-    paragraphs that share text with GistNet's train or validation text (``shares_seen_text``)."""
+    paragraphs that share text with GistNet's train or validation text, a dev one those that share
+    text with its train text (``shares_seen_text``, ``SEEN_BY``)."""
     kind, name = source.split(":", 1)
     if kind == "pydoc":
         import pydoc_data.topics as topics
@@ -118,8 +130,8 @@ def _paragraphs(source: str) -> tuple[str, ...]:
         text = "\n\n".join(d for d in docs if len(d) >= 200)
     paras = (p.rstrip() for p in re.split(r"\n\s*\n", text) if p.strip())
     paras = (p for p in paras if np.diff([0, *_sentence_starts(p), len(p)]).max() <= MAX_GAP)
-    if _source_split(source) == "heldout":
-        paras = (p for p in paras if not shares_seen_text(p))
+    if seen := SEEN_BY[_source_split(source)]:
+        paras = (p for p in paras if not shares_seen_text(p, seen))
     return tuple(paras)
 
 

@@ -6,123 +6,25 @@ own needles and answer. A new kind is one class added to ``TASK_KINDS``, nothing
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from megacontext.tree import ConfigError
 from sim.tasks.code import CodeContinuation
-from sim.tasks.filler import _filler, _place, filler_sources
+from sim.tasks.families import FAMILY_KINDS
+from sim.tasks.needles import (
+    CONSONANTS,
+    KEY_WORDS,
+    NeedleKind,
+    Needles,
+    TaskKind,
+    Template,
+)
 
 if TYPE_CHECKING:
     from sim.tasks import TaskConfig
 
-Template = tuple[str, str, str]
-"""(needle, hop (vt only), question): {v} value, {k} key, {a} -> {b} a vt hop."""
-Needles = list[tuple[str, float]]
-"""(needle text, depth) pairs."""
-CONSONANTS = "BCDFGHJKLMNPQRSTVWXZ"
-KEY_WORDS = tuple(
-    """apple badger candle dolphin emerald falcon garnet harbor iris jasmine kettle
-lantern maple nectar otter pepper quartz raven saddle tulip urchin violet walrus yarrow zephyr
-anchor bramble cobalt dune feather glacier hazel ivory juniper kiwi lotus meadow nutmeg orchid
-pebble quill ribbon sparrow thistle velvet willow""".split()
-)
-"""Multi-key keys (the same for both splits: keys are neither filler nor phrasing)."""
-
-
-class TaskKind(Protocol):
-    """A task kind: its name (its key in ``TASK_KINDS``) and the maker of its tasks."""
-
-    name: str
-
-    def make_task(
-        self,
-        c: TaskConfig,
-        i: int,
-        n: int,
-        rng: np.random.Generator,
-        count_tokens: Callable[[str], int],
-        counter: str,
-    ) -> dict[str, Any]:
-        """Task ``i`` of ``c``, at most ``n`` tokens under ``count_tokens`` (``counter`` names it
-        in the task's meta), every draw from ``rng``."""
-        ...
-
-
-class NeedleKind:
-    """A needle kind: real filler of the split with needles placed in it and a question. A subclass
-    sets ``name`` and ``templates`` and draws its needles and answer (``needles``)."""
-
-    name: str
-    templates: dict[str, tuple[Template, ...]]
-    """split -> the phrasings (a task draws one); no phrase is shared by the two splits."""
-
-    def needles(
-        self, c: TaskConfig, rng: np.random.Generator, template: Template, depth: float
-    ) -> tuple[Needles, list[int], str, str]:
-        """(needles with depths, indices of the asked ones, question, answer) of one task phrased
-        by ``template``, the asked needle at ``depth``."""
-        raise NotImplementedError
-
-    def make_task(
-        self,
-        c: TaskConfig,
-        i: int,
-        n: int,
-        rng: np.random.Generator,
-        count_tokens: Callable[[str], int],
-        counter: str,
-    ) -> dict[str, Any]:
-        """Task ``i`` of ``c``: the asked needle at depth ``depths[(i // len(length)) %
-        len(depths)]`` (uniform when there are none), filler up to ``n`` tokens for the whole
-        stream (context, question and answer), refilled until the stream lands within 1%."""
-        depth = float(c.depths[(i // len(c.length)) % len(c.depths)] if c.depths else rng.uniform())
-        options = self.templates[c.split]
-        t = int(rng.integers(len(options)))
-        needles, asked, question, answer = self.needles(c, rng, options[t], depth)
-        question = "\n\n" + question
-        sources = filler_sources(c.split)
-        sources = [sources[j] for j in rng.permutation(len(sources))]
-        # the whole stream lands at most n tokens: it fits an LM with n positions
-        tol = max(8, n // 100)
-        parts = (question, answer, *(x for x, _ in needles))
-        budget = n - tol // 2 - sum(count_tokens(x) + 1 for x in parts)
-        best: tuple[int, str, list[list[int]]] | None = None
-        for _ in range(6):  # the sum of parts misses a few tokens at joins: correct and refill
-            if budget < 1:
-                raise ConfigError(
-                    f"length {n} leaves no room for filler around the needles and question"
-                )
-            context, spans = _place(_filler(sources, budget, count_tokens, tol // 4), needles)
-            total = count_tokens(context + question) + count_tokens(answer)
-            if total <= n and (best is None or total > best[0]):
-                best = (total, context, spans)
-            if n - tol <= total <= n:
-                break
-            budget += n - tol // 2 - total
-        if best is None or best[0] < n - 3 * tol:
-            raise ConfigError(
-                f"could not fit task {i} into [{n - 3 * tol}, {n}] tokens (last try {total})"
-            )
-        _, context, spans = best
-        return {
-            "id": f"{c.kind}-{c.split}-s{c.seed}-{i:05d}",
-            "context": context,
-            "question": question,
-            "answer": answer,
-            "needle_spans": [spans[j] for j in asked],
-            "meta": {
-                "kind": c.kind,
-                "split": c.split,
-                "length": n,
-                "depth": depth,
-                "template": t,
-                "tokenizer": counter,
-                "seed": c.seed,
-            },
-        }
+__all__ = ["CONSONANTS", "KEY_WORDS", "TASK_KINDS", "NeedleKind", "TaskKind", "Template"]
 
 
 class PassKey(NeedleKind):
@@ -275,7 +177,8 @@ class VariableTracking(NeedleKind):
 
 
 TASK_KINDS: dict[str, TaskKind] = {
-    kind.name: kind for kind in (PassKey(), MultiKey(), VariableTracking(), CodeContinuation())
+    kind.name: kind
+    for kind in (PassKey(), MultiKey(), VariableTracking(), CodeContinuation(), *FAMILY_KINDS)
 }
 """Every task kind by name: the one place a kind is added. A kind's position is part of its tasks'
 seed (``default_rng([seed, split, kind, i])``), so a new kind is appended, never inserted."""

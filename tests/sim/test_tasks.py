@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from gistnet.corpus import corpus_text, pydoc_split, stdlib_modules, stdlib_split_of
 from megacontext.tree import ConfigError
 from sim.tasks import (
+    FAMILIES,
     KEY_WORDS,
     KINDS,
     MAX_GAP,
@@ -32,6 +33,9 @@ from sim.tasks import (
 )
 from sim.tasks.filler import _paragraphs
 from sim.tasks.kinds import TASK_KINDS, NeedleKind
+
+TEMPLATE_KINDS = tuple(TEMPLATES)
+"""The needle kinds phrased by fixed templates (the niah-* families: tests/sim/test_families.py)."""
 
 
 def words(text: str) -> int:
@@ -67,7 +71,7 @@ def filler_of(task: dict) -> str:
 
 
 @given(
-    kind=st.sampled_from(KINDS),
+    kind=st.sampled_from(TEMPLATE_KINDS),
     seed=st.integers(0, 2**32 - 1),
     depth=st.floats(0.0, 1.0),
     length=st.sampled_from([1024, 2048]),
@@ -152,7 +156,7 @@ def ngrams(text: str, n: int = 4) -> set[tuple[str, ...]]:
     return out
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", TEMPLATE_KINDS)
 def test_train_and_heldout_phrasings_are_disjoint(kind):
     grams = {
         s: set().union(*(ngrams(x) for t in TEMPLATES[kind][s] for x in t))
@@ -173,11 +177,11 @@ def test_train_and_heldout_filler_share_no_200_characters():
     assert train.isdisjoint(filler_sources("heldout"))
     kw = dict(n_tasks=4, length=(4096,), depths=(0.5,), seed=11)
     train_text = "\n".join(
-        filler_of(t) for k in KINDS for t in generate_tasks(TaskConfig(kind=k, **kw))
+        filler_of(t) for k in TEMPLATE_KINDS for t in generate_tasks(TaskConfig(kind=k, **kw))
     )
     held_text = "\n".join(
         filler_of(t)
-        for k in KINDS
+        for k in TEMPLATE_KINDS
         for t in generate_tasks(TaskConfig(kind=k, split="heldout", **kw))
     )
     assert len(train_text) > 150_000 and len(held_text) > 150_000
@@ -209,7 +213,7 @@ def test_heldout_tasks_read_only_text_gistnet_never_trains_on():
     held-out split, every training one in its train split, and no held-out filler paragraph shares
     200 characters with GistNet's train or validation text (a pure-Python twin such as ``_py_abc``
     repeats its public twin's docstrings: it must serve neither side)."""
-    for split, gist_split in (("heldout", "heldout"), ("train", "train")):
+    for split, gist_split in (("heldout", "heldout"), ("train", "train"), ("dev", "validation")):
         kinds = {s.split(":", 1)[0] for s in filler_sources(split)}
         assert kinds == {"pydoc", "module"}
         topics = [s.split(":", 1)[1] for s in filler_sources(split) if s.startswith("pydoc:")]
@@ -328,7 +332,10 @@ def test_an_unknown_kind_is_refused_naming_the_choices(capsys):
     with pytest.raises(ConfigError, match="kind must be one of") as err:
         TaskConfig(kind="nope")
     assert "'nope'" in str(err.value) and all(repr(k) in str(err.value) for k in TASK_KINDS)
-    assert tuple(TASK_KINDS) == (*KINDS, "code") == ("passkey", "multikey", "vt", "code")
+    assert (
+        tuple(TASK_KINDS)[:4] == (*TEMPLATE_KINDS, "code") == ("passkey", "multikey", "vt", "code")
+    )
+    assert set(TASK_KINDS) == {*KINDS, "code"} and set(KINDS) - set(TEMPLATE_KINDS) == set(FAMILIES)
     with pytest.raises(SystemExit) as exit_info:  # the command line lists the kinds too
         main(["--kind", "nope"])
     assert exit_info.value.code == 2  # argparse: a usage error
