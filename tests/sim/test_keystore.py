@@ -532,3 +532,43 @@ def test_task_labeller_resumes_per_task_past_a_task_that_failed(tmp_path, oracle
     r = TraceReader(out)
     ids = r.snapshots["doc_id"].tolist()
     assert sorted(ids) == [1, 1, 1, 2, 2, 2, 3, 3, 3]  # doc 0 failed; the rest exactly once
+
+
+def test_task_lensnet_training_is_deterministic_given_seed_and_machine(tmp_path):
+    """Labelling the same tasks twice writes the same traces, and training on them twice (same seed)
+    gives the same weights and calibration, bit for bit; another training seed gives other
+    weights (so the comparison can fail)."""
+    from megacontext.cli import parse
+    from sim.tasktrain import TaskTrainArgs, run
+
+    tasks = tmp_path / "tasks.jsonl"
+    _write_tasks(tasks, 3)
+    base = ["--lm", "tiny", "--tasks", str(tasks), "--covers", "2", "--query-tokens", "8"]
+    base += ["--no-progress", "--gister", "mean", *TINY_WORLD]
+    for run_dir in ("a", "b"):
+        generate(parse(TaskLabelArgs, [*base, "--out", str(tmp_path / run_dir / "train")]))
+    generate(parse(TaskLabelArgs, [*base, "--out", str(tmp_path / "val"), "--labels", "exact"]))
+    shards = sorted(p.name for p in (tmp_path / "a" / "train").glob("shard-*.safetensors"))
+    assert shards
+    for name in shards:
+        a, b = (tmp_path / d / "train" / name for d in ("a", "b"))
+        assert a.read_bytes() == b.read_bytes(), name
+
+    def train(traces: str, out: str, seed: int) -> dict:
+        args = parse(
+            TaskTrainArgs,
+            ["--traces", str(tmp_path / traces / "train"), "--val-traces", str(tmp_path / "val"),
+             "--out", str(tmp_path / out), "--lm", "tiny", "--preset", "tiny", "--no-progress",
+             "--cal-tasks", str(tasks), "--train.seed", str(seed),
+             "--train.total-steps", "12", "--train.eval-every", "6", "--train.batch-size", "4",
+             "--train.warmup-steps", "2", "--train.device", "cpu"],
+        )
+        card = run(args)
+        return {"card": card, "state": torch.load(tmp_path / out / "lensnet.pt",
+                                                  weights_only=False)["model"]}
+
+    first, again, other = train("a", "l1", 0), train("b", "l2", 0), train("a", "l3", 1)
+    for key, value in first["state"].items():
+        torch.testing.assert_close(value, again["state"][key], atol=0, rtol=0, msg=key)
+    assert first["card"]["calibration"] == again["card"]["calibration"]
+    assert any(not torch.equal(v, other["state"][k]) for k, v in first["state"].items())
