@@ -234,7 +234,21 @@ class LensNetConfig:
     batch's ``tail_gists`` then holds n_tail_gists + n_query_tokens rows (``sim.features.
     lensnet_item`` builds them)."""
 
+    prior: str = ""
+    """A training-free selector the score starts from: '' (none) or 'bm25' (the last entry feature
+    of the 'prior-lexical' set is the BM25 baseline's signed allocator score,
+    ``sim.features.bm25_prior``). The score is then ``prior_gain x prior + the network's``, with
+    ``prior_gain`` a learnt scalar (1 at the start) and every read-out of the network zero at the
+    start: an untrained LensNet scores exactly as the prior does, and training adds to it."""
+
     def __post_init__(self) -> None:
+        if self.prior not in ("", "bm25"):
+            raise ConfigError(f"prior must be '' or 'bm25', got {self.prior!r}")
+        if self.prior and (self.feature_set != "prior-lexical" or not self.n_entry_features):
+            raise ConfigError(
+                f"prior {self.prior!r} reads the 'prior-lexical' entry features; got feature_set "
+                f"{self.feature_set!r} with n_entry_features={self.n_entry_features}"
+            )
         if self.n_query_tokens < 0 or self.n_query_tokens >= MAX_TAIL:
             raise ConfigError(
                 f"n_query_tokens must lie in [0, {MAX_TAIL}), got {self.n_query_tokens}"
@@ -331,6 +345,8 @@ class LensNet(nn.Module):
             self.entry_skip = nn.Parameter(
                 torch.zeros(2 * (config.max_level + 1), config.n_entry_features + 1)
             )
+        if config.prior:  # the prior's weight in the score (sim.features.bm25_prior)
+            self.prior_gain = nn.Parameter(torch.ones(()))
         self.ln_f = nn.LayerNorm(d)
         self.head = nn.Linear(d, 1)
         # Calibration: ``score`` multiplies the raw scores by this (fitted on validation episodes so
@@ -489,6 +505,8 @@ class LensNet(nn.Module):
             scores = scores + (w * match).sum(-1)
         if cfg.n_entry_features:
             scores = scores + direct
+        if cfg.prior:
+            scores = scores + self.prior_gain * pack.unpad(batch["entry_features"])[:, -1]
         return pack.pad(scores)
 
     def reference_forward(self, batch: dict[str, Tensor]) -> Tensor:
@@ -546,6 +564,8 @@ class LensNet(nn.Module):
             )  # (B, N)
         if cfg.n_entry_features:
             scores = scores + direct
+        if cfg.prior:
+            scores = scores + self.prior_gain * batch["entry_features"][..., -1].to(scores.dtype)
         return torch.where(valid, scores, torch.zeros_like(scores))
 
     @torch.no_grad()

@@ -327,12 +327,16 @@ def model_config_for(
     block_size: int,
     n_entry_features: int = 0,
     n_query_tokens: int = 0,
+    feature_set: str = "attention",
+    prior: str = "",
 ) -> LensNetConfig:
     kw = {
         "max_level": max_level,
         "block_size": block_size,
         "n_entry_features": n_entry_features,
         "n_query_tokens": n_query_tokens,
+        "feature_set": feature_set,
+        "prior": prior,
     }
     if preset == "tiny":
         return LensNetConfig.tiny(d_model, **kw)

@@ -153,14 +153,24 @@ def lensnet_item(
     if probs is None:
         return arrays_to_item(arr)
     keystore.n_entry_features(1, feature_set)  # an unknown set fails here
-    relative = feature_set == "relative-lexical"
+    relative = feature_set in ("relative-lexical", "prior-lexical")
     feats = keystore.span_features(probs, wc.starts, wc.ends, wc.block_size, relative=relative)
     if relative:
         if block_lexical is None:
             raise ValueError(f"feature set {feature_set!r} needs the blocks' lexical relevance")
         lex = keystore.lexical_features(block_lexical, wc.starts, wc.ends, wc.block_size)
         feats = np.concatenate([feats, lex], axis=1)
+    if feature_set == "prior-lexical":  # the BM25 baseline's scores, exactly (sim.policies.BM25)
+        prior = bm25_prior(wc, block_lexical)
+        feats = np.concatenate([feats, prior[:, None].astype(np.float32)], axis=1)
     return arrays_to_item(arr, feats)
+
+
+def bm25_prior(wc: WorkingContext, block_lexical: np.ndarray) -> np.ndarray:
+    """(N,) the BM25 baseline's signed allocator scores of ``wc``'s entries from the blocks' BM25
+    against the question (``relevance_scores`` of their ranks): the prior a 'prior-lexical'
+    LensNet starts from."""
+    return relevance_scores(wc, rank01(np.asarray(block_lexical, dtype=np.float64)))
 
 
 class QueryTooLong(ValueError):

@@ -212,16 +212,22 @@ def lexical_features(
     return out
 
 
-FEATURE_SETS = ("attention", "relative-lexical")
-"""LensNet's per-entry feature sets: 'attention' (``span_features``, absolute log masses) and
-'relative-lexical' (``span_features`` relative to the context, then ``lexical_features``)."""
+FEATURE_SETS = ("attention", "relative-lexical", "prior-lexical")
+"""LensNet's per-entry feature sets: 'attention' (``span_features``, absolute log masses),
+'relative-lexical' (``span_features`` relative to the context, then ``lexical_features``) and
+'prior-lexical' ('relative-lexical', then one column: the BM25 baseline's own signed allocator
+score of the entry, ``sim.features.relevance_scores`` of the blocks' BM25 ranks, which a LensNet
+with ``prior='bm25'`` adds to its score: its starting point, ``PRIOR_COLUMN``)."""
+PRIOR_COLUMN = -1
+"""The prior's column in a 'prior-lexical' feature row: the last."""
 
 
 def n_entry_features(n_layers: int, feature_set: str = "attention") -> int:
     """Width of a feature set's per-entry features for an LM of ``n_layers`` layers."""
     if feature_set not in FEATURE_SETS:
         raise ConfigError(f"unknown feature set {feature_set!r}; known: {', '.join(FEATURE_SETS)}")
-    return 3 * n_layers + 1 + (2 if feature_set == "relative-lexical" else 0)
+    extra = {"attention": 0, "relative-lexical": 2, "prior-lexical": 3}[feature_set]
+    return 3 * n_layers + 1 + extra
 
 
 @torch.no_grad()

@@ -81,8 +81,9 @@ class TaskLabelArgs:
     """Label source (see the module doc)."""
     feature_set: str = "relative-lexical"
     """LensNet's per-entry features (``sim.keystore.FEATURE_SETS``): 'attention' (absolute log
-    attention masses) or 'relative-lexical' (the masses relative to the context, plus BM25 against
-    the question)."""
+    attention masses), 'relative-lexical' (the masses relative to the context, plus BM25 against
+    the question) or 'prior-lexical' (those, plus the BM25 baseline's own score: the prior a
+    LensNet trained on them starts from, ``sim.tasktrain --prior``)."""
     query_tokens: int = 32
     """Newest tokens whose embeddings join LensNet's tail latents (must cover the question)."""
     shard: str = "0/1"

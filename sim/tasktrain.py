@@ -61,6 +61,10 @@ class TaskTrainArgs:
     """Read the attention features (off: the ablation without them)."""
     query: bool = True
     """Read the question's tokens as tail latents (off: the ablation with the tail gists only)."""
+    prior: bool = True
+    """With traces of the 'prior-lexical' feature set: start from the BM25 baseline's scores and
+    learn what to add (``LensNetConfig.prior``), calibrated on the scale gate only, so the model
+    may decline to zoom; off: the ablation that reads that column as one more feature."""
     calibrate: bool = True
     """Fit the gate and score scale on calibration tasks (else: the scale gate, scale 1)."""
     cal_tasks: str | None = None
@@ -150,6 +154,8 @@ def run(args: TaskTrainArgs) -> dict:
     )
     if mcfg.n_entry_features:  # the manifest must say which features it holds: never guess
         mcfg = replace(mcfg, feature_set=trace_feature_set(meta, args.traces))
+        if mcfg.feature_set == "prior-lexical" and args.prior:
+            mcfg = replace(mcfg, prior="bm25")
     inputs = {
         "tail_rows": None if args.query else int(meta["n_tail_gists"]),
         "entry_features": args.features,
@@ -196,7 +202,8 @@ def run(args: TaskTrainArgs) -> dict:
             lens = load_model(out / "lensnet.pt", trainer.device)
             calibration = fit_task_scale(
                 lambda g: LensNetPolicy(lens, trainer.device, scale=g), prepared, world, oracle,
-                rank_policy=LensNetRank(lens, trainer.device),
+                # a prior LensNet's expand decision is its calibrated threshold, never a rank gate
+                rank_policy=None if mcfg.prior else LensNetRank(lens, trainer.device),
             )
         calibration["fitted"] = True
         save_calibration(out / "lensnet.pt", calibration)
@@ -219,7 +226,8 @@ def run(args: TaskTrainArgs) -> dict:
         "calibration": calibration,
         "inputs": {"n_query_tokens": mcfg.n_query_tokens,
                    "n_entry_features": mcfg.n_entry_features,
-                   "feature_set": mcfg.feature_set if mcfg.n_entry_features else None},
+                   "feature_set": mcfg.feature_set if mcfg.n_entry_features else None,
+                   "prior": mcfg.prior or None},
         "world": to_dict(world),
         "timings": timings,
         "python": versions()["python"],

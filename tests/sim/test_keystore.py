@@ -412,7 +412,7 @@ def test_tasktrain_trains_selects_calibrates_and_evaluate_reads_it(tmp_path, ora
     card = run(args)
     assert card["calibration"]["fitted"] and card["calibration"]["score_scale"] > 0
     assert card["inputs"] == {"n_query_tokens": 8, "n_entry_features": 15,
-                              "feature_set": "relative-lexical"}
+                              "feature_set": "relative-lexical", "prior": None}
     assert card["train_traces"]["snapshots"] == 6 and card["task"] == "all"
     assert card["calibration"]["val_tasks"] == ["t0", "t1", "t2"]  # the --cal-tasks file's
     from lensnet.train import load_model
@@ -494,7 +494,8 @@ def test_tasktrain_trains_selects_calibrates_and_evaluate_reads_it(tmp_path, ora
     plain = replace(args, traces=str(unnamed[0]), val_traces=str(unnamed[1]),
                     out=str(tmp_path / "plain"), features=False, query=False, calibrate=False)
     card = run(plain)
-    assert card["inputs"] == {"n_query_tokens": 0, "n_entry_features": 0, "feature_set": None}
+    assert card["inputs"] == {"n_query_tokens": 0, "n_entry_features": 0, "feature_set": None,
+                              "prior": None}
     assert load_model(tmp_path / "plain" / "lensnet.pt").config.n_entry_features == 0
 
 
@@ -572,3 +573,42 @@ def test_task_lensnet_training_is_deterministic_given_seed_and_machine(tmp_path)
         torch.testing.assert_close(value, again["state"][key], atol=0, rtol=0, msg=key)
     assert first["card"]["calibration"] == again["card"]["calibration"]
     assert any(not torch.equal(v, other["state"][k]) for k, v in first["state"].items())
+
+
+def test_an_untrained_prior_lensnet_zooms_exactly_as_bm25(oracle):
+    """The 'prior-lexical' LensNet before any training (calibration: scale 1) gives the allocator
+    the BM25 baseline's scores, so every zoom round takes BM25's actions: LensNet's starting point
+    is the strongest training-free selector, whatever it learns is added to it."""
+    from sim.features import bm25_prior
+    from sim.policies import BM25, LensNetPolicy
+
+    n_feat = keystore.n_entry_features(oracle.model.config.num_hidden_layers, "prior-lexical")
+    cfg = LensNetConfig.tiny(oracle.d_model, block_size=4, n_entry_features=n_feat,
+                             feature_set="prior-lexical", prior="bm25", n_query_tokens=16)
+    torch.manual_seed(0)
+    policy = LensNetPolicy(LensNet(cfg))
+    rng = np.random.default_rng(0)
+    words = "oak elm fir ash yew bay box".split()
+    for i in range(3):
+        filler = " ".join(rng.choice(words, 50))
+        at = filler.index(" ", 40 + 60 * i)
+        needle = " zq zq zq 4821."  # 4-character blocks: a whole 'zq' lies in one of them
+        task = {"id": f"t{i}", "context": filler[:at] + needle + filler[at:],
+                "question": " zq?", "answer": " 4821",
+                "needle_spans": [[at + 1, at + len(needle)]]}
+        pt = prepare_task(task, oracle, CharTokenizer(512), WORLD, features=False, attention=True)
+        assert pt.block_lexical is not None and pt.block_lexical.max() > 0
+        lens_wc, lens_counts = zoom(policy, pt, WORLD, oracle)
+        bm25_wc, bm25_counts = zoom(BM25(), pt, WORLD, oracle)
+        assert lens_counts["expands"] == bm25_counts["expands"] > 0
+        assert lens_counts["rounds"] == bm25_counts["rounds"]
+        np.testing.assert_array_equal(lens_wc.levels, bm25_wc.levels)
+        np.testing.assert_array_equal(lens_wc.starts, bm25_wc.starts)
+        # the feature column is the BM25 policy's score, and the score is that column
+        item = lensnet_item(pt.wc, WORLD.n_tail_gists, 16, pt.question_attention(pt.wc, oracle),
+                            "prior-lexical", pt.block_lexical, pt.query)
+        prior = bm25_prior(pt.wc, pt.block_lexical)
+        np.testing.assert_allclose(item["entry_features"][:, -1], prior, atol=1e-6)
+        legal = (np.asarray(item["expand_cost"]) > 0) | (np.asarray(item["collapse_refund"]) > 0)
+        assert legal.sum() > 10  # the scores of illegal directions are masked (the allocator's)
+        np.testing.assert_allclose(policy.entry_scores(item)[legal], prior[legal], atol=1e-6)
