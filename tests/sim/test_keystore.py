@@ -538,14 +538,15 @@ def test_task_labeller_resumes_per_task_past_a_task_that_failed(tmp_path, oracle
 def test_task_lensnet_training_is_deterministic_given_seed_and_machine(tmp_path):
     """Labelling the same tasks twice writes the same traces, and training on them twice (same seed)
     gives the same weights and calibration, bit for bit; another training seed gives other
-    weights (so the comparison can fail)."""
+    weights (so the comparison can fail). The pipeline of the prior LensNet: 'prior-lexical'
+    features, the BM25 prior, calibrated on the scale gate only."""
     from megacontext.cli import parse
     from sim.tasktrain import TaskTrainArgs, run
 
     tasks = tmp_path / "tasks.jsonl"
     _write_tasks(tasks, 3)
     base = ["--lm", "tiny", "--tasks", str(tasks), "--covers", "2", "--query-tokens", "8"]
-    base += ["--no-progress", "--gister", "mean", *TINY_WORLD]
+    base += ["--no-progress", "--gister", "mean", "--feature-set", "prior-lexical", *TINY_WORLD]
     for run_dir in ("a", "b"):
         generate(parse(TaskLabelArgs, [*base, "--out", str(tmp_path / run_dir / "train")]))
     generate(parse(TaskLabelArgs, [*base, "--out", str(tmp_path / "val"), "--labels", "exact"]))
@@ -569,6 +570,10 @@ def test_task_lensnet_training_is_deterministic_given_seed_and_machine(tmp_path)
                                                   weights_only=False)["model"]}
 
     first, again, other = train("a", "l1", 0), train("b", "l2", 0), train("a", "l3", 1)
+    card = first["card"]
+    assert card["inputs"]["prior"] == "bm25" and card["inputs"]["feature_set"] == "prior-lexical"
+    assert card["calibration"]["gate"] == "scale" and "rank_answer_nll" not in card["calibration"]
+    assert "prior_gain" in first["state"]
     for key, value in first["state"].items():
         torch.testing.assert_close(value, again["state"][key], atol=0, rtol=0, msg=key)
     assert first["card"]["calibration"] == again["card"]["calibration"]
