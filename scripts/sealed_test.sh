@@ -6,11 +6,12 @@
 #   scripts/sealed_test.sh [SPLIT]      # SPLIT: a folder drawn by python -m sim.tasks.sealed
 #
 # Default SPLIT: results/sealed-1 (seed 20261203). Runs go to SPLIT-eval/CELL and
-# SPLIT-eval/CELL-full-read. Two streams (2k cells; 4k and 8k cells), one thread each. Resumable:
-# each sim.evaluate runs with --resume, so running the script again continues where it stopped and
-# never reruns a finished task. The tables: python -m analysis.tables (docs/results.md gives the
-# command). A published table spends the split; the next study draws a fresh one
-# (python -m sim.tasks.sealed --out results/sealed-N --seed NEW).
+# SPLIT-eval/CELL-full-read. Two streams (the 2k cells; the 4k and 8k ones, read from
+# SEALED.json), one thread each. Resumable: each sim.evaluate runs with --resume, so running the
+# script again continues where it stopped and never reruns a finished task. The tables:
+# python -m analysis.tables (docs/results.md gives the command). A published table spends the
+# split; the next study draws a fresh one (python -m sim.tasks.sealed --out results/sealed-N
+# --seed NEW).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -30,6 +31,13 @@ cell() {
   ev --tasks "$SPLIT/$1.jsonl" --out "$OUT/$1-full-read" --policies $PRIVILEGED \
     --world.read-mode full-read
 }
-( for c in passkey-2k multikey-2k code-2k; do cell $c; done ) > "$OUT/stream-a.log" 2>&1 &
-( for c in passkey-4k passkey-8k; do cell $c; done ) > "$OUT/stream-b.log" 2>&1 &
+# the split's cells (SEALED.json, in its order): the 2k cells on one stream, the longer on the other
+cells() {
+  $PY -c 'import json, sys
+m = json.load(open(sys.argv[1]))
+print(" ".join(c for c, e in m["cells"].items() if (e["config"]["length"][0] >= 4096) == (sys.argv[2] == "long")))' \
+    "$SPLIT/SEALED.json" "$1"
+}
+( for c in $(cells short); do cell "$c"; done ) > "$OUT/stream-a.log" 2>&1 &
+( for c in $(cells long); do cell "$c"; done ) > "$OUT/stream-b.log" 2>&1 &
 wait

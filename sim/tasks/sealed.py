@@ -1,8 +1,9 @@
 """The sealed test split (DESIGN.md §11, "Blind evaluation"): held-out task files drawn once, by one
 command, with seeds no dev file has used, and evaluated once, at the end, by one committed command.
 
-``python -m sim.tasks.sealed --out DIR --seed N`` draws one JSONL file per cell (``CELLS``: kind and
-length; the sizes are config fields) with ``sim.tasks.generate_tasks`` on the held-out split's
+``python -m sim.tasks.sealed --out DIR --seed N`` draws one JSONL file per cell of a design
+(``DESIGNS``: kind, length and config per cell; the sizes are config fields; by default the needle
+families' cells, with a decoy cell) with ``sim.tasks.generate_tasks`` on the held-out split's
 filler, modules and phrasings, the asked needle at a uniform depth per task. Each cell draws from
 its own seed, derived from N and the cell's name (so passkey-2k, -4k and -8k share no draws), and
 every task's meta says ``"sealed": true`` and ``"eval_split": "test"`` (its ``split`` stays the
@@ -20,7 +21,7 @@ import hashlib
 import json
 import shlex
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,14 +42,33 @@ results/tasks-vt-heldout all use the default seed 0, as do the train-split tasks
 training seeds, not task seeds). A spent sealed split's seed joins this list: 20261203 drew
 results/sealed-1, published in README.md and docs/results.md (spent)."""
 
-CELLS: dict[str, tuple[str, int]] = {
-    "passkey-2k": ("passkey", 2048),
-    "passkey-4k": ("passkey", 4096),
-    "multikey-2k": ("multikey", 2048),
-    "passkey-8k": ("passkey", 8192),
-    "code-2k": ("code", 2048),
+Cell = tuple[str, int, dict[str, Any]]
+"""(task kind, tokens of context + question + answer, other ``TaskConfig`` fields)."""
+DESIGNS: dict[str, dict[str, Cell]] = {
+    "families": {
+        "passkey-2k": ("niah-single", 2048, {"value_type": "digits5"}),
+        "passkey-4k": ("niah-single", 4096, {"value_type": "digits5"}),
+        "multikey-2k": ("niah-multikey", 2048, {"n_keys": 4}),
+        "decoy-2k": ("niah-single", 2048, {"value_type": "digits5", "decoys": 3}),
+        "passkey-8k": ("niah-single", 8192, {"value_type": "digits5"}),
+        "code-2k": ("code", 2048, {}),
+    },
+    "templates": {
+        "passkey-2k": ("passkey", 2048, {}),
+        "passkey-4k": ("passkey", 4096, {}),
+        "multikey-2k": ("multikey", 2048, {}),
+        "passkey-8k": ("passkey", 8192, {}),
+        "code-2k": ("code", 2048, {}),
+    },
 }
-"""cell name (its file is NAME.jsonl) -> (task kind, tokens of context + question + answer)."""
+"""Design -> cell name (its file is NAME.jsonl) -> cell. 'families' (the default since issue 29):
+the needle families' held-out factors (``sim.tasks.families``: phrasings, keys, value shapes and
+words no training or dev task uses), a pass key of 5 digits, multi-key values of any held-out
+type, and a decoy cell (3 sentences that repeat the question's subject without a value).
+'templates': the template kinds' held-out phrasings (results/sealed-1 was drawn with it; those
+phrasings are dev data since)."""
+CELLS = DESIGNS["families"]
+"""The default design's cells."""
 
 NOTE = (
     "Sealed test split: evaluate it once, with the committed command (scripts/sealed_test.sh), at "
@@ -70,6 +90,9 @@ class SealedConfig:
     tokenizer: str = "smollm2"
     """Token counter for lengths: 'smollm2' (the evaluated LM's), 'chars' (~4 characters a
     token: tests only) or a tokenizer folder."""
+    design: str = field(default="families", metadata={"choices": lambda: tuple(DESIGNS)})
+    """The cells (sim.tasks.sealed.DESIGNS): 'families' (the needle families' held-out factors,
+    with a decoy cell) or 'templates' (results/sealed-1's design)."""
     passkey_2k: int = 48
     """Tasks of the passkey-2k cell (pass key, 2048 tokens)."""
     passkey_4k: int = 48
@@ -80,8 +103,12 @@ class SealedConfig:
     """Tasks of the passkey-8k cell (pass key, 8192 tokens: the LM's positions)."""
     code_2k: int = 24
     """Tasks of the code-2k cell (module continuation, 2048 tokens)."""
+    decoy_2k: int = 48
+    """Tasks of the decoy-2k cell ('families' only: a pass key with 3 decoys, 2048 tokens)."""
 
     def __post_init__(self) -> None:
+        if self.design not in DESIGNS:
+            raise ConfigError(f"design must be one of {tuple(DESIGNS)}, got {self.design!r}")
         if self.seed is not None:
             if self.seed < 0:
                 raise ConfigError(f"seed must be >= 0, got {self.seed}")
@@ -95,8 +122,8 @@ class SealedConfig:
             raise ConfigError(f"every cell needs at least 1 task, got {bad}")
 
     def sizes(self) -> dict[str, int]:
-        """Cell name (``CELLS``) -> number of tasks (the field of the same name)."""
-        return {cell: getattr(self, cell.replace("-", "_")) for cell in CELLS}
+        """Cell name (of the design's cells) -> number of tasks (the field of the same name)."""
+        return {cell: getattr(self, cell.replace("-", "_")) for cell in DESIGNS[self.design]}
 
 
 def cell_seed(seed: int, cell: str) -> int:
@@ -119,8 +146,9 @@ def cell_configs(config: SealedConfig) -> dict[str, TaskConfig]:
             seed=cell_seed(config.seed, cell),
             tokenizer=config.tokenizer,
             out=str(out / f"{cell}.jsonl"),
+            **extra,
         )
-        for cell, (kind, length) in CELLS.items()
+        for cell, (kind, length, extra) in DESIGNS[config.design].items()
     }
     seeds = [c.seed for c in configs.values()]
     assert len(set(seeds)) == len(seeds), f"cell seeds collide: {seeds}"
@@ -176,6 +204,7 @@ def draw_sealed(config: SealedConfig) -> dict[str, Any]:
     manifest = {
         "command": command,
         "seed": config.seed,
+        "design": config.design,
         "tokenizer": config.tokenizer,
         "cells": cells,
         "n_tasks": sum(c["n_tasks"] for c in cells.values()),

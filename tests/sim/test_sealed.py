@@ -13,10 +13,20 @@ import megacontext.lm
 from megacontext.tree import ConfigError
 from sim.tasks import approx_tokens
 from sim.tasks.jsonl import SEALED_MANIFEST, is_sealed, read_tasks, refuse_sealed, write_jsonl
-from sim.tasks.sealed import CELLS, USED_SEEDS, SealedConfig, cell_seed, draw_sealed, main
+from sim.tasks.sealed import (
+    CELLS,
+    DESIGNS,
+    USED_SEEDS,
+    SealedConfig,
+    cell_configs,
+    cell_seed,
+    draw_sealed,
+    main,
+)
 
 # tiny cells (the 'chars' counter: no tokenizer to load)
-SIZES = {"passkey-2k": 4, "passkey-4k": 2, "multikey-2k": 3, "passkey-8k": 1, "code-2k": 2}
+SIZES = {"passkey-2k": 4, "passkey-4k": 2, "multikey-2k": 3, "passkey-8k": 1, "code-2k": 2,
+         "decoy-2k": 2}
 TINY = ["--tokenizer", "chars"]
 for _cell, _n in SIZES.items():
     TINY += [f"--{_cell}", str(_n)]
@@ -36,13 +46,15 @@ def test_draws_every_cell_with_its_count_length_kind_and_markers(split):
     assert manifest["command"].startswith("python -m sim.tasks.sealed ")
     assert "--seed 7" in manifest["command"] and manifest["note"]
     assert (split / "README.md").read_text().count("\n\n") == 0  # one paragraph
-    for cell, (kind, length) in CELLS.items():
+    assert manifest["design"] == "families" and set(manifest["cells"]) == set(CELLS)
+    for cell, (kind, length, extra) in CELLS.items():
         path = split / f"{cell}.jsonl"
         tasks = read_tasks(path)
         entry = manifest["cells"][cell]
         assert len(tasks) == entry["n_tasks"] == SIZES[cell]
         assert entry["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
         cfg = entry["config"]
+        assert all(cfg[k] == v for k, v in extra.items())
         assert (cfg["kind"], cfg["length"], cfg["split"], cfg["depths"]) == (
             kind,
             [length],
@@ -238,3 +250,24 @@ def test_evaluate_reads_a_sealed_file_with_open_sealed_and_records_it(tmp_path):
     assert done.value.code == 0
     results = json.loads((tmp_path / "open" / "results.json").read_text())
     assert results["n_tasks"] == 1 and results["config"]["args"]["open_sealed"] is True
+
+
+def test_the_templates_design_redraws_sealed_1_as_committed():
+    """results/sealed-1 was drawn with the 'templates' design: its manifest's configs are what
+    ``cell_configs`` gives for that design and seed (the first tasks redrawn byte for byte would
+    need the SmolLM2 tokenizer; the configs pin every draw)."""
+    from pathlib import Path
+
+    from megacontext.cli import to_dict
+
+    manifest = json.loads((Path("results/sealed-1") / SEALED_MANIFEST).read_text())
+    config = SealedConfig(out="results/sealed-1", seed=None, design="templates")
+    config.seed = manifest["seed"]  # a used seed: set after the check, to compare configs only
+    sizes = {c: e["n_tasks"] for c, e in manifest["cells"].items()}
+    for cell, n in sizes.items():
+        setattr(config, cell.replace("-", "_"), n)
+    got = json.loads(json.dumps({cell: to_dict(c) for cell, c in cell_configs(config).items()}))
+    assert set(got) == set(DESIGNS["templates"]) == set(manifest["cells"])
+    for cell, entry in manifest["cells"].items():
+        want = entry["config"]
+        assert {k: got[cell][k] for k in want} == want, cell
