@@ -29,6 +29,40 @@ from transformers import DynamicCache
 from megacontext.working_context import ContextArrays
 
 
+class PositionError(ValueError):
+    """A forward asked the LM for a position at or past its trained window."""
+
+
+def guard_positions(model) -> None:
+    """Make every forward of ``model``'s transformer refuse a position >= its
+    ``max_position_embeddings`` (a ``PositionError``), whoever calls it: explicit ``position_ids``
+    or the implicit 0..L-1 (after any cached prefix). Installed once per model (an LMOracle does
+    it): no figure may come from positions the LM was never trained on."""
+    base = model.base_model
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit is None or getattr(base, "_position_guard", False):
+        return
+
+    def check(_module, args, kwargs):
+        pos = kwargs.get("position_ids")
+        if pos is not None:
+            top = int(pos.max()) if pos.numel() else -1
+        else:
+            x = kwargs.get("inputs_embeds")
+            x = x if x is not None else kwargs.get("input_ids", args[0] if args else None)
+            cache = kwargs.get("past_key_values") or kwargs.get("cache")
+            past = int(cache.get_seq_length()) if cache is not None else 0
+            top = past + (int(x.shape[1]) - 1 if x is not None else 0)
+        if top >= limit:
+            raise PositionError(
+                f"a forward asked {type(model).__name__} for position {top}, past its trained "
+                f"window of {limit} positions"
+            )
+
+    base.register_forward_pre_hook(check, with_kwargs=True)
+    base._position_guard = True
+
+
 class LMOracle:
     """``NLLOracle`` backed by a causal LM; ``token_embeddings`` gives the L0 embeddings for the
     tree."""
@@ -48,6 +82,8 @@ class LMOracle:
         params = inspect.signature(self.decoder.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
         self.positions_recomputed = 0  # positions run through the LM (benchmark accounting)
+        guard_positions(model)
+
 
     @torch.no_grad()
     def token_embeddings(self, token_ids: np.ndarray) -> np.ndarray:

@@ -158,3 +158,29 @@ def test_lookahead_labels_equal_brute_force():
             best = max(best, base - naive.nll([v.arrays(2)], ids[t : t + h], t)[0])
         assert deep["expand_gain"][i] == pytest.approx(best, abs=1e-4)
     np.testing.assert_allclose(deep["collapse_cost"], plain["collapse_cost"], atol=1e-6)
+
+
+def test_no_forward_may_ask_for_a_position_past_the_lms_window():
+    """An LMOracle guards its model: explicit position ids, implicit ones, and implicit ones after a
+    cached prefix all raise a PositionError at the LM's max_position_embeddings, and pass below."""
+    import torch
+
+    from megacontext.lm import tiny_llama
+    from megacontext.lm_oracle import LMOracle, PositionError
+
+    model = tiny_llama()
+    model.config.max_position_embeddings = 64
+    LMOracle(model)
+    LMOracle(model)  # installed once
+    x = torch.zeros(1, 8, dtype=torch.long)
+    with torch.no_grad():
+        model(input_ids=x, position_ids=torch.arange(56, 64)[None])  # the last legal position: 63
+        with pytest.raises(PositionError, match="position 64"):
+            model(input_ids=x, position_ids=torch.arange(57, 65)[None])
+        model(input_ids=torch.zeros(1, 64, dtype=torch.long))
+        with pytest.raises(PositionError, match="position 64"):
+            model(input_ids=torch.zeros(1, 65, dtype=torch.long))
+        out = model(input_ids=torch.zeros(1, 60, dtype=torch.long), use_cache=True)
+        with pytest.raises(PositionError, match="position 64"):
+            model(input_ids=x[:, :5], past_key_values=out.past_key_values, use_cache=True)
+    assert len(model.base_model._forward_pre_hooks) == 1
