@@ -23,7 +23,11 @@ from pathlib import Path
 
 def _cell(r: dict) -> str:
     n = r["n"]
+    if not n:  # e.g. full context on streams past the LM's window (``skipped_why``)
+        return f"cannot run ({r.get('skipped', 0)} tasks past the LM's window)"
     em = f"{round(r['exact_match'] * n)}/{n}"
+    if r.get("skipped"):
+        em += f" ({r['skipped']} past the window skipped)"
     ci = r.get("exact_match_ci95")
     if ci:
         em += f" [{ci[0]:.2f}, {ci[1]:.2f}]"
@@ -44,7 +48,7 @@ def _edge_cell(r: dict) -> str:
     """Exact match at the depth range's edges and in its interior (``by_depth``)."""
     parts = r.get("by_depth")
     if not parts:
-        return "–"
+        return "–" if r["n"] else "cannot run"
     return " / ".join(
         "–" if p["exact_match"] is None else f"{round(p['exact_match'] * p['n'])}/{p['n']}"
         for p in (parts["edge"], parts["interior"])

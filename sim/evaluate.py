@@ -184,7 +184,11 @@ def summarise(rows: list[dict], names: list[str]) -> tuple[dict, dict]:
     depth grid."""
     policies, grid = {}, {}
     for name in names:
-        rs = [r for r in rows if r["policy"] == name]
+        rs = [r for r in rows if r["policy"] == name and not r.get("skipped")]
+        skipped = [r["skipped"] for r in rows if r["policy"] == name and r.get("skipped")]
+        if skipped and not rs:  # e.g. full context on streams past the LM's window: say why
+            policies[name] = {"n": 0, "skipped": len(skipped), "skipped_why": skipped[0]}
+            continue
         if not rs:
             continue
         recall = [r["focus_recall"] for r in rs if r["focus_recall"] is not None]
@@ -202,6 +206,8 @@ def summarise(rows: list[dict], names: list[str]) -> tuple[dict, dict]:
             "reread_ms": 1e3 * float(np.mean([r.get("reread_s", 0.0) for r in rs])),
             "compression": float(np.mean([r["n_tokens"] / r["w_max"] for r in rs])),
         }
+        if skipped:  # some tasks past the LM's window: the means are over the others
+            policies[name].update(skipped=len(skipped), skipped_why=skipped[0])
         depths = [(r["depth"], r["exact_match"]) for r in rs if r.get("depth") is not None]
         if depths:  # the edges of the depth range (the sink's block, the question's) apart
             d, em_d = np.array(depths).T
@@ -573,6 +579,9 @@ def format_results(results: dict) -> str:
         "[95% CI]",
     ]
     for name, r in results["policies"].items():
+        if not r["n"]:
+            rows.append(f"{name:12s}  skipped on {r['skipped']} tasks: {r['skipped_why']}")
+            continue
         rec = "   -  " if r["focus_recall"] is None else f"{r['focus_recall']:6.3f}"
         ngr = "" if r.get("ngr") is None else f"{r['ngr']:6.3f}"
         if r.get("ngr_ci95"):

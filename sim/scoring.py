@@ -37,9 +37,14 @@ def needle_level(pt: PreparedTask, wc: WorkingContext | None = None) -> int | No
 def answer_task(
     policy: FocusPolicy, pt: PreparedTask, oracle: LMOracle, config: TaskWorldConfig
 ) -> dict:
-    """One row of results: the policy's answer NLL, exact match, focus recall, rounds and actions.
-    """
+    """One row of results: the policy's answer NLL, exact match, focus recall, rounds and actions;
+    for a policy that reads the whole stream (``full``) on a stream past the LM's window, only
+    ``skipped`` (why it cannot run)."""
     if policy.reads_everything:
+        if pt.window is not None:  # nothing to score: the LM cannot read the whole stream
+            return {"skipped": f"the stream and answer ({pt.n_tokens} + {len(pt.answer_ids)} "
+                               f"tokens) exceed the LM's {pt.window} positions: "
+                               f"{policy.name!r} reads everything and cannot run"}
         nll, em = answer_scores(oracle, None, pt.answer_ids, prefix_ids=pt.ids)
         return {
             "answer_nll": nll,

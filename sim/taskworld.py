@@ -161,6 +161,7 @@ class PreparedTask:
     attention_s: float = 0.0  # seconds the attention forwards (and the cheap label) took
     label_s: float = 0.0  # of which the cheap label's full read (``answer_attention``)
     block_lexical: np.ndarray | None = None  # (n_l1,) BM25 of each block against the query
+    window: int | None = None  # the LM's positions where stream + answer exceed them, else None
     _attention: dict = field(default_factory=dict, repr=False)  # cover -> (attention, seconds)
 
     @property
@@ -296,10 +297,15 @@ def prepare_task(
     steps (stream-time labels)."""
     ids, answer, needle, q_len, offsets = tokenize_task(task, tokenizer)
     n = len(ids)
-    if n + len(answer) > oracle.max_positions:
+    beyond = n + len(answer) > oracle.max_positions
+    if beyond and (answer_attention or (attention and config.read_mode != "faithful")):
+        # only what reads the whole stream at once stops at the LM's window: the full read (and
+        # the cheap label, which is one); the working context's own forwards never get there
         raise TaskError(
             f"task {task.get('id')!r}: {n} + {len(answer)} tokens exceed the LM's "
-            f"{oracle.max_positions} positions"
+            f"{oracle.max_positions} positions: "
+            + ("the cheap label reads the whole stream at once (use --labels exact)"
+               if answer_attention else "the full read cannot run (use --world.read-mode faithful)")
         )
     if q_len > config.tail_tokens:
         raise TaskError(
@@ -324,7 +330,8 @@ def prepare_task(
     blocks = [text[offsets[j * b, 0] : min(offsets[(j + 1) * b - 1, 1], q_char)]
               if j * b < query.start else "" for j in range(n_l1)]
     pt = PreparedTask(task, ids, answer, needle, q_len, wc, query, snapshots, blocks,
-                      text[q_char:], read_mode=config.read_mode)
+                      text[q_char:], read_mode=config.read_mode,
+                      window=oracle.max_positions if beyond else None)
     pt.block_lexical = bm25_relevance(blocks, pt.query_text)
     if features:
         layer = round(config.retrieval_depth * oracle.model.config.num_hidden_layers)

@@ -129,6 +129,10 @@ class TaskConfig:
     """niah-multiquery: keys asked in the one question (<= n_keys)."""
     decoys: int = 0
     """niah-*: decoy sentences (the question's subject, no value) at uniform depths."""
+    cycle_filler: bool = False
+    """Needle kinds: when the split's filler text runs out (held-out text holds about 22k
+    tokens), start its documents again, so streams far past it can be drawn (the text repeats;
+    the task's meta says ``cycle_filler``). Off: such a length is an error."""
     value_type: str = "any"
     """niah-*: the value type, 'any' (drawn per task from the split's types) or one of the split's
     sim.tasks.families.VALUE_TYPES, e.g. 'digits5' or 'code:LL-DDDD' for heldout."""

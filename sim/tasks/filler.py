@@ -172,29 +172,36 @@ def _longest_prefix(text: str, ends: list[int], room: int, count: Callable[[str]
     return text[: ends[lo - 1]] if lo else ""
 
 
-def _filler(sources: list[str], budget: int, count: Callable[[str], int], slack: int) -> str:
+def _filler(
+    sources: list[str], budget: int, count: Callable[[str], int], slack: int, cycle: bool = False
+) -> str:
     """Paragraphs of ``sources`` in order up to ``budget`` tokens; the last one is cut at a sentence
     end, or at a word end when that leaves more than ``slack`` tokens unused (a paragraph whose
-    first word does not fit is passed over)."""
+    first word does not fit is passed over). ``cycle``: when the sources run out, start them
+    again (a stream longer than the split's text repeats it; the task's meta says so)."""
     paras: list[str] = []
     used = 0
-    for source in sources:
-        for p in _paragraphs(source):
-            room = budget - used - 1  # - the paragraph break
-            if count(p) > room:
-                cut = _longest_prefix(p, _sentence_starts(p), room, count).rstrip()
-                if room - count(cut) > slack:
-                    word_ends = [m.start() for m in re.finditer(r"\s+", p)]
-                    cut = _longest_prefix(p, word_ends, room, count)
-                if cut:
-                    return "\n\n".join([*paras, cut])
-                continue
-            paras.append(p)
-            used += count(p) + 1
-            if budget - used <= slack:
-                return "\n\n".join(paras)
+    while True:
+        for source in sources:
+            for p in _paragraphs(source):
+                room = budget - used - 1  # - the paragraph break
+                if count(p) > room:
+                    cut = _longest_prefix(p, _sentence_starts(p), room, count).rstrip()
+                    if room - count(cut) > slack:
+                        word_ends = [m.start() for m in re.finditer(r"\s+", p)]
+                        cut = _longest_prefix(p, word_ends, room, count)
+                    if cut:
+                        return "\n\n".join([*paras, cut])
+                    continue
+                paras.append(p)
+                used += count(p) + 1
+                if budget - used <= slack:
+                    return "\n\n".join(paras)
+        if not cycle or not paras:
+            break
     raise ConfigError(
         f"the filler text ({len(sources)} documents) holds fewer than {budget} tokens"
+        + ("" if cycle else " (--cycle-filler repeats it)")
     )
 
 

@@ -103,7 +103,8 @@ class NeedleKind:
                 raise ConfigError(
                     f"length {n} leaves no room for filler around the needles and question"
                 )
-            context, spans = _place(_filler(sources, budget, count_tokens, tol // 4), needles)
+            filler = _filler(sources, budget, count_tokens, tol // 4, c.cycle_filler)
+            context, spans = _place(filler, needles)
             total = count_tokens(context + question) + count_tokens(answer)
             if total <= n and (best is None or total > best[0]):
                 best = (total, context, spans)
@@ -128,6 +129,7 @@ class NeedleKind:
                 "depth": depth,
                 **drawn,
                 "tokenizer": counter,
+                **({"cycle_filler": True} if c.cycle_filler else {}),
                 "seed": c.seed,
             },
         }

@@ -1,0 +1,68 @@
+"""Streams past the LM's window (issue 30): a tiny LM with a 256-position window streams 4k tokens
+through a working context of at most 128 slots in the faithful mode; no forward ever asks for a
+position at or past 256 (the oracle's guard would raise), every focus policy answers, the full
+context says why it cannot run, and what reads the whole stream at once refuses loudly."""
+
+import numpy as np
+import pytest
+
+from megacontext.lm import tiny_llama
+from megacontext.lm_oracle import LMOracle
+from sim.evaluate import summarise
+from sim.policies import BM25, Attention, FullContext, Recency
+from sim.scoring import answer_task
+from sim.taskworld import CharTokenizer, TaskError, TaskWorldConfig, prepare_task
+
+WINDOW = 256
+LONG = TaskWorldConfig(block_size=4, max_level=3, w_max=128, tail_tokens=24, step_tokens=4,
+                       n_tail_gists=3)
+
+
+@pytest.fixture(scope="module")
+def oracle():
+    model = tiny_llama()
+    model.config.max_position_embeddings = WINDOW
+    return LMOracle(model)
+
+
+def _long_task(n_chars: int = 4000, at: int = 1700) -> dict:
+    rng = np.random.default_rng(0)
+    words = "oak elm fir ash yew bay box".split()
+    filler = " ".join(rng.choice(words, n_chars // 4))[:n_chars]
+    at = filler.index(" ", at)
+    needle = " zq zq zq 4821."
+    return {"id": "long", "context": filler[:at] + needle + filler[at:], "question": " zq?",
+            "answer": " 4821", "needle_spans": [[at + 1, at + len(needle)]]}
+
+
+def test_a_stream_16_times_the_window_runs_faithfully_and_full_context_says_why_not(oracle):
+    task = _long_task()
+    pt = prepare_task(task, oracle, CharTokenizer(512), LONG, features=False, attention=True)
+    assert pt.n_tokens > 15 * WINDOW and pt.window == WINDOW
+    assert len(pt.wc) <= LONG.w_max and pt.read_cost["positions"] > pt.n_tokens
+    rows = []
+    for policy in (Recency(), BM25(), Attention(), FullContext()):
+        r = answer_task(policy, pt, oracle, LONG)  # the guard raises on any position >= 256
+        rows.append({"policy": policy.name, "id": task["id"], "n_tokens": pt.n_tokens,
+                     "w_max": LONG.w_max, "length": pt.n_tokens, "depth": None, **r})
+    full = rows[-1]
+    assert set(full) >= {"skipped"} and "exceed the LM's 256 positions" in full["skipped"]
+    assert all("answer_nll" in r and np.isfinite(r["answer_nll"]) for r in rows[:-1])
+    assert rows[1]["expands"] > 0  # BM25 found the needle's block and opened it
+    summary, _ = summarise(rows, ["recency", "bm25", "attention", "full"])
+    assert summary["full"] == {"n": 0, "skipped": 1, "skipped_why": full["skipped"]}
+    assert summary["bm25"]["n"] == 1
+
+
+def test_what_reads_the_whole_stream_at_once_refuses_past_the_window(oracle):
+    task = _long_task()
+    with pytest.raises(TaskError, match="the full read cannot run"):
+        prepare_task(task, oracle, CharTokenizer(512), LONG.__class__(
+            **{**LONG.__dict__, "read_mode": "full-read"}), features=False, attention=True)
+    with pytest.raises(TaskError, match="the cheap label reads the whole stream"):
+        prepare_task(task, oracle, CharTokenizer(512), LONG, features=False, attention=True,
+                     answer_attention=True)
+    # within the window nothing changes: no window recorded, full context runs
+    short = _long_task(n_chars=200, at=80)
+    pt = prepare_task(short, oracle, CharTokenizer(512), LONG, features=False, attention=True)
+    assert pt.window is None and "answer_nll" in answer_task(FullContext(), pt, oracle, LONG)
