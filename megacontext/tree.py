@@ -108,6 +108,11 @@ class MegaContextTree:
         self._check_level(level)
         return self._levels[level].n
 
+    def nbytes(self) -> int:
+        """Bytes the tree's arrays hold (token ids and every level's embeddings, as allocated):
+        linear in the tokens ingested."""
+        return self._token_ids._data.nbytes + sum(rows._data.nbytes for rows in self._levels)
+
     # ---------------------------------------------------------------------------------- ingest
     def ingest(self, token_ids: np.ndarray, embeddings: np.ndarray) -> None:
         """Append tokens (ids ``[n]``, embeddings ``[n, d_model]``) and gist every block they

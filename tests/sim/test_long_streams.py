@@ -66,3 +66,18 @@ def test_what_reads_the_whole_stream_at_once_refuses_past_the_window(oracle):
     short = _long_task(n_chars=200, at=80)
     pt = prepare_task(short, oracle, CharTokenizer(512), LONG, features=False, attention=True)
     assert pt.window is None and "answer_nll" in answer_task(FullContext(), pt, oracle, LONG)
+
+
+def test_the_tree_and_key_store_grow_linearly_with_the_stream():
+    """``benchmarks.long_stream``'s measurement at tiny sizes (the tiny LM, a stream past its 4096
+    positions): the tree's and the store's bytes grow with the stream's length (ratio within 20 % of
+    the length ratio), and the longer stream really is past the window."""
+    from benchmarks.long_stream import one
+
+    short, long = one(300, "tiny", 0), one(1200, "tiny", 0)
+    assert not short["past_window"] and long["past_window"]
+    ratio = long["n_tokens"] / short["n_tokens"]
+    assert long["store_bytes"] / short["store_bytes"] == pytest.approx(ratio, rel=0.05)
+    size = {k: r["tree_bytes"] + r["store_bytes"] for k, r in (("short", short), ("long", long))}
+    grown = size["long"] / size["short"]
+    assert 0.8 * ratio <= grown <= 1.2 * ratio
