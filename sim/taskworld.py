@@ -80,6 +80,10 @@ class TaskWorldConfig:
     context_query_tokens: int = 32
     """A task without a question (code continuation): its query is the stream's last this many
     tokens (the text being continued), for every policy that reads a query."""
+    position_mode: str = "slot"
+    """The positions the LM reads the working context at (``ContextConfig.position_mode``): 'slot'
+    (each entry its slot, StreamingLLM's rule: never past W_max, so streams of any length run) or
+    'centre' (each entry its span's centre in the stream: only streams within the LM's window)."""
     allocator: AllocatorConfig = field(default_factory=AllocatorConfig)
 
     @property
@@ -126,6 +130,10 @@ class TaskWorldConfig:
             raise ConfigError(f"zoom_rounds must be >= 0, got {self.zoom_rounds}")
         if self.step_tokens < 1:
             raise ConfigError(f"step_tokens must be >= 1, got {self.step_tokens}")
+        if self.position_mode not in ("slot", "centre"):
+            raise ConfigError(
+                f"position_mode must be 'slot' or 'centre', got {self.position_mode!r}"
+            )
 
 
 class TaskError(ValueError):
@@ -298,6 +306,12 @@ def prepare_task(
     ids, answer, needle, q_len, offsets = tokenize_task(task, tokenizer)
     n = len(ids)
     beyond = n + len(answer) > oracle.max_positions
+    if beyond and config.position_mode != "slot":
+        raise TaskError(
+            f"task {task.get('id')!r}: {n} + {len(answer)} tokens exceed the LM's "
+            f"{oracle.max_positions} positions: position_mode {config.position_mode!r} reads "
+            f"entries at their stream positions (use 'slot')"
+        )
     if beyond and (answer_attention or (attention and config.read_mode != "faithful")):
         # only what reads the whole stream at once stops at the LM's window: the full read (and
         # the cheap label, which is one); the working context's own forwards never get there
@@ -372,7 +386,8 @@ def stream_cover(
     steps (0: none), and (``record_reads``) the faithful stream reads: once ``read_tokens`` new
     tokens have arrived (and at the end), the restored cover with those tokens at L0 at its end
     (``sim.keystore.stream_read``). ``TaskError`` when the budget cannot hold the stream."""
-    wc = WorkingContext(tree, ContextConfig(w_max=config.w_max, tail_tokens=config.tail_tokens))
+    wc = WorkingContext(tree, ContextConfig(w_max=config.w_max, tail_tokens=config.tail_tokens,
+                                            position_mode=config.position_mode))
     restore = FocusAllocator(config.allocator)
     snapshots: list[WorkingContext] = []
     reads: list[keystore.StreamRead] = []

@@ -81,3 +81,22 @@ def test_the_tree_and_key_store_grow_linearly_with_the_stream():
     size = {k: r["tree_bytes"] + r["store_bytes"] for k, r in (("short", short), ("long", long))}
     grown = size["long"] / size["short"]
     assert 0.8 * ratio <= grown <= 1.2 * ratio
+
+
+def test_centre_positions_run_within_the_window_and_refuse_past_it(oracle):
+    """'centre' puts each entry at its span's centre in the stream: it runs where the stream fits
+    the window (and the working context's positions are then those centres) and is refused by name
+    past it, where only 'slot' can run."""
+    from dataclasses import replace
+
+    centre = replace(LONG, position_mode="centre")
+    with pytest.raises(TaskError, match="position_mode 'centre'"):
+        prepare_task(_long_task(), oracle, CharTokenizer(512), centre, features=False,
+                     attention=True)
+    short = _long_task(n_chars=200, at=80)
+    pt = prepare_task(short, oracle, CharTokenizer(512), centre, features=False, attention=True)
+    pos = pt.wc.arrays(0).position_ids
+    assert pos[-1] > len(pt.wc) and np.all(np.diff(pos) > 0)  # stream positions, not slots
+    assert np.isfinite(answer_task(BM25(), pt, oracle, centre)["answer_nll"])
+    with pytest.raises(Exception, match="position_mode must be"):
+        replace(LONG, position_mode="middle")
