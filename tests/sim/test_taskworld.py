@@ -159,8 +159,11 @@ def test_bm25_ranks_the_needle_first_on_real_text(oracle):
 def test_task_errors_name_the_task(oracle):
     with pytest.raises(TaskError, match="longer than the L0 tail"):
         prepare_task({**_task(), "question": "?" * 40}, oracle, CharTokenizer(512), WORLD)
-    with pytest.raises(TaskError, match="positions"):
-        prepare_task(_task(n_filler=5000), oracle, CharTokenizer(512), WORLD)
+    # past the LM's 4096 positions only what reads the whole stream at once is refused (the
+    # faithful mode streams it: tests/sim/test_long_streams.py)
+    with pytest.raises(TaskError, match="4096 positions: the full read cannot run"):
+        prepare_task(_task(n_filler=5000), oracle, CharTokenizer(512),
+                     replace(WORLD, read_mode="full-read"), attention=True)
 
 
 @settings(max_examples=30, deadline=None)
