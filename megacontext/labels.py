@@ -17,16 +17,20 @@ from megacontext.working_context import ContextArrays, WorkingContext
 
 
 def counterfactual_contexts(
-    wc: WorkingContext, n_tail_gists: int = 6
+    wc: WorkingContext, n_tail_gists: int = 6, expand_slots: np.ndarray | None = None
 ) -> tuple[ContextArrays, list[tuple[str, int, ContextArrays]]]:
     """The baseline arrays and, per legal action, (kind, slot, arrays of the context after it).
 
-    ``slot`` is the expanded entry, or the first member of the collapsed group.
+    ``slot`` is the expanded entry, or the first member of the collapsed group. ``expand_slots``:
+    only these entries' expands (every collapse still).
     """
     base = wc.arrays(n_tail_gists)
     b = wc.block_size
     variants: list[tuple[str, int, ContextArrays]] = []
-    for i in np.flatnonzero(base.can_expand):
+    expandable = np.flatnonzero(base.can_expand)
+    if expand_slots is not None:
+        expandable = np.intersect1d(expandable, np.asarray(expand_slots, dtype=np.int64))
+    for i in expandable:
         v = wc.copy()
         v.expand(int(base.levels[i]), int(base.node_index[i]))
         variants.append(("expand", int(i), v.arrays(n_tail_gists)))
@@ -38,19 +42,24 @@ def counterfactual_contexts(
 
 
 def lookahead_contexts(
-    wc: WorkingContext, n_tail_gists: int = 6
+    wc: WorkingContext, n_tail_gists: int = 6, children: dict[int, list[int]] | None = None
 ) -> list[tuple[int, ContextArrays]]:
     """Per gist of level >= 2 and per child: (slot, arrays after expanding the gist and then that
     child).
 
     The lookahead label of a level >= 2 gist is the best of these two-step expansions (DESIGN §3):
     a single expand leaves the child a gist, so its gain is blind to detail two levels down.
+    ``children``: only these gists (slot -> the child node indices to try).
     """
     b = wc.block_size
     out: list[tuple[int, ContextArrays]] = []
-    for i in np.flatnonzero(wc.levels >= 2):
+    slots = np.flatnonzero(wc.levels >= 2)
+    if children is not None:
+        slots = [i for i in slots if int(i) in children]
+    for i in slots:
         level, index = int(wc.levels[i]), int(wc.indices[i])
-        for child in range(index * b, (index + 1) * b):
+        tried = range(index * b, (index + 1) * b) if children is None else children[int(i)]
+        for child in tried:
             v = wc.copy()
             v.expand(level, index)
             v.expand(level - 1, child)
@@ -66,12 +75,17 @@ def label_snapshot(
     n_tail_gists: int = 6,
     doc_id: int = 0,
     lookahead: bool = False,
+    expand_slots: np.ndarray | None = None,
+    children: dict[int, list[int]] | None = None,
 ) -> dict[str, np.ndarray]:
     """A labelled snapshot in the trace format (``megacontext.traces.ENTRY_KEYS`` +
     ``SNAPSHOT_KEYS``).
 
     ``lookahead``: the expand gain of a gist of level >= 2 is max(its single-expand gain, the best
     gain of expanding it and then one of its children) — see ``lookahead_contexts``.
+    ``expand_slots`` / ``children``: label only these expands (and, with ``lookahead``, only these
+    children of the level >= 2 ones); every other expand gain is 0 (a partial label: exact where
+    computed). Collapses are all labelled.
     """
     if query_start != wc.n_tokens:
         raise ValueError(
@@ -81,8 +95,10 @@ def label_snapshot(
         raise ValueError(
             f"oracle d_model {oracle.d_model} != tree d_model {wc.tree.config.d_model}"
         )
-    base, variants = counterfactual_contexts(wc, n_tail_gists)
-    deep = lookahead_contexts(wc, n_tail_gists) if lookahead else []
+    base, variants = counterfactual_contexts(wc, n_tail_gists, expand_slots)
+    if lookahead and expand_slots is not None and children is None:
+        children = {}  # partial: no lookahead unless its children are named
+    deep = lookahead_contexts(wc, n_tail_gists, children) if lookahead else []
     nll = np.asarray(
         oracle.nll(
             [base, *(v for _, _, v in variants), *(v for _, v in deep)], query_ids, query_start

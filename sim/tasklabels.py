@@ -20,6 +20,12 @@ Labels (``--labels``):
   computed too and ``agreement.jsonl`` records, per snapshot, whether the best exact action is the
   cheap labels' top 1 / in their top 3, the Spearman correlation over the candidates, and the
   seconds each labeller spent on it.
+- ``hybrid``: the cheap relevance picks candidates, the LM labels them exactly: the exact expand
+  gain (NLL change, nats) of the ``exact_top`` gists the cheap label ranks first (a level-2 one
+  also expanded with its best-relevance ``lookahead_children`` children: the two-level
+  lookahead restricted to them), every other gist's gain 0, and every sibling group's exact
+  collapse cost: about ``exact_top`` + the groups + lookahead forwards per snapshot instead of one
+  per legal action. Needs the stream within the LM's window (the cheap relevance is a full read).
 
 Sharded (``--shard i/n`` takes tasks with index % n == i) and resumable: a rerun skips, per task,
 the covers already on disk (``megacontext.traces.TraceWriter``; a task that failed wrote none).
@@ -77,8 +83,13 @@ class TaskLabelArgs:
     """Task generation seed; also the random covers' (with the task index)."""
     covers: int = 4
     """Snapshots per task: the question-time cover, then covers-1 reached by random zoom rounds."""
-    labels: Literal["cheap", "exact"] = "cheap"
+    labels: Literal["cheap", "exact", "hybrid"] = "cheap"
     """Label source (see the module doc)."""
+    exact_top: int = 4
+    """hybrid: gists (ranked by the cheap label) whose expand gain is labelled exactly."""
+    lookahead_children: int = 2
+    """hybrid: children (ranked by the cheap relevance) each level-2 candidate is also expanded
+    with, for its two-level lookahead gain."""
     feature_set: str = "relative-lexical"
     """LensNet's per-entry features (``sim.keystore.FEATURE_SETS``): 'attention' (absolute log
     attention masses), 'relative-lexical' (the masses relative to the context, plus BM25 against
@@ -138,6 +149,26 @@ def cheap_targets(wc: WorkingContext, block_rel: np.ndarray) -> tuple[np.ndarray
     for s in np.unique(gid[gid >= 0]):
         cost[gid == s] = detail[s : s + wc.block_size].max() * GROUP_DISCOUNT ** wc.levels[s]
     return gain, cost
+
+
+def hybrid_candidates(
+    wc: WorkingContext, gain: np.ndarray, block_rel: np.ndarray, top: int, n_children: int
+) -> tuple[np.ndarray, dict[int, list[int]]]:
+    """The hybrid label's candidates: the ``top`` expandable gists of highest cheap ``gain`` (ties:
+    oldest first), and for each level-2 one its ``n_children`` children of highest block
+    relevance (level-1 node indices), for the restricted lookahead."""
+    expandable = np.flatnonzero(wc.can_expand())
+    order = expandable[np.argsort(-gain[expandable], kind="stable")][:top]
+    b = wc.block_size
+    rel = np.asarray(block_rel, dtype=np.float64)
+    children: dict[int, list[int]] = {}
+    for i in order:
+        if wc.levels[i] == 2:
+            first = int(wc.indices[i]) * b
+            kids = np.arange(first, min(first + b, len(rel)))
+            best = kids[np.argsort(-rel[kids], kind="stable")][:n_children]
+            children[int(i)] = [int(k) for k in best]
+    return np.sort(order), children
 
 
 def retarget(src: str | Path, dst: str | Path) -> Path:
@@ -402,6 +433,8 @@ def generate(args: TaskLabelArgs) -> Path:
         "world": to_dict(w),
         "labels": args.labels,
         **({"group_discount": GROUP_DISCOUNT} if args.labels == "cheap" else {}),
+        **({"exact_top": args.exact_top, "lookahead_children": args.lookahead_children}
+           if args.labels == "hybrid" else {}),
         "oracle": {"kind": "lm", "lm": args.lm, "gister": gister_name},
         "tasks": args.tasks or {"kinds": list(args.kinds), "first": args.first_task,
                                 "n": args.n_tasks, "length": list(args.length), "seed": args.seed},
@@ -440,6 +473,14 @@ def generate(args: TaskLabelArgs) -> Path:
             t_cheap = time.perf_counter() - t1 + t_forward / args.covers
             if args.labels == "cheap":
                 writer.add(_record(item, wc, gain, cost, doc_id))
+            elif args.labels == "hybrid":
+                slots, children = hybrid_candidates(wc, gain, pt.answer_relevance, args.exact_top,
+                                                    args.lookahead_children)
+                lab = label_snapshot(wc, oracle, pt.answer_ids, wc.n_tokens, w.n_tail_gists,
+                                     doc_id, lookahead=w.lookahead, expand_slots=slots,
+                                     children=children)
+                writer.add(_record(item, wc, lab["expand_gain"], lab["collapse_cost"], doc_id,
+                                   lab["baseline_nll"]))
             else:
                 t2 = time.perf_counter()
                 lab = label_snapshot(wc, oracle, pt.answer_ids, wc.n_tokens, w.n_tail_gists,

@@ -617,3 +617,35 @@ def test_an_untrained_prior_lensnet_zooms_exactly_as_bm25(oracle):
         legal = (np.asarray(item["expand_cost"]) > 0) | (np.asarray(item["collapse_refund"]) > 0)
         assert legal.sum() > 10  # the scores of illegal directions are masked (the allocator's)
         np.testing.assert_allclose(policy.entry_scores(item)[legal], prior[legal], atol=1e-6)
+
+
+def test_hybrid_labels_are_exact_on_their_candidates_and_zero_elsewhere(oracle):
+    """The partial label (``label_snapshot`` with ``expand_slots`` / ``children``) against the full
+    exact label of the same snapshot: the candidates' gains (their lookahead over every child, or
+    over the named ones) and every collapse cost equal, every other gain is 0; the hybrid
+    candidates are the cheap label's top gists with their best-relevance children."""
+    from megacontext.labels import label_snapshot
+    from sim.tasklabels import hybrid_candidates
+
+    pt = prepare_task(_task(), oracle, CharTokenizer(512), WORLD, features=False, attention=True,
+                      answer_attention=True)
+    wc, _ = zoom(NeedleFinder(), pt, WORLD, oracle)  # gists of both levels and tokens
+    args = (wc, oracle, pt.answer_ids, wc.n_tokens, WORLD.n_tail_gists)
+    full = label_snapshot(*args, lookahead=True)
+    gain, _ = cheap_targets(wc, pt.answer_relevance)
+    slots, children = hybrid_candidates(wc, gain, pt.answer_relevance, 3, 2)
+    assert len(slots) == 3 and np.all(gain[slots] >= np.sort(gain[wc.can_expand()])[-3])
+    b = wc.block_size
+    every = {i: list(range(int(wc.indices[i]) * b, (int(wc.indices[i]) + 1) * b))
+             for i in children}
+    part = label_snapshot(*args, lookahead=True, expand_slots=slots, children=every)
+    np.testing.assert_allclose(part["expand_gain"][slots], full["expand_gain"][slots], atol=1e-6)
+    others = np.setdiff1d(np.arange(len(wc)), slots)
+    assert np.all(part["expand_gain"][others] == 0) and full["expand_gain"][others].any()
+    np.testing.assert_allclose(part["collapse_cost"], full["collapse_cost"], atol=1e-6)
+    # the named children only: a lookahead over fewer children never exceeds the full one
+    named = label_snapshot(*args, lookahead=True, expand_slots=slots, children=children)
+    assert np.all(named["expand_gain"][slots] <= full["expand_gain"][slots] + 1e-6)
+    for i, kids in children.items():
+        rel = pt.answer_relevance[every[i][0] : every[i][-1] + 1]
+        assert kids[0] == every[i][0] + int(np.argmax(rel))
