@@ -234,7 +234,10 @@ def test_evaluate_contract_and_bad_lines(tmp_path, oracle):
     )  # evaluated: the too-long task failed preparation and is an error, not a task
     assert format_results(res).startswith("W_max 64, 2 tasks")
     assert sorted(e["line"] for e in res["errors"]) == [2, 3, 4]  # bad JSON, too long, span outside
-    assert any("positions" in e["error"] and "line 3" in e["error"] for e in res["errors"])
+    # the 5k-token task: past the tiny LM's 4096 positions the faithful mode would stream it, but
+    # this budget cannot hold its coarsest cover (named: the task, its line, what to change)
+    assert any("'long'" in e["error"] and "line 3" in e["error"] and "w_max=64" in e["error"]
+               for e in res["errors"])
     rows = [json.loads(x) for x in (out / "tasks.jsonl").read_text().splitlines()]
     for name in ("recency", "retrieval", "full"):  # each summary: the mean of its policy's rows
         own = [r for r in rows if r["policy"] == name]
