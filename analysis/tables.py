@@ -41,6 +41,9 @@ def _cell(r: dict) -> str:
     if r.get("ngr") is not None:
         lo, hi = r.get("ngr_ci95") or (float("nan"), float("nan"))
         out += f", NGR {r['ngr']:.2f} [{lo:.2f}, {hi:.2f}]"
+    elif r.get("ngr_full") is not None:  # no oracle in the run: the gap to full context
+        lo, hi = r.get("ngr_full_ci95") or (float("nan"), float("nan"))
+        out += f", NGR vs full {r['ngr_full']:.2f} [{lo:.2f}, {hi:.2f}]"
     return out
 
 

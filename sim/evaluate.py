@@ -231,8 +231,9 @@ def summarise(rows: list[dict], names: list[str]) -> tuple[dict, dict]:
             n: {d: float(np.mean(v)) for d, v in sorted(ds.items())}
             for n, ds in sorted(cells.items())
         }
-    for name, value in gap_recovered(rows, names).items():
-        policies[name].update(value)
+    for ref in ("oracle", "full"):  # the gap to the oracle's labels, and to the whole stream read
+        for name, value in gap_recovered(rows, names, ref=ref).items():
+            policies[name].update(value)
     return policies, grid
 
 
@@ -248,23 +249,26 @@ def _ngr(w: np.ndarray, sums: np.ndarray, counts: np.ndarray) -> np.ndarray:
 
 
 def gap_recovered(
-    rows: list[dict], names: list[str], n_boot: int = 2000, seed: int = 0
+    rows: list[dict], names: list[str], n_boot: int = 2000, seed: int = 0, ref: str = "oracle"
 ) -> dict[str, dict]:
-    """NGR = (NLL_recency - NLL_policy) / (NLL_recency - NLL_oracle) of the mean answer NLL over the
-    tasks that recency, the oracle and the policy all scored, with a 95 % percentile-bootstrap
+    """NGR = (NLL_recency - NLL_policy) / (NLL_recency - NLL_ref) of the mean answer NLL over the
+    tasks that recency, the reference and the policy all scored, with a 95 % percentile-bootstrap
     interval that resamples documents (a row's ``group``: the module of a code task, else the task),
-    so windows of one document move together. Empty without both recency and oracle rows."""
-    by = {(r["policy"], r["id"]): r for r in rows}
-    if not any(p == "oracle" for p, _ in by) or not any(p == "recency" for p, _ in by):
+    so windows of one document move together. ``ref``: the oracle (keys ``ngr``, ``ngr_n``,
+    ``ngr_ci95``) or 'full' (the whole stream read: keys ``ngr_full``...). Empty without both
+    recency and reference rows (skipped rows do not count)."""
+    by = {(r["policy"], r["id"]): r for r in rows if not r.get("skipped")}
+    if not any(p == ref for p, _ in by) or not any(p == "recency" for p, _ in by):
         return {}
+    key = "ngr" if ref == "oracle" else f"ngr_{ref}"
     rng = np.random.default_rng(seed)
     out = {}
     for name in names:
-        ids = [i for p, i in by if p == name and ("recency", i) in by and ("oracle", i) in by]
+        ids = [i for p, i in by if p == name and ("recency", i) in by and (ref, i) in by]
         if not ids:
             continue
         nll = np.array(
-            [[by[(p, i)]["answer_nll"] for p in ("recency", name, "oracle")] for i in ids]
+            [[by[(p, i)]["answer_nll"] for p in ("recency", name, ref)] for i in ids]
         )
         groups = np.unique([str(by[(name, i)].get("group", i)) for i in ids], return_inverse=True)[
             1
@@ -286,9 +290,9 @@ def gap_recovered(
         )
         draws = draws[np.isfinite(draws)]
         out[name] = {
-            "ngr": None if not np.isfinite(point) else point,
-            "ngr_n": len(ids),
-            "ngr_ci95": (
+            key: None if not np.isfinite(point) else point,
+            f"{key}_n": len(ids),
+            f"{key}_ci95": (
                 [float(np.quantile(draws, 0.025)), float(np.quantile(draws, 0.975))]
                 if len(counts) > 1 and draws.size
                 else None

@@ -426,6 +426,17 @@ def test_gap_recovered_matches_the_formula_and_resamples_documents():
         == 3
     )
     assert gap_recovered([r for r in rows if r["policy"] != "oracle"], ["p"]) == {}
+    # against full context (a run without the oracle): the same formula under its own keys, and a
+    # skipped full row (a stream past the window) takes its task out
+    full = [{**r, "policy": "full"} if r["policy"] == "oracle" else r for r in rows]
+    full[[k for k, r in enumerate(full) if r["policy"] == "full"][0]] = {
+        "id": "t0", "policy": "full", "skipped": "past the window"}
+    vs_full = gap_recovered(full, ["p"], ref="full")["p"]
+    kept = slice(1, 4)
+    want = (np.mean(nll["recency"][kept]) - 2.0) / (
+        np.mean(nll["recency"][kept]) - np.mean(nll["oracle"][kept]))
+    assert vs_full["ngr_full"] == pytest.approx(want) and vs_full["ngr_full_n"] == 3
+    assert "ngr" not in vs_full
 
 
 @settings(max_examples=30, deadline=None)
