@@ -273,7 +273,8 @@ def compression_sweep(run_dirs: list[str | Path], out: Path) -> Path:
             raise ValueError(f"{d}: the merged runs differ in W_max")
         runs.append({"config": res["configs"][0], "policies": res["policies"]})
     runs.sort(key=lambda r: r["config"]["w_max"], reverse=True)
-    names = [n for n in runs[0]["policies"] if all(n in r["policies"] for r in runs)]
+    names = [n for n in runs[0]["policies"]  # a policy that could not run (n 0) has no point
+             if all(n in r["policies"] and r["policies"][n]["n"] for r in runs)]
     table = {
         name: [
             {

@@ -84,7 +84,6 @@ class LMOracle:
         self.positions_recomputed = 0  # positions run through the LM (benchmark accounting)
         guard_positions(model)
 
-
     @torch.no_grad()
     def token_embeddings(self, token_ids: np.ndarray) -> np.ndarray:
         """(n, d) float32 input embeddings of ``token_ids`` (what L0 tree nodes hold)."""

@@ -33,6 +33,13 @@ Q=48
 mkdir -p "$D" "$R"
 
 n() { if [[ $SCALE == 0 ]]; then echo 1; else echo "$1"; fi; }
+pids=()
+wait_all() {  # wait for every background job; fail if any failed (a bare `wait` never does)
+  local failed=0
+  for p in "${pids[@]}"; do wait "$p" || failed=1; done
+  pids=()
+  return $failed
+}
 
 draw() {  # draw NAME SPLIT N SEED LENGTHS...: one file per kind, interleaved into D/NAME.jsonl
   local name=$1 split=$2 count=$3 seed=$4
@@ -74,16 +81,18 @@ EOF
       $PY -m sim.tasklabels --tasks "$D/train.jsonl" --out "$D/train-traces" --covers 13 \
         --feature-set prior-lexical --query-tokens $Q --shard $i/2 --no-progress \
         ${LM:+--lm $LM} ${WORLD:-} > "$D/labels-$i.log" 2>&1 &
+      pids+=($!)
     done
-    wait
+    wait_all
     ;;
   exact)
     for i in 0 1; do
       $PY -m sim.tasklabels --tasks "$D/dev-exact.jsonl" --out "$D/dev-exact-traces" --covers 4 \
         --labels exact --feature-set prior-lexical --query-tokens $Q --shard $i/2 --no-progress \
         ${LM:+--lm $LM} ${WORLD:-} > "$D/exact-$i.log" 2>&1 &
+      pids+=($!)
     done
-    wait
+    wait_all
     ;;
   train)
     train() {
@@ -91,8 +100,10 @@ EOF
         --cal-tasks "$D/dev-cal.jsonl" --no-progress ${LM:+--lm $LM} ${TRAIN:-} "$@"
     }
     train --out "$D/lensnet-seed0" --train.seed 0 > "$D/train-0.log" 2>&1 &
+    pids+=($!)
     train --out "$D/lensnet-seed1" --train.seed 1 > "$D/train-1.log" 2>&1 &
-    wait
+    pids+=($!)
+    wait_all
     train --out "$D/lensnet-seed2" --train.seed 2 > "$D/train-2.log" 2>&1
     for s in 0 1 2; do
       mkdir -p "$R/lensnet-seed$s"
@@ -100,12 +111,15 @@ EOF
     done
     ;;
   dev)
+    # exit 1 means a task line was skipped (named in results.json's errors): keep going
     ev() { $PY -m sim.evaluate --resume --no-progress ${LM:+--lm $LM} ${WORLD:-} "$@" || true; }
     seeds="seed1=$D/lensnet-seed1/lensnet.pt seed2=$D/lensnet-seed2/lensnet.pt"
-    ev --tasks "$D/dev-eval.jsonl" --out "$R/dev-lensnet" --policies lensnet \
+    # recency and full in both runs: each run's NGR against full context pairs rows of one run
+    ev --tasks "$D/dev-eval.jsonl" --out "$R/dev-lensnet" --policies lensnet,recency,full \
       --lensnet "$D/lensnet-seed0/lensnet.pt" --lensnets $seeds > "$D/dev-a.log" 2>&1 &
     ev --tasks "$D/dev-eval.jsonl" --out "$R/dev-selectors" \
-      --policies recency,sinks,random,retrieval,bm25,attention,full > "$D/dev-b.log" 2>&1 &
+      --policies recency,sinks,random,retrieval,bm25,attention,surprisal,full \
+      > "$D/dev-b.log" 2>&1 &
     wait
     ;;
   *)

@@ -38,6 +38,7 @@ m = json.load(open(sys.argv[1]))
 print(" ".join(c for c, e in m["cells"].items() if (e["config"]["length"][0] >= 4096) == (sys.argv[2] == "long")))' \
     "$SPLIT/SEALED.json" "$1"
 }
-( for c in $(cells short); do cell "$c"; done ) > "$OUT/stream-a.log" 2>&1 &
-( for c in $(cells long); do cell "$c"; done ) > "$OUT/stream-b.log" 2>&1 &
+short=$(cells short) && long=$(cells long) || { echo "error: $SPLIT/SEALED.json unreadable" >&2; exit 1; }
+( for c in $short; do cell "$c"; done ) > "$OUT/stream-a.log" 2>&1 &
+( for c in $long; do cell "$c"; done ) > "$OUT/stream-b.log" 2>&1 &
 wait

@@ -155,18 +155,21 @@ def hybrid_candidates(
     wc: WorkingContext, gain: np.ndarray, block_rel: np.ndarray, top: int, n_children: int
 ) -> tuple[np.ndarray, dict[int, list[int]]]:
     """The hybrid label's candidates: the ``top`` expandable gists of highest cheap ``gain`` (ties:
-    oldest first), and for each level-2 one its ``n_children`` children of highest block
-    relevance (level-1 node indices), for the restricted lookahead."""
+    oldest first), and for each one of level >= 2 its ``n_children`` children (node indices one
+    level down) whose best L1 block has the highest relevance, for the restricted lookahead."""
     expandable = np.flatnonzero(wc.can_expand())
     order = expandable[np.argsort(-gain[expandable], kind="stable")][:top]
     b = wc.block_size
     rel = np.asarray(block_rel, dtype=np.float64)
     children: dict[int, list[int]] = {}
     for i in order:
-        if wc.levels[i] == 2:
-            first = int(wc.indices[i]) * b
-            kids = np.arange(first, min(first + b, len(rel)))
-            best = kids[np.argsort(-rel[kids], kind="stable")][:n_children]
+        level = int(wc.levels[i])
+        if level >= 2:
+            kids = np.arange(int(wc.indices[i]) * b, (int(wc.indices[i]) + 1) * b)
+            span = b ** (level - 2)  # L1 blocks under one child
+            best_block = np.array([rel[k * span : (k + 1) * span].max(initial=-np.inf)
+                                   for k in kids])
+            best = kids[np.argsort(-best_block, kind="stable")][:n_children]
             children[int(i)] = [int(k) for k in best]
     return np.sort(order), children
 
@@ -479,8 +482,13 @@ def generate(args: TaskLabelArgs) -> Path:
                 lab = label_snapshot(wc, oracle, pt.answer_ids, wc.n_tokens, w.n_tail_gists,
                                      doc_id, lookahead=w.lookahead, expand_slots=slots,
                                      children=children)
-                writer.add(_record(item, wc, lab["expand_gain"], lab["collapse_cost"], doc_id,
-                                   lab["baseline_nll"]))
+                rec = _record(item, wc, lab["expand_gain"], lab["collapse_cost"], doc_id,
+                              lab["baseline_nll"])
+                # a gist whose expand was not labelled is no evidence: out of the loss (its
+                # collapse label goes with it; the target mixes the two)
+                unlabelled = wc.can_expand() & ~np.isin(np.arange(len(wc)), slots)
+                rec["action_mask"] = rec["action_mask"] & ~unlabelled
+                writer.add(rec)
             else:
                 t2 = time.perf_counter()
                 lab = label_snapshot(wc, oracle, pt.answer_ids, wc.n_tokens, w.n_tail_gists,

@@ -318,7 +318,8 @@ def prepare_task(
         raise TaskError(
             f"task {task.get('id')!r}: {n} + {len(answer)} tokens exceed the LM's "
             f"{oracle.max_positions} positions: "
-            + ("the cheap label reads the whole stream at once (use --labels exact)"
+            + ("labelling reads the whole stream once (the cheap relevance, which the exact and "
+               "hybrid labels use too): only streams within the window can be labelled"
                if answer_attention else "the full read cannot run (use --world.read-mode faithful)")
         )
     if q_len > config.tail_tokens:

@@ -170,6 +170,15 @@ class TaskConfig:
             )
         if isinstance(TASK_KINDS[self.kind], FamilyKind):
             check_family_config(self)
+        else:  # the families' fields mean nothing to another kind: never silently ignored
+            defaults = {"n_values": 3, "n_queries": 2, "decoys": 0, "value_type": "any"}
+            if self.kind == "code":
+                defaults["cycle_filler"] = False
+            set_ = [k for k, v in defaults.items() if getattr(self, k) != v]
+            if set_:
+                raise ConfigError(
+                    f"kind {self.kind!r} does not read {', '.join(set_)} (the niah-* kinds do)"
+                )
         if self.n_tasks < 1 or self.seed < 0 or not self.length or min(self.length) < 64:
             raise ConfigError(
                 f"need n_tasks >= 1, seed >= 0, lengths >= 64 tokens; got "

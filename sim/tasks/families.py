@@ -26,7 +26,6 @@ in the order asked). ``decoys`` adds that many decoy sentences at uniform depths
 
 from __future__ import annotations
 
-import re
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -54,26 +53,27 @@ NOUNS = {
     ),
     "dev": (
         "gate token",
-        "cabinet number",
+        "cabinet tally",
         "voucher",
         "ledger mark",
         "crate label",
-        "permit number",
+        "permit serial",
         "shelf tag",
-        "relay setting",
+        "relay figure",
     ),
     "heldout": (
         "hidden PIN",
-        "override key",
-        "ticket number",
-        "badge code",
+        "override cipher",
+        "ticket ID",
+        "badge reference",
         "archive stamp",
-        "parcel tracking code",
+        "parcel handle",
         "launch phrase",
-        "dial setting",
+        "dial position",
     ),
 }
-"""What a needle names, per split (a noun phrase whose plural adds an 's')."""
+"""What a needle names, per split (a noun phrase whose plural adds an 's'); no word of one split's
+nouns is in another's (tested)."""
 
 STATEMENTS = {
     "train": (
@@ -162,7 +162,12 @@ DECOYS = {
 """Decoy sentences per split: the question's subject, no value."""
 
 KEYS = {
-    "train": KEY_WORDS,
+    "train": (  # the multikey kind's words, less the three the train filler uses
+        *(w for w in KEY_WORDS if w not in ("apple", "violet", "anchor")),
+        "marmot",
+        "gecko",
+        "tapir",
+    ),
     "dev": tuple(
         """acorn basil cedar daisy elm fennel ginger heron indigo jade kestrel lilac mango newt
 olive poppy quince robin sage topaz umber vine wren yucca""".split()
@@ -172,12 +177,12 @@ olive poppy quince robin sage topaz umber vine wren yucca""".split()
 nettle oyster puffin quokka reed sable tansy umbra viper wombat yew""".split()
     ),
 }
-"""The keyed variants' key vocabulary, per split (train: the multikey kind's ``KEY_WORDS``)."""
+"""The keyed variants' key vocabulary, per split; no key occurs in its split's filler (tested)."""
 
 WORDS = {
     "train": tuple(
-        """copper lumber pickle tractor biscuit marble ladder spinach trumpet blanket
-pencil saucer rocket hammock tunnel pillow castle window kitten button""".split()
+        """copper lumber kazoo tractor biscuit marble ladder spinach trumpet blanket
+pencil saucer rocket hammock banjo pillow castle marimba kitten ukulele""".split()
     ),
     "dev": tuple(
         """bucket pretzel cactus goblet muffin paddle siren turnip wagon barrel""".split()
@@ -186,7 +191,8 @@ pencil saucer rocket hammock tunnel pillow castle window kitten button""".split(
         """compass teapot bonnet scooter walnut lagoon mitten parsnip zipper cobbler""".split()
     ),
 }
-"""Word values, per split."""
+"""Word values, per split; none occurs in its split's filler (tested): the answer is only in its
+needles."""
 
 VALUE_TYPES = {
     "train": ("digits4", "digits6", "digits7", "code:LLL-DD", "code:L-DDDDD", "word"),
@@ -253,10 +259,21 @@ def check_family_config(c: TaskConfig) -> None:
         )
     if c.n_keys > len(KEYS[c.split]):
         raise ConfigError(f"n_keys must be <= {len(KEYS[c.split])} for split {c.split!r}")
-    if c.n_queries > c.n_keys or c.n_values < 1 or c.decoys < 0:
+    if c.n_values < 1 or c.decoys < 0:
+        raise ConfigError(f"need n_values >= 1, decoys >= 0; got {c.n_values}, {c.decoys}")
+    variant = getattr(TASK_VARIANTS.get(c.kind), "variant", None)
+    if variant == "multiquery" and not 1 <= c.n_queries <= c.n_keys:
         raise ConfigError(
-            f"need 1 <= n_queries <= n_keys, n_values >= 1, decoys >= 0; got {c.n_queries}, "
-            f"{c.n_keys}, {c.n_values}, {c.decoys}"
+            f"niah-multiquery needs 1 <= n_queries <= n_keys, got {c.n_queries}, {c.n_keys}"
+        )
+    # every value of a task is distinct: word values can take at most the split's word list
+    needed = {"single": 1, "multivalue": c.n_values + c.n_keys - 1}.get(variant, c.n_keys)
+    may_draw_words = c.value_type in ("any", "word") and "word" in VALUE_TYPES[c.split]
+    if may_draw_words and needed > len(WORDS[c.split]):
+        raise ConfigError(
+            f"{c.kind} with these sizes needs {needed} distinct values, more than the "
+            f"{len(WORDS[c.split])} words of split {c.split!r}: lower n_keys / n_values or pick "
+            f"a value_type other than 'word'"
         )
 
 
@@ -382,9 +399,5 @@ class NiahMultiQuery(FamilyKind):
 
 
 FAMILY_KINDS = (NiahSingle(), NiahMultiKey(), NiahMultiValue(), NiahMultiQuery())
-
-
-def phrase_pieces(text: str) -> list[str]:
-    """The fixed wording of a frame: its text between placeholders, lower-cased (for the split
-    tests)."""
-    return [p.strip().lower() for p in re.split(r"\{[a-zA-Z]+\}", text) if p.strip(" .,;:?")]
+TASK_VARIANTS = {kind.name: kind for kind in FAMILY_KINDS}
+"""Family kind name -> its kind (``variant``: single, multikey, multivalue, multiquery)."""

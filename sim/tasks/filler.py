@@ -1,8 +1,9 @@
-"""The task generators' shared text plumbing: the train / held-out split of GistNet's real text
-(pydoc topics and standard-library modules, ``gistnet.corpus``), the filler documents and
-paragraphs of each split (held-out ones never sharing text with GistNet's train or validation
-text), filler cut to a token budget, needles placed at sentence or paragraph starts, and token
-counting (a tokenizer, a callable, or ~4 characters a token).
+"""The task generators' shared text plumbing: the train / dev / held-out split of GistNet's real
+text (pydoc topics and standard-library modules, ``gistnet.corpus``: its train / validation /
+held-out), the filler documents and paragraphs of each split (held-out ones never sharing text
+with GistNet's train or validation text, dev ones with its train text), filler cut to a token
+budget, needles placed at sentence or paragraph starts, and token counting (a tokenizer, a
+callable, or ~4 characters a token).
 """
 
 from __future__ import annotations
@@ -26,8 +27,8 @@ GIST_SPLIT = {"train": "train", "dev": "validation", "heldout": "heldout"}
 """Task split -> GistNet's corpus split (``gistnet.corpus``) whose text it reads: dev tasks read
 the text GistNet selects on, never the text it trains on."""
 SEEN_BY = {"train": (), "dev": ("train",), "heldout": ("train", "validation")}
-_TASK_SPLIT = {gist: task for task, gist in GIST_SPLIT.items()}
 """Task split -> the GistNet splits whose text its filler may not share (``shares_seen_text``)."""
+_TASK_SPLIT = {gist: task for task, gist in GIST_SPLIT.items()}
 MAX_GAP = 400
 """Filler paragraphs with a longer stretch without a sentence start (tables, long code) are left
 out, so a needle always finds a sentence or paragraph start within MAX_GAP / 2 characters."""

@@ -326,6 +326,23 @@ def test_task_labeller_cheap_and_exact_end_to_end(tmp_path, oracle):
                       features=False)
     want = label_snapshot(pt.wc, oracle, pt.answer_ids, pt.n_tokens, 3, 0, lookahead=True)
     np.testing.assert_allclose(r[0]["target_utilities"], want["target_utilities"], atol=1e-5)
+    # hybrid: on the same covers, every collapse cost is the exact one, a labelled expand gain
+    # never exceeds the exact (its lookahead tries fewer children), and every expandable gist
+    # left unlabelled is out of the loss (action_mask)
+    hybrid = TraceReader(generate(parse(TaskLabelArgs, [
+        *base, "--out", str(tmp_path / "hybrid"), "--labels", "hybrid", "--exact-top", "2"])))
+    assert len(hybrid) == 6 and hybrid.meta["exact_top"] == 2
+    for k in range(6):
+        h, e = hybrid[k], r[k]
+        np.testing.assert_array_equal(h["levels"], e["levels"])
+        np.testing.assert_allclose(h["collapse_cost"], e["collapse_cost"], atol=1e-5)
+        labelled = h["can_expand"].astype(bool) & h["action_mask"].astype(bool)
+        assert 0 < labelled.sum() <= 2
+        assert np.all(h["expand_gain"][labelled] <= e["expand_gain"][labelled] + 1e-5)
+        flat = labelled & (h["levels"] == 1)  # level 1: no lookahead, the same label
+        np.testing.assert_allclose(h["expand_gain"][flat], e["expand_gain"][flat], atol=1e-5)
+        rest = h["can_expand"].astype(bool) & ~labelled
+        assert rest.any() and not h["action_mask"].astype(bool)[rest].any()
     # traces written before the group discount, retargeted, equal what the labeller now writes
     from megacontext.traces import TraceWriter
     from sim.tasklabels import retarget

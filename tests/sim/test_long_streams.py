@@ -59,7 +59,7 @@ def test_what_reads_the_whole_stream_at_once_refuses_past_the_window(oracle):
     with pytest.raises(TaskError, match="the full read cannot run"):
         prepare_task(task, oracle, CharTokenizer(512), LONG.__class__(
             **{**LONG.__dict__, "read_mode": "full-read"}), features=False, attention=True)
-    with pytest.raises(TaskError, match="the cheap label reads the whole stream"):
+    with pytest.raises(TaskError, match="labelling reads the whole stream once"):
         prepare_task(task, oracle, CharTokenizer(512), LONG, features=False, attention=True,
                      answer_attention=True)
     # within the window nothing changes: no window recorded, full context runs
