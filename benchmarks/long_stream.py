@@ -2,7 +2,8 @@
 tokens streamed and the memory of the tree and the key store, for streams far past the LM's
 window, in the faithful mode (the only one that exists there).
 
-    python -m benchmarks.long_stream [--lengths 8192 32768 131072] [--lm smollm2] [--seed 0]
+    python -m benchmarks.long_stream [--lengths 8192 32768 131072] [--w-max 384] [--lm smollm2]
+        [--seed 0]
 
 Per length, one held-out ``niah-single`` task (``--cycle-filler``: the held-out text repeats past
 its ~22k tokens) is streamed to question time by ``sim.taskworld.prepare_task`` in a fresh process
@@ -25,7 +26,7 @@ import sys
 import time
 
 
-def one(length: int, lm: str, seed: int) -> dict:
+def one(length: int, lm: str, seed: int, w_max: int = 384) -> dict:
     """Stream one task of ``length`` tokens; its measurements (run in its own process)."""
     import torch
 
@@ -37,7 +38,7 @@ def one(length: int, lm: str, seed: int) -> dict:
 
     model, tokenizer = load_lm(lm)
     oracle = LMOracle(model)
-    world = TaskWorldConfig()
+    world = TaskWorldConfig(w_max=w_max)  # 128k tokens: 125 L2 gists, past W_max 192 at L2
     if lm == "tiny":  # tests: the tiny LM's sizes (block 4, a level more for the long stream)
         world = TaskWorldConfig(block_size=4, max_level=3, w_max=256, tail_tokens=128,
                                 step_tokens=4, n_tail_gists=3)
@@ -72,11 +73,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--lengths", type=int, nargs="+", default=[8192, 32768, 131072])
     ap.add_argument("--lm", default="smollm2")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--w-max", type=int, default=384, help="working-context slots (real LM)")
     ap.add_argument("--out-dir", default=None, help="results folder (default benchmarks/results)")
     ap.add_argument("--one", type=int, default=None, help=argparse.SUPPRESS)  # a child process
     args = ap.parse_args(argv)
     if args.one is not None:
-        print(json.dumps(one(args.one, args.lm, args.seed)))
+        print(json.dumps(one(args.one, args.lm, args.seed, args.w_max)))
         return
     from benchmarks.common import write_results
 
@@ -84,7 +86,7 @@ def main(argv: list[str] | None = None) -> None:
     for length in args.lengths:
         out = subprocess.run(
             [sys.executable, "-m", "benchmarks.long_stream", "--one", str(length), "--lm",
-             args.lm, "--seed", str(args.seed)],
+             args.lm, "--seed", str(args.seed), "--w-max", str(args.w_max)],
             check=True, capture_output=True, text=True,
         )
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
@@ -100,7 +102,8 @@ def main(argv: list[str] | None = None) -> None:
         / (first["tree_bytes"] + first["store_bytes"]),
         "peak_rss_bytes": last["peak_rss_bytes"] / first["peak_rss_bytes"],
     }
-    write_results("long_stream", {"lengths": args.lengths, "lm": args.lm, "seed": args.seed},
+    config = {"lengths": args.lengths, "lm": args.lm, "seed": args.seed, "w_max": args.w_max}
+    write_results("long_stream", config,
                   {"per_length": rows, "ratios_longest_over_shortest": ratios}, args.out_dir)
 
 
