@@ -9,7 +9,8 @@ the blocks that the next H tokens refer to are marked) per policy; for a ``sim.e
 exact match by needle depth x task length per policy; with ``scores.npz``, LensNet's calibrated
 held-out scores per action kind against the allocator's thresholds. ``--sweep OUT RUN...`` draws
 exact match and answer NLL against the compression ratio from ``sim.evaluate`` runs at
-several W_max.
+several W_max; ``--lengths OUT RUN...`` exact match against the stream's length from runs of task
+files of different lengths at one W_max.
 """
 
 from __future__ import annotations
@@ -310,6 +311,54 @@ def compression_sweep(run_dirs: list[str | Path], out: Path) -> Path:
     return _save(fig, out / "compression_sweep.png")
 
 
+def length_curve(run_dirs: list[str | Path], out: Path) -> Path:
+    """Exact match (with its 95 % interval) against the stream's length, one curve per policy, from
+    ``sim.evaluate`` runs of task files of different lengths at one W_max (the unbounded-history
+    plot: a curve per policy from 2k to 128k tokens). A policy that could not run at a length (full
+    context past the LM's window: ``n`` 0) has no point there. ``RUN1+RUN2`` merges runs of the same
+    tasks (``analysis.tables.load_merged``). Also writes ``length_curve.json``."""
+    from analysis.tables import load_merged
+
+    runs = []
+    for d in run_dirs:
+        res = load_merged(str(d))
+        w_max = {c["w_max"] for c in res["configs"]}
+        if len(w_max) > 1:
+            raise ValueError(f"{d}: the merged runs differ in W_max")
+        runs.append({"w_max": w_max.pop(), "policies": res["policies"]})
+    if len({r["w_max"] for r in runs}) > 1:
+        raise ValueError("the runs differ in W_max: one curve per policy needs one budget")
+    table: dict[str, list[dict]] = {}
+    for r in runs:
+        for name, p in r["policies"].items():
+            if p["n"]:
+                table.setdefault(name, []).append({
+                    "length": p["compression"] * r["w_max"],
+                    "exact_match": p["exact_match"],
+                    "exact_match_ci95": p.get("exact_match_ci95"),
+                    "n": p["n"],
+                })
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, pts in table.items():
+        pts.sort(key=lambda q: q["length"])
+        x = [q["length"] for q in pts]
+        y = [q["exact_match"] for q in pts]
+        style = {"ls": "--", "color": "k"} if name == "full" else {"marker": "o"}
+        line = ax.plot(x, y, label=name, **style)[0]
+        ci = [q["exact_match_ci95"] for q in pts]
+        if all(ci):
+            ax.fill_between(x, [c[0] for c in ci], [c[1] for c in ci], alpha=0.1,
+                            color=line.get_color())
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel(f"stream length (tokens), W_max {runs[0]['w_max']}")
+    ax.set_ylabel("exact match")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "length_curve.json").write_text(json.dumps(table, indent=1))
+    return _save(fig, out / "length_curve.png")
+
+
 def draw_all(run_dir: str | Path) -> list[Path]:
     run = Path(run_dir)
     out = run / "plots"
@@ -342,10 +391,14 @@ def main(argv: list[str] | None = None) -> None:
     if len(argv) >= 3 and argv[0] == "--sweep":  # --sweep OUT RUN_DIR...
         print(compression_sweep(argv[2:], Path(argv[1])))
         return
+    if len(argv) >= 3 and argv[0] == "--lengths":  # --lengths OUT RUN_DIR...
+        print(length_curve(argv[2:], Path(argv[1])))
+        return
     if len(argv) != 1:
         raise SystemExit(
             "usage: python -m analysis.plots RUN_DIR | "
-            "python -m analysis.plots --sweep OUT RUN[+RUN]..."
+            "python -m analysis.plots --sweep OUT RUN[+RUN]... | "
+            "python -m analysis.plots --lengths OUT RUN[+RUN]..."
         )
     for p in draw_all(argv[0]):
         print(p)

@@ -100,3 +100,34 @@ def test_centre_positions_run_within_the_window_and_refuse_past_it(oracle):
     assert np.isfinite(answer_task(BM25(), pt, oracle, centre)["answer_nll"])
     with pytest.raises(Exception, match="position_mode must be"):
         replace(LONG, position_mode="middle")
+
+
+def test_the_length_curve_plots_each_run_at_its_length_and_leaves_out_what_could_not_run(tmp_path):
+    """``analysis.plots --lengths``: one point per run and policy at the run's mean stream length;
+    a policy skipped at a length (full context past the window, n 0) has no point there; runs at
+    different W_max are refused."""
+    import json
+
+    from analysis.plots import main as plots_main
+
+    def run(name: str, length: int, full_n: int, w_max: int = 128) -> str:
+        d = tmp_path / name
+        d.mkdir()
+        full = ({"n": 0, "skipped": 3, "skipped_why": "past the window"} if not full_n else
+                {"n": full_n, "exact_match": 1.0, "exact_match_ci95": [1.0, 1.0],
+                 "compression": length / w_max, "answer_nll": 0.1})
+        res = {"config": {"w_max": w_max}, "policies": {
+            "bm25": {"n": 3, "exact_match": 2 / 3, "exact_match_ci95": [0.0, 1.0],
+                     "compression": length / w_max, "answer_nll": 0.5},
+            "full": full}}
+        (d / "results.json").write_text(json.dumps(res))
+        return str(d)
+
+    short, long = run("short", 2048, 3), run("long", 16384, 0)
+    plots_main(["--lengths", str(tmp_path / "plot"), short, long])
+    table = json.loads((tmp_path / "plot" / "length_curve.json").read_text())
+    assert (tmp_path / "plot" / "length_curve.png").exists()
+    assert [p["length"] for p in table["bm25"]] == pytest.approx([2048, 16384])
+    assert [p["length"] for p in table["full"]] == pytest.approx([2048])
+    with pytest.raises(ValueError, match="differ in W_max"):
+        plots_main(["--lengths", str(tmp_path / "p2"), short, run("other", 4096, 3, w_max=64)])
