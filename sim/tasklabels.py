@@ -305,6 +305,8 @@ def agreement_summary(exact_dir: str | Path, cheap_dir: str | Path | None = None
                 "snapshots": len(v),
                 "top1": float(np.mean([r["top1"] for r in v if r["top1"] is not None] or [np.nan])),
                 "top3": float(np.mean([r["top3"] for r in v if r["top3"] is not None] or [np.nan])),
+                "spearman_mean": float(np.mean([r["spearman"] for r in v
+                                                if r["spearman"] is not None] or [np.nan])),
             }
             for k, v in sorted(by_kind.items())
         },

@@ -234,7 +234,8 @@ def test_agreement_summary_on_hand_written_logs(tmp_path):
     assert s["covers_per_forward"] == 4
     assert s["speedup_one_snapshot_per_forward"] == pytest.approx(4.0)
     assert s["speedup_at_covers"] == pytest.approx(16.0)
-    assert s["per_kind"]["passkey"] == {"snapshots": 2, "top1": 0.5, "top3": 1.0}
+    assert s["per_kind"]["passkey"] == pytest.approx(
+        {"snapshots": 2, "top1": 0.5, "top3": 1.0, "spearman_mean": 0.3})
     assert s["per_kind"]["vt"]["snapshots"] == 1 and np.isnan(s["per_kind"]["vt"]["top1"])
     # no cheap run: the exact run's own covers per forward; --shard parts read as one run
     alone = agreement_summary(tmp_path / "exact")
