@@ -233,14 +233,17 @@ def random_covers(pt: PreparedTask, config: TaskWorldConfig, n: int, seed: int) 
 
 def agreement(exact: np.ndarray, cheap: np.ndarray, mask: np.ndarray, can_expand) -> dict:
     """Whether the best exact expand is the cheap labels' top 1 / in their top 3 (among expandable
-    entries), and the Spearman correlation of the two over every labelled candidate."""
+    entries), its rank in the cheap order (``best_rank``, 1 = first: a hybrid label with
+    ``exact_top`` >= that rank labels it exactly), and the Spearman correlation of the two over
+    every labelled candidate."""
     cand = np.flatnonzero(can_expand)
-    out: dict = {"top1": None, "top3": None, "spearman": None}
+    out: dict = {"top1": None, "top3": None, "best_rank": None, "spearman": None}
     if cand.size and exact[cand].max() > 0:
         best = cand[int(np.argmax(exact[cand]))]
         order = cand[np.argsort(-cheap[cand], kind="stable")]
         out["top1"] = bool(order[0] == best)
         out["top3"] = bool(best in order[:3])
+        out["best_rank"] = int(np.flatnonzero(order == best)[0]) + 1
     lab = np.flatnonzero(mask)
     if lab.size > 2 and np.ptp(exact[lab]) > 0 and np.ptp(cheap[lab]) > 0:
         out["spearman"] = spearman(exact[lab], cheap[lab])
@@ -284,6 +287,7 @@ def agreement_summary(exact_dir: str | Path, cheap_dir: str | Path | None = None
     hit1 = [r["top1"] for r in rs if r["top1"] is not None]
     hit3 = [r["top3"] for r in rs if r["top3"] is not None]
     rho = [r["spearman"] for r in rs if r["spearman"] is not None]
+    ranks = [r["best_rank"] for r in rs if r.get("best_rank") is not None]
     exact_s = float(np.mean([r["exact_s"] for r in rs]))
     def costs(d) -> list[dict]:
         return list({c["task"]: c for c in map(json.loads, lines(d, "cost.jsonl"))}.values())
@@ -300,6 +304,9 @@ def agreement_summary(exact_dir: str | Path, cheap_dir: str | Path | None = None
         "top3": float(np.mean(hit3)) if hit3 else None,
         "n_with_a_gain": len(hit1),
         "spearman_mean": float(np.mean(rho)) if rho else None,
+        # the share of snapshots whose best exact expand a hybrid label with exact_top k labels
+        "best_in_cheap_top_k": ({k: float(np.mean(np.asarray(ranks) <= k)) for k in (1, 2, 4, 8)}
+                                if ranks else None),
         "per_kind": {
             k: {
                 "snapshots": len(v),

@@ -667,3 +667,22 @@ def test_hybrid_labels_are_exact_on_their_candidates_and_zero_elsewhere(oracle):
     for i, kids in children.items():
         rel = pt.answer_relevance[every[i][0] : every[i][-1] + 1]
         assert kids[0] == every[i][0] + int(np.argmax(rel))
+
+
+def test_agreement_ranks_the_best_exact_expand_in_the_cheap_order(tmp_path):
+    """``agreement`` on a constructed snapshot: the best exact expand (entry 3) is third in the
+    cheap order (entries 1, 4, 3, ...): top1 False, top3 True, best_rank 3; the summary's
+    ``best_in_cheap_top_k`` counts the snapshots a hybrid label of exact_top k would label."""
+    from sim.tasklabels import agreement, agreement_summary
+
+    exact = np.array([0.0, 0.1, 0.0, 0.9, 0.2, 0.0])
+    cheap = np.array([0.0, 0.8, 0.1, 0.5, 0.7, 0.3])
+    can_expand = np.array([False, True, True, True, True, True])
+    a = agreement(exact, cheap, can_expand, can_expand)
+    assert (a["top1"], a["top3"], a["best_rank"]) == (False, True, 3)
+    rows = [{"task": "t", "cover": c, "kind": "k", "top1": r == 1, "top3": r <= 3,
+             "best_rank": r, "spearman": 0.5, "exact_s": 1.0} for c, r in enumerate((1, 3, 5, 9))]
+    _jsonl(tmp_path / "exact" / "agreement.jsonl", rows)
+    _jsonl(tmp_path / "exact" / "cost.jsonl", [{"task": "t", "forward_s": 1.0, "covers": 4}])
+    s = agreement_summary(tmp_path / "exact")
+    assert s["best_in_cheap_top_k"] == {1: 0.25, 2: 0.25, 4: 0.5, 8: 0.75}
