@@ -14,7 +14,6 @@ from megacontext.tree import ConfigError
 from sim.tasks import approx_tokens
 from sim.tasks.jsonl import SEALED_MANIFEST, is_sealed, read_tasks, refuse_sealed, write_jsonl
 from sim.tasks.sealed import (
-    CELLS,
     DESIGNS,
     USED_SEEDS,
     SealedConfig,
@@ -27,7 +26,8 @@ from sim.tasks.sealed import (
 # tiny cells (the 'chars' counter: no tokenizer to load)
 SIZES = {"passkey-2k": 4, "passkey-4k": 2, "multikey-2k": 3, "passkey-8k": 1, "code-2k": 2,
          "decoy-2k": 2}
-TINY = ["--tokenizer", "chars"]
+TINY = ["--tokenizer", "chars", "--design", "families"]
+CELLS = DESIGNS["families"]  # the split these tests draw
 for _cell, _n in SIZES.items():
     TINY += [f"--{_cell}", str(_n)]
 
@@ -271,3 +271,7 @@ def test_the_templates_design_redraws_sealed_1_as_committed():
     for cell, entry in manifest["cells"].items():
         want = entry["config"]
         assert {k: got[cell][k] for k in want} == want, cell
+
+
+def test_the_default_design_is_the_templates():
+    assert SealedConfig().design == "templates" and set(DESIGNS["templates"]) < set(SIZES)
