@@ -348,7 +348,7 @@ def stream_read(
             raise ValueError(f"tokens [{r.start}, {r.end}) are not the L0 end of their context")
         arrays.append(wc.arrays(0))
     order = sorted(range(len(reads)), key=lambda i: len(arrays[i].levels))  # similar lengths
-    per_read: dict[int, list[torch.Tensor]] = {}
+    keys_out: list[torch.Tensor] = []  # per layer (KVH, n, hd), filled read by read: no copies
     positions = 0
     for s in range(0, len(order), batch_size):
         part = order[s : s + batch_size]
@@ -366,14 +366,15 @@ def stream_read(
                 n_slots - lengths[row], device=oracle.device)
         keys, _ = _attention_inputs(oracle, embeds, pos, lengths)
         positions += sum(lengths)  # real positions (padding is the batching's, not the read's)
+        if not keys_out:
+            n = reads[-1].end
+            keys_out = [k.new_empty((k.shape[1], n, k.shape[3])) for k in keys]
         for row, i in enumerate(part):
-            width = reads[i].end - reads[i].start
-            # a copy: a view would hold the whole batch's keys until the final concatenation
-            per_read[i] = [k[row, :, lengths[row] - width : lengths[row]].clone() for k in keys]
-    keys = [torch.cat([per_read[i][layer] for i in range(len(reads))], dim=1)
-            for layer in range(len(per_read[0]))]
+            r, width = reads[i], reads[i].end - reads[i].start
+            for out, k in zip(keys_out, keys, strict=True):
+                out[:, r.start : r.end] = k[row, :, lengths[row] - width : lengths[row]]
     cost = {"positions": positions, "forwards": len(reads), "seconds": time.perf_counter() - t0}
-    return keys, cost
+    return keys_out, cost
 
 
 @torch.no_grad()
