@@ -166,11 +166,17 @@ def lensnet_item(
     return arrays_to_item(arr, feats)
 
 
+def ranked_relevance_scores(wc: WorkingContext, block_rel: np.ndarray) -> np.ndarray:
+    """(N,) the allocator scores a question-time baseline gives from any per-block relevance:
+    ``relevance_scores`` of its ranks (``rank01``)."""
+    return relevance_scores(wc, rank01(np.asarray(block_rel, dtype=np.float64)))
+
+
 def bm25_prior(wc: WorkingContext, block_lexical: np.ndarray) -> np.ndarray:
     """(N,) the BM25 baseline's signed allocator scores of ``wc``'s entries from the blocks' BM25
-    against the question (``relevance_scores`` of their ranks): the prior a 'prior-lexical'
-    LensNet starts from."""
-    return relevance_scores(wc, rank01(np.asarray(block_lexical, dtype=np.float64)))
+    against the question (``ranked_relevance_scores``, as ``sim.policies.BM25`` scores them): the
+    prior a 'prior-lexical' LensNet starts from."""
+    return ranked_relevance_scores(wc, block_lexical)
 
 
 class QueryTooLong(ValueError):

@@ -57,8 +57,8 @@ from sim.features import (
     bm25_relevance,
     dense_relevance,
     lensnet_item,
-    rank01,
     rank_scores,
+    ranked_relevance_scores,
     relevance_scores,
 )
 from sim.policy import FocusPolicy, FocusView, PolicyContext
@@ -290,7 +290,7 @@ class BlockRelevance(FocusPolicy):
         raise NotImplementedError
 
     def scores(self, view: FocusView) -> np.ndarray:
-        return relevance_scores(view.wc, rank01(self.relevance(view.task)))
+        return ranked_relevance_scores(view.wc, self.relevance(view.task))
 
 
 @register
@@ -352,7 +352,7 @@ class Attention(FocusPolicy):
         n_layers = view.oracle.model.config.num_hidden_layers
         layers = attention_layer_range(self.window or view.attention_window, n_layers)
         rel = view.task.block_attention(view.wc, view.oracle, layers)
-        return relevance_scores(view.wc, rank01(rel))
+        return ranked_relevance_scores(view.wc, rel)
 
 
 @register
