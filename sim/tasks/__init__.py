@@ -171,10 +171,9 @@ class TaskConfig:
         if isinstance(TASK_KINDS[self.kind], FamilyKind):
             check_family_config(self)
         else:  # the families' fields mean nothing to another kind: never silently ignored
-            defaults = {"n_values": 3, "n_queries": 2, "decoys": 0, "value_type": "any"}
-            if self.kind == "code":
-                defaults["cycle_filler"] = False
-            set_ = [k for k, v in defaults.items() if getattr(self, k) != v]
+            names = ["n_values", "n_queries", "decoys", "value_type"]
+            names += ["cycle_filler"] if self.kind == "code" else []
+            set_ = [k for k in names if getattr(self, k) != self.__dataclass_fields__[k].default]
             if set_:
                 raise ConfigError(
                     f"kind {self.kind!r} does not read {', '.join(set_)} (the niah-* kinds do)"
