@@ -34,6 +34,7 @@ machine's folders.
 from __future__ import annotations
 
 import json
+import re
 import shlex
 import sys
 import time
@@ -111,8 +112,12 @@ class EvaluateArgs:
     """Progress bars."""
     resume: bool = False
     """Continue an interrupted run in --out: tasks whose rows (every policy) are in its
-    tasks.jsonl are kept and not run again; the run's command (command.txt) must be the same.
-    results.json then summarises every row. Not with --w-max-sweep."""
+    tasks.jsonl are kept and not run again; the run's command (command.txt) must be the same
+    (--max-tasks aside: a run grows by resuming with a larger one). results.json then summarises
+    every row. Not with --w-max-sweep."""
+    max_tasks: int = 0
+    """Evaluate only the file's first N valid tasks (0 = all): long streams take minutes each, so a
+    run can start small and grow with --resume and a larger N (results.json records N)."""
     open_sealed: bool = False
     """Read a sealed test-split file (python -m sim.tasks.sealed; refused without this flag).
     Evaluating the sealed split is done once, by the committed script (scripts/sealed_test.sh), at
@@ -342,17 +347,20 @@ def _evaluate(args: EvaluateArgs) -> dict:
         )
     lines: dict[str, int] = {}
     tasks, errors = scan_tasks(args.tasks, lines=lines)
+    if args.max_tasks < 0:
+        raise ConfigError(f"--max-tasks must be >= 0 (0 = all), got {args.max_tasks}")
+    if args.max_tasks:
+        tasks = tasks[: args.max_tasks]
     error_rows = [{"line": e.line, "error": str(e)} for e in errors]
     for e in errors:
         print(f"error: {e} (skipped)", file=sys.stderr)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    command = " ".join(["python -m sim.evaluate",
-                        *map(shlex.quote, to_argv(replace(args, resume=False)))]) + "\n"
+    command = _command(args)
     if args.resume and args.w_max_sweep:
         raise ConfigError("--resume does not combine with --w-max-sweep")
     if args.resume:
-        _check_resumable(out, command)
+        _check_resumable(out, command, _command(replace(args, max_tasks=0)))
     (out / "command.txt").write_text(command)
     if not args.progress:
         from transformers.utils import logging as hf_logging
@@ -457,6 +465,7 @@ def _evaluate(args: EvaluateArgs) -> dict:
             "block_size": args.world.block_size,
             "max_level": args.world.max_level,
             "tasks": args.tasks,
+            "max_tasks": args.max_tasks,
             "lm": args.lm,
             "gister": gister_name,
             "lensnet": lens_path,
@@ -520,16 +529,28 @@ def read_cost_summary(rows: list[dict], mode: str) -> dict | None:
     }
 
 
-def _check_resumable(out: Path, command: str) -> None:
-    """``--resume``: a ``ConfigError`` when ``out`` holds another command's run."""
+def _command(args: EvaluateArgs) -> str:
+    """The run's command line as command.txt records it (without --resume)."""
+    argv = to_argv(replace(args, resume=False))
+    return " ".join(["python -m sim.evaluate", *map(shlex.quote, argv)]) + "\n"
+
+
+def _check_resumable(out: Path, command: str, same_run: str) -> None:
+    """``--resume``: a ``ConfigError`` when ``out`` holds another command's run. ``same_run``:
+    the command with ``--max-tasks`` left at its default, which a resumed run may change."""
     if not (out / "tasks.jsonl").exists():
         return
     before = (out / "command.txt").read_text() if (out / "command.txt").exists() else None
-    if before != command:
+    if before is None or _without_max_tasks(before) != same_run:
         raise ConfigError(
             f"--resume: {out} holds another run (command.txt: {before!r}); resume with the same "
             "arguments or use a new --out"
         )
+
+
+def _without_max_tasks(command: str) -> str:
+    """``command`` (a command.txt) with its ``--max-tasks N`` removed."""
+    return re.sub(r" --max-tasks \d+", "", command)
 
 
 def _resumed_rows(out: Path, policies: list[str]) -> list[dict]:

@@ -77,3 +77,31 @@ def test_the_lensnets_training_read_mode_comes_from_its_card(tmp_path):
     (tmp_path / "new.json").write_text(json.dumps({"world": {"read_mode": "faithful"}}))
     assert trained_read_mode(str(tmp_path / "new.pt")) == "faithful"
     assert trained_read_mode(str(tmp_path / "none.pt")) is None
+
+
+def test_a_run_grows_by_resuming_with_more_tasks(tmp_path):
+    """--max-tasks N evaluates the file's first N tasks; resuming with a larger N keeps those rows
+    and runs only the new tasks, the same rows as one run over them all; another change is
+    refused."""
+    path = tmp_path / "tasks.jsonl"
+    path.write_text("".join(json.dumps(_task(at=at, tid=f"t{at}")) + "\n" for at in (20, 60, 90)))
+    args = [*WORLD, "--tasks", str(path), "--policies", "recency,bm25"]
+    whole, grown = tmp_path / "whole", tmp_path / "grown"
+    assert _run([*args, "--out", str(whole)]) == 0
+    assert _run([*args, "--out", str(grown), "--max-tasks", "1"]) == 0
+    first = _rows(grown)
+    assert {r["id"] for r in first} == {"t20"}
+    assert json.loads((grown / "results.json").read_text())["config"]["max_tasks"] == 1
+    assert _run([*args, "--out", str(grown), "--max-tasks", "3", "--resume"]) == 0
+    rows = _rows(grown)
+    assert rows[:2] == first  # kept as measured
+    ref = _rows(whole)
+    assert [(r["id"], r["policy"], r["answer_nll"]) for r in rows] == [
+        (r["id"], r["policy"], r["answer_nll"]) for r in ref
+    ]
+    assert json.loads((grown / "results.json").read_text())["n_tasks"] == 3
+    assert "--max-tasks 3" in (grown / "command.txt").read_text()
+    with pytest.raises(SystemExit, match="holds another run"):
+        main([*args, "--out", str(grown), "--resume", "--max-tasks", "3", "--seed", "1"])
+    with pytest.raises(SystemExit, match="max-tasks"):
+        main([*args, "--out", str(tmp_path / "bad"), "--max-tasks", "-1"])
