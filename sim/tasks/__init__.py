@@ -136,6 +136,9 @@ class TaskConfig:
     value_type: str = "any"
     """niah-*: the value type, 'any' (drawn per task from the split's types) or one of the split's
     sim.tasks.families.VALUE_TYPES, e.g. 'digits5' or 'code:LL-DDDD' for heldout."""
+    lead: str = "independent"
+    """niah-*: the question's last words, 'independent' (the split's own leads) or 'echo' (the
+    asked needle's own link words, which a small LM can copy after; single and multi-key only)."""
     n_chains: int = 2
     """vt: assignment chains per task (one asked, the others distractors)."""
     chain_length: int = 3
@@ -171,7 +174,7 @@ class TaskConfig:
         if isinstance(TASK_KINDS[self.kind], FamilyKind):
             check_family_config(self)
         else:  # the families' fields mean nothing to another kind: never silently ignored
-            names = ["n_values", "n_queries", "decoys", "value_type"]
+            names = ["n_values", "n_queries", "decoys", "value_type", "lead"]
             names += ["cycle_filler"] if self.kind == "code" else []
             set_ = [k for k in names if getattr(self, k) != self.__dataclass_fields__[k].default]
             if set_:

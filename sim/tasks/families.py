@@ -9,7 +9,11 @@ A task's factors (``FACTORS``: each maps split -> its values, no value in two sp
 - ``statements``: how a needle states its value, the value before or after its subject; a needle
   states it once or twice (two different statements);
 - ``asks`` and ``leads``: the question, worded independently of the needle (an ask, then a lead the
-  answer continues);
+  answer continues). With ``lead='echo'`` the lead instead repeats the asked needle's own link
+  (``echo_lead``: 'Per the memo, {s} comes out as {v}.' is asked back as '... {S} comes out as'),
+  since a 135M LM copies a value only after the words that preceded it
+  (results/families-1/dev-selectors: with independent leads the whole stream in view answers 0 of
+  16 single needles); the ask stays independent;
 - ``decoys``: sentences that repeat the question's subject but carry no value;
 - ``keys``: the key vocabulary of the keyed variants (multi-key, multi-value, multi-query);
 - ``values``: value types (digits of several lengths, codes of a letter/digit shape such as
@@ -53,7 +57,7 @@ NOUNS = {
     ),
     "dev": (
         "gate token",
-        "cabinet tally",
+        "cabinet count",
         "voucher",
         "ledger mark",
         "crate label",
@@ -228,6 +232,37 @@ def _fill(frame: str, s: str, **kw: str) -> str:
     return text if frame.startswith("{v}") else _cap(text)
 
 
+LEAD_MODES = ("independent", "echo")
+"""How a family question's last words are drawn: from the split's ``LEADS`` (worded apart from the
+needle) or echoing the asked needle's statement (``echo_lead``)."""
+
+
+def _subject_at(frame: str) -> int:
+    at = [frame.find(t) for t in ("{s}", "{S}") if t in frame]
+    if len(at) != 1 or "{v}" not in frame:
+        raise ValueError(f"statement frame {frame!r} must name its subject and value once")
+    return at[0]
+
+
+def subject_first(frame: str) -> bool:
+    """Whether a statement frame names its subject before its value."""
+    return _subject_at(frame) < frame.index("{v}")
+
+
+def echo_lead(frame: str) -> str:
+    """The lead that asks a value back in its statement's own words: the subject, then the words
+    that link it to the value ('{S} happens to be' for 'A quick note: {s} happens to be {v}.').
+    With ``lead='echo'`` the asked needle's first statement names its subject first: measured on
+    dev, the LM copies none of the values stated first ('{v} turned out to be {s}.', asked back
+    as '{S} is'), which it would have to read backwards. A value-first frame still gets '{S} {be}'
+    here."""
+    at = _subject_at(frame)
+    if not subject_first(frame):
+        return "{S} {be}"
+    link = frame[at + 3 : frame.index("{v}")].strip()
+    return "{S} " + link if link else "{S} {be}"
+
+
 def draw_value(value_type: str, split: str, rng: np.random.Generator) -> str:
     """One value of ``value_type`` (``VALUE_TYPES``) for ``split``."""
     if value_type.startswith("digits"):
@@ -252,6 +287,7 @@ def check_family_config(c: TaskConfig) -> None:
     more keys than the split's vocabulary)."""
     if c.split not in FAMILY_SPLITS:
         raise ConfigError(f"family kinds take split in {FAMILY_SPLITS}, got {c.split!r}")
+    variant = getattr(TASK_VARIANTS.get(c.kind), "variant", None)
     if c.value_type != "any" and c.value_type not in VALUE_TYPES[c.split]:
         raise ConfigError(
             f"value_type {c.value_type!r} is not a {c.split} value type; choose 'any' or one of "
@@ -259,9 +295,15 @@ def check_family_config(c: TaskConfig) -> None:
         )
     if c.n_keys > len(KEYS[c.split]):
         raise ConfigError(f"n_keys must be <= {len(KEYS[c.split])} for split {c.split!r}")
+    if c.lead not in LEAD_MODES:
+        raise ConfigError(f"lead must be one of {LEAD_MODES}, got {c.lead!r}")
+    if c.lead == "echo" and variant in ("multivalue", "multiquery"):
+        raise ConfigError(
+            f"lead='echo' repeats one needle's statement; {c.kind} asks several values at once "
+            "(use lead='independent')"
+        )
     if c.n_values < 1 or c.decoys < 0:
         raise ConfigError(f"need n_values >= 1, decoys >= 0; got {c.n_values}, {c.decoys}")
-    variant = getattr(TASK_VARIANTS.get(c.kind), "variant", None)
     if variant == "multiquery" and not 1 <= c.n_queries <= c.n_keys:
         raise ConfigError(
             f"niah-multiquery needs 1 <= n_queries <= n_keys, got {c.n_queries}, {c.n_keys}"
@@ -312,9 +354,12 @@ class FamilyKind(NeedleKind):
             used.add(v)
             return v
 
-        def needle(subject: str, v: str) -> str:
+        def needle(subject: str, v: str, asked: bool = False) -> str:
             frames = STATEMENTS[split]
             order = rng.permutation(len(frames))[: 1 + twice]
+            if asked and c.lead == "echo":  # the echoed statement puts its subject first
+                first = [j for j in rng.permutation(len(frames)) if subject_first(frames[j])][0]
+                order = [first, *[j for j in order if j != first]][: 1 + twice]
             statement_ids.extend(int(j) for j in order)
             return " ".join(_fill(frames[j], subject, v=v) for j in order)
 
@@ -338,8 +383,8 @@ class FamilyKind(NeedleKind):
             depths = [depth, *rng.uniform(0.0, 1.0, n_keys - 1)]
             single = self.variant == "single"
             needles += [
-                (needle(subject(None if single else k), v), d)
-                for k, v, d in zip(keys, values, depths, strict=True)
+                (needle(subject(None if single else k), v, asked=i == 0), d)
+                for i, (k, v, d) in enumerate(zip(keys, values, depths, strict=True))
             ]
             n_asked = c.n_queries if self.variant == "multiquery" else 1
             asked, answers = list(range(n_asked)), values[:n_asked]
@@ -353,10 +398,13 @@ class FamilyKind(NeedleKind):
             (_fill(DECOYS[split][j], decoy_subject), float(rng.uniform())) for j in decoy_ids
         ]
         ask_i, lead_i = pick(ASKS[split]), pick(LEADS[split])
+        # echo: the asked needle (key 0, stated first) asked back in its first statement's words
+        lead = LEADS[split][lead_i] if c.lead == "independent" else echo_lead(
+            STATEMENTS[split][statement_ids[0]])
         question = " ".join(
             (
                 _fill(ASKS[split][ask_i], ask_subject, be=be, x="s" if be == "are" else ""),
-                _fill(LEADS[split][lead_i], ask_subject, be=be),
+                _fill(lead, ask_subject, be=be),
             )
         )
         factors = {
@@ -366,7 +414,7 @@ class FamilyKind(NeedleKind):
             "stated": 2 if twice else 1,
             "statements": statement_ids,
             "ask": ask_i,
-            "lead": lead_i,
+            "lead": lead_i if c.lead == "independent" else "echo",
             "decoys": decoy_ids,
             "keys": [int(j) for j in key_idx] if self.variant != "single" else [],
         }

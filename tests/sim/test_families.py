@@ -33,6 +33,8 @@ from sim.tasks.families import (
     VALUE_TYPES,
     WORDS,
     draw_value,
+    echo_lead,
+    subject_first,
 )
 from sim.tasks.filler import _paragraphs
 
@@ -234,6 +236,9 @@ def test_a_value_of_each_type_has_its_shape():
         (dict(kind="passkey", decoys=3), "does not read decoys"),
         (dict(kind="multikey", value_type="digits5", n_values=2), "value_type"),
         (dict(kind="code", cycle_filler=True), "does not read cycle_filler"),
+        (dict(kind="niah-single", lead="verbatim"), "lead must be one of"),
+        (dict(kind="niah-multivalue", lead="echo"), "asks several values"),
+        (dict(kind="passkey", lead="echo"), "does not read lead"),
     ],
 )
 def test_bad_family_configs_are_refused(bad, message):
@@ -251,3 +256,42 @@ def test_same_seed_same_tasks():
     a = generate_tasks(TaskConfig(kind="niah-multiquery", split="dev", n_tasks=3, seed=4))
     b = generate_tasks(TaskConfig(kind="niah-multiquery", split="dev", n_tasks=3, seed=4))
     assert a == b and len({t["context"] for t in a}) == 3
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    kind=st.sampled_from(["niah-single", "niah-multikey"]),
+    split=st.sampled_from(FAMILY_SPLITS),
+    seed=st.integers(0, 10_000),
+)
+def test_an_echo_lead_repeats_the_asked_needles_own_link(kind, split, seed):
+    """lead='echo': the asked needle's first statement names its subject first, and the question
+    ends with the words that precede the value there; the other needles and the answer are the
+    independent lead's own draw."""
+    t = task(kind, split, seed, lead="echo")
+    plain = task(kind, split, seed)
+    f = t["meta"]["factors"]
+    assert f["lead"] == "echo" and isinstance(plain["meta"]["factors"]["lead"], int)
+    def needles(x):
+        return [x["context"][a:b] for a, b in x["needle_spans"]]
+
+    assert t["answer"] == plain["answer"] and needles(t)[1:] == needles(plain)[1:]
+    frame = STATEMENTS[split][f["statements"][0]]
+    asked = t["context"][slice(*t["needle_spans"][0])]
+    value = t["answer"].strip()
+    lead = t["question"].split("? ")[-1].split(". ")[-1]
+    # the echoed statement names its subject first, and the lead is, word for word, what the
+    # needle says right before its value
+    assert subject_first(frame)
+    before = asked[: asked.index(value)].rstrip()
+    assert before.lower().endswith(lead.lower()), (before, lead)
+    assert len(lead.split()) >= 3
+
+
+def test_echo_lead_of_each_frame():
+    assert echo_lead("A quick note: {s} happens to be {v}.") == "{S} happens to be"
+    assert echo_lead("{S} was fixed at {v} this morning.") == "{S} was fixed at"
+    assert echo_lead("{v} turned out to be {s}.") == "{S} {be}"
+    assert not subject_first("Memorise {v}; it stands for {s}.")
+    with pytest.raises(ValueError, match="subject and value once"):
+        echo_lead("{v} only")
