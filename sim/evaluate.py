@@ -399,6 +399,7 @@ def _evaluate(args: EvaluateArgs) -> dict:
                     args.world,
                     gister,
                     features=needs_features,
+                    surprisal=any(p.needs_surprisal for p in policies),
                     attention=needs_attention,
                 )
                 spent["prepare"] = spent.get("prepare", 0.0) + time.perf_counter() - t0

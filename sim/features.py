@@ -36,6 +36,38 @@ read, layers 18-21 (20/24, MRR 0.89; 21-25: 17/24). Fractions, so the same rule 
 of any depth."""
 
 
+class _Stop(Exception):
+    """Ends a forward once the hidden states asked for are in hand (``_hidden_upto``)."""
+
+
+def _hidden_upto(model, input_ids: torch.Tensor, layers: list[int]) -> list[torch.Tensor]:
+    """The residual stream entering each of ``layers`` (HF ``hidden_states[k]``, k < the LM's
+    depth) without running the layers above the highest: the forward stops there."""
+    blocks = model.base_model.layers
+    top = max(layers)
+    if not 0 <= top < len(blocks):
+        raise ValueError(f"layers {layers} must lie in [0, {len(blocks)}) to stop early")
+    seen: dict[int, torch.Tensor] = {}
+
+    def grab(k):
+        def hook(_m, args, kwargs):
+            seen[k] = (args[0] if args else kwargs["hidden_states"]).float()
+            if k == top:
+                raise _Stop
+
+        return hook
+
+    hooks = [blocks[k].register_forward_pre_hook(grab(k), with_kwargs=True) for k in set(layers)]
+    try:
+        model.base_model(input_ids=input_ids, use_cache=False)
+    except _Stop:
+        pass
+    finally:
+        for h in hooks:
+            h.remove()
+    return [seen[k] for k in layers]
+
+
 @torch.no_grad()
 def block_features(
     oracle: LMOracle,
@@ -44,39 +76,46 @@ def block_features(
     query_ids: np.ndarray,
     layers: int | list[int],
     chunk: int = 16,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    surprisal: bool = True,
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
     """Each complete L1 block read by the LM alone, and the query read alone: (block hidden states
-    at
-    each of ``layers``, mean-pooled over positions 1.. (L, n_l1, d); the blocks' mean token NLL
-    (n_l1,); the query's hidden states pooled the same way (L, d)). Position 0 of a sequence read
-    alone holds the LM's attention-sink activations, shared by every block: it is left out."""
+    at each of ``layers``, mean-pooled over positions 1.. (L, n_l1, d); the blocks' mean token NLL
+    (n_l1,), or None without ``surprisal``; the query's hidden states pooled the same way (L, d)).
+    Position 0 of a sequence read alone holds the LM's attention-sink activations, shared by every
+    block: it is left out. Without ``surprisal`` the forward stops at the highest of ``layers``
+    (dense retrieval reads layer 1 of 30: a fifteenth of the cost, no logits)."""
     model = oracle.model
     layers = [layers] if isinstance(layers, int) else list(layers)
+    n_layers = len(model.base_model.layers)
+    early = not surprisal and max(layers) < n_layers
+
+    def states(x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        if early:
+            return _hidden_upto(model, x, layers), None
+        out = model(input_ids=x, output_hidden_states=True, use_cache=False)
+        return [out.hidden_states[k].float() for k in layers], out.logits
+
     n_l1 = len(ids) // b
     blocks = torch.as_tensor(ids[: n_l1 * b].reshape(n_l1, b), device=oracle.device)
-    hidden, surprisal = [], []
+    hidden, nll = [], []
     for s in range(0, n_l1, chunk):
         x = blocks[s : s + chunk]
-        out = model(input_ids=x, output_hidden_states=True, use_cache=False)
-        hidden.append(
-            torch.stack([out.hidden_states[k][:, 1:].float().mean(dim=1) for k in layers]).cpu()
-        )
-        ce = torch.nn.functional.cross_entropy(
-            out.logits[:, :-1].float().transpose(1, 2), x[:, 1:], reduction="none"
-        )
-        surprisal.append(ce.mean(dim=1).cpu())
+        h, logits = states(x)
+        hidden.append(torch.stack([y[:, 1:].mean(dim=1) for y in h]).cpu())
+        if surprisal:
+            ce = torch.nn.functional.cross_entropy(
+                logits[:, :-1].float().transpose(1, 2), x[:, 1:], reduction="none"
+            )
+            nll.append(ce.mean(dim=1).cpu())
     q = torch.as_tensor(query_ids, device=oracle.device)[None]
-    states = model(input_ids=q, output_hidden_states=True, use_cache=False).hidden_states
+    q_states, _ = states(q)
     q_hidden = torch.stack(
-        [
-            states[k][0, 1:].float().mean(dim=0) if q.shape[1] > 1 else states[k][0, 0].float()
-            for k in layers
-        ]
+        [h[0, 1:].mean(dim=0) if q.shape[1] > 1 else h[0, 0] for h in q_states]
     ).cpu()
     d = oracle.d_model
     return (
         torch.cat(hidden, dim=1).numpy() if hidden else np.zeros((len(layers), 0, d), np.float32),
-        torch.cat(surprisal).numpy() if surprisal else np.zeros(0, np.float32),
+        (torch.cat(nll).numpy() if nll else np.zeros(0, np.float32)) if surprisal else None,
         q_hidden.numpy(),
     )
 

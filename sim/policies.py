@@ -360,7 +360,7 @@ class Surprisal(BlockRelevance):
     """LLMLingua-style: the most surprising blocks (read alone) expand first."""
 
     name = "surprisal"
-    needs_features = True
+    needs_features = needs_surprisal = True
 
     def relevance(self, pt) -> np.ndarray:
         """(n_l1,) each block's mean token NLL when read alone."""

@@ -67,6 +67,9 @@ class FocusPolicy:
     needs_features: ClassVar[bool] = False
     """Question time: the policy reads the block-alone hidden states or surprisal (computed once
     per task when any chosen policy needs them)."""
+    needs_surprisal: ClassVar[bool] = False
+    """Question time: of those features, the surprisal (the LM's whole depth and logits; without
+    it the block-alone forwards stop at the retrieval layer)."""
     needs_attention: ClassVar[bool] = False
     """Question time: the policy reads the question's attention over the stream's keys
     (``PreparedTask.question_attention``, in the world's read mode: computed once per task when any

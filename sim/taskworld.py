@@ -291,6 +291,7 @@ def prepare_task(
     stream_every: int = 0,
     attention: bool = False,
     answer_attention: bool = False,
+    surprisal: bool = True,
 ) -> PreparedTask:
     """Tokenise, build the tree, stream the cursor to question time (recency restores), and (with
     ``features``) compute the block-alone hidden states and surprisal the heuristic baselines use;
@@ -302,7 +303,8 @@ def prepare_task(
     read with the answer teacher-forced after the stream and gives the cheap label's per-block
     relevance (``answer_relevance``, ``sim.features.answer_relevance``); in full-read mode that one
     forward serves both. ``stream_every`` > 0 keeps a copy of the cover every that many stream
-    steps (stream-time labels)."""
+    steps (stream-time labels). Without ``surprisal`` the features hold the hidden states alone
+    (``block_surprisal`` None): their forwards stop at the retrieval layer."""
     ids, answer, needle, q_len, offsets = tokenize_task(task, tokenizer)
     n = len(ids)
     beyond = n + len(answer) > oracle.max_positions
@@ -350,7 +352,8 @@ def prepare_task(
     pt.block_lexical = bm25_relevance(blocks, pt.query_text)
     if features:
         layer = round(config.retrieval_depth * oracle.model.config.num_hidden_layers)
-        hidden, pt.block_surprisal, q_hidden = block_features(oracle, ids, b, ids[query], layer)
+        hidden, pt.block_surprisal, q_hidden = block_features(oracle, ids, b, ids[query], layer,
+                                                              surprisal=surprisal)
         pt.block_hidden, pt.query_hidden = hidden[0], q_hidden[0]
     t0 = time.perf_counter()
     if answer_attention or (attention and not faithful):

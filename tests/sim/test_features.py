@@ -227,3 +227,31 @@ def test_the_attention_window_benchmark_picks_the_layers_that_rank_the_needle_fi
     assert best_window(table)["lo"] == 1 and best_window(table)["hi"] == 2
     # 0-2 ranks it first too (mean 0.45 > 0.3): the narrower window wins the tie
     assert table["0-2"]["mrr"] == 1.0
+
+
+@pytest.mark.parametrize("layers", [0, 1, [1, 2], 3])
+def test_block_hidden_states_stop_early_without_surprisal(oracle, layers):
+    """Without surprisal the block-alone forwards stop at the retrieval layer: the same hidden
+    states as the whole forward's ``hidden_states`` (to float tolerance), no surprisal, the layers
+    above never run, and no hook is left on the LM."""
+    from sim.features import block_features
+
+    rng = np.random.default_rng(0)
+    ids, query = rng.integers(1, 500, 70), rng.integers(1, 500, 5)
+    h, nll, q = block_features(oracle, ids, 8, query, layers, chunk=3)
+    h2, nll2, q2 = block_features(oracle, ids, 8, query, layers, chunk=3, surprisal=False)
+    assert nll2 is None and nll.shape == (8,)
+    np.testing.assert_allclose(h2, h, atol=1e-5)
+    np.testing.assert_allclose(q2, q, atol=1e-5)
+    ran = []
+    blocks = oracle.model.base_model.layers
+    hooks = [b.register_forward_hook(lambda m, i, o, k=k: ran.append(k)) for k, b in
+             enumerate(blocks)]
+    try:
+        block_features(oracle, ids, 8, query, layers, chunk=16, surprisal=False)
+    finally:
+        for x in hooks:
+            x.remove()
+    top = max([layers] if isinstance(layers, int) else layers)
+    assert set(ran) == set(range(top))  # the layer whose input is read never runs, nor above
+    assert not any(b._forward_pre_hooks for b in blocks)
