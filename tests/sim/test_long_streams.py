@@ -81,6 +81,8 @@ def test_the_tree_and_key_store_grow_linearly_with_the_stream():
     size = {k: r["tree_bytes"] + r["store_bytes"] for k, r in (("short", short), ("long", long))}
     grown = size["long"] / size["short"]
     assert 0.8 * ratio <= grown <= 1.2 * ratio
+    for r in (short, long):  # one thread: the process's CPU time is about its wall time
+        assert 0 < r["cpu_seconds"] <= 1.5 * r["seconds"] + 0.1
 
 
 def test_centre_positions_run_within_the_window_and_refuse_past_it(oracle):
