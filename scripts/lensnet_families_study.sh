@@ -46,14 +46,18 @@ draw() {  # draw NAME SPLIT N SEED LENGTHS...: one file per kind, interleaved in
   shift 4
   local files=()
   for spec in niah-single niah-single:3 niah-multikey niah-multivalue niah-multiquery code; do
-    local kind=${spec%%:*} decoys=0 f
+    local kind=${spec%%:*} decoys=0 lead=() f
     [[ $spec == *:* ]] && decoys=${spec##*:}
+    # echo leads where one value is asked (the LM copies after the needle's own link words:
+    # results/families-1/dev-echo); multi-value and multi-query ask several at once
+    [[ $kind == niah-single || $kind == niah-multikey ]] && lead=(--lead echo)
     f="$D/parts/$name-$kind-d$decoys.jsonl"
     mkdir -p "$D/parts"
     # the decoy variant draws from its own seed: other tasks (and ids) than the plain one
     $PY -m sim.tasks --kind "$kind" --split "$split" --n-tasks "$(n "$count")" \
       --seed $((seed + 100 * (decoys > 0))) \
-      --length "$@" --depths --decoys "$decoys" --tokenizer "$TOK" --out "$f" > /dev/null
+      --length "$@" --depths --decoys "$decoys" "${lead[@]}" --tokenizer "$TOK" --out "$f" \
+      > /dev/null
     files+=("$f")
   done
   paste -d '\n' "${files[@]}" > "$D/$name.jsonl"

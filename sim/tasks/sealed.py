@@ -47,11 +47,12 @@ Cell = tuple[str, int, dict[str, Any]]
 """(task kind, tokens of context + question + answer, other ``TaskConfig`` fields)."""
 DESIGNS: dict[str, dict[str, Cell]] = {
     "families": {
-        "passkey-2k": ("niah-single", 2048, {"value_type": "digits5"}),
-        "passkey-4k": ("niah-single", 4096, {"value_type": "digits5"}),
-        "multikey-2k": ("niah-multikey", 2048, {"n_keys": 4}),
-        "decoy-2k": ("niah-single", 2048, {"value_type": "digits5", "decoys": 3}),
-        "passkey-8k": ("niah-single", 8192, {"value_type": "digits5"}),
+        "passkey-2k": ("niah-single", 2048, {"value_type": "digits5", "lead": "echo"}),
+        "passkey-4k": ("niah-single", 4096, {"value_type": "digits5", "lead": "echo"}),
+        "multikey-2k": ("niah-multikey", 2048, {"n_keys": 4, "lead": "echo"}),
+        "decoy-2k": ("niah-single", 2048, {"value_type": "digits5", "decoys": 3,
+                                           "lead": "echo"}),
+        "passkey-8k": ("niah-single", 8192, {"value_type": "digits5", "lead": "echo"}),
         "code-2k": ("code", 2048, {}),
     },
     "templates": {
@@ -65,7 +66,9 @@ DESIGNS: dict[str, dict[str, Cell]] = {
 """Design -> cell name (its file is NAME.jsonl) -> cell. 'families': the needle families' held-out
 factors (``sim.tasks.families``: phrasings, keys, value shapes and
 words no training or dev task uses), a pass key of 5 digits, multi-key values of any held-out
-type, and a decoy cell (3 sentences that repeat the question's subject without a value).
+type, and a decoy cell (3 sentences that repeat the question's subject without a value); every
+question ends with its needle's own link words (``lead='echo'``: with independent leads the 135M
+LM answers no dev single needle even with the whole stream in view, results/families-1/dev-echo).
 'templates': the template kinds' held-out phrasings (results/sealed-1 was drawn with it; those
 phrasings are dev data since)."""
 DEFAULT_DESIGN = "templates"
