@@ -1,7 +1,7 @@
 """Streaming cost against stream length (issue "Unbounded history", item 3): seconds per 1 000
 tokens streamed (wall clock, and the process's CPU time, which another job on the machine does
-not inflate: the LM runs on one thread) and the memory of the tree and the key store, for streams far past the LM's
-window, in the faithful mode (the only one that exists there).
+not inflate: the LM runs on one thread) and the memory of the tree and the key store, for streams
+far past the LM's window, in the faithful mode (the only one that exists there).
 
     python -m benchmarks.long_stream [--lengths 8192 32768 131072] [--w-max 384] [--lm smollm2]
         [--seed 0]

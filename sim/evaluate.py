@@ -400,6 +400,7 @@ def _evaluate(args: EvaluateArgs) -> dict:
                     gister,
                     features=needs_features,
                     surprisal=any(p.needs_surprisal for p in policies),
+                    progress=args.progress,
                     attention=needs_attention,
                 )
                 spent["prepare"] = spent.get("prepare", 0.0) + time.perf_counter() - t0

@@ -322,14 +322,15 @@ class StreamRead:
 
 @torch.no_grad()
 def stream_read(
-    oracle: LMOracle, reads: list[StreamRead], batch_size: int = 8
+    oracle: LMOracle, reads: list[StreamRead], batch_size: int = 8, progress: str | None = None
 ) -> tuple[list[torch.Tensor], dict]:
     """The faithful key store of a stream (DESIGN §11): each token's keys come from the forward in
     which the LM read it at L0 in the tail of the working context, with that context (gists
     included, at its own positions) as prefix. ``reads`` must tile [0, n) in order. Returns per
     layer the keys (KVH, n, hd) and the cost (``positions``: positions run through the LM;
-    ``forwards``; ``seconds``). A block's keys depend only on the context before it: the tree is
-    append-only and each forward reads nothing after its ``end``."""
+    ``forwards``; ``seconds``). ``progress``: a progress bar in stream tokens, with this label. A
+    block's keys depend only on the context before it: the tree is append-only and each forward
+    reads nothing after its ``end``."""
     t0 = time.perf_counter()
     if not reads or reads[0].start != 0:
         raise ValueError("stream reads must start at token 0")
@@ -350,6 +351,11 @@ def stream_read(
     order = sorted(range(len(reads)), key=lambda i: len(arrays[i].levels))  # similar lengths
     keys_out: list[torch.Tensor] = []  # per layer (KVH, n, hd), filled read by read: no copies
     positions = 0
+    bar = None
+    if progress is not None:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=reads[-1].end, desc=progress, unit="tok", unit_scale=True, leave=False)
     for s in range(0, len(order), batch_size):
         part = order[s : s + batch_size]
         lengths = [len(arrays[i].levels) for i in part]
@@ -373,6 +379,10 @@ def stream_read(
             r, width = reads[i], reads[i].end - reads[i].start
             for out, k in zip(keys_out, keys, strict=True):
                 out[:, r.start : r.end] = k[row, :, lengths[row] - width : lengths[row]]
+            if bar is not None:
+                bar.update(width)
+    if bar is not None:
+        bar.close()
     cost = {"positions": positions, "forwards": len(reads), "seconds": time.perf_counter() - t0}
     return keys_out, cost
 

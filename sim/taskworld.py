@@ -176,12 +176,15 @@ class PreparedTask:
     def n_tokens(self) -> int:
         return int(self.ids.shape[0])
 
-    def read_faithfully(self, oracle: LMOracle, reads: list[keystore.StreamRead]) -> float:
+    def read_faithfully(
+        self, oracle: LMOracle, reads: list[keystore.StreamRead], progress: str | None = None
+    ) -> float:
         """The faithful read of this task: the stream's keys from ``reads`` (``stream_cover``'s,
         for ``self.wc``'s budget) and the question's attention over them from the question-time
-        cover (``stream_keys``, ``attention_probs``, ``read_cost``). Returns its seconds."""
+        cover (``stream_keys``, ``attention_probs``, ``read_cost``). Returns its seconds.
+        ``progress``: a progress bar of the stream read, with this label."""
         t0 = time.perf_counter()
-        self.stream_keys, self.read_cost = keystore.stream_read(oracle, reads)
+        self.stream_keys, self.read_cost = keystore.stream_read(oracle, reads, progress=progress)
         store = keystore.faithful_store(oracle, self.stream_keys, self.wc, self.wc.block_size)
         self.attention_probs = store.probs(-1).astype(np.float32)
         self.read_cost["positions"] += len(self.wc)  # the question-time forward
@@ -292,6 +295,7 @@ def prepare_task(
     attention: bool = False,
     answer_attention: bool = False,
     surprisal: bool = True,
+    progress: bool = False,
 ) -> PreparedTask:
     """Tokenise, build the tree, stream the cursor to question time (recency restores), and (with
     ``features``) compute the block-alone hidden states and surprisal the heuristic baselines use;
@@ -304,7 +308,8 @@ def prepare_task(
     relevance (``answer_relevance``, ``sim.features.answer_relevance``); in full-read mode that one
     forward serves both. ``stream_every`` > 0 keeps a copy of the cover every that many stream
     steps (stream-time labels). Without ``surprisal`` the features hold the hidden states alone
-    (``block_surprisal`` None): their forwards stop at the retrieval layer."""
+    (``block_surprisal`` None): their forwards stop at the retrieval layer. ``progress``: a
+    progress bar over the faithful stream read (minutes for a stream far past the window)."""
     ids, answer, needle, q_len, offsets = tokenize_task(task, tokenizer)
     n = len(ids)
     beyond = n + len(answer) > oracle.max_positions
@@ -368,7 +373,7 @@ def prepare_task(
             pt.answer_relevance = answer_relevance(store, n, b)
     pt.label_s = time.perf_counter() - t0
     if faithful:
-        pt.read_faithfully(oracle, reads)
+        pt.read_faithfully(oracle, reads, f"{task.get('id')}: stream read" if progress else None)
     elif attention:
         pt.read_cost["seconds"] = pt.label_s  # the one full read
     pt.attention_s = time.perf_counter() - t0

@@ -158,6 +158,18 @@ def test_the_stream_read_tiles_the_stream_and_reports_its_cost(oracle):
     assert full.read_cost["positions"] == full.n_tokens and full.stream_keys is None
 
 
+def test_the_stream_read_shows_its_progress_in_tokens_and_reads_the_same(oracle, capsys):
+    task = _task(n_filler=300)
+    quiet = prepare_task(task, oracle, TOK, FAITHFUL, features=False, attention=True)
+    capsys.readouterr()
+    shown = prepare_task(task, oracle, TOK, FAITHFUL, features=False, attention=True,
+                         progress=True)
+    err = capsys.readouterr().err
+    assert f"{task['id']}: stream read" in err and f"/{quiet.n_tokens} [" in err  # in tokens
+    for a, b in zip(quiet.stream_keys, shown.stream_keys, strict=True):
+        assert torch.equal(a, b)
+
+
 def test_read_mode_and_read_tokens_are_checked():
     with pytest.raises(ConfigError, match="read mode"):
         TaskWorldConfig(read_mode="prefill")
