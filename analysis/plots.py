@@ -350,7 +350,13 @@ def length_curve(run_dirs: list[str | Path], out: Path) -> Path:
             ax.fill_between(x, [c[0] for c in ci], [c[1] for c in ci], alpha=0.1,
                             color=line.get_color())
     ax.set_xscale("log", base=2)
-    ax.set_xlabel(f"stream length (tokens), W_max {runs[0]['w_max']}")
+    n_at: dict[float, int] = {}  # tasks per length (the points' sample sizes differ)
+    for pts in table.values():
+        for q in pts:
+            n_at[q["length"]] = max(n_at.get(q["length"], 0), q["n"])
+    ax.set_xticks(sorted(n_at), [f"{x / 1024:.0f}k\nn={n_at[x]}" for x in sorted(n_at)])
+    ax.minorticks_off()
+    ax.set_xlabel(f"stream length (tokens; n tasks), W_max {runs[0]['w_max']}")
     ax.set_ylabel("exact match")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
