@@ -99,6 +99,10 @@ class RLArgs:
     """Working-context slots."""
     score_scale: float = 1.0
     """Nats per action unit (the env's ``score_scale``)."""
+    action: str = "scores"
+    """'scores': a Gaussian score per actionable entry (the env's own action); 'pointer': one
+    categorical choice a step among the context's gists and 'none', the chosen gist scored +1 over
+    the recency scores the allocator restores with (exploration changes one decision at a time)."""
     progress: bool = True
     """Progress bar."""
 
@@ -160,6 +164,7 @@ def to_batch(arrays: list[ContextArrays], block_size: int, max_level: int) -> di
         "x": torch.zeros(len(arrays), n, f),
         "valid": torch.zeros(len(arrays), n, dtype=torch.bool),
         "act": torch.zeros(len(arrays), n, dtype=torch.bool),
+        "expand": torch.zeros(len(arrays), n, dtype=torch.bool),
         "tail": torch.zeros(len(arrays), t, d),
         "tail_mask": torch.zeros(len(arrays), t, dtype=torch.bool),
     }
@@ -169,6 +174,7 @@ def to_batch(arrays: list[ContextArrays], block_size: int, max_level: int) -> di
         out["x"][i, :k] = torch.as_tensor(entry_inputs(a, block_size, max_level))
         out["valid"][i, :k] = True
         out["act"][i, :k] = torch.as_tensor(actionable(a))
+        out["expand"][i, :k] = torch.as_tensor(np.asarray(a.can_expand, bool))
         out["tail"][i, : a.tail_gists.shape[0]] = torch.as_tensor(a.tail_gists,
                                                                   dtype=torch.float32)
         out["tail_mask"][i, : a.tail_gists.shape[0]] = torch.as_tensor(a.tail_mask, dtype=bool)
@@ -198,13 +204,17 @@ class EntryActorCritic(nn.Module):
         self.value_head = nn.Sequential(nn.Linear(2 * hidden, hidden), nn.Tanh(),
                                         nn.Linear(hidden, 1))
         self.log_std = nn.Parameter(torch.tensor(float(init_log_std)))
+        self.noop_head = nn.Linear(2 * hidden, 1)  # the pointer's 'none' logit
         self.lensnet, self.score_scale = lensnet, float(score_scale)
         with torch.no_grad():
             self.mean_head.weight.mul_(0.0 if lensnet is not None else 0.01)
             self.mean_head.bias.zero_()
+            self.noop_head.weight.zero_()
+            self.noop_head.bias.fill_(2.0)  # the pointer starts near recency ('none' ~ half)
 
     def forward(self, batch: dict, arrays: list[ContextArrays] | None = None):
-        """(mean (B, N) on actionable entries, 0 elsewhere; value (B,))."""
+        """(mean (B, N) on actionable entries, 0 elsewhere; value (B,); the pointer's 'none'
+        logit (B,))."""
         t = _masked_mean(self.tail(batch["tail"]), batch["tail_mask"])
         e = self.emb(batch["emb"]) + self.inputs(batch["x"])
         tt = t.unsqueeze(1).expand_as(e)
@@ -213,8 +223,8 @@ class EntryActorCritic(nn.Module):
         if self.lensnet is not None:
             mean = mean + self.lensnet_scores(arrays, mean.shape[1]) / self.score_scale
         mean = torch.where(batch["act"], mean, torch.zeros_like(mean))
-        value = self.value_head(torch.cat([_masked_mean(z, batch["valid"]), t], -1)).squeeze(-1)
-        return mean, value
+        pooled = torch.cat([_masked_mean(z, batch["valid"]), t], -1)
+        return mean, self.value_head(pooled).squeeze(-1), self.noop_head(pooled).squeeze(-1)
 
     def lensnet_scores(self, arrays: list[ContextArrays] | None, n: int) -> torch.Tensor:
         from lensnet.data import arrays_to_item, collate
@@ -228,22 +238,48 @@ class EntryActorCritic(nn.Module):
 
 
 class ActorPolicy(FocusPolicy):
-    """The trained actor as a ``sim`` stream policy (its mean score, clipped to the action space,
-    x ``score_scale``), so ``sim.world.evaluate_policy`` compares it with every other policy on
-    ``sim.run``'s held-out documents."""
+    """The trained actor as a ``sim`` stream policy, acting on its most likely action (scores:
+    its mean, clipped to the action space; pointer: its likeliest choice), x ``score_scale``, so
+    ``sim.world.evaluate_policy`` compares it with every other policy on ``sim.run``'s held-out
+    documents."""
 
     worlds = ("stream",)
 
     def __init__(self, model: EntryActorCritic, block_size: int, max_level: int,
-                 score_scale: float, name: str = "ppo") -> None:
+                 score_scale: float, name: str = "ppo", action: str = "scores") -> None:
         self.model, self.b, self.max_level = model.eval(), block_size, max_level
-        self.score_scale, self.name = score_scale, name  # type: ignore[misc]
+        self.score_scale, self.name, self.action = score_scale, name, action  # type: ignore[misc]
 
     @torch.no_grad()
     def scores(self, view: FocusView) -> np.ndarray:
         a = view.wc.arrays(view.n_tail_gists)
-        mean, _ = self.model(to_batch([a], self.b, self.max_level), [a])
-        return np.clip(mean[0].double().numpy(), -1.0, 1.0) * self.score_scale
+        batch = to_batch([a], self.b, self.max_level)
+        mean, _, noop = self.model(batch, [a])
+        if self.action == "scores":
+            return np.clip(mean[0].double().numpy(), -1.0, 1.0) * self.score_scale
+        k = int(pointer_logits(mean, noop, batch)[0].argmax())
+        return pointer_action(a, k if k < len(a.levels) else -1) * self.score_scale
+
+
+def recency_action(a: ContextArrays) -> np.ndarray:
+    """(N,) the recency policy's scores (``megacontext.allocator.recency_scores``) from arrays:
+    -1 / (1 + distance from the span's end to the cursor), all in (-1, 0)."""
+    return -1.0 / (1.0 + (a.n_tokens - (a.span_start + a.span_width)).astype(np.float64))
+
+
+def pointer_action(a: ContextArrays, choice: int) -> np.ndarray:
+    """(N,) the pointer's action in env units: the recency scores, and +1 on the chosen gist
+    (``choice`` -1: none), which then expands if the allocator can pay for it."""
+    u = recency_action(a)
+    if choice >= 0:
+        u[choice] = 1.0
+    return u
+
+
+def pointer_logits(mean: torch.Tensor, noop: torch.Tensor, batch: dict) -> torch.Tensor:
+    """(B, N + 1) the pointer's logits: each gist's score, then 'none'."""
+    logits = torch.where(batch["expand"], mean, torch.full_like(mean, -1e9))
+    return torch.cat([logits, noop.unsqueeze(1)], 1)
 
 
 # -------------------------------------------------------------------------------------- PPO
@@ -256,6 +292,44 @@ def _gaussian_logp(mean: torch.Tensor, log_std: torch.Tensor, u: torch.Tensor,
     lp = -0.5 * ((u - mean) / std) ** 2 - log_std - 0.5 * np.log(2 * np.pi)
     ent = (0.5 + 0.5 * np.log(2 * np.pi) + log_std) * torch.ones_like(mean)
     return (lp * act).sum(1), (ent * act).sum(1) / act.sum(1).clamp(min=1)
+
+
+def sample_actions(action: str, model: EntryActorCritic, batch: dict, arrays):
+    """(samples, log-probabilities (B,), values (B,)): scores, (B, N) Gaussian draws on the
+    actionable entries; pointer, (B,) the chosen entry (-1: none)."""
+    mean, value, noop = model(batch, arrays)
+    if action == "scores":
+        noise = torch.randn_like(mean) * model.log_std.exp()
+        u = torch.where(batch["act"], mean + noise, torch.zeros_like(mean))
+        return u, _gaussian_logp(mean, model.log_std, u, batch["act"])[0], value
+    dist = torch.distributions.Categorical(logits=pointer_logits(mean, noop, batch))
+    k = dist.sample()
+    return torch.where(k == mean.shape[1], -1, k), dist.log_prob(k), value
+
+
+def evaluate_actions(action: str, model: EntryActorCritic, batch: dict, arrays, samples: list):
+    """(log-probabilities, entropies, values) of stored ``samples`` (one per context) under the
+    current model."""
+    mean, value, noop = model(batch, arrays)
+    n = mean.shape[1]
+    if action == "scores":
+        u = torch.stack([torch.nn.functional.pad(x, (0, n - x.shape[0]))[:n] for x in samples])
+        logp, ent = _gaussian_logp(mean, model.log_std, u, batch["act"])
+        return logp, ent, value
+    k = torch.stack([torch.where(x < 0, n, x) for x in samples])
+    dist = torch.distributions.Categorical(logits=pointer_logits(mean, noop, batch))
+    return dist.log_prob(k), dist.entropy(), value
+
+
+def env_action(action: str, sample: torch.Tensor, a: ContextArrays, n_slots: int) -> np.ndarray:
+    """The env's action (n_slots,) for one context's ``sample``."""
+    k = len(a.levels)
+    out = np.zeros(n_slots)
+    if action == "scores":
+        out[:k] = np.clip(sample[:k].numpy(), -1.0, 1.0)
+    else:
+        out[:k] = pointer_action(a, int(sample))
+    return out
 
 
 def load_lensnet(path: str, world: WorldConfig) -> nn.Module:
@@ -286,6 +360,10 @@ def train(args: RLArgs, log=None) -> tuple[EntryActorCritic, list[dict]]:
             "need n_envs, rollout_steps, epochs, minibatches >= 1 and total_steps >= n_envs x "
             f"rollout_steps ({args.n_envs * args.rollout_steps}); got {args.total_steps}"
         )
+    if args.action not in ("scores", "pointer"):
+        raise ConfigError(f"action must be 'scores' or 'pointer', got {args.action!r}")
+    if args.action == "pointer" and args.init:
+        raise ConfigError("--init starts the 'scores' actor from LensNet; the pointer learns alone")
     torch.manual_seed(args.seed)
     rng = np.random.default_rng([args.seed, 7])
     envs = [world_env(args) for _ in range(args.n_envs)]
@@ -311,15 +389,10 @@ def train(args: RLArgs, log=None) -> tuple[EntryActorCritic, list[dict]]:
         for _ in range(args.rollout_steps):
             batch = to_batch(obs_arrays, b, top)
             with torch.no_grad():
-                mean, value = model(batch, obs_arrays)
-                noise = torch.randn_like(mean) * model.log_std.exp()
-                u = torch.where(batch["act"], mean + noise, torch.zeros_like(mean))
-                logp, _ = _gaussian_logp(mean, model.log_std, u, batch["act"])
+                u, logp, value = sample_actions(args.action, model, batch, obs_arrays)
             rewards, dones, nxt = np.zeros(args.n_envs), np.zeros(args.n_envs), []
             for i, env in enumerate(envs):
-                k = len(obs_arrays[i].levels)
-                action = np.zeros(env.n_slots)
-                action[:k] = np.clip(u[i, :k].numpy(), -1.0, 1.0)
+                action = env_action(args.action, u[i], obs_arrays[i], env.n_slots)
                 obs, _, terminated, truncated, info = env.step(action)
                 rewards[i] = info["recency_nll"] - info["nll"]
                 ep_return[i] += rewards[i]
@@ -339,7 +412,7 @@ def train(args: RLArgs, log=None) -> tuple[EntryActorCritic, list[dict]]:
             steps += args.n_envs
             bar.update(args.n_envs)
         with torch.no_grad():
-            _, last_v = model(to_batch(obs_arrays, b, top), obs_arrays)
+            _, last_v, _ = model(to_batch(obs_arrays, b, top), obs_arrays)
         adv = torch.zeros(args.rollout_steps, args.n_envs)
         gae = torch.zeros(args.n_envs)
         for t in reversed(range(args.rollout_steps)):
@@ -360,14 +433,11 @@ def train(args: RLArgs, log=None) -> tuple[EntryActorCritic, list[dict]]:
                 idx = [flat[j] for j in part]
                 arrs = [buf_arrays[t][i] for t, i in idx]
                 batch = to_batch(arrs, b, top)
-                mean, value = model(batch, arrs)
-                n = mean.shape[1]
-                u = torch.stack([torch.nn.functional.pad(buf_u[t][i], (0, n - buf_u[t][i].shape[0]))
-                                 [:n] for t, i in idx])
+                logp, ent, value = evaluate_actions(args.action, model, batch, arrs,
+                                                    [buf_u[t][i] for t, i in idx])
                 old = torch.stack([buf_logp[t][i] for t, i in idx])
                 a = torch.stack([adv[t, i] for t, i in idx])
                 a = (a - a.mean()) / (a.std() + 1e-8) if len(idx) > 1 else a
-                logp, ent = _gaussian_logp(mean, model.log_std, u, batch["act"])
                 ratio = (logp - old).exp()
                 pg = -torch.min(ratio * a, ratio.clamp(1 - args.clip, 1 + args.clip) * a).mean()
                 ret = torch.stack([returns[t, i] for t, i in idx])
@@ -404,7 +474,8 @@ def quick_ngr(model: EntryActorCritic, world: WorldConfig, args: RLArgs) -> floa
 
 
 def _actor_policy(model: EntryActorCritic, world: WorldConfig, args: RLArgs) -> ActorPolicy:
-    return ActorPolicy(model, world.tree.block_size, world.tree.max_level, args.score_scale)
+    return ActorPolicy(model, world.tree.block_size, world.tree.max_level, args.score_scale,
+                       action=args.action)
 
 
 def compare(policies: dict[str, FocusPolicy], world: WorldConfig, docs: list[int],

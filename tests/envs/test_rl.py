@@ -15,7 +15,11 @@ from envs.rl import (
     EntryActorCritic,
     RLArgs,
     _gaussian_logp,
+    evaluate_actions,
     main,
+    pointer_action,
+    recency_action,
+    sample_actions,
     to_batch,
     world_env,
 )
@@ -49,10 +53,10 @@ def test_the_actor_is_one_network_per_entry():
     with torch.no_grad():
         model.mean_head.weight.normal_()  # a read-out that is not ~0
         model.inputs.weight[:, w.tree.max_level + 3] = 0  # the slot-fraction input
-        mean, value = model(to_batch([a], w.tree.block_size, w.tree.max_level))
+        mean, value, _ = model(to_batch([a], w.tree.block_size, w.tree.max_level))
         order = np.random.default_rng(0).permutation(len(a.levels))
         p = _permuted(a, order)
-        mean_p, value_p = model(to_batch([p], w.tree.block_size, w.tree.max_level))
+        mean_p, value_p, _ = model(to_batch([p], w.tree.block_size, w.tree.max_level))
     torch.testing.assert_close(mean_p[0], mean[0][torch.as_tensor(order)], atol=1e-5, rtol=0)
     torch.testing.assert_close(value_p, value, atol=1e-5, rtol=0)
     assert (mean[0][~torch.as_tensor(a.can_expand | a.can_collapse)] == 0).all()
@@ -60,7 +64,7 @@ def test_the_actor_is_one_network_per_entry():
     short = _arrays(seed=4, steps=2)[0]
     assert len(short.levels) != len(a.levels)
     with torch.no_grad():
-        both, _ = model(to_batch([short, a], w.tree.block_size, w.tree.max_level))
+        both, _, _ = model(to_batch([short, a], w.tree.block_size, w.tree.max_level))
     torch.testing.assert_close(both[1, : len(a.levels)], mean[0], atol=1e-5, rtol=0)
 
 
@@ -112,3 +116,40 @@ def test_a_short_run_writes_its_curve_agent_and_comparison(tmp_path, capsys):
     assert "ppo" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="total_steps"):
         main(["--total-steps", "10", "--out", str(tmp_path / "bad")])
+
+
+def test_the_pointer_scores_recency_and_one_chosen_gist():
+    """The pointer's action is the recency policy's scores (the allocator restores with them)
+    plus +1 on the chosen gist; its samples are gists or 'none', and their log-probabilities
+    re-evaluate to the same values."""
+    from megacontext.allocator import recency_scores
+
+    a, env = _arrays()
+    np.testing.assert_allclose(recency_action(a), recency_scores(env.unwrapped.episode.wc))
+    gist = int(np.flatnonzero(a.can_expand)[0])
+    u = pointer_action(a, gist)
+    assert u[gist] == 1.0 and np.all(np.delete(u, gist) < 0)
+    np.testing.assert_allclose(pointer_action(a, -1), recency_action(a))
+    w = env.world
+    torch.manual_seed(0)
+    model = EntryActorCritic(w.tree.d_model, w.tree.max_level + 9).eval()
+    short = _arrays(seed=4, steps=2)[0]
+    batch = to_batch([a, short], w.tree.block_size, w.tree.max_level)
+    with torch.no_grad():
+        k, logp, _ = sample_actions("pointer", model, batch, [a, short])
+        again, _, _ = evaluate_actions("pointer", model, batch, [a, short], list(k))
+    for x, arr in zip(k.tolist(), (a, short), strict=True):
+        assert x == -1 or arr.can_expand[x]
+    torch.testing.assert_close(again, logp)
+
+
+def test_a_pointer_run_and_its_refusals(tmp_path):
+    out = tmp_path / "rl"
+    main(["--action", "pointer", "--total-steps", "64", "--n-envs", "2", "--rollout-steps", "32",
+          "--epochs", "1", "--eval-docs", "2", "--out", str(out), "--no-progress"])
+    res = json.loads((out / "results.json").read_text())
+    assert res["config"]["action"] == "pointer" and res["policies"]["ppo"]["ngr"] is not None
+    with pytest.raises(SystemExit, match="pointer learns alone"):
+        main(["--action", "pointer", "--init", "x.pt", "--out", str(tmp_path / "bad")])
+    with pytest.raises(SystemExit, match="action must be"):
+        main(["--action", "dice", "--out", str(tmp_path / "bad")])
