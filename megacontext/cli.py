@@ -14,6 +14,7 @@ import argparse
 import ast
 import dataclasses
 import inspect
+import sys
 import textwrap
 import types
 import typing
@@ -56,17 +57,37 @@ def _default(f: dataclasses.Field, parent: Any) -> Any:
     raise TypeError(f"field {f.name!r} needs a default to become a command-line option")
 
 
+def _flag_prefixes(f: dataclasses.Field, flag: str, old: str | None) -> tuple[str, str | None]:
+    """The option prefixes of nested dataclass field ``f`` under a parent spelt ``flag`` (and, for
+    a deprecated spelling, ``old``): a field marked ``metadata={"flatten": True}`` puts its
+    fields directly under the parent (``--world.w-max`` for ``world.context.w_max``), its nested
+    spelling kept as a deprecated alias."""
+    if f.metadata.get("flatten"):
+        return flag, f"{flag}{f.name}."
+    return f"{flag}{f.name}.", (f"{old}{f.name}." if old is not None else None)
+
+
 def _add_fields(
-    parser: argparse.ArgumentParser, cls: type, prefix: str, defaults: Any = None
+    parser: argparse.ArgumentParser,
+    cls: type,
+    prefix: str,
+    defaults: Any = None,
+    flag_prefix: str | None = None,
+    old_prefix: str | None = None,
+    aliases: dict[str, str] | None = None,
 ) -> None:
-    """Add one option per leaf field; ``defaults`` is the instance whose values are the defaults."""
+    """Add one option per leaf field; ``defaults`` is the instance whose values are the defaults.
+    ``flag_prefix`` spells the options (default ``prefix``, the destination's path); a deprecated
+    spelling under ``old_prefix`` is accepted too and recorded in ``aliases`` (old -> new)."""
     hints = typing.get_type_hints(cls)
     docs = field_docs(cls)
+    flag_prefix = prefix if flag_prefix is None else flag_prefix
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
         default = _default(f, defaults)
         if dataclasses.is_dataclass(tp):
-            _add_fields(parser, tp, f"{prefix}{f.name}.", default)
+            flags, old = _flag_prefixes(f, flag_prefix, old_prefix)
+            _add_fields(parser, tp, f"{prefix}{f.name}.", default, flags, old, aliases)
             continue
         kwargs: dict[str, Any] = {"dest": f"{prefix}{f.name}", "default": default}
         help_text = docs.get(f.name, "").replace("%", "%%")  # argparse %-formats help strings
@@ -87,8 +108,15 @@ def _add_fields(
             kwargs["type"] = tp
         if "choices" in f.metadata:  # choices known only at run time (a registry): a callable
             kwargs["choices"] = list(f.metadata["choices"]())
-        flag = f"--{prefix}{f.name}".replace("_", "-")
-        parser.add_argument(flag, help=f"{help_text} (default: {default})", **kwargs)
+        flag = f"--{flag_prefix}{f.name}".replace("_", "-")
+        names = [flag]
+        if old_prefix is not None:
+            names.append(f"--{old_prefix}{f.name}".replace("_", "-"))
+            if aliases is not None:
+                aliases[names[1]] = flag
+        if old_prefix is not None and "choices" not in kwargs and tp is not bool:
+            kwargs["metavar"] = f"{flag_prefix}{f.name}".upper()  # the current spelling's
+        parser.add_argument(*names, help=f"{help_text} (default: {default})", **kwargs)
 
 
 def _build(cls: type[T], values: dict[str, Any], prefix: str = "") -> T:
@@ -115,7 +143,14 @@ def parse(
     parser = argparse.ArgumentParser(
         description=description or (inspect.getdoc(cls) or "").split("\n\n")[0]
     )
-    _add_fields(parser, cls, "", defaults)
+    aliases: dict[str, str] = {}
+    _add_fields(parser, cls, "", defaults, aliases=aliases)
+    for arg in sys.argv[1:] if argv is None else argv:
+        old = arg.split("=", 1)[0]
+        new = aliases.get(old) or aliases.get(old.replace("--no-", "--", 1))
+        if new is not None:
+            print(f"note: {old} is spelt {new} now (the old spelling still works)",
+                  file=sys.stderr)
     try:
         return _build(cls, vars(parser.parse_args(argv)))
     except ValueError as err:  # a dataclass's __post_init__ refused a value: exit 2 with usage
@@ -146,13 +181,13 @@ def from_dict(cls: type[T], values: dict[str, Any]) -> T:
 def to_argv(obj: Any, prefix: str = "", default: Any = None) -> list[str]:
     """The command-line options that ``parse`` turns back into ``obj``: one per leaf field whose
     value differs from its default (``default``, else the class's; nested dataclasses compared field
-    by field with the parent's default for them)."""
+    by field with the parent's default for them), in their current spelling."""
     out: list[str] = []
     default = type(obj)() if default is None else default
     for f in dataclasses.fields(obj):
         value, base = getattr(obj, f.name), getattr(default, f.name)
         if dataclasses.is_dataclass(value):
-            out += to_argv(value, f"{prefix}{f.name}.", base)
+            out += to_argv(value, _flag_prefixes(f, prefix, None)[0], base)
             continue
         if value == base:
             continue

@@ -55,7 +55,8 @@ class WorldConfig:
         default_factory=lambda: TreeConfig(block_size=32, max_level=2, d_model=128)
     )
     context: ContextConfig = field(
-        default_factory=lambda: ContextConfig(w_max=256, tail_tokens=128)
+        default_factory=lambda: ContextConfig(w_max=256, tail_tokens=128),
+        metadata={"flatten": True},  # --world.w-max as in sim.evaluate (old: --world.context.w-max)
     )
     allocator: AllocatorConfig = field(default_factory=AllocatorConfig)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)

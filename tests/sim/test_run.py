@@ -27,7 +27,7 @@ def test_help_comes_from_field_docstrings():
         "--seed",
         "--out",
         "--world.tree.block-size",
-        "--world.context.w-max",
+        "--world.w-max",
         "--world.allocator.n-diff",
         "--train.lr",
         "--train.betas",
@@ -54,7 +54,7 @@ def test_nested_defaults_and_overrides(capsys):
             "4",
             "--world.synthetic.block-size",
             "4",
-            "--world.context.w-max",
+            "--world.w-max",
             "400",
             "--train.betas",
             "0.8",
@@ -108,9 +108,9 @@ def small_study_argv(out) -> list[str]:
         "3",
         "--world.warmup-tokens",
         "16",
-        "--world.context.w-max",
+        "--world.w-max",
         "40",
-        "--world.context.tail-tokens",
+        "--world.tail-tokens",
         "8",
         "--train.total-steps",
         "40",
@@ -229,9 +229,9 @@ def test_small_study_learns_to_beat_recency(tmp_path):
         "3",
         "--world.warmup-tokens",
         "16",
-        "--world.context.w-max",
+        "--world.w-max",
         "20",
-        "--world.context.tail-tokens",
+        "--world.tail-tokens",
         "8",
         "--train.total-steps",
         "400",
@@ -279,9 +279,9 @@ def test_lm_study_end_to_end_with_the_tiny_lm(tmp_path):
         "3",
         "--world.warmup-tokens",
         "16",
-        "--world.context.w-max",
+        "--world.w-max",
         "24",
-        "--world.context.tail-tokens",
+        "--world.tail-tokens",
         "8",
         "--train.total-steps",
         "10",
@@ -370,7 +370,7 @@ def test_env_lm_brings_its_own_defaults():
 
 def test_bad_budget_exits_with_clear_message(tmp_path):
     out = subprocess.run(
-        [sys.executable, "-m", "sim.run", "--world.context.w-max", "150", "--out", str(tmp_path)],
+        [sys.executable, "-m", "sim.run", "--world.w-max", "150", "--out", str(tmp_path)],
         capture_output=True,
         text=True,
     )
@@ -456,7 +456,7 @@ def test_train_seeds_report_every_lensnet_and_a_t_interval(tmp_path, capsys):
             "TaskStudyArgs",
             ["--task", "code", "--train-lengths", "512", "1024", "--train.total-steps", "10"],
         ),
-        ("RunArgs", ["--seed", "3", "--budget-scales", "1.0", "--world.context.w-max", "200"]),
+        ("RunArgs", ["--seed", "3", "--budget-scales", "1.0", "--world.w-max", "200"]),
     ],
 )
 def test_to_argv_parses_back_to_the_same_arguments(cls, argv):
@@ -471,3 +471,26 @@ def test_to_argv_parses_back_to_the_same_arguments(cls, argv):
     args = parse(kind, argv)
     assert parse(kind, to_argv(args)) == args
     assert to_argv(kind()) == []
+
+
+def test_one_spelling_of_w_max_and_the_tail_across_entry_points(capsys):
+    """sim.run spells the working context's settings as sim.evaluate does (--world.w-max,
+    --world.tail-tokens, --world.position-mode); the nested spelling still parses, with a note,
+    and the written command uses the current one."""
+    import sim.evaluate
+    from megacontext.cli import to_argv
+
+    new = parse(RunArgs, ["--world.w-max", "200", "--world.tail-tokens", "64",
+                          "--world.position-mode", "centre"])
+    capsys.readouterr()
+    old = parse(RunArgs, ["--world.context.w-max", "200", "--world.context.tail-tokens", "64",
+                          "--world.context.position-mode", "centre"])
+    err = capsys.readouterr().err
+    assert old == new and (new.world.context.w_max, new.world.context.tail_tokens) == (200, 64)
+    assert "--world.context.w-max is spelt --world.w-max now" in err
+    assert to_argv(new) == ["--world.w-max", "200", "--world.tail-tokens", "64",
+                            "--world.position-mode", "centre"]
+    ev = parse(sim.evaluate.EvaluateArgs, ["--world.w-max", "200", "--world.tail-tokens", "64"])
+    assert (ev.world.w_max, ev.world.tail_tokens) == (200, 64)
+    with pytest.raises(SystemExit):
+        parse(RunArgs, ["--world.context.w-max"])  # a value is still required
