@@ -402,7 +402,7 @@ def _tasks(args: TaskLabelArgs, tokenizer) -> list[dict]:
     from sim.tasks.filler import token_counter
 
     count = token_counter(tokenizer) if tokenizer is not None else (lambda s: len(s))
-    name = "smollm2" if tokenizer is not None else "chars"
+    name = args.lm if tokenizer is not None else "chars"  # the token counter the meta records
     per_kind = [
         [
             make_task(TaskConfig(kind=kind, length=args.length, split="train", seed=args.seed),

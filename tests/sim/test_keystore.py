@@ -686,3 +686,17 @@ def test_agreement_ranks_the_best_exact_expand_in_the_cheap_order(tmp_path):
     _jsonl(tmp_path / "exact" / "cost.jsonl", [{"task": "t", "forward_s": 1.0, "covers": 4}])
     s = agreement_summary(tmp_path / "exact")
     assert s["best_in_cheap_top_k"] == {1: 0.25, 2: 0.25, 4: 0.5, 8: 0.75}
+
+
+def test_drawn_label_tasks_record_the_lm_whose_tokenizer_counted_them(monkeypatch):
+    """Tasks sim.tasklabels draws itself name the tokenizer that measured their lengths: the
+    --lm given (a model folder too), 'chars' without a tokenizer; not 'smollm2' for any LM."""
+    import sim.tasks.filler as filler
+    from sim.tasklabels import TaskLabelArgs, _tasks
+
+    monkeypatch.setattr(filler, "token_counter", lambda tok: lambda s: len(s) // 4)
+    args = TaskLabelArgs(lm="models/my-llama", n_tasks=1, kinds=("passkey",), length=(512,))
+    (task,) = _tasks(args, tokenizer=object())
+    assert task["meta"]["tokenizer"] == "models/my-llama"
+    (plain,) = _tasks(args, tokenizer=None)
+    assert plain["meta"]["tokenizer"] == "chars"
