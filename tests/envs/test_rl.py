@@ -102,8 +102,9 @@ def test_the_gaussian_log_probability_is_the_textbook_one():
 
 def test_a_short_run_writes_its_curve_agent_and_comparison(tmp_path, capsys):
     out = tmp_path / "rl"
-    main(["--total-steps", "128", "--n-envs", "2", "--rollout-steps", "32", "--epochs", "2",
-          "--eval-docs", "2", "--eval-every", "2", "--out", str(out), "--no-progress"])
+    main(["--action", "scores", "--lr", "3e-4", "--total-steps", "128", "--n-envs", "2",
+          "--rollout-steps", "32", "--epochs", "2", "--eval-docs", "2", "--eval-every", "2",
+          "--out", str(out), "--no-progress"])
     curve = [json.loads(x) for x in (out / "curve.jsonl").read_text().splitlines()]
     assert [r["steps"] for r in curve] == [64, 128]
     assert curve[1]["heldout_ngr"] is not None and np.isfinite(curve[0]["pg"])
