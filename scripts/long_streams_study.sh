@@ -55,7 +55,9 @@ case ${1:-} in
       for len in $LENGTHS; do
         [[ -f $R/w384/$kind-$len/results.json ]] && runs+=("$R/w384/$kind-$len")
       done
-      $PY -m analysis.plots --lengths "$R/plots/$kind-w384" "${runs[@]}"
+      if (( ${#runs[@]} )); then  # a kind with no evaluated cell has no curve
+        $PY -m analysis.plots --lengths "$R/plots/$kind-w384" "${runs[@]}"
+      fi
     done
     ;;
   bench)
