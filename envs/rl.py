@@ -1,7 +1,8 @@
 """A reinforcement-learning agent in MegaFocus-v0: PPO with an actor that scores entries the way
 LensNet does.
 
-    python -m envs.rl [--total-steps 60000] [--seed 0] [--init RUN/lensnet.pt] [--out runs/rl]
+    python -m envs.rl [--total-steps 60000] [--seed 0] [--out runs/rl]
+    python -m envs.rl --action scores --lr 3e-4 --init RUN/lensnet.pt   # starts as LensNet
 
 The agent acts through the gymnasium API (``envs.megafocus_env.MegaFocusEnv`` on the synthetic
 world, ``sim.run``'s default sizes). Its actor is one small network applied to every entry of the
@@ -356,11 +357,15 @@ def load_lensnet(path: str, world: WorldConfig) -> nn.Module:
 def train(args: RLArgs, log=None) -> tuple[EntryActorCritic, list[dict]]:
     """PPO for ``args.total_steps`` env steps; returns the model and the curve (one row per
     update). ``log(row)`` is called after each update."""
-    if args.total_steps < args.n_envs * args.rollout_steps or min(
-        args.n_envs, args.rollout_steps, args.epochs, args.minibatches) < 1:
+    per_update = args.n_envs * args.rollout_steps
+    if args.total_steps < per_update or min(
+        args.n_envs, args.rollout_steps, args.epochs, args.minibatches) < 1 or (
+        args.minibatches > per_update
+    ):
         raise ConfigError(
-            "need n_envs, rollout_steps, epochs, minibatches >= 1 and total_steps >= n_envs x "
-            f"rollout_steps ({args.n_envs * args.rollout_steps}); got {args.total_steps}"
+            "need n_envs, rollout_steps, epochs >= 1, 1 <= minibatches <= n_envs x rollout_steps "
+            f"and total_steps >= n_envs x rollout_steps ({per_update}); got total_steps "
+            f"{args.total_steps}, minibatches {args.minibatches}"
         )
     if args.action not in ("scores", "pointer"):
         raise ConfigError(f"action must be 'scores' or 'pointer', got {args.action!r}")

@@ -360,7 +360,7 @@ def _evaluate(args: EvaluateArgs) -> dict:
     if args.resume and args.w_max_sweep:
         raise ConfigError("--resume does not combine with --w-max-sweep")
     if args.resume:
-        _check_resumable(out, command, _command(replace(args, max_tasks=0)))
+        _check_resumable(out, _command(replace(args, max_tasks=0)))
     (out / "command.txt").write_text(command)
     if not args.progress:
         from transformers.utils import logging as hf_logging
@@ -376,6 +376,12 @@ def _evaluate(args: EvaluateArgs) -> dict:
     needs_features = any(p.needs_features for p in policies)
     needs_attention = any(p.needs_attention for p in policies)
     done_rows = _resumed_rows(out, [p.name for p in policies]) if args.resume else []
+    extra = {r["id"] for r in done_rows} - {t["id"] for t in tasks}
+    if extra:  # a run does not shrink: its summary would mix tasks beyond --max-tasks
+        raise ConfigError(
+            f"--resume: {out} holds {len(extra)} task(s) beyond the file's first "
+            f"{args.max_tasks} (--max-tasks): resume with a --max-tasks at least as large"
+        )
     rows: list[dict] = list(done_rows)
     done = {r["id"] for r in done_rows}
     sweep_rows: dict[int, list[dict]] = {}
@@ -537,7 +543,7 @@ def _command(args: EvaluateArgs) -> str:
     return " ".join(["python -m sim.evaluate", *map(shlex.quote, argv)]) + "\n"
 
 
-def _check_resumable(out: Path, command: str, same_run: str) -> None:
+def _check_resumable(out: Path, same_run: str) -> None:
     """``--resume``: a ``ConfigError`` when ``out`` holds another command's run. ``same_run``:
     the command with ``--max-tasks`` left at its default, which a resumed run may change."""
     if not (out / "tasks.jsonl").exists():
@@ -552,7 +558,7 @@ def _check_resumable(out: Path, command: str, same_run: str) -> None:
 
 def _without_max_tasks(command: str) -> str:
     """``command`` (a command.txt) with its ``--max-tasks N`` removed."""
-    return re.sub(r" --max-tasks \d+", "", command)
+    return re.sub(r" --max-tasks \d+(?= |\n|$)", "", command)
 
 
 def _resumed_rows(out: Path, policies: list[str]) -> list[dict]:

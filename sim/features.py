@@ -86,8 +86,7 @@ def block_features(
     (dense retrieval reads layer 1 of 30: a fifteenth of the cost, no logits)."""
     model = oracle.model
     layers = [layers] if isinstance(layers, int) else list(layers)
-    n_layers = len(model.base_model.layers)
-    early = not surprisal and max(layers) < n_layers
+    early = not surprisal and min(layers) >= 0 and max(layers) < len(model.base_model.layers)
 
     def states(x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor | None]:
         if early:

@@ -152,5 +152,8 @@ def test_a_pointer_run_and_its_refusals(tmp_path):
     assert res["config"]["action"] == "pointer" and res["policies"]["ppo"]["ngr"] is not None
     with pytest.raises(SystemExit, match="pointer learns alone"):
         main(["--action", "pointer", "--init", "x.pt", "--out", str(tmp_path / "bad")])
+    with pytest.raises(SystemExit, match="minibatches"):
+        main(["--n-envs", "1", "--rollout-steps", "2", "--minibatches", "3", "--total-steps", "4",
+              "--out", str(tmp_path / "bad")])
     with pytest.raises(SystemExit, match="action must be"):
         main(["--action", "dice", "--out", str(tmp_path / "bad")])

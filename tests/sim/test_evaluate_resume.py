@@ -105,3 +105,6 @@ def test_a_run_grows_by_resuming_with_more_tasks(tmp_path):
         main([*args, "--out", str(grown), "--resume", "--max-tasks", "3", "--seed", "1"])
     with pytest.raises(SystemExit, match="max-tasks"):
         main([*args, "--out", str(tmp_path / "bad"), "--max-tasks", "-1"])
+    # a run does not shrink: its summary would count tasks past the new N
+    with pytest.raises(SystemExit, match="beyond the file's first 2"):
+        main([*args, "--out", str(grown), "--max-tasks", "2", "--resume"])
