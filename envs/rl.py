@@ -44,6 +44,7 @@ from tqdm.auto import tqdm
 
 from envs.megafocus_env import MegaFocusEnv
 from envs.policy_agent import observed_arrays
+from megacontext.allocator import recency_scores_of
 from megacontext.cli import parse, to_argv
 from megacontext.tree import ConfigError
 from megacontext.working_context import ContextArrays
@@ -265,9 +266,9 @@ class ActorPolicy(FocusPolicy):
 
 
 def recency_action(a: ContextArrays) -> np.ndarray:
-    """(N,) the recency policy's scores (``megacontext.allocator.recency_scores``) from arrays:
-    -1 / (1 + distance from the span's end to the cursor), all in (-1, 0)."""
-    return -1.0 / (1.0 + (a.n_tokens - (a.span_start + a.span_width)).astype(np.float64))
+    """(N,) the recency policy's scores (``megacontext.allocator.recency_scores``) from arrays,
+    all in (-1, 0)."""
+    return recency_scores_of(a.n_tokens, a.span_start + a.span_width)
 
 
 def pointer_action(a: ContextArrays, choice: int) -> np.ndarray:
@@ -386,6 +387,7 @@ def train(args: RLArgs, log=None) -> tuple[EntryActorCritic, list[dict]]:
     n_updates = args.total_steps // (args.n_envs * args.rollout_steps)
     ep_return = np.zeros(args.n_envs)
     curve: list[dict] = []
+    curve_baselines: dict | None = None  # recency and the oracle on the curve's documents
     steps = 0
     bar = tqdm(total=n_updates * args.n_envs * args.rollout_steps, desc="ppo",
                disable=not args.progress)
@@ -466,7 +468,9 @@ def train(args: RLArgs, log=None) -> tuple[EntryActorCritic, list[dict]]:
                "episodes": len(finished), "reward_per_step": float(torch.stack(buf_r).mean()),
                "log_std": float(model.log_std.detach()), **{k: v / n_mb for k, v in stats.items()}}
         if args.eval_every and (update + 1) % args.eval_every == 0:
-            row["heldout_ngr"] = quick_ngr(model, world, args)
+            if curve_baselines is None:
+                curve_baselines = compare({}, world, CURVE_DOCS, args.seed)["results"]
+            row["heldout_ngr"] = quick_ngr(model, world, args, curve_baselines)
         curve.append(row)
         if log is not None:
             log(row)
@@ -474,10 +478,16 @@ def train(args: RLArgs, log=None) -> tuple[EntryActorCritic, list[dict]]:
     return model.eval(), curve
 
 
-def quick_ngr(model: EntryActorCritic, world: WorldConfig, args: RLArgs) -> float | None:
-    """The agent's NGR on the first two held-out documents (the learning curve's)."""
-    docs = [HELD_OUT_FIRST_DOC, HELD_OUT_FIRST_DOC + 1]
-    res = compare({"ppo": _actor_policy(model, world, args)}, world, docs, args.seed)
+CURVE_DOCS = [HELD_OUT_FIRST_DOC, HELD_OUT_FIRST_DOC + 1]
+"""The learning curve's held-out documents."""
+
+
+def quick_ngr(model: EntryActorCritic, world: WorldConfig, args: RLArgs,
+              baselines: dict) -> float | None:
+    """The agent's NGR on the learning curve's documents (``baselines``: recency's and the
+    oracle's results there, ``compare({}, ...)["results"]``, computed once per run)."""
+    res = compare({"ppo": _actor_policy(model, world, args)}, world, CURVE_DOCS, args.seed,
+                  baselines)
     return res["ngr"]["ppo"]
 
 
@@ -487,16 +497,19 @@ def _actor_policy(model: EntryActorCritic, world: WorldConfig, args: RLArgs) -> 
 
 
 def compare(policies: dict[str, FocusPolicy], world: WorldConfig, docs: list[int],
-            seed: int) -> dict:
+            seed: int, baselines: dict | None = None) -> dict:
     """``policies`` beside recency and the oracle on ``docs`` (``sim.world.evaluate_policy``):
-    per policy its NLL per document, and NGR (``nll_gap_recovered``)."""
+    per policy its NLL per document, and NGR (``nll_gap_recovered``). ``baselines``: recency's and
+    the oracle's results on the same documents, when already evaluated (they do not change)."""
     from sim.policies import build_policy
     from sim.policy import PolicyContext
 
-    ctx = PolicyContext(seed=seed)
-    base = {n: build_policy(n, ctx, world="stream") for n in ("recency", "oracle")}
-    results = {name: evaluate_policy(p, world, docs, seed, progress=False)
-               for name, p in {**base, **policies}.items()}
+    if baselines is None:
+        ctx = PolicyContext(seed=seed)
+        baselines = {n: evaluate_policy(build_policy(n, ctx, world="stream"), world, docs, seed,
+                                        progress=False) for n in ("recency", "oracle")}
+    results = {**baselines, **{name: evaluate_policy(p, world, docs, seed, progress=False)
+                               for name, p in policies.items()}}
     return {"results": results, "ngr": nll_gap_recovered(results)}
 
 

@@ -244,4 +244,10 @@ def recency_scores(wc: WorkingContext) -> np.ndarray:
     u = -1 / (1 + distance to the cursor): every score is negative (nothing expands) and a group
     wholly older than another has a higher (cheaper) mean, so restores take the oldest first.
     """
-    return -1.0 / (1.0 + (wc.n_tokens - wc.ends).astype(np.float64))
+    return recency_scores_of(wc.n_tokens, wc.ends)
+
+
+def recency_scores_of(n_tokens: int, ends: np.ndarray) -> np.ndarray:
+    """``recency_scores`` from the cursor and the entries' span ends (for arrays without their
+    working context, e.g. an observation)."""
+    return -1.0 / (1.0 + (n_tokens - np.asarray(ends)).astype(np.float64))
