@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from sim.features import answer_rows_relevance
+
 TRAIN_FILES = (
     "results/tasks-passkey-seed0/tasks-train.jsonl",
     "results/tasks-multikey-seed0/tasks-train.jsonl",
@@ -54,7 +56,7 @@ def rule_masses(rows: np.ndarray, n_blocks: int, b: int) -> dict[str, np.ndarray
             axis=(0, 1)
         ),
         "mean_heads_last_token_layers_21_25": mass[:1, late].mean(axis=(0, 1, 2)),
-        "max_heads_all_layers": mass.max(axis=2).mean(axis=(0, 1)),
+        "max_heads_all_layers": answer_rows_relevance(rows, n_blocks, b),  # the labels' rule
         "max_heads_layers_21_25": mass[:, late].max(axis=2).mean(axis=(0, 1)),
     }
 

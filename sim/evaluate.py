@@ -325,21 +325,73 @@ def evaluate_tasks(args: EvaluateArgs) -> dict:
 
 
 def _evaluate(args: EvaluateArgs) -> dict:
-
-    from gistnet.gister import resolve_gister
-    from megacontext.lm import load_lm
-    from megacontext.lm_oracle import LMOracle
+    """The pipeline of the module docstring: prepare (the task file, the run folder), load the LM
+    and the policies, stream and score every task, report."""
     from sim.run import versions
-    from sim.tasks import scan_tasks
-    from sim.tasks.jsonl import is_sealed
-    from sim.taskworld import CharTokenizer
+    from sim.taskworld import load_reader
 
+    names = _policy_list(args)
+    tasks, lines, error_rows = _read_task_file(args)
+    out = _open_run(args)
+    if not args.progress:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    lm = load_reader(args.lm, args.gister, args.world.block_size)
+    kinds = {(t.get("meta") or {}).get("kind") for t in tasks}
+    kind = next(iter(kinds)) if len(kinds) == 1 else None
+    policies, lens_path = _policy_objects(names, args, lm.model, lm.oracle.device, kind)
+    run = _Run(errors=error_rows)
+    if args.resume:
+        _resume(run, out, tasks, policies, args.max_tasks)
+    t_start = time.perf_counter()
+    _stream_and_score(args, tasks, lines, policies, lm, out, run)
+    results = _report(args, run, policies, lm.gister_name, lens_path)
+    results["timings"] = {"total_s": time.perf_counter() - t_start,
+                          **{f"{k}_s": v for k, v in run.spent.items()}}
+    results["versions"] = versions()
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    print(format_results(results))
+    if args.w_max_sweep:
+        _write_sweep(out, results, run, policies)
+    return results
+
+
+@dataclass
+class _Run:
+    """What an evaluation has measured so far."""
+
+    errors: list[dict]
+    """Skipped task lines: {"line", "error"}."""
+    rows: list[dict] = field(default_factory=list)
+    """One per task and policy (resumed ones first)."""
+    done: set = field(default_factory=set)
+    """Ids of the tasks resumed from disk."""
+    sweep_rows: dict[int, list[dict]] = field(default_factory=dict)
+    sweep_errors: dict[int, list[dict]] = field(default_factory=dict)
+    spent: dict[str, float] = field(default_factory=dict)
+    """Seconds: streaming + features of every task ('prepare'), and each policy (zoom + answer)."""
+    n_evaluated: int = 0
+    """Tasks that streamed to question time (a skipped line is in ``errors``)."""
+
+
+def _policy_list(args: EvaluateArgs) -> list[str]:
+    """--policies as names, refused when empty or unknown, and the task file named."""
     if not args.tasks:
         raise ConfigError("--tasks FILE.jsonl is required")
     names = [n.strip() for n in args.policies.split(",") if n.strip()]
     bad = [n for n in names if n not in POLICIES]
     if bad or not names:
         raise ConfigError(f"--policies: unknown {bad} (choose from {', '.join(POLICIES)})")
+    return names
+
+
+def _read_task_file(args: EvaluateArgs) -> tuple[list[dict], dict[str, int], list[dict]]:
+    """(the tasks, each id's line, the malformed lines as error rows): a sealed file is refused
+    unless opened on purpose; --max-tasks keeps the file's first N."""
+    from sim.tasks import scan_tasks
+    from sim.tasks.jsonl import is_sealed
+
     if not args.open_sealed and is_sealed(args.tasks):
         raise ConfigError(
             f"{args.tasks} is a sealed test-split file (meta.sealed): it is evaluated once, by the "
@@ -351,9 +403,13 @@ def _evaluate(args: EvaluateArgs) -> dict:
         raise ConfigError(f"--max-tasks must be >= 0 (0 = all), got {args.max_tasks}")
     if args.max_tasks:
         tasks = tasks[: args.max_tasks]
-    error_rows = [{"line": e.line, "error": str(e)} for e in errors]
     for e in errors:
         print(f"error: {e} (skipped)", file=sys.stderr)
+    return tasks, lines, [{"line": e.line, "error": str(e)} for e in errors]
+
+
+def _open_run(args: EvaluateArgs) -> Path:
+    """The run folder with its command.txt; a resumed one must hold this same command."""
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     command = _command(args)
@@ -362,100 +418,99 @@ def _evaluate(args: EvaluateArgs) -> dict:
     if args.resume:
         _check_resumable(out, _command(replace(args, max_tasks=0)))
     (out / "command.txt").write_text(command)
-    if not args.progress:
-        from transformers.utils import logging as hf_logging
+    return out
 
-        hf_logging.disable_progress_bar()
-    model, tokenizer = load_lm(args.lm)
-    tokenizer = tokenizer or CharTokenizer(model.config.vocab_size)
-    oracle = LMOracle(model)
-    gister, gister_name = resolve_gister(args.gister, model, args.world.block_size)
-    kinds = {(t.get("meta") or {}).get("kind") for t in tasks}
-    kind = next(iter(kinds)) if len(kinds) == 1 else None
-    policies, lens_path = _policy_objects(names, args, model, oracle.device, kind)
-    needs_features = any(p.needs_features for p in policies)
-    needs_attention = any(p.needs_attention for p in policies)
-    done_rows = _resumed_rows(out, [p.name for p in policies]) if args.resume else []
+
+def _resume(run: _Run, out: Path, tasks: list[dict], policies: list, max_tasks: int) -> None:
+    """The rows an interrupted run left in ``out``; refused when they reach past --max-tasks."""
+    done_rows = _resumed_rows(out, [p.name for p in policies])
     extra = {r["id"] for r in done_rows} - {t["id"] for t in tasks}
     if extra:  # a run does not shrink: its summary would mix tasks beyond --max-tasks
         raise ConfigError(
             f"--resume: {out} holds {len(extra)} task(s) beyond the file's first "
-            f"{args.max_tasks} (--max-tasks): resume with a --max-tasks at least as large"
+            f"{max_tasks} (--max-tasks): resume with a --max-tasks at least as large"
         )
-    rows: list[dict] = list(done_rows)
-    done = {r["id"] for r in done_rows}
-    sweep_rows: dict[int, list[dict]] = {}
-    sweep_errors: dict[int, list[dict]] = {}
-    t_start = time.perf_counter()
-    spent: dict[
-        str, float
-    ] = {}  # seconds: streaming + features of every task, and each policy (zoom + answer)
-    n_evaluated = len(done)  # tasks that streamed to question time (a skipped line: errors)
+    run.rows = list(done_rows)
+    run.done = {r["id"] for r in done_rows}
+    run.n_evaluated = len(run.done)
+
+
+def _stream_and_score(args: EvaluateArgs, tasks: list[dict], lines: dict[str, int],
+                      policies: list, lm, out: Path, run: _Run) -> None:
+    """Every task not yet done: stream it to question time, then every policy zooms and answers
+    (``_score_task``); rows go to ``OUT/tasks.jsonl`` as they come. A task that cannot stream is
+    an error row, and the others still run."""
+    needs = {"features": any(p.needs_features for p in policies),
+             "surprisal": any(p.needs_surprisal for p in policies),
+             "attention": any(p.needs_attention for p in policies)}
     with (out / "tasks.jsonl").open("a" if args.resume else "w") as log:
         for task in tqdm(tasks, desc="tasks", disable=not args.progress):
             line = lines.get(str(task["id"]))
-            if task["id"] in done:
+            if task["id"] in run.done:
                 continue
             try:
                 t0 = time.perf_counter()
-                pt = prepare_task(
-                    task,
-                    oracle,
-                    tokenizer,
-                    args.world,
-                    gister,
-                    features=needs_features,
-                    surprisal=any(p.needs_surprisal for p in policies),
-                    progress=args.progress,
-                    attention=needs_attention,
-                )
-                spent["prepare"] = spent.get("prepare", 0.0) + time.perf_counter() - t0
+                pt = prepare_task(task, lm.oracle, lm.tokenizer, args.world, lm.gister,
+                                  progress=args.progress, **needs)
+                run.spent["prepare"] = run.spent.get("prepare", 0.0) + time.perf_counter() - t0
                 check_query_fits(pt, policies)
             except TaskError as err:
                 msg = f"{args.tasks}: line {line}: {err}"
                 print(f"error: {msg} (skipped)", file=sys.stderr)
-                error_rows.append({"line": line, "error": msg})
+                run.errors.append({"line": line, "error": msg})
                 continue
-            n_evaluated += 1
-            read = {f"read_{k}": v for k, v in pt.read_cost.items()}  # the task's attention read
-            meta = task.get("meta") or {}
-            level = needle_level(pt)
-            main_rows = len(rows)
-            for p in tqdm(policies, desc=str(task["id"]), disable=not args.progress, leave=False):
-                name = p.name
-                t0 = time.perf_counter()
-                r = answer_task(p, pt, oracle, args.world)
-                spent[name] = spent.get(name, 0.0) + time.perf_counter() - t0
-                row = {
-                    "id": task["id"],
-                    "line": line,
-                    "policy": name,
-                    "n_tokens": pt.n_tokens,
-                    "w_max": args.world.w_max,
-                    "length": meta.get("length", pt.n_tokens),
-                    "depth": meta.get("depth"),
-                    "kind": meta.get("kind"),
-                    "group": str(meta.get("module", task["id"])),
-                    "needle_level": level,
-                    **read,
-                    **r,
-                }
-                rows.append(row)
-                log.write(json.dumps(row) + "\n")
-                log.flush()
-            for w_max in dict.fromkeys(w for w in args.w_max_sweep if w != args.world.w_max):
-                try:
-                    sweep_rows.setdefault(w_max, []).extend(
-                        _at_budget(w_max, pt, rows[main_rows:], policies, oracle, args.world)
-                    )
-                except TaskError as err:  # this budget cannot hold the stream: that W_max only
-                    msg = f"{args.tasks}: line {line}: W_max {w_max}: {err}"
-                    print(f"error: {msg} (skipped at this W_max)", file=sys.stderr)
-                    sweep_errors.setdefault(w_max, []).append({"line": line, "error": msg})
-    summary, grid = summarise(rows, [p.name for p in policies])
+            run.n_evaluated += 1
+            _score_task(args, task, line, pt, policies, lm.oracle, run, log)
+
+
+def _score_task(args: EvaluateArgs, task: dict, line, pt, policies: list, oracle, run: _Run,
+                log) -> None:
+    """Each policy's zoom and answer on one streamed task (a row each), then the same at every
+    other W_max of --w-max-sweep."""
+    read = {f"read_{k}": v for k, v in pt.read_cost.items()}  # the task's attention read
+    meta = task.get("meta") or {}
+    level = needle_level(pt)
+    first = len(run.rows)
+    for p in tqdm(policies, desc=str(task["id"]), disable=not args.progress, leave=False):
+        t0 = time.perf_counter()
+        r = answer_task(p, pt, oracle, args.world)
+        run.spent[p.name] = run.spent.get(p.name, 0.0) + time.perf_counter() - t0
+        row = {
+            "id": task["id"],
+            "line": line,
+            "policy": p.name,
+            "n_tokens": pt.n_tokens,
+            "w_max": args.world.w_max,
+            "length": meta.get("length", pt.n_tokens),
+            "depth": meta.get("depth"),
+            "kind": meta.get("kind"),
+            "group": str(meta.get("module", task["id"])),
+            "needle_level": level,
+            **read,
+            **r,
+        }
+        run.rows.append(row)
+        log.write(json.dumps(row) + "\n")
+        log.flush()
+    for w_max in dict.fromkeys(w for w in args.w_max_sweep if w != args.world.w_max):
+        try:
+            run.sweep_rows.setdefault(w_max, []).extend(
+                _at_budget(w_max, pt, run.rows[first:], policies, oracle, args.world)
+            )
+        except TaskError as err:  # this budget cannot hold the stream: that W_max only
+            msg = f"{args.tasks}: line {line}: W_max {w_max}: {err}"
+            print(f"error: {msg} (skipped at this W_max)", file=sys.stderr)
+            run.sweep_errors.setdefault(w_max, []).append({"line": line, "error": msg})
+
+
+def _report(args: EvaluateArgs, run: _Run, policies: list, gister_name: str,
+            lens_path: str | None) -> dict:
+    """results.json's content (timings and versions aside): the configuration, each policy's
+    summary and grid, LensNet's cost per round against one LM forward at W_max, the read cost."""
+    summary, grid = summarise(run.rows, [p.name for p in policies])
     # the cost yardstick: an answer forward over a W_max context (every policy but full; resumed
     # rows too)
-    lm_forward_s = [r["lm_forward_s"] for r in rows if "lm_forward_s" in r]
+    lm_forward_s = [r["lm_forward_s"] for r in run.rows if "lm_forward_s" in r]
     fwd = float(np.mean(lm_forward_s)) if lm_forward_s else None
     lens_names = [p.name for p in policies if isinstance(p, LensNetPolicy)]
     for name in lens_names:  # per round: LensNet + features + allocator vs one LM forward at W_max
@@ -463,7 +518,7 @@ def _evaluate(args: EvaluateArgs) -> dict:
             s, per_round = summary[name], 1e-3 / max(summary[name]["rounds"], 1) / fwd
             s["cost_vs_lm_forward"] = (s["policy_ms"] - s["reread_ms"]) * per_round
             s["reread_vs_lm_forward"] = s["reread_ms"] * per_round
-    results = {
+    return {
         "config": {
             "read_mode": args.world.read_mode,
             "w_max": args.world.w_max,
@@ -486,37 +541,32 @@ def _evaluate(args: EvaluateArgs) -> dict:
         },
         "policies": summary,
         "grid": grid,
-        "errors": error_rows,
-        "n_tasks": n_evaluated,
+        "errors": run.errors,
+        "n_tasks": run.n_evaluated,
         "lm_forward_ms_at_w_max": None if fwd is None else 1e3 * fwd,
-        "read_cost": read_cost_summary(rows, args.world.read_mode),
-        "timings": {
-            "total_s": time.perf_counter() - t_start,
-            **{f"{k}_s": v for k, v in spent.items()},
-        },
-        "versions": versions(),
+        "read_cost": read_cost_summary(run.rows, args.world.read_mode),
     }
-    (out / "results.json").write_text(json.dumps(results, indent=1))
-    print(format_results(results))
-    if args.w_max_sweep:
-        from analysis.plots import compression_sweep
 
-        dirs = [out]
-        for w_max, w_rows in sweep_rows.items():
-            dirs.append(out / f"w-{w_max}")
-            dirs[-1].mkdir(exist_ok=True)
-            (dirs[-1] / "tasks.jsonl").write_text("".join(json.dumps(r) + "\n" for r in w_rows))
-            w_summary, w_grid = summarise(w_rows, [p.name for p in policies])
-            w_results = {
-                "config": {**results["config"], "w_max": w_max},
-                "policies": w_summary,
-                "grid": w_grid,
-                "n_tasks": len({r["id"] for r in w_rows}),
-                "errors": error_rows + sweep_errors.get(w_max, []),
-            }
-            (dirs[-1] / "results.json").write_text(json.dumps(w_results, indent=1))
-        compression_sweep(dirs, out / "sweep")
-    return results
+
+def _write_sweep(out: Path, results: dict, run: _Run, policies: list) -> None:
+    """--w-max-sweep: a run folder per other W_max (``OUT/w-N``) and the compression plot."""
+    from analysis.plots import compression_sweep
+
+    dirs = [out]
+    for w_max, w_rows in run.sweep_rows.items():
+        dirs.append(out / f"w-{w_max}")
+        dirs[-1].mkdir(exist_ok=True)
+        (dirs[-1] / "tasks.jsonl").write_text("".join(json.dumps(r) + "\n" for r in w_rows))
+        w_summary, w_grid = summarise(w_rows, [p.name for p in policies])
+        w_results = {
+            "config": {**results["config"], "w_max": w_max},
+            "policies": w_summary,
+            "grid": w_grid,
+            "n_tasks": len({r["id"] for r in w_rows}),
+            "errors": run.errors + run.sweep_errors.get(w_max, []),
+        }
+        (dirs[-1] / "results.json").write_text(json.dumps(w_results, indent=1))
+    compression_sweep(dirs, out / "sweep")
 
 
 def read_cost_summary(rows: list[dict], mode: str) -> dict | None:

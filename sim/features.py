@@ -7,6 +7,8 @@ per-block relevance (or any scorer's order) becomes the allocator's signed score
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import numpy as np
 import torch
 
@@ -145,12 +147,22 @@ def answer_relevance(store: keystore.KeyStore, n_stream: int, b: int) -> np.ndar
     content like any other). The max over heads was chosen on the committed *train* task files
     (``benchmarks/cheap_label_rule.py``): the mean over heads lets the many heads that attend by
     position drown the few that retrieve."""
-    n_l1 = n_stream // b
-    rel = np.zeros(n_l1)
-    for r in range(store.queries.shape[2]):
-        p = keystore.drop_sink(store.probs(r, n_keys=n_stream))[..., : n_l1 * b]  # (L, H, n)
+    rows = (keystore.drop_sink(store.probs(r, n_keys=n_stream))
+            for r in range(store.queries.shape[2]))  # one row at a time: (L, H, n) each
+    return answer_rows_relevance(rows, n_stream // b, b)
+
+
+def answer_rows_relevance(rows: Iterable[np.ndarray], n_l1: int, b: int) -> np.ndarray:
+    """The cheap label's rule (``answer_relevance``) on answer rows' probabilities, each (L, H, n)
+    with the sink already dropped: per row and layer the largest mass any head puts on each of the
+    first ``n_l1`` L1 blocks, averaged over layers, then over rows. Its one home: the labels and
+    ``benchmarks/cheap_label_rule.py``, which chose it, both call it."""
+    rel, n_rows = np.zeros(n_l1), 0
+    for p in rows:
+        p = p[..., : n_l1 * b]
         rel += p.reshape(*p.shape[:2], n_l1, b).sum(-1).max(axis=1).mean(axis=0)
-    return rel / store.queries.shape[2]
+        n_rows += 1
+    return rel / n_rows
 
 
 def lensnet_item(
@@ -266,16 +278,8 @@ def relevance_scores(wc: WorkingContext, block_rel: np.ndarray) -> np.ndarray:
     the least relevant detail pays first), less a tiny recency term so ties go oldest first.
     Tokens of the trailing partial block get relevance 1 (they are in the tail anyway).
     """
-    b = wc.block_size
-    first = wc.starts // b  # first L1 block of each entry
-    last = np.maximum((wc.ends - 1) // b, first)
     padded = np.concatenate([np.asarray(block_rel, dtype=np.float64), [1.0]])
-    first, last = np.minimum(first, len(block_rel)), np.minimum(last, len(block_rel))
-    # max over each entry's block range: entries tile the stream in order (a context invariant), so
-    # each range runs up to the next entry's first block (or is that block itself, for L0 entries
-    # sharing it)
-    rel = np.maximum.reduceat(padded[: last[-1] + 1], first)
-    rel = np.where(last > first, rel, padded[first])
+    rel = keystore.best_block(padded, wc.starts, wc.ends, wc.block_size)
     return np.where(wc.levels >= 1, rel, -rel) + 1e-6 * recency_scores(wc)
 
 

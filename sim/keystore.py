@@ -155,6 +155,23 @@ class KeyStore:
         return span_features(p, wc.starts, wc.ends, wc.block_size)
 
 
+def best_block(values: np.ndarray, starts: np.ndarray, ends: np.ndarray, block_size: int
+               ) -> np.ndarray:
+    """(..., N) per span [starts, ends) the largest of ``values`` (..., n_blocks) over the L1 blocks
+    the span touches (block i holds tokens [i b, (i + 1) b)); a span at or past the last block reads
+    the last one, so a caller appends the trailing partial block's value there. The spans must tile
+    the stream in order, as a working context's entries do (one reduceat: each gist's blocks run
+    up to the next entry's first block; an L0 entry reads its own block). The one home of "an
+    entry's best block" for the attention features, the lexical features and the heuristics'
+    scores."""
+    v = np.asarray(values)
+    top = v.shape[-1] - 1
+    first = np.minimum(np.asarray(starts) // block_size, top)
+    last = np.minimum(np.maximum((np.asarray(ends) - 1) // block_size, first), top)
+    best = np.maximum.reduceat(v[..., : last[-1] + 1], first, axis=-1)
+    return np.where(last > first, best, v[..., first])
+
+
 def span_features(
     probs: np.ndarray,
     starts: np.ndarray,
@@ -180,9 +197,7 @@ def span_features(
     mass = cum[..., ends] - cum[..., starts]  # (L, H, N)
     edges = np.minimum(np.arange(0, n + b, b), n)
     block = np.diff(cum.mean(axis=1)[:, np.unique(edges)], axis=-1)  # (L, blocks) mean over heads
-    first, last = starts // b, (ends - 1) // b
-    best = np.maximum.reduceat(block, first, axis=1)  # over [first, next entry's first)
-    best = np.where(last > first, best, block[:, first])  # an L0 entry: its own block
+    best = best_block(block, starts, ends, b)
     logs = [np.log(1e-6 + m) / LOG_SCALE for m in (mass.mean(axis=1), mass.max(axis=1), best)]
     if relative:
         logs = [x - x.max(axis=1, keepdims=True) for x in logs]  # (L, N) each
@@ -203,10 +218,7 @@ def lexical_features(
     out = np.zeros((len(starts), 2), dtype=np.float32)
     if top <= 0:
         return out
-    norm = np.append(lex / top, 0.0)  # index n_l1: the trailing partial block
-    first = np.minimum(np.asarray(starts) // b, lex.size)
-    last = np.minimum((np.asarray(ends) - 1) // b, lex.size)
-    best = np.array([norm[f : max(e, f) + 1].max() for f, e in zip(first, last, strict=True)])
+    best = best_block(np.append(lex / top, 0.0), starts, ends, b)  # the partial block: 0
     out[:, 0] = best
     out[:, 1] = best >= 1.0
     return out

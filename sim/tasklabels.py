@@ -53,11 +53,11 @@ from sim.features import lensnet_item, relevance_scores
 from sim.keystore import n_entry_features
 from sim.labels import parse_shard
 from sim.taskworld import (
-    CharTokenizer,
     PreparedTask,
     TaskError,
     TaskWorldConfig,
     check_query_fits,
+    load_reader,
     prepare_task,
 )
 
@@ -348,18 +348,13 @@ def refeature(
     stored one. For exact-label traces, whose labels cost minutes a snapshot, when the features
     change. ``feature_set`` (default: the one the source's manifest names, ``trace_feature_set``)
     picks the recomputed features."""
-    from gistnet.gister import resolve_gister
-    from megacontext.lm import load_lm
-    from megacontext.lm_oracle import LMOracle
-
     reader = TraceReader(src, require_complete=True)
     meta = reader.meta
     feature_set = feature_set or trace_feature_set(meta, src)
     args = TaskLabelArgs.from_meta(meta)
-    model, tokenizer = load_lm(lm)
-    oracle = LMOracle(model)
-    tok = tokenizer or CharTokenizer(model.config.vocab_size)
-    gister, _ = resolve_gister(meta["oracle"].get("gister", "auto"), model, args.world.block_size)
+    lm_reader = load_reader(lm, meta["oracle"].get("gister", "auto"), args.world.block_size)
+    model, tokenizer, oracle = lm_reader.model, lm_reader.own_tokenizer, lm_reader.oracle
+    tok, gister = lm_reader.tokenizer, lm_reader.gister
     n_query = int(meta["n_query_tokens"])
     new_meta = {**meta, "feature_set": feature_set, "refeatured_from": str(src),
                 "n_entry_features": n_entry_features(model.config.num_hidden_layers, feature_set)}
@@ -416,9 +411,6 @@ def _tasks(args: TaskLabelArgs, tokenizer) -> list[dict]:
 
 def generate(args: TaskLabelArgs) -> Path:
     """Label every task's covers into the trace directory (resuming); returns it."""
-    from gistnet.gister import resolve_gister
-    from megacontext.lm import load_lm
-    from megacontext.lm_oracle import LMOracle
     from sim.tasks.jsonl import refuse_sealed
 
     if args.tasks:  # labels are training data: never from the sealed test split
@@ -428,10 +420,9 @@ def generate(args: TaskLabelArgs) -> Path:
     if args.covers < 1 or args.query_tokens < 1:
         raise ConfigError(f"need covers >= 1 and query_tokens >= 1, got {args.covers}, "
                           f"{args.query_tokens}")
-    model, tokenizer = load_lm(args.lm)
-    oracle = LMOracle(model)
-    tok = tokenizer or CharTokenizer(model.config.vocab_size)
-    gister, gister_name = resolve_gister(args.gister, model, args.world.block_size)
+    lm_reader = load_reader(args.lm, args.gister, args.world.block_size)
+    model, tokenizer, oracle = lm_reader.model, lm_reader.own_tokenizer, lm_reader.oracle
+    tok, gister, gister_name = lm_reader.tokenizer, lm_reader.gister, lm_reader.gister_name
     w = args.world
     meta = {
         "d_model": oracle.d_model,

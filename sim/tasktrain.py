@@ -87,34 +87,48 @@ class TaskTrainArgs:
 
 
 def run(args: TaskTrainArgs) -> dict:
-    import torch
+    """Train, select, calibrate, write the card (and ship): the module docstring's steps."""
+    out = _open_run(args)
+    traces = _read_traces(args)
+    mcfg = _model_config(args, traces)
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    trainer, ckpt, val = _train_and_select(args, traces, mcfg, out)
+    timings["train_s"] = time.perf_counter() - t0
+    calibration: dict = {"score_scale": 1.0, "fitted": False}
+    if args.calibrate:
+        t0 = time.perf_counter()
+        model, calibration = _calibrate(args, traces, mcfg, out, trainer.device)
+        timings["calibrate_s"] = time.perf_counter() - t0
+    else:
+        from megacontext.lm import load_lm
 
-    from gistnet.gister import resolve_gister
-    from lensnet.data import TraceDataset
-    from lensnet.train import (
-        Trainer,
-        load_checkpoint,
-        load_model,
-        model_config_for,
-        save_calibration,
-        snapshot_metrics,
-    )
-    from megacontext.lm import load_lm
-    from megacontext.lm_oracle import LMOracle
-    from megacontext.traces import TraceReader
-    from sim.calibrate import fit_task_scale
-    from sim.policies import LensNetPolicy, LensNetRank
-    from sim.run import versions
-    from sim.shipped import CHECKPOINT_DIR, TASKS_CHECKPOINT, lm_fingerprint
-    from sim.tasklabels import TaskLabelArgs, _tasks, agreement_summary, trace_feature_set
+        model = load_lm(args.lm)[0]  # its fingerprint goes on the card
+    card = _card(args, traces, mcfg, out, ckpt, val, model, calibration, timings)
+    _write_card(args, out, card)
+    return card
+
+
+@dataclass
+class _Traces:
+    """The training and validation traces, checked to hold the same inputs."""
+
+    reader: object
+    val_reader: object
+    world: object
+
+    @property
+    def meta(self) -> dict:
+        return self.reader.meta
+
+    @property
+    def vmeta(self) -> dict:
+        return self.val_reader.meta
+
+
+def _open_run(args: TaskTrainArgs) -> Path:
+    """The run folder with its command.txt (calibration tasks from the sealed split refused)."""
     from sim.tasks.jsonl import refuse_sealed
-    from sim.taskworld import (
-        CharTokenizer,
-        TaskError,
-        TaskWorldConfig,
-        check_query_fits,
-        prepare_task,
-    )
 
     if args.cal_tasks:  # calibration is selection: never on the sealed test split
         refuse_sealed(args.cal_tasks, "sim.tasktrain")
@@ -123,7 +137,16 @@ def run(args: TaskTrainArgs) -> dict:
     (out / "command.txt").write_text(
         " ".join(["python -m sim.tasktrain", *map(shlex.quote, to_argv(args))]) + "\n"
     )
-    timings: dict[str, float] = {}
+    return out
+
+
+def _read_traces(args: TaskTrainArgs) -> _Traces:
+    """Both trace folders, refused when they differ in their inputs, come from a sealed file, or
+    cannot be calibrated on generated tasks."""
+    from megacontext.traces import TraceReader
+    from sim.tasks.jsonl import refuse_sealed
+    from sim.taskworld import TaskWorldConfig
+
     reader = TraceReader(args.traces, require_complete=True)
     val_reader = TraceReader(args.val_traces, require_complete=True)
     meta, vmeta = reader.meta, val_reader.meta
@@ -143,30 +166,49 @@ def run(args: TaskTrainArgs) -> dict:
             f"generate tasks like them: pass --cal-tasks FILE.jsonl (tasks disjoint from the "
             f"training and validation ones), or --no-calibrate"
         )
-    world = from_dict(TaskWorldConfig, meta["world"])
+    return _Traces(reader, val_reader, from_dict(TaskWorldConfig, meta["world"]))
+
+
+def _model_config(args: TaskTrainArgs, traces: _Traces):
+    """LensNet's configuration for these traces: the preset, their inputs (less what the ablation
+    flags switch off), their feature set and, for 'prior-lexical' traces, the BM25 prior."""
+    from lensnet.train import model_config_for
+    from sim.tasklabels import trace_feature_set
+
+    world, meta = traces.world, traces.meta
     mcfg = model_config_for(
         args.preset,
-        reader.d_model,
+        traces.reader.d_model,
         world.max_level,
         world.block_size,
-        reader.n_entry_features if args.features else 0,
+        traces.reader.n_entry_features if args.features else 0,
         int(meta["n_query_tokens"]) if args.query else 0,
     )
     if mcfg.n_entry_features:  # the manifest must say which features it holds: never guess
         mcfg = replace(mcfg, feature_set=trace_feature_set(meta, args.traces))
         if mcfg.feature_set == "prior-lexical" and args.prior:
             mcfg = replace(mcfg, prior="bm25")
+    return mcfg
+
+
+def _train_and_select(args: TaskTrainArgs, traces: _Traces, mcfg, out: Path):
+    """(trainer holding the selected weights, that checkpoint, its validation metrics); writes
+    ``OUT/lensnet.pt`` (weights, configuration, step)."""
+    import torch
+
+    from lensnet.data import TraceDataset
+    from lensnet.train import Trainer, load_checkpoint, snapshot_metrics
+
     inputs = {
-        "tail_rows": None if args.query else int(meta["n_tail_gists"]),
+        "tail_rows": None if args.query else int(traces.meta["n_tail_gists"]),
         "entry_features": args.features,
     }
-    train_ds = TraceDataset(reader, augment=args.train.augment, seed=args.train.seed, **inputs)
-    val_ds = TraceDataset(val_reader, **inputs)
-    t0 = time.perf_counter()
+    train_ds = TraceDataset(traces.reader, augment=args.train.augment, seed=args.train.seed,
+                            **inputs)
+    val_ds = TraceDataset(traces.val_reader, **inputs)
     trainer = Trainer(mcfg, args.train, train_ds, val_ds, out, progress=args.progress)
     with torch.enable_grad():
         trainer.train()
-    timings["train_s"] = time.perf_counter() - t0
     best = out / "best.pt" if (out / "best.pt").exists() else trainer.save("final.pt")
     ckpt = load_checkpoint(best, trainer.device)
     trainer.model.load_state_dict(ckpt["model"])
@@ -177,38 +219,57 @@ def run(args: TaskTrainArgs) -> dict:
         ).items()
     }
     torch.save({k: ckpt[k] for k in ("model", "model_config", "step")}, out / "lensnet.pt")
+    return trainer, ckpt, val
 
-    model, tokenizer = load_lm(args.lm)
-    calibration: dict = {"score_scale": 1.0, "fitted": False}
-    if args.calibrate:
-        t0 = time.perf_counter()
-        oracle = LMOracle(model)
-        tok = tokenizer or CharTokenizer(model.config.vocab_size)
-        gister, _ = resolve_gister(meta["oracle"].get("gister", "auto"), model, world.block_size)
-        # the training traces' kinds and seed, a disjoint task range (or a given task file)
-        vargs = TaskLabelArgs.from_meta(meta, first_task=args.cal_first_task,
-                                        n_tasks=args.cal_n_tasks, length=args.cal_length,
-                                        tasks=args.cal_tasks)
-        prepared = []
-        with torch.no_grad():
-            for task in _tasks(vargs, tokenizer):
-                try:
-                    pt = prepare_task(task, oracle, tok, world, gister, False, attention=True)
-                    if mcfg.n_query_tokens:  # the question whole, or the task is skipped
-                        check_query_fits(pt, mcfg.n_query_tokens)
-                    prepared.append(pt)
-                except TaskError as err:
-                    print(f"validation task skipped: {err}", file=sys.stderr)
-            lens = load_model(out / "lensnet.pt", trainer.device)
-            calibration = fit_task_scale(
-                lambda g: LensNetPolicy(lens, trainer.device, scale=g), prepared, world, oracle,
-                # a prior LensNet's expand decision is its calibrated threshold, never a rank gate
-                rank_policy=None if mcfg.prior else LensNetRank(lens, trainer.device),
-            )
-        calibration["fitted"] = True
-        save_calibration(out / "lensnet.pt", calibration)
-        timings["calibrate_s"] = time.perf_counter() - t0
-    card = {
+
+def _calibrate(args: TaskTrainArgs, traces: _Traces, mcfg, out: Path, device) -> tuple:
+    """(the LM, the calibration): the gate and score scale fitted on calibration tasks
+    (``sim.calibrate.fit_task_scale``), stored in ``OUT/lensnet.pt``."""
+    import torch
+
+    from lensnet.train import load_model, save_calibration
+    from sim.calibrate import fit_task_scale
+    from sim.policies import LensNetPolicy, LensNetRank
+    from sim.tasklabels import TaskLabelArgs, _tasks
+    from sim.taskworld import TaskError, check_query_fits, load_reader, prepare_task
+
+    meta, world = traces.meta, traces.world
+    lm = load_reader(args.lm, meta["oracle"].get("gister", "auto"), world.block_size)
+    # the training traces' kinds and seed, a disjoint task range (or a given task file)
+    vargs = TaskLabelArgs.from_meta(meta, first_task=args.cal_first_task,
+                                    n_tasks=args.cal_n_tasks, length=args.cal_length,
+                                    tasks=args.cal_tasks)
+    prepared = []
+    with torch.no_grad():
+        for task in _tasks(vargs, lm.own_tokenizer):
+            try:
+                pt = prepare_task(task, lm.oracle, lm.tokenizer, world, lm.gister, False,
+                                  attention=True)
+                if mcfg.n_query_tokens:  # the question whole, or the task is skipped
+                    check_query_fits(pt, mcfg.n_query_tokens)
+                prepared.append(pt)
+            except TaskError as err:
+                print(f"validation task skipped: {err}", file=sys.stderr)
+        lens = load_model(out / "lensnet.pt", device)
+        calibration = fit_task_scale(
+            lambda g: LensNetPolicy(lens, device, scale=g), prepared, world, lm.oracle,
+            # a prior LensNet's expand decision is its calibrated threshold, never a rank gate
+            rank_policy=None if mcfg.prior else LensNetRank(lens, device),
+        )
+    calibration["fitted"] = True
+    save_calibration(out / "lensnet.pt", calibration)
+    return lm.model, calibration
+
+
+def _card(args: TaskTrainArgs, traces: _Traces, mcfg, out: Path, ckpt: dict, val: dict, model,
+          calibration: dict, timings: dict) -> dict:
+    """The checkpoint's card: what it was trained, selected and calibrated on."""
+    from sim.run import versions
+    from sim.shipped import lm_fingerprint
+    from sim.tasklabels import agreement_summary
+
+    meta, vmeta = traces.meta, traces.vmeta
+    return {
         "task": "all",
         "kinds": (meta["tasks"] or {}).get("kinds") if isinstance(meta["tasks"], dict) else None,
         "command": (out / "command.txt").read_text().strip(),
@@ -218,9 +279,9 @@ def run(args: TaskTrainArgs) -> dict:
         "lm_fingerprint": lm_fingerprint(model),
         "gister": meta["oracle"].get("gister"),
         "train_traces": {"labels": meta.get("labels"), "tasks": meta.get("tasks"),
-                         "covers": meta.get("covers"), "snapshots": len(reader)},
+                         "covers": meta.get("covers"), "snapshots": len(traces.reader)},
         "validation_traces": {"labels": vmeta.get("labels"), "tasks": vmeta.get("tasks"),
-                              "covers": vmeta.get("covers"), "snapshots": len(val_reader)},
+                              "covers": vmeta.get("covers"), "snapshots": len(traces.val_reader)},
         "validation": val,
         "labels_agreement": agreement_summary(args.val_traces, args.traces),
         "calibration": calibration,
@@ -228,16 +289,21 @@ def run(args: TaskTrainArgs) -> dict:
                    "n_entry_features": mcfg.n_entry_features,
                    "feature_set": mcfg.feature_set if mcfg.n_entry_features else None,
                    "prior": mcfg.prior or None},
-        "world": to_dict(world),
+        "world": to_dict(traces.world),
         "timings": timings,
         "python": versions()["python"],
     }
+
+
+def _write_card(args: TaskTrainArgs, out: Path, card: dict) -> None:
+    """``OUT/lensnet.json``; with --ship the checkpoint and its card into lensnet/checkpoints."""
+    from sim.shipped import CHECKPOINT_DIR, TASKS_CHECKPOINT
+
     (out / "lensnet.json").write_text(json.dumps(card, indent=1) + "\n")
     if args.ship:
         CHECKPOINT_DIR.mkdir(exist_ok=True)
         shutil.copyfile(out / "lensnet.pt", TASKS_CHECKPOINT)
         TASKS_CHECKPOINT.with_suffix(".json").write_text(json.dumps(card, indent=1) + "\n")
-    return card
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -243,6 +243,35 @@ class CharTokenizer:
         return out
 
 
+@dataclass
+class Reader:
+    """What reads a task stream: the frozen LM, its tokenizer, its oracle and the world's gister
+    (``load_reader``)."""
+
+    model: object
+    """The causal LM."""
+    tokenizer: object
+    """The tokenizer tasks are read with (a ``CharTokenizer`` for an LM without one)."""
+    own_tokenizer: object | None
+    """The LM's own tokenizer (None for the tiny test LM): what counts task lengths."""
+    oracle: LMOracle
+    gister: Gister
+    gister_name: str
+    """The gister ``gistnet.gister.resolve_gister`` chose, as results record it."""
+
+
+def load_reader(lm: str, gister: str, block_size: int) -> Reader:
+    """The one home of "load the LM and its gister" for every task entry point: ``lm`` as
+    ``megacontext.lm.load_lm`` names it, ``gister`` as ``gistnet.gister.resolve_gister`` does."""
+    from gistnet.gister import resolve_gister
+    from megacontext.lm import load_lm
+
+    model, own = load_lm(lm)
+    oracle = LMOracle(model)
+    g, name = resolve_gister(gister, model, block_size)
+    return Reader(model, own or CharTokenizer(model.config.vocab_size), own, oracle, g, name)
+
+
 def tokenize_task(
     task: dict, tokenizer
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, np.ndarray]:

@@ -9,6 +9,8 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from lensnet.data import collate
 from lensnet.model import LensNet, LensNetConfig
@@ -700,3 +702,27 @@ def test_drawn_label_tasks_record_the_lm_whose_tokenizer_counted_them(monkeypatc
     assert task["meta"]["tokenizer"] == "models/my-llama"
     (plain,) = _tasks(args, tokenizer=None)
     assert plain["meta"]["tokenizer"] == "chars"
+
+
+@given(st.data())
+@settings(max_examples=60, deadline=None)
+def test_best_block_against_a_loop_on_random_tilings(data):
+    """``keystore.best_block``, the one home of an entry's best block, equals a loop over each
+    span's blocks on random working-context tilings (whole-block gists of 1-3 blocks, single
+    tokens, a trailing partial block), with leading axes."""
+    b = data.draw(st.integers(2, 5))
+    kinds = data.draw(st.lists(st.sampled_from(["tok", "g1", "g2", "g3"]), min_size=1, max_size=12))
+    starts, ends, pos = [], [], 0
+    for k in kinds:
+        if k != "tok" and pos % b:  # a gist starts on a block boundary: finish the block first
+            k = "tok"
+        width = 1 if k == "tok" else b * int(k[1])
+        starts.append(pos)
+        ends.append(pos + width)
+        pos += width
+    n_blocks = -(-pos // b)  # the trailing partial block counts as one
+    values = np.random.default_rng(data.draw(st.integers(0, 99))).random((2, n_blocks))
+    got = keystore.best_block(values, np.array(starts), np.array(ends), b)
+    spans = list(zip(starts, ends, strict=True))
+    want = np.array([[row[s // b : (e - 1) // b + 1].max() for s, e in spans] for row in values])
+    np.testing.assert_array_equal(got, want)
