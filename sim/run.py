@@ -304,59 +304,114 @@ def _budgets(args: RunArgs, w: WorldConfig) -> tuple[list[int], list[str]]:
 
 
 def run(args: RunArgs) -> dict:
-    import torch
+    """The module docstring's study: label, train (one LensNet per training seed), evaluate every
+    policy at every budget, report."""
+    out, t_start = _open_run(args), time.perf_counter()
+    timings = {}
+    w, lm, make_episode = _world(args)
+    budgets, budget_notes = _budgets(args, w)
+    for note in budget_notes:
+        print(note)
+    t0 = time.perf_counter()
+    train_dir, heldout_dir = _label(args, w, lm, out)
+    timings["label_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    trained = _train_seeds(args, w, train_dir, heldout_dir, make_episode, out)
+    timings["train_s"] = time.perf_counter() - t0
+    model, device = trained.lensnets[0].model, trained.device
+    cue_metrics = None
+    if args.env == "synthetic":  # LensNet's calibrated scores and the exact labels on held-out
+        _save_score_distribution(model, trained.heldout, device, out / "scores.npz")
+        cue_metrics = _cue_metrics(trained.heldout, w.synthetic)
+    t0 = time.perf_counter()
+    docs = list(range(HELD_OUT_FIRST_DOC, HELD_OUT_FIRST_DOC + args.eval_docs))
+    sweep, seed_sweep = _evaluate_budgets(args, w, budgets, docs, trained, make_episode, out)
+    timings["eval_s"] = time.perf_counter() - t0
+    first = trained.lensnets[0]
+    results = {
+        "env": args.env,
+        "seed": args.seed,
+        "w_max": w.context.w_max,
+        "gister": w.gister if args.env == "lm" else "mean (synthetic world)",
+        "policies": sweep[str(w.context.w_max)],
+        "lensnet_metrics": first.metrics,
+        "cue_metrics": cue_metrics,
+        "lensnet_params": model.n_params(),
+        "lensnet_step": first.step,
+        "lensnet_select": args.select,
+        "lensnet_calibration": trained.calibrations[0] if trained.calibrations else None,
+        "lensnet_calibration_per_seed": trained.calibrations,
+        "lensnet_seeds": _seed_summary(trained, seed_sweep, sweep, w.context.w_max),
+        "train_snapshots": trained.n_train,
+        "val_snapshots": trained.n_val,
+        "heldout_snapshots": len(trained.heldout),
+        "heldout_docs": [docs[0], docs[-1]],
+        "budget_sweep": {
+            b: {
+                name: {
+                    k: r[k] for k in ("nll", "nll_std_over_docs", "ngr", "budget_use", "swap_rate")
+                }
+                for name, r in pols.items()
+            }
+            for b, pols in sweep.items()
+        },
+        "budget_notes": budget_notes,
+        "timings": {**timings, "total_s": time.perf_counter() - t_start},
+    }
+    _report(args, out, results)
+    return results
 
-    from lensnet.data import TraceDataset
-    from lensnet.train import (
-        Trainer,
-        model_config_for,
-        save_calibration,
-        snapshot_metrics,
-        split_indices,
-    )
-    from megacontext.traces import TraceReader
 
+def _open_run(args: RunArgs) -> Path:
+    """The run folder with the command, the configuration and the versions (a rerun starts its
+    training curves afresh)."""
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.jsonl").unlink(missing_ok=True)
     (out / "command.txt").write_text(" ".join(["python -m sim.run", *sys.argv[1:]]) + "\n")
     (out / "config.json").write_text(json.dumps(to_dict(args), indent=1))
     (out / "versions.json").write_text(json.dumps(versions(), indent=1))
-    w, t_start = replace(args.world, env=args.env), time.perf_counter()
-    timings = {}
+    return out
 
-    lm = None
-    if args.env == "lm":  # one frozen LM for labelling and evaluation; the tree takes its width
-        from gistnet.gister import resolve_gister
-        from megacontext.lm import load_lm
-        from megacontext.lm_oracle import LMOracle
 
-        if not args.progress:  # transformers' own weight-loading bars too
-            from transformers.utils import logging as hf_logging
-
-            hf_logging.disable_progress_bar()
-        lm_model, tokenizer = load_lm(
-            args.lm, dtype=None if args.lm_dtype == "auto" else getattr(torch, args.lm_dtype)
-        )
-        oracle = LMOracle(lm_model)
-        lm = (lm_model, tokenizer)
-        w = replace(w, tree=replace(w.tree, d_model=oracle.d_model))
-        gister, gister_name = resolve_gister(w.gister, lm_model, w.tree.block_size)
-        w = replace(w, gister=gister_name)  # recorded as what was used
-
-        def make_episode(world, doc, seed):
-            return lm_episode(world, doc, seed, oracle, tokenizer, gister)
-    else:
+def _world(args: RunArgs):
+    """(the world, the LM as labelling takes it (None: synthetic), an episode factory): with
+    --env lm one frozen LM for labelling and evaluation, whose width the tree takes, and the gister
+    recorded as the one used."""
+    w = replace(args.world, env=args.env)
+    if args.env != "lm":
 
         def make_episode(world, doc, seed):
             return synthetic_episode(world, doc, seed)[0]
 
-    budgets, budget_notes = _budgets(args, w)
-    for note in budget_notes:
-        print(note)
+        return w, None, make_episode
+    import torch
 
-    # 1. traces (resumable: a rerun with the same config reuses complete shards)
-    t0 = time.perf_counter()
+    from gistnet.gister import resolve_gister
+    from megacontext.lm import load_lm
+    from megacontext.lm_oracle import LMOracle
+
+    if not args.progress:  # transformers' own weight-loading bars too
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    lm_model, tokenizer = load_lm(
+        args.lm, dtype=None if args.lm_dtype == "auto" else getattr(torch, args.lm_dtype)
+    )
+    oracle = LMOracle(lm_model)
+    w = replace(w, tree=replace(w.tree, d_model=oracle.d_model))
+    gister, gister_name = resolve_gister(w.gister, lm_model, w.tree.block_size)
+    w = replace(w, gister=gister_name)  # recorded as what was used
+
+    def make_lm_episode(world, doc, seed):
+        return lm_episode(world, doc, seed, oracle, tokenizer, gister)
+
+    return w, (lm_model, tokenizer), make_lm_episode
+
+
+def _label(args: RunArgs, w: WorldConfig, lm, out: Path) -> tuple[Path, Path]:
+    """The training and held-out traces (resumable: a rerun with the same config reuses complete
+    shards)."""
     common = dict(seed=args.seed, world=w, progress=args.progress, lm=args.lm)
     train_dir = generate_traces(
         TraceArgs(out=str(out / "traces" / "train"), n_docs=args.train_docs, **common), lm=lm
@@ -370,10 +425,51 @@ def run(args: RunArgs) -> dict:
         ),
         lm=lm,
     )
-    timings["label_s"] = time.perf_counter() - t0
+    return train_dir, heldout_dir
 
-    # 2. LensNet: one per training seed, on the same traces and validation documents
-    t0 = time.perf_counter()
+
+@dataclass
+class _Trained:
+    """One seed's LensNet: training seed, the model (selected weights), its step, its held-out
+    metrics."""
+
+    seed: int
+    model: object
+    step: int
+    metrics: dict
+
+
+@dataclass
+class _Training:
+    """Every training seed's LensNet on the same traces, with what they share."""
+
+    lensnets: list[_Trained]
+    calibrations: list[dict]
+    heldout: object
+    """The held-out snapshots (a ``TraceDataset``)."""
+    device: object
+    n_train: int
+    n_val: int
+
+
+def _train_seeds(args: RunArgs, w: WorldConfig, train_dir: Path, heldout_dir: Path,
+                 make_episode, out: Path) -> _Training:
+    """One LensNet per training seed on the same traces and validation documents (the first
+    trains into OUT itself), each selected, calibrated on the validation documents (never the
+    held-out ones) and measured on the held-out snapshots."""
+    import torch
+
+    from lensnet.data import TraceDataset
+    from lensnet.train import (
+        Trainer,
+        load_checkpoint,
+        model_config_for,
+        save_calibration,
+        snapshot_metrics,
+        split_indices,
+    )
+    from megacontext.traces import TraceReader
+
     if args.train_seeds < 1:
         raise ConfigError(f"train_seeds must be >= 1, got {args.train_seeds}")
     if args.calibrate and args.calibration_docs < 1:
@@ -382,8 +478,7 @@ def run(args: RunArgs) -> dict:
     train_idx, val_idx = split_indices(reader.snapshots["doc_id"], 0.1, args.seed)
     heldout = TraceDataset(TraceReader(heldout_dir, require_complete=True))
     mcfg = model_config_for(args.preset, w.tree.d_model, w.tree.max_level, w.tree.block_size)
-    # (training seed, model, selected step, held-out metrics); the first trains into OUT itself
-    lensnets = []
+    lensnets: list[_Trained] = []
     calibrations: list[dict] = []
     for k in range(args.train_seeds):
         train_seed = args.seed + k
@@ -400,19 +495,13 @@ def run(args: RunArgs) -> dict:
         )
         trainer.train()
         step, selected = trainer.step, run_dir / "latest.pt"  # latest.pt: written at the last step
-        if args.select == "best" and math.isfinite(
-            trainer.best
-        ):  # best.pt is this run's (best starts at inf)
-            from lensnet.train import load_checkpoint
-
+        if args.select == "best" and math.isfinite(trainer.best):  # best.pt is this run's
             selected = run_dir / "best.pt"
             ckpt = load_checkpoint(selected, trainer.device)
             trainer.model.load_state_dict(ckpt["model"])
             step = int(ckpt["step"])
         model = trainer.model.eval()
-        if (
-            args.calibrate
-        ):  # the scale is fitted on the validation documents, never the held-out ones
+        if args.calibrate:  # the scale is fitted on the validation documents, never the held-out
             t_cal = time.perf_counter()
             val_docs = sorted({int(d) for d in reader.snapshots["doc_id"][val_idx]})[
                 : args.calibration_docs
@@ -430,21 +519,20 @@ def run(args: RunArgs) -> dict:
             save_calibration(selected, calibration)  # the evaluated weights carry their scale
             calibrations.append(calibration)
         metrics = snapshot_metrics(model, trainer.loss_fn, heldout, 16, trainer.device)
-        lensnets.append(
-            (train_seed, model, step, {key.removeprefix("val/"): v for key, v in metrics.items()})
-        )
-    timings["train_s"] = time.perf_counter() - t0
-    _, model, lensnet_step, lens_metrics = lensnets[0]
-    cue_metrics = None
-    if (
-        args.env == "synthetic"
-    ):  # LensNet's calibrated scores and the exact labels on held-out snapshots
-        _save_score_distribution(model, heldout, trainer.device, out / "scores.npz")
-        cue_metrics = _cue_metrics(heldout, w.synthetic)
+        lensnets.append(_Trained(train_seed, model, step,
+                                 {key.removeprefix("val/"): v for key, v in metrics.items()}))
+    return _Training(lensnets, calibrations, heldout, trainer.device, len(train_idx),
+                     len(val_idx))
 
-    # 3. policies on held-out documents: the run's W_max, then the other budgets of the sweep
-    t0 = time.perf_counter()
-    docs = list(range(HELD_OUT_FIRST_DOC, HELD_OUT_FIRST_DOC + args.eval_docs))
+
+def _evaluate_budgets(args: RunArgs, w: WorldConfig, budgets: list[int], docs: list[int],
+                      trained: _Training, make_episode, out: Path):
+    """(budget -> policy -> record, per training seed: budget -> LensNet's record): every policy on
+    the held-out documents at the run's W_max, then the other budgets of the sweep (the baselines
+    shared by the seeds); ``OUT/focus.jsonl`` logs one document's focus at the run's W_max."""
+    import torch
+
+    model, device = trained.lensnets[0].model, trained.device
     focus_log = (out / "focus.jsonl").open("w")
     refs = _referenced_blocks(w, docs[0], args.seed) if args.env == "synthetic" else None
 
@@ -461,18 +549,16 @@ def run(args: RunArgs) -> dict:
             focus_log.write(json.dumps(rec) + "\n")
 
     sweep: dict[str, dict] = {}
-    seed_sweep: list[dict[str, dict]] = [
-        {} for _ in lensnets
-    ]  # per training seed: budget -> LensNet's record
+    seed_sweep: list[dict[str, dict]] = [{} for _ in trained.lensnets]
     with torch.no_grad():  # a context, so an error leaves the caller's grad mode as it was
         for budget in tqdm(budgets, desc="budgets", disable=not args.progress or len(budgets) == 1):
             wb = replace(w, context=replace(w.context, w_max=budget))
-            ctx = PolicyContext(seed=args.seed, lensnet=model, device=str(trainer.device))
+            ctx = PolicyContext(seed=args.seed, lensnet=model, device=str(device))
             names = ["recency", "all_coarse", "random", "oracle", "lensnet"]
             names += ["cue"] if args.env == "synthetic" else []
             policies = [build_policy(name, ctx, "stream") for name in names]
             if args.calibrate:
-                policies.append(LensNetPolicy(model, trainer.device, scale=1.0, name="lensnet_raw"))
+                policies.append(LensNetPolicy(model, device, scale=1.0, name="lensnet_raw"))
             per_policy = {
                 p.name: evaluate_policy(
                     p,
@@ -491,9 +577,9 @@ def run(args: RunArgs) -> dict:
             order = ("lensnet", "lensnet_raw", "cue", "recency", "random", "all_coarse", "oracle")
             sweep[str(budget)] = {k: per_policy[k] for k in order if k in per_policy}
             seed_sweep[0][str(budget)] = per_policy["lensnet"]
-            for k, (_, extra, _, _) in enumerate(lensnets[1:], start=1):  # the baselines are shared
+            for k, extra in enumerate(trained.lensnets[1:], start=1):  # the baselines are shared
                 r = evaluate_policy(
-                    LensNetPolicy(extra, trainer.device),
+                    LensNetPolicy(extra.model, device),
                     wb,
                     docs,
                     args.seed,
@@ -505,17 +591,23 @@ def run(args: RunArgs) -> dict:
                 )["lensnet"]
                 seed_sweep[k][str(budget)] = r
     focus_log.close()
-    timings["eval_s"] = time.perf_counter() - t0
+    return sweep, seed_sweep
+
+
+def _seed_summary(trained: _Training, seed_sweep: list[dict], sweep: dict, w_max: int) -> dict:
+    """Each training seed's LensNet at the run's W_max and across the budgets, and the mean with
+    its 95 % Student-t interval over the seeds."""
+    at = str(w_max)
     per_seed = [
         {
-            "seed": seed,
-            "step": step,
-            "nll": seed_sweep[k][str(w.context.w_max)]["nll"],
-            "ngr": seed_sweep[k][str(w.context.w_max)]["ngr"],
-            "expands_per_step": seed_sweep[k][str(w.context.w_max)]["expands_per_step"],
-            "score_scale": calibrations[k]["score_scale"] if calibrations else 1.0,
+            "seed": t.seed,
+            "step": t.step,
+            "nll": seed_sweep[k][at]["nll"],
+            "ngr": seed_sweep[k][at]["ngr"],
+            "expands_per_step": seed_sweep[k][at]["expands_per_step"],
+            "score_scale": trained.calibrations[k]["score_scale"] if trained.calibrations else 1.0,
             **{
-                key: metrics[key]
+                key: t.metrics[key]
                 for key in (
                     "ranking_accuracy",
                     "pearson",
@@ -528,9 +620,9 @@ def run(args: RunArgs) -> dict:
                 b: {"nll": r["nll"], "ngr": r["ngr"]} for b, r in seed_sweep[k].items()
             },
         }
-        for k, (seed, _, step, metrics) in enumerate(lensnets)
+        for k, t in enumerate(trained.lensnets)
     ]
-    lensnet_seeds = {
+    return {
         "seeds": [r["seed"] for r in per_seed],
         "per_seed": per_seed,
         "summary": {
@@ -552,36 +644,10 @@ def run(args: RunArgs) -> dict:
             for b in sweep
         },
     }
-    results = {
-        "env": args.env,
-        "seed": args.seed,
-        "w_max": w.context.w_max,
-        "gister": w.gister if args.env == "lm" else "mean (synthetic world)",
-        "policies": sweep[str(w.context.w_max)],
-        "lensnet_metrics": lens_metrics,
-        "cue_metrics": cue_metrics,
-        "lensnet_params": model.n_params(),
-        "lensnet_step": lensnet_step,
-        "lensnet_select": args.select,
-        "lensnet_calibration": calibrations[0] if calibrations else None,
-        "lensnet_calibration_per_seed": calibrations,
-        "lensnet_seeds": lensnet_seeds,
-        "train_snapshots": len(train_idx),
-        "val_snapshots": len(val_idx),
-        "heldout_snapshots": len(heldout),
-        "heldout_docs": [docs[0], docs[-1]],
-        "budget_sweep": {
-            b: {
-                name: {
-                    k: r[k] for k in ("nll", "nll_std_over_docs", "ngr", "budget_use", "swap_rate")
-                }
-                for name, r in pols.items()
-            }
-            for b, pols in sweep.items()
-        },
-        "budget_notes": budget_notes,
-        "timings": {**timings, "total_s": time.perf_counter() - t_start},
-    }
+
+
+def _report(args: RunArgs, out: Path, results: dict) -> None:
+    """results.json, the plots, the table."""
     (out / "results.json").write_text(json.dumps(results, indent=1))
     if args.plots:
         from analysis.plots import draw_all
@@ -592,7 +658,6 @@ def run(args: RunArgs) -> dict:
         f"\nrun directory: {out}  (results.json, metrics.jsonl, "
         f"checkpoints{', plots/' if args.plots else ''})"
     )
-    return results
 
 
 def _save_score_distribution(model, dataset, device, path: Path) -> None:

@@ -44,3 +44,13 @@ def default_lensnet_path(lm, kind: str | None) -> Path | None:
 def shipped_lensnet_task() -> str | None:
     """The task kind the shipped task-world LensNet was trained on (None when none is shipped)."""
     return read_card(TASKS_CHECKPOINT).get("task") if TASKS_CHECKPOINT.exists() else None
+
+
+def ship(lensnet_pt: str | Path, card: dict) -> None:
+    """Make ``lensnet_pt`` with its ``card`` the task-world default (``--lensnet auto``): both
+    copied into lensnet/checkpoints."""
+    import shutil
+
+    CHECKPOINT_DIR.mkdir(exist_ok=True)
+    shutil.copyfile(lensnet_pt, TASKS_CHECKPOINT)
+    TASKS_CHECKPOINT.with_suffix(".json").write_text(json.dumps(card, indent=1) + "\n")

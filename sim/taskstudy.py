@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import shlex
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field, replace
@@ -158,24 +157,45 @@ def label_tasks(
 
 
 def run(args: TaskStudyArgs) -> dict:
-    """The study of ``args``. Gradients are off while labelling and on while training, each inside a
-    context, so the caller's grad mode is the same after the run however it ends (``--label-only``,
-    an error)."""
-    import torch
+    """The study of ``args``: draw the tasks, label, train, evaluate on the held-out tasks, report.
+    Gradients are off while labelling and on while training, each inside a context, so the
+    caller's grad mode is the same after the run however it ends (``--label-only``, an error)."""
+    from sim.taskworld import load_reader
 
     if args.task not in TASK_KINDS:
         raise ConfigError(f"--task must be one of {', '.join(TASK_KINDS)}, got {args.task!r}")
+    out = _open_run(args)
+    timings: dict[str, float] = {}
+    lm = load_reader(args.lm, "auto", args.world.block_size)
+    files = _draw_tasks(args, lm, out)
+    t0 = time.perf_counter()
+    trace_dir = _label(args, lm, files, out)
+    timings["label_s"] = time.perf_counter() - t0
+    if args.label_only:
+        return {"timings": timings}
+    t0 = time.perf_counter()
+    card = _train(args, lm, trace_dir, files, out)
+    timings["train_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    results = _evaluate_heldout(args, files, out)
+    timings["eval_s"] = time.perf_counter() - t0
+    card["heldout"] = {
+        name: {k: r[k] for k in ("exact_match", "answer_nll", "focus_recall", "n")}
+        for name, r in results["policies"].items()
+    }
+    (out / "lensnet.json").write_text(json.dumps(card, indent=1))
+    if args.ship:
+        from sim.shipped import ship
 
-    from gistnet.gister import resolve_gister
-    from lensnet.data import TraceDataset
-    from lensnet.train import Trainer, model_config_for, snapshot_metrics, split_indices
-    from megacontext.lm import load_lm
-    from megacontext.lm_oracle import LMOracle
-    from megacontext.traces import TraceReader
-    from sim.evaluate import EvaluateArgs, evaluate_tasks
+        ship(out / "lensnet.pt", card)
+    summary = {"timings": timings, "card": card, "results": results["policies"]}
+    (out / "study.json").write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+def _open_run(args: TaskStudyArgs) -> Path:
+    """The run folder with the command, the configuration and the versions."""
     from sim.run import versions
-    from sim.shipped import CHECKPOINT_DIR, TASKS_CHECKPOINT, lm_fingerprint
-    from sim.taskworld import CharTokenizer
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -184,16 +204,13 @@ def run(args: TaskStudyArgs) -> dict:
     )
     (out / "config.json").write_text(json.dumps(to_dict(args), indent=1))
     (out / "versions.json").write_text(json.dumps(versions(), indent=1))
-    timings: dict[str, float] = {}
-    model, tokenizer = load_lm(args.lm)
-    counter = (
-        token_counter(tokenizer) if tokenizer is not None else len
-    )  # CharTokenizer: a token a character
-    tokenizer = tokenizer or CharTokenizer(model.config.vocab_size)
-    oracle = LMOracle(model)
-    gister, gister_name = resolve_gister("auto", model, args.world.block_size)
+    return out
 
-    # 1. tasks
+
+def _draw_tasks(args: TaskStudyArgs, lm, out: Path) -> dict[str, Path]:
+    """``OUT/tasks-train.jsonl`` and ``OUT/tasks-heldout.jsonl``, lengths counted in the LM's own
+    tokens (a character a token for an LM without a tokenizer)."""
+    counter = token_counter(lm.own_tokenizer) if lm.own_tokenizer is not None else len
     files = {}
     for split, n, lengths, depths in (
         ("train", args.train_tasks, args.train_lengths, ()),
@@ -204,11 +221,15 @@ def run(args: TaskStudyArgs) -> dict:
             kind=args.task, n_tasks=n, length=lengths, depths=depths, split=split, seed=args.seed
         )
         write_jsonl(generate_tasks(cfg, counter), files[split])
+    return files
 
-    # 2. labels
-    t0 = time.perf_counter()
+
+def _label(args: TaskStudyArgs, lm, files: dict[str, Path], out: Path) -> Path:
+    """The training tasks' question-time (and stream) traces, ``OUT/traces`` (``label_tasks``)."""
+    import torch
+
     meta = {
-        "d_model": oracle.d_model,
+        "d_model": lm.oracle.d_model,
         "n_tail": args.world.n_tail_gists,
         "block_size": args.world.block_size,
         "max_level": args.world.max_level,
@@ -217,7 +238,7 @@ def run(args: TaskStudyArgs) -> dict:
         "oracle": {
             "kind": "lm",
             "lm": args.lm,
-            "gister": gister_name,
+            "gister": lm.gister_name,
             "horizon": "answer tokens",
             "lookahead": args.world.lookahead,
         },
@@ -231,26 +252,40 @@ def run(args: TaskStudyArgs) -> dict:
         label_tasks(
             read_tasks(files["train"]),
             trace_dir,
-            oracle,
-            tokenizer,
+            lm.oracle,
+            lm.tokenizer,
             args.world,
-            gister,
+            lm.gister,
             meta,
             args.shard,
             args.progress,
             args.stream_every,
             args.horizon,
         )
-    timings["label_s"] = time.perf_counter() - t0
-    if args.label_only:
-        return {"timings": timings}
+    return trace_dir
 
-    # 3. LensNet (validation split by task: a task's rounds are near-duplicates)
-    t0 = time.perf_counter()
+
+def _train(args: TaskStudyArgs, lm, trace_dir: Path, files: dict[str, Path], out: Path) -> dict:
+    """LensNet on the traces (validation split by task: a task's rounds are near-duplicates), the
+    selected weights in ``OUT/lensnet.pt``; returns its card (``OUT/lensnet.json``)."""
+    import torch
+
+    from lensnet.data import TraceDataset
+    from lensnet.train import (
+        Trainer,
+        load_checkpoint,
+        model_config_for,
+        snapshot_metrics,
+        split_indices,
+    )
+    from megacontext.traces import TraceReader
+    from sim.run import versions
+    from sim.shipped import lm_fingerprint
+
     reader = TraceReader(trace_dir, require_complete=True)
     train_idx, val_idx = split_indices(reader.snapshots["doc_id"], 0.15, args.seed)
     mcfg = model_config_for(
-        args.preset, oracle.d_model, args.world.max_level, args.world.block_size
+        args.preset, lm.oracle.d_model, args.world.max_level, args.world.block_size
     )
     trainer = Trainer(
         mcfg,
@@ -266,8 +301,6 @@ def run(args: TaskStudyArgs) -> dict:
     if not best.exists():
         trainer.save("final")
         best = out / "final.pt"
-    from lensnet.train import load_checkpoint
-
     ckpt = load_checkpoint(best, trainer.device)
     trainer.model.load_state_dict(ckpt["model"])
     val = {
@@ -276,15 +309,14 @@ def run(args: TaskStudyArgs) -> dict:
             trainer.model.eval(), trainer.loss_fn, TraceDataset(reader, val_idx), 16, trainer.device
         ).items()
     }
-    timings["train_s"] = time.perf_counter() - t0
     card = {
         "task": args.task,
         "command": (out / "command.txt").read_text().strip(),
         "seed": args.seed,
         "step": int(ckpt["step"]),
         "lm": args.lm,
-        "lm_fingerprint": lm_fingerprint(model),
-        "gister": gister_name,
+        "lm_fingerprint": lm_fingerprint(lm.model),
+        "gister": lm.gister_name,
         "train_tasks": str(files["train"]),
         "train_snapshots": int(len(train_idx)),
         "validation_snapshots": int(len(val_idx)),
@@ -296,9 +328,13 @@ def run(args: TaskStudyArgs) -> dict:
     torch.save(
         {k: ckpt[k] for k in ("model", "model_config", "step")}, out / "lensnet.pt"
     )  # weights only
+    return card
 
-    # 4. held-out evaluation
-    t0 = time.perf_counter()
+
+def _evaluate_heldout(args: TaskStudyArgs, files: dict[str, Path], out: Path) -> dict:
+    """``sim.evaluate`` of the policies on the held-out tasks, into ``OUT/heldout``."""
+    from sim.evaluate import EvaluateArgs, evaluate_tasks
+
     ev = EvaluateArgs(
         tasks=str(files["heldout"]),
         out=str(out / "heldout"),
@@ -309,20 +345,7 @@ def run(args: TaskStudyArgs) -> dict:
         progress=args.progress,
         world=args.world,
     )
-    results = evaluate_tasks(ev)
-    timings["eval_s"] = time.perf_counter() - t0
-    card["heldout"] = {
-        name: {k: r[k] for k in ("exact_match", "answer_nll", "focus_recall", "n")}
-        for name, r in results["policies"].items()
-    }
-    (out / "lensnet.json").write_text(json.dumps(card, indent=1))
-    if args.ship:
-        CHECKPOINT_DIR.mkdir(exist_ok=True)
-        shutil.copyfile(out / "lensnet.pt", TASKS_CHECKPOINT)
-        TASKS_CHECKPOINT.with_suffix(".json").write_text(json.dumps(card, indent=1) + "\n")
-    summary = {"timings": timings, "card": card, "results": results["policies"]}
-    (out / "study.json").write_text(json.dumps(summary, indent=1))
-    return summary
+    return evaluate_tasks(ev)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import shlex
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field, replace
@@ -297,13 +296,11 @@ def _card(args: TaskTrainArgs, traces: _Traces, mcfg, out: Path, ckpt: dict, val
 
 def _write_card(args: TaskTrainArgs, out: Path, card: dict) -> None:
     """``OUT/lensnet.json``; with --ship the checkpoint and its card into lensnet/checkpoints."""
-    from sim.shipped import CHECKPOINT_DIR, TASKS_CHECKPOINT
+    from sim.shipped import ship
 
     (out / "lensnet.json").write_text(json.dumps(card, indent=1) + "\n")
     if args.ship:
-        CHECKPOINT_DIR.mkdir(exist_ok=True)
-        shutil.copyfile(out / "lensnet.pt", TASKS_CHECKPOINT)
-        TASKS_CHECKPOINT.with_suffix(".json").write_text(json.dumps(card, indent=1) + "\n")
+        ship(out / "lensnet.pt", card)
 
 
 def main(argv: list[str] | None = None) -> None:
