@@ -11,8 +11,8 @@ the whole stream). Per layer, and per contiguous window of up to ``max_width`` l
 masses averaged over the window's layers and heads, the sink token left out), the needle block's
 rank among the context's blocks (those wholly before the question) gives hit@1, hit@3 and the mean
 reciprocal rank; the window with the best MRR (ties: the narrower, then the earlier) is the mode's
-choice. Writes ``OUT/results.json`` and ``OUT/command.txt``; ``sim.features.ATTENTION_LAYERS``
-records the choice for SmolLM2.
+choice. Writes ``OUT/results.json`` and ``OUT/command.txt``;
+``sim.taskworld.features.ATTENTION_LAYERS`` records the choice for SmolLM2.
 """
 
 from __future__ import annotations
@@ -74,14 +74,18 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
     from tqdm.auto import tqdm
 
-    from megacontext.cli import parse, to_argv
+    from megacontext.cli import parse, to_argv, versions
     from megacontext.lm import load_lm
     from megacontext.lm_oracle import LMOracle
-    from sim import keystore
-    from sim.features import block_mass
-    from sim.run import versions
     from sim.tasks import KINDS, TaskConfig, generate_tasks
-    from sim.taskworld import CharTokenizer, TaskError, TaskWorldConfig, prepare_task
+    from sim.taskworld.features import block_mass
+    from sim.taskworld.world import (
+        CharTokenizer,
+        TaskError,
+        TaskWorldConfig,
+        keystore,
+        prepare_task,
+    )
 
     args = parse(AttentionWindowArgs, argv)
     bad = [k for k in args.kinds if k not in KINDS]

@@ -79,7 +79,7 @@ def label_distribution(lm, tok, gister, n_snapshots: int, seed: int) -> dict:
     from megacontext.labels import label_snapshot
     from megacontext.lm_oracle import LMOracle
     from sim.run import lm_defaults
-    from sim.world import HELD_OUT_FIRST_DOC, lm_episode
+    from sim.streamworld.world import HELD_OUT_FIRST_DOC, lm_episode
 
     w = lm_defaults().world
     # W_max 64: the --env lm default when benchmarks/results/gistnet.json was measured (now 96)

@@ -43,7 +43,7 @@ from lensnet.train import Trainer, model_config_for, split_indices
 from megacontext.traces import TraceReader
 from sim.labels import TraceArgs, generate_traces
 from sim.run import _default_train
-from sim.world import WorldConfig
+from sim.streamworld.world import WorldConfig
 
 
 class ReferenceForward(nn.Module):

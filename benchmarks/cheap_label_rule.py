@@ -4,12 +4,12 @@
 
 Reads the committed train task files (``results/tasks-{passkey,multikey}-seed0/tasks-train.jsonl``;
 held-out files are never read), runs each stream with its answer teacher-forced after it through
-the LM once (``sim.keystore.read``), and ranks the context's L1 blocks (those wholly before the
-question) by several rules over the answer-predicting positions' attention, the sink token left
-out (``sim.keystore.drop_sink``; the committed results predate that and ranked block 0 last).
-A task's rank is that of its best needle block. Writes ``OUT/results.json``
-(per rule: hit@1, hit@3, the ranks) and ``OUT/command.txt``; ``sim.features.answer_relevance``
-implements the choice.
+the LM once (``sim.taskworld.keystore.read``), and ranks the context's L1 blocks (those wholly
+before the question) by several rules over the answer-predicting positions' attention, the sink
+token left out (``sim.taskworld.keystore.drop_sink``; the committed results predate that and ranked
+block 0 last). A task's rank is that of its best needle block. Writes ``OUT/results.json``
+(per rule: hit@1, hit@3, the ranks) and ``OUT/command.txt``;
+``sim.taskworld.features.answer_relevance`` implements the choice.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sim.features import answer_rows_relevance
+from sim.taskworld.features import answer_rows_relevance
 
 TRAIN_FILES = (
     "results/tasks-passkey-seed0/tasks-train.jsonl",
@@ -62,13 +62,11 @@ def rule_masses(rows: np.ndarray, n_blocks: int, b: int) -> dict[str, np.ndarray
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from megacontext.cli import parse, to_argv
+    from megacontext.cli import parse, to_argv, versions
     from megacontext.lm import load_lm
     from megacontext.lm_oracle import LMOracle
-    from sim import keystore
-    from sim.run import versions
     from sim.tasks.jsonl import read_tasks, refuse_sealed
-    from sim.taskworld import CharTokenizer, tokenize_task
+    from sim.taskworld.world import CharTokenizer, keystore, tokenize_task
 
     args = parse(CheapLabelRuleArgs, argv)
     for path in args.tasks:  # a rule chosen here is a design choice: never on the sealed split
@@ -89,7 +87,8 @@ def main(argv: list[str] | None = None) -> dict:
             ids, answer, needle, q_len, _ = tokenize_task(task, tok)
             n = len(ids)
             store = keystore.read(oracle, np.concatenate([ids, answer[:-1]]), b, len(answer))
-            # the sink is token 0 (sim.keystore.drop_sink), as in sim.features.answer_relevance
+            # the sink is token 0 (sim.taskworld.keystore.drop_sink), as in
+            # sim.taskworld.features.answer_relevance
             rows = np.stack([keystore.drop_sink(store.probs(r, n_keys=n))
                              for r in range(len(answer))])
             n_blocks = (n - q_len) // b  # blocks wholly before the question

@@ -61,11 +61,21 @@ def main(argv: list[str] | None = None) -> dict:
     from lensnet.train import load_model
     from megacontext.lm import load_lm
     from megacontext.lm_oracle import LMOracle, answer_scores
-    from sim import keystore
-    from sim.features import attention_layer_range, block_mass, bm25_relevance, lensnet_item
     from sim.tasks import TaskConfig, generate_tasks
     from sim.tasks.jsonl import read_tasks, refuse_sealed
-    from sim.taskworld import ATTENTION_LAYERS, TaskWorldConfig, prepare_task, tokenize_task
+    from sim.taskworld.features import (
+        attention_layer_range,
+        block_mass,
+        bm25_relevance,
+        lensnet_item,
+    )
+    from sim.taskworld.world import (
+        ATTENTION_LAYERS,
+        TaskWorldConfig,
+        keystore,
+        prepare_task,
+        tokenize_task,
+    )
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--n-tasks", type=int, default=8, help="tasks read from each train file")

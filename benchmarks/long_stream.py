@@ -7,10 +7,10 @@ far past the LM's window, in the faithful mode (the only one that exists there).
         [--seed 0]
 
 Per length, one held-out ``niah-single`` task (``--cycle-filler``: the held-out text repeats past
-its ~22k tokens) is streamed to question time by ``sim.taskworld.prepare_task`` in a fresh process
-(so its peak RSS is that length's alone): the tree ingests it (GistNet gists), the cursor runs K
-tokens a step with the allocator's restores, and the faithful read gives every token its keys from
-the working context that read it. Reported per length: seconds and seconds per 1k tokens, the
+its ~22k tokens) is streamed to question time by ``sim.taskworld.world.prepare_task`` in a fresh
+process (so its peak RSS is that length's alone): the tree ingests it (GistNet gists), the cursor
+runs K tokens a step with the allocator's restores, and the faithful read gives every token its keys
+from the working context that read it. Reported per length: seconds and seconds per 1k tokens, the
 tree's bytes (``MegaContextTree.nbytes``), the key store's bytes, the process's peak RSS, LM
 positions run. The ratios longest / shortest come from the same run: per-token time should stay
 flat (ratio ~1), the tree and store grow linearly (ratio ~ the length ratio). Writes
@@ -35,7 +35,7 @@ def one(length: int, lm: str, seed: int, w_max: int = 384) -> dict:
     from megacontext.lm import load_lm
     from megacontext.lm_oracle import LMOracle
     from sim.tasks import TaskConfig, generate_tasks
-    from sim.taskworld import CharTokenizer, TaskWorldConfig, prepare_task
+    from sim.taskworld.world import CharTokenizer, TaskWorldConfig, prepare_task
 
     model, tokenizer = load_lm(lm)
     oracle = LMOracle(model)

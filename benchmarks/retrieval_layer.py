@@ -4,10 +4,11 @@
 
 Generates training tasks of every kind (``sim.tasks``, train split and phrasings: the held-out
 tasks the baselines are reported on are never read), reads each task's L1 blocks and its query
-alone as ``sim.taskworld.prepare_task`` does (position 0 left out of both), and scores every layer
-with and without centring by the rank of the best needle block among the context's blocks (mean
-reciprocal rank and hit@1 over tasks). Writes ``OUT/results.json`` (per layer and rule, the choice)
-and ``OUT/command.txt``; ``sim.taskworld.RETRIEVAL_DEPTH`` records the choice for SmolLM2.
+alone as ``sim.taskworld.world.prepare_task`` does (position 0 left out of both), and scores every
+layer with and without centring by the rank of the best needle block among the context's blocks
+(mean reciprocal rank and hit@1 over tasks). Writes ``OUT/results.json`` (per layer and rule, the
+choice) and ``OUT/command.txt``; ``sim.taskworld.world.RETRIEVAL_DEPTH`` records the choice for
+SmolLM2.
 """
 
 from __future__ import annotations
@@ -44,13 +45,12 @@ def needle_rank(relevance: np.ndarray, needle_blocks: np.ndarray) -> int:
 def main(argv: list[str] | None = None) -> dict:
     import torch
 
-    from megacontext.cli import parse, to_argv
+    from megacontext.cli import parse, to_argv, versions
     from megacontext.lm import load_lm
     from megacontext.lm_oracle import LMOracle
-    from sim.features import block_features, dense_relevance
-    from sim.run import versions
     from sim.tasks import TaskConfig, generate_tasks
-    from sim.taskworld import CharTokenizer, TaskError, TaskWorldConfig, prepare_task
+    from sim.taskworld.features import block_features, dense_relevance
+    from sim.taskworld.world import CharTokenizer, TaskError, TaskWorldConfig, prepare_task
 
     args = parse(RetrievalLayerArgs, argv)
     out = Path(args.out)

@@ -16,8 +16,8 @@ from megacontext.lm_oracle import LMOracle
 from megacontext.tree import ConfigError, TreeConfig, mean_gister
 from megacontext.working_context import ContextConfig
 from sim.policies import Recency
-from sim.synthetic import SyntheticConfig, SyntheticOracle, generate_document
-from sim.world import Episode, WorldConfig
+from sim.streamworld.synthetic import SyntheticConfig, SyntheticOracle, generate_document
+from sim.streamworld.world import Episode, WorldConfig
 
 EMB_BOUND = 1e6  # finite bounds (gymnasium warns on infinite ones); embeddings are O(1)
 LEVEL_COLOURS = np.array([[253, 231, 37], [33, 145, 140], [68, 1, 84], [0, 0, 0]], dtype=np.uint8)
@@ -32,9 +32,9 @@ class MegaFocusEnv(gym.Env):
     that many entries); the focus allocator's one pass (DESIGN §4) restores the ``w_max`` budget
     by collapsing the groups the scores value least, then expands the positive ones, paying with
     collapses. The reward is how well the refocused context predicts the next ``horizon`` tokens.
-    The cycle is ``sim.world.evaluate_policy``'s, so a ``sim.policies`` stream policy acting
-    through the env (``envs.policy_agent.PolicyAgent``) gets the NLL ``sim.run`` reports, step for
-    step.
+    The cycle is ``sim.streamworld.world.evaluate_policy``'s, so a ``sim.policies`` stream policy
+    acting through the env (``envs.policy_agent.PolicyAgent``) gets the NLL ``sim.run`` reports,
+    step for step.
 
     ## Action Space
     ``Box(-1, 1, (n_slots,), float32)``, ``n_slots = max(w_max + step_tokens, warmup_tokens)``

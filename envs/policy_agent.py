@@ -5,7 +5,8 @@ carries every field); ``ObservedContext`` is the working context as the observat
 read-only part of ``WorkingContext`` a stream policy's ``scores(view)`` reads; ``PolicyAgent``
 turns a ``sim.policies`` policy into an agent whose action is its scores in the env's convention
 (scores / ``score_scale``). Acting through the env then gives the same NLL, step for step, as
-``sim.world.evaluate_policy`` (``tests/envs``: to 1e-6 for recency, random, cue and LensNet).
+``sim.streamworld.world.evaluate_policy`` (``tests/envs``: to 1e-6 for recency, random, cue and
+LensNet).
 """
 
 from __future__ import annotations

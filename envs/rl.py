@@ -49,7 +49,12 @@ from megacontext.cli import parse, to_argv
 from megacontext.tree import ConfigError
 from megacontext.working_context import ContextArrays
 from sim.policy import FocusPolicy, FocusView
-from sim.world import HELD_OUT_FIRST_DOC, WorldConfig, evaluate_policy, nll_gap_recovered
+from sim.streamworld.world import (
+    HELD_OUT_FIRST_DOC,
+    WorldConfig,
+    evaluate_policy,
+    nll_gap_recovered,
+)
 
 
 @dataclass
@@ -244,8 +249,8 @@ class EntryActorCritic(nn.Module):
 class ActorPolicy(FocusPolicy):
     """The trained actor as a ``sim`` stream policy, acting on its most likely action (scores:
     its mean, clipped to the action space; pointer: its likeliest choice), x ``score_scale``, so
-    ``sim.world.evaluate_policy`` compares it with every other policy on ``sim.run``'s held-out
-    documents."""
+    ``sim.streamworld.world.evaluate_policy`` compares it with every other policy on ``sim.run``'s
+    held-out documents."""
 
     worlds = ("stream",)
 
@@ -498,9 +503,10 @@ def _actor_policy(model: EntryActorCritic, world: WorldConfig, args: RLArgs) -> 
 
 def compare(policies: dict[str, FocusPolicy], world: WorldConfig, docs: list[int],
             seed: int, baselines: dict | None = None) -> dict:
-    """``policies`` beside recency and the oracle on ``docs`` (``sim.world.evaluate_policy``):
-    per policy its NLL per document, and NGR (``nll_gap_recovered``). ``baselines``: recency's and
-    the oracle's results on the same documents, when already evaluated (they do not change)."""
+    """``policies`` beside recency and the oracle on ``docs``
+    (``sim.streamworld.world.evaluate_policy``): per policy its NLL per document, and NGR
+    (``nll_gap_recovered``). ``baselines``: recency's and the oracle's results on the same
+    documents, when already evaluated (they do not change)."""
     from sim.policies import build_policy
     from sim.policy import PolicyContext
 

@@ -220,26 +220,28 @@ class LensNetConfig:
 
     n_entry_features: int = 0
     """Extra per-entry features read from the batch's ``entry_features`` (B, N, f) (the task world's
-    attention features, ``sim.keystore``): projected into every entry's representation and read
-    out linearly per entry kind straight to the score. 0 = off (the seed's inputs only)."""
+    attention features, ``sim.taskworld.keystore``): projected into every entry's representation and
+    read out linearly per entry kind straight to the score. 0 = off (the seed's inputs only)."""
 
     feature_set: str = "attention"
-    """Which per-entry features ``n_entry_features`` counts (``sim.keystore.FEATURE_SETS``: the
-    task world builds them to match, ``sim.features.lensnet_item``); recorded so a checkpoint is
-    never fed another set of the same width."""
+    """Which per-entry features ``n_entry_features`` counts
+    (``sim.taskworld.keystore.FEATURE_SETS``: the task world builds them to match,
+    ``sim.taskworld.features.lensnet_item``); recorded so a checkpoint is never fed another set of
+    the same width."""
 
     n_query_tokens: int = 0
     """Tail latents after the tail gists: the embeddings of the newest this many tokens (the task
     world's question at question time), so the query reaches every score. 0 = tail gists only. The
-    batch's ``tail_gists`` then holds n_tail_gists + n_query_tokens rows (``sim.features.
+    batch's ``tail_gists`` then holds n_tail_gists + n_query_tokens rows (``sim.taskworld.features.
     lensnet_item`` builds them)."""
 
     prior: str = ""
     """A training-free selector the score starts from: '' (none) or 'bm25' (the last entry feature
     of the 'prior-lexical' set is the BM25 baseline's signed allocator score,
-    ``sim.features.bm25_prior``). The score is then ``prior_gain x prior + the network's``, with
-    ``prior_gain`` a learnt scalar (1 at the start) and every read-out of the network zero at the
-    start: an untrained LensNet scores exactly as the prior does, and training adds to it."""
+    ``sim.taskworld.features.bm25_prior``). The score is then ``prior_gain x prior + the
+    network's``, with ``prior_gain`` a learnt scalar (1 at the start) and every read-out of the
+    network zero at the start: an untrained LensNet scores exactly as the prior does, and training
+    adds to it."""
 
     def __post_init__(self) -> None:
         if self.prior not in ("", "bm25"):
@@ -345,7 +347,7 @@ class LensNet(nn.Module):
             self.entry_skip = nn.Parameter(
                 torch.zeros(2 * (config.max_level + 1), config.n_entry_features + 1)
             )
-        if config.prior:  # the prior's weight in the score (sim.features.bm25_prior)
+        if config.prior:  # the prior's weight in the score (sim.taskworld.features.bm25_prior)
             self.prior_gain = nn.Parameter(torch.ones(()))
         self.ln_f = nn.LayerNorm(d)
         self.head = nn.Linear(d, 1)

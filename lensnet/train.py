@@ -79,7 +79,7 @@ class TrainConfig(LoopConfig):
 GATES = ("scale", "rank")
 """How a calibrated LensNet's scores meet the allocator's thresholds: 'scale' (raw x
 ``score_scale`` against ``tau_expand``) or 'rank' (its order on the heuristics' rank scale,
-``sim.features.rank_scores``), whichever realised more gain on the calibration tasks."""
+``sim.taskworld.features.rank_scores``), whichever realised more gain on the calibration tasks."""
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> LensNet:

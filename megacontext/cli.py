@@ -199,3 +199,30 @@ def to_argv(obj: Any, prefix: str = "", default: Any = None) -> list[str]:
         else:
             out += [flag, str(value)]
     return out
+
+
+def versions() -> dict:
+    """What a run folder records of the software and machine it ran on (versions.json and the
+    results' 'versions')."""
+    import importlib.metadata as md
+    import platform
+
+    import numpy as np
+    import torch
+
+    def version(name: str) -> str | None:
+        try:
+            return md.version(name)
+        except md.PackageNotFoundError:
+            return None
+
+    return {
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "torch": torch.__version__,
+        "transformers": version("transformers"),
+        "gymnasium": version("gymnasium"),
+        "machine": platform.machine(),
+        "platform": platform.platform(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }

@@ -1,7 +1,7 @@
 """The one oracle interface (DESIGN.md §3): NLL of the next H tokens after each of a batch of
 contexts.
 
-Implemented by ``sim.synthetic.SyntheticOracle`` (exact, milliseconds) and
+Implemented by ``sim.streamworld.synthetic.SyntheticOracle`` (exact, milliseconds) and
 ``megacontext.lm_oracle.LMOracle``
 (a frozen transformers causal LM). Labelling, the environment and evaluation take any of them.
 """

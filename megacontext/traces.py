@@ -329,3 +329,14 @@ class TraceReader:
         snap = {k: v[a:b] for k, v in self.entries.items()}
         snap.update({k: v[i] for k, v in self.snapshots.items()})
         return snap
+
+
+def parse_shard(shard: str) -> tuple[int, int]:
+    """(i, n) from a --shard 'i/n': this process writes part i of n (``OUT/part-i-of-n``)."""
+    try:
+        i, n = (int(x) for x in shard.split("/"))
+    except ValueError as err:
+        raise ValueError(f"--shard must look like i/n, got {shard!r}") from err
+    if not 0 <= i < n:
+        raise ValueError(f"--shard i/n needs 0 <= i < n, got {shard!r}")
+    return i, n

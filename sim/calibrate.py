@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from megacontext.tree import ConfigError
-from sim.world import Episode, WorldConfig, evaluate_policy
+from sim.streamworld.world import Episode, WorldConfig, evaluate_policy
 
 DEFAULT_GRID: tuple[float, ...] = (0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0, 8.0)
 
@@ -92,7 +92,7 @@ def fit_task_scale(
     ``gate`` = 'rank' where that policy's mean answer NLL is lower than every grid value's, else
     'scale' (ties keep the scale). Returns ``gate``, ``score_scale``, ``tau_expand_equivalent``,
     per grid value the mean answer NLL, exact match and expands per task, and the rank gate's."""
-    from sim.scoring import answer_task
+    from sim.taskworld.scoring import answer_task
 
     grid = _grid(grid)
     if not tasks:

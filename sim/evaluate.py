@@ -4,14 +4,14 @@
     python -m sim.evaluate --tasks FILE.jsonl --out DIR [--world.w-max N] [--policies a,b,...]
                            [--lm PATH] [--lensnet CKPT]
 
-Every task streams ``context + question`` through the tree to question time (``sim.taskworld``);
-each policy then zooms for up to ``--world.zoom-rounds`` rounds through the same allocator at the
-same W_max, and the answer is scored. Decisions read the LM in ``--world.read-mode`` (DESIGN §11):
-``faithful`` (the default: keys from the stream as its working context read it, the question's
-query from each round's working context) or ``full-read`` (privileged: one forward over the whole
-stream; report it only beside a faithful run). ``--resume`` continues an interrupted run. Writes
-``DIR/tasks.jsonl`` (one row per task and policy, flushed as it goes, so an interrupted run keeps
-what it measured) and ``DIR/results.json``::
+Every task streams ``context + question`` through the tree to question time
+(``sim.taskworld.world``); each policy then zooms for up to ``--world.zoom-rounds`` rounds through
+the same allocator at the same W_max, and the answer is scored. Decisions read the LM in
+``--world.read-mode`` (DESIGN §11): ``faithful`` (the default: keys from the stream as its working
+context read it, the question's query from each round's working context) or ``full-read``
+(privileged: one forward over the whole stream; report it only beside a faithful run). ``--resume``
+continues an interrupted run. Writes ``DIR/tasks.jsonl`` (one row per task and policy, flushed as it
+goes, so an interrupted run keeps what it measured) and ``DIR/results.json``::
 
     {"config": {"read_mode": "faithful" | "full-read", "w_max": ..., ...},
      "policies": {"<name>": {"exact_match": float, "answer_nll": float,
@@ -48,8 +48,8 @@ from megacontext.cli import parse, to_argv, to_dict
 from megacontext.tree import ConfigError
 from sim.policies import LensNetPolicy, LensNetRank, build_policy, check_query_fits, policy_names
 from sim.policy import PolicyContext
-from sim.scoring import answer_task, needle_level
-from sim.taskworld import TaskError, TaskWorldConfig, prepare_task
+from sim.taskworld.scoring import answer_task, needle_level
+from sim.taskworld.world import TaskError, TaskWorldConfig, prepare_task
 
 POLICIES = policy_names("tasks")
 DEFAULT_POLICIES = (
@@ -327,8 +327,8 @@ def evaluate_tasks(args: EvaluateArgs) -> dict:
 def _evaluate(args: EvaluateArgs) -> dict:
     """The pipeline of the module docstring: prepare (the task file, the run folder), load the LM
     and the policies, stream and score every task, report."""
-    from sim.run import versions
-    from sim.taskworld import load_reader
+    from megacontext.cli import versions
+    from sim.taskworld.world import load_reader
 
     names = _policy_list(args)
     tasks, lines, error_rows = _read_task_file(args)
@@ -642,7 +642,7 @@ def _at_budget(
     """One task's rows at another W_max (``with_budget``: the same block features, the cover (and
     in the faithful mode the stream's keys) read again); a policy that reads every token keeps its
     row (the budget does not touch it)."""
-    from sim.taskworld import with_budget
+    from sim.taskworld.world import with_budget
 
     config = replace(world, w_max=w_max)
     pt_w = with_budget(pt, config, oracle)

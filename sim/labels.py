@@ -14,9 +14,9 @@ from tqdm.auto import tqdm
 
 from megacontext.cli import parse, to_dict
 from megacontext.labels import label_snapshot
-from megacontext.traces import TraceReader, TraceWriter
+from megacontext.traces import TraceReader, TraceWriter, parse_shard
 from megacontext.tree import ConfigError
-from sim.world import WorldConfig, lm_episode, synthetic_episode
+from sim.streamworld.world import WorldConfig, lm_episode, synthetic_episode
 
 
 @dataclass
@@ -44,16 +44,6 @@ class TraceArgs:
     lm: str = "smollm2"
     """With --world.env lm: 'smollm2', 'tiny' (random-init test LM) or a local model folder."""
     world: WorldConfig = field(default_factory=WorldConfig)
-
-
-def parse_shard(shard: str) -> tuple[int, int]:
-    try:
-        i, n = (int(x) for x in shard.split("/"))
-    except ValueError as err:
-        raise ValueError(f"--shard must look like i/n, got {shard!r}") from err
-    if not 0 <= i < n:
-        raise ValueError(f"--shard i/n needs 0 <= i < n, got {shard!r}")
-    return i, n
 
 
 def generate_traces(args: TraceArgs, lm: tuple | None = None) -> Path:

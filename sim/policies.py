@@ -10,10 +10,10 @@ object acts on a stream step (``sim.run``) and on question-time zoom rounds (``s
 - ``oracle``: the exact counterfactual labels of the continuation (``label_snapshot``; at question
   time with the two-level lookahead for L2 gists, ``megacontext.labels.lookahead_contexts``);
 - ``lensnet``: a trained LensNet's calibrated scores (``LensNet.score``); ``lensnet_rank``: the
-  same order on the heuristics' rank scale (``sim.features.rank_scores``).
+  same order on the heuristics' rank scale (``sim.taskworld.features.rank_scores``).
 Streams only: ``all_coarse`` (collapse every legal group: the coarsest legal cover) and ``cue`` (the
-synthetic world's past-only reference, ``sim.synthetic.cue_scores``). Question time only, through
-``sim.features.relevance_scores`` (a relevance in [0, 1] per L1 block):
+synthetic world's past-only reference, ``sim.streamworld.synthetic.cue_scores``). Question time
+only, through ``sim.taskworld.features.relevance_scores`` (a relevance in [0, 1] per L1 block):
 - ``sinks``: StreamingLLM's attention sinks + recent window: the first block's path expands to L0;
 - ``retrieval``: dense query-aware block retrieval from LM hidden states (MoBA's mean-pooled block
   key, on hidden states): every L1 block is read by the LM alone and its hidden states at layer
@@ -51,7 +51,10 @@ from megacontext.allocator import Action, recency_scores
 from megacontext.labels import label_snapshot
 from megacontext.tree import ConfigError
 from megacontext.working_context import ContextArrays
-from sim.features import (
+from sim.policy import FocusPolicy, FocusView, PolicyContext
+from sim.streamworld.synthetic import SyntheticConfig, cue_scores
+from sim.streamworld.world import Episode
+from sim.taskworld.features import (
     RETRIEVAL_CENTRE,
     attention_layer_range,
     bm25_relevance,
@@ -61,10 +64,7 @@ from sim.features import (
     ranked_relevance_scores,
     relevance_scores,
 )
-from sim.policy import FocusPolicy, FocusView, PolicyContext
-from sim.synthetic import SyntheticConfig, cue_scores
-from sim.taskworld import check_query_fits as query_fits
-from sim.world import Episode
+from sim.taskworld.world import check_query_fits as query_fits
 
 REGISTRY: dict[str, type[FocusPolicy]] = {}
 
@@ -82,7 +82,8 @@ def policy_names(world: str) -> tuple[str, ...]:
 
 
 def check_query_fits(pt, policies: list[FocusPolicy]) -> None:
-    """``sim.taskworld.check_query_fits`` for every policy that reads the query (a LensNet)."""
+    """``sim.taskworld.world.check_query_fits`` for every policy that reads the query (a
+    LensNet)."""
     for p in policies:
         limit = getattr(p, "query_limit", None)
         if limit is not None:
@@ -262,8 +263,8 @@ class AllCoarse(FocusPolicy):
 
 @register
 class CueReference(FocusPolicy):
-    """The synthetic world's past-only reference (``sim.synthetic.cue_scores``): the ceiling of
-    what a scorer reading LensNet's inputs can reach. Synthetic streams only."""
+    """The synthetic world's past-only reference (``sim.streamworld.synthetic.cue_scores``): the
+    ceiling of what a scorer reading LensNet's inputs can reach. Synthetic streams only."""
 
     name = "cue"
     worlds = ("stream",)

@@ -3,25 +3,21 @@
 Modelled on NVIDIA kvpress's ``ScorerPress``: a policy is a small class with a single
 ``scores(view)`` that returns one signed score per working-context entry (DESIGN §4: positive =
 worth expanding, negative = the cost of collapsing its group); the base class applies them with one
-allocator pass. The same object drives a stream step (``apply(episode)``, ``sim.world``) and each
-question-time zoom round (``sim.taskworld.zoom``). A ``FocusView`` is everything a policy may read
-at one refocus. Policies are registered once, by name, in ``sim.policies``.
+allocator pass. The same object drives a stream step (``apply(episode)``, ``sim.streamworld.world``)
+and each question-time zoom round (``sim.taskworld.world.zoom``). A ``FocusView`` is everything a
+policy may read at one refocus. Policies are registered once, by name, in ``sim.policies``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import numpy as np
 
 from megacontext.allocator import Action
 from megacontext.oracle import NLLOracle
 from megacontext.working_context import WorkingContext
-
-if TYPE_CHECKING:
-    from sim.taskworld import PreparedTask
-    from sim.world import Episode
 
 
 @dataclass
@@ -39,10 +35,24 @@ class FocusView:
     oracle policy reads it."""
     lookahead: bool = False
     """The oracle's expand gain of a level >= 2 gist sees two levels down."""
-    task: PreparedTask | None = None
-    """At question time: the task with its block text and features (None in a stream)."""
+    task: Any = None
+    """At question time: the task with its block text and features
+    (``sim.taskworld.world.PreparedTask``; None in a stream). Typed loosely so this protocol sits
+    below both worlds."""
     attention_window: tuple[float, float] = (0.0, 1.0)
     """At question time: the world's attention-baseline layer window (fractions of depth)."""
+
+
+class StreamEpisode(Protocol):
+    """What a stream step offers a policy (``sim.streamworld.world.Episode`` is one)."""
+
+    def view(self) -> FocusView:
+        """What a policy may read at this step."""
+        ...
+
+    def refocus(self, scores: np.ndarray) -> list[Action]:
+        """Restore the budget and apply the allocator with ``scores``."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -86,7 +96,7 @@ class FocusPolicy:
         """(len(view.wc),) float64 signed scores, one per entry."""
         raise NotImplementedError
 
-    def apply(self, ep: Episode) -> list[Action]:
+    def apply(self, ep: StreamEpisode) -> list[Action]:
         """One stream step: the allocator restores the budget with the scores, then expands/swaps.
         """
         return ep.refocus(self.scores(ep.view()))

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
 import sys
 import time
 from collections.abc import Sequence
@@ -36,15 +35,15 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from lensnet.train import TrainConfig
-from megacontext.cli import parse, to_dict
+from megacontext.cli import parse, to_dict, versions
 from megacontext.tree import ConfigError, MegaContextTree, TreeConfig
 from megacontext.working_context import BudgetExhausted, ContextConfig, WorkingContext, min_slots
 from sim.calibrate import fit_score_scale
 from sim.labels import TraceArgs, generate_traces
 from sim.policies import LensNetPolicy, build_policy
 from sim.policy import PolicyContext
-from sim.synthetic import SyntheticConfig
-from sim.world import (
+from sim.streamworld.synthetic import SyntheticConfig
+from sim.streamworld.world import (
     HELD_OUT_FIRST_DOC,
     WorldConfig,
     evaluate_policy,
@@ -137,29 +136,6 @@ def lm_defaults() -> RunArgs:
         world=world,
         train=train,
     )
-
-
-def versions() -> dict:
-    import importlib.metadata as md
-
-    import torch
-
-    def version(name: str) -> str | None:
-        try:
-            return md.version(name)
-        except md.PackageNotFoundError:
-            return None
-
-    return {
-        "python": platform.python_version(),
-        "numpy": np.__version__,
-        "torch": torch.__version__,
-        "transformers": version("transformers"),
-        "gymnasium": version("gymnasium"),
-        "machine": platform.machine(),
-        "platform": platform.platform(),
-        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-    }
 
 
 def t_quantile(p: float, df: int) -> float:
@@ -696,7 +672,7 @@ def _cue_metrics(dataset, synthetic: SyntheticConfig) -> dict:
 
     from lensnet.metrics import MetricAccumulator
     from megacontext.working_context import ContextArrays
-    from sim.synthetic import cue_scores
+    from sim.streamworld.synthetic import cue_scores
 
     acc = MetricAccumulator()
     fields = ContextArrays.__dataclass_fields__

@@ -4,15 +4,16 @@ Each task (generated from the registered kinds on the *train* split, or read fro
 streamed to question time once; ``covers`` snapshots are labelled per task: the question-time
 recency cover, then covers reached from it by one or two allocator rounds on random block
 relevances (so LensNet also sees L2 gists opened, blocks already at L0, 4k streams' three L2 gists).
-Every snapshot carries LensNet's task inputs (``sim.features.lensnet_item``): the question's token
-embeddings as extra tail latents and each entry's attention features (``sim.keystore``).
+Every snapshot carries LensNet's task inputs (``sim.taskworld.features.lensnet_item``): the
+question's token embeddings as extra tail latents and each entry's attention features
+(``sim.taskworld.keystore``).
 
 Labels (``--labels``):
 - ``cheap``: one LM forward per task (the stream with the answer teacher-forced after it, the same
   forward that gives the attention features): a block's relevance is the attention the positions
-  that predict the answer put on it (``sim.features.answer_relevance``); a gist's target is the best
-  relevance among its blocks, a sibling group's collapse cost the best relevance under it
-  (discounted for groups of gists: ``GROUP_DISCOUNT``), in relevance units (the scale is fitted
+  that predict the answer put on it (``sim.taskworld.features.answer_relevance``); a gist's target
+  is the best relevance among its blocks, a sibling group's collapse cost the best relevance under
+  it (discounted for groups of gists: ``GROUP_DISCOUNT``), in relevance units (the scale is fitted
   afterwards: ``sim.calibrate.fit_task_scale``).
   ``cost.jsonl`` records each task's forward (the cheap label's whole cost) in seconds.
 - ``exact``: the counterfactual labels (``megacontext.labels.label_snapshot`` with the two-level
@@ -46,13 +47,12 @@ from tqdm.auto import tqdm
 from megacontext.allocator import FocusAllocator
 from megacontext.cli import from_dict, parse, to_dict
 from megacontext.labels import label_snapshot, snapshot_record
-from megacontext.traces import FEATURE_KEY, TraceReader, TraceWriter
+from megacontext.traces import FEATURE_KEY, TraceReader, TraceWriter, parse_shard
 from megacontext.tree import ConfigError
 from megacontext.working_context import WorkingContext
-from sim.features import lensnet_item, relevance_scores
-from sim.keystore import n_entry_features
-from sim.labels import parse_shard
-from sim.taskworld import (
+from sim.taskworld.features import lensnet_item, relevance_scores
+from sim.taskworld.keystore import n_entry_features
+from sim.taskworld.world import (
     PreparedTask,
     TaskError,
     TaskWorldConfig,
@@ -91,8 +91,8 @@ class TaskLabelArgs:
     """hybrid: children (ranked by the cheap relevance) each level-2 candidate is also expanded
     with, for its two-level lookahead gain."""
     feature_set: str = "relative-lexical"
-    """LensNet's per-entry features (``sim.keystore.FEATURE_SETS``): 'attention' (absolute log
-    attention masses), 'relative-lexical' (the masses relative to the context, plus BM25 against
+    """LensNet's per-entry features (``sim.taskworld.keystore.FEATURE_SETS``): 'attention' (absolute
+    log attention masses), 'relative-lexical' (the masses relative to the context, plus BM25 against
     the question) or 'prior-lexical' (those, plus the BM25 baseline's own score: the prior a
     LensNet trained on them starts from, ``sim.tasktrain --prior``)."""
     query_tokens: int = 32
@@ -327,9 +327,10 @@ def agreement_summary(exact_dir: str | Path, cheap_dir: str | Path | None = None
 
 
 def trace_feature_set(meta: dict, path: str | Path) -> str:
-    """The per-entry feature set (``sim.keystore.FEATURE_SETS``) named by the manifest ``meta`` of
-    the trace at ``path``. A manifest without ``feature_set`` is an error, never a guess: two sets
-    can have the same width, so a LensNet would silently read features it was not built for."""
+    """The per-entry feature set (``sim.taskworld.keystore.FEATURE_SETS``) named by the manifest
+    ``meta`` of the trace at ``path``. A manifest without ``feature_set`` is an error, never a
+    guess: two sets can have the same width, so a LensNet would silently read features it was not
+    built for."""
     if not meta.get("feature_set"):
         raise ConfigError(
             f"{path}: the trace manifest's meta has no 'feature_set' (its entry features: "

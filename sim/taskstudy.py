@@ -33,12 +33,11 @@ from lensnet.data import AugmentConfig
 from lensnet.train import TrainConfig
 from megacontext.cli import parse, to_argv, to_dict
 from megacontext.labels import label_snapshot
-from megacontext.traces import TraceWriter
+from megacontext.traces import TraceWriter, parse_shard
 from megacontext.tree import ConfigError
-from sim.labels import parse_shard
 from sim.policies import GreedyOracle
 from sim.tasks import TASK_KINDS, TaskConfig, generate_tasks, read_tasks, token_counter, write_jsonl
-from sim.taskworld import TaskError, TaskWorldConfig, prepare_task, zoom
+from sim.taskworld.world import TaskError, TaskWorldConfig, prepare_task, zoom
 
 
 def _default_train() -> TrainConfig:
@@ -160,7 +159,7 @@ def run(args: TaskStudyArgs) -> dict:
     """The study of ``args``: draw the tasks, label, train, evaluate on the held-out tasks, report.
     Gradients are off while labelling and on while training, each inside a context, so the
     caller's grad mode is the same after the run however it ends (``--label-only``, an error)."""
-    from sim.taskworld import load_reader
+    from sim.taskworld.world import load_reader
 
     if args.task not in TASK_KINDS:
         raise ConfigError(f"--task must be one of {', '.join(TASK_KINDS)}, got {args.task!r}")
@@ -195,7 +194,7 @@ def run(args: TaskStudyArgs) -> dict:
 
 def _open_run(args: TaskStudyArgs) -> Path:
     """The run folder with the command, the configuration and the versions."""
-    from sim.run import versions
+    from megacontext.cli import versions
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -278,8 +277,8 @@ def _train(args: TaskStudyArgs, lm, trace_dir: Path, files: dict[str, Path], out
         snapshot_metrics,
         split_indices,
     )
+    from megacontext.cli import versions
     from megacontext.traces import TraceReader
-    from sim.run import versions
     from sim.shipped import lm_fingerprint
 
     reader = TraceReader(trace_dir, require_complete=True)

@@ -144,7 +144,7 @@ def _read_traces(args: TaskTrainArgs) -> _Traces:
     cannot be calibrated on generated tasks."""
     from megacontext.traces import TraceReader
     from sim.tasks.jsonl import refuse_sealed
-    from sim.taskworld import TaskWorldConfig
+    from sim.taskworld.world import TaskWorldConfig
 
     reader = TraceReader(args.traces, require_complete=True)
     val_reader = TraceReader(args.val_traces, require_complete=True)
@@ -230,7 +230,7 @@ def _calibrate(args: TaskTrainArgs, traces: _Traces, mcfg, out: Path, device) ->
     from sim.calibrate import fit_task_scale
     from sim.policies import LensNetPolicy, LensNetRank
     from sim.tasklabels import TaskLabelArgs, _tasks
-    from sim.taskworld import TaskError, check_query_fits, load_reader, prepare_task
+    from sim.taskworld.world import TaskError, check_query_fits, load_reader, prepare_task
 
     meta, world = traces.meta, traces.world
     lm = load_reader(args.lm, meta["oracle"].get("gister", "auto"), world.block_size)
@@ -263,7 +263,7 @@ def _calibrate(args: TaskTrainArgs, traces: _Traces, mcfg, out: Path, device) ->
 def _card(args: TaskTrainArgs, traces: _Traces, mcfg, out: Path, ckpt: dict, val: dict, model,
           calibration: dict, timings: dict) -> dict:
     """The checkpoint's card: what it was trained, selected and calibrated on."""
-    from sim.run import versions
+    from megacontext.cli import versions
     from sim.shipped import lm_fingerprint
     from sim.tasklabels import agreement_summary
 

@@ -195,7 +195,7 @@ def draw_sealed(config: SealedConfig) -> dict[str, Any]:
             f"{out} already holds a sealed split ({out / SEALED_MANIFEST}): a split is drawn once; "
             f"draw a fresh one into a new folder with a new seed"
         )
-    from sim.run import versions
+    from megacontext.cli import versions
 
     command = " ".join(["python -m sim.tasks.sealed", *map(shlex.quote, to_argv(config))])
     cells: dict[str, dict[str, Any]] = {}

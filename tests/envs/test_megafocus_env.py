@@ -22,7 +22,7 @@ from megacontext.tree import ConfigError, MegaContextTree
 from megacontext.working_context import ContextArrays, WorkingContext
 from sim.policies import REGISTRY, build_policy, policy_names
 from sim.policy import PolicyContext
-from sim.world import Episode, evaluate_policy
+from sim.streamworld.world import Episode, evaluate_policy
 
 SMALL = dict(
     block_size=4,
@@ -350,7 +350,8 @@ def test_observation_holds_the_context_arrays():
 
 
 def _env_document_episode(world, doc: int, seed: int) -> Episode:
-    """``sim.world``'s episode over the document ``MegaFocusEnv(**SMALL).reset(seed=doc)`` draws."""
+    """``sim.streamworld.world``'s episode over the document
+    ``MegaFocusEnv(**SMALL).reset(seed=doc)`` draws."""
     src = MegaFocusEnv(**SMALL)
     src.reset(seed=doc)
     ep = src.episode
@@ -387,9 +388,10 @@ ENV_POLICIES = ("recency", "random", "cue", "lensnet", "lensnet_rank", "oracle")
 
 @pytest.mark.parametrize("name", ENV_POLICIES)
 def test_policy_through_the_env_matches_sim_run(name):
-    """The same documents through (a) ``sim.world.evaluate_policy`` (``sim.run``'s stream
-    evaluation) and (b) the env, the policy acting through ``PolicyAgent`` on observations only
-    (the privileged oracle and cue through ``env.unwrapped``): the same NLL at every step, 1e-6."""
+    """The same documents through (a) ``sim.streamworld.world.evaluate_policy`` (``sim.run``'s
+    stream evaluation) and (b) the env, the policy acting through ``PolicyAgent`` on observations
+    only (the privileged oracle and cue through ``env.unwrapped``): the same NLL at every step,
+    1e-6."""
     model = _tiny_lensnet() if name.startswith("lensnet") else None
     env = MegaFocusEnv(**SMALL, score_scale=8.0)  # a power of two: the scores pass exactly
     sim_nll: list[float] = []

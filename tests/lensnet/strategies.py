@@ -73,8 +73,8 @@ def tiny_world():
 
     from megacontext.tree import TreeConfig
     from megacontext.working_context import ContextConfig
-    from sim.synthetic import SyntheticConfig
-    from sim.world import WorldConfig
+    from sim.streamworld.synthetic import SyntheticConfig
+    from sim.streamworld.world import WorldConfig
 
     syn = replace(
         SyntheticConfig(), block_size=4, d_model=8, n_blocks=40, recent_window=6, n_recent=3

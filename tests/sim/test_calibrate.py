@@ -7,7 +7,7 @@ import pytest
 from megacontext.labels import label_snapshot
 from sim.calibrate import fit_score_scale
 from sim.policies import GreedyOracle, Recency
-from sim.world import evaluate_policy
+from sim.streamworld.world import evaluate_policy
 from tests.sim.test_labels import small_world
 
 
@@ -67,13 +67,13 @@ def test_task_calibration_picks_the_rank_gate_only_where_it_realises_more_gain(m
     same scorer's rank policy is lower still, the scale gate on a tie."""
     import types
 
-    import sim.scoring
+    import sim.taskworld.scoring
     from sim.calibrate import fit_task_scale
 
     def answer(policy, pt, oracle, config):  # a stand-in zoom: NLL set by the policy per task
         return {"answer_nll": policy(pt.task["id"]), "exact_match": 0.0, "expands": 1}
 
-    monkeypatch.setattr(sim.scoring, "answer_task", answer)
+    monkeypatch.setattr(sim.taskworld.scoring, "answer_task", answer)
     tasks = [types.SimpleNamespace(task={"id": i}) for i in range(3)]
     config = types.SimpleNamespace(allocator=types.SimpleNamespace(tau_expand=0.2), w_max=64)
 

@@ -17,14 +17,14 @@ from lensnet.model import LensNet, LensNetConfig
 from megacontext.lm import tiny_llama
 from megacontext.lm_oracle import LMOracle
 from megacontext.tree import ConfigError, MegaContextTree, TreeConfig
-from sim import keystore
-from sim.features import QueryTooLong, answer_relevance, lensnet_item
 from sim.policies import Attention, LensNetPolicy
 from sim.policy import FocusView
 from sim.tasklabels import cheap_targets
-from sim.taskworld import (
+from sim.taskworld.features import QueryTooLong, answer_relevance, lensnet_item
+from sim.taskworld.world import (
     CharTokenizer,
     TaskWorldConfig,
+    keystore,
     prepare_task,
     query_span,
     stream_cover,
@@ -246,7 +246,7 @@ def test_the_query_is_exactly_the_question(oracle):
 def test_bm25_leaves_the_question_out_of_every_block(oracle):
     """The block the question starts in scores on its context text alone: the question's own
     word in it ("zq", found nowhere in the context) does not score it against the question."""
-    from sim.features import bm25_relevance
+    from sim.taskworld.features import bm25_relevance
 
     task = _task(n_filler=302)  # 302 + 7 = 309 context tokens: the question starts mid-block
     task["question"] = " zq zq?"
@@ -264,7 +264,7 @@ def test_a_question_longer_than_the_query_inputs_is_one_error_everywhere(oracle)
     """``check_query_fits`` is the one check of sim.evaluate, sim.tasklabels and sim.tasktrain: a
     TaskError naming the task, the question's length and the reader's limit (never a cut)."""
     from sim.policies import check_query_fits as policies_fit
-    from sim.taskworld import TaskError, check_query_fits
+    from sim.taskworld.world import TaskError, check_query_fits
 
     pt = prepare_task(_task(), oracle, TOK, FAITHFUL, features=False, attention=True)
     width = pt.query.stop - pt.query.start
@@ -307,7 +307,7 @@ def test_stream_reads_tile_the_stream_with_their_tokens_at_l0(step, extra, tail_
 def test_a_budget_sweep_reads_the_stream_again(oracle):
     """``with_budget`` in the faithful mode: the keys depend on the budget (each block was read
     with the context before it), so they are read again and no cached query survives."""
-    from sim.taskworld import with_budget
+    from sim.taskworld.world import with_budget
 
     pt = prepare_task(_task(n_filler=300), oracle, TOK, FAITHFUL, features=False, attention=True)
     pt.question_attention(zoom(Attention(), pt, FAITHFUL, oracle)[0], oracle)

@@ -13,12 +13,11 @@ import torch
 from megacontext.lm import tiny_llama
 from megacontext.lm_oracle import LMOracle
 from megacontext.tree import ConfigError
-from sim import keystore
-from sim.features import ATTENTION_LAYERS, attention_layer_range, rank01
 from sim.policies import Attention
 from sim.policy import FocusView
-from sim.scoring import focus_recall
-from sim.taskworld import CharTokenizer, TaskWorldConfig, prepare_task, zoom
+from sim.taskworld.features import ATTENTION_LAYERS, attention_layer_range, rank01
+from sim.taskworld.scoring import focus_recall
+from sim.taskworld.world import CharTokenizer, TaskWorldConfig, keystore, prepare_task, zoom
 from tests.sim.test_taskworld import WORLD, _task
 
 
@@ -136,7 +135,7 @@ def test_evaluate_runs_attention_and_computes_it_only_when_needed(tmp_path, monk
     """``sim.evaluate --policies attention`` end to end on the tiny LM: the attention feature is
     computed once per task and the block-alone features not at all; with policies that do not read
     it, it is never computed. ``--world.attention-layers`` reaches the feature and command.txt."""
-    import sim.taskworld as taskworld
+    import sim.taskworld.world as taskworld
     from sim.evaluate import DEFAULT_POLICIES, main
 
     assert "bm25,attention," in DEFAULT_POLICIES
@@ -234,7 +233,7 @@ def test_block_hidden_states_stop_early_without_surprisal(oracle, layers):
     """Without surprisal the block-alone forwards stop at the retrieval layer: the same hidden
     states as the whole forward's ``hidden_states`` (to float tolerance), no surprisal, the layers
     above never run, and no hook is left on the LM."""
-    from sim.features import block_features
+    from sim.taskworld.features import block_features
 
     rng = np.random.default_rng(0)
     ids, query = rng.integers(1, 500, 70), rng.integers(1, 500, 5)

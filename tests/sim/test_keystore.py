@@ -18,10 +18,9 @@ from megacontext.lm import tiny_llama
 from megacontext.lm_oracle import LMOracle
 from megacontext.traces import TraceReader
 from megacontext.tree import ConfigError
-from sim import keystore
-from sim.features import lensnet_item
 from sim.tasklabels import GROUP_DISCOUNT, TaskLabelArgs, cheap_targets, generate, spearman
-from sim.taskworld import CharTokenizer, TaskWorldConfig, prepare_task, zoom
+from sim.taskworld.features import lensnet_item
+from sim.taskworld.world import CharTokenizer, TaskWorldConfig, keystore, prepare_task, zoom
 from tests.sim.test_taskworld import WORLD, NeedleFinder, _task
 
 
@@ -438,7 +437,7 @@ def test_tasktrain_trains_selects_calibrates_and_evaluate_reads_it(tmp_path, ora
     from lensnet.train import load_model
     from megacontext.cli import from_dict
     from sim.policies import LensNetPolicy, LensNetRank
-    from sim.scoring import answer_task
+    from sim.taskworld.scoring import answer_task
 
     lens = load_model(tmp_path / "lens" / "lensnet.pt")
     assert lens.score_scale == card["calibration"]["score_scale"]
@@ -604,8 +603,8 @@ def test_an_untrained_prior_lensnet_zooms_exactly_as_bm25(oracle):
     """The 'prior-lexical' LensNet before any training (calibration: scale 1) gives the allocator
     the BM25 baseline's scores, so every zoom round takes BM25's actions: LensNet's starting point
     is the strongest training-free selector, whatever it learns is added to it."""
-    from sim.features import bm25_prior
     from sim.policies import BM25, LensNetPolicy
+    from sim.taskworld.features import bm25_prior
 
     n_feat = keystore.n_entry_features(oracle.model.config.num_hidden_layers, "prior-lexical")
     cfg = LensNetConfig.tiny(oracle.d_model, block_size=4, n_entry_features=n_feat,

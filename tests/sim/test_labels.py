@@ -12,8 +12,8 @@ from megacontext.traces import TraceReader
 from megacontext.tree import ConfigError, TreeConfig
 from megacontext.working_context import ContextConfig
 from sim.labels import TraceArgs, generate_traces
-from sim.synthetic import SyntheticConfig, exact_utilities
-from sim.world import WorldConfig, synthetic_episode
+from sim.streamworld.synthetic import SyntheticConfig, exact_utilities
+from sim.streamworld.world import WorldConfig, synthetic_episode
 from tests.strategies import random_walk
 
 

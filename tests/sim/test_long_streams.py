@@ -10,8 +10,8 @@ from megacontext.lm import tiny_llama
 from megacontext.lm_oracle import LMOracle
 from sim.evaluate import summarise
 from sim.policies import BM25, Attention, FullContext, Recency
-from sim.scoring import answer_task
-from sim.taskworld import CharTokenizer, TaskError, TaskWorldConfig, prepare_task
+from sim.taskworld.scoring import answer_task
+from sim.taskworld.world import CharTokenizer, TaskError, TaskWorldConfig, prepare_task
 
 WINDOW = 256
 LONG = TaskWorldConfig(block_size=4, max_level=3, w_max=128, tail_tokens=24, step_tokens=4,

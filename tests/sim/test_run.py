@@ -13,8 +13,8 @@ from lensnet.train import load_model
 from megacontext.cli import field_docs, parse
 from megacontext.tree import TreeConfig
 from sim.run import RunArgs, lm_defaults, run
-from sim.synthetic import SyntheticConfig
-from sim.world import HELD_OUT_FIRST_DOC
+from sim.streamworld.synthetic import SyntheticConfig
+from sim.streamworld.world import HELD_OUT_FIRST_DOC
 
 
 def test_help_comes_from_field_docstrings():

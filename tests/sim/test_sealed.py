@@ -168,7 +168,7 @@ def _keystore(path, out, monkeypatch):
 def _calibrate(path, out):
     from sim.calibrate import fit_task_scale
 
-    prepared = [SimpleNamespace(task=t) for t in read_tasks(path)]  # as sim.taskworld prepares
+    prepared = [SimpleNamespace(task=t) for t in read_tasks(path)]  # as taskworld prepares
     fit_task_scale(lambda g: pytest.fail("calibrated"), prepared, None, None)
 
 

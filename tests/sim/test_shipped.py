@@ -32,7 +32,7 @@ def test_shipped_lensnet_loads_and_fits_only_its_lm():
     assert model.config.d_model == fp["hidden_size"]
     assert all(torch.isfinite(p).all() for p in model.parameters())
     # its input width is that of the feature set it names (the task world builds that set for it)
-    from sim.keystore import n_entry_features
+    from sim.taskworld.keystore import n_entry_features
 
     width = n_entry_features(fp["num_hidden_layers"], model.config.feature_set)
     assert model.config.n_entry_features == width == card["inputs"]["n_entry_features"]

@@ -9,8 +9,8 @@ from hypothesis import strategies as st
 from megacontext.tree import TreeConfig
 from megacontext.working_context import ContextConfig
 from sim.policies import CueReference, GreedyOracle, Recency
-from sim.synthetic import SyntheticConfig, cue_scores, exact_utilities
-from sim.world import (
+from sim.streamworld.synthetic import SyntheticConfig, cue_scores, exact_utilities
+from sim.streamworld.world import (
     HELD_OUT_FIRST_DOC,
     WorldConfig,
     evaluate_policy,

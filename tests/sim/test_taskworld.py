@@ -12,11 +12,11 @@ from hypothesis import strategies as st
 
 from megacontext.lm import tiny_llama
 from megacontext.lm_oracle import LMOracle, answer_scores
-from sim.features import relevance_scores
 from sim.policies import BM25, DenseRetrieval, Recency
 from sim.policy import FocusPolicy
-from sim.scoring import focus_recall, needle_level
-from sim.taskworld import CharTokenizer, TaskError, TaskWorldConfig, prepare_task, zoom
+from sim.taskworld.features import relevance_scores
+from sim.taskworld.scoring import focus_recall, needle_level
+from sim.taskworld.world import CharTokenizer, TaskError, TaskWorldConfig, prepare_task, zoom
 from tests.strategies import working_contexts
 
 # b = 4, max_level 2: an L2 gist covers 16 characters (CharTokenizer: a token a character)
@@ -195,7 +195,7 @@ def test_answer_scores_match_a_plain_forward(oracle):
 
 def test_evaluate_contract_and_bad_lines(tmp_path, oracle):
     from sim.evaluate import format_results, main
-    from sim.scoring import answer_task
+    from sim.taskworld.scoring import answer_task
 
     path = tmp_path / "tasks.jsonl"
     lines = [
@@ -246,7 +246,7 @@ def test_evaluate_contract_and_bad_lines(tmp_path, oracle):
         for key in ("exact_match", "answer_nll", "focus_recall"):
             assert r[key] == pytest.approx(np.mean([x[key] for x in own])), (name, key)
     # each row against a computation of its own on the same task: recency's zoom and answer
-    # (sim.scoring.answer_task), and the full context's NLL from one plain forward over it
+    # (sim.taskworld.scoring.answer_task), and the full context's NLL from one plain forward over it
     world = TaskWorldConfig(block_size=4, w_max=64, tail_tokens=24, step_tokens=4)
     by = {(r["policy"], r["id"]): r for r in rows}
     for task in (_task(tid="a"), _task(at=90, tid="c")):
@@ -442,7 +442,7 @@ def test_gap_recovered_matches_the_formula_and_resamples_documents():
 @settings(max_examples=30, deadline=None)
 @given(wc=working_contexts(), data=st.data())
 def test_rank_scores_keep_each_kinds_order_on_the_heuristics_scale(wc, data):
-    from sim.features import rank_scores
+    from sim.taskworld.features import rank_scores
 
     u = np.asarray(data.draw(st.lists(st.floats(-5, 5), min_size=len(wc), max_size=len(wc))))
     r = rank_scores(wc, u)
@@ -463,7 +463,7 @@ def test_prepare_task_names_budget_errors_and_lets_bugs_through(oracle, monkeypa
     """Only the expected task-data error (no collapse restores the budget) becomes a TaskError,
     which
     sim.evaluate skips as a bad line; any other exception is a bug and must propagate."""
-    import sim.taskworld as taskworld
+    import sim.taskworld.world as taskworld
     from megacontext.working_context import BudgetExhausted
 
     def exhausted(self, wc):

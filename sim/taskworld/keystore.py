@@ -28,7 +28,7 @@ Two read modes (DESIGN §11; ``READ_MODES``):
   gives every key and the question's query (``read``); its query has already attended to the needle
   at full resolution. Reported only beside the faithful figures, and used for labels (supervision
   may read privileged information): with the task's answer appended (teacher forcing) the same
-  forward yields the cheap labels' attention rows (``sim.features.answer_relevance``).
+  forward yields the cheap labels' attention rows (``sim.taskworld.features.answer_relevance``).
 With an unbounded working context the two are the same store (tested).
 """
 
@@ -228,8 +228,8 @@ FEATURE_SETS = ("attention", "relative-lexical", "prior-lexical")
 """LensNet's per-entry feature sets: 'attention' (``span_features``, absolute log masses),
 'relative-lexical' (``span_features`` relative to the context, then ``lexical_features``) and
 'prior-lexical' ('relative-lexical', then one column: the BM25 baseline's own signed allocator
-score of the entry, ``sim.features.relevance_scores`` of the blocks' BM25 ranks, which a LensNet
-with ``prior='bm25'`` adds to its score: its starting point, ``PRIOR_COLUMN``)."""
+score of the entry, ``sim.taskworld.features.relevance_scores`` of the blocks' BM25 ranks, which a
+LensNet with ``prior='bm25'`` adds to its score: its starting point, ``PRIOR_COLUMN``)."""
 PRIOR_COLUMN = -1
 """The prior's column in a 'prior-lexical' feature row: the last."""
 

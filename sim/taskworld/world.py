@@ -8,9 +8,9 @@ every policy starts question time from the same recency cover (``PreparedTask.wc
 question stands in the L0 tail). At question time a policy (``sim.policies``) may refocus for up
 to ``zoom_rounds`` rounds (rescore the current context, one allocator pass): an L2 gist needs two
 rounds to reach L0, since its L1 children have no scores until they exist in the context. The
-answer is then scored by ``sim.scoring``; the per-block features the heuristic baselines read
-(block-alone hidden states and surprisal, the last token's attention per block) come from
-``sim.features``.
+answer is then scored by ``sim.taskworld.scoring``; the per-block features the heuristic baselines
+read (block-alone hidden states and surprisal, the last token's attention per block) come from
+``sim.taskworld.features``.
 """
 
 from __future__ import annotations
@@ -24,8 +24,9 @@ from megacontext.allocator import AllocatorConfig, FocusAllocator
 from megacontext.lm_oracle import LMOracle
 from megacontext.tree import ConfigError, Gister, MegaContextTree, TreeConfig, mean_gister
 from megacontext.working_context import BudgetExhausted, ContextConfig, WorkingContext
-from sim import keystore
-from sim.features import (
+from sim.policy import FocusPolicy, FocusView
+from sim.taskworld import keystore
+from sim.taskworld.features import (
     ATTENTION_LAYERS,
     RETRIEVAL_DEPTH,
     answer_relevance,
@@ -33,7 +34,6 @@ from sim.features import (
     block_mass,
     bm25_relevance,
 )
-from sim.policy import FocusPolicy, FocusView
 
 
 @dataclass(frozen=True)
@@ -70,8 +70,8 @@ class TaskWorldConfig:
     range(round(lo * n_layers), round(hi * n_layers)) (at least one), [lo, hi] fractions of depth;
     unset: the window chosen on training tasks for the read mode (``ATTENTION_LAYERS``)."""
     read_mode: str = "faithful"
-    """What question-time decisions may read (DESIGN §11, ``sim.keystore.READ_MODES``): 'faithful'
-    (keys from the stream as the working context read it, the question's query from the
+    """What question-time decisions may read (DESIGN §11, ``sim.taskworld.keystore.READ_MODES``):
+    'faithful' (keys from the stream as the working context read it, the question's query from the
     question-time context; the default) or 'full-read' (privileged: one forward over the whole
     stream, what a full prefill would know; report it only beside the faithful figures)."""
     read_tokens: int = 0
@@ -161,7 +161,7 @@ class PreparedTask:
     block_hidden: np.ndarray | None = None  # (n_l1, d) pooled hidden state of each block read alone
     block_surprisal: np.ndarray | None = None  # (n_l1,) mean token NLL of each block read alone
     query_hidden: np.ndarray | None = None  # (d,) pooled hidden state of the query read alone
-    read_mode: str = "faithful"  # what the attention inputs read (``sim.keystore.READ_MODES``)
+    read_mode: str = "faithful"  # what attention inputs read (keystore.READ_MODES)
     attention_probs: np.ndarray | None = None  # (L, H, n) the question's attention, question time
     stream_keys: list | None = None  # faithful: per layer (KVH, n, hd) keys of the stream read
     read_cost: dict = field(default_factory=dict)  # the attention read's positions and seconds
@@ -217,8 +217,8 @@ class PreparedTask:
     ) -> np.ndarray:
         """(n_l1,) the attention baseline's relevance: the question's attention mass
         (``question_attention``) on each complete L1 block, averaged over every head of
-        ``layers``, with the sink token left out (``sim.keystore.drop_sink``): a block is scored
-        on its content, block 0 included."""
+        ``layers``, with the sink token left out (``sim.taskworld.keystore.drop_sink``): a block is
+        scored on its content, block 0 included."""
         probs = self.question_attention(wc, oracle)[list(layers)]
         return block_mass(keystore.drop_sink(probs), wc.block_size)
 
@@ -334,10 +334,10 @@ def prepare_task(
     ``stream_keys``) and the question's query from the question-time cover; full read, one forward
     of the whole stream. ``answer_attention`` (labels: privileged by design) also runs the full
     read with the answer teacher-forced after the stream and gives the cheap label's per-block
-    relevance (``answer_relevance``, ``sim.features.answer_relevance``); in full-read mode that one
-    forward serves both. ``stream_every`` > 0 keeps a copy of the cover every that many stream
-    steps (stream-time labels). Without ``surprisal`` the features hold the hidden states alone
-    (``block_surprisal`` None): their forwards stop at the retrieval layer. ``progress``: a
+    relevance (``answer_relevance``, ``sim.taskworld.features.answer_relevance``); in full-read mode
+    that one forward serves both. ``stream_every`` > 0 keeps a copy of the cover every that many
+    stream steps (stream-time labels). Without ``surprisal`` the features hold the hidden states
+    alone (``block_surprisal`` None): their forwards stop at the retrieval layer. ``progress``: a
     progress bar over the faithful stream read (minutes for a stream far past the window)."""
     ids, answer, needle, q_len, offsets = tokenize_task(task, tokenizer)
     n = len(ids)
@@ -423,7 +423,8 @@ def stream_cover(
     ``question_tail``) only the question stays protected. Also the covers every ``stream_every``
     steps (0: none), and (``record_reads``) the faithful stream reads: once ``read_tokens`` new
     tokens have arrived (and at the end), the restored cover with those tokens at L0 at its end
-    (``sim.keystore.stream_read``). ``TaskError`` when the budget cannot hold the stream."""
+    (``sim.taskworld.keystore.stream_read``). ``TaskError`` when the budget cannot hold the
+    stream."""
     wc = WorkingContext(tree, ContextConfig(w_max=config.w_max, tail_tokens=config.tail_tokens,
                                             position_mode=config.position_mode))
     restore = FocusAllocator(config.allocator)

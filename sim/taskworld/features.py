@@ -16,7 +16,7 @@ from lensnet.data import arrays_to_item
 from megacontext.allocator import recency_scores
 from megacontext.lm_oracle import LMOracle
 from megacontext.working_context import WorkingContext
-from sim import keystore
+from sim.taskworld import keystore
 
 RETRIEVAL_DEPTH = 1 / 30
 """Dense retrieval's layer as a fraction of the LM's depth (layer 1 of SmolLM2's 30): chosen by
@@ -143,8 +143,8 @@ def answer_relevance(store: keystore.KeyStore, n_stream: int, b: int) -> np.ndar
     answer (the stream's last token, then every answer token but the last, teacher-forced: the
     store's queries) put on each complete L1 block of the stream: per position and layer the
     largest mass any head puts on the block, averaged over positions and layers, the sink token
-    left out and each row renormalised (``sim.keystore.drop_sink``: block 0 is labelled on its
-    content like any other). The max over heads was chosen on the committed *train* task files
+    left out and each row renormalised (``sim.taskworld.keystore.drop_sink``: block 0 is labelled on
+    its content like any other). The max over heads was chosen on the committed *train* task files
     (``benchmarks/cheap_label_rule.py``): the mean over heads lets the many heads that attend by
     position drown the few that retrieve."""
     rows = (keystore.drop_sink(store.probs(r, n_keys=n_stream))
@@ -176,13 +176,14 @@ def lensnet_item(
 ) -> dict:
     """LensNet's input for one working context of a task stream: ``wc.arrays``, with the embeddings
     of the query's tokens (``query``: stream positions, at question time exactly the task's
-    question, ``sim.taskworld.query_span``; zero padded to ``n_query_tokens``) appended to the
+    question, ``sim.taskworld.world.query_span``; zero padded to ``n_query_tokens``) appended to the
     tail latents (level 0), and, with ``probs`` (L, H, n: the question's attention over the stream,
     ``PreparedTask.question_attention``), each entry's features of ``feature_set``
-    (``sim.keystore.FEATURE_SETS``): the attention features (``sim.keystore.span_features``), for
-    'relative-lexical' relative to the context and followed by the lexical ones from
-    ``block_lexical`` (``PreparedTask.block_lexical``, ``sim.keystore.lexical_features``). A query
-    longer than ``n_query_tokens`` is a ``QueryTooLong`` error: never cut."""
+    (``sim.taskworld.keystore.FEATURE_SETS``): the attention features
+    (``sim.taskworld.keystore.span_features``), for 'relative-lexical' relative to the context and
+    followed by the lexical ones from ``block_lexical`` (``PreparedTask.block_lexical``,
+    ``sim.taskworld.keystore.lexical_features``). A query longer than ``n_query_tokens`` is a
+    ``QueryTooLong`` error: never cut."""
     arr = wc.arrays(n_tail_gists)
     if n_query_tokens:
         if query is None:

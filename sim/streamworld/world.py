@@ -26,7 +26,12 @@ from megacontext.oracle import NLLOracle
 from megacontext.tree import ConfigError, Gister, MegaContextTree, TreeConfig, mean_gister
 from megacontext.working_context import ContextArrays, ContextConfig, WorkingContext, min_slots
 from sim.policy import FocusPolicy, FocusView
-from sim.synthetic import SyntheticConfig, SyntheticDocument, SyntheticOracle, generate_document
+from sim.streamworld.synthetic import (
+    SyntheticConfig,
+    SyntheticDocument,
+    SyntheticOracle,
+    generate_document,
+)
 
 HELD_OUT_FIRST_DOC = 1_000_000
 """Document ids from here on are held out: the study evaluates on them; LM documents draw their

@@ -12,7 +12,7 @@ import numpy as np
 from megacontext.lm_oracle import LMOracle, answer_scores
 from megacontext.working_context import WorkingContext
 from sim.policy import FocusPolicy
-from sim.taskworld import PreparedTask, TaskWorldConfig, zoom
+from sim.taskworld.world import PreparedTask, TaskWorldConfig, zoom
 
 
 def focus_recall(pt: PreparedTask, wc: WorkingContext) -> bool | None:
