@@ -111,7 +111,7 @@ class FocusAllocator:
         scores = self._validate(wc, scores)
         self.step_count += 1
         step, cfg, b = self.step_count, self.config, wc.block_size
-        u = mask_illegal(scores, wc.can_expand(), wc.group_ids() >= 0)
+        u = mask_illegal(scores, wc.can_expand(), wc.can_collapse())
         actions, u, touched = self._restore(wc, u, step)  # touched: token spans changed this step
         levels, indices, starts, ends = wc.levels, wc.indices, wc.starts, wc.ends
         group_starts = wc.group_starts()

@@ -121,6 +121,12 @@ def label_snapshot(
     return snapshot_record(base, wc.n_tokens, gain, cost, doc_id, nll[0])
 
 
+def target_utility(gain, cost, can_expand, can_collapse) -> np.ndarray:
+    """The signed label LensNet learns (DESIGN §5), its one home: gain x can_expand - cost x
+    can_collapse per entry (an entry that can do neither gets 0)."""
+    return np.where(can_expand, gain, 0.0) - np.where(can_collapse, cost, 0.0)
+
+
 def snapshot_record(
     base: ContextArrays,
     n_tokens: int,
@@ -132,7 +138,7 @@ def snapshot_record(
     """A trace snapshot (``megacontext.traces.ENTRY_KEYS`` + ``SNAPSHOT_KEYS``) from a context's
     arrays and its labels: per entry the expand gain and collapse cost, the target utility
     gain x can_expand - cost x can_collapse, the action mask."""
-    target = np.where(base.can_expand, gain, 0.0) - np.where(base.can_collapse, cost, 0.0)
+    target = target_utility(gain, cost, base.can_expand, base.can_collapse)
     return {
         "embeddings": base.embeddings.astype(np.float32),
         "levels": base.levels,

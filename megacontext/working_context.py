@@ -179,6 +179,10 @@ class WorkingContext:
         ok &= parent_end <= self.tail_start
         return np.flatnonzero(ok)
 
+    def can_collapse(self) -> np.ndarray:
+        """(N,) bool: the entry belongs to a legal sibling group (``group_ids`` >= 0)."""
+        return self.group_ids() >= 0
+
     def group_ids(self) -> np.ndarray:
         """(N,) int64: slot of the first member of the entry's legal sibling group, -1 if none."""
         gid = np.full(len(self), -1, dtype=np.int64)

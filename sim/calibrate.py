@@ -76,7 +76,7 @@ TASK_GRID: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0)
 """Scales tried for a task-world LensNet (its cheap labels are attention masses, not nats)."""
 
 
-def fit_task_scale(
+def fit_task_calibration(
     make_policy: Callable[[float], object],
     tasks: Sequence,
     config,
@@ -129,3 +129,12 @@ def fit_task_scale(
         if rank_nll < min(nll) - 1e-9:
             out["gate"] = "rank"
     return out
+
+
+def fit_task_scale(*args, **kwargs) -> dict:
+    """Deprecated name of ``fit_task_calibration`` (it fits the gate as well as the scale)."""
+    import warnings
+
+    warnings.warn("sim.calibrate.fit_task_scale is now fit_task_calibration", DeprecationWarning,
+                  stacklevel=2)
+    return fit_task_calibration(*args, **kwargs)

@@ -146,9 +146,22 @@ def _policy_objects(
             )
         lens = load_model(lens_path, device)
     ctx = PolicyContext(seed=args.seed, lensnet=lens, device=str(device))
-    return [build_policy(name, ctx, "tasks") for name in names] + _extra_lensnets(
-        args.lensnets, names, device
-    ), portable_path(lens_path)
+    policies = [build_policy(name, ctx, "tasks") for name in names]
+    return policies + _extra_lensnets(args.lensnets, names, device), portable_path(lens_path)
+
+
+def same_policies(policies: list) -> dict[str, str]:
+    """{rank twin: calibrated name} for each LensNet whose calibration chose the rank gate: it then
+    scores exactly as its ``_rank`` twin (``lensnet`` / ``lensnet_rank``, NAME / NAME_rank), so
+    the twin is not run a second time and its row would only repeat the other's."""
+    by_name = {p.name: p for p in policies}
+    same = {}
+    for p in policies:
+        twin = by_name.get(f"{p.name}_rank")
+        if (isinstance(p, LensNetPolicy) and isinstance(twin, LensNetRank)
+                and twin.model is p.model and p.gated_by_rank):
+            same[twin.name] = p.name
+    return same
 
 
 def trained_read_mode(path: str | None) -> str | None:
@@ -341,12 +354,19 @@ def _evaluate(args: EvaluateArgs) -> dict:
     kinds = {(t.get("meta") or {}).get("kind") for t in tasks}
     kind = next(iter(kinds)) if len(kinds) == 1 else None
     policies, lens_path = _policy_objects(names, args, lm.model, lm.oracle.device, kind)
+    same = same_policies(policies)
+    for twin, name in same.items():
+        print(f"note: {twin} is {name} (its calibration chose the rank gate): run once, as {name}",
+              file=sys.stderr)
+    policies = [p for p in policies if p.name not in same]
     run = _Run(errors=error_rows)
     if args.resume:
         _resume(run, out, tasks, policies, args.max_tasks)
     t_start = time.perf_counter()
     _stream_and_score(args, tasks, lines, policies, lm, out, run)
     results = _report(args, run, policies, lm.gister_name, lens_path)
+    if same:  # the twins left out: results name them
+        results["config"]["same_as"] = same
     results["timings"] = {"total_s": time.perf_counter() - t_start,
                           **{f"{k}_s": v for k, v in run.spent.items()}}
     results["versions"] = versions()

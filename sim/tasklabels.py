@@ -14,7 +14,7 @@ Labels (``--labels``):
   that predict the answer put on it (``sim.taskworld.features.answer_relevance``); a gist's target
   is the best relevance among its blocks, a sibling group's collapse cost the best relevance under
   it (discounted for groups of gists: ``GROUP_DISCOUNT``), in relevance units (the scale is fitted
-  afterwards: ``sim.calibrate.fit_task_scale``).
+  afterwards: ``sim.calibrate.fit_task_calibration``).
   ``cost.jsonl`` records each task's forward (the cheap label's whole cost) in seconds.
 - ``exact``: the counterfactual labels (``megacontext.labels.label_snapshot`` with the two-level
   lookahead: every legal action, one LM call each). In this mode every snapshot's cheap targets are
@@ -46,7 +46,7 @@ from tqdm.auto import tqdm
 
 from megacontext.allocator import FocusAllocator
 from megacontext.cli import from_dict, parse, to_dict
-from megacontext.labels import label_snapshot, snapshot_record
+from megacontext.labels import label_snapshot, snapshot_record, target_utility
 from megacontext.traces import FEATURE_KEY, TraceReader, TraceWriter, parse_shard
 from megacontext.tree import ConfigError
 from megacontext.working_context import WorkingContext
@@ -190,9 +190,8 @@ def retarget(src: str | Path, dst: str | Path) -> Path:
         snap = dict(reader[i])
         cost = snap["collapse_cost"] * GROUP_DISCOUNT ** snap["levels"].astype(np.float64)
         snap["collapse_cost"] = cost.astype(np.float32)
-        snap["target_utilities"] = (
-            np.where(snap["can_expand"], snap["expand_gain"], 0.0)
-            - np.where(snap["can_collapse"], cost, 0.0)
+        snap["target_utilities"] = target_utility(
+            snap["expand_gain"], cost, snap["can_expand"], snap["can_collapse"]
         ).astype(np.float32)
         writer.add(snap)
     writer.close()
@@ -497,8 +496,7 @@ def generate(args: TaskLabelArgs) -> Path:
                 t_exact = time.perf_counter() - t2
                 writer.add(_record(item, wc, lab["expand_gain"], lab["collapse_cost"], doc_id,
                                    lab["baseline_nll"]))
-                cheap = np.where(wc.can_expand(), gain, 0.0) - np.where(wc.group_ids() >= 0,
-                                                                         cost, 0.0)
+                cheap = target_utility(gain, cost, wc.can_expand(), wc.can_collapse())
                 row = {"task": task["id"], "cover": c, "kind": (task.get("meta") or {}).get("kind"),
                        "n_tokens": pt.n_tokens, "entries": len(wc),
                        **agreement(lab["target_utilities"], cheap, lab["action_mask"],

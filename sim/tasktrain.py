@@ -5,8 +5,8 @@
 2. select the checkpoint on *exact*-label validation traces (``sim.tasklabels --labels exact`` on
    disjoint train-split tasks) by ranking accuracy (the two label sources are on different scales,
    so the validation loss would measure the scale, not the order);
-3. calibrate (``sim.calibrate.fit_task_scale``): the gate (its scores x a scale, or its order on
-   the rank scale) and the score scale with the lowest mean answer NLL after the zoom on
+3. calibrate (``sim.calibrate.fit_task_calibration``): the gate (its scores x a scale, or its
+   order on the rank scale) and the score scale with the lowest mean answer NLL after the zoom on
    calibration tasks (train split, disjoint from the training and validation tasks, at the lengths
    the LensNet is used at), stored in the checkpoint;
 4. write ``OUT/lensnet.pt`` (weights + calibration) and its card ``OUT/lensnet.json``; ``--ship``
@@ -223,11 +223,11 @@ def _train_and_select(args: TaskTrainArgs, traces: _Traces, mcfg, out: Path):
 
 def _calibrate(args: TaskTrainArgs, traces: _Traces, mcfg, out: Path, device) -> tuple:
     """(the LM, the calibration): the gate and score scale fitted on calibration tasks
-    (``sim.calibrate.fit_task_scale``), stored in ``OUT/lensnet.pt``."""
+    (``sim.calibrate.fit_task_calibration``), stored in ``OUT/lensnet.pt``."""
     import torch
 
     from lensnet.train import load_model, save_calibration
-    from sim.calibrate import fit_task_scale
+    from sim.calibrate import fit_task_calibration
     from sim.policies import LensNetPolicy, LensNetRank
     from sim.tasklabels import TaskLabelArgs, _tasks
     from sim.taskworld.world import TaskError, check_query_fits, load_reader, prepare_task
@@ -250,7 +250,7 @@ def _calibrate(args: TaskTrainArgs, traces: _Traces, mcfg, out: Path, device) ->
             except TaskError as err:
                 print(f"validation task skipped: {err}", file=sys.stderr)
         lens = load_model(out / "lensnet.pt", device)
-        calibration = fit_task_scale(
+        calibration = fit_task_calibration(
             lambda g: LensNetPolicy(lens, device, scale=g), prepared, world, lm.oracle,
             # a prior LensNet's expand decision is its calibrated threshold, never a rank gate
             rank_policy=None if mcfg.prior else LensNetRank(lens, device),

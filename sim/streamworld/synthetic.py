@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from megacontext.labels import target_utility
 from megacontext.tree import ConfigError
 from megacontext.working_context import ContextArrays, WorkingContext
 
@@ -320,4 +321,4 @@ def cue_scores(arr: ContextArrays, config: SyntheticConfig) -> np.ndarray:
         group_cost = np.zeros(n)
         np.add.at(group_cost, gid[grouped], per_member[grouped])
         cost[grouped] = group_cost[gid[grouped]]
-    return gain * ex - cost * arr.can_collapse
+    return target_utility(gain, cost, ex, arr.can_collapse)

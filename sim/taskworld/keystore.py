@@ -2,18 +2,15 @@
 read, and the attention features they give every working-context entry.
 
 A block is read at L0 while it sits in the recency tail, so the LM's keys of its tokens are a
-by-product of reading it: the store keeps them, at every layer, either whole (``mode='full'``:
-per token, the LM's own softmax is reproduced exactly) or compressed to one mean key per L1 block
-and KV head (``mode='mean'``: 1/b of the bytes, Landmark/MoBA-style block keys; a block's logit is
-its mean key's logit plus log b, the mass b equal keys would get; block 0's mean includes the sink
-token's key). Tokens after the last complete
-block stay whole in both modes. ``bytes_per_token`` reports what a mode stores (fp16).
+by-product of reading it: the store keeps them whole, per token and layer, so the LM's own softmax
+is reproduced exactly (``bytes_per_token``: fp16). One mean key per L1 block (Landmark/MoBA-style,
+1/b of the bytes) was measured against it and not adopted: ``benchmarks/keystore.py``.
 
 At a refocus the newest token's queries (the last stream token: at question time the question's
 last) score every stored key; per layer and head the softmax over all of them is the attention
 mass each token (or block) receives, and an entry's mass is the sum over its span. Token 0 holds
 the LM's attention sink, whose mass says nothing about content: it is left out and the rest
-renormalised, and a separate feature flags the entry that holds it. ``entry_features`` returns,
+renormalised, and a separate feature flags the entry that holds it. ``span_features`` returns,
 per entry and layer, the log mass (mean over heads), its largest head's, and its best L1 block's,
 then the sink flag: what LensNet reads as extra per-entry inputs
 (``LensNetConfig.n_entry_features``).
@@ -45,7 +42,6 @@ from megacontext.lm_oracle import LMOracle
 from megacontext.tree import ConfigError
 from megacontext.working_context import WorkingContext
 
-StoreMode = Literal["full", "mean"]
 ReadMode = Literal["faithful", "full-read"]
 READ_MODES: tuple[str, ...] = ("faithful", "full-read")
 """How question-time decisions read the LM: 'faithful' (only what the deployed system computed;
@@ -96,63 +92,29 @@ class KeyStore:
             self._stack = torch.stack(self.keys)
         return self._stack
 
-    def bytes_per_token(self, mode: StoreMode) -> float:
-        """Bytes the store keeps per stream token in ``mode`` (fp16 keys, all layers)."""
+    def bytes_per_token(self) -> float:
+        """Bytes the store keeps per stream token (fp16 keys, all layers)."""
         kvh, _, hd = self.keys[0].shape
-        per_key = 2 * kvh * hd * self.n_layers
-        return per_key / (self.block_size if mode == "mean" else 1)
+        return 2 * kvh * hd * self.n_layers
 
     # ---------------------------------------------------------------------------- attention
-    def probs(
-        self, row: int = -1, mode: StoreMode = "full", n_keys: int | None = None
-    ) -> np.ndarray:
+    def probs(self, row: int = -1, n_keys: int | None = None) -> np.ndarray:
         """(L, H, n_keys) the attention probabilities the query of position ``row`` (an index into
         the captured queries; -1 = the last) puts on each stream token 0..n_keys-1: the softmax
         runs over every key up to that position (causal), then only the first ``n_keys`` are
-        returned (default: all of them). In 'mean' mode every token of a complete L1 block gets 1/b
-        of its block's mass; tokens after the last complete block keep their own."""
+        returned (default: all of them). Every layer in one product, heads grouped onto their KV
+        head."""
         n_q = self.queries.shape[2]
         pos = self.n_tokens - n_q + (row % n_q)  # the query's stream position
         n_causal = pos + 1
         n_keys = n_causal if n_keys is None else min(n_keys, n_causal)
-        if mode == "full":  # every layer in one product: heads grouped onto their KV head
-            q = self.queries[:, :, row]  # (L, H, hd)
-            k = self._stacked()[:, :, :n_causal]  # (L, KVH, n, hd)
-            n_layers, kvh = k.shape[:2]
-            qg = q.view(n_layers, kvh, q.shape[1] // kvh, q.shape[-1])  # (L, KVH, G, hd)
-            logits = torch.einsum("lkgd,lknd->lkgn", qg, k) * self.scale
-            p = torch.softmax(logits.double(), dim=-1).reshape(n_layers, q.shape[1], n_causal)
-            return p[..., :n_keys].cpu().numpy()
-        out = []
-        for layer, keys in enumerate(self.keys):
-            q = self.queries[layer, :, row]  # (H, hd)
-            k = keys[:, :n_causal].repeat_interleave(q.shape[0] // keys.shape[0], dim=0)  # H,n,hd
-            b = self.block_size
-            n_full = (n_causal // b) * b
-            mean_k = k[:, :n_full].reshape(k.shape[0], -1, b, k.shape[-1]).mean(dim=2)
-            logits = torch.cat(
-                [
-                    torch.einsum("hd,hnd->hn", q, mean_k) * self.scale + np.log(b),
-                    torch.einsum("hd,hnd->hn", q, k[:, n_full:]) * self.scale,
-                ],
-                dim=1,
-            )
-            p = torch.softmax(logits.double(), dim=-1)
-            n_blocks = n_full // b
-            per_token = p[:, :n_blocks].repeat_interleave(b, dim=1) / b
-            out.append(torch.cat([per_token, p[:, n_blocks:]], dim=1))
-        return torch.stack(out)[..., :n_keys].cpu().numpy()
-
-    # ----------------------------------------------------------------------------- features
-    def entry_features(
-        self, wc: WorkingContext, mode: StoreMode = "full", probs: np.ndarray | None = None
-    ) -> np.ndarray:
-        """(N, 3L + 1) float32 features of each entry of ``wc`` (which must cover this stream or a
-        prefix of it) from the last query's attention (``probs`` if given, else
-        ``probs(-1, mode)``): ``span_features``. Masses leave out the sink token and are
-        renormalised over the rest."""
-        p = self.probs(-1, mode, n_keys=wc.n_tokens) if probs is None else probs
-        return span_features(p, wc.starts, wc.ends, wc.block_size)
+        q = self.queries[:, :, row]  # (L, H, hd)
+        k = self._stacked()[:, :, :n_causal]  # (L, KVH, n, hd)
+        n_layers, kvh = k.shape[:2]
+        qg = q.view(n_layers, kvh, q.shape[1] // kvh, q.shape[-1])  # (L, KVH, G, hd)
+        logits = torch.einsum("lkgd,lknd->lkgn", qg, k) * self.scale
+        p = torch.softmax(logits.double(), dim=-1).reshape(n_layers, q.shape[1], n_causal)
+        return p[..., :n_keys].cpu().numpy()
 
 
 def best_block(values: np.ndarray, starts: np.ndarray, ends: np.ndarray, block_size: int
@@ -179,10 +141,11 @@ def span_features(
     block_size: int,
     relative: bool = False,
 ) -> np.ndarray:
-    """The ``KeyStore.entry_features`` of spans [starts, ends) from per-token probabilities
-    (L, H, n): per layer the span's mass (mean over heads), its largest head's mass, and the mass
-    of the span's best L1 block (mean over heads; the trailing partial block counts as one block),
-    each as log(1e-6 + mass) / ``LOG_SCALE``; then the sink flag. The best block is what the
+    """(N, 3L + 1) float32 features of spans [starts, ends) from per-token probabilities
+    (L, H, n), the sink token left out and the rest renormalised: per layer the span's mass (mean
+    over heads), its largest head's mass, and the mass of the span's best L1 block (mean over
+    heads; the trailing partial block counts as one block), each as log(1e-6 + mass) /
+    ``LOG_SCALE``; then the sink flag. The best block is what the
     expand decision needs: a gist is worth opening when one of its blocks is attended to, which a
     span's total (spread over 1024 tokens for an L2 gist) does not show.
 

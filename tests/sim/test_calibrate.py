@@ -63,12 +63,12 @@ def test_fit_rejects_bad_input():
 
 
 def test_task_calibration_picks_the_rank_gate_only_where_it_realises_more_gain(monkeypatch):
-    """fit_task_scale: the grid value with the lowest mean answer NLL; the rank gate where the
+    """fit_task_calibration: the grid value with the lowest mean answer NLL; the rank gate where the
     same scorer's rank policy is lower still, the scale gate on a tie."""
     import types
 
     import sim.taskworld.scoring
-    from sim.calibrate import fit_task_scale
+    from sim.calibrate import fit_task_calibration
 
     def answer(policy, pt, oracle, config):  # a stand-in zoom: NLL set by the policy per task
         return {"answer_nll": policy(pt.task["id"]), "exact_match": 0.0, "expands": 1}
@@ -80,12 +80,12 @@ def test_task_calibration_picks_the_rank_gate_only_where_it_realises_more_gain(m
     def scaled(g):
         return lambda i: 1.0 + abs(g - 2.0) + 0.1 * i  # best at scale 2: mean NLL 1.1
 
-    fit = fit_task_scale(scaled, tasks, config, None, grid=(1.0, 2.0, 4.0))
+    fit = fit_task_calibration(scaled, tasks, config, None, grid=(1.0, 2.0, 4.0))
     assert (fit["gate"], fit["score_scale"]) == ("scale", 2.0) and "rank_answer_nll" not in fit
-    fit = fit_task_scale(scaled, tasks, config, None, grid=(1.0, 2.0, 4.0),
+    fit = fit_task_calibration(scaled, tasks, config, None, grid=(1.0, 2.0, 4.0),
                          rank_policy=lambda i: 0.5 + 0.1 * i)
     assert (fit["gate"], fit["score_scale"]) == ("rank", 2.0)
     assert fit["rank_answer_nll"] == pytest.approx(0.6) and fit["rank_expands_per_task"] == 1
-    tie = fit_task_scale(scaled, tasks, config, None, grid=(1.0, 2.0, 4.0),
+    tie = fit_task_calibration(scaled, tasks, config, None, grid=(1.0, 2.0, 4.0),
                          rank_policy=lambda i: 1.0 + 0.1 * i)
     assert tie["gate"] == "scale"

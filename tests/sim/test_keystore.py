@@ -52,17 +52,19 @@ def test_full_store_reproduces_the_lms_own_attention(oracle):
         pos = 300 - 5 + r
         want = torch.stack([a[:, pos, : pos + 1] for a in ref]).numpy()  # (L, H, pos+1)
         np.testing.assert_allclose(store.probs(r), want, atol=1e-6)
-    assert store.bytes_per_token("full") == 2 * 2 * 16 * 4  # fp16 x KV heads x head dim x layers
-    assert store.bytes_per_token("mean") == store.bytes_per_token("full") / 4
+    assert store.bytes_per_token() == 2 * 2 * 16 * 4  # fp16 x KV heads x head dim x layers
 
 
-def test_mean_store_is_a_distribution_and_equals_full_at_block_size_one(oracle):
+def test_the_benchmarks_mean_keys_are_a_distribution_and_equal_full_at_block_size_one(oracle):
+    """``benchmarks.keystore.mean_key_probs``, the compressed store the benchmark measures."""
+    from benchmarks.keystore import mean_key_probs
+
     ids = np.random.default_rng(1).integers(0, 512, 203)
-    mean = keystore.read(oracle, ids, 4).probs(-1, "mean")
+    mean = mean_key_probs(keystore.read(oracle, ids, 4))
     np.testing.assert_allclose(mean.sum(-1), 1.0, atol=1e-9)
     assert np.all(mean[..., :200].reshape(*mean.shape[:2], 50, 4).std(-1) < 1e-12)  # per block
     one = keystore.read(oracle, ids, 1)
-    np.testing.assert_allclose(one.probs(-1, "mean"), one.probs(-1, "full"), atol=1e-9)
+    np.testing.assert_allclose(mean_key_probs(one), one.probs(-1), atol=1e-9)
 
 
 def test_span_features_against_a_loop(oracle):
@@ -490,20 +492,25 @@ def test_tasktrain_trains_selects_calibrates_and_evaluate_reads_it(tmp_path, ora
     with pytest.raises(SystemExit) as exit_info:
         evaluate_main(
             [*TINY_WORLD, "--lm", "tiny", "--tasks", str(tasks), "--out", str(tmp_path / "ranked"),
-             "--policies", "lensnet", "--lensnet", str(tmp_path / "ranked.pt"),
+             "--policies", "lensnet,lensnet_rank", "--lensnet", str(tmp_path / "ranked.pt"),
              "--lensnets", f"again={tmp_path / 'lens' / 'lensnet.pt'}", "--no-progress",
              "--gister", "mean"]
         )
     assert exit_info.value.code == 0
     # the cost per round is reported without recency in the run (any answer forward at W_max)
-    summary = json.loads((tmp_path / "ranked" / "results.json").read_text())["policies"]
+    results = json.loads((tmp_path / "ranked" / "results.json").read_text())
+    summary = results["policies"]
     assert summary["lensnet"]["cost_vs_lm_forward"] > 0
+    # lensnet_rank would repeat lensnet's rows: run once, and the results say so
+    same = {"lensnet_rank": "lensnet", **({"again_rank": "again"} if cal["gate"] == "rank" else {})}
+    assert results["config"]["same_as"] == same and not set(same) & set(summary)
     ranked = [json.loads(x) for x in (tmp_path / "ranked" / "tasks.jsonl").read_text().splitlines()]
     by = {(r["policy"], r["id"]): r for r in ranked}
+    twin = "again" if cal["gate"] == "rank" else "again_rank"  # the same weights, rank-gated
     for (p, i), r in by.items():
         if p == "lensnet":
             assert (r["answer_nll"], r["expands"]) == (
-                by[("again_rank", i)]["answer_nll"], by[("again_rank", i)]["expands"])
+                by[(twin, i)]["answer_nll"], by[(twin, i)]["expands"])
     for bad in ("recency=x.pt", "nameonly", f"again_rank={tmp_path / 'missing.pt'}"):
         with pytest.raises(SystemExit, match="--lensnets"):
             evaluate_main([*TINY_WORLD, "--lm", "tiny", "--tasks", str(tasks), "--out",

@@ -166,10 +166,10 @@ def _keystore(path, out, monkeypatch):
 
 
 def _calibrate(path, out):
-    from sim.calibrate import fit_task_scale
+    from sim.calibrate import fit_task_calibration
 
     prepared = [SimpleNamespace(task=t) for t in read_tasks(path)]  # as taskworld prepares
-    fit_task_scale(lambda g: pytest.fail("calibrated"), prepared, None, None)
+    fit_task_calibration(lambda g: pytest.fail("calibrated"), prepared, None, None)
 
 
 def _evaluate(path, out):
