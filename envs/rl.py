@@ -45,7 +45,7 @@ from tqdm.auto import tqdm
 from envs.megafocus_env import MegaFocusEnv
 from envs.policy_agent import observed_arrays
 from megacontext.allocator import recency_scores_of
-from megacontext.cli import parse, to_argv
+from megacontext.cli import run_cli, to_argv
 from megacontext.tree import ConfigError
 from megacontext.working_context import ContextArrays
 from sim.policy import FocusPolicy, FocusView
@@ -594,11 +594,7 @@ def plot_curve(curve: list[dict], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse(RLArgs, argv)
-    try:
-        res = run(args)
-    except ConfigError as err:
-        raise SystemExit(f"error: {err}") from None
+    args, res = run_cli(RLArgs, run, argv, (ConfigError,))
     print(f"{'policy':10s} {'NLL':>8s} {'NGR':>7s}  95% CI (documents)")
     for name, r in res["policies"].items():
         ci = "" if not r["ngr_ci95"] else f"[{r['ngr_ci95'][0]:.2f}, {r['ngr_ci95'][1]:.2f}]"

@@ -226,3 +226,21 @@ def versions() -> dict:
         "platform": platform.platform(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }
+
+
+def run_cli(
+    cls: type[T],
+    fn,
+    argv: list[str] | None = None,
+    errors: tuple[type[BaseException], ...] = (ValueError,),
+    defaults: T | None = None,
+):
+    """Every entry point's ``main``: parse ``argv`` into ``cls`` (``parse``), call ``fn`` with it,
+    and turn an expected error (``errors``: bad input the message names) into 'error: <message>'
+    and exit status 1, without a traceback. Returns (the arguments, what ``fn`` returned)."""
+    args = parse(cls, argv, defaults=defaults)
+    try:
+        return args, fn(args)
+    except errors as err:
+        raise SystemExit(f"error: {err}") from err
+

@@ -44,7 +44,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from megacontext.cli import parse, to_argv, to_dict
+from megacontext.cli import run_cli, to_argv, to_dict
 from megacontext.tree import ConfigError
 from sim.policies import LensNetPolicy, LensNetRank, build_policy, check_query_fits, policy_names
 from sim.policy import PolicyContext
@@ -699,11 +699,7 @@ def format_results(results: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse(EvaluateArgs, argv)
-    try:
-        results = evaluate_tasks(args)
-    except (ConfigError, FileNotFoundError) as err:
-        sys.exit(f"error: {err}")
+    _, results = run_cli(EvaluateArgs, evaluate_tasks, argv, (ConfigError, FileNotFoundError))
     sys.exit(1 if results["errors"] else 0)
 
 

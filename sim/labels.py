@@ -12,10 +12,9 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from megacontext.cli import parse, to_dict
+from megacontext.cli import run_cli, to_dict
 from megacontext.labels import label_snapshot
 from megacontext.traces import TraceReader, TraceWriter, parse_shard
-from megacontext.tree import ConfigError
 from sim.streamworld.world import WorldConfig, lm_episode, synthetic_episode
 
 
@@ -111,11 +110,7 @@ def generate_traces(args: TraceArgs, lm: tuple | None = None) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse(TraceArgs, argv)
-    try:
-        out = generate_traces(args)
-    except (ValueError, ConfigError) as err:
-        raise SystemExit(f"error: {err}") from err
+    _, out = run_cli(TraceArgs, generate_traces, argv)
     print(f"wrote {len(TraceReader(out))} snapshots to {out}")
 
 

@@ -35,7 +35,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from lensnet.train import TrainConfig
-from megacontext.cli import parse, to_dict, versions
+from megacontext.cli import run_cli, to_dict, versions
 from megacontext.tree import ConfigError, MegaContextTree, TreeConfig
 from megacontext.working_context import BudgetExhausted, ContextConfig, WorkingContext, min_slots
 from sim.calibrate import fit_score_scale
@@ -704,11 +704,8 @@ def main(argv: list[str] | None = None) -> None:
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--env", default="synthetic")
     env = pre.parse_known_args(sys.argv[1:] if argv is None else argv)[0].env
-    args = parse(RunArgs, argv, defaults=lm_defaults() if env == "lm" else None)
-    try:
-        run(args)
-    except (ConfigError, BudgetExhausted) as err:
-        sys.exit(f"error: {err}")
+    run_cli(RunArgs, run, argv, (ConfigError, BudgetExhausted),
+            defaults=lm_defaults() if env == "lm" else None)
 
 
 if __name__ == "__main__":

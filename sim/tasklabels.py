@@ -45,7 +45,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from megacontext.allocator import FocusAllocator
-from megacontext.cli import from_dict, parse, to_dict
+from megacontext.cli import from_dict, run_cli, to_dict
 from megacontext.labels import label_snapshot, snapshot_record, target_utility
 from megacontext.traces import FEATURE_KEY, TraceReader, TraceWriter, parse_shard
 from megacontext.tree import ConfigError
@@ -511,17 +511,17 @@ def generate(args: TaskLabelArgs) -> Path:
     return out
 
 
+def _label_traces(args: TaskLabelArgs) -> Path:
+    """What ``python -m sim.tasklabels`` was asked: refeature, retarget or label."""
+    if args.refeature_from:
+        return refeature(args.refeature_from, args.out, args.lm, args.feature_set)
+    if args.retarget_from:
+        return retarget(args.retarget_from, args.out)
+    return generate(args)
+
+
 def main(argv: list[str] | None = None) -> None:
-    args = parse(TaskLabelArgs, argv)
-    try:
-        if args.refeature_from:
-            out = refeature(args.refeature_from, args.out, args.lm, args.feature_set)
-        elif args.retarget_from:
-            out = retarget(args.retarget_from, args.out)
-        else:
-            out = generate(args)
-    except (ValueError, ConfigError) as err:
-        raise SystemExit(f"error: {err}") from err
+    _, out = run_cli(TaskLabelArgs, _label_traces, argv)
     print(f"wrote {len(TraceReader(out))} snapshots to {out}")
 
 

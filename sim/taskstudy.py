@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from lensnet.data import AugmentConfig
 from lensnet.train import TrainConfig
-from megacontext.cli import parse, to_argv, to_dict
+from megacontext.cli import run_cli, to_argv, to_dict
 from megacontext.labels import label_snapshot
 from megacontext.traces import TraceWriter, parse_shard
 from megacontext.tree import ConfigError
@@ -348,11 +348,7 @@ def _evaluate_heldout(args: TaskStudyArgs, files: dict[str, Path], out: Path) ->
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse(TaskStudyArgs, argv)
-    try:
-        run(args)
-    except (ConfigError, TaskError, ValueError) as err:
-        sys.exit(f"error: {err}")
+    run_cli(TaskStudyArgs, run, argv)  # ConfigError, TaskError: ValueErrors
 
 
 if __name__ == "__main__":

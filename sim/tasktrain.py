@@ -26,7 +26,7 @@ from typing import Literal
 
 from lensnet.data import AugmentConfig
 from lensnet.train import TrainConfig
-from megacontext.cli import from_dict, parse, to_argv, to_dict
+from megacontext.cli import from_dict, run_cli, to_argv, to_dict
 from megacontext.tree import ConfigError
 
 
@@ -304,11 +304,7 @@ def _write_card(args: TaskTrainArgs, out: Path, card: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse(TaskTrainArgs, argv)
-    try:
-        card = run(args)
-    except (ConfigError, ValueError) as err:
-        sys.exit(f"error: {err}")
+    _, card = run_cli(TaskTrainArgs, run, argv)
     print(json.dumps({k: card[k] for k in ("step", "validation", "calibration")}, indent=1))
 
 

@@ -49,6 +49,7 @@ from sim.tasks.filler import (
 )
 from sim.tasks.jsonl import TaskFileError, read_tasks, scan_tasks, write_jsonl
 from sim.tasks.kinds import CONSONANTS, KEY_WORDS, TASK_KINDS, NeedleKind, TaskKind, Template
+from sim.tasks.needles import TaskDraw
 
 __all__ = [
     "ALL_KINDS",
@@ -208,7 +209,7 @@ def make_task(
     kind_index = list(TASK_KINDS).index(c.kind)
     rng = np.random.default_rng([c.seed, SPLITS.index(c.split), kind_index, i])
     n = c.length[i % len(c.length)]
-    return TASK_KINDS[c.kind].make_task(c, i, n, rng, count_tokens, counter)
+    return TASK_KINDS[c.kind].make_task(TaskDraw(c, i, n, rng, count_tokens, counter))
 
 
 def generate_tasks(config: TaskConfig, count_tokens: Any = None) -> list[dict[str, Any]]:
@@ -231,12 +232,8 @@ def generate_tasks(config: TaskConfig, count_tokens: Any = None) -> list[dict[st
 
 
 def main(argv: list[str] | None = None) -> None:
-    from megacontext.cli import parse
+    from megacontext.cli import run_cli
 
-    config = parse(TaskConfig, argv)
-    try:
-        tasks = generate_tasks(config)
-    except ConfigError as err:
-        raise SystemExit(f"error: {err}") from err
+    config, tasks = run_cli(TaskConfig, generate_tasks, argv, (ConfigError,))
     write_jsonl(tasks, config.out)
     print(f"wrote {len(tasks)} {config.kind} tasks ({config.split}) to {config.out}")

@@ -17,6 +17,7 @@ import numpy as np
 from gistnet.corpus import stdlib_modules
 from megacontext.tree import ConfigError
 from sim.tasks.filler import _longest_prefix, code_documents
+from sim.tasks.needles import TaskDraw
 
 if TYPE_CHECKING:
     from sim.tasks import TaskConfig
@@ -143,14 +144,6 @@ class CodeContinuation:
     name = "code"
     splits = ("train", "dev", "heldout")
 
-    def make_task(
-        self,
-        c: TaskConfig,
-        i: int,
-        n: int,
-        rng: np.random.Generator,
-        count_tokens: Callable[[str], int],
-        counter: str,
-    ) -> dict[str, Any]:
-        """Task ``i`` of ``c``, ``n`` tokens long, drawn from ``rng``."""
-        return make_code_task(c, i, n, rng, count_tokens, counter)
+    def make_task(self, d: TaskDraw) -> dict[str, Any]:
+        """The task ``d`` describes (``make_code_task``)."""
+        return make_code_task(*d)

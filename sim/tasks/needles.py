@@ -6,7 +6,7 @@ question; a subclass draws them), and the key and name alphabets the kinds share
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 import numpy as np
 
@@ -30,22 +30,26 @@ pebble quill ribbon sparrow thistle velvet willow""".split()
 """Multi-key keys (the same for both splits: keys are neither filler nor phrasing)."""
 
 
+class TaskDraw(NamedTuple):
+    """What one task is drawn from (``sim.tasks.make_task``): task ``i`` of config ``c``, at most
+    ``n`` tokens under ``count_tokens`` (``counter`` names it in the task's meta), every draw from
+    ``rng``."""
+
+    c: TaskConfig
+    i: int
+    n: int
+    rng: np.random.Generator
+    count_tokens: Callable[[str], int]
+    counter: str
+
+
 class TaskKind(Protocol):
     """A task kind: its name (its key in ``TASK_KINDS``) and the maker of its tasks."""
 
     name: str
 
-    def make_task(
-        self,
-        c: TaskConfig,
-        i: int,
-        n: int,
-        rng: np.random.Generator,
-        count_tokens: Callable[[str], int],
-        counter: str,
-    ) -> dict[str, Any]:
-        """Task ``i`` of ``c``, at most ``n`` tokens under ``count_tokens`` (``counter`` names it
-        in the task's meta), every draw from ``rng``."""
+    def make_task(self, d: TaskDraw) -> dict[str, Any]:
+        """The task ``d`` describes."""
         ...
 
 
@@ -76,18 +80,11 @@ class NeedleKind:
         t = int(rng.integers(len(options)))
         return (*self.needles(c, rng, options[t], depth), {"template": t})
 
-    def make_task(
-        self,
-        c: TaskConfig,
-        i: int,
-        n: int,
-        rng: np.random.Generator,
-        count_tokens: Callable[[str], int],
-        counter: str,
-    ) -> dict[str, Any]:
+    def make_task(self, d: TaskDraw) -> dict[str, Any]:
         """Task ``i`` of ``c``: the asked needle at depth ``depths[(i // len(length)) %
         len(depths)]`` (uniform when there are none), filler up to ``n`` tokens for the whole
         stream (context, question and answer), refilled until the stream lands within 1%."""
+        c, i, n, rng, count_tokens, counter = d
         depth = float(c.depths[(i // len(c.length)) % len(c.depths)] if c.depths else rng.uniform())
         needles, asked, question, answer, drawn = self.draw(c, rng, depth)
         question = "\n\n" + question

@@ -227,13 +227,9 @@ def draw_sealed(config: SealedConfig) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from megacontext.cli import parse
+    from megacontext.cli import run_cli
 
-    config = parse(SealedConfig, argv)
-    try:
-        manifest = draw_sealed(config)
-    except (ConfigError, FileExistsError) as err:
-        raise SystemExit(f"error: {err}") from err
+    config, manifest = run_cli(SealedConfig, draw_sealed, argv, (ConfigError, FileExistsError))
     print(f"sealed {manifest['n_tasks']} tasks in {len(manifest['cells'])} cells into {config.out}")
 
 
