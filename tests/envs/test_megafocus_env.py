@@ -308,18 +308,8 @@ def test_render_modes():
 
 
 def test_lm_oracle_variant_runs_with_tiny_lm():
-    env = MegaFocusEnv(
-        oracle="lm",
-        lm="tiny",
-        block_size=4,
-        max_level=2,
-        w_max=40,
-        step_tokens=4,
-        horizon=8,
-        tail_tokens=8,
-        n_tail_gists=3,
-        doc_blocks=20,
-    )
+    small = {k: v for k, v in SMALL.items() if k != "d_model"}  # the LM brings its width
+    env = MegaFocusEnv(oracle="lm", lm="tiny", **{**small, "doc_blocks": 20})
     obs, _ = env.reset(seed=0)
     assert obs["embeddings"].shape == (env.n_slots, 64)
     for _ in range(5):

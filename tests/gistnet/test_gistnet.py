@@ -19,7 +19,7 @@ from gistnet.gister import (
     save_gistnet,
 )
 from gistnet.model import GistNet, GistNetConfig, SoftPrompt
-from gistnet.train import Example, GistTrainArgs, GistTrainer
+from gistnet.train import Example, GistTrainArgs, GistTrainer, ObjectiveConfig
 from megacontext.lm import tiny_llama
 from megacontext.training import LoopConfig
 from megacontext.tree import ConfigError, MegaContextTree, TreeConfig, mean_gister
@@ -132,7 +132,8 @@ def test_resolve_gister_auto_falls_back_for_an_lm_without_a_checkpoint(lm):
         resolve_gister("median", lm, B)
 
 
-def tiny_args(tmp_path, **kw) -> GistTrainArgs:
+def tiny_args(tmp_path, objective: ObjectiveConfig | None = None, **kw) -> GistTrainArgs:
+    """A few seconds of GistNet training on the tiny LM (``objective``: the default's if None)."""
     return GistTrainArgs(
         out=str(tmp_path),
         lm="tiny",
@@ -143,6 +144,7 @@ def tiny_args(tmp_path, **kw) -> GistTrainArgs:
         progress=False,
         p_l2=0.5,
         model=small_config(),
+        objective=objective or ObjectiveConfig(),
         train=LoopConfig(
             lr=3e-3,
             warmup_steps=1,

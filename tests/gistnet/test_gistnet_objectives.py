@@ -22,10 +22,9 @@ from gistnet.gister import (
     resolve_gister,
     save_gistnet,
 )
-from gistnet.model import GistNet, GistNetConfig
+from gistnet.model import GistNet
 from gistnet.train import (
     Example,
-    GistTrainArgs,
     GistTrainer,
     ObjectiveConfig,
     Substitution,
@@ -35,10 +34,8 @@ from gistnet.train import (
     token_nll,
 )
 from megacontext.lm import pydoc_topics, tiny_llama
-from megacontext.training import LoopConfig
 from megacontext.tree import ConfigError, mean_gister
-
-B, D = 4, 64  # tiny LM width, block size
+from tests.gistnet.test_gistnet import B, small_config, tiny_args
 
 
 @pytest.fixture(scope="module")
@@ -54,35 +51,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
-
-
-def small_config() -> GistNetConfig:
-    return GistNetConfig(d_model=D, d=32, n_layers=1, n_heads=2, block_size=B, lm_layer=2)
-
-
-def tiny_args(tmp_path, objective: ObjectiveConfig | None = None, **kw) -> GistTrainArgs:
-    return GistTrainArgs(
-        out=str(tmp_path),
-        lm="tiny",
-        ctx_blocks=4,
-        no_tail_steps=0,
-        horizons=(8,),
-        val_windows=4,
-        progress=False,
-        p_l2=0.5,
-        model=small_config(),
-        objective=objective or ObjectiveConfig(),
-        train=LoopConfig(
-            lr=3e-3,
-            warmup_steps=1,
-            total_steps=40,
-            eval_every=40,
-            ckpt_every=40,
-            batch_size=4,
-            weight_decay=0.0,
-        ),
-        **kw,
-    )
 
 
 def term_value(trainer: GistTrainer, batch: list[Example], term: str) -> float:

@@ -9,6 +9,7 @@ from hypothesis import given
 
 from lensnet import reference_losses as ref
 from lensnet.losses import (
+    BATCH_KEYS,
     LensNetLoss,
     budget_loss,
     illegality_loss,
@@ -143,18 +144,7 @@ def test_shape_and_key_errors_are_clear():
     pred = torch.zeros(2, 3)
     with pytest.raises(KeyError, match="lacks keys"):
         LensNetLoss()(pred, {})
-    bad = {
-        k: torch.zeros(2, 4)
-        for k in (
-            "target_utilities",
-            "action_mask",
-            "valid_mask",
-            "levels",
-            "span_width",
-            "expand_cost",
-            "collapse_refund",
-        )
-    }
+    bad = {k: torch.zeros(2, 4) for k in BATCH_KEYS}
     with pytest.raises(ValueError, match="shape"):
         LensNetLoss()(pred, bad)
 

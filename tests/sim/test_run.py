@@ -74,53 +74,42 @@ def test_nested_defaults_and_overrides(capsys):
     assert "block_size must be >= 2, got 1" in capsys.readouterr().err
 
 
-def small_study_argv(out) -> list[str]:
-    s = SyntheticConfig()
+SMALL = {
+    "--train-docs": 3,
+    "--eval-docs": 2,
+    "--preset": "tiny",
+    "--world.tree.block-size": 4,
+    "--world.tree.d-model": 8,
+    "--world.synthetic.block-size": 4,
+    "--world.synthetic.d-model": 8,
+    "--world.synthetic.n-blocks": 40,
+    "--world.synthetic.recent-window": 6,
+    "--world.synthetic.n-recent": 3,
+    "--world.step-tokens": 4,
+    "--world.horizon": 8,
+    "--world.n-tail-gists": 3,
+    "--world.warmup-tokens": 16,
+    "--world.w-max": 40,
+    "--world.tail-tokens": 8,
+    "--train.total-steps": 40,
+    "--train.eval-every": 20,
+    "--train.warmup-steps": 5,
+    "--train.ckpt-every": 40,
+}
+"""The small synthetic study's options (a few seconds of CPU)."""
+
+
+def small_study_argv(out, changes: dict | None = None, flags: tuple[str, ...] = ()) -> list[str]:
+    """``sim.run``'s arguments for the small study into ``out``, with ``changes`` to ``SMALL``
+    and extra ``flags``."""
+    opts = {**SMALL, **(changes or {})}
     return [
         "--out",
         str(out),
-        "--train-docs",
-        "3",
-        "--eval-docs",
-        "2",
-        "--preset",
-        "tiny",
         "--no-progress",
-        "--world.tree.block-size",
-        "4",
-        "--world.tree.d-model",
-        "8",
-        "--world.synthetic.block-size",
-        "4",
-        "--world.synthetic.d-model",
-        "8",
-        "--world.synthetic.n-blocks",
-        "40",
-        "--world.synthetic.recent-window",
-        "6",
-        "--world.synthetic.n-recent",
-        "3",
-        "--world.step-tokens",
-        "4",
-        "--world.horizon",
-        "8",
-        "--world.n-tail-gists",
-        "3",
-        "--world.warmup-tokens",
-        "16",
-        "--world.w-max",
-        "40",
-        "--world.tail-tokens",
-        "8",
-        "--train.total-steps",
-        "40",
-        "--train.eval-every",
-        "20",
-        "--train.warmup-steps",
-        "5",
-        "--train.ckpt-every",
-        "40",
-        f"--world.synthetic.base-nll={s.base_nll}",
+        *flags,
+        *(str(x) for kv in opts.items() for x in kv),
+        f"--world.synthetic.base-nll={SyntheticConfig().base_nll}",
     ]
 
 
@@ -194,54 +183,14 @@ def test_small_study_end_to_end(tmp_path, capsys):
 def test_small_study_learns_to_beat_recency(tmp_path):
     """A small world LensNet can learn in seconds (orthonormal keys: d/2 = 16 >= 16 blocks): trained
     on 24 documents it must recover a clear share of the oracle's gap on held-out documents."""
-    argv = [
-        "--out",
-        str(tmp_path),
-        "--train-docs",
-        "48",
-        "--eval-docs",
-        "8",
-        "--preset",
-        "tiny",
-        "--no-progress",
-        "--no-plots",
-        "--budget-scales",
-        "1.25",
-        "--world.tree.block-size",
-        "4",
-        "--world.tree.d-model",
-        "32",
-        "--world.synthetic.block-size",
-        "4",
-        "--world.synthetic.d-model",
-        "32",
-        "--world.synthetic.n-blocks",
-        "16",
-        "--world.synthetic.recent-window",
-        "6",
-        "--world.synthetic.n-recent",
-        "3",
-        "--world.step-tokens",
-        "4",
-        "--world.horizon",
-        "8",
-        "--world.n-tail-gists",
-        "3",
-        "--world.warmup-tokens",
-        "16",
-        "--world.w-max",
-        "20",
-        "--world.tail-tokens",
-        "8",
-        "--train.total-steps",
-        "400",
-        "--train.eval-every",
-        "100",
-        "--train.warmup-steps",
-        "20",
-        "--train.ckpt-every",
-        "400",
-    ]
+    argv = small_study_argv(
+        tmp_path,
+        {"--train-docs": 48, "--eval-docs": 8, "--budget-scales": 1.25, "--world.tree.d-model": 32,
+         "--world.synthetic.d-model": 32, "--world.synthetic.n-blocks": 16, "--world.w-max": 20,
+         "--train.total-steps": 400, "--train.eval-every": 100, "--train.warmup-steps": 20,
+         "--train.ckpt-every": 400},
+        flags=("--no-plots",),
+    )
     results = run(parse(RunArgs, argv))
     pol = results["policies"]
     assert pol["lensnet"]["ngr"] > 0.3, {k: v["ngr"] for k, v in pol.items()}  # 0.60 when written
