@@ -420,16 +420,47 @@ def generate(args: TaskLabelArgs) -> Path:
     if args.covers < 1 or args.query_tokens < 1:
         raise ConfigError(f"need covers >= 1 and query_tokens >= 1, got {args.covers}, "
                           f"{args.query_tokens}")
-    lm_reader = load_reader(args.lm, args.gister, args.world.block_size)
-    model, tokenizer, oracle = lm_reader.model, lm_reader.own_tokenizer, lm_reader.oracle
-    tok, gister, gister_name = lm_reader.tokenizer, lm_reader.gister, lm_reader.gister_name
+    lm = load_reader(args.lm, args.gister, args.world.block_size)
+    writer = TraceWriter(out, _trace_meta(args, lm), shard_size=args.shard_size)
+    # resume: per task (doc id) the covers already on disk; a task that failed wrote none
+    on_disk = Counter(TraceReader(out).snapshots["doc_id"].tolist()) if writer.n_done else Counter()
+    tasks = [(i, t) for i, t in enumerate(_tasks(args, lm.own_tokenizer)) if i % n_shard == i_shard]
+    log = (out / "agreement.jsonl").open("a") if args.labels == "exact" else None
+    cost_log = (out / "cost.jsonl").open("a")  # per task: the cheap label's forward, in seconds
     w = args.world
-    meta = {
-        "d_model": oracle.d_model,
+    for doc_id, task in tqdm(tasks, desc=f"label {out.name}", disable=not args.progress):
+        done = on_disk[doc_id]
+        if done >= args.covers:  # whole task already on disk
+            continue
+        try:
+            pt = prepare_task(task, lm.oracle, lm.tokenizer, w, lm.gister, features=False,
+                              attention=True, answer_attention=True)
+            check_query_fits(pt, args.query_tokens, "--query-tokens")
+        except TaskError as err:
+            print(f"skipped: {err}")
+            continue
+        cost_log.write(json.dumps({"task": task["id"], "n_tokens": pt.n_tokens,
+                                   "forward_s": pt.label_s, "covers": args.covers}) + "\n")
+        cost_log.flush()
+        for c, wc in enumerate(random_covers(pt, w, args.covers, args.seed * 100003 + doc_id)):
+            if c >= done:
+                _label_cover(args, pt, wc, lm.oracle, (doc_id, c), writer, log)
+    writer.close()
+    cost_log.close()
+    if log is not None:
+        log.close()
+    return out
+
+
+def _trace_meta(args: TaskLabelArgs, lm) -> dict:
+    """The trace manifest's meta: LensNet's inputs, the world, the labels and the tasks."""
+    w = args.world
+    return {
+        "d_model": lm.oracle.d_model,
         "n_tail": w.n_tail_gists + args.query_tokens,
         "n_tail_gists": w.n_tail_gists,
         "n_query_tokens": args.query_tokens,
-        "n_entry_features": n_entry_features(model.config.num_hidden_layers, args.feature_set),
+        "n_entry_features": n_entry_features(lm.model.config.num_hidden_layers, args.feature_set),
         "feature_set": args.feature_set,
         "block_size": w.block_size,
         "max_level": w.max_level,
@@ -438,77 +469,53 @@ def generate(args: TaskLabelArgs) -> Path:
         **({"group_discount": GROUP_DISCOUNT} if args.labels == "cheap" else {}),
         **({"exact_top": args.exact_top, "lookahead_children": args.lookahead_children}
            if args.labels == "hybrid" else {}),
-        "oracle": {"kind": "lm", "lm": args.lm, "gister": gister_name},
+        "oracle": {"kind": "lm", "lm": args.lm, "gister": lm.gister_name},
         "tasks": args.tasks or {"kinds": list(args.kinds), "first": args.first_task,
                                 "n": args.n_tasks, "length": list(args.length), "seed": args.seed},
         "covers": args.covers,
         "shard": args.shard,
     }
-    writer = TraceWriter(out, meta, shard_size=args.shard_size)
-    # resume: per task (doc id) the covers already on disk; a task that failed wrote none
-    on_disk = Counter(TraceReader(out).snapshots["doc_id"].tolist()) if writer.n_done else Counter()
-    tasks = [(i, t) for i, t in enumerate(_tasks(args, tokenizer)) if i % n_shard == i_shard]
-    log = (out / "agreement.jsonl").open("a") if args.labels == "exact" else None
-    cost_log = (out / "cost.jsonl").open("a")  # per task: the cheap label's forward, in seconds
-    for doc_id, task in tqdm(tasks, desc=f"label {out.name}", disable=not args.progress):
-        done = on_disk[doc_id]
-        if done >= args.covers:  # whole task already on disk
-            continue
-        try:
-            pt = prepare_task(task, oracle, tok, w, gister, features=False, attention=True,
-                              answer_attention=True)
-            check_query_fits(pt, args.query_tokens, "--query-tokens")
-        except TaskError as err:
-            print(f"skipped: {err}")
-            continue
-        t_forward = pt.label_s  # the cheap label's own cost: its one forward
-        cost_log.write(json.dumps({"task": task["id"], "n_tokens": pt.n_tokens,
-                                   "forward_s": t_forward, "covers": args.covers}) + "\n")
-        cost_log.flush()
-        for c, wc in enumerate(random_covers(pt, w, args.covers, args.seed * 100003 + doc_id)):
-            if c < done:
-                continue
-            item = lensnet_item(wc, w.n_tail_gists, args.query_tokens,
-                                pt.question_attention(wc, oracle), args.feature_set,
-                                pt.block_lexical, pt.query)
-            t1 = time.perf_counter()  # the cheap label's cost: targets, plus its share of the read
-            gain, cost = cheap_targets(wc, pt.answer_relevance)
-            t_cheap = time.perf_counter() - t1 + t_forward / args.covers
-            if args.labels == "cheap":
-                writer.add(_record(item, wc, gain, cost, doc_id))
-            elif args.labels == "hybrid":
-                slots, children = hybrid_candidates(wc, gain, pt.answer_relevance, args.exact_top,
-                                                    args.lookahead_children)
-                lab = label_snapshot(wc, oracle, pt.answer_ids, wc.n_tokens, w.n_tail_gists,
-                                     doc_id, lookahead=w.lookahead, expand_slots=slots,
-                                     children=children)
-                rec = _record(item, wc, lab["expand_gain"], lab["collapse_cost"], doc_id,
-                              lab["baseline_nll"])
-                # a gist whose expand was not labelled is no evidence: out of the loss (its
-                # collapse label goes with it; the target mixes the two)
-                unlabelled = wc.can_expand() & ~np.isin(np.arange(len(wc)), slots)
-                rec["action_mask"] = rec["action_mask"] & ~unlabelled
-                writer.add(rec)
-            else:
-                t2 = time.perf_counter()
-                lab = label_snapshot(wc, oracle, pt.answer_ids, wc.n_tokens, w.n_tail_gists,
-                                     doc_id, lookahead=w.lookahead)
-                t_exact = time.perf_counter() - t2
-                writer.add(_record(item, wc, lab["expand_gain"], lab["collapse_cost"], doc_id,
-                                   lab["baseline_nll"]))
-                cheap = target_utility(gain, cost, wc.can_expand(), wc.can_collapse())
-                row = {"task": task["id"], "cover": c, "kind": (task.get("meta") or {}).get("kind"),
-                       "n_tokens": pt.n_tokens, "entries": len(wc),
-                       **agreement(lab["target_utilities"], cheap, lab["action_mask"],
-                                   wc.can_expand()),
-                       "exact_s": t_exact, "cheap_s": t_cheap}
-                log.write(json.dumps(row) + "\n")
-                log.flush()
-    writer.close()
-    cost_log.close()
-    if log is not None:
-        log.close()
-    return out
+
+
+def _label_cover(args: TaskLabelArgs, pt: PreparedTask, wc, oracle, where: tuple[int, int],
+                 writer: TraceWriter, log) -> None:
+    """One cover's snapshot with its labels (``args.labels``: cheap, hybrid or exact; exact also
+    logs its agreement with the cheap label to ``log``). ``where``: (doc id, cover)."""
+    doc_id, c = where
+    w = args.world
+    item = lensnet_item(wc, w.n_tail_gists, args.query_tokens, pt.question_attention(wc, oracle),
+                        args.feature_set, pt.block_lexical, pt.query)
+    t1 = time.perf_counter()  # the cheap label's cost: targets, plus its share of the read
+    gain, cost = cheap_targets(wc, pt.answer_relevance)
+    t_cheap = time.perf_counter() - t1 + pt.label_s / args.covers
+    if args.labels == "cheap":
+        writer.add(_record(item, wc, gain, cost, doc_id))
+    elif args.labels == "hybrid":
+        slots, children = hybrid_candidates(wc, gain, pt.answer_relevance, args.exact_top,
+                                            args.lookahead_children)
+        lab = label_snapshot(wc, oracle, pt.answer_ids, wc.n_tokens, w.n_tail_gists, doc_id,
+                             lookahead=w.lookahead, expand_slots=slots, children=children)
+        rec = _record(item, wc, lab["expand_gain"], lab["collapse_cost"], doc_id,
+                      lab["baseline_nll"])
+        # a gist whose expand was not labelled is no evidence: out of the loss (its collapse
+        # label goes with it; the target mixes the two)
+        unlabelled = wc.can_expand() & ~np.isin(np.arange(len(wc)), slots)
+        rec["action_mask"] = rec["action_mask"] & ~unlabelled
+        writer.add(rec)
+    else:
+        t2 = time.perf_counter()
+        lab = label_snapshot(wc, oracle, pt.answer_ids, wc.n_tokens, w.n_tail_gists, doc_id,
+                             lookahead=w.lookahead)
+        t_exact = time.perf_counter() - t2
+        writer.add(_record(item, wc, lab["expand_gain"], lab["collapse_cost"], doc_id,
+                           lab["baseline_nll"]))
+        cheap = target_utility(gain, cost, wc.can_expand(), wc.can_collapse())
+        row = {"task": pt.task["id"], "cover": c, "kind": (pt.task.get("meta") or {}).get("kind"),
+               "n_tokens": pt.n_tokens, "entries": len(wc),
+               **agreement(lab["target_utilities"], cheap, lab["action_mask"], wc.can_expand()),
+               "exact_s": t_exact, "cheap_s": t_cheap}
+        log.write(json.dumps(row) + "\n")
+        log.flush()
 
 
 def _label_traces(args: TaskLabelArgs) -> Path:

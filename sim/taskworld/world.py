@@ -341,28 +341,9 @@ def prepare_task(
     progress bar over the faithful stream read (minutes for a stream far past the window)."""
     ids, answer, needle, q_len, offsets = tokenize_task(task, tokenizer)
     n = len(ids)
-    beyond = n + len(answer) > oracle.max_positions
-    if beyond and config.position_mode != "slot":
-        raise TaskError(
-            f"task {task.get('id')!r}: {n} + {len(answer)} tokens exceed the LM's "
-            f"{oracle.max_positions} positions: position_mode {config.position_mode!r} reads "
-            f"entries at their stream positions (use 'slot')"
-        )
-    if beyond and (answer_attention or (attention and config.read_mode != "faithful")):
-        # only what reads the whole stream at once stops at the LM's window: the full read (and
-        # the cheap label, which is one); the working context's own forwards never get there
-        raise TaskError(
-            f"task {task.get('id')!r}: {n} + {len(answer)} tokens exceed the LM's "
-            f"{oracle.max_positions} positions: "
-            + ("labelling reads the whole stream once (the cheap relevance, which the exact and "
-               "hybrid labels use too): only streams within the window can be labelled"
-               if answer_attention else "the full read cannot run (use --world.read-mode faithful)")
-        )
-    if q_len > config.tail_tokens:
-        raise TaskError(
-            f"task {task.get('id')!r}: the question ({q_len} tokens) is longer than the "
-            f"L0 tail ({config.tail_tokens}); raise --world.tail-tokens"
-        )
+    whole = ("labels" if answer_attention
+             else "full-read" if attention and config.read_mode != "faithful" else None)
+    beyond = _check_fits(task, n, len(answer), q_len, oracle, config, whole)
     b = config.block_size
     tree = MegaContextTree(
         TreeConfig(block_size=b, max_level=config.max_level, d_model=oracle.d_model),
@@ -375,14 +356,10 @@ def prepare_task(
     faithful = attention and config.read_mode == "faithful"
     wc, snapshots, reads = stream_cover(tree, n, q_len, config, stream_every, task.get("id"),
                                         record_reads=faithful)
-    text = task["context"] + task["question"]
-    n_l1, query = n // b, query_span(n, q_len, config)
-    q_char = int(offsets[query.start, 0])  # the query's own text never scores a block
-    blocks = [text[offsets[j * b, 0] : min(offsets[(j + 1) * b - 1, 1], q_char)]
-              if j * b < query.start else "" for j in range(n_l1)]
-    pt = PreparedTask(task, ids, answer, needle, q_len, wc, query, snapshots, blocks,
-                      text[q_char:], read_mode=config.read_mode,
-                      window=oracle.max_positions if beyond else None)
+    query = query_span(n, q_len, config)
+    blocks, query_text = _block_texts(task, offsets, n, b, query)
+    pt = PreparedTask(task, ids, answer, needle, q_len, wc, query, snapshots, blocks, query_text,
+                      read_mode=config.read_mode, window=oracle.max_positions if beyond else None)
     pt.block_lexical = bm25_relevance(blocks, pt.query_text)
     if features:
         layer = round(config.retrieval_depth * oracle.model.config.num_hidden_layers)
@@ -391,15 +368,8 @@ def prepare_task(
         pt.block_hidden, pt.query_hidden = hidden[0], q_hidden[0]
     t0 = time.perf_counter()
     if answer_attention or (attention and not faithful):
-        # the full read: the stream (and, for the cheap label, the answer teacher-forced after it)
-        read_ids = np.concatenate([ids, answer[:-1]]) if answer_attention else ids
-        store = keystore.read(oracle, read_ids, b, n_queries=len(answer) if answer_attention else 1)
-        if attention and not faithful:
-            pt.attention_probs = store.probs(0 if answer_attention else -1, n_keys=n).astype(
-                np.float32)  # the last stream token's
-            pt.read_cost = {"positions": len(read_ids), "forwards": 1}
-        if answer_attention:
-            pt.answer_relevance = answer_relevance(store, n, b)
+        _full_read(pt, oracle, b, attention=attention and not faithful,
+                   answer_attention=answer_attention)
     pt.label_s = time.perf_counter() - t0
     if faithful:
         pt.read_faithfully(oracle, reads, f"{task.get('id')}: stream read" if progress else None)
@@ -407,6 +377,67 @@ def prepare_task(
         pt.read_cost["seconds"] = pt.label_s  # the one full read
     pt.attention_s = time.perf_counter() - t0
     return pt
+
+
+def _check_fits(task: dict, n: int, n_answer: int, q_len: int, oracle: LMOracle,
+                config: TaskWorldConfig, reads_whole: str | None) -> bool:
+    """Whether the stream runs past the LM's window, or a ``TaskError`` saying why the task cannot
+    be prepared: past the window only slot positions can read it, and nothing that reads the whole
+    stream at once can run (``reads_whole``: 'labels', the cheap label's read; 'full-read'; None:
+    nothing does); the question must fit the L0 tail."""
+    beyond = n + n_answer > oracle.max_positions
+    if beyond and config.position_mode != "slot":
+        raise TaskError(
+            f"task {task.get('id')!r}: {n} + {n_answer} tokens exceed the LM's "
+            f"{oracle.max_positions} positions: position_mode {config.position_mode!r} reads "
+            f"entries at their stream positions (use 'slot')"
+        )
+    if beyond and reads_whole is not None:
+        # only what reads the whole stream at once stops at the LM's window: the full read (and
+        # the cheap label, which is one); the working context's own forwards never get there
+        raise TaskError(
+            f"task {task.get('id')!r}: {n} + {n_answer} tokens exceed the LM's "
+            f"{oracle.max_positions} positions: "
+            + ("labelling reads the whole stream once (the cheap relevance, which the exact and "
+               "hybrid labels use too): only streams within the window can be labelled"
+               if reads_whole == "labels"
+               else "the full read cannot run (use --world.read-mode faithful)")
+        )
+    if q_len > config.tail_tokens:
+        raise TaskError(
+            f"task {task.get('id')!r}: the question ({q_len} tokens) is longer than the "
+            f"L0 tail ({config.tail_tokens}); raise --world.tail-tokens"
+        )
+    return beyond
+
+
+def _block_texts(task: dict, offsets: np.ndarray, n: int, b: int, query: slice
+                 ) -> tuple[list[str], str]:
+    """(each complete L1 block's text, the query's text): the text BM25 and the dense baselines
+    read. A block's text stops where the query starts: the query's own text never scores a
+    block."""
+    text = task["context"] + task["question"]
+    q_char = int(offsets[query.start, 0])
+    blocks = [text[offsets[j * b, 0] : min(offsets[(j + 1) * b - 1, 1], q_char)]
+              if j * b < query.start else "" for j in range(n // b)]
+    return blocks, text[q_char:]
+
+
+def _full_read(pt: PreparedTask, oracle: LMOracle, b: int, attention: bool,
+               answer_attention: bool) -> None:
+    """The full read, one forward over the whole stream: with ``attention`` the question's
+    attention (``attention_probs``, the last stream token's) and its cost; with
+    ``answer_attention`` the answer teacher-forced after the stream, whose rows give the cheap
+    label's relevance (``answer_relevance``)."""
+    n, answer = len(pt.ids), pt.answer_ids
+    read_ids = np.concatenate([pt.ids, answer[:-1]]) if answer_attention else pt.ids
+    store = keystore.read(oracle, read_ids, b, n_queries=len(answer) if answer_attention else 1)
+    if attention:
+        pt.attention_probs = store.probs(0 if answer_attention else -1, n_keys=n).astype(
+            np.float32)  # the last stream token's
+        pt.read_cost = {"positions": len(read_ids), "forwards": 1}
+    if answer_attention:
+        pt.answer_relevance = answer_relevance(store, n, b)
 
 
 def stream_cover(
