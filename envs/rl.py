@@ -34,7 +34,7 @@ import json
 import shlex
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -363,6 +363,45 @@ def load_lensnet(path: str, world: WorldConfig) -> nn.Module:
 def train(args: RLArgs, log=None) -> tuple[EntryActorCritic, list[dict]]:
     """PPO for ``args.total_steps`` env steps; returns the model and the curve (one row per
     update). ``log(row)`` is called after each update."""
+    _check_ppo_args(args)
+    torch.manual_seed(args.seed)
+    rng = np.random.default_rng([args.seed, 7])
+    envs = [world_env(args) for _ in range(args.n_envs)]
+    world = envs[0].world
+    lensnet = load_lensnet(args.init, world) if args.init else None
+    model = EntryActorCritic(world.tree.d_model, world.tree.max_level + 9, args.hidden,
+                             args.init_log_std, lensnet, args.score_scale).eval()
+    opt = torch.optim.Adam(model.parameters(), lr=args.lr, eps=1e-5)
+    # training documents: the envs' own draws from (seed, env); held-out ids are sim.run's
+    state = _EnvState([observed_arrays(e.reset(seed=int(rng.integers(2**31)))[0]) for e in envs],
+                      np.zeros(args.n_envs))
+    n_updates = args.total_steps // (args.n_envs * args.rollout_steps)
+    curve: list[dict] = []
+    curve_baselines: dict | None = None  # recency and the oracle on the curve's documents
+    bar = tqdm(total=n_updates * args.n_envs * args.rollout_steps, desc="ppo",
+               disable=not args.progress)
+    for update in range(n_updates):
+        for g in opt.param_groups:
+            g["lr"] = args.lr * (1.0 - update / n_updates)
+        roll = _rollout(args, model, envs, state, rng, bar)
+        stats = _ppo_update(args, model, opt, roll, rng)
+        row = {"update": update + 1, "steps": (update + 1) * args.n_envs * args.rollout_steps,
+               "episode_return": float(np.mean(roll.finished)) if roll.finished else None,
+               "episodes": len(roll.finished), "reward_per_step": float(torch.stack(roll.r).mean()),
+               "log_std": float(model.log_std.detach()), **stats}
+        if args.eval_every and (update + 1) % args.eval_every == 0:
+            if curve_baselines is None:
+                curve_baselines = compare({}, world, CURVE_DOCS, args.seed)["results"]
+            row["heldout_ngr"] = quick_ngr(model, world, args, curve_baselines)
+        curve.append(row)
+        if log is not None:
+            log(row)
+    bar.close()
+    return model.eval(), curve
+
+
+def _check_ppo_args(args: RLArgs) -> None:
+    """A ``ConfigError`` naming what cannot run: sizes, the action kind, --init with a pointer."""
     per_update = args.n_envs * args.rollout_steps
     if args.total_steps < per_update or min(
         args.n_envs, args.rollout_steps, args.epochs, args.minibatches) < 1 or (
@@ -378,109 +417,115 @@ def train(args: RLArgs, log=None) -> tuple[EntryActorCritic, list[dict]]:
     if args.action == "pointer" and args.init:
         raise ConfigError("--init starts the 'scores' actor from LensNet (--action scores --lr "
                           "3e-4); the pointer learns alone")
-    torch.manual_seed(args.seed)
-    rng = np.random.default_rng([args.seed, 7])
-    envs = [world_env(args) for _ in range(args.n_envs)]
+
+
+@dataclass
+class _EnvState:
+    """What carries over between rollouts: each env's observation and its episode's return."""
+
+    obs_arrays: list
+    ep_return: np.ndarray
+
+
+@dataclass
+class _Rollout:
+    """One rollout: per step the observations, actions, log-probabilities, values, rewards and
+    episode ends; the advantages and returns (GAE); the returns of the episodes it finished."""
+
+    arrays: list = field(default_factory=list)
+    u: list = field(default_factory=list)
+    logp: list = field(default_factory=list)
+    v: list = field(default_factory=list)
+    r: list = field(default_factory=list)
+    done: list = field(default_factory=list)
+    finished: list = field(default_factory=list)
+    adv: torch.Tensor | None = None
+    returns: torch.Tensor | None = None
+    sizes: tuple[int, int] = (32, 2)
+    """(block size, top level) of the world's tree: what ``to_batch`` needs."""
+
+
+def _rollout(args: RLArgs, model: EntryActorCritic, envs: list, state: _EnvState, rng,
+             bar) -> _Rollout:
+    """``args.rollout_steps`` steps of every env (a finished episode restarts on a new document),
+    then the advantages by GAE(gamma, lambda) against the model's values."""
     world = envs[0].world
     b, top = world.tree.block_size, world.tree.max_level
-    lensnet = load_lensnet(args.init, world) if args.init else None
-    model = EntryActorCritic(world.tree.d_model, top + 9, args.hidden, args.init_log_std,
-                             lensnet, args.score_scale).eval()
-    opt = torch.optim.Adam(model.parameters(), lr=args.lr, eps=1e-5)
-    # training documents: the envs' own draws from (seed, env); held-out ids are sim.run's
-    obs_arrays = [observed_arrays(e.reset(seed=int(rng.integers(2**31)))[0]) for e in envs]
-    n_updates = args.total_steps // (args.n_envs * args.rollout_steps)
-    ep_return = np.zeros(args.n_envs)
-    curve: list[dict] = []
-    curve_baselines: dict | None = None  # recency and the oracle on the curve's documents
-    steps = 0
-    bar = tqdm(total=n_updates * args.n_envs * args.rollout_steps, desc="ppo",
-               disable=not args.progress)
-    for update in range(n_updates):
-        for g in opt.param_groups:
-            g["lr"] = args.lr * (1.0 - update / n_updates)
-        buf_arrays, buf_u, buf_logp, buf_v, buf_r, buf_done = [], [], [], [], [], []
-        finished: list[float] = []
-        for _ in range(args.rollout_steps):
-            batch = to_batch(obs_arrays, b, top)
-            with torch.no_grad():
-                u, logp, value = sample_actions(args.action, model, batch, obs_arrays)
-            rewards, dones, nxt = np.zeros(args.n_envs), np.zeros(args.n_envs), []
-            for i, env in enumerate(envs):
-                action = env_action(args.action, u[i], obs_arrays[i], env.n_slots)
-                obs, _, terminated, truncated, info = env.step(action)
-                rewards[i] = info["recency_nll"] - info["nll"]
-                ep_return[i] += rewards[i]
-                if terminated or truncated:
-                    finished.append(float(ep_return[i]))
-                    ep_return[i] = 0.0
-                    dones[i] = 1.0
-                    obs, _ = env.reset(seed=int(rng.integers(2**31)))
-                nxt.append(observed_arrays(obs))
-            buf_arrays.append(obs_arrays)
-            buf_u.append(u)
-            buf_logp.append(logp)
-            buf_v.append(value)
-            buf_r.append(torch.as_tensor(rewards, dtype=torch.float32))
-            buf_done.append(torch.as_tensor(dones, dtype=torch.float32))
-            obs_arrays = nxt
-            steps += args.n_envs
-            bar.update(args.n_envs)
+    roll = _Rollout(sizes=(b, top))
+    for _ in range(args.rollout_steps):
+        batch = to_batch(state.obs_arrays, b, top)
         with torch.no_grad():
-            _, last_v, _ = model(to_batch(obs_arrays, b, top), obs_arrays)
-        adv = torch.zeros(args.rollout_steps, args.n_envs)
-        gae = torch.zeros(args.n_envs)
-        for t in reversed(range(args.rollout_steps)):
-            nv = last_v if t == args.rollout_steps - 1 else buf_v[t + 1]
-            live = 1.0 - buf_done[t]
-            delta = buf_r[t] + args.gamma * nv * live - buf_v[t]
-            gae = delta + args.gamma * args.gae_lambda * live * gae
-            adv[t] = gae
-        returns = adv + torch.stack(buf_v)
-        flat = [(t, i) for t in range(args.rollout_steps) for i in range(args.n_envs)]
-        # eval mode throughout: the supervised LensNet's dropout would make the update's
-        # log-probabilities differ from the rollout's
-        stats = {"pg": 0.0, "v": 0.0, "kl": 0.0, "clipfrac": 0.0}
-        n_mb = 0
-        for _ in range(args.epochs):
-            order = rng.permutation(len(flat))
-            for part in np.array_split(order, args.minibatches):
-                idx = [flat[j] for j in part]
-                arrs = [buf_arrays[t][i] for t, i in idx]
-                batch = to_batch(arrs, b, top)
-                logp, ent, value = evaluate_actions(args.action, model, batch, arrs,
-                                                    [buf_u[t][i] for t, i in idx])
-                old = torch.stack([buf_logp[t][i] for t, i in idx])
-                a = torch.stack([adv[t, i] for t, i in idx])
-                a = (a - a.mean()) / (a.std() + 1e-8) if len(idx) > 1 else a
-                ratio = (logp - old).exp()
-                pg = -torch.min(ratio * a, ratio.clamp(1 - args.clip, 1 + args.clip) * a).mean()
-                ret = torch.stack([returns[t, i] for t, i in idx])
-                v_loss = 0.5 * ((value - ret) ** 2).mean()
-                loss = pg + args.vf_coef * v_loss - args.ent_coef * ent.mean()
-                opt.zero_grad()
-                loss.backward()
-                nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                opt.step()
-                with torch.no_grad():
-                    stats["pg"] += float(pg)
-                    stats["v"] += float(v_loss)
-                    stats["kl"] += float(((ratio - 1) - (logp - old)).mean())
-                    stats["clipfrac"] += float(((ratio - 1).abs() > args.clip).float().mean())
-                n_mb += 1
-        row = {"update": update + 1, "steps": steps,
-               "episode_return": float(np.mean(finished)) if finished else None,
-               "episodes": len(finished), "reward_per_step": float(torch.stack(buf_r).mean()),
-               "log_std": float(model.log_std.detach()), **{k: v / n_mb for k, v in stats.items()}}
-        if args.eval_every and (update + 1) % args.eval_every == 0:
-            if curve_baselines is None:
-                curve_baselines = compare({}, world, CURVE_DOCS, args.seed)["results"]
-            row["heldout_ngr"] = quick_ngr(model, world, args, curve_baselines)
-        curve.append(row)
-        if log is not None:
-            log(row)
-    bar.close()
-    return model.eval(), curve
+            u, logp, value = sample_actions(args.action, model, batch, state.obs_arrays)
+        rewards, dones, nxt = np.zeros(args.n_envs), np.zeros(args.n_envs), []
+        for i, env in enumerate(envs):
+            action = env_action(args.action, u[i], state.obs_arrays[i], env.n_slots)
+            obs, _, terminated, truncated, info = env.step(action)
+            rewards[i] = info["recency_nll"] - info["nll"]
+            state.ep_return[i] += rewards[i]
+            if terminated or truncated:
+                roll.finished.append(float(state.ep_return[i]))
+                state.ep_return[i] = 0.0
+                dones[i] = 1.0
+                obs, _ = env.reset(seed=int(rng.integers(2**31)))
+            nxt.append(observed_arrays(obs))
+        roll.arrays.append(state.obs_arrays)
+        roll.u.append(u)
+        roll.logp.append(logp)
+        roll.v.append(value)
+        roll.r.append(torch.as_tensor(rewards, dtype=torch.float32))
+        roll.done.append(torch.as_tensor(dones, dtype=torch.float32))
+        state.obs_arrays = nxt
+        bar.update(args.n_envs)
+    with torch.no_grad():
+        _, last_v, _ = model(to_batch(state.obs_arrays, b, top), state.obs_arrays)
+    roll.adv = torch.zeros(args.rollout_steps, args.n_envs)
+    gae = torch.zeros(args.n_envs)
+    for t in reversed(range(args.rollout_steps)):
+        nv = last_v if t == args.rollout_steps - 1 else roll.v[t + 1]
+        live = 1.0 - roll.done[t]
+        delta = roll.r[t] + args.gamma * nv * live - roll.v[t]
+        gae = delta + args.gamma * args.gae_lambda * live * gae
+        roll.adv[t] = gae
+    roll.returns = roll.adv + torch.stack(roll.v)
+    return roll
+
+
+def _ppo_update(args: RLArgs, model: EntryActorCritic, opt, roll: _Rollout, rng) -> dict:
+    """``args.epochs`` passes of clipped PPO over the rollout in ``args.minibatches`` minibatches;
+    the mean policy loss, value loss, approximate KL and clipped fraction."""
+    b, top = roll.sizes
+    flat = [(t, i) for t in range(args.rollout_steps) for i in range(args.n_envs)]
+    # eval mode throughout: the supervised LensNet's dropout would make the update's
+    # log-probabilities differ from the rollout's
+    stats = {"pg": 0.0, "v": 0.0, "kl": 0.0, "clipfrac": 0.0}
+    n_mb = 0
+    for _ in range(args.epochs):
+        order = rng.permutation(len(flat))
+        for part in np.array_split(order, args.minibatches):
+            idx = [flat[j] for j in part]
+            arrs = [roll.arrays[t][i] for t, i in idx]
+            batch = to_batch(arrs, b, top)
+            logp, ent, value = evaluate_actions(args.action, model, batch, arrs,
+                                                [roll.u[t][i] for t, i in idx])
+            old = torch.stack([roll.logp[t][i] for t, i in idx])
+            a = torch.stack([roll.adv[t, i] for t, i in idx])
+            a = (a - a.mean()) / (a.std() + 1e-8) if len(idx) > 1 else a
+            ratio = (logp - old).exp()
+            pg = -torch.min(ratio * a, ratio.clamp(1 - args.clip, 1 + args.clip) * a).mean()
+            ret = torch.stack([roll.returns[t, i] for t, i in idx])
+            v_loss = 0.5 * ((value - ret) ** 2).mean()
+            loss = pg + args.vf_coef * v_loss - args.ent_coef * ent.mean()
+            opt.zero_grad()
+            loss.backward()
+            nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+            opt.step()
+            with torch.no_grad():
+                stats["pg"] += float(pg)
+                stats["v"] += float(v_loss)
+                stats["kl"] += float(((ratio - 1) - (logp - old)).mean())
+                stats["clipfrac"] += float(((ratio - 1).abs() > args.clip).float().mean())
+            n_mb += 1
+    return {k: v / n_mb for k, v in stats.items()}
 
 
 CURVE_DOCS = [HELD_OUT_FIRST_DOC, HELD_OUT_FIRST_DOC + 1]

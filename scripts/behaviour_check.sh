@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Behaviour unchanged across a refactor: three documented pipelines at tiny sizes (tiny LM, chars
+# Behaviour unchanged across a refactor: four documented pipelines at tiny sizes (tiny LM, chars
 # tokenizer), each into its own run folder under OUT, then compared with an earlier OUT file by
 # file. Run it on the commit before the change and on the commit after:
 #   git worktree add /tmp/before <commit> && (cd /tmp/before && scripts/behaviour_check.sh run /tmp/a)
@@ -8,6 +8,7 @@
 #   synthetic  python -m sim.run, the small synthetic study of tests/sim/test_run.py
 #   taskstudy  python -m sim.taskstudy --lm tiny: labels, training and evaluation of one study
 #   pipeline   sim.tasks, sim.tasklabels (cheap and exact), sim.tasktrain and sim.evaluate --lm tiny
+#   rl         python -m envs.rl, a short PPO run (the synthetic world)
 # compare reports every file that differs; JSON files are compared with what a clock measured
 # removed (keys ending in 'seconds', '_s', '_ms', 'time', '_per_step'; keys starting with 'speedup',
 # 'cost_vs_lm_forward', 'wall', 'date', 'machine', 'versions'), every other file byte for byte
@@ -55,6 +56,8 @@ case ${1:-} in
     $PY -m sim.evaluate --lm tiny --tasks "$P/dev.jsonl" --out "$P/eval" --lensnet \
       "$P/lensnet/lensnet.pt" --policies lensnet,recency,bm25,attention,retrieval,full \
       --no-progress $W > "$OUT/evaluate.log" 2>&1 || [[ $? == 1 ]]  # 1: a task line skipped
+    $PY -m envs.rl --action scores --lr 3e-4 --total-steps 128 --n-envs 2 --rollout-steps 32 \
+      --epochs 2 --eval-docs 2 --eval-every 2 --out "$OUT/rl" --no-progress > "$OUT/rl.log" 2>&1
     echo "runs in $OUT"
     ;;
   compare)
