@@ -71,6 +71,9 @@ def best_window(table: dict) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    """Rank the needle block under every attention layer window, in each read mode, on training
+    tasks; writes the JSON.
+    Long by design: a measurement script read top to bottom, its steps sharing the loaded LM."""
     import torch
     from tqdm.auto import tqdm
 

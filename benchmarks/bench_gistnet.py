@@ -219,6 +219,9 @@ def targets(l1: dict, l2: dict | None) -> dict:
 
 
 def main() -> None:
+    """GistNet against its baselines and controls on held-out windows (module docstring); writes
+    the JSON.
+    Long by design: a measurement script read top to bottom, its steps sharing the loaded LM."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--windows", type=int, default=48)
     p.add_argument("--l2-windows", type=int, default=8, help="0 skips the L2 setting")

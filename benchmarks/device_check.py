@@ -65,6 +65,9 @@ def lm_checks(dtype: torch.dtype, device: str) -> dict:
 
 
 def lensnet_checks(device: str) -> dict:
+    """LensNet on ``device``: a short training run on a synthetic trace with a resume check, and
+    the loss forward + backward at B=16, N=1024. Long by design: one scripted check read top to
+    bottom, its steps sharing one trace."""
     from lensnet.data import AugmentConfig, TraceDataset
     from lensnet.model import LensNetConfig
     from lensnet.train import TrainConfig, Trainer

@@ -85,6 +85,8 @@ def mean_key_probs(store, row: int = -1) -> np.ndarray:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    """Measure whole vs mean keys (accuracy, bytes) and the cost per round; writes the JSON.
+    Long by design: a measurement script read top to bottom, its steps sharing the loaded LM."""
     import torch
 
     from lensnet.data import collate

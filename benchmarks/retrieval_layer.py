@@ -43,6 +43,9 @@ def needle_rank(relevance: np.ndarray, needle_blocks: np.ndarray) -> int:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    """Rank the needle block under every layer's block-alone retrieval, with and without
+    centring, on training tasks; writes the JSON.
+    Long by design: a measurement script read top to bottom, its steps sharing the loaded LM."""
     import torch
 
     from megacontext.cli import parse, to_argv, versions

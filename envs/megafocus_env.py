@@ -23,6 +23,33 @@ EMB_BOUND = 1e6  # finite bounds (gymnasium warns on infinite ones); embeddings 
 LEVEL_COLOURS = np.array([[253, 231, 37], [33, 145, 140], [68, 1, 84], [0, 0, 0]], dtype=np.uint8)
 
 
+def observation_space(n: int, t: int, d_model: int, b: int, max_level: int) -> spaces.Dict:
+    """The env's observations: ``n`` entry slots (``ContextArrays``' fields, padded, with a valid
+    mask), ``t`` tail gists of width ``d_model``, the stream's length; ``b`` bounds the costs."""
+    big = np.iinfo(np.int64).max
+    return spaces.Dict(
+        {
+            "embeddings": spaces.Box(-EMB_BOUND, EMB_BOUND, (n, d_model), np.float32),
+            "position_ids": spaces.Box(0, big, (n,), np.int64),
+            "levels": spaces.Box(0, max_level, (n,), np.int64),
+            "node_index": spaces.Box(0, big, (n,), np.int64),
+            "span_start": spaces.Box(0, big, (n,), np.int64),
+            "span_width": spaces.Box(0, big, (n,), np.int64),
+            "distance_to_cursor": spaces.Box(0, big, (n,), np.int64),
+            "can_expand": spaces.MultiBinary(n),
+            "can_collapse": spaces.MultiBinary(n),
+            "group_id": spaces.Box(-1, n - 1, (n,), np.int64),
+            "expand_cost": spaces.Box(0.0, float(b - 1), (n,), np.float32),
+            "collapse_refund": spaces.Box(0.0, (b - 1) / b, (n,), np.float32),
+            "valid_mask": spaces.MultiBinary(n),
+            "tail_gists": spaces.Box(-EMB_BOUND, EMB_BOUND, (t, d_model), np.float32),
+            "tail_levels": spaces.Box(-1, max_level, (t,), np.int64),
+            "tail_mask": spaces.MultiBinary(t),
+            "n_tokens": spaces.Box(0, big, (), np.int64),
+        }
+    )
+
+
 class MegaFocusEnv(gym.Env):
     """
     ## Description
@@ -192,28 +219,7 @@ class MegaFocusEnv(gym.Env):
         self.w_max, self.n_tail_gists, self.d_model = w_max, n_tail_gists, d_model
         # the most entries a context holds right after an ingest (the agent scores that context)
         self.n_slots = n = max(w_max + step_tokens, self.world.warmup_tokens)
-        big, t, b = np.iinfo(np.int64).max, n_tail_gists, block_size
-        self.observation_space = spaces.Dict(
-            {
-                "embeddings": spaces.Box(-EMB_BOUND, EMB_BOUND, (n, d_model), np.float32),
-                "position_ids": spaces.Box(0, big, (n,), np.int64),
-                "levels": spaces.Box(0, max_level, (n,), np.int64),
-                "node_index": spaces.Box(0, big, (n,), np.int64),
-                "span_start": spaces.Box(0, big, (n,), np.int64),
-                "span_width": spaces.Box(0, big, (n,), np.int64),
-                "distance_to_cursor": spaces.Box(0, big, (n,), np.int64),
-                "can_expand": spaces.MultiBinary(n),
-                "can_collapse": spaces.MultiBinary(n),
-                "group_id": spaces.Box(-1, n - 1, (n,), np.int64),
-                "expand_cost": spaces.Box(0.0, float(b - 1), (n,), np.float32),
-                "collapse_refund": spaces.Box(0.0, (b - 1) / b, (n,), np.float32),
-                "valid_mask": spaces.MultiBinary(n),
-                "tail_gists": spaces.Box(-EMB_BOUND, EMB_BOUND, (t, d_model), np.float32),
-                "tail_levels": spaces.Box(-1, max_level, (t,), np.int64),
-                "tail_mask": spaces.MultiBinary(t),
-                "n_tokens": spaces.Box(0, big, (), np.int64),
-            }
-        )
+        self.observation_space = observation_space(n, n_tail_gists, d_model, block_size, max_level)
         self.action_space = spaces.Box(-1.0, 1.0, (n,), np.float32)
         self.episode: Episode | None = None
         self.shadow: Episode | None = None  # the same document under the recency policy

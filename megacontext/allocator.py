@@ -106,7 +106,8 @@ class FocusAllocator:
 
         First the budget is restored by collapsing the groups ``scores`` value least (forced
         actions: not counted in ``n_diff``, no cooldown), then the best expands/swaps are applied.
-        Returns every action in the order applied.
+        Returns every action in the order applied. Long by design: DESIGN §4's pass in one place,
+        its phases sharing the budget being spent.
         """
         scores = self._validate(wc, scores)
         self.step_count += 1

@@ -59,7 +59,9 @@ def make_code_task(
     ``answer_tokens`` tokens). The cut is drawn until the answer uses a name (4+ characters, not a
     keyword or builtin) that the context binds (def, class, assignment, import, for) before its last
     ``near_chars`` characters and never mentions within them: a recency window of that size cannot
-    see where the name comes from. The needle span is that binding line; depth is its position."""
+    see where the name comes from. The needle span is that binding line; depth is its position.
+    Long by design: its draws from ``rng`` come in one fixed order that every drawn task file
+    depends on (the studies' TASKS.json hashes)."""
     modules = _code_modules(c.split, 3 * n)
     if not modules:
         raise ConfigError(f"no {c.split} standard-library module holds {3 * n} characters")

@@ -329,6 +329,9 @@ class FamilyKind(NeedleKind):
     def draw(
         self, c: TaskConfig, rng: np.random.Generator, depth: float
     ) -> tuple[Needles, list[int], str, str, dict[str, Any]]:
+        """One task's factors, needles and question (``NeedleKind.draw``). Long by design: its
+        draws from ``rng`` come in one fixed order that every drawn task file depends on (the
+        studies' TASKS.json hashes)."""
         check_family_config(c)
         split = c.split
 
