@@ -39,3 +39,36 @@ def test_the_check_catches_a_large_file(tmp_path):
     (tmp_path / "small.json").write_text("{}")
     paths = ["results/shard.bin", "lensnet/checkpoints/big.pt", "small.json"]
     assert oversized(paths, tmp_path) == [("results/shard.bin", LIMIT + 1)]
+
+
+LONG = 80
+"""Lines past which a function outside tests must say why it is long ('Long by design: ...' in its
+docstring): the entry points read as their pipelines, one named step per room."""
+
+
+def long_functions(source: str, name: str) -> list[str]:
+    """'name:line function (N lines)' for each function of ``source`` over ``LONG`` lines whose
+    docstring does not say 'Long by design'."""
+    import ast
+
+    out = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            n = node.end_lineno - node.lineno + 1
+            if n > LONG and "Long by design" not in (ast.get_docstring(node) or ""):
+                out.append(f"{name}:{node.lineno} {node.name} ({n} lines)")
+    return out
+
+
+def test_no_long_function_without_its_reason():
+    paths = [p for p in tracked_files() if p.endswith(".py") and not p.startswith("tests/")]
+    long = [x for p in paths for x in long_functions((ROOT / p).read_text(), p)]
+    assert not long, "functions over 80 lines: cut them into named steps, or say why: " + \
+        ", ".join(long)
+
+
+def test_the_long_function_check_catches_one():
+    body = "\n".join(f"    x{i} = {i}" for i in range(LONG))
+    assert long_functions(f"def f():\n{body}\n", "m.py") == [f"m.py:1 f ({LONG + 1} lines)"]
+    reason = '    """Long by design: one table."""\n'
+    assert long_functions(f"def f():\n{reason}{body}\n", "m.py") == []
