@@ -189,13 +189,12 @@ class MegaFocusEnv(gym.Env):
         self._tokenizer = None
         self._gister, self.gister_name = mean_gister, "mean"
         if oracle == "lm":
-            from gistnet.gister import resolve_gister
-            from megacontext.lm import load_lm
+            from sim.taskworld.world import load_reader
 
-            model, self._tokenizer = load_lm(lm)
-            self._lm_oracle = LMOracle(model)
+            reader = load_reader(lm, gister, block_size)
+            self._lm_oracle, self._tokenizer = reader.oracle, reader.own_tokenizer
             d_model = self._lm_oracle.d_model
-            self._gister, self.gister_name = resolve_gister(gister, model, block_size)
+            self._gister, self.gister_name = reader.gister, reader.gister_name
         # info per level: the default (1, 0.6, 0.25) up to L2, geometric beyond
         info = (
             SyntheticConfig.info[: max_level + 1]

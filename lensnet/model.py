@@ -371,7 +371,8 @@ class LensNet(nn.Module):
                 f"tail_gists must be (B, T, d_model={self.config.d_model}), got {tuple(tail.shape)}"
             )
         if tail.shape[1] > MAX_TAIL:
-            raise ValueError(f"at most {MAX_TAIL} tail gists, got {tail.shape[1]}")
+            raise ValueError(f"at most {MAX_TAIL} tail rows (tail gists, then the query's tokens), "
+                             f"got {tail.shape[1]}")
         f = self.config.n_entry_features
         if f and (
             "entry_features" not in batch
@@ -430,11 +431,11 @@ class LensNet(nn.Module):
 
     def _tail_latents(self, batch: dict[str, Tensor]) -> Tensor:
         """(B, 1+T, d): the null latent, then the tail gists with level and slot embeddings."""
-        n_tail_gists = batch["tail_gists"].shape[1]
+        n_tail_rows = batch["tail_gists"].shape[1]  # tail gists, then the query's tokens
         tail = (
             self.proj(batch["tail_gists"])
             + self.level_emb(batch["tail_levels"].clamp(0, self.config.max_level))
-            + self.tail_slot.weight[:n_tail_gists]
+            + self.tail_slot.weight[:n_tail_rows]
         )  # (B, T, d)
         return torch.cat([self.null.expand(tail.shape[0], 1, -1), tail], dim=1)
 
@@ -532,7 +533,7 @@ class LensNet(nn.Module):
         if gid is not None:
             x = x + self.group_proj(group_mean(x, gid))
         tail_mask = batch["tail_mask"].bool()
-        n_tail_gists = batch["tail_gists"].shape[1]
+        n_tail_rows = batch["tail_gists"].shape[1]  # tail gists, then the query's tokens
         b = x.shape[0]
         tail_pad = torch.cat([tail.new_zeros(b, 1, dtype=torch.bool), ~tail_mask], dim=1)
         # An all-padding snapshot would leave the tail with no key (NaN): let it attend to the
@@ -548,7 +549,7 @@ class LensNet(nn.Module):
         match = torch.where(
             tail_mask[:, None, :, None], match, torch.zeros_like(match)
         ) / math.sqrt(self.config.d_lens)
-        match = torch.nn.functional.pad(match, (0, 0, 0, MAX_TAIL + 1 - n_tail_gists)).flatten(
+        match = torch.nn.functional.pad(match, (0, 0, 0, MAX_TAIL + 1 - n_tail_rows)).flatten(
             2
         )  # slot-aligned
         per_level = self.match_out(match).unflatten(-1, (cfg.max_level + 1, -1))  # (B, N, L, d)

@@ -363,26 +363,21 @@ def _world(args: RunArgs):
         return w, None, make_episode
     import torch
 
-    from gistnet.gister import resolve_gister
-    from megacontext.lm import load_lm
-    from megacontext.lm_oracle import LMOracle
+    from sim.taskworld.world import load_reader
 
     if not args.progress:  # transformers' own weight-loading bars too
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-    lm_model, tokenizer = load_lm(
-        args.lm, dtype=None if args.lm_dtype == "auto" else getattr(torch, args.lm_dtype)
-    )
-    oracle = LMOracle(lm_model)
-    w = replace(w, tree=replace(w.tree, d_model=oracle.d_model))
-    gister, gister_name = resolve_gister(w.gister, lm_model, w.tree.block_size)
-    w = replace(w, gister=gister_name)  # recorded as what was used
+    lm = load_reader(args.lm, w.gister, w.tree.block_size,
+                     dtype=None if args.lm_dtype == "auto" else getattr(torch, args.lm_dtype))
+    # the tree takes the LM's width; the gister is recorded as what was used
+    w = replace(w, tree=replace(w.tree, d_model=lm.oracle.d_model), gister=lm.gister_name)
 
     def make_lm_episode(world, doc, seed):
-        return lm_episode(world, doc, seed, oracle, tokenizer, gister)
+        return lm_episode(world, doc, seed, lm.oracle, lm.own_tokenizer, lm.gister)
 
-    return w, (lm_model, tokenizer), make_lm_episode
+    return w, (lm.model, lm.own_tokenizer), make_lm_episode
 
 
 def _label(args: RunArgs, w: WorldConfig, lm, out: Path) -> tuple[Path, Path]:

@@ -260,13 +260,15 @@ class Reader:
     """The gister ``gistnet.gister.resolve_gister`` chose, as results record it."""
 
 
-def load_reader(lm: str, gister: str, block_size: int) -> Reader:
-    """The one home of "load the LM and its gister" for every task entry point: ``lm`` as
-    ``megacontext.lm.load_lm`` names it, ``gister`` as ``gistnet.gister.resolve_gister`` does."""
+def load_reader(lm: str, gister: str, block_size: int, dtype=None) -> Reader:
+    """The one home of "load the LM and its gister" for every entry point that reads a real LM
+    (the task entry points, ``sim.run --env lm``, the env): ``lm`` as ``megacontext.lm.load_lm``
+    names it (``dtype``: None for its default), ``gister`` as ``gistnet.gister.resolve_gister``
+    does."""
     from gistnet.gister import resolve_gister
     from megacontext.lm import load_lm
 
-    model, own = load_lm(lm)
+    model, own = load_lm(lm, dtype=dtype)
     oracle = LMOracle(model)
     g, name = resolve_gister(gister, model, block_size)
     return Reader(model, own or CharTokenizer(model.config.vocab_size), own, oracle, g, name)
