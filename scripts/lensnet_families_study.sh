@@ -14,13 +14,14 @@
 #   exact   exact labels of the dev-exact snapshots: the validation traces, and the cheap labels'
 #           agreement with them (agreement.jsonl: top-1, top-3, Spearman per snapshot and kind);
 #   train   three training seeds (the BM25 prior on), each calibrated on dev-cal;
-#   dev     sim.evaluate of the three seeds beside every training-free selector on dev-eval.
+#   dev     sim.evaluate of the three seeds beside every training-free selector on dev-eval;
+#   status  how far each step has come.
 # The kinds: niah-single, niah-single with 3 decoys, niah-multikey (4 keys), niah-multivalue
 # (3 values), niah-multiquery (2 of 4 keys asked), code. Questions of up to 48 tokens are read
 # whole (--query-tokens 48). No step reads the test split (heldout); the sealed test split is drawn
 # and opened after the shipped seed is chosen on dev (scripts/sealed_test.sh).
 #
-#   scripts/lensnet_families_study.sh tasks|labels|exact|train|dev
+#   scripts/lensnet_families_study.sh tasks|labels|exact|train|dev|status
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -126,8 +127,39 @@ EOF
       > "$D/dev-b.log" 2>&1 &
     wait
     ;;
+  status)
+    # how far each step has come (every step resumes: rerun it to go on)
+    $PY - "$D" "$R" <<'EOF'
+import json, sys
+from pathlib import Path
+d, r = Path(sys.argv[1]), Path(sys.argv[2])
+def tasks(name):
+    f = d / name
+    return sum(1 for _ in f.open()) if f.exists() else None
+def labelled(traces):  # tasks read (a cost row each), snapshots in complete shards
+    parts = sorted(Path(traces).glob("part-*")) if Path(traces).exists() else []
+    rows = sum(sum(1 for _ in (p / "cost.jsonl").open())
+               for p in parts if (p / "cost.jsonl").exists())
+    snaps = sum(len(json.loads((p / "manifest.json").read_text()).get("shards", []))
+                for p in parts if (p / "manifest.json").exists())
+    return rows, snaps
+print(f"tasks  train {tasks('train.jsonl')}, dev-exact {tasks('dev-exact.jsonl')}, "
+      f"dev-cal {tasks('dev-cal.jsonl')}, dev-eval {tasks('dev-eval.jsonl')}")
+for step, traces, total in (("labels", d / "train-traces", tasks("train.jsonl")),
+                            ("exact", d / "dev-exact-traces", tasks("dev-exact.jsonl"))):
+    rows, shards = labelled(traces)
+    print(f"{step:6s} {rows} of {total} tasks read, {shards} complete shard files")
+for s in (0, 1, 2):
+    done = (d / f"lensnet-seed{s}" / "lensnet.json").exists()
+    print(f"train  seed {s}: {'done' if done else 'not yet'}")
+for run in ("dev-lensnet", "dev-selectors"):
+    f = r / run / "tasks.jsonl"
+    ids = {json.loads(x)["id"] for x in f.open()} if f.exists() else set()
+    print(f"dev    {run}: {len(ids)} of {tasks('dev-eval.jsonl')} tasks")
+EOF
+    ;;
   *)
-    echo "usage: $0 tasks|labels|exact|train|dev" >&2
+    echo "usage: $0 tasks|labels|exact|train|dev|status" >&2
     exit 2
     ;;
 esac

@@ -429,15 +429,20 @@ def _read_task_file(args: EvaluateArgs) -> tuple[list[dict], dict[str, int], lis
 
 
 def _open_run(args: EvaluateArgs) -> Path:
-    """The run folder with its command.txt; a resumed one must hold this same command."""
+    """The run folder with its command.txt and the task file's sha256 (``tasks.sha256``); a
+    resumed one must hold this same command, over the same task file."""
+    import hashlib
+
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     command = _command(args)
+    digest = hashlib.sha256(Path(args.tasks).read_bytes()).hexdigest()
     if args.resume and args.w_max_sweep:
         raise ConfigError("--resume does not combine with --w-max-sweep")
     if args.resume:
-        _check_resumable(out, _command(replace(args, max_tasks=0)))
+        _check_resumable(out, _command(replace(args, max_tasks=0)), digest)
     (out / "command.txt").write_text(command)
+    (out / "tasks.sha256").write_text(f"{digest}  {args.tasks}\n")
     return out
 
 
@@ -613,9 +618,11 @@ def _command(args: EvaluateArgs) -> str:
     return " ".join(["python -m sim.evaluate", *map(shlex.quote, argv)]) + "\n"
 
 
-def _check_resumable(out: Path, same_run: str) -> None:
-    """``--resume``: a ``ConfigError`` when ``out`` holds another command's run. ``same_run``:
-    the command with ``--max-tasks`` left at its default, which a resumed run may change."""
+def _check_resumable(out: Path, same_run: str, digest: str) -> None:
+    """``--resume``: a ``ConfigError`` when ``out`` holds another command's run, or a run of this
+    command over another version of the task file (its ``tasks.sha256``; runs from before it was
+    recorded have none). ``same_run``: the command with ``--max-tasks`` left at its default, which
+    a resumed run may change; ``digest``: the task file's sha256 now."""
     if not (out / "tasks.jsonl").exists():
         return
     before = (out / "command.txt").read_text() if (out / "command.txt").exists() else None
@@ -623,6 +630,13 @@ def _check_resumable(out: Path, same_run: str) -> None:
         raise ConfigError(
             f"--resume: {out} holds another run (command.txt: {before!r}); resume with the same "
             "arguments or use a new --out"
+        )
+    recorded = out / "tasks.sha256"
+    if recorded.exists() and recorded.read_text().split()[0] != digest:
+        raise ConfigError(
+            f"--resume: the task file changed since {out} was started (tasks.sha256: "
+            f"{recorded.read_text().split()[0][:12]}..., now {digest[:12]}...): its rows would "
+            "mix two sets of tasks; use a new --out"
         )
 
 

@@ -1,5 +1,6 @@
 """``sim.evaluate --resume``: an interrupted run continues where it stopped, keeps what it measured,
-reruns a task cut off between policies, and refuses a folder that holds another command's run;
+reruns a task cut off between policies, and refuses a folder that holds another command's run or
+a run over another version of the task file;
 results.json names the read mode and the attention read's cost."""
 
 import json
@@ -55,6 +56,13 @@ def test_resume_continues_an_interrupted_run(tmp_path):
     # another command's folder is refused, naming what to do
     with pytest.raises(SystemExit, match="holds another run"):
         main([*args, "--out", str(part), "--resume", "--world.w-max", "60"])
+    # the same command over a changed task file (the same ids, other tasks) is refused too: its
+    # kept rows would be of the old tasks
+    assert (part / "tasks.sha256").read_text().split()[1] == str(path)
+    moved = [_task(at=at + 5, tid=f"t{at}") for at in (20, 60, 90)]
+    path.write_text("".join(json.dumps(t) + "\n" for t in moved))
+    with pytest.raises(SystemExit, match="the task file changed"):
+        main([*args, "--out", str(part), "--resume"])
 
 
 def test_full_read_costs_one_position_per_token(tmp_path):
