@@ -2,7 +2,8 @@
 # Behaviour unchanged across a refactor: four documented pipelines at tiny sizes (tiny LM, chars
 # tokenizer), each into its own run folder under OUT, then compared with an earlier OUT file by
 # file. Run it on the commit before the change and on the commit after:
-#   git worktree add /tmp/before <commit> && (cd /tmp/before && scripts/behaviour_check.sh run /tmp/a)
+#   git worktree add /tmp/before <commit> && cp scripts/behaviour_check.sh /tmp/before/scripts/
+#   (cd /tmp/before && PY=$OLDPWD/.venv/bin/python scripts/behaviour_check.sh run /tmp/a)
 #   scripts/behaviour_check.sh run /tmp/b && scripts/behaviour_check.sh compare /tmp/a /tmp/b
 # The runs:
 #   synthetic  python -m sim.run, the small synthetic study of tests/sim/test_run.py
@@ -69,9 +70,9 @@ from pathlib import Path
 
 import torch
 
-a, b = Path(sys.argv[1]), Path(sys.argv[2])
+a, b = Path(sys.argv[1]).resolve(), Path(sys.argv[2]).resolve()
 CLOCK = re.compile(  # what a clock measured: seconds, ms, speed-ups and costs against a forward
-    r"(seconds|_s|_ms|time|_per_step|seconds_per_task|_s_per_\w+|_ms_at_w_max)$"
+    r"(seconds|_s|_ms|time|ms_per_step|seconds_per_task|_s_per_\w+|_ms_at_w_max)$"
     r"|^(date|started|machine|versions|wall|speedup|cost_vs_lm_forward|reread_vs_lm_forward)"
 )
 

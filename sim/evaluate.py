@@ -646,9 +646,9 @@ def _without_max_tasks(command: str) -> str:
 
 
 def _resumed_rows(out: Path, policies: list[str]) -> list[dict]:
-    """The rows of an interrupted run in ``out`` to keep (``--resume``): every row of each task
-    that has a row for every one of ``policies``; a task cut off between policies runs again, and
-    a last line cut off mid-write (the run was killed) is dropped. ``tasks.jsonl`` is rewritten
+    """The rows of an interrupted run in ``out`` to keep (``--resume``): the rows of ``policies``
+    of each task that has a row for every one of them; a task cut off between policies runs again,
+    and a last line cut off mid-write (the run was killed) is dropped. ``tasks.jsonl`` is rewritten
     with the kept rows."""
     path = out / "tasks.jsonl"
     if not path.exists():
@@ -664,8 +664,10 @@ def _resumed_rows(out: Path, policies: list[str]) -> list[dict]:
     per_task: dict[str, list[dict]] = {}
     for r in rows:
         per_task.setdefault(r["id"], []).append(r)
-    keep = [r for rs in per_task.values() if {x["policy"] for x in rs} == set(policies)
-            for r in rs]
+    # a task with a row for every policy keeps those rows (a rank twin run by an older version,
+    # now left out as the same policy, drops out)
+    keep = [r for rs in per_task.values() if {x["policy"] for x in rs} >= set(policies)
+            for r in rs if r["policy"] in policies]
     path.write_text("".join(json.dumps(r) + "\n" for r in keep))
     return keep
 

@@ -96,9 +96,14 @@ def run(args: TaskTrainArgs) -> dict:
     timings["train_s"] = time.perf_counter() - t0
     calibration: dict = {"score_scale": 1.0, "fitted": False}
     if args.calibrate:
-        t0 = time.perf_counter()
-        model, calibration = _calibrate(args, traces, mcfg, out, trainer.device)
+        from sim.taskworld.world import load_reader
+
+        lm = load_reader(args.lm, traces.meta["oracle"].get("gister", "auto"),
+                         traces.world.block_size)
+        t0 = time.perf_counter()  # the calibration alone, as before: the LM is loaded
+        calibration = _calibrate(args, traces, mcfg, out, trainer.device, lm)
         timings["calibrate_s"] = time.perf_counter() - t0
+        model = lm.model
     else:
         from megacontext.lm import load_lm
 
@@ -221,19 +226,19 @@ def _train_and_select(args: TaskTrainArgs, traces: _Traces, mcfg, out: Path):
     return trainer, ckpt, val
 
 
-def _calibrate(args: TaskTrainArgs, traces: _Traces, mcfg, out: Path, device) -> tuple:
-    """(the LM, the calibration): the gate and score scale fitted on calibration tasks
-    (``sim.calibrate.fit_task_calibration``), stored in ``OUT/lensnet.pt``."""
+def _calibrate(args: TaskTrainArgs, traces: _Traces, mcfg, out: Path, device, lm) -> dict:
+    """The gate and score scale fitted on calibration tasks read by ``lm`` (a
+    ``sim.taskworld.world.Reader``; ``sim.calibrate.fit_task_calibration``), stored in
+    ``OUT/lensnet.pt``."""
     import torch
 
     from lensnet.train import load_model, save_calibration
     from sim.calibrate import fit_task_calibration
     from sim.policies import LensNetPolicy, LensNetRank
     from sim.tasklabels import TaskLabelArgs, _tasks
-    from sim.taskworld.world import TaskError, check_query_fits, load_reader, prepare_task
+    from sim.taskworld.world import TaskError, check_query_fits, prepare_task
 
     meta, world = traces.meta, traces.world
-    lm = load_reader(args.lm, meta["oracle"].get("gister", "auto"), world.block_size)
     # the training traces' kinds and seed, a disjoint task range (or a given task file)
     vargs = TaskLabelArgs.from_meta(meta, first_task=args.cal_first_task,
                                     n_tasks=args.cal_n_tasks, length=args.cal_length,
@@ -257,7 +262,7 @@ def _calibrate(args: TaskTrainArgs, traces: _Traces, mcfg, out: Path, device) ->
         )
     calibration["fitted"] = True
     save_calibration(out / "lensnet.pt", calibration)
-    return lm.model, calibration
+    return calibration
 
 
 def _card(args: TaskTrainArgs, traces: _Traces, mcfg, out: Path, ckpt: dict, val: dict, model,

@@ -127,6 +127,8 @@ def best_block(values: np.ndarray, starts: np.ndarray, ends: np.ndarray, block_s
     entry's best block" for the attention features, the lexical features and the heuristics'
     scores."""
     v = np.asarray(values)
+    if len(starts) == 0:  # no spans: nothing to take the best of
+        return np.zeros(v.shape[:-1] + (0,), dtype=v.dtype)
     top = v.shape[-1] - 1
     first = np.minimum(np.asarray(starts) // block_size, top)
     last = np.minimum(np.maximum((np.asarray(ends) - 1) // block_size, first), top)
