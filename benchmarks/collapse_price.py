@@ -1,0 +1,100 @@
+"""Is a trained synthetic LensNet's collapse price off? Its collapse scores scaled by c (issue 31).
+
+    python -m sim.run --seed 5 --out runs/synth-seed5 --no-plots
+    python -m benchmarks.collapse_price runs/synth-seed5 [--factors 0.1 0.25 0.5 1 1.5 2 3]
+
+A LensNet's signed scores price each collapse (negative: the NLL its group would cost) against
+each expand; the allocator swaps when an expand is worth more than the collapse that pays for it.
+If the collapse prices were too high, LensNet would swap too rarely. This multiplies the
+calibrated LensNet's negative scores by each factor c (c < 1: cheaper collapses, more swaps) and
+runs the stream policy at each budget, on the run's calibration documents (validation: what a
+per-kind calibration would fit on) and on its held-out documents, beside recency, the oracle and
+the ``cue`` reference (NGR against recency and the oracle of the same documents). Writes
+``benchmarks/results/collapse_price.json``. One trained checkpoint: a diagnostic of that seed, not
+a figure over seeds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.common import write_results
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Each factor's NGR, expands and swaps per step at each budget on both document sets."""
+    import torch
+
+    from lensnet.train import load_model, split_indices
+    from megacontext.cli import from_dict
+    from megacontext.traces import TraceReader
+    from sim.policies import LensNetPolicy, build_policy
+    from sim.policy import PolicyContext
+    from sim.run import RunArgs
+    from sim.streamworld.world import HELD_OUT_FIRST_DOC, evaluate_policy, nll_gap_recovered
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("run", help="a sim.run folder (synthetic world) with its best.pt")
+    ap.add_argument("--factors", type=float, nargs="+",
+                    default=[0.1, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0])
+    ap.add_argument("--budgets", type=int, nargs="+", default=[192, 256])
+    ap.add_argument("--out-dir", default=None,
+                    help="where the JSON goes (default: benchmarks/results)")
+    args = ap.parse_args(argv)
+    run = Path(args.run)
+    study = from_dict(RunArgs, json.loads((run / "config.json").read_text()))
+    if study.env != "synthetic":
+        raise SystemExit(f"error: {run} is an --env {study.env} run; this reads synthetic runs")
+    world = replace(study.world, env=study.env)
+    model = load_model(run / "best.pt")
+    reader = TraceReader(run / "traces" / "train", require_complete=True)
+    _, val_idx = split_indices(reader.snapshots["doc_id"], 0.1, study.seed)  # as sim.run splits
+    docs = {
+        "validation": sorted({int(d) for d in reader.snapshots["doc_id"][val_idx]})[
+            : study.calibration_docs
+        ],
+        "heldout": list(range(HELD_OUT_FIRST_DOC, HELD_OUT_FIRST_DOC + study.eval_docs)),
+    }
+
+    class Priced(LensNetPolicy):
+        """The calibrated LensNet with its collapse prices (negative scores) times ``c``."""
+
+        def __init__(self, c: float) -> None:
+            super().__init__(model, "cpu", name=f"c={c:g}")
+            self.c = c
+
+        def scores(self, view):
+            u = super().scores(view)
+            return np.where(u < 0, u * self.c, u)
+
+    torch.set_grad_enabled(False)
+    results: dict = {}
+    for name, ids in docs.items():
+        for budget in args.budgets:
+            wb = replace(world, context=replace(world.context, w_max=budget))
+            ctx = PolicyContext(seed=study.seed, lensnet=model, device="cpu")
+            runs = {p: evaluate_policy(build_policy(p, ctx, "stream"), wb, ids, study.seed, False)
+                    for p in ("recency", "oracle", "cue")}
+            for c in args.factors:
+                runs[f"c={c:g}"] = evaluate_policy(Priced(c), wb, ids, study.seed, False)
+            ngr = nll_gap_recovered(runs)
+            results.setdefault(name, {})[str(budget)] = {
+                p: {"ngr": ngr[p], "nll": r["nll"], "expands_per_step": r["expands_per_step"],
+                    "swap_rate": r.get("swap_rate")}
+                for p, r in runs.items()
+            }
+            row = "  ".join(f"{p} {ngr[p]:.3f}" for p in runs if p.startswith("c="))
+            print(f"{name} W_max {budget}: cue {ngr['cue']:.3f}  {row}", flush=True)
+    config = {"run": str(run), "seed": study.seed, "factors": args.factors,
+              "budgets": args.budgets, "docs": docs, "score_scale": model.score_scale}
+    write_results("collapse_price", config, results, args.out_dir)
+    return results
+
+
+if __name__ == "__main__":
+    main()
