@@ -72,24 +72,26 @@ def main(argv: list[str] | None = None) -> dict:
             u = super().scores(view)
             return np.where(u < 0, u * self.c, u)
 
-    torch.set_grad_enabled(False)
     results: dict = {}
-    for name, ids in docs.items():
-        for budget in args.budgets:
-            wb = replace(world, context=replace(world.context, w_max=budget))
-            ctx = PolicyContext(seed=study.seed, lensnet=model, device="cpu")
-            runs = {p: evaluate_policy(build_policy(p, ctx, "stream"), wb, ids, study.seed, False)
-                    for p in ("recency", "oracle", "cue")}
-            for c in args.factors:
-                runs[f"c={c:g}"] = evaluate_policy(Priced(c), wb, ids, study.seed, False)
-            ngr = nll_gap_recovered(runs)
-            results.setdefault(name, {})[str(budget)] = {
-                p: {"ngr": ngr[p], "nll": r["nll"], "expands_per_step": r["expands_per_step"],
-                    "swap_rate": r.get("swap_rate")}
-                for p, r in runs.items()
-            }
-            row = "  ".join(f"{p} {ngr[p]:.3f}" for p in runs if p.startswith("c="))
-            print(f"{name} W_max {budget}: cue {ngr['cue']:.3f}  {row}", flush=True)
+    with torch.no_grad():  # a context: the caller's grad mode is left as it was
+        for name, ids in docs.items():
+            for budget in args.budgets:
+                wb = replace(world, context=replace(world.context, w_max=budget))
+                ctx = PolicyContext(seed=study.seed, lensnet=model, device="cpu")
+                runs = {
+                    p: evaluate_policy(build_policy(p, ctx, "stream"), wb, ids, study.seed, False)
+                    for p in ("recency", "oracle", "cue")
+                }
+                for c in args.factors:
+                    runs[f"c={c:g}"] = evaluate_policy(Priced(c), wb, ids, study.seed, False)
+                ngr = nll_gap_recovered(runs)
+                results.setdefault(name, {})[str(budget)] = {
+                    p: {"ngr": ngr[p], "nll": r["nll"], "expands_per_step": r["expands_per_step"],
+                        "swap_rate": r.get("swap_rate")}
+                    for p, r in runs.items()
+                }
+                row = "  ".join(f"{p} {ngr[p]:.3f}" for p in runs if p.startswith("c="))
+                print(f"{name} W_max {budget}: cue {ngr['cue']:.3f}  {row}", flush=True)
     config = {"run": str(run), "seed": study.seed, "factors": args.factors,
               "budgets": args.budgets, "docs": docs, "score_scale": model.score_scale}
     write_results("collapse_price", config, results, args.out_dir)

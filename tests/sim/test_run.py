@@ -8,6 +8,7 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+import torch
 
 from lensnet.train import load_model
 from megacontext.cli import field_docs, parse
@@ -459,3 +460,4 @@ def test_the_collapse_price_benchmark_reproduces_the_runs_lensnet_at_factor_one(
     assert held["c=1"]["ngr"] == pytest.approx(results["policies"]["lensnet"]["ngr"], abs=1e-9)
     assert held["c=0.1"]["swap_rate"] >= held["c=1"]["swap_rate"]
     assert (tmp_path / "bench" / "collapse_price.json").exists()
+    assert torch.is_grad_enabled()  # the caller's grad mode is left as it was
