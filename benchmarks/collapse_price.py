@@ -9,7 +9,9 @@ If the collapse prices were too high, LensNet would swap too rarely. This multip
 calibrated LensNet's negative scores by each factor c (c < 1: cheaper collapses, more swaps) and
 runs the stream policy at each budget, on the run's calibration documents (validation: what a
 per-kind calibration would fit on) and on its held-out documents, beside recency, the oracle and
-the ``cue`` reference (NGR against recency and the oracle of the same documents). Writes
+the ``cue`` reference (NGR against recency and the oracle of the same documents). ``--mixed`` adds
+the two halves swapped: LensNet's expand values with ``cue``'s collapse prices, and the reverse,
+to say which side holds the gap to the reference. Writes
 ``benchmarks/results/collapse_price.json``. One trained checkpoint: a diagnostic of that seed, not
 a figure over seeds.
 """
@@ -33,7 +35,7 @@ def main(argv: list[str] | None = None) -> dict:
     from lensnet.train import load_model, split_indices
     from megacontext.cli import from_dict
     from megacontext.traces import TraceReader
-    from sim.policies import LensNetPolicy, build_policy
+    from sim.policies import CueReference, LensNetPolicy, build_policy
     from sim.policy import PolicyContext
     from sim.run import RunArgs
     from sim.streamworld.world import HELD_OUT_FIRST_DOC, evaluate_policy, nll_gap_recovered
@@ -43,6 +45,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--factors", type=float, nargs="+",
                     default=[0.1, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0])
     ap.add_argument("--budgets", type=int, nargs="+", default=[192, 256])
+    ap.add_argument("--mixed", action="store_true",
+                    help="also the two mixes: LensNet's expand values with cue's collapse prices, "
+                    "and the reverse (which side holds the gap to cue)")
     ap.add_argument("--out-dir", default=None,
                     help="where the JSON goes (default: benchmarks/results)")
     args = ap.parse_args(argv)
@@ -72,6 +77,20 @@ def main(argv: list[str] | None = None) -> dict:
             u = super().scores(view)
             return np.where(u < 0, u * self.c, u)
 
+    class Mixed(LensNetPolicy):
+        """Expand values from one scorer, collapse prices from the other: where the expand side's
+        score is positive it stands, elsewhere the collapse side's negative part."""
+
+        def __init__(self, expand_from: str) -> None:
+            other = "cue" if expand_from == "lensnet" else "lensnet"
+            super().__init__(model, "cpu", name=f"expand {expand_from} / collapse {other}")
+            self.expand_from = expand_from
+
+        def scores(self, view):
+            lens, cue = super().scores(view), CueReference().scores(view)
+            up, down = (lens, cue) if self.expand_from == "lensnet" else (cue, lens)
+            return np.where(up > 0, up, np.minimum(down, 0.0))
+
     results: dict = {}
     with torch.no_grad():  # a context: the caller's grad mode is left as it was
         for name, ids in docs.items():
@@ -84,15 +103,19 @@ def main(argv: list[str] | None = None) -> dict:
                 }
                 for c in args.factors:
                     runs[f"c={c:g}"] = evaluate_policy(Priced(c), wb, ids, study.seed, False)
+                for side in ("lensnet", "cue") if args.mixed else ():
+                    p = Mixed(side)
+                    runs[p.name] = evaluate_policy(p, wb, ids, study.seed, False)
                 ngr = nll_gap_recovered(runs)
                 results.setdefault(name, {})[str(budget)] = {
                     p: {"ngr": ngr[p], "nll": r["nll"], "expands_per_step": r["expands_per_step"],
                         "swap_rate": r.get("swap_rate")}
                     for p, r in runs.items()
                 }
-                row = "  ".join(f"{p} {ngr[p]:.3f}" for p in runs if p.startswith("c="))
+                row = "  ".join(f"{p} {ngr[p]:.3f}" for p in runs
+                                if p.startswith(("c=", "expand")))
                 print(f"{name} W_max {budget}: cue {ngr['cue']:.3f}  {row}", flush=True)
-    config = {"run": str(run), "seed": study.seed, "factors": args.factors,
+    config = {"run": str(run), "seed": study.seed, "factors": args.factors, "mixed": args.mixed,
               "budgets": args.budgets, "docs": docs, "score_scale": model.score_scale}
     write_results("collapse_price", config, results, args.out_dir)
     return results

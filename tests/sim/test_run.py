@@ -454,10 +454,11 @@ def test_the_collapse_price_benchmark_reproduces_the_runs_lensnet_at_factor_one(
 
     results = run(parse(RunArgs, small_study_argv(tmp_path / "run", flags=("--no-plots",))))
     w_max = str(SMALL["--world.w-max"])
-    got = price([str(tmp_path / "run"), "--factors", "1", "0.1", "--budgets", w_max,
+    got = price([str(tmp_path / "run"), "--factors", "1", "0.1", "--budgets", w_max, "--mixed",
                  "--out-dir", str(tmp_path / "bench")])
     held = got["heldout"][w_max]
     assert held["c=1"]["ngr"] == pytest.approx(results["policies"]["lensnet"]["ngr"], abs=1e-9)
     assert held["c=0.1"]["swap_rate"] >= held["c=1"]["swap_rate"]
+    assert {"expand lensnet / collapse cue", "expand cue / collapse lensnet"} <= set(held)
     assert (tmp_path / "bench" / "collapse_price.json").exists()
     assert torch.is_grad_enabled()  # the caller's grad mode is left as it was
