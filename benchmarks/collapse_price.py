@@ -28,6 +28,39 @@ import numpy as np
 from benchmarks.common import write_results
 
 
+def _policy_classes(model):
+    """(Priced, Mixed): the calibrated ``model`` with its collapse prices times c, and the two
+    halves of it and ``cue`` swapped."""
+    from sim.policies import CueReference, LensNetPolicy
+
+    class Priced(LensNetPolicy):
+        """The calibrated LensNet with its collapse prices (negative scores) times ``c``."""
+
+        def __init__(self, c: float) -> None:
+            super().__init__(model, "cpu", name=f"c={c:g}")
+            self.c = c
+
+        def scores(self, view):
+            u = super().scores(view)
+            return np.where(u < 0, u * self.c, u)
+
+    class Mixed(LensNetPolicy):
+        """Expand values from one scorer, collapse prices from the other: where the expand side's
+        score is positive it stands, elsewhere the collapse side's negative part."""
+
+        def __init__(self, expand_from: str) -> None:
+            other = "cue" if expand_from == "lensnet" else "lensnet"
+            super().__init__(model, "cpu", name=f"expand {expand_from} / collapse {other}")
+            self.expand_from = expand_from
+
+        def scores(self, view):
+            lens, cue = super().scores(view), CueReference().scores(view)
+            up, down = (lens, cue) if self.expand_from == "lensnet" else (cue, lens)
+            return np.where(up > 0, up, np.minimum(down, 0.0))
+
+    return Priced, Mixed
+
+
 def main(argv: list[str] | None = None) -> dict:
     """Each factor's NGR, expands and swaps per step at each budget on both document sets."""
     import torch
@@ -35,7 +68,7 @@ def main(argv: list[str] | None = None) -> dict:
     from lensnet.train import load_model, split_indices
     from megacontext.cli import from_dict
     from megacontext.traces import TraceReader
-    from sim.policies import CueReference, LensNetPolicy, build_policy
+    from sim.policies import build_policy
     from sim.policy import PolicyContext
     from sim.run import RunArgs
     from sim.streamworld.world import HELD_OUT_FIRST_DOC, evaluate_policy, nll_gap_recovered
@@ -66,31 +99,7 @@ def main(argv: list[str] | None = None) -> dict:
         "heldout": list(range(HELD_OUT_FIRST_DOC, HELD_OUT_FIRST_DOC + study.eval_docs)),
     }
 
-    class Priced(LensNetPolicy):
-        """The calibrated LensNet with its collapse prices (negative scores) times ``c``."""
-
-        def __init__(self, c: float) -> None:
-            super().__init__(model, "cpu", name=f"c={c:g}")
-            self.c = c
-
-        def scores(self, view):
-            u = super().scores(view)
-            return np.where(u < 0, u * self.c, u)
-
-    class Mixed(LensNetPolicy):
-        """Expand values from one scorer, collapse prices from the other: where the expand side's
-        score is positive it stands, elsewhere the collapse side's negative part."""
-
-        def __init__(self, expand_from: str) -> None:
-            other = "cue" if expand_from == "lensnet" else "lensnet"
-            super().__init__(model, "cpu", name=f"expand {expand_from} / collapse {other}")
-            self.expand_from = expand_from
-
-        def scores(self, view):
-            lens, cue = super().scores(view), CueReference().scores(view)
-            up, down = (lens, cue) if self.expand_from == "lensnet" else (cue, lens)
-            return np.where(up > 0, up, np.minimum(down, 0.0))
-
+    Priced, Mixed = _policy_classes(model)
     results: dict = {}
     with torch.no_grad():  # a context: the caller's grad mode is left as it was
         for name, ids in docs.items():
