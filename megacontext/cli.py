@@ -243,4 +243,3 @@ def run_cli(
         return args, fn(args)
     except errors as err:
         raise SystemExit(f"error: {err}") from err
-

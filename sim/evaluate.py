@@ -431,12 +431,12 @@ def _read_task_file(args: EvaluateArgs) -> tuple[list[dict], dict[str, int], lis
 def _open_run(args: EvaluateArgs) -> Path:
     """The run folder with its command.txt and the task file's sha256 (``tasks.sha256``); a
     resumed one must hold this same command, over the same task file."""
-    import hashlib
+    from sim.tasks.jsonl import file_sha256
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     command = _command(args)
-    digest = hashlib.sha256(Path(args.tasks).read_bytes()).hexdigest()
+    digest = file_sha256(args.tasks)
     if args.resume and args.w_max_sweep:
         raise ConfigError("--resume does not combine with --w-max-sweep")
     if args.resume:

@@ -195,9 +195,7 @@ def retarget(src: str | Path, dst: str | Path) -> Path:
         ).astype(np.float32)
         writer.add(snap)
     writer.close()
-    for log in ("cost.jsonl", "agreement.jsonl"):  # the labelling run's logs travel with it
-        if (Path(src) / log).exists():
-            (Path(dst) / log).write_text((Path(src) / log).read_text())
+    _copy_logs(src, dst)
     return Path(dst)
 
 
@@ -339,6 +337,13 @@ def trace_feature_set(meta: dict, path: str | Path) -> str:
     return str(meta["feature_set"])
 
 
+def _copy_logs(src: str | Path, dst: str | Path) -> None:
+    """The labelling run's logs (cost, agreement with exact labels) travel with its traces."""
+    for log in ("cost.jsonl", "agreement.jsonl"):
+        if (Path(src) / log).exists():
+            (Path(dst) / log).write_text((Path(src) / log).read_text())
+
+
 def refeature(
     src: str | Path, dst: str | Path, lm: str = "smollm2", feature_set: str | None = None
 ) -> Path:
@@ -352,12 +357,11 @@ def refeature(
     meta = reader.meta
     feature_set = feature_set or trace_feature_set(meta, src)
     args = TaskLabelArgs.from_meta(meta)
-    lm_reader = load_reader(lm, meta["oracle"].get("gister", "auto"), args.world.block_size)
-    model, tokenizer, oracle = lm_reader.model, lm_reader.own_tokenizer, lm_reader.oracle
-    tok, gister = lm_reader.tokenizer, lm_reader.gister
+    llm = load_reader(lm, meta["oracle"].get("gister", "auto"), args.world.block_size)
     n_query = int(meta["n_query_tokens"])
+    n_features = n_entry_features(llm.model.config.num_hidden_layers, feature_set)
     new_meta = {**meta, "feature_set": feature_set, "refeatured_from": str(src),
-                "n_entry_features": n_entry_features(model.config.num_hidden_layers, feature_set)}
+                "n_entry_features": n_features}
     writer = TraceWriter(dst, new_meta)
     if writer.n_done:
         raise ConfigError(f"{dst}: already holds snapshots; use a new directory")
@@ -366,25 +370,24 @@ def refeature(
         where[(d, seen[d])] = i
         seen[d] += 1
     w = args.world
-    for doc_id, task in enumerate(_tasks(args, tokenizer)):
+    for doc_id, task in enumerate(_tasks(args, llm.own_tokenizer)):
         if (doc_id, 0) not in where:
             continue  # the labelling run skipped this task
-        pt = prepare_task(task, oracle, tok, w, gister, features=False, attention=True,
-                          answer_attention=True)
+        pt = prepare_task(task, llm.oracle, llm.tokenizer, w, llm.gister, features=False,
+                          attention=True, answer_attention=True)
         for c, wc in enumerate(random_covers(pt, w, args.covers, args.seed * 100003 + doc_id)):
             snap = dict(reader[where[(doc_id, c)]])
             if not (np.array_equal(snap["levels"], wc.levels)
                     and np.array_equal(snap["node_index"], wc.indices)):
                 raise ConfigError(f"{src}: task {task['id']} cover {c} is not the stored one")
-            item = lensnet_item(wc, w.n_tail_gists, n_query, pt.question_attention(wc, oracle),
-                                feature_set, pt.block_lexical, pt.query)
+            item = lensnet_item(wc, w.n_tail_gists, n_query,
+                                pt.question_attention(wc, llm.oracle), feature_set,
+                                pt.block_lexical, pt.query)
             snap.update({k: item[k] for k in ("tail_gists", "tail_levels", "tail_mask")})
             snap[FEATURE_KEY] = item[FEATURE_KEY]
             writer.add(snap)
     writer.close()
-    for log in ("cost.jsonl", "agreement.jsonl"):
-        if (Path(src) / log).exists():
-            (Path(dst) / log).write_text((Path(src) / log).read_text())
+    _copy_logs(src, dst)
     return Path(dst)
 
 

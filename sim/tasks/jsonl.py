@@ -6,6 +6,7 @@ that trains, calibrates or selects (``refuse_sealed``).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -139,3 +140,9 @@ def refuse_sealed(path: str | os.PathLike, command: str) -> None:
             f"{path} is a sealed test-split file (meta.sealed); {command} trains/calibrates/"
             f"selects and may not read it; use a dev file"
         )
+
+
+def file_sha256(path: str | Path) -> str:
+    """The sha256 of a task file's bytes: what SEALED.json records per cell and what a resumed
+    ``sim.evaluate`` run checks its task file against."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()

@@ -18,7 +18,6 @@ most N tokens under the tokenizer (``TaskConfig``), so passkey-8k fits SmolLM2's
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shlex
 import sys
@@ -31,7 +30,7 @@ import numpy as np
 from megacontext.cli import to_argv, to_dict
 from megacontext.tree import ConfigError
 from sim.tasks import TaskConfig, generate_tasks
-from sim.tasks.jsonl import SEALED_MANIFEST, write_jsonl
+from sim.tasks.jsonl import SEALED_MANIFEST, file_sha256, write_jsonl
 
 USED_SEEDS: tuple[int, ...] = (0, 20261203)
 """``sim.tasks`` seeds of the task files drawn so far, which a sealed split may not reuse (the same
@@ -167,10 +166,6 @@ def cell_configs(config: SealedConfig) -> dict[str, TaskConfig]:
     return configs
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def _readme(command: str, manifest: dict[str, Any]) -> str:
     cells = ", ".join(f"`{cell}.jsonl` ({c['n_tasks']})" for cell, c in manifest["cells"].items())
     return (
@@ -207,7 +202,7 @@ def draw_sealed(config: SealedConfig) -> dict[str, Any]:
         cells[cell] = {
             "file": f"{cell}.jsonl",
             "n_tasks": len(tasks),
-            "sha256": _sha256(Path(cfg.out)),
+            "sha256": file_sha256(cfg.out),
             "config": to_dict(cfg),
         }
     manifest = {
