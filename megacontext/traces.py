@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -206,15 +207,17 @@ class TraceWriter:
 class TraceReader:
     """Validated, in-memory view of a trace directory: ``len()``, ``reader[i]`` -> snapshot dict."""
 
-    def __init__(self, path: str | Path, require_complete: bool = False) -> None:
-        self.path = Path(path)
-        # One trace directory, or a directory of parts written with --shard i/n (part-i-of-n/).
-        parts = (
-            sorted(self.path.glob("part-*-of-*/" + MANIFEST))
-            if not (self.path / MANIFEST).exists()
-            else []
-        )
-        dirs = [p.parent for p in parts] or [self.path]
+    def __init__(
+        self, path: str | Path | Sequence[str | Path], require_complete: bool = False
+    ) -> None:
+        # One trace directory, or a directory of parts written with --shard i/n (part-i-of-n/);
+        # a list of such directories reads as one trace, in order (their d_model, n_tail_gists
+        # and n_entry_features must agree; ``meta`` is the first's).
+        paths = [Path(path)] if isinstance(path, str | Path) else [Path(p) for p in path]
+        if not paths:
+            raise TraceFormatError("no trace directory given")
+        self.path = paths[0]
+        dirs = [d for p in paths for d in self._dirs(p)]
         manifests = [self.read_manifest(d) for d in dirs]
         for d, m in zip(dirs, manifests, strict=True):
             if require_complete and not m["complete"]:
@@ -257,6 +260,13 @@ class TraceReader:
         }
         self.offsets = np.asarray(self._offsets, dtype=np.int64)
         del self._entries, self._snap
+
+    @staticmethod
+    def _dirs(path: Path) -> list[Path]:
+        """The trace directories of ``path``: itself, or its ``part-i-of-n`` parts."""
+        if (path / MANIFEST).exists():
+            return [path]
+        return [p.parent for p in sorted(path.glob("part-*-of-*/" + MANIFEST))] or [path]
 
     @staticmethod
     def read_manifest(path: Path) -> dict[str, Any]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -15,6 +16,7 @@ from tqdm.auto import tqdm
 from megacontext.cli import run_cli, to_dict
 from megacontext.labels import label_snapshot
 from megacontext.traces import TraceReader, TraceWriter, parse_shard
+from sim.policy import FocusView
 from sim.streamworld.world import WorldConfig, lm_episode, synthetic_episode
 
 
@@ -37,7 +39,9 @@ class TraceArgs:
     shard_size: int = 256
     """Snapshots per safetensors shard."""
     behaviour_scale: float = 1.0
-    """Std of the random scores that move the focus between snapshots (diverse contexts)."""
+    """Std of the random scores that move the focus between snapshots (diverse contexts); with a
+    behaviour scorer (``generate_traces``' ``behaviour``), the std of the noise added to its
+    scores."""
     progress: bool = True
     """Show a progress bar."""
     lm: str = "smollm2"
@@ -45,11 +49,25 @@ class TraceArgs:
     world: WorldConfig = field(default_factory=WorldConfig)
 
 
-def generate_traces(args: TraceArgs, lm: tuple | None = None) -> Path:
+class Behaviour(Protocol):
+    """A scorer that moves the focus while traces are labelled (a ``sim.policy.FocusPolicy`` is
+    one)."""
+
+    name: str
+
+    def scores(self, view: FocusView) -> np.ndarray: ...
+
+
+def generate_traces(
+    args: TraceArgs, lm: tuple | None = None, behaviour: Behaviour | None = None
+) -> Path:
     """Stream documents, label snapshots, write shards (resuming a crashed run); returns the
     directory.
     ``lm``: an already loaded (model, tokenizer) for ``--world.env lm`` (else ``args.lm`` is
-    loaded)."""
+    loaded). ``behaviour``: what moves the focus between snapshots (a ``Behaviour``: a policy's
+    scores of the step plus noise of std ``args.behaviour_scale``, so the traces hold the contexts
+    that policy visits, e.g. a trained LensNet's for a DAgger round); by default random scores of
+    std ``behaviour_scale`` per entry."""
     i, n = parse_shard(args.shard)
     out = Path(args.out) if n == 1 else Path(args.out) / f"part-{i}-of-{n}"
     w = args.world
@@ -84,6 +102,8 @@ def generate_traces(args: TraceArgs, lm: tuple | None = None) -> Path:
         "snapshot_every": args.snapshot_every,
         "behaviour_scale": args.behaviour_scale,
     }
+    if behaviour is not None:  # (random behaviour's traces keep the meta they always had)
+        meta["behaviour"] = behaviour.name
     writer = TraceWriter(out, meta, shard_size=args.shard_size)
     skip, seen = writer.n_done, 0
     docs = [d for d in range(args.first_doc, args.first_doc + args.n_docs) if d % n == i]
@@ -103,7 +123,8 @@ def generate_traces(args: TraceArgs, lm: tuple | None = None) -> Path:
                     ids, start = ep.query()
                     writer.add(label_snapshot(ep.wc, ep.oracle, ids, start, w.n_tail_gists, doc_id))
                 seen += 1
-            ep.refocus(rng.normal(scale=args.behaviour_scale, size=len(ep.wc)))
+            noise = rng.normal(scale=args.behaviour_scale, size=len(ep.wc))
+            ep.refocus(noise if behaviour is None else behaviour.scores(ep.view()) + noise)
             step += 1
     writer.close()
     return out

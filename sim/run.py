@@ -100,6 +100,17 @@ class RunArgs:
     calibration_docs: int = 6
     """Validation documents the calibration runs (the first of the validation split by id; each grid
     value runs all of them)."""
+    dagger_docs: int = 0
+    """DAgger round (0: off): after each training seed's first round, this many further training
+    documents (ids after the training ones) are labelled along that LensNet's own focus (its scores
+    plus N(0, ``dagger_noise``) move the focus), spread over the sweep's budgets (document d at
+    budget d mod their count), so the traces hold the contexts the learned policy visits, which
+    random behaviour never reaches (e.g. L2 gists); training then goes on ``dagger_steps`` steps on
+    both trace sets (validation: the first round's documents plus a tenth of the new ones)."""
+    dagger_steps: int = 500
+    """Training steps of the DAgger round (from the first round's selected weights)."""
+    dagger_noise: float = 0.05
+    """Std of the noise added to LensNet's scores while the DAgger documents are labelled."""
     progress: bool = True
     """Progress bars."""
     plots: bool = True
@@ -292,7 +303,7 @@ def run(args: RunArgs) -> dict:
     train_dir, heldout_dir = _label(args, w, lm, out)
     timings["label_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    trained = _train_seeds(args, w, train_dir, heldout_dir, make_episode, out)
+    trained = _train_seeds(args, w, train_dir, heldout_dir, make_episode, out, lm, budgets)
     timings["train_s"] = time.perf_counter() - t0
     model, device = trained.lensnets[0].model, trained.device
     cue_metrics = None
@@ -424,76 +435,136 @@ class _Training:
 
 
 def _train_seeds(args: RunArgs, w: WorldConfig, train_dir: Path, heldout_dir: Path,
-                 make_episode, out: Path) -> _Training:
+                 make_episode, out: Path, lm=None, budgets: Sequence[int] = ()) -> _Training:
     """One LensNet per training seed on the same traces and validation documents (the first
-    trains into OUT itself), each selected, calibrated on the validation documents (never the
-    held-out ones) and measured on the held-out snapshots."""
-    import torch
-
+    trains into OUT itself), each selected (with ``--dagger-docs``, after its DAgger round),
+    calibrated on the validation documents (never the held-out ones) and measured on the held-out
+    snapshots."""
     from lensnet.data import TraceDataset
-    from lensnet.train import (
-        Trainer,
-        load_checkpoint,
-        model_config_for,
-        save_calibration,
-        snapshot_metrics,
-        split_indices,
-    )
+    from lensnet.train import model_config_for, snapshot_metrics, split_indices
     from megacontext.traces import TraceReader
 
     if args.train_seeds < 1:
         raise ConfigError(f"train_seeds must be >= 1, got {args.train_seeds}")
     if args.calibrate and args.calibration_docs < 1:
         raise ConfigError(f"calibration_docs must be >= 1, got {args.calibration_docs}")
+    if args.dagger_docs < 0 or (args.dagger_docs and args.dagger_steps < 1):
+        raise ConfigError("dagger_docs must be >= 0, and dagger_steps >= 1 when it is on")
     reader = TraceReader(train_dir, require_complete=True)
     train_idx, val_idx = split_indices(reader.snapshots["doc_id"], 0.1, args.seed)
     heldout = TraceDataset(TraceReader(heldout_dir, require_complete=True))
     mcfg = model_config_for(args.preset, w.tree.d_model, w.tree.max_level, w.tree.block_size)
     lensnets: list[_Trained] = []
     calibrations: list[dict] = []
+    n_train, n_val = len(train_idx), len(val_idx)
     for k in range(args.train_seeds):
         train_seed = args.seed + k
         run_dir = out if k == 0 else out / "train-seeds" / f"seed-{train_seed}"
         (run_dir / "metrics.jsonl").unlink(missing_ok=True)
-        train_set = TraceDataset(reader, train_idx, augment=args.train.augment, seed=train_seed)
-        trainer = Trainer(
-            mcfg,
-            replace(args.train, seed=train_seed),
-            train_set,
-            TraceDataset(reader, val_idx),
-            run_dir,
-            progress=args.progress,
-        )
-        trainer.train()
-        step, selected = trainer.step, run_dir / "latest.pt"  # latest.pt: written at the last step
-        if args.select == "best" and math.isfinite(trainer.best):  # best.pt is this run's
-            selected = run_dir / "best.pt"
-            ckpt = load_checkpoint(selected, trainer.device)
-            trainer.model.load_state_dict(ckpt["model"])
-            step = int(ckpt["step"])
+        first_dir = run_dir / "round-1" if args.dagger_docs else run_dir
+        trainer, step, selected = _train_round(
+            args, mcfg, train_seed, reader, train_idx, val_idx, first_dir, args.train)
+        if args.dagger_docs:
+            dagger_dir = _dagger_traces(args, w, trainer.model.eval(), trainer.device,
+                                        train_seed, out, lm, budgets or [w.context.w_max])
+            both, tr2, va2 = _with_dagger(reader, train_dir, dagger_dir, train_idx, val_idx,
+                                          args.seed)
+            steps = args.dagger_steps
+            cfg = replace(args.train, total_steps=steps, warmup_steps=min(
+                args.train.warmup_steps, steps // 10), eval_every=min(args.train.eval_every,
+                                                                      steps))
+            trainer, step, selected = _train_round(args, mcfg, train_seed, both, tr2, va2,
+                                                   run_dir, cfg, init=trainer.model)
+            n_train, n_val = len(tr2), len(va2)
         model = trainer.model.eval()
-        if args.calibrate:  # the scale is fitted on the validation documents, never the held-out
-            t_cal = time.perf_counter()
-            val_docs = sorted({int(d) for d in reader.snapshots["doc_id"][val_idx]})[
-                : args.calibration_docs
-            ]
-            with torch.no_grad():
-                calibration = fit_score_scale(
-                    lambda s, m=model, dev=trainer.device: LensNetPolicy(m, dev, scale=s),
-                    w,
-                    val_docs,
-                    args.seed,
-                    episode_factory=make_episode,
-                )
-            model.score_scale = calibration["score_scale"]
-            calibration["seconds"] = time.perf_counter() - t_cal
-            save_calibration(selected, calibration)  # the evaluated weights carry their scale
-            calibrations.append(calibration)
+        if args.calibrate:
+            calibrations.append(_calibrate_seed(args, w, model, trainer.device, reader, val_idx,
+                                                selected, make_episode))
         metrics = snapshot_metrics(model, trainer.loss_fn, heldout, 16, trainer.device)
         lensnets.append(_Trained(train_seed, model, step,
                                  {key.removeprefix("val/"): v for key, v in metrics.items()}))
-    return _Training(lensnets, calibrations, heldout, trainer.device, len(train_idx),
-                     len(val_idx))
+    return _Training(lensnets, calibrations, heldout, trainer.device, n_train, n_val)
+
+
+def _train_round(args: RunArgs, mcfg, train_seed: int, reader, train_idx, val_idx,
+                 run_dir: Path, train_cfg: TrainConfig, init=None):
+    """(trainer with the selected weights loaded, their step, their checkpoint): one training run
+    of seed ``train_seed`` into ``run_dir``, from ``init``'s weights when given."""
+    from lensnet.data import TraceDataset
+    from lensnet.train import Trainer, load_checkpoint
+
+    train_set = TraceDataset(reader, train_idx, augment=train_cfg.augment, seed=train_seed)
+    trainer = Trainer(mcfg, replace(train_cfg, seed=train_seed), train_set,
+                      TraceDataset(reader, val_idx), run_dir, progress=args.progress)
+    if init is not None:
+        trainer.model.load_state_dict(init.state_dict())
+    trainer.train()
+    step, selected = trainer.step, run_dir / "latest.pt"  # latest.pt: written at the last step
+    if args.select == "best" and math.isfinite(trainer.best):  # best.pt is this run's
+        selected = run_dir / "best.pt"
+        ckpt = load_checkpoint(selected, trainer.device)
+        trainer.model.load_state_dict(ckpt["model"])
+        step = int(ckpt["step"])
+    return trainer, step, selected
+
+
+def _dagger_traces(args: RunArgs, w: WorldConfig, model, device, train_seed: int, out: Path,
+                   lm, budgets: Sequence[int]) -> Path:
+    """OUT/traces/dagger-seed-S: ``dagger_docs`` new training documents labelled along
+    ``model``'s own focus (raw scores + noise), one part per budget (resumable like every trace).
+    """
+    import torch
+
+    behaviour = LensNetPolicy(model, device, name=f"lensnet seed {train_seed} (DAgger)")
+    path = out / "traces" / f"dagger-seed-{train_seed}"
+    with torch.no_grad():
+        for i, b in enumerate(budgets):
+            wb = replace(w, context=replace(w.context, w_max=b))
+            generate_traces(
+                TraceArgs(out=str(path), n_docs=args.dagger_docs, first_doc=args.train_docs,
+                          seed=args.seed, shard=f"{i}/{len(budgets)}", world=wb,
+                          behaviour_scale=args.dagger_noise, progress=args.progress, lm=args.lm),
+                lm=lm, behaviour=behaviour)
+    return path
+
+
+def _with_dagger(reader, train_dir: Path, dagger_dir: Path, train_idx, val_idx, seed: int):
+    """(both traces as one reader, its training indices, its validation indices): the first
+    round's split unchanged, the DAgger documents split by document as it was."""
+    from lensnet.train import split_indices
+    from megacontext.traces import TraceReader
+
+    dagger = TraceReader(dagger_dir, require_complete=True)
+    both = TraceReader([train_dir, dagger_dir], require_complete=True)
+    d_train, d_val = split_indices(dagger.snapshots["doc_id"], 0.1, seed)
+    n = len(reader)
+    return both, np.concatenate([train_idx, n + d_train]), np.concatenate([val_idx, n + d_val])
+
+
+def _calibrate_seed(args: RunArgs, w: WorldConfig, model, device, reader, val_idx,
+                    selected: Path, make_episode) -> dict:
+    """The score scale fitted on the validation documents' episodes (never the held-out ones),
+    set on ``model`` and stored in its checkpoint ``selected``."""
+    import torch
+
+    from lensnet.train import save_calibration
+
+    t_cal = time.perf_counter()
+    val_docs = sorted({int(d) for d in reader.snapshots["doc_id"][val_idx]})[
+        : args.calibration_docs
+    ]
+    with torch.no_grad():
+        calibration = fit_score_scale(
+            lambda s, m=model, dev=device: LensNetPolicy(m, dev, scale=s),
+            w,
+            val_docs,
+            args.seed,
+            episode_factory=make_episode,
+        )
+    model.score_scale = calibration["score_scale"]
+    calibration["seconds"] = time.perf_counter() - t_cal
+    save_calibration(selected, calibration)  # the evaluated weights carry their scale
+    return calibration
 
 
 def _evaluate_budgets(args: RunArgs, w: WorldConfig, budgets: list[int], docs: list[int],

@@ -97,3 +97,14 @@ def test_writer_rejects_bad_snapshots(tmp_path):
         w.add({k: v for k, v in snap.items() if k != "levels"})
     with pytest.raises(ValueError, match="embeddings"):
         w.add({**snap, "embeddings": np.zeros((4, 7))})
+
+
+def test_several_directories_read_as_one_trace_in_order(tmp_path):
+    a = write_random_traces(tmp_path / "a", n_snapshots=5, shard_size=2)
+    b = write_random_traces(tmp_path / "b", n_snapshots=3, shard_size=2, seed=1)
+    both = TraceReader([tmp_path / "a", tmp_path / "b"], require_complete=True)
+    assert len(both) == 8 and both.path == tmp_path / "a"
+    for i, s in enumerate(a + b):
+        np.testing.assert_array_equal(both[i]["embeddings"], np.asarray(s["embeddings"]))
+    with pytest.raises(TraceFormatError, match="no trace directory"):
+        TraceReader([])

@@ -160,3 +160,32 @@ def test_lm_traces_with_the_tiny_lm(tmp_path):
     r = TraceReader(out, require_complete=True)
     assert len(r) > 5 and r.d_model == 64 and r.meta["oracle"]["kind"] == "lm"
     assert np.isfinite(r.entries["target_utilities"]).all()
+
+
+def test_a_behaviour_scorer_moves_the_focus_between_snapshots(tmp_path):
+    """With a behaviour (and no noise), the traces hold exactly the contexts that scorer visits
+    (here recency's, replayed by hand), and its name is in the meta; random behaviour's differ."""
+    from sim.policies import Recency
+
+    world = small_world()
+    args = dict(n_docs=1, world=world, progress=False, seed=3)
+    traced = TraceReader(generate_traces(
+        TraceArgs(out=str(tmp_path / "recency"), behaviour_scale=0.0, **args),
+        behaviour=Recency()), require_complete=True)
+    assert traced.meta["behaviour"] == "recency"
+    ep, _ = synthetic_episode(world, 0, 3)
+    visited = []
+    while True:
+        ep.advance()
+        if not ep.can_query():
+            break
+        visited.append((ep.wc.levels.copy(), ep.wc.starts.copy()))
+        ep.refocus(Recency().scores(ep.view()))
+    assert len(traced) == len(visited)
+    for i, (levels, starts) in enumerate(visited):
+        np.testing.assert_array_equal(traced[i]["levels"], levels)
+        np.testing.assert_array_equal(traced[i]["span_start"], starts)
+    random = TraceReader(generate_traces(TraceArgs(out=str(tmp_path / "random"), **args)))
+    assert "behaviour" not in random.meta  # (random behaviour's meta as it always was)
+    assert any(not np.array_equal(random[i]["levels"], traced[i]["levels"])
+               for i in range(len(random)))

@@ -386,6 +386,44 @@ def test_train_seeds_report_every_lensnet_and_a_t_interval(tmp_path, capsys):
     assert "lensnet *" in printed and "over 2 training seeds [0, 1]" in printed
 
 
+def test_dagger_round_labels_the_learned_focus_and_trains_on_both(tmp_path):
+    """--dagger-docs: each seed's first round trains into round-1/; new training documents are
+    labelled along that LensNet's own focus, one part per budget of the sweep; the second round
+    starts from the first's weights and trains on both trace sets, validated on the first round's
+    validation documents plus a tenth of the new ones (never a document either round trained on).
+    """
+    from megacontext.traces import TraceReader
+    from sim.run import _with_dagger
+
+    argv = small_study_argv(tmp_path, {"--dagger-docs": 6, "--dagger-steps": 20,
+                                       "--budget-scales": 1.25}, flags=("--no-plots",))
+    results = run(parse(RunArgs, argv))
+    assert (tmp_path / "round-1" / "metrics.jsonl").exists()
+    assert (tmp_path / "round-1" / "best.pt").exists() and (tmp_path / "best.pt").exists()
+    round2 = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert max(r["step"] for r in round2) == 20  # the second round's own steps
+    dagger = tmp_path / "traces" / "dagger-seed-0"
+    budgets = [int(b) for b in results["budget_sweep"]]
+    assert budgets == [40, 50]
+    step_tokens = SMALL["--world.step-tokens"]
+    for i, b in enumerate(budgets):
+        part = TraceReader(dagger / f"part-{i}-of-2", require_complete=True)
+        assert part.meta["world"]["context"]["w_max"] == b
+        assert part.meta["behaviour"].startswith("lensnet seed 0")
+        docs = set(part.snapshots["doc_id"].tolist())
+        n = SMALL["--train-docs"]  # the new documents come after the training ones
+        assert docs and all(n <= d < n + 6 and d % 2 == i for d in docs)
+        assert max(len(part[j]["levels"]) for j in range(len(part))) <= b + step_tokens
+    train = TraceReader(tmp_path / "traces" / "train")
+    from lensnet.train import split_indices
+
+    tr, va = split_indices(train.snapshots["doc_id"], 0.1, 0)
+    both, tr2, va2 = _with_dagger(train, tmp_path / "traces" / "train", dagger, tr, va, 0)
+    docs = both.snapshots["doc_id"]
+    assert set(docs[va2]).isdisjoint(docs[tr2]) and set(docs[va]) <= set(docs[va2])
+    assert len(tr2) + len(va2) == len(both) and results["train_snapshots"] == len(tr2)
+
+
 @pytest.mark.parametrize(
     "cls, argv",
     [
