@@ -11,7 +11,8 @@ runs the stream policy at each budget, on the run's calibration documents (valid
 per-kind calibration would fit on) and on its held-out documents, beside recency, the oracle and
 the ``cue`` reference (NGR against recency and the oracle of the same documents). ``--mixed`` adds
 the two halves swapped: LensNet's expand values with ``cue``'s collapse prices, and the reverse,
-to say which side holds the gap to the reference. Writes
+to say which side holds the gap to the reference; ``--levels 1 2`` LensNet with ``cue``'s scores
+on one tree level's entries (which level holds it). Writes
 ``benchmarks/results/collapse_price.json``. One trained checkpoint: a diagnostic of that seed, not
 a figure over seeds.
 """
@@ -58,7 +59,19 @@ def _policy_classes(model):
             up, down = (lens, cue) if self.expand_from == "lensnet" else (cue, lens)
             return np.where(up > 0, up, np.minimum(down, 0.0))
 
-    return Priced, Mixed
+    class ByLevel(LensNetPolicy):
+        """LensNet's scores, with ``cue``'s on the entries at one tree level (both directions):
+        how much of the gap that level's scores hold."""
+
+        def __init__(self, level: int) -> None:
+            super().__init__(model, "cpu", name=f"cue on L{level}")
+            self.level = level
+
+        def scores(self, view):
+            lens, cue = super().scores(view), CueReference().scores(view)
+            return np.where(view.wc.levels == self.level, cue, lens)
+
+    return Priced, Mixed, ByLevel
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -81,6 +94,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--mixed", action="store_true",
                     help="also the two mixes: LensNet's expand values with cue's collapse prices, "
                     "and the reverse (which side holds the gap to cue)")
+    ap.add_argument("--levels", type=int, nargs="*", default=[],
+                    help="also LensNet with cue's scores on the entries of each of these tree "
+                    "levels (which level's scores hold the gap)")
     ap.add_argument("--out-dir", default=None,
                     help="where the JSON goes (default: benchmarks/results)")
     args = ap.parse_args(argv)
@@ -99,7 +115,7 @@ def main(argv: list[str] | None = None) -> dict:
         "heldout": list(range(HELD_OUT_FIRST_DOC, HELD_OUT_FIRST_DOC + study.eval_docs)),
     }
 
-    Priced, Mixed = _policy_classes(model)
+    Priced, Mixed, ByLevel = _policy_classes(model)
     results: dict = {}
     with torch.no_grad():  # a context: the caller's grad mode is left as it was
         for name, ids in docs.items():
@@ -115,6 +131,9 @@ def main(argv: list[str] | None = None) -> dict:
                 for side in ("lensnet", "cue") if args.mixed else ():
                     p = Mixed(side)
                     runs[p.name] = evaluate_policy(p, wb, ids, study.seed, False)
+                for level in args.levels:
+                    p = ByLevel(level)
+                    runs[p.name] = evaluate_policy(p, wb, ids, study.seed, False)
                 ngr = nll_gap_recovered(runs)
                 results.setdefault(name, {})[str(budget)] = {
                     p: {"ngr": ngr[p], "nll": r["nll"], "expands_per_step": r["expands_per_step"],
@@ -122,9 +141,10 @@ def main(argv: list[str] | None = None) -> dict:
                     for p, r in runs.items()
                 }
                 row = "  ".join(f"{p} {ngr[p]:.3f}" for p in runs
-                                if p.startswith(("c=", "expand")))
+                                if p.startswith(("c=", "expand", "cue on")))
                 print(f"{name} W_max {budget}: cue {ngr['cue']:.3f}  {row}", flush=True)
     config = {"run": str(run), "seed": study.seed, "factors": args.factors, "mixed": args.mixed,
+              "levels": args.levels,
               "budgets": args.budgets, "docs": docs, "score_scale": model.score_scale}
     write_results("collapse_price", config, results, args.out_dir)
     return results

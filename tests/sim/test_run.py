@@ -487,16 +487,18 @@ def test_one_spelling_of_w_max_and_the_tail_across_entry_points(capsys):
 def test_the_collapse_price_benchmark_reproduces_the_runs_lensnet_at_factor_one(tmp_path):
     """``benchmarks.collapse_price`` at c = 1 is the run's own calibrated LensNet: on the held-out
     documents at the run's W_max, the NGR ``sim.run`` reported; c < 1 makes collapses cheaper, so
-    LensNet swaps at least as often."""
+    LensNet swaps at least as often; cue's scores on a level nowhere present change nothing."""
     from benchmarks.collapse_price import main as price
 
     results = run(parse(RunArgs, small_study_argv(tmp_path / "run", flags=("--no-plots",))))
     w_max = str(SMALL["--world.w-max"])
     got = price([str(tmp_path / "run"), "--factors", "1", "0.1", "--budgets", w_max, "--mixed",
-                 "--out-dir", str(tmp_path / "bench")])
+                 "--levels", "1", "9", "--out-dir", str(tmp_path / "bench")])
     held = got["heldout"][w_max]
     assert held["c=1"]["ngr"] == pytest.approx(results["policies"]["lensnet"]["ngr"], abs=1e-9)
     assert held["c=0.1"]["swap_rate"] >= held["c=1"]["swap_rate"]
     assert {"expand lensnet / collapse cue", "expand cue / collapse lensnet"} <= set(held)
+    # cue's scores on a level no entry stands at leave LensNet's own run
+    assert held["cue on L9"]["ngr"] == held["c=1"]["ngr"] and "cue on L1" in held
     assert (tmp_path / "bench" / "collapse_price.json").exists()
     assert torch.is_grad_enabled()  # the caller's grad mode is left as it was
